@@ -1,0 +1,373 @@
+"""
+Accounts: the users file, the aliases file, address resolution, and the
+C{twisted.cred} checker and realm that authenticate against them.
+
+The users file holds one C{address:hash} per line, the hash being scrypt from
+the standard library (C{scrypt$n$r$p$salt$digest}, base64), so no plaintext
+password is ever on disk.  The aliases file holds C{alias: target[, target]}
+lines; an alias with several targets is a mailing list.  Both files are
+re-read whenever their modification time or size changes, so the running
+server sees C{mailserver user add} at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailserver.config import Config
+from mailserver.interfaces import IAccount
+
+_SCRYPT_N = 2**14
+_SCRYPT_R = 8
+_SCRYPT_P = 1
+_MAX_ALIAS_DEPTH = 10
+
+# A local part we are willing to turn into a directory name: no path
+# separators, no leading dot, no control characters.
+_SAFE_LOCAL = re.compile(r"^[^/\\\x00-\x20\x7f.][^/\\\x00-\x20\x7f]*$")
+
+
+class AccountError(ValueError):
+    """
+    A bad address or a missing account, with a message for the user.
+    """
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P
+    )
+    b64 = base64.b64encode
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(
+            password.encode("utf-8"),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(expected),
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def split_address(address: str) -> tuple[str, str]:
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise AccountError(f"{address!r} is not an address of the form user@domain")
+    return local, domain.lower().rstrip(".")
+
+
+def canonical(address: str) -> str:
+    """
+    Accounts are case-insensitive, as users expect (RFC 5321 allows it).
+    """
+    local, domain = split_address(address)
+    return f"{local.lower()}@{domain}"
+
+
+class _WatchedFile:
+    """
+    A file parsed again whenever its mtime or size changes.
+    """
+
+    def __init__(self, path: Path, parse) -> None:
+        self.path = path
+        self._parse = parse
+        self._stamp: tuple[int, int] | None = None
+        self._value = parse("")
+
+    def get(self):
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            text = self.path.read_text("utf-8") if stamp else ""
+            self._value = self._parse(text)
+            self._stamp = stamp
+        return self._value
+
+
+def _parse_users(text: str) -> dict[str, str]:
+    users = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        address, _, hashed = line.rpartition(":")
+        if address:
+            users[address.lower()] = hashed
+    return users
+
+
+def _parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
+    aliases = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or ":" not in line:
+            continue
+        alias, _, targets = line.partition(":")
+        members = tuple(t.strip().lower() for t in targets.split(",") if t.strip())
+        if members:
+            aliases[alias.strip().lower()] = members
+    return aliases
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class Accounts:
+    """
+    Users and aliases of the local domains, and where an address delivers.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._users = _WatchedFile(config.users_path, _parse_users)
+        self._aliases = _WatchedFile(config.aliases_path, _parse_aliases)
+
+    # Lookups
+
+    def users(self) -> list[str]:
+        return sorted(self._users.get())
+
+    def password_hash(self, address: str) -> str | None:
+        try:
+            return self._users.get().get(canonical(address))
+        except AccountError:
+            return None
+
+    def mailbox_path(self, account: str) -> Path:
+        local, domain = split_address(canonical(account))
+        return self.config.mail_path / domain / local
+
+    def resolve(self, address: str) -> tuple[str, ...] | None:
+        """
+        Where mail to C{address} in a local domain goes: account addresses
+        and, for forwarding aliases, remote addresses.  C{None} means there is
+        no such recipient, or the domain is not local.
+        """
+        try:
+            address = canonical(address)
+        except AccountError:
+            return None
+        local, domain = split_address(address)
+        if not self.config.is_local_domain(domain):
+            return None
+        found = self._resolve(address, 0, set())
+        if found:
+            return tuple(dict.fromkeys(found))
+        local, domain = split_address(address)
+        separator = self.config.smtp.subaddress_separator
+        if separator and separator in local:
+            base = local.split(separator, 1)[0]
+            if base:
+                found = self._resolve(f"{base}@{domain}", 0, set())
+                if found:
+                    return tuple(dict.fromkeys(found))
+        for catch_all in self.config.smtp.catch_all:
+            if catch_all.startswith("@" + domain + "=") or catch_all.startswith(
+                domain + "="
+            ):
+                target = catch_all.split("=", 1)[1].strip().lower()
+                found = self._resolve(target, 0, set())
+                if found:
+                    return tuple(dict.fromkeys(found))
+        return None
+
+    def _resolve(self, address: str, depth: int, seen: set[str]) -> list[str]:
+        if address in seen or depth > _MAX_ALIAS_DEPTH:
+            return []
+        seen.add(address)
+        local, domain = split_address(address)
+        if not self.config.is_local_domain(domain):
+            return [address]
+        aliases = self._aliases.get()
+        if address in aliases:
+            result: list[str] = []
+            for target in aliases[address]:
+                try:
+                    result.extend(self._resolve(canonical(target), depth + 1, seen))
+                except AccountError:
+                    continue
+            return result
+        if address in self._users.get():
+            return [address]
+        return []
+
+    def exists(self, address: str) -> bool:
+        return self.resolve(address) is not None
+
+    def expand(self, address: str) -> tuple[str, ...] | None:
+        """
+        The members of an alias or list, for EXPN; C{None} if not an alias.
+        """
+        try:
+            return self._aliases.get().get(canonical(address))
+        except AccountError:
+            return None
+
+    def owns(self, account: str, address: str) -> bool:
+        """
+        May the authenticated C{account} send as C{address}?  Its own address,
+        a subaddress of it, or an alias that delivers to it.
+        """
+        try:
+            account = canonical(account)
+            address = canonical(address)
+        except AccountError:
+            return False
+        if address == account:
+            return True
+        local, domain = split_address(address)
+        separator = self.config.smtp.subaddress_separator
+        if separator and separator in local:
+            address = f"{local.split(separator, 1)[0]}@{domain}"
+            if address == account:
+                return True
+        if address in self._aliases.get():
+            return account in (self._resolve(address, 0, set()))
+        return False
+
+    # Changes (used by the CLI)
+
+    def add_user(self, address: str, password: str) -> None:
+        address = self._checked_new_address(address)
+        users = dict(self._users.get())
+        if address in users:
+            raise AccountError(f"{address} already exists")
+        users[address] = hash_password(password)
+        self._save_users(users)
+
+    def set_password(self, address: str, password: str) -> None:
+        address = canonical(address)
+        users = dict(self._users.get())
+        if address not in users:
+            raise AccountError(f"no such user: {address}")
+        users[address] = hash_password(password)
+        self._save_users(users)
+
+    def remove_user(self, address: str) -> None:
+        address = canonical(address)
+        users = dict(self._users.get())
+        if address not in users:
+            raise AccountError(f"no such user: {address}")
+        del users[address]
+        self._save_users(users)
+
+    def _checked_new_address(self, address: str) -> str:
+        address = canonical(address)
+        local, domain = split_address(address)
+        if not self.config.is_local_domain(domain):
+            raise AccountError(
+                f"{domain} is not a local domain (local_domains: "
+                f"{', '.join(self.config.local_domains)})"
+            )
+        if not _SAFE_LOCAL.match(local) or ":" in local or "@" in local:
+            raise AccountError(f"{local!r} cannot be used as a mailbox name")
+        return address
+
+    def _save_users(self, users: dict[str, str]) -> None:
+        text = "".join(f"{a}:{h}\n" for a, h in sorted(users.items()))
+        _write_atomically(self.config.users_path, text)
+
+
+@implementer(IAccount)
+@dataclass(frozen=True)
+class Account:
+    address: str
+
+
+@implementer(ICredentialsChecker)
+class AccountsChecker:
+    """
+    Checks a username and password against the users file.
+
+    scrypt is deliberately slow (tens of milliseconds), so it runs in a
+    thread instead of stalling every other connection.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, accounts: Accounts, reactor=None) -> None:
+        self._accounts = accounts
+        self._reactor = reactor
+
+    def requestAvatarId(self, credentials):
+        try:
+            username = credentials.username
+            password = credentials.password
+            if isinstance(username, bytes):
+                username = username.decode("utf-8")
+            if isinstance(password, bytes):
+                password = password.decode("utf-8")
+        except UnicodeDecodeError:
+            return defer.fail(UnauthorizedLogin())
+        stored = self._accounts.password_hash(username)
+        if stored is None:
+            return defer.fail(UnauthorizedLogin())
+        address = canonical(username)
+
+        def check() -> str:
+            if verify_password(password, stored):
+                return address
+            raise UnauthorizedLogin()
+
+        if self._reactor is None:
+            return defer.maybeDeferred(check)
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), check)
+
+
+@implementer(IRealm)
+class AccountRealm:
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IAccount not in interfaces:
+            raise NotImplementedError("only IAccount avatars are offered")
+        if isinstance(avatarId, bytes):
+            avatarId = avatarId.decode("utf-8")
+        return IAccount, Account(avatarId), lambda: None
+
+
+def make_portal(accounts: Accounts, reactor=None, extra_checkers=()) -> Portal:
+    return Portal(AccountRealm(), [AccountsChecker(accounts, reactor), *extra_checkers])

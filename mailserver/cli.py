@@ -1,0 +1,117 @@
+"""
+The C{mailserver} console script: accounts and configuration checks.
+
+It works on the same files as the running server, which notices changes by
+itself, so nothing here needs the server to be stopped or signalled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+
+from mailserver.accounts import AccountError, Accounts
+from mailserver.config import Config, ConfigError, load
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise AccountError("the passwords differ")
+    if not password:
+        raise AccountError("the password is empty")
+    return password
+
+
+def _user_add(config: Config, args: argparse.Namespace) -> str:
+    Accounts(config).add_user(args.address, _read_password(args))
+    return f"added {args.address}"
+
+
+def _user_passwd(config: Config, args: argparse.Namespace) -> str:
+    Accounts(config).set_password(args.address, _read_password(args))
+    return f"password changed for {args.address}"
+
+
+def _user_del(config: Config, args: argparse.Namespace) -> str:
+    Accounts(config).remove_user(args.address)
+    return f"removed {args.address} (its mail stays in the Maildir)"
+
+
+def _user_list(config: Config, args: argparse.Namespace) -> str:
+    return "\n".join(Accounts(config).users())
+
+
+def _check_config(config: Config, args: argparse.Namespace) -> str:
+    from mailserver.tls import server_options
+
+    checked = load(args.file) if args.file else config
+    server_options(checked)
+    return f"{checked.source}: OK"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailserver", description="Manage the mail server's accounts and configuration."
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("MAILSERVER_CONFIG"),
+        help="the TOML configuration file (default: $MAILSERVER_CONFIG, "
+        "else the embedded default with ./mailserver-data)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    user = commands.add_parser("user", help="manage accounts").add_subparsers(
+        dest="action", required=True
+    )
+    for name, handler, helptext in (
+        ("add", _user_add, "add an account"),
+        ("passwd", _user_passwd, "change an account's password"),
+    ):
+        sub = user.add_parser(name, help=helptext)
+        sub.add_argument("address")
+        sub.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of standard input",
+        )
+        sub.set_defaults(handler=handler)
+    sub = user.add_parser("del", help="remove an account")
+    sub.add_argument("address")
+    sub.set_defaults(handler=_user_del)
+    user.add_parser("list", help="list the accounts").set_defaults(handler=_user_list)
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file", nargs="?", help="the file (default: --config)")
+    check.set_defaults(handler=_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load(args.config)
+        output = args.handler(config, args)
+    except (ConfigError, AccountError) as e:
+        print(f"mailserver: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"mailserver: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if output:
+        print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""
+The configuration file, parsed once into frozen values.
+
+The TOML file maps one-to-one onto the dataclasses below: a top-level key is a
+field of L{Config}, a table is a field whose type is another dataclass.  The
+loader walks the dataclasses, so adding a field with a default is all it takes
+to add a key; the README's key reference lists every field with its default.
+
+Every problem is reported as a L{ConfigError} naming the file, the key and what
+is wrong, so C{twistd} and C{mailserver check-config} can print one line and
+exit non-zero.  This module uses only the standard library, except the check
+that a listener is a valid Twisted endpoint string, which imports Twisted's
+endpoint parser lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_DIR_NAME = "mailserver-data"
+
+
+class ConfigError(Exception):
+    """
+    A configuration problem, rendered as C{file: key: problem}.
+    """
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """
+    Twisted server endpoint strings per role; an empty list disables a role.
+
+    C{submissions} and C{pop3s} are implicit-TLS roles (ports 465 and 995):
+    their plain C{tcp:} endpoints are wrapped in TLS with the configured
+    certificate.  An C{ssl:} endpoint in any role is also treated as TLS.
+    """
+
+    smtp: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
+    submission: tuple[str, ...] = ("tcp:2587:interface=127.0.0.1",)
+    submissions: tuple[str, ...] = ()
+    pop3: tuple[str, ...] = ("tcp:2110:interface=127.0.0.1",)
+    pop3s: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TLS:
+    """
+    Certificate and key (PEM files).  Empty means a self-signed pair generated
+    into C{<data_dir>/tls/} on first start, so STARTTLS and STLS always work.
+    """
+
+    certificate: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    Bounds on what one client may cost us.  Sizes in octets, times in seconds.
+    """
+
+    max_message_size: int = 36_700_160
+    max_recipients: int = 100
+    max_command_line: int = 512
+    max_text_line: int = 1000
+    max_errors: int = 20
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    smtp_command_timeout: int = 300
+    smtp_data_timeout: int = 600
+    pop3_idle_timeout: int = 600
+    auth_failure_delay: float = 1.0
+    max_auth_failures: int = 5
+
+
+@dataclass(frozen=True)
+class SMTP:
+    """
+    SMTP policy knobs.
+
+    C{vrfy} and C{expn} choose what unauthenticated clients learn: C{"refuse"}
+    (VRFY 252 without saying whether the user exists, EXPN 502), or
+    C{"answer"} (full answers, which lets strangers enumerate users).
+    Authenticated clients always get full answers.
+    """
+
+    auth_over_plaintext: bool = False
+    vrfy: str = "refuse"
+    expn: str = "refuse"
+    subaddress_separator: str = "+"
+    catch_all: tuple[str, ...] = ()
+    max_received_headers: int = 50
+
+
+@dataclass(frozen=True)
+class POP3:
+    """
+    POP3 policy knobs.  APOP needs a plaintext-equivalent secret per account,
+    so it stays off unless you turn it on here.
+    """
+
+    auth_over_plaintext: bool = False
+    apop: bool = False
+    login_delay: int = 0
+    expire: str = "NEVER"
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    The whole configuration.  Relative paths in the file are relative to the
+    directory the server runs in; C{users_file} and C{aliases_file} default to
+    files inside C{data_dir}.
+    """
+
+    hostname: str = field(default_factory=socket.getfqdn)
+    data_dir: str = DATA_DIR_NAME
+    local_domains: tuple[str, ...] = ("localhost",)
+    users_file: str = ""
+    aliases_file: str = ""
+    listeners: Listeners = field(default_factory=Listeners)
+    tls: TLS = field(default_factory=TLS)
+    limits: Limits = field(default_factory=Limits)
+    smtp: SMTP = field(default_factory=SMTP)
+    pop3: POP3 = field(default_factory=POP3)
+    source: str = "<embedded default>"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def mail_path(self) -> Path:
+        return self.data_path / "mail"
+
+    @property
+    def users_path(self) -> Path:
+        return Path(self.users_file) if self.users_file else self.data_path / "users"
+
+    @property
+    def aliases_path(self) -> Path:
+        return (
+            Path(self.aliases_file) if self.aliases_file else self.data_path / "aliases"
+        )
+
+    @property
+    def certificate_path(self) -> Path:
+        if self.tls.certificate:
+            return Path(self.tls.certificate)
+        return self.data_path / "tls" / "cert.pem"
+
+    @property
+    def key_path(self) -> Path:
+        if self.tls.key:
+            return Path(self.tls.key)
+        return self.data_path / "tls" / "key.pem"
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.local_domains
+
+
+# Keys that are not part of the file format.
+_INTERNAL = {"source"}
+
+
+def default() -> Config:
+    """
+    The embedded default: loopback listeners on unprivileged ports, state in
+    C{./mailserver-data}.
+    """
+    return Config()
+
+
+def load(path: str | Path | None) -> Config:
+    """
+    Read and validate a TOML configuration file; C{None} gives the default.
+
+    @raise ConfigError: on any problem, naming the file and key.
+    """
+    if path is None:
+        return default()
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(source, "-", f"cannot read file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "-", f"not valid TOML: {e}") from None
+    values = _build(Config, raw, source, "")
+    config = Config(**values, source=source)
+    _validate(config)
+    return config
+
+
+def _build(cls: type, raw: dict[str, object], source: str, prefix: str) -> dict:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)} - _INTERNAL
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        dotted = prefix + key
+        if key not in fields:
+            raise ConfigError(source, dotted, "unknown key")
+        values[key] = _convert(hints[key], value, source, dotted)
+    return values
+
+
+def _convert(hint: object, value: object, source: str, key: str) -> object:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, "must be a table")
+        return hint(**_build(hint, value, source, key + "."))  # type: ignore[operator]
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, key, "must be a list of strings")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, "must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, "must be an integer")
+        if value < 0:
+            raise ConfigError(source, key, "must not be negative")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, "must be a number")
+        if value < 0:
+            raise ConfigError(source, key, "must not be negative")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, "must be a string")
+        return value
+    raise AssertionError(f"unsupported config type {hint!r}")  # pragma: no cover
+
+
+def _validate(config: Config) -> None:
+    source = config.source
+    if not config.hostname or any(c.isspace() for c in config.hostname):
+        raise ConfigError(source, "hostname", "must be a non-empty name without spaces")
+    if not config.data_dir:
+        raise ConfigError(source, "data_dir", "must not be empty")
+    if not config.local_domains:
+        raise ConfigError(source, "local_domains", "must name at least one domain")
+    for domain in config.local_domains:
+        if domain != domain.lower() or not domain or "@" in domain:
+            raise ConfigError(
+                source, "local_domains", f"{domain!r} must be a lower-case domain name"
+            )
+    for role in dataclasses.fields(Listeners):
+        for description in getattr(config.listeners, role.name):
+            problem = _endpoint_problem(description)
+            if problem:
+                raise ConfigError(source, f"listeners.{role.name}", problem)
+    if bool(config.tls.certificate) != bool(config.tls.key):
+        raise ConfigError(source, "tls", "set both certificate and key, or neither")
+    for key, path in (("tls.certificate", config.tls.certificate), ("tls.key", config.tls.key)):
+        if path:
+            try:
+                text = Path(path).read_bytes()
+            except OSError as e:
+                raise ConfigError(source, key, f"cannot read {path}: {e.strerror}") from None
+            if b"-----BEGIN " not in text:
+                raise ConfigError(source, key, f"{path} is not a PEM file")
+    for key in ("vrfy", "expn"):
+        if getattr(config.smtp, key) not in ("refuse", "answer"):
+            raise ConfigError(source, f"smtp.{key}", 'must be "refuse" or "answer"')
+    if len(config.smtp.subaddress_separator) > 1:
+        raise ConfigError(
+            source, "smtp.subaddress_separator", "must be one character or empty"
+        )
+    if config.limits.max_command_line < 512:
+        raise ConfigError(
+            source, "limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)"
+        )
+    if config.limits.max_text_line < 1000:
+        raise ConfigError(
+            source, "limits.max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)"
+        )
+
+
+def _endpoint_problem(description: str) -> str | None:
+    """
+    Check that C{description} parses as a Twisted server endpoint string,
+    without listening; return the problem or C{None}.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:  # the parser raises many types; all mean "bad"
+        return f"bad endpoint {description!r}: {e}"
+    return None

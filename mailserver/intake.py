@@ -1,0 +1,142 @@
+"""
+The intake: where an accepted message becomes durable and is routed.
+
+The SMTP server streams the message into one spool file; at the end of DATA
+the intake makes it durable once and hard-links it to every local recipient's
+Maildir and, for remote recipients, hands it to the relay queue.  Only when
+all of that is fsynced does the Deferred from L{IMessageReceiver.finish} fire
+and the client hear 250.  The slow part runs in a thread pool so other
+sessions go on meanwhile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailserver.accounts import Accounts, split_address
+from mailserver.envelope import Envelope
+from mailserver.interfaces import IIntake, IMessageReceiver
+from mailserver.maildir import SpoolFile, UniqueNames
+
+
+class RelayQueue(Protocol):
+    """
+    What the intake needs of the relay queue.
+    """
+
+    def enqueue(
+        self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int
+    ) -> str:
+        """
+        Durably queue the spool file (by hard link) for C{recipients};
+        blocking, called in a worker thread.  The first C{body_offset} bytes
+        of the file are local-delivery headers, not to be relayed.
+        """
+
+
+class NoRelayQueue(Exception):
+    """
+    A remote recipient was accepted but this server has no relay queue.
+    """
+
+
+@implementer(IIntake)
+class Intake:
+    log = Logger()
+
+    def __init__(
+        self, *, accounts: Accounts, reactor, queue: RelayQueue | None = None
+    ) -> None:
+        self._accounts = accounts
+        self._reactor = reactor
+        self._queue = queue
+        self._names = UniqueNames(accounts.config.hostname)
+        self.spool_path = accounts.config.data_path / "spool"
+        (self.spool_path / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def begin(self, envelope: Envelope) -> IMessageReceiver:
+        return _Receiver(self, envelope)
+
+    def route(self, envelope: Envelope) -> tuple[list[Path], tuple[str, ...]]:
+        """
+        Split the destinations into local Maildirs and remote addresses.
+        """
+        config = self._accounts.config
+        local: dict[Path, None] = {}
+        remote: dict[str, None] = {}
+        for recipient in envelope.recipients:
+            for destination in recipient.destinations:
+                _, domain = split_address(destination)
+                if config.is_local_domain(domain):
+                    local[self._accounts.mailbox_path(destination)] = None
+                else:
+                    remote[destination] = None
+        return list(local), tuple(remote)
+
+    def _store(self, spool: SpoolFile, envelope: Envelope, body_offset: int) -> str:
+        maildirs, remote = self.route(envelope)
+        if remote and self._queue is None:
+            spool.discard()
+            raise NoRelayQueue(", ".join(remote))
+        spool.sync()
+        if remote:
+            self._queue.enqueue(envelope, remote, spool.path, body_offset)
+        spool.deliver(maildirs)
+        return spool.name
+
+
+def _return_path(sender: str) -> bytes:
+    return b"Return-Path: <" + sender.encode("utf-8") + b">\n"
+
+
+@implementer(IMessageReceiver)
+class _Receiver:
+    """
+    Converts CRLF to LF as the pieces arrive (a CR at the end of one piece
+    may pair with an LF at the start of the next) and writes them to the
+    spool file.
+    """
+
+    def __init__(self, intake: Intake, envelope: Envelope) -> None:
+        self._intake = intake
+        self._envelope = envelope
+        self._spool = SpoolFile(intake.spool_path / "tmp", intake._names)
+        header = _return_path(envelope.sender)
+        self._spool.write(header)
+        self._body_offset = len(header)
+        self._held_cr = b""
+
+    def write(self, data: bytes) -> None:
+        data = self._held_cr + data
+        if data.endswith(b"\r"):
+            data, self._held_cr = data[:-1], b"\r"
+        else:
+            self._held_cr = b""
+        self._spool.write(data.replace(b"\r\n", b"\n"))
+
+    def finish(self):
+        if self._held_cr:
+            self._spool.write(self._held_cr)
+        intake = self._intake
+        d = deferToThreadPool(
+            intake._reactor,
+            intake._reactor.getThreadPool(),
+            intake._store,
+            self._spool,
+            self._envelope,
+            self._body_offset,
+        )
+
+        def failed(failure):
+            intake.log.failure("storing a message failed", failure)
+            return failure
+
+        return d.addErrback(failed)
+
+    def abort(self) -> None:
+        self._spool.discard()

@@ -1,0 +1,289 @@
+"""
+Durable Maildir storage: delivery, listing, reading, flags, deletion, locking.
+
+Delivery follows the Maildir protocol with the fsyncs that make it durable
+(as OpenSMTPD's C{mail.maildir.c} and chasquid's C{safeio} do): the message is
+written once under C{tmp/} with C{O_EXCL}, fsynced, hard-linked into each
+recipient's C{new/}, and every C{new/} directory is fsynced before the caller
+may answer 250.
+
+Files are stored with LF line endings, as every Maildir reader expects.  The
+file name carries both sizes, like Dovecot's: C{,S=} is the file size and
+C{,W=} the size in CRLF form (what POP3 counts), so listings never open or
+C{stat} a message.
+
+Everything here is blocking file I/O with no Twisted dependency; the intake
+runs it in a thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+_SUBDIRS = ("tmp", "new", "cur")
+_SIZE_FIELD = re.compile(r",([SW])=(\d+)")
+_LOCK_NAME = "mailserver.lock"
+
+
+def _safe_hostname(hostname: str) -> str:
+    """
+    The host part of a unique name: Maildir forbids C{/} and C{:} there, and
+    UIDLs must stay short and printable, so keep a sanitised prefix.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
+    return cleaned[:24] or "localhost"
+
+
+class UniqueNames:
+    """
+    Maildir unique names: C{<seconds>.M<usec>P<pid>Q<n>.<host>}.
+
+    Unique across processes (the pid) and within one (the counter); the pid is
+    read at each call so a forked worker never repeats its parent's names.
+    """
+
+    def __init__(self, hostname: str | None = None) -> None:
+        self._host = _safe_hostname(hostname or socket.gethostname())
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        now = time.time()
+        seconds = int(now)
+        micros = int((now - seconds) * 1_000_000)
+        return f"{seconds}.M{micros}P{os.getpid()}Q{next(self._counter)}.{self._host}"
+
+
+def ensure_maildir(path: Path) -> None:
+    """
+    Create C{path} and its C{tmp}, C{new} and C{cur} folders if missing, and
+    fsync the directories that gained entries.
+    """
+    if all((path / sub).is_dir() for sub in _SUBDIRS):
+        return
+    for sub in _SUBDIRS:
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    # New directory entries must be durable too before any 250 relies on them.
+    for folder in (path, path.parent, path.parent.parent):
+        fsync_directory(folder)
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolFile:
+    """
+    One message being written into a C{tmp/} folder, then delivered.
+
+    The SMTP server streams pieces in with L{write} (on the reactor thread:
+    writes to an unsynced file land in the page cache and return at once);
+    L{deliver} does the slow part (fsync, links, directory fsyncs) and is
+    meant for a worker thread.
+    """
+
+    def __init__(self, tmp_dir: Path, names: UniqueNames) -> None:
+        self._tmp_dir = tmp_dir
+        self.name = names.next()
+        self.path = tmp_dir / self.name
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb")
+        self.size = 0
+        self.lines = 0
+
+    def write(self, data: bytes) -> None:
+        """
+        Write LF-form bytes.
+        """
+        self._file.write(data)
+        self.size += len(data)
+        self.lines += data.count(b"\n")
+
+    @property
+    def final_name(self) -> str:
+        return f"{self.name},S={self.size},W={self.size + self.lines}"
+
+    def sync(self) -> None:
+        """
+        Put the written bytes on stable storage and close the file.
+        """
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    def deliver(self, maildirs: Sequence[Path]) -> list[Path]:
+        """
+        Make the message durable in every maildir's C{new/} and remove the
+        spool file.  Returns the delivered paths.
+
+        @raise OSError: on any failure; nothing is then reported delivered,
+            though copies already linked stay (at-least-once).
+        """
+        self.sync()
+        delivered = []
+        try:
+            for maildir in maildirs:
+                target = maildir / "new" / self.final_name
+                ensure_maildir(maildir)
+                os.link(self.path, target)
+                delivered.append(target)
+            for target in delivered:
+                fsync_directory(target.parent)
+        finally:
+            self.discard()
+        return delivered
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """
+    One message in a mailbox, known from its file name alone.
+
+    @ivar uid: the Maildir unique name (the part before C{,} or C{:}), stable
+        across flag changes, sessions and restarts: POP3's UIDL.
+    @ivar size: octets in CRLF form, from C{,W=} (or computed once if a
+        foreign writer left it out).
+    """
+
+    uid: str
+    path: Path
+    size: int
+    seen: bool
+
+
+def _uid_of(name: str) -> str:
+    return re.split(r"[,:]", name, maxsplit=1)[0]
+
+
+def _crlf_size(path: Path, name: str) -> int:
+    sizes = dict(_SIZE_FIELD.findall(name.split(":", 1)[0]))
+    if "W" in sizes:
+        return int(sizes["W"])
+    with open(path, "rb") as f:
+        data = f.read()
+    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+class Mailbox:
+    """
+    A user's Maildir as POP3 sees it: locked, listed, read, flagged, pruned.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+
+    def lock(self) -> bool:
+        """
+        Take the exclusive mailbox lock without waiting.
+
+        C{flock} locks belong to the open file and die with the process, so a
+        crashed session never leaves a stale lock behind.
+        """
+        if self._lock_fd is not None:
+            return True
+        ensure_maildir(self.path)
+        fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        self._lock_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def messages(self) -> list[MessageInfo]:
+        """
+        Every message in C{new/} and C{cur/}, oldest first (unique names
+        start with the delivery time).
+        """
+        found = []
+        for sub in ("new", "cur"):
+            folder = self.path / sub
+            try:
+                entries = os.scandir(folder)
+            except FileNotFoundError:
+                continue
+            with entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    path = folder / entry.name
+                    flags = entry.name.split(":2,", 1)[1] if ":2," in entry.name else ""
+                    found.append(
+                        MessageInfo(
+                            uid=_uid_of(entry.name),
+                            path=path,
+                            size=_crlf_size(path, entry.name),
+                            seen="S" in flags,
+                        )
+                    )
+        found.sort(key=_delivery_order)
+        return found
+
+    def open(self, info: MessageInfo) -> BinaryIO:
+        return open(info.path, "rb")
+
+    def mark_seen(self, info: MessageInfo) -> MessageInfo:
+        """
+        Move a message to C{cur/} with the C{S} flag, so every Maildir reader
+        agrees it has been read.
+        """
+        if info.seen:
+            return info
+        base = info.path.name.split(":", 1)[0]
+        old_flags = info.path.name.split(":2,", 1)[1] if ":2," in info.path.name else ""
+        flags = "".join(sorted(set(old_flags) | {"S"}))
+        target = self.path / "cur" / f"{base}:2,{flags}"
+        os.rename(info.path, target)
+        return replace(info, path=target, seen=True)
+
+    def delete(self, infos: Iterable[MessageInfo]) -> None:
+        """
+        Remove messages; a crash half-way removes only a subset of them.
+        """
+        folders = set()
+        for info in infos:
+            try:
+                os.unlink(info.path)
+            except FileNotFoundError:
+                pass
+            folders.add(info.path.parent)
+        for folder in folders:
+            fsync_directory(folder)
+
+
+def _delivery_order(info: MessageInfo) -> tuple[int, int, str]:
+    seconds, _, rest = info.uid.partition(".")
+    match = re.match(r"M(\d+)", rest)
+    micros = int(match.group(1)) if match else 0
+    return (int(seconds) if seconds.isdigit() else 0, micros, info.uid)

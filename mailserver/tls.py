@@ -1,0 +1,77 @@
+"""
+TLS for STARTTLS, STLS and the implicit-TLS listeners.
+
+With no certificate configured, a self-signed one for the configured hostname
+is generated into C{<data_dir>/tls/} on first start, so TLS works out of the
+box (clients must be told to accept it; configure a real certificate for
+production).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from twisted.internet import ssl
+
+from mailserver.config import Config, ConfigError
+
+
+def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
+    """
+    Write a self-signed certificate and key unless both already exist.
+    """
+    if cert_path.exists() and key_path.exists():
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_bytes)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def server_options(config: Config) -> ssl.CertificateOptions:
+    """
+    The TLS server context for every role.
+
+    @raise ConfigError: if the certificate or key cannot be used.
+    """
+    if not config.tls.certificate:
+        ensure_self_signed(config.certificate_path, config.key_path, config.hostname)
+    try:
+        cert_pem = config.certificate_path.read_bytes()
+        key_pem = config.key_path.read_bytes()
+        private = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    except OSError as e:
+        raise ConfigError(config.source, "tls", f"cannot read certificate: {e}") from None
+    except Exception as e:  # OpenSSL raises its own error types
+        raise ConfigError(
+            config.source, "tls", f"certificate and key are not usable: {e}"
+        ) from None
+    return private.options()

@@ -1,0 +1,135 @@
+"""
+Accounts: password hashing, the users and aliases files, resolution, cred.
+"""
+
+import pytest
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+
+from mailserver.accounts import (
+    AccountError,
+    Accounts,
+    hash_password,
+    make_portal,
+    verify_password,
+)
+from mailserver.config import SMTP, Config
+from mailserver.interfaces import IAccount
+
+
+@pytest.fixture
+def config(tmp_path):
+    return Config(
+        hostname="mx.test",
+        data_dir=str(tmp_path / "data"),
+        local_domains=("example.org", "lists.example.org"),
+        smtp=SMTP(catch_all=("catchall.example.org=bob@example.org",)),
+    )
+
+
+@pytest.fixture
+def accounts(config):
+    accounts = Accounts(config)
+    accounts.add_user("alice@example.org", "alice-secret")
+    accounts.add_user("bob@example.org", "bob-secret")
+    config.aliases_path.write_text(
+        "# aliases\n"
+        "postmaster@example.org: alice@example.org\n"
+        "team@lists.example.org: alice@example.org, Bob@Example.org\n"
+        "fwd@example.org: someone@remote.test\n"
+        "loop1@example.org: loop2@example.org\n"
+        "loop2@example.org: loop1@example.org\n"
+    )
+    return accounts
+
+
+def test_hash_is_scrypt_and_verifies():
+    hashed = hash_password("pässword")
+    assert hashed.startswith("scrypt$")
+    assert "pässword" not in hashed
+    assert verify_password("pässword", hashed)
+    assert not verify_password("password", hashed)
+    assert not verify_password("x", "garbage")
+
+
+def test_users_file_holds_no_plaintext(accounts, config):
+    text = config.users_path.read_text()
+    assert "alice-secret" not in text and "bob-secret" not in text
+    assert text.startswith("alice@example.org:scrypt$")
+    assert accounts.users() == ["alice@example.org", "bob@example.org"]
+
+
+def test_add_refuses_duplicates_bad_names_and_foreign_domains(accounts):
+    with pytest.raises(AccountError, match="already exists"):
+        accounts.add_user("ALICE@example.org", "x")
+    with pytest.raises(AccountError, match="not a local domain"):
+        accounts.add_user("eve@elsewhere.test", "x")
+    for bad in ("../../etc@example.org", ".hidden@example.org", "a/b@example.org", "noat"):
+        with pytest.raises(AccountError):
+            accounts.add_user(bad, "x")
+
+
+def test_resolution(accounts):
+    assert accounts.resolve("alice@example.org") == ("alice@example.org",)
+    assert accounts.resolve("ALICE@EXAMPLE.ORG") == ("alice@example.org",)
+    assert accounts.resolve("alice+news@example.org") == ("alice@example.org",)
+    assert accounts.resolve("postmaster@example.org") == ("alice@example.org",)
+    assert accounts.resolve("team@lists.example.org") == (
+        "alice@example.org",
+        "bob@example.org",
+    )
+    assert accounts.resolve("fwd@example.org") == ("someone@remote.test",)
+    assert accounts.resolve("nobody@example.org") is None
+    assert accounts.resolve("loop1@example.org") is None
+    assert accounts.resolve("alice%remote.test@example.org") is None
+    assert accounts.resolve("anything@catchall.example.org") is None  # not a local domain
+
+
+def test_catch_all(config, tmp_path):
+    config = Config(
+        hostname="mx.test",
+        data_dir=config.data_dir,
+        local_domains=("example.org",),
+        smtp=SMTP(catch_all=("example.org=bob@example.org",)),
+    )
+    accounts = Accounts(config)
+    accounts.add_user("bob@example.org", "x")
+    assert accounts.resolve("whoever@example.org") == ("bob@example.org",)
+
+
+def test_expand_and_owns(accounts):
+    assert accounts.expand("team@lists.example.org") == ("alice@example.org", "bob@example.org")
+    assert accounts.expand("alice@example.org") is None
+    assert accounts.owns("alice@example.org", "alice@example.org")
+    assert accounts.owns("alice@example.org", "Alice+x@Example.org")
+    assert accounts.owns("alice@example.org", "postmaster@example.org")
+    assert accounts.owns("bob@example.org", "team@lists.example.org")
+    assert not accounts.owns("bob@example.org", "alice@example.org")
+    assert not accounts.owns("bob@example.org", "postmaster@example.org")
+
+
+def test_changes_are_seen_without_a_restart(accounts, config):
+    other = Accounts(config)  # as the running server holds it
+    assert other.resolve("carol@example.org") is None
+    accounts.add_user("carol@example.org", "c")
+    assert other.resolve("carol@example.org") == ("carol@example.org",)
+    accounts.remove_user("carol@example.org")
+    assert other.resolve("carol@example.org") is None
+
+
+def test_mailbox_path(accounts, config):
+    assert accounts.mailbox_path("Alice@Example.org") == config.mail_path / "example.org" / "alice"
+
+
+def test_portal_login(accounts):
+    portal = make_portal(accounts)
+    results = []
+    portal.login(UsernamePassword(b"alice@example.org", b"alice-secret"), None, IAccount).addBoth(
+        results.append
+    )
+    interface, avatar, logout = results[0]
+    assert interface is IAccount and avatar.address == "alice@example.org"
+    for user, password in ((b"alice@example.org", b"wrong"), (b"nobody@example.org", b"x"), (b"\xff", b"x")):
+        failures = []
+        portal.login(UsernamePassword(user, password), None, IAccount).addErrback(failures.append)
+        assert failures and failures[0].check(UnauthorizedLogin)

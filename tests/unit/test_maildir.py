@@ -1,0 +1,78 @@
+"""
+Maildir storage: durable delivery, names that carry sizes, listing, locking.
+"""
+
+import os
+import subprocess
+import sys
+
+from mailserver.maildir import Mailbox, SpoolFile, UniqueNames, ensure_maildir
+
+
+def deliver(tmp_path, data, maildirs):
+    spool = tmp_path / "spool" / "tmp"
+    spool.mkdir(parents=True, exist_ok=True)
+    f = SpoolFile(spool, UniqueNames("host/with:odd chars"))
+    f.write(data)
+    return f.deliver(maildirs)
+
+
+def test_delivery_links_one_copy_into_every_new(tmp_path):
+    a, b = tmp_path / "mail" / "a", tmp_path / "mail" / "b"
+    paths = deliver(tmp_path, b"Subject: hi\n\nbody\n", [a, b])
+    assert [p.parent for p in paths] == [a / "new", b / "new"]
+    assert paths[0].read_bytes() == b"Subject: hi\n\nbody\n"
+    assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino
+    assert os.listdir(tmp_path / "spool" / "tmp") == []
+    name = paths[0].name
+    assert name.endswith(",S=18,W=21")
+    assert "/" not in name and ":" not in name
+
+
+def test_listing_uses_names_and_marks_seen(tmp_path):
+    box = tmp_path / "box"
+    deliver(tmp_path, b"one\n", [box])
+    deliver(tmp_path, b"two\nlines\n", [box])
+    mailbox = Mailbox(box)
+    first, second = mailbox.messages()
+    assert (first.size, second.size) == (5, 12)
+    assert not first.seen
+    assert len(first.uid) <= 70 and first.uid.isprintable()
+    seen = mailbox.mark_seen(first)
+    assert seen.seen and seen.path.parent.name == "cur" and seen.path.name.endswith(":2,S")
+    assert seen.uid == first.uid
+    assert [m.uid for m in mailbox.messages()] == [first.uid, second.uid]
+    with mailbox.open(seen) as f:
+        assert f.read() == b"one\n"
+    mailbox.delete([seen, second])
+    assert mailbox.messages() == []
+
+
+def test_foreign_files_without_sizes_are_measured(tmp_path):
+    box = tmp_path / "box"
+    ensure_maildir(box)
+    (box / "cur" / "12345.foreign:2,S").write_bytes(b"a\nb\n")
+    (info,) = Mailbox(box).messages()
+    assert info.size == 6 and info.seen and info.uid == "12345.foreign"
+
+
+def test_lock_is_exclusive_across_processes_and_dies_with_them(tmp_path):
+    box = tmp_path / "box"
+    first = Mailbox(box)
+    assert first.lock()
+    assert not Mailbox(box).lock()
+    first.unlock()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\nfrom mailserver.maildir import Mailbox\n"
+         f"assert Mailbox(Path({str(box)!r})).lock()\nprint('locked', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert not Mailbox(box).lock()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Mailbox(box).lock()
