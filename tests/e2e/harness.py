@@ -1,0 +1,142 @@
+"""
+The real C{twistd mailserver} process as a test fixture.
+
+Every listener asks the OS for a free loopback port (C{tcp:0}); the server
+writes the ports it got into C{listeners.json} in its data folder, which is
+how the harness learns them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("MAILSERVER_CONFIG", None)
+    return env
+
+
+class MailServer:
+    """
+    One server process with its own data folder and configuration file.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        local_domains: tuple[str, ...] = ("localhost",),
+        extra_toml: str = "",
+        roles: tuple[str, ...] = ("smtp", "submission", "pop3"),
+    ) -> None:
+        self.root = tmp_path
+        self.data_path = tmp_path / "data"
+        self.config_path = tmp_path / "mailserver.toml"
+        self.log_path = tmp_path / "twistd.log"
+        listeners = "\n".join(
+            f'{role} = ["{LOOPBACK}"]' if role in roles else f"{role} = []"
+            for role in ("smtp", "submission", "submissions", "pop3", "pop3s")
+        )
+        domains = ", ".join(f'"{d}"' for d in local_domains)
+        top, _, tables = extra_toml.partition("\n[")
+        self.config_path.write_text(
+            f'hostname = "mx.test"\n'
+            f'data_dir = "{self.data_path}"\n'
+            f"local_domains = [{domains}]\n"
+            f"{top}\n"
+            f"[listeners]\n{listeners}\n" + (f"[{tables}\n" if tables else "")
+        )
+        self.process: subprocess.Popen | None = None
+        self.ports: dict[str, int] = {}
+
+    def start(self, timeout: float = 20.0) -> None:
+        report = self.data_path / "listeners.json"
+        if report.exists():
+            report.unlink()
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "twistd"),
+                "--nodaemon",
+                "--pidfile=",
+                f"--logfile={self.log_path}",
+                "mailserver",
+                "--config",
+                str(self.config_path),
+            ],
+            cwd=self.root,
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while not report.exists():
+            if self.process.poll() is not None:
+                output = self.process.stdout.read().decode(errors="replace")
+                raise RuntimeError(f"server exited {self.process.returncode}: {output}\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server did not start in time:\n{self.log()}")
+            time.sleep(0.05)
+        listening = json.loads(report.read_text())
+        self.ports = {
+            role: int(addresses[0].rsplit(":", 1)[1]) for role, addresses in listening.items()
+        }
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process.stdout.close()
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """
+        SIGKILL: no clean-up, no flushing, as in a crash.
+        """
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process.stdout.close()
+            self.process = None
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "mailserver"), "--config", str(self.config_path), *args],
+            cwd=self.root,
+            env=environment(),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def add_user(self, address: str, password: str) -> None:
+        result = self.cli("user", "add", address, "--password-stdin", input=password + "\n")
+        assert result.returncode == 0, result.stderr
+
+    def maildir(self, address: str) -> Path:
+        local, domain = address.lower().rsplit("@", 1)
+        return self.data_path / "mail" / domain / local
