@@ -118,6 +118,29 @@ class POP3:
 
 
 @dataclass(frozen=True)
+class Plugins:
+    """
+    Plugins to run, in order, by name; C{paths} are extra folders searched
+    for plugin modules besides the package C{mailserver.plugins}.  Each
+    C{[plugins.NAME]} table holds that plugin's options (kept in C{options}).
+    """
+
+    paths: tuple[str, ...] = ()
+    enabled: tuple[str, ...] = ()
+    options: dict = field(default_factory=dict, metadata={"tables_by_name": True})
+
+
+@dataclass(frozen=True)
+class Auth:
+    """
+    Extra account sources as C{twisted.cred} C{strcred} checker strings
+    (e.g. C{"file:/etc/mail/passwd"}, C{"unix"}), tried after the users file.
+    """
+
+    checkers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """
     The whole configuration.  Relative paths in the file are relative to the
@@ -135,6 +158,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     smtp: SMTP = field(default_factory=SMTP)
     pop3: POP3 = field(default_factory=POP3)
+    plugins: Plugins = field(default_factory=Plugins)
+    auth: Auth = field(default_factory=Auth)
     source: str = "<embedded default>"
 
     @property
@@ -208,10 +233,15 @@ def load(path: str | Path | None) -> Config:
 def _build(cls: type, raw: dict[str, object], source: str, prefix: str) -> dict:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)} - _INTERNAL
+    by_name = [f.name for f in dataclasses.fields(cls) if f.metadata.get("tables_by_name")]
     values: dict[str, object] = {}
     for key, value in raw.items():
         dotted = prefix + key
-        if key not in fields:
+        if by_name and key not in fields and isinstance(value, dict):
+            # A table named after a plugin: free-form, checked by the plugin.
+            values.setdefault(by_name[0], {})[key] = value  # type: ignore[index]
+            continue
+        if key not in fields or key in by_name:
             raise ConfigError(source, dotted, "unknown key")
         values[key] = _convert(hints[key], value, source, dotted)
     return values

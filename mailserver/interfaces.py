@@ -56,3 +56,104 @@ class IIntake(Interface):
         Start receiving one message for C{envelope}, an
         L{mailserver.envelope.Envelope}.
         """
+
+
+# Extension points for plugins.
+#
+# A plugin is a module in the package C{mailserver.plugins} (or in a folder
+# named by C{plugins.paths} in the configuration) that holds an object
+# providing L{IPluginFactory}, found with C{twisted.plugin.getPlugins}.  When
+# the configuration enables it by name, its factory builds a hook object from
+# the plugin's options table; the hook object provides any of the hook
+# interfaces below, and the server calls the methods it provides, in the order
+# the plugins are enabled.  Every hook method may return its answer directly,
+# return a Deferred of it, or be C{async def}.  A hook that raises is logged
+# with the plugin's name and the client gets a temporary failure (451 4.3.0):
+# a broken plugin never crashes the server or loses a message.
+
+
+class IPluginFactory(Interface):
+    """
+    What a plugin module exports, e.g.::
+
+        from twisted.plugin import IPlugin
+        from zope.interface import provider
+        from mailserver.interfaces import IPluginFactory
+
+        @provider(IPlugin, IPluginFactory)   # IPlugin: how twisted.plugin finds it
+        class MyPlugin:
+            name = "myplugin"
+            description = "Refuses mail to sales@"
+
+            @staticmethod
+            def build(options, context):
+                return MyHooks(options.get("text", "no thanks"))
+
+        plugin = MyPlugin   # any module-level name will do
+    """
+
+    name = Attribute("The name the configuration enables it by, C{str}.")
+    description = Attribute("One line saying what it does, C{str}.")
+
+    def build(options: object, context: object) -> object:
+        """
+        Check C{options} (a read-only mapping: the plugin's table from the
+        configuration, C{[plugins.NAME]}) and build the hook object.
+
+        @param context: a L{mailserver.hooks.PluginContext} with the reactor,
+            the server's hostname and a logger.
+        @raise mailserver.hooks.PluginOptionsError: for a bad option; the
+            server then refuses to start, naming the plugin and the key.
+        """
+
+
+class IConnectionHook(Interface):
+    def connection(client: object) -> object:
+        """
+        A client connected to an SMTP listener.
+
+        @param client: a L{mailserver.hooks.Client} (address, port, role).
+        @return: C{None} to go on, or a L{mailserver.hooks.Reject} to greet
+            the client with that reply (e.g. 554 5.7.1) and close.
+        """
+
+
+class IEnvelopeHook(Interface):
+    def sender(client: object, address: str) -> object:
+        """
+        MAIL FROM was given (C{""} for the null sender).
+
+        @return: C{None} to go on, or a L{mailserver.hooks.Reject}.
+        """
+
+    def recipient(client: object, sender: str, address: str) -> object:
+        """
+        RCPT TO was given, before the server checks the recipient.
+
+        @return: C{None} to go on, a L{mailserver.hooks.Reject} to refuse this
+            recipient, or a L{mailserver.hooks.Rewrite} to use another address
+            in its place (which the server then checks as usual).
+        """
+
+
+class IMessageHook(Interface):
+    def message(envelope: object, headers: object) -> object:
+        """
+        The whole message arrived (end of DATA), before the 250.
+
+        @param envelope: the L{mailserver.envelope.Envelope}.
+        @param headers: the message's L{mailserver.hooks.MessageHeaders}, which
+            the hook may change (add, remove, replace) in place.
+        @return: C{None} to accept, or a L{mailserver.hooks.Reject}.
+        """
+
+
+class IDeliveredHook(Interface):
+    def delivered(event: object) -> None:
+        """
+        A recipient's delivery is final: stored in a local Maildir, handed to
+        the next hop, or bounced.  Told after the fact; the return value is
+        ignored, and a slow hook never delays mail.
+
+        @param event: a L{mailserver.hooks.Delivery}.
+        """

@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def keys(cls, prefix=""):
     for f in dataclasses.fields(cls):
-        if f.name == "source":
+        if f.name == "source" or f.metadata.get("tables_by_name"):
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):

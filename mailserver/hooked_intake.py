@@ -1,0 +1,91 @@
+"""
+Message hooks in front of the intake.
+
+A message hook may change the header section after the whole message has
+arrived, so the header section is held in memory and the body in an
+anonymous spool file until the hooks have answered; only then is the message
+passed to the real intake.  Without message hooks this wrapper is not used at
+all, so the common path pays nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailserver.envelope import Envelope
+from mailserver.hooks import Hooks, MessageHeaders, MessageRejected
+from mailserver.interfaces import IIntake, IMessageReceiver
+
+# A header section larger than this is treated as ending there: the rest is
+# passed on untouched as body.
+MAX_HEADER_BYTES = 1024 * 1024
+_COPY_CHUNK = 1024 * 1024
+
+
+@implementer(IIntake)
+class HookedIntake:
+    def __init__(self, intake: IIntake, hooks: Hooks, spool_tmp: Path) -> None:
+        self._intake = intake
+        self._hooks = hooks
+        self._spool_tmp = spool_tmp
+
+    def begin(self, envelope: Envelope) -> IMessageReceiver:
+        return _HookedReceiver(self._intake, self._hooks, envelope, self._spool_tmp)
+
+
+@implementer(IMessageReceiver)
+class _HookedReceiver:
+    def __init__(self, intake: IIntake, hooks: Hooks, envelope: Envelope, spool_tmp: Path):
+        self._intake = intake
+        self._hooks = hooks
+        self._envelope = envelope
+        self._head = bytearray()
+        self._in_body = False
+        self._body = tempfile.TemporaryFile(dir=spool_tmp)
+
+    def write(self, data: bytes) -> None:
+        if self._in_body:
+            self._body.write(data)
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end >= 0:
+            self._split(end + 2)
+        elif self._head.startswith(b"\r\n"):
+            self._split(0)
+        elif len(self._head) > MAX_HEADER_BYTES:
+            self._split(self._head.rfind(b"\r\n") + 2)
+
+    def _split(self, at: int) -> None:
+        self._body.write(self._head[at:])
+        del self._head[at:]
+        self._in_body = True
+
+    def finish(self):
+        return defer.ensureDeferred(self._finish())
+
+    async def _finish(self) -> str:
+        headers = MessageHeaders(bytes(self._head))
+        try:
+            verdict = await self._hooks.message(self._envelope, headers)
+            if verdict is not None:
+                raise MessageRejected(verdict)
+            receiver = self._intake.begin(self._envelope)
+            try:
+                receiver.write(headers.to_bytes())
+                self._body.seek(0)
+                while chunk := self._body.read(_COPY_CHUNK):
+                    receiver.write(chunk)
+            except BaseException:
+                receiver.abort()
+                raise
+            return await receiver.finish()
+        finally:
+            self._body.close()
+
+    def abort(self) -> None:
+        self._body.close()

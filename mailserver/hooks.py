@@ -1,0 +1,269 @@
+"""
+What plugins see and return, and the runner that calls their hooks.
+
+The values here are the vocabulary of L{mailserver.interfaces}' hook
+interfaces.  L{Hooks} calls every enabled plugin's hooks in order and turns a
+plugin that raises into a logged error and a temporary failure for the client,
+so no plugin can crash a session or lose a message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailserver.envelope import Envelope
+from mailserver.interfaces import (
+    IConnectionHook,
+    IDeliveredHook,
+    IEnvelopeHook,
+    IMessageHook,
+)
+
+
+class PluginOptionsError(ValueError):
+    """
+    Raised by a plugin's C{build} for a bad option.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """
+    What a plugin may use: the reactor (for timers and HTTP clients), the
+    server's hostname, and the folder for any state it keeps.
+    """
+
+    reactor: Any
+    hostname: str
+    data_path: Any
+
+
+@dataclass(frozen=True)
+class Client:
+    """
+    The SMTP client a hook is asked about.
+    """
+
+    address: str
+    port: int
+    role: str
+    helo: str = ""
+    authenticated: str | None = None
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class Reject:
+    """
+    Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if not (400 <= self.code < 600):
+            raise ValueError("a rejection needs a 4xx or 5xx code")
+        if not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", self.enhanced):
+            raise ValueError(f"{self.enhanced!r} is not an enhanced status code")
+        if self.enhanced[0] != str(self.code)[0]:
+            raise ValueError("the enhanced code's class must match the reply code")
+        if "\r" in self.text or "\n" in self.text:
+            raise ValueError("the text must be one line")
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """
+    Use C{address} instead of the recipient the client gave.
+    """
+
+    address: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """
+    The final outcome for one recipient of one message.
+
+    @ivar status: C{"delivered"} (stored in a local Maildir),
+        C{"relayed"} (accepted by the next hop) or C{"bounced"}.
+    """
+
+    queue_id: str
+    sender: str
+    recipient: str
+    status: str
+    size: int
+    detail: str = ""
+    envelope: Envelope | None = field(default=None, repr=False, compare=False)
+
+
+class MessageRejected(Exception):
+    """
+    The failure of L{mailserver.interfaces.IMessageReceiver.finish} when a
+    message hook refused the message: the SMTP server answers C{reject}.
+    """
+
+    def __init__(self, reject: Reject) -> None:
+        super().__init__(f"{reject.code} {reject.enhanced} {reject.text}")
+        self.reject = reject
+
+
+TEMPORARY_FAILURE = Reject(451, "4.3.0", "Temporary failure, please try again later")
+
+_HEADER_START = re.compile(rb"(?m)^(?=[^ \t\r\n])")
+
+
+class MessageHeaders:
+    """
+    A message's header section, editable by message hooks.
+
+    Unchanged fields keep their exact bytes (folding included), so a message
+    no hook touched is stored exactly as it arrived.
+    """
+
+    def __init__(self, raw: bytes = b"") -> None:
+        self._fields: list[tuple[str, bytes]] = []
+        for chunk in _HEADER_START.split(raw):
+            if not chunk:
+                continue
+            name = chunk.split(b":", 1)[0].decode("utf-8", "replace").strip()
+            self._fields.append((name, chunk))
+
+    @staticmethod
+    def _render(name: str, value: str) -> bytes:
+        if "\r" in value or "\n" in value or "\r" in name or ":" in name:
+            raise ValueError("header names and values must be single lines")
+        return f"{name}: {value}\r\n".encode("utf-8")
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self._fields]
+
+    def get_all(self, name: str) -> list[str]:
+        wanted = name.lower()
+        return [
+            raw.split(b":", 1)[1].decode("utf-8", "replace").strip()
+            for field_name, raw in self._fields
+            if field_name.lower() == wanted and b":" in raw
+        ]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else default
+
+    def add(self, name: str, value: str) -> None:
+        """
+        Add a field at the top, where trace and verdict fields belong.
+        """
+        self._fields.insert(0, (name, self._render(name, value)))
+
+    def remove(self, name: str) -> int:
+        wanted = name.lower()
+        before = len(self._fields)
+        self._fields = [(n, raw) for n, raw in self._fields if n.lower() != wanted]
+        return before - len(self._fields)
+
+    def replace(self, name: str, value: str) -> None:
+        self.remove(name)
+        self.add(name, value)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(raw for _, raw in self._fields)
+
+
+class Hooks:
+    """
+    The enabled plugins' hook objects, in configuration order.
+    """
+
+    log = Logger()
+
+    def __init__(self, plugins: list[tuple[str, object]], on_error=None) -> None:
+        self._plugins = plugins
+        self._on_error = on_error
+        self.connection_hooks = [(n, h) for n, h in plugins if IConnectionHook.providedBy(h)]
+        self.envelope_hooks = [(n, h) for n, h in plugins if IEnvelopeHook.providedBy(h)]
+        self.message_hooks = [(n, h) for n, h in plugins if IMessageHook.providedBy(h)]
+        self.delivered_hooks = [(n, h) for n, h in plugins if IDeliveredHook.providedBy(h)]
+
+    def __bool__(self) -> bool:
+        return bool(self._plugins)
+
+    def _failed(self, name: str, hook: str, error: BaseException) -> Reject:
+        self.log.failure(
+            "plugin {plugin} failed in {hook}", failure=_as_failure(error), plugin=name, hook=hook
+        )
+        if self._on_error is not None:
+            self._on_error(name)
+        return TEMPORARY_FAILURE
+
+    async def _call(self, name: str, hook: str, method, *args, answers: bool = True) -> object:
+        try:
+            result = method(*args)
+            if isinstance(result, defer.Deferred) or hasattr(result, "__await__"):
+                result = await result
+        except Exception as e:
+            return self._failed(name, hook, e)
+        if answers and result is not None and not isinstance(result, (Reject, Rewrite)):
+            return self._failed(
+                name, hook, TypeError(f"{hook} returned {result!r}, not None/Reject/Rewrite")
+            )
+        return result
+
+    async def connection(self, client: Client) -> Reject | None:
+        for name, hook in self.connection_hooks:
+            result = await self._call(name, "connection", hook.connection, client)
+            if isinstance(result, Reject):
+                return result
+        return None
+
+    async def sender(self, client: Client, address: str) -> Reject | None:
+        for name, hook in self.envelope_hooks:
+            result = await self._call(name, "sender", hook.sender, client, address)
+            if isinstance(result, Reject):
+                return result
+        return None
+
+    async def recipient(self, client: Client, sender: str, address: str) -> Reject | str:
+        """
+        @return: the rejection, or the (possibly rewritten) address.
+        """
+        for name, hook in self.envelope_hooks:
+            result = await self._call(name, "recipient", hook.recipient, client, sender, address)
+            if isinstance(result, Reject):
+                return result
+            if isinstance(result, Rewrite):
+                address = result.address
+        return address
+
+    async def message(self, envelope: Envelope, headers: MessageHeaders) -> Reject | None:
+        for name, hook in self.message_hooks:
+            result = await self._call(name, "message", hook.message, envelope, headers)
+            if isinstance(result, Reject):
+                return result
+        return None
+
+    def delivered(self, event: Delivery) -> None:
+        for name, hook in self.delivered_hooks:
+            defer.ensureDeferred(
+                self._call(name, "delivered", hook.delivered, event, answers=False)
+            )
+
+
+def _as_failure(error: BaseException):
+    from twisted.python.failure import Failure
+
+    return Failure(error, type(error), error.__traceback__)
+

@@ -1,0 +1,304 @@
+"""
+Hooks: the runner's ordering and error handling, header editing, the
+message-hook wrapper around the intake, and plugin discovery and loading.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailserver.config import Config, ConfigError, Plugins
+from mailserver.envelope import Envelope, Recipient
+from mailserver.hooked_intake import HookedIntake
+from mailserver.hooks import (
+    TEMPORARY_FAILURE,
+    Client,
+    Delivery,
+    Hooks,
+    MessageHeaders,
+    MessageRejected,
+    PluginContext,
+    Reject,
+    Rewrite,
+)
+from mailserver.interfaces import IDeliveredHook, IEnvelopeHook, IMessageHook
+from mailserver.plugin_loading import available_plugins, load_plugins
+
+CLIENT = Client(address="192.0.2.1", port=4000, role="smtp")
+ENVELOPE = Envelope(
+    sender="a@example.com",
+    recipients=(Recipient(address="b@example.org", destinations=("b@example.org",)),),
+    authenticated="a@example.org",
+)
+
+
+def result_of(coroutine):
+    results = []
+    defer.ensureDeferred(coroutine).addBoth(results.append)
+    assert results, "the hook runner did not finish synchronously"
+    return results[0]
+
+
+@implementer(IEnvelopeHook)
+class Recorder:
+    def __init__(self, answer=None):
+        self.answer = answer
+        self.calls = []
+
+    def sender(self, client, address):
+        self.calls.append(("sender", address))
+        return self.answer
+
+    def recipient(self, client, sender, address):
+        self.calls.append(("recipient", address))
+        return self.answer
+
+
+@implementer(IEnvelopeHook)
+class Broken:
+    def sender(self, client, address):
+        raise RuntimeError("boom")
+
+    async def recipient(self, client, sender, address):
+        raise RuntimeError("async boom")
+
+
+def test_hooks_run_in_order_and_stop_at_a_rejection():
+    first, second = Recorder(), Recorder(Reject(550, "5.7.1", "no"))
+    third = Recorder()
+    hooks = Hooks([("first", first), ("second", second), ("third", third)])
+    assert result_of(hooks.sender(CLIENT, "x@y")) == Reject(550, "5.7.1", "no")
+    assert first.calls == second.calls == [("sender", "x@y")]
+    assert third.calls == []
+
+
+def test_rewrites_chain():
+    hooks = Hooks([("a", Recorder(Rewrite("b@z"))), ("c", Recorder())])
+    assert result_of(hooks.recipient(CLIENT, "", "a@z")) == "b@z"
+    assert hooks._plugins[1][1].calls == [("recipient", "b@z")]
+
+
+def test_a_raising_plugin_is_a_temporary_failure_and_counted():
+    errors = []
+    hooks = Hooks([("broken", Broken())], on_error=errors.append)
+    assert result_of(hooks.sender(CLIENT, "x@y")) == TEMPORARY_FAILURE
+    assert result_of(hooks.recipient(CLIENT, "", "x@y")) == TEMPORARY_FAILURE
+    assert errors == ["broken", "broken"]
+    assert TEMPORARY_FAILURE.code == 451 and TEMPORARY_FAILURE.enhanced == "4.3.0"
+
+
+def test_a_wrong_answer_is_an_error_not_a_crash():
+    errors = []
+    hooks = Hooks([("odd", Recorder("yes please"))], on_error=errors.append)
+    assert result_of(hooks.sender(CLIENT, "x@y")) == TEMPORARY_FAILURE
+    assert errors == ["odd"]
+
+
+def test_deferred_answers_are_awaited():
+    d = defer.Deferred()
+    hooks = Hooks([("slow", Recorder(d))])
+    results = []
+    defer.ensureDeferred(hooks.sender(CLIENT, "x@y")).addBoth(results.append)
+    assert results == []
+    d.callback(Reject(450, "4.7.1", "later"))
+    assert results == [Reject(450, "4.7.1", "later")]
+
+
+def test_reject_values_are_checked():
+    for bad in ((250, "2.0.0", "ok"), (550, "4.0.0", "x"), (550, "5.0", "x"), (550, "5.0.0", "a\r\nb")):
+        with pytest.raises(ValueError):
+            Reject(*bad)
+
+
+def test_delivered_errors_are_swallowed():
+    @implementer(IDeliveredHook)
+    class Fails:
+        def delivered(self, event):
+            raise RuntimeError("no")
+
+    errors = []
+    Hooks([("f", Fails())], on_error=errors.append).delivered(
+        Delivery(queue_id="q", sender="", recipient="r@x", status="delivered", size=1)
+    )
+    assert errors == ["f"]
+
+
+def test_message_headers_keep_bytes_and_edit():
+    raw = b"Received: from a\r\n\tby b\r\nSubject: Hi\r\nX-Spam: yes\r\nx-spam: again\r\n"
+    headers = MessageHeaders(raw)
+    assert headers.to_bytes() == raw
+    assert headers.get("subject") == "Hi"
+    assert headers.get_all("X-SPAM") == ["yes", "again"]
+    assert headers.remove("x-spam") == 2
+    headers.add("X-Checked", "1")
+    headers.replace("Subject", "Bye")
+    assert headers.to_bytes() == b"Subject: Bye\r\nX-Checked: 1\r\nReceived: from a\r\n\tby b\r\n"
+    with pytest.raises(ValueError):
+        headers.add("X-Evil", "a\r\nBcc: x@y")
+
+
+class MemoryIntake:
+    def __init__(self):
+        self.stored = []
+
+    def begin(self, envelope):
+        intake = self
+
+        class Receiver:
+            data = b""
+
+            def write(self, piece):
+                self.data += piece
+
+            def finish(self):
+                intake.stored.append(self.data)
+                return defer.succeed("Q1")
+
+            def abort(self):
+                pass
+
+        return Receiver()
+
+
+@implementer(IMessageHook)
+class Tagger:
+    def __init__(self, reject=None):
+        self.reject = reject
+
+    async def message(self, envelope, headers):
+        headers.add("X-Tag", envelope.authenticated)
+        headers.remove("X-Remove-Me")
+        return self.reject
+
+
+def feed(intake, pieces):
+    receiver = intake.begin(ENVELOPE)
+    for piece in pieces:
+        receiver.write(piece)
+    results = []
+    receiver.finish().addBoth(results.append)
+    return results[0]
+
+
+def test_hooked_intake_edits_headers_and_keeps_the_body(tmp_path):
+    inner = MemoryIntake()
+    intake = HookedIntake(inner, Hooks([("tag", Tagger())]), tmp_path)
+    message = [b"Subject: s\r\nX-Remove", b"-Me: 1\r\n", b"\r", b"\nbody\r\n", b".line\r\n" * 3]
+    assert feed(intake, message) == "Q1"
+    assert inner.stored == [
+        b"X-Tag: a@example.org\r\nSubject: s\r\n\r\nbody\r\n" + b".line\r\n" * 3
+    ]
+
+
+def test_hooked_intake_rejection_stores_nothing(tmp_path):
+    inner = MemoryIntake()
+    intake = HookedIntake(inner, Hooks([("tag", Tagger(Reject(554, "5.7.0", "spam")))]), tmp_path)
+    failure = feed(intake, [b"Subject: s\r\n\r\nbody\r\n"])
+    assert failure.check(MessageRejected)
+    assert failure.value.reject == Reject(554, "5.7.0", "spam")
+    assert inner.stored == []
+    assert list(tmp_path.iterdir()) == []
+
+
+THIRD_PARTY = textwrap.dedent(
+    """
+    from twisted.plugin import IPlugin
+    from zope.interface import implementer, provider
+
+    from mailserver.hooks import PluginOptionsError, Reject
+    from mailserver.interfaces import IEnvelopeHook, IPluginFactory
+
+
+    @implementer(IEnvelopeHook)
+    class NoSales:
+        def __init__(self, code):
+            self.code = code
+
+        def sender(self, client, address):
+            return None
+
+        def recipient(self, client, sender, address):
+            if address.startswith("sales@"):
+                return Reject(self.code, "5.7.1", "sales@ takes no mail")
+
+
+    @provider(IPlugin, IPluginFactory)
+    class NoSalesPlugin:
+        name = "nosales"
+        description = "Refuses mail to sales@."
+
+        @staticmethod
+        def build(options, context):
+            code = options.get("code", 550)
+            if not isinstance(code, int) or not 500 <= code < 600:
+                raise PluginOptionsError("code", "must be a 5xx reply code")
+            return NoSales(code)
+
+
+    plugin = NoSalesPlugin
+    """
+)
+
+
+def plugin_config(folder, enabled, options):
+    return Config(
+        hostname="mx.test",
+        plugins=Plugins(paths=(str(folder),), enabled=enabled, options=options),
+        source="test.toml",
+    )
+
+
+def test_a_dropped_in_plugin_file_is_found_and_built(tmp_path):
+    (tmp_path / "nosales.py").write_text(THIRD_PARTY)
+    assert {"nosales", "headers", "webhook"} <= set(available_plugins((str(tmp_path),)))
+    context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
+    ((name, hook),) = load_plugins(plugin_config(tmp_path, ("nosales",), {"nosales": {"code": 553}}), context)
+    assert name == "nosales"
+    assert hook.recipient(CLIENT, "", "sales@x") == Reject(553, "5.7.1", "sales@ takes no mail")
+
+
+@pytest.mark.parametrize(
+    "enabled, options, key, problem",
+    [
+        (("nosuch",), {}, "plugins.enabled", "no plugin named 'nosuch'"),
+        (("nosales",), {"nosales": {"code": 250}}, "plugins.nosales.code", "must be a 5xx"),
+        ((), {"nosales": {}}, "plugins.nosales", "not in plugins.enabled"),
+        (("headers",), {"headers": {"add": {"X": "a\nb"}}}, "plugins.headers.add", "one-line"),
+        (("webhook",), {"webhook": {}}, "plugins.webhook.url", "must be an http"),
+    ],
+)
+def test_plugin_problems_are_config_errors(tmp_path, enabled, options, key, problem):
+    (tmp_path / "nosales.py").write_text(THIRD_PARTY)
+    context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_plugins(plugin_config(tmp_path, enabled, options), context)
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+def test_plugin_tables_parse_from_toml(tmp_path):
+    from mailserver.config import load
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[plugins]\nenabled = ["headers"]\n[plugins.headers]\nremove = ["X-A"]\n'
+        '[[plugins.headers.rules]]\nauthenticated = true\nadd = { "X-B" = "1" }\n'
+    )
+    config = load(path)
+    assert config.plugins.enabled == ("headers",)
+    assert config.plugins.options == {
+        "headers": {"remove": ["X-A"], "rules": [{"authenticated": True, "add": {"X-B": "1"}}]}
+    }
+    context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
+    ((_, hook),) = load_plugins(config, context)
+    headers = MessageHeaders(b"X-A: 1\r\nSubject: s\r\n")
+    hook.message(ENVELOPE, headers)
+    assert headers.to_bytes() == b"X-B: 1\r\nSubject: s\r\n"
+    anonymous = Envelope(sender="", recipients=())
+    headers = MessageHeaders(b"X-A: 1\r\n")
+    hook.message(anonymous, headers)
+    assert headers.to_bytes() == b""
