@@ -11,6 +11,7 @@ sessions go on meanwhile.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from zope.interface import implementer
 
 from mailserver.accounts import Accounts, split_address
 from mailserver.envelope import Envelope
+from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.maildir import SpoolFile, UniqueNames
 
@@ -50,11 +52,21 @@ class Intake:
     log = Logger()
 
     def __init__(
-        self, *, accounts: Accounts, reactor, queue: RelayQueue | None = None
+        self,
+        *,
+        accounts: Accounts,
+        reactor,
+        queue: RelayQueue | None = None,
+        on_delivered: Callable[[Delivery], None] | None = None,
     ) -> None:
+        """
+        @param on_delivered: told of each local final delivery (the plugins'
+            delivered hooks).
+        """
         self._accounts = accounts
         self._reactor = reactor
         self._queue = queue
+        self._on_delivered = on_delivered
         self._names = UniqueNames(accounts.config.hostname)
         self.spool_path = accounts.config.data_path / "spool"
         (self.spool_path / "tmp").mkdir(parents=True, exist_ok=True)
@@ -88,6 +100,24 @@ class Intake:
             self._queue.enqueue(envelope, remote, spool.path, body_offset)
         spool.deliver(maildirs)
         return spool.name
+
+    def _delivered(self, queue_id: str, envelope: Envelope, size: int) -> str:
+        if self._on_delivered is not None:
+            config = self._accounts.config
+            for recipient in envelope.recipients:
+                for destination in recipient.destinations:
+                    if config.is_local_domain(split_address(destination)[1]):
+                        self._on_delivered(
+                            Delivery(
+                                queue_id=queue_id,
+                                sender=envelope.sender,
+                                recipient=destination,
+                                status="delivered",
+                                size=size,
+                                envelope=envelope,
+                            )
+                        )
+        return queue_id
 
 
 def _return_path(sender: str) -> bytes:
@@ -136,6 +166,7 @@ class _Receiver:
             intake.log.failure("storing a message failed", failure)
             return failure
 
+        d.addCallback(intake._delivered, self._envelope, self._spool.size - self._body_offset)
         return d.addErrback(failed)
 
     def abort(self) -> None:

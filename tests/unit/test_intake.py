@@ -1,0 +1,87 @@
+"""
+The intake: one durable copy, routed to Maildirs (and the relay queue).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mailserver.accounts import Accounts
+from mailserver.config import Config
+from mailserver.envelope import Envelope, Recipient
+from mailserver.intake import Intake, NoRelayQueue
+from mailserver.maildir import Mailbox
+from mailserver.testing import InlineReactor
+
+
+@pytest.fixture
+def accounts(tmp_path):
+    config = Config(hostname="mx.test", data_dir=str(tmp_path / "data"), local_domains=("example.org",))
+    accounts = Accounts(config)
+    accounts.add_user("a@example.org", "x")
+    accounts.add_user("b@example.org", "x")
+    return accounts
+
+
+def envelope(*destinations: str) -> Envelope:
+    return Envelope(
+        sender="s@remote.test",
+        recipients=tuple(Recipient(address=d, destinations=(d,)) for d in destinations),
+    )
+
+
+def run(intake, env, pieces):
+    receiver = intake.begin(env)
+    for piece in pieces:
+        receiver.write(piece)
+    results = []
+    receiver.finish().addBoth(results.append)
+    return results[0]
+
+
+def test_local_delivery_to_several_mailboxes(accounts):
+    delivered = []
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), on_delivered=delivered.append)
+    pieces = [b"Subject: x\r", b"\n\r\nline\r\n", b"\r\n", b"end\r\n"]
+    queue_id = run(intake, envelope("a@example.org", "b@example.org"), pieces)
+    assert isinstance(queue_id, str)
+    for user in ("a", "b"):
+        (info,) = Mailbox(accounts.mailbox_path(f"{user}@example.org")).messages()
+        data = info.path.read_bytes()
+        assert data == b"Return-Path: <s@remote.test>\nSubject: x\n\nline\n\nend\n"
+        assert info.size == len(data.replace(b"\n", b"\r\n"))
+    assert [(d.recipient, d.status, d.queue_id) for d in delivered] == [
+        ("a@example.org", "delivered", queue_id),
+        ("b@example.org", "delivered", queue_id),
+    ]
+    assert list((intake.spool_path / "tmp").iterdir()) == []
+
+
+def test_remote_recipient_without_a_queue_fails_and_stores_nothing(accounts):
+    intake = Intake(accounts=accounts, reactor=InlineReactor())
+    failure = run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
+    assert failure.check(NoRelayQueue)
+    assert Mailbox(accounts.mailbox_path("a@example.org")).messages() == []
+    assert list((intake.spool_path / "tmp").iterdir()) == []
+
+
+def test_remote_recipients_go_to_the_queue_without_return_path(accounts):
+    queued = []
+
+    class Queue:
+        def enqueue(self, env, recipients, spool, body_offset):
+            queued.append((recipients, spool.read_bytes()[body_offset:]))
+            return "R1"
+
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), queue=Queue())
+    run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
+    assert queued == [(("x@remote.test",), b"Subject: x\n\nhi\n")]
+    assert len(Mailbox(accounts.mailbox_path("a@example.org")).messages()) == 1
+
+
+def test_abort_leaves_nothing(accounts):
+    intake = Intake(accounts=accounts, reactor=InlineReactor())
+    receiver = intake.begin(envelope("a@example.org"))
+    receiver.write(b"partial")
+    receiver.abort()
+    assert list((intake.spool_path / "tmp").iterdir()) == []
