@@ -29,7 +29,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailserver.config import Config
+from mailserver.config import Config, ConfigError
 from mailserver.interfaces import IAccount
 
 _SCRYPT_N = 2**14
@@ -361,13 +361,80 @@ class AccountsChecker:
 
 @implementer(IRealm)
 class AccountRealm:
+    """
+    Turns an avatar id into an L{Account}.  Checkers from C{strcred} (a
+    C{file:} or C{unix} source) know bare user names: those get the first
+    local domain.
+    """
+
+    def __init__(self, default_domain: str) -> None:
+        self._default_domain = default_domain
+
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IAccount not in interfaces:
             raise NotImplementedError("only IAccount avatars are offered")
         if isinstance(avatarId, bytes):
             avatarId = avatarId.decode("utf-8")
-        return IAccount, Account(avatarId), lambda: None
+        if "@" not in avatarId:
+            avatarId = f"{avatarId}@{self._default_domain}"
+        return IAccount, Account(canonical(avatarId)), lambda: None
+
+
+def strcred_checkers(config: Config) -> list[ICredentialsChecker]:
+    """
+    The extra account sources named in C{auth.checkers}, built with
+    Twisted's C{strcred} plugins (C{file:PATH}, C{unix}, ...).
+
+    @raise ConfigError: for an unknown or unusable checker string.
+    """
+    from twisted.cred import strcred
+
+    checkers = []
+    for description in config.auth.checkers:
+        try:
+            checker = strcred.makeChecker(description)
+        except Exception as e:
+            raise ConfigError(config.source, "auth.checkers", f"{description!r}: {e}") from None
+        if IUsernamePassword not in checker.credentialInterfaces:
+            raise ConfigError(
+                config.source, "auth.checkers", f"{description!r} cannot check passwords"
+            )
+        checkers.append(checker)
+    return checkers
 
 
 def make_portal(accounts: Accounts, reactor=None, extra_checkers=()) -> Portal:
-    return Portal(AccountRealm(), [AccountsChecker(accounts, reactor), *extra_checkers])
+    """
+    The users file first, then any extra checkers: a portal tries each
+    checker registered for the credentials' interface, so several sources
+    are combined by L{_FirstThatAccepts}.
+    """
+    checkers = [AccountsChecker(accounts, reactor), *extra_checkers]
+    portal = Portal(AccountRealm(accounts.config.local_domains[0]))
+    portal.registerChecker(_FirstThatAccepts(checkers))
+    return portal
+
+
+@implementer(ICredentialsChecker)
+class _FirstThatAccepts:
+    """
+    A C{Portal} keeps one checker per credentials interface; this one asks
+    several in turn, so the users file and C{strcred} sources work side by
+    side.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, checkers: list[ICredentialsChecker]) -> None:
+        self._checkers = checkers
+
+    async def _check(self, credentials):
+        for checker in self._checkers:
+            try:
+                return await defer.maybeDeferred(checker.requestAvatarId, credentials)
+            except UnauthorizedLogin:
+                continue
+        raise UnauthorizedLogin()
+
+    def requestAvatarId(self, credentials):
+        return defer.ensureDeferred(self._check(credentials))

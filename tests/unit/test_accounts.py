@@ -133,3 +133,32 @@ def test_portal_login(accounts):
         failures = []
         portal.login(UsernamePassword(user, password), None, IAccount).addErrback(failures.append)
         assert failures and failures[0].check(UnauthorizedLogin)
+
+
+def test_strcred_file_checker_works_beside_the_users_file(accounts, config, tmp_path):
+    from mailserver.accounts import strcred_checkers
+    from mailserver.config import Auth, ConfigError
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("frank:frank-pw\n")
+    with_file = Config(
+        hostname=config.hostname,
+        data_dir=config.data_dir,
+        local_domains=config.local_domains,
+        auth=Auth(checkers=(f"file:{passwd}",)),
+    )
+    portal = make_portal(Accounts(with_file), extra_checkers=strcred_checkers(with_file))
+    for user, password, address in (
+        (b"frank", b"frank-pw", "frank@example.org"),
+        (b"alice@example.org", b"alice-secret", "alice@example.org"),
+    ):
+        results = []
+        portal.login(UsernamePassword(user, password), None, IAccount).addBoth(results.append)
+        assert results[0][1].address == address
+    failures = []
+    portal.login(UsernamePassword(b"frank", b"nope"), None, IAccount).addErrback(failures.append)
+    assert failures[0].check(UnauthorizedLogin)
+    bad = Config(auth=Auth(checkers=("nosuchchecker:x",)), source="c.toml")
+    with pytest.raises(ConfigError) as caught:
+        strcred_checkers(bad)
+    assert caught.value.key == "auth.checkers"

@@ -302,3 +302,17 @@ def test_plugin_tables_parse_from_toml(tmp_path):
     headers = MessageHeaders(b"X-A: 1\r\n")
     hook.message(anonymous, headers)
     assert headers.to_bytes() == b""
+
+
+def test_the_documented_example_plugin_loads_and_works(tmp_path):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "docs" / "examples"
+    context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
+    config = plugin_config(examples, ("blocklist",), {"blocklist": {"domains": ["Spam.example"]}})
+    ((_, hook),) = load_plugins(config, context)
+    assert hook.sender(CLIENT, "x@spam.example").code == 550
+    assert hook.sender(CLIENT, "x@ham.example") is None
+    headers = MessageHeaders(b"Subject: s\r\n")
+    assert result_of(hook.message(ENVELOPE, headers)) is None
+    assert headers.get("X-Blocklist") == "checked"
