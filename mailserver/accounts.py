@@ -102,6 +102,10 @@ class _WatchedFile:
         self._stamp: tuple[int, int] | None = None
         self._value = parse("")
 
+    def forget(self) -> None:
+        self._stamp = None
+        self._value = self._parse("")
+
     def get(self):
         try:
             st = os.stat(self.path)
@@ -164,6 +168,14 @@ class Accounts:
         self.config = config
         self._users = _WatchedFile(config.users_path, _parse_users)
         self._aliases = _WatchedFile(config.aliases_path, _parse_aliases)
+
+    def forget(self) -> None:
+        """
+        Drop what was read, so the next lookup reads the files again (for a
+        reload, in case a change kept the same mtime and size).
+        """
+        self._users.forget()
+        self._aliases.forget()
 
     # Lookups
 

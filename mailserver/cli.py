@@ -17,15 +17,21 @@ from mailserver.accounts import AccountError, Accounts
 from mailserver.config import Config, ConfigError, load
 
 
+class CommandError(Exception):
+    """
+    A problem with what the user asked for, printed as one line.
+    """
+
+
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
-            raise AccountError("the passwords differ")
+            raise CommandError("the passwords differ")
     if not password:
-        raise AccountError("the password is empty")
+        raise CommandError("the password is empty")
     return password
 
 
@@ -51,9 +57,33 @@ def _user_list(config: Config, args: argparse.Namespace) -> str:
 def _check_config(config: Config, args: argparse.Namespace) -> str:
     from mailserver.tls import server_options
 
+    from twisted.internet import reactor
+
+    from mailserver.accounts import strcred_checkers
+    from mailserver.hooks import PluginContext
+    from mailserver.plugin_loading import load_plugins
+
     checked = load(args.file) if args.file else config
-    server_options(checked)
+    if checked.tls.certificate:  # else a self-signed pair is made at start
+        server_options(checked)
+    strcred_checkers(checked)
+    load_plugins(checked, PluginContext(reactor=reactor, hostname=checked.hostname, data_path=checked.data_path))
     return f"{checked.source}: OK"
+
+
+def _reload(config: Config, args: argparse.Namespace) -> str:
+    import signal
+
+    pid_path = config.data_path / "mailserver.pid"
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        raise CommandError(f"no running server found ({pid_path} is missing)") from None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise CommandError(f"no running server with pid {pid} (stale {pid_path})") from None
+    return f"asked process {pid} to reload"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", nargs="?", help="the file (default: --config)")
     check.set_defaults(handler=_check_config)
+
+    commands.add_parser(
+        "reload", help="make the running server re-read accounts, aliases and TLS files"
+    ).set_defaults(handler=_reload)
     return parser
 
 
@@ -100,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args.config)
         output = args.handler(config, args)
-    except (ConfigError, AccountError) as e:
+    except (ConfigError, AccountError, CommandError) as e:
         print(f"mailserver: {e}", file=sys.stderr)
         return 1
     except OSError as e:

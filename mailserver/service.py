@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -19,14 +20,15 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import Accounts, make_portal
-from mailserver.config import Config
+from mailserver.config import Config, ConfigError
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
 from mailserver.pop3 import POP3Factory
 from mailserver.smtp import SMTPFactory
-from mailserver.tls import server_options
+from mailserver.tls import ReloadableServerOptions
 
 LISTENERS_FILE = "listeners.json"
+PID_FILE = "mailserver.pid"
 _STALE_SPOOL_SECONDS = 36 * 3600
 
 
@@ -123,6 +125,50 @@ class ShutdownNotice(Service):
             factory.shutdown()
 
 
+class ReloadOnSignal(Service):
+    """
+    SIGHUP re-reads the accounts and aliases files and the TLS certificate,
+    without dropping a connection, and writes the process id into
+    C{<data_dir>/mailserver.pid} so C{mailserver reload} can send it.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, pid_path: Path, tls_options, accounts: Accounts) -> None:
+        self._reactor = reactor
+        self._pid_path = pid_path
+        self._tls_options = tls_options
+        self._accounts = accounts
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._pid_path.write_text(f"{os.getpid()}\n")
+        self._previous = signal.signal(signal.SIGHUP, self._signalled)
+
+    def _signalled(self, signum, frame) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        self._accounts.forget()
+        try:
+            self._tls_options.reload()
+        except ConfigError as e:
+            self.log.error("reload: keeping the old TLS certificate: {problem}", problem=str(e))
+        else:
+            self.log.info("reloaded accounts, aliases and the TLS certificate")
+
+    def stopService(self):
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        try:
+            if self._pid_path.read_text().strip() == str(os.getpid()):
+                self._pid_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def _clean_spool(spool_tmp: Path) -> None:
     """
     Remove spool files left by a crash mid-DATA: never acknowledged, so
@@ -142,7 +188,7 @@ def make_service(config: Config, reactor) -> MultiService:
     """
     root = MultiService()
     config.data_path.mkdir(parents=True, exist_ok=True)
-    tls_options = server_options(config)
+    tls_options = ReloadableServerOptions(config)
     accounts = Accounts(config)
     portal = make_portal(accounts, reactor)
     intake = Intake(accounts=accounts, reactor=reactor)
@@ -197,4 +243,7 @@ def make_service(config: Config, reactor) -> MultiService:
     for listener in listeners:
         listener.setServiceParent(root)
     ListenerReport(config.data_path / LISTENERS_FILE, listeners).setServiceParent(root)
+    ReloadOnSignal(reactor, config.data_path / PID_FILE, tls_options, accounts).setServiceParent(
+        root
+    )
     return root

@@ -75,3 +75,24 @@ def server_options(config: Config) -> ssl.CertificateOptions:
             config.source, "tls", f"certificate and key are not usable: {e}"
         ) from None
     return private.options()
+
+
+class ReloadableServerOptions:
+    """
+    The TLS context every listener uses, swappable at run time so SIGHUP
+    can bring in a renewed certificate without dropping connections: new
+    handshakes use the new context, running sessions keep theirs.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self.current = server_options(config)
+
+    def getContext(self):
+        return self.current.getContext()
+
+    def reload(self) -> None:
+        """
+        @raise ConfigError: the new files are unusable; the old ones stay.
+        """
+        self.current = server_options(self._config)
