@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,13 +51,16 @@ class MailServer:
             for role in ("smtp", "submission", "submissions", "pop3", "pop3s")
         )
         domains = ", ".join(f'"{d}"' for d in local_domains)
-        top, _, tables = extra_toml.partition("\n[")
+        # Top-level keys of extra_toml must come before any table.
+        first_table = re.search(r"(?m)^\[", extra_toml)
+        split = first_table.start() if first_table else len(extra_toml)
         self.config_path.write_text(
             f'hostname = "mx.test"\n'
             f'data_dir = "{self.data_path}"\n'
             f"local_domains = [{domains}]\n"
-            f"{top}\n"
-            f"[listeners]\n{listeners}\n" + (f"[{tables}\n" if tables else "")
+            f"{extra_toml[:split]}\n"
+            f"[listeners]\n{listeners}\n"
+            f"{extra_toml[split:]}\n"
         )
         self.process: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
