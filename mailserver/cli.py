@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from mailserver.accounts import AccountError, Accounts
 from mailserver.config import Config, ConfigError, load
+from mailserver.relay.queue import QueueError
 
 
 class CommandError(Exception):
@@ -126,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "reload", help="make the running server re-read accounts, aliases and TLS files"
     ).set_defaults(handler=_reload)
+    from mailserver.relay.admin import add_queue_commands  # relay: queue commands
+
+    add_queue_commands(commands)
     return parser
 
 
@@ -134,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args.config)
         output = args.handler(config, args)
-    except (ConfigError, AccountError, CommandError) as e:
+    except (ConfigError, AccountError, CommandError, QueueError) as e:
         print(f"mailserver: {e}", file=sys.stderr)
         return 1
     except OSError as e:

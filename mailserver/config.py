@@ -141,6 +141,67 @@ class Auth:
 
 
 @dataclass(frozen=True)
+class Relay:
+    """
+    Outbound delivery of mail for remote recipients (the relay queue).
+
+    C{resolver}: DNS server for MX lookups as C{"host:port"} (C{""}: the
+    system's, from C{/etc/resolv.conf}).
+    C{port}: TCP port of remote SMTP servers (25).
+    C{smarthost}: C{"host:port"} to send all outbound mail through, or C{""}
+    to deliver to each domain's MX hosts.
+    C{smarthost_tls}: C{"starttls"} (STARTTLS required) or C{"implicit"} (TLS
+    from the first byte, as on port 465).
+    C{smarthost_username}, C{smarthost_password}: AUTH PLAIN credentials for
+    the smarthost (empty: no AUTH).
+    C{transports}: per-domain routes, C{"domain=host:port"} each, overriding
+    MX lookup for that domain.
+    C{tls}: STARTTLS towards MX hosts: C{"opportunistic"} (when offered,
+    certificate not checked), C{"required"} (temporary failure when not
+    offered) or C{"none"}.
+    C{retry_schedule}: delays between attempts, e.g. C{["5m", "10m"]}
+    (units s, m, h, d); after the last one each delay doubles, up to
+    C{max_retry_interval}.  Empty: 5m doubling.
+    C{max_retry_interval}: the cap on a delay between attempts (C{"4h"}).
+    C{max_age}: how long a message is retried before it bounces (C{"5d"}).
+    C{delay_warning}: after how long a delay notice is sent to senders who
+    asked for NOTIFY=DELAY (C{""}: never).
+    C{max_connections}: outbound connections at once, in total.
+    C{max_connections_per_destination}: outbound connections at once to one
+    domain (or to the smarthost).
+    C{scan_interval}: seconds between re-scans of the queue folder, which is
+    how the running server picks up C{mailserver queue} commands.
+    C{connect_timeout}: seconds to wait for a TCP connection.
+    C{command_timeout}: seconds to wait for the greeting or a reply to a
+    command (RFC 5321 4.5.3.2 asks for at least 300).
+    C{data_timeout}: seconds to wait for the reply to the end of the message
+    (RFC 5321 4.5.3.2.6 asks for at least 600).
+    C{bounce_full_limit}: when the sender did not choose RET, bounces carry
+    the whole message up to this many octets, else only its headers.
+    """
+
+    resolver: str = ""
+    port: int = 25
+    smarthost: str = ""
+    smarthost_tls: str = "starttls"
+    smarthost_username: str = ""
+    smarthost_password: str = ""
+    transports: tuple[str, ...] = ()
+    tls: str = "opportunistic"
+    retry_schedule: tuple[str, ...] = ("5m",)
+    max_retry_interval: str = "4h"
+    max_age: str = "5d"
+    delay_warning: str = ""
+    max_connections: int = 20
+    max_connections_per_destination: int = 4
+    scan_interval: float = 10.0
+    connect_timeout: float = 60.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    bounce_full_limit: int = 131072
+
+
+@dataclass(frozen=True)
 class Config:
     """
     The whole configuration.  Relative paths in the file are relative to the
@@ -160,6 +221,7 @@ class Config:
     pop3: POP3 = field(default_factory=POP3)
     plugins: Plugins = field(default_factory=Plugins)
     auth: Auth = field(default_factory=Auth)
+    relay: Relay = field(default_factory=Relay)
     source: str = "<embedded default>"
 
     @property
@@ -318,10 +380,21 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             source, "limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)"
         )
+    _validate_relay(config)
     if config.limits.max_text_line < 1000:
         raise ConfigError(
             source, "limits.max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)"
         )
+
+
+def _validate_relay(config: Config) -> None:
+    # The relay's own checks live with the relay (mailserver.relay._settings),
+    # imported lazily so this module stays standard-library only at import.
+    from mailserver.relay._settings import relay_problem
+
+    problem = relay_problem(config.relay)
+    if problem:
+        raise ConfigError(config.source, f"relay.{problem[0]}", problem[1])
 
 
 def _endpoint_problem(description: str) -> str | None:

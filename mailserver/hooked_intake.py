@@ -17,7 +17,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailserver.envelope import Envelope
-from mailserver.hooks import Hooks, MessageHeaders, MessageRejected
+from mailserver.hooks import Hooks, MessageBody, MessageHeaders, MessageRejected
 from mailserver.interfaces import IIntake, IMessageReceiver
 
 # A header section larger than this is treated as ending there: the rest is
@@ -71,7 +71,7 @@ class _HookedReceiver:
     async def _finish(self) -> str:
         headers = MessageHeaders(bytes(self._head))
         try:
-            verdict = await self._hooks.message(self._envelope, headers)
+            verdict = await self._hooks.message(self._envelope, headers, MessageBody(self._body))
             if verdict is not None:
                 raise MessageRejected(verdict)
             receiver = self._intake.begin(self._envelope)

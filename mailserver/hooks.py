@@ -183,6 +183,26 @@ class MessageHeaders:
         return b"".join(raw for _, raw in self._fields)
 
 
+class MessageBody:
+    """
+    The body of a message (after the blank line), as a message hook sees it:
+    read-only, and spooled on disk, so read it whole only if you must.
+    """
+
+    def __init__(self, file) -> None:
+        self._file = file
+        file.seek(0, 2)
+        self.size = file.tell()
+
+    def chunks(self, size: int = 1024 * 1024):
+        self._file.seek(0)
+        while chunk := self._file.read(size):
+            yield chunk
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+
 class Hooks:
     """
     The enabled plugins' hook objects, in configuration order.
@@ -248,9 +268,11 @@ class Hooks:
                 address = result.address
         return address
 
-    async def message(self, envelope: Envelope, headers: MessageHeaders) -> Reject | None:
+    async def message(
+        self, envelope: Envelope, headers: MessageHeaders, body: MessageBody
+    ) -> Reject | None:
         for name, hook in self.message_hooks:
-            result = await self._call(name, "message", hook.message, envelope, headers)
+            result = await self._call(name, "message", hook.message, envelope, headers, body)
             if isinstance(result, Reject):
                 return result
         return None

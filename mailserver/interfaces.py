@@ -137,13 +137,14 @@ class IEnvelopeHook(Interface):
 
 
 class IMessageHook(Interface):
-    def message(envelope: object, headers: object) -> object:
+    def message(envelope: object, headers: object, body: object) -> object:
         """
         The whole message arrived (end of DATA), before the 250.
 
         @param envelope: the L{mailserver.envelope.Envelope}.
         @param headers: the message's L{mailserver.hooks.MessageHeaders}, which
             the hook may change (add, remove, replace) in place.
+        @param body: the L{mailserver.hooks.MessageBody} (read-only).
         @return: C{None} to accept, or a L{mailserver.hooks.Reject}.
         """
 

@@ -183,7 +183,8 @@ def _crlf_size(path: Path, name: str) -> int:
         return int(sizes["W"])
     with open(path, "rb") as f:
         data = f.read()
-    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+    # What POP3 sends: every stored LF becomes CRLF.
+    return len(data) + data.count(b"\n")
 
 
 class Mailbox:

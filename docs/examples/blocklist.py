@@ -40,7 +40,7 @@ class Blocklist:
 
     # Hooks may be async (or return a Deferred): await a DNS lookup, an HTTP
     # API, a database...  The client waits; other clients do not.
-    async def message(self, envelope, headers):
+    async def message(self, envelope, headers, body):
         headers.add("X-Blocklist", "checked")
         return None
 

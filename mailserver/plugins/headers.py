@@ -88,7 +88,7 @@ class HeaderRules:
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
 
-    def message(self, envelope: Envelope, headers: MessageHeaders) -> None:
+    def message(self, envelope: Envelope, headers: MessageHeaders, body: object) -> None:
         for rule in self.rules:
             if rule.applies(envelope):
                 for name in rule.remove:

@@ -169,7 +169,8 @@ class Tagger:
     def __init__(self, reject=None):
         self.reject = reject
 
-    async def message(self, envelope, headers):
+    async def message(self, envelope, headers, body):
+        assert body.read() == body.read() and body.size == len(body.read())
         headers.add("X-Tag", envelope.authenticated)
         headers.remove("X-Remove-Me")
         return self.reject
@@ -296,11 +297,11 @@ def test_plugin_tables_parse_from_toml(tmp_path):
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
     ((_, hook),) = load_plugins(config, context)
     headers = MessageHeaders(b"X-A: 1\r\nSubject: s\r\n")
-    hook.message(ENVELOPE, headers)
+    hook.message(ENVELOPE, headers, None)
     assert headers.to_bytes() == b"X-B: 1\r\nSubject: s\r\n"
     anonymous = Envelope(sender="", recipients=())
     headers = MessageHeaders(b"X-A: 1\r\n")
-    hook.message(anonymous, headers)
+    hook.message(anonymous, headers, None)
     assert headers.to_bytes() == b""
 
 
@@ -314,5 +315,5 @@ def test_the_documented_example_plugin_loads_and_works(tmp_path):
     assert hook.sender(CLIENT, "x@spam.example").code == 550
     assert hook.sender(CLIENT, "x@ham.example") is None
     headers = MessageHeaders(b"Subject: s\r\n")
-    assert result_of(hook.message(ENVELOPE, headers)) is None
+    assert result_of(hook.message(ENVELOPE, headers, None)) is None
     assert headers.get("X-Blocklist") == "checked"

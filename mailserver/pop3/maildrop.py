@@ -1,0 +1,71 @@
+"""
+The TRANSACTION state's view of a locked mailbox (RFC 1939 section 5).
+
+Message numbers are fixed when the session logs in; C{DELE} only marks a
+message, which every later command except C{RSET} then refuses; the marked
+messages are removed at C{QUIT}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mailserver.maildir import MessageInfo
+
+
+class NoSuchMessage(Exception):
+    """
+    A message argument that names no live message; C{str()} is the text of
+    the C{-ERR} reply.
+    """
+
+
+class Maildrop:
+    def __init__(self, messages: Sequence[MessageInfo]) -> None:
+        self._messages = list(messages)
+        self._deleted: set[int] = set()
+
+    def lookup(self, argument: str) -> tuple[int, MessageInfo]:
+        """
+        The live message a command argument names.
+
+        @raise NoSuchMessage: for anything but a decimal number of a message
+            that exists and is not marked deleted.
+        """
+        if not (argument.isascii() and argument.isdigit()):
+            raise NoSuchMessage(f"Invalid message number: {argument}")
+        number = int(argument)
+        if not 1 <= number <= len(self._messages):
+            raise NoSuchMessage(f"There's no message {number}.")
+        if number in self._deleted:
+            raise NoSuchMessage(f"Message {number} is deleted.")
+        return number, self._messages[number - 1]
+
+    def live(self) -> list[tuple[int, MessageInfo]]:
+        """
+        Every message not marked deleted, with its number.
+        """
+        return [
+            (number, info)
+            for number, info in enumerate(self._messages, 1)
+            if number not in self._deleted
+        ]
+
+    def count_and_octets(self) -> tuple[int, int]:
+        live = self.live()
+        return len(live), sum(info.size for _, info in live)
+
+    def update(self, number: int, info: MessageInfo) -> None:
+        """
+        Keep the store's new idea of a message (its path after C{mark_seen}).
+        """
+        self._messages[number - 1] = info
+
+    def mark_deleted(self, number: int) -> None:
+        self._deleted.add(number)
+
+    def reset(self) -> None:
+        self._deleted.clear()
+
+    def marked_deleted(self) -> list[MessageInfo]:
+        return [self._messages[number - 1] for number in sorted(self._deleted)]

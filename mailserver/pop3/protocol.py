@@ -1,0 +1,644 @@
+"""
+The POP3 server: RFC 1939 with CAPA and PIPELINING (RFC 2449), STLS
+(RFC 2595), AUTH PLAIN and LOGIN (RFC 5034) and response codes (RFC 3206).
+
+Written on C{Protocol} rather than C{twisted.mail.pop3}: every reply goes out
+in one write on a C{TCP_NODELAY} socket (the stock server's several small
+writes meet Nagle and delayed ACK, 40 ms a command), and RETR streams through
+a producer instead of holding the message.
+
+Commands are handled strictly one at a time, in order: while a login is being
+checked or a message is being sent, later (pipelined) lines wait and the
+transport stops reading.  Storage is reached only through the C{Mailbox} the
+factory's C{mailbox_for} returns; its calls are blocking and run inline.
+
+APOP is never offered: it needs a plaintext-equivalent secret per account and
+no such store exists, so even with C{pop3.apop} on there is no timestamp in
+the greeting and the command is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+from base64 import b64encode
+from collections import deque
+from collections.abc import Callable
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import LoginFailed
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailserver.config import Config
+from mailserver.interfaces import IAccount
+from mailserver.maildir import Mailbox, MessageInfo
+from mailserver.pop3.maildrop import Maildrop, NoSuchMessage
+from mailserver.pop3.sasl import (
+    MECHANISMS,
+    Credentials,
+    LoginExchange,
+    PlainExchange,
+    SASLError,
+    decode_response,
+)
+from mailserver.pop3.transfer import MessageTransfer, TransferStopped, WireEncoder
+from mailserver.pop3.wire import (
+    PLAINTEXT_REFUSED,
+    err,
+    is_loopback,
+    is_valid_user_name,
+    multiline,
+    ok,
+)
+
+
+class _State(enum.Enum):
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+class POP3Server(Protocol):
+    """
+    One POP3 session.
+    """
+
+    _log = Logger(namespace="mailserver.pop3")
+
+    def __init__(self, factory: POP3Factory) -> None:
+        self.factory = factory
+        self._config = factory.config
+        self._clock = factory.reactor
+        self._state = _State.AUTHORIZATION
+        self._buffer = b""
+        self._discarding_long_line = False
+        self._pending: deque[bytes | None] = deque()
+        self._processing = False
+        self._waiting = False
+        self._closing = False
+        self._connected = False
+        self._stls_started = False
+        self._user: bytes | None = None
+        self._sasl: PlainExchange | LoginExchange | None = None
+        self._auth_failures = 0
+        self._errors = 0
+        self._idle_call = None
+        self._delayed_reply = None
+        self._transfer: MessageTransfer | None = None
+        self._account: str | None = None
+        self._logout: Callable[[], None] | None = None
+        self._mailbox: Mailbox | None = None
+        self._maildrop: Maildrop | None = None
+        self._retrieved = 0
+        self._retrieved_octets = 0
+        self._deleted = 0
+
+    # Connection life.
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket after all
+                pass
+        self._restart_idle_timer()
+        self.transport.write(ok(f"{self._config.hostname} POP3 server ready."))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._connected = False
+        for call in (self._idle_call, self._delayed_reply):
+            if call is not None and call.active():
+                call.cancel()
+        if self._transfer is not None:
+            self._transfer.stopProducing()
+        if self._mailbox is not None:
+            # Nothing marked with DELE is removed: only QUIT does that.
+            self._mailbox.unlock()
+            self._mailbox = None
+        if self._logout is not None:
+            self._logout()
+            self._logout = None
+        self._log.info(
+            "POP3 session ended: user={user} client={client} retrieved={retrieved}"
+            " octets={octets} deleted={deleted}",
+            user=self._account or "-",
+            client=self._client(),
+            retrieved=self._retrieved,
+            octets=self._retrieved_octets,
+            deleted=self._deleted,
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._restart_idle_timer()
+        self._buffer += data
+        limit = self._config.limits.max_command_line
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > limit:
+                    self._discarding_long_line = True
+                    self._buffer = b""
+                break
+            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if self._discarding_long_line or len(line) > limit:
+                self._discarding_long_line = False
+                self._pending.append(None)
+            else:
+                self._pending.append(line)
+        self._process()
+
+    # Moving lines, one command at a time.
+
+    def _process(self) -> None:
+        if self._processing:
+            return  # re-entered from a synchronous completion; the loop goes on
+        self._processing = True
+        try:
+            while self._pending and not self._waiting and not self._closing:
+                line = self._pending.popleft()
+                if line is None:
+                    self._sasl = None
+                    self._refuse_bad_input("Line too long.")
+                elif self._sasl is not None:
+                    self._continue_sasl(line)
+                else:
+                    self._dispatch(line)
+        finally:
+            self._processing = False
+
+    def _wait(self) -> None:
+        """
+        Hold later commands until L{_resume}: a login or a transfer is on.
+        """
+        self._waiting = True
+        self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        self._waiting = False
+        if self._connected and not self._closing:
+            self.transport.resumeProducing()
+            self._process()
+
+    def _reply(self, reply: bytes) -> None:
+        if self._connected:
+            self.transport.write(reply)
+
+    def _close(self) -> None:
+        self._closing = True
+        self._pending.clear()
+        self.transport.loseConnection()
+
+    def _refuse_bad_input(self, text: str) -> None:
+        self._errors += 1
+        if self._errors < self._config.limits.max_errors:
+            self._reply(err(text))
+            return
+        self._reply(err(text) + err("Too many invalid commands."))
+        self._close()
+
+    def _restart_idle_timer(self) -> None:
+        if self._transfer is not None:
+            return  # a long download is not idleness; restarted when it ends
+        timeout = self._config.limits.pop3_idle_timeout
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self._clock.callLater(timeout, self._idle_timeout)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+
+    def _idle_timeout(self) -> None:
+        self._reply(err("Disconnected for inactivity."))
+        self._close()
+
+    def _client(self) -> str:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        host = getattr(peer, "host", None)
+        return f"{host}:{peer.port}" if host is not None else str(peer)
+
+    # Commands.
+
+    def _dispatch(self, line: bytes) -> None:
+        keyword, _, argument = line.partition(b" ")
+        name = keyword.decode("ascii", "replace").upper()
+        handlers = {
+            _State.AUTHORIZATION: self._authorization_commands,
+            _State.TRANSACTION: self._transaction_commands,
+        }[self._state]
+        handler = handlers.get(name)
+        if handler is None:
+            if name in self._authorization_commands or name in self._transaction_commands:
+                self._refuse_bad_input(f"{name} is not valid in this state.")
+            else:
+                self._refuse_bad_input("Unknown command.")
+            return
+        reply = handler(argument)
+        if reply is not None:
+            self._reply(reply)
+
+    @property
+    def _authorization_commands(self) -> dict[str, Callable[[bytes], bytes | None]]:
+        return {
+            "CAPA": self.do_CAPA,
+            "USER": self.do_USER,
+            "PASS": self.do_PASS,
+            "APOP": self.do_APOP,
+            "AUTH": self.do_AUTH,
+            "STLS": self.do_STLS,
+            "QUIT": self.do_QUIT,
+        }
+
+    @property
+    def _transaction_commands(self) -> dict[str, Callable[[bytes], bytes | None]]:
+        return {
+            "CAPA": self.do_CAPA,
+            "STAT": self.do_STAT,
+            "LIST": self.do_LIST,
+            "UIDL": self.do_UIDL,
+            "RETR": self.do_RETR,
+            "TOP": self.do_TOP,
+            "DELE": self.do_DELE,
+            "RSET": self.do_RSET,
+            "NOOP": self.do_NOOP,
+            "QUIT": self.do_QUIT,
+        }
+
+    def do_CAPA(self, argument: bytes) -> bytes:
+        capabilities = ["TOP", "USER", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        capabilities.append(f"EXPIRE {self._config.pop3.expire}")
+        if self._config.pop3.login_delay:
+            capabilities.append(f"LOGIN-DELAY {self._config.pop3.login_delay}")
+        capabilities.append("SASL " + " ".join(m.decode() for m in MECHANISMS))
+        if self._stls_offered():
+            capabilities.append("STLS")
+        capabilities.append("IMPLEMENTATION mailserver")
+        return multiline(ok("Capability list follows"), capabilities)
+
+    def do_QUIT(self, argument: bytes) -> bytes | None:
+        if self._state is _State.AUTHORIZATION:
+            self._reply(ok("Logging out."))
+            self._close()
+            return None
+        self._state = _State.UPDATE
+        assert self._mailbox is not None and self._maildrop is not None
+        doomed = self._maildrop.marked_deleted()
+        try:
+            if doomed:
+                self._mailbox.delete(doomed)
+        except OSError:
+            self._log.failure("Removing deleted messages of {user} failed", user=self._account)
+            reply = err("[SYS/TEMP] Some deleted messages could not be removed.")
+        else:
+            self._deleted = len(doomed)
+            reply = ok(f"Logging out, {len(doomed)} messages deleted.")
+        self._mailbox.unlock()
+        self._mailbox = None
+        self._reply(reply)
+        self._close()
+        return None
+
+    # AUTHORIZATION state.
+
+    def _tls_active(self) -> bool:
+        return (
+            self.factory.implicit_tls
+            or self._stls_started
+            or ISSLTransport.providedBy(self.transport)
+        )
+
+    def _stls_offered(self) -> bool:
+        return (
+            self._state is _State.AUTHORIZATION
+            and self.factory.tls_options is not None
+            and not self._tls_active()
+        )
+
+    def _plaintext_allowed(self) -> bool:
+        return (
+            self._tls_active()
+            or self._config.pop3.auth_over_plaintext
+            or is_loopback(self.transport.getPeer())
+        )
+
+    def do_STLS(self, argument: bytes) -> bytes | None:
+        if self._tls_active():
+            return err("TLS is already active.")
+        if self.factory.tls_options is None:
+            return err("TLS is not available.")
+        self._reply(ok("Begin TLS negotiation."))
+        self.transport.startTLS(self.factory.tls_options)
+        self._stls_started = True
+        # RFC 2595 section 4: what the client sent before the handshake
+        # must not be acted upon, and a USER given in clear is forgotten.
+        self._pending.clear()
+        self._buffer = b""
+        self._user = None
+        return None
+
+    def do_USER(self, argument: bytes) -> bytes:
+        if not self._plaintext_allowed():
+            return err(PLAINTEXT_REFUSED)
+        if not is_valid_user_name(argument):
+            return err("[AUTH] Invalid user name.")
+        self._user = argument
+        return ok()
+
+    def do_PASS(self, argument: bytes) -> bytes | None:
+        if not self._plaintext_allowed():
+            return err(PLAINTEXT_REFUSED)
+        if self._user is None:
+            return err("No user name given.")
+        username, self._user = self._user, None
+        # RFC 1939: the password is the rest of the line, spaces included.
+        self._login(Credentials(username, argument))
+        return None
+
+    def do_APOP(self, argument: bytes) -> bytes:
+        return err("APOP is not available.")
+
+    def do_AUTH(self, argument: bytes) -> bytes | None:
+        if not argument:
+            # Some clients probe with a bare AUTH for the mechanism list.
+            return multiline(ok(), (m.decode() for m in MECHANISMS))
+        if not self._plaintext_allowed():
+            return err(PLAINTEXT_REFUSED)
+        mechanism, _, initial = argument.partition(b" ")
+        exchange_type = MECHANISMS.get(mechanism.upper())
+        if exchange_type is None:
+            return err("Unsupported authentication mechanism.")
+        self._sasl = exchange_type()
+        if initial:
+            self._continue_sasl(initial)
+            return None
+        return b"+ " + b64encode(self._sasl.first_challenge) + b"\r\n"
+
+    def _continue_sasl(self, line: bytes) -> None:
+        exchange, self._sasl = self._sasl, None
+        try:
+            answer = exchange.respond(decode_response(line))
+        except SASLError as e:
+            self._reply(err(str(e)))
+            return
+        if isinstance(answer, Credentials):
+            self._login(answer)
+        else:
+            self._sasl = exchange
+            self._reply(b"+ " + b64encode(answer) + b"\r\n")
+
+    def _login(self, credentials: Credentials) -> None:
+        self._wait()
+        if not is_valid_user_name(credentials.username):
+            self._login_refused(Failure(LoginFailed()), credentials.username)
+            return
+        d = self.factory.portal.login(
+            UsernamePassword(credentials.username, credentials.password), None, IAccount
+        )
+        d.addCallbacks(
+            self._logged_in, self._login_refused, errbackArgs=(credentials.username,)
+        )
+        d.addErrback(self._log_unexpected)
+
+    def _login_refused(self, failure: Failure, username: bytes) -> None:
+        if not failure.check(LoginFailed):  # UnauthorizedLogin is a LoginFailed
+            self._log.failure("POP3 login check failed", failure)
+            self._reply(err("[SYS/TEMP] Temporary authentication failure."))
+            self._resume()
+            return
+        self._auth_failures += 1
+        self._log.warn(
+            "POP3 authentication failed for {user!r} from {client} ({failures} failures)",
+            user=username.decode("utf-8", "replace"),
+            client=self._client(),
+            failures=self._auth_failures,
+        )
+        delay = self._config.limits.auth_failure_delay * self._auth_failures
+        if self._connected:
+            self._delayed_reply = self._clock.callLater(delay, self._answer_failed_login)
+
+    def _answer_failed_login(self) -> None:
+        self._delayed_reply = None
+        self._reply(err("[AUTH] Authentication failed."))
+        if self._auth_failures >= self._config.limits.max_auth_failures:
+            self._close()
+        else:
+            self._resume()
+
+    def _logged_in(self, result: tuple) -> None:
+        _, avatar, logout = result
+        if not self._connected:
+            logout()
+            return
+        address = avatar.address
+        reply = self._open_maildrop(address)
+        if self._maildrop is None:
+            logout()
+        else:
+            self._logout = logout
+        self._reply(reply)
+        self._resume()
+
+    def _open_maildrop(self, address: str) -> bytes:
+        """
+        Lock and list the account's mailbox, entering TRANSACTION; the reply
+        says how that went.
+        """
+        now = self._clock.seconds()
+        if self.factory.too_soon_to_log_in(address, now):
+            return err(
+                f"[LOGIN-DELAY] Minimum time between logins is "
+                f"{self._config.pop3.login_delay} seconds."
+            )
+        try:
+            mailbox = self.factory.mailbox_for(address)
+            if not mailbox.lock():
+                return err("[IN-USE] Mailbox is locked by another POP3 session.")
+        except OSError:
+            self._log.failure("Opening the mailbox of {user} failed", user=address)
+            return err("[SYS/TEMP] Mailbox is temporarily unavailable.")
+        except Exception:
+            self._log.failure("No mailbox for {user}", user=address)
+            return err("[SYS/PERM] Mailbox is unavailable.")
+        try:
+            messages = mailbox.messages()
+        except OSError:
+            mailbox.unlock()
+            self._log.failure("Listing the mailbox of {user} failed", user=address)
+            return err("[SYS/TEMP] Mailbox is temporarily unavailable.")
+        self.factory.record_login(address, now)
+        self._account = address
+        self._mailbox = mailbox
+        self._maildrop = Maildrop(messages)
+        self._state = _State.TRANSACTION
+        count, octets = self._maildrop.count_and_octets()
+        return ok(f"Logged in: {count} messages ({octets} octets).")
+
+    def _log_unexpected(self, failure: Failure) -> None:
+        self._log.failure("POP3 session error", failure)
+        self._close()
+
+    # TRANSACTION state.
+
+    def _lookup(self, argument: bytes) -> tuple[int, MessageInfo]:
+        assert self._maildrop is not None
+        return self._maildrop.lookup(argument.decode("ascii", "replace").strip())
+
+    def do_STAT(self, argument: bytes) -> bytes:
+        assert self._maildrop is not None
+        count, octets = self._maildrop.count_and_octets()
+        return ok(f"{count} {octets}")
+
+    def _listing(self, argument: bytes, show: Callable[[MessageInfo], str]) -> bytes:
+        """
+        LIST and UIDL: one message's line, or the whole scan listing.
+        """
+        assert self._maildrop is not None
+        if argument.strip():
+            try:
+                number, info = self._lookup(argument)
+            except NoSuchMessage as e:
+                return err(str(e))
+            return ok(f"{number} {show(info)}")
+        count, octets = self._maildrop.count_and_octets()
+        return multiline(
+            ok(f"{count} messages ({octets} octets)"),
+            (f"{number} {show(info)}" for number, info in self._maildrop.live()),
+        )
+
+    def do_LIST(self, argument: bytes) -> bytes:
+        return self._listing(argument, lambda info: str(info.size))
+
+    def do_UIDL(self, argument: bytes) -> bytes:
+        return self._listing(argument, lambda info: info.uid)
+
+    def do_DELE(self, argument: bytes) -> bytes:
+        assert self._maildrop is not None
+        try:
+            number, _ = self._lookup(argument)
+        except NoSuchMessage as e:
+            return err(str(e))
+        self._maildrop.mark_deleted(number)
+        return ok(f"Message {number} marked to be deleted.")
+
+    def do_RSET(self, argument: bytes) -> bytes:
+        assert self._maildrop is not None
+        self._maildrop.reset()
+        count, octets = self._maildrop.count_and_octets()
+        return ok(f"{count} messages ({octets} octets).")
+
+    def do_NOOP(self, argument: bytes) -> bytes:
+        return ok()
+
+    def do_RETR(self, argument: bytes) -> bytes | None:
+        try:
+            number, info = self._lookup(argument)
+        except NoSuchMessage as e:
+            return err(str(e))
+        prefix = ok(f"{info.size} octets")
+        return self._send(number, info, prefix, WireEncoder(), retrieve=True)
+
+    def do_TOP(self, argument: bytes) -> bytes | None:
+        arguments = argument.split()
+        if len(arguments) != 2:
+            return err("TOP needs a message number and a number of lines.")
+        try:
+            number, info = self._lookup(arguments[0])
+        except NoSuchMessage as e:
+            return err(str(e))
+        if not (arguments[1].isascii() and arguments[1].isdigit()):
+            return err("Invalid number of lines.")
+        encoder = WireEncoder(body_lines=int(arguments[1]))
+        return self._send(number, info, ok(), encoder, retrieve=False)
+
+    def _send(
+        self, number: int, info: MessageInfo, prefix: bytes, encoder: WireEncoder, retrieve: bool
+    ) -> bytes | None:
+        assert self._mailbox is not None
+        try:
+            source = self._mailbox.open(info)
+        except OSError:
+            self._log.failure("Opening message {uid} failed", uid=info.uid)
+            return err("[SYS/TEMP] The message cannot be read now.")
+        self._wait()
+        self._stop_idle_timer()
+        self._transfer = MessageTransfer(source, self.transport, prefix, encoder)
+        self._transfer.finished.addCallbacks(
+            self._sent, self._send_failed, callbackArgs=(number, info, retrieve)
+        )
+        self._transfer.finished.addErrback(self._log_unexpected)
+        self._transfer.start()
+        return None
+
+    def _sent(self, octets: int, number: int, info: MessageInfo, retrieve: bool) -> None:
+        self._transfer = None
+        if retrieve:
+            assert self._mailbox is not None and self._maildrop is not None
+            self._retrieved += 1
+            self._retrieved_octets += octets
+            try:
+                self._maildrop.update(number, self._mailbox.mark_seen(info))
+            except OSError:
+                self._log.failure("Marking message {uid} seen failed", uid=info.uid)
+        self._restart_idle_timer()
+        self._resume()
+
+    def _send_failed(self, failure: Failure) -> None:
+        self._transfer = None
+        if failure.check(TransferStopped):
+            return  # the client went away; connectionLost cleans up
+        self._log.failure("Reading a message failed; closing the session", failure)
+        self._close()
+
+
+class POP3Factory(ServerFactory):
+    """
+    Builds POP3 sessions that share the configuration, the portal, the
+    mailbox lookup and the record of recent logins (for LOGIN-DELAY).
+
+    @param mailbox_for: an account's canonical address to its C{Mailbox}.
+    @param tls_options: for C{STLS}; C{None} disables it.
+    @param implicit_tls: this listener wraps every connection in TLS (port
+        995), so there is no C{STLS} and plaintext logins are allowed.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        portal,
+        mailbox_for: Callable[[str], Mailbox],
+        tls_options,
+        reactor,
+        implicit_tls: bool = False,
+    ) -> None:
+        self.config = config
+        self.portal = portal
+        self.mailbox_for = mailbox_for
+        self.tls_options = tls_options
+        self.reactor = reactor
+        self.implicit_tls = implicit_tls
+        self._last_logins: dict[str, float] = {}
+
+    def buildProtocol(self, addr) -> POP3Server:
+        return POP3Server(self)
+
+    def too_soon_to_log_in(self, address: str, now: float) -> bool:
+        """
+        RFC 2449 LOGIN-DELAY: has this account logged in too recently?
+        """
+        last = self._last_logins.get(address)
+        delay = self.config.pop3.login_delay
+        return bool(delay) and last is not None and now - last < delay
+
+    def record_login(self, address: str, now: float) -> None:
+        if self.config.pop3.login_delay:
+            self._last_logins[address] = now

@@ -1,0 +1,20 @@
+"""
+The relay: the durable outbound queue, MX routing, the SMTP client, retries
+and delivery status notifications.
+
+Wiring (see L{mailserver.service})::
+
+    queue = QueueStore(config)                       # the intake's RelayQueue
+    intake = Intake(accounts=accounts, reactor=reactor, queue=queue)
+    runner = RelayRunner(config=config, queue=queue, intake=intake,
+                         reactor=reactor, accounts=accounts)
+    runner.setServiceParent(root)
+    runner.flush(domain)                             # ETRN
+
+The queue commands of the console script are in L{mailserver.relay.admin}.
+"""
+
+from mailserver.relay.queue import QueueError, QueueStore
+from mailserver.relay.runner import RelayRunner
+
+__all__ = ["QueueError", "QueueStore", "RelayRunner"]

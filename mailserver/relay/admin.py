@@ -1,0 +1,147 @@
+"""
+The C{mailserver queue} commands: list, show, flush, delete, bounce.
+
+Listing reads the queue folder.  Changes are requests: a file in
+C{<data_dir>/queue/requests/} that the running server applies on its next
+scan (every C{relay.scan_interval} seconds), so they never race an attempt
+in progress; a stopped server applies them when it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from mailserver.relay.queue import PENDING, QueueError, QueueStore
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _when(timestamp: float, now: float) -> str:
+    if timestamp <= now:
+        return "now"
+    return "in " + _age(timestamp - now)
+
+
+def _list(config, args: argparse.Namespace) -> str:
+    store = QueueStore(config)
+    now = time.time()
+    messages = store.all()
+    if not messages:
+        return "the queue is empty"
+    rows = [("ID", "AGE", "SENDER", "RECIPIENTS", "NEXT", "LAST ERROR")]
+    for m in messages:
+        pending = [r.address for r in m.recipients if r.state == PENDING]
+        rows.append((
+            m.id,
+            _age(now - m.arrival),
+            f"<{m.sender}>",
+            ",".join(pending) or "(reports owed)",
+            _when(m.next_attempt, now) if pending else "-",
+            m.last_error or "-",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5]
+             for row in rows]
+    lines.append(f"{len(messages)} message(s)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _show(config, args: argparse.Namespace) -> str:
+    store = QueueStore(config)
+    m = store.load(args.id)
+    now = time.time()
+    out = [
+        f"id: {m.id}",
+        f"sender: <{m.sender}>",
+        f"arrival: {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(m.arrival))}"
+        f" ({_age(now - m.arrival)} ago)",
+        f"size: {m.size}",
+        f"attempts: {m.attempts}",
+        f"next attempt: {_when(m.next_attempt, now) if m.pending() else '-'}",
+        f"last error: {m.last_error or '-'}",
+        f"dsn: ret={m.ret or '-'} envid={m.envid or '-'}",
+        "recipients:",
+    ]
+    for r in m.recipients:
+        detail = f" {r.status} {r.diagnostic}".rstrip() if r.status else ""
+        notify = ",".join(r.notify) or "-"
+        out.append(f"  <{r.address}> {r.state} notify={notify}{detail}"
+                   + (f" via {r.remote_mta}" if r.remote_mta else ""))
+    try:
+        with store.open_body(m) as body:
+            headers = []
+            for line in body:
+                if line.strip() == b"":
+                    break
+                headers.append(line.decode("utf-8", "replace").rstrip("\n"))
+        out.append("headers:")
+        out.extend("  " + h for h in headers)
+    except OSError as e:
+        out.append(f"message file missing: {e.strerror}")
+    return "\n".join(out)
+
+
+def _request(config, verb: str, target: str) -> str:
+    store = QueueStore(config)
+    store.request(verb, target)
+    running = (config.data_path / "mailserver.pid").exists()
+    when = (f"the running server applies it within {config.relay.scan_interval:g}s" if running
+            else "it is applied when the server starts")
+    return f"{verb} of {target} requested; {when}"
+
+
+def _flush(config, args: argparse.Namespace) -> str:
+    if args.id and args.domain:
+        raise QueueError("give a queue id or --domain, not both")
+    if args.id:
+        QueueStore(config).load(args.id)
+        return _request(config, "flush", args.id)
+    if args.domain:
+        domain = args.domain.lower().rstrip(".")
+        if not domain or "/" in domain or "@" in domain:
+            raise QueueError(f"{args.domain!r} is not a domain")
+        return _request(config, "flush", f"domain:{domain}")
+    return _request(config, "flush", "*")
+
+
+def _delete(config, args: argparse.Namespace) -> str:
+    QueueStore(config).load(args.id)
+    return _request(config, "delete", args.id)
+
+
+def _bounce(config, args: argparse.Namespace) -> str:
+    QueueStore(config).load(args.id)
+    return _request(config, "bounce", args.id)
+
+
+def add_queue_commands(subparsers) -> None:
+    """
+    Register C{queue list|show|flush|delete|bounce} on the console script's
+    sub-command parsers; each sets C{handler(config, args) -> str}.
+    """
+    queue = subparsers.add_parser("queue", help="inspect and manage the outbound queue")
+    actions = queue.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="list queued messages").set_defaults(handler=_list)
+    show = actions.add_parser("show", help="show one queued message")
+    show.add_argument("id")
+    show.set_defaults(handler=_show)
+    flush = actions.add_parser("flush", help="retry now (all, one message, or one domain)")
+    flush.add_argument("id", nargs="?")
+    flush.add_argument("--domain", help="only messages with recipients in this domain")
+    flush.set_defaults(handler=_flush)
+    delete = actions.add_parser("delete", help="remove a message without notice")
+    delete.add_argument("id")
+    delete.set_defaults(handler=_delete)
+    bounce = actions.add_parser("bounce", help="fail a message and notify its sender")
+    bounce.add_argument("id")
+    bounce.set_defaults(handler=_bounce)

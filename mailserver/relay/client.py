@@ -1,0 +1,562 @@
+"""
+The ESMTP client side: one connection, one transaction, per-recipient replies.
+
+Written here rather than taken from C{twisted.mail.smtp}, whose sender
+dot-stuffs each 16 KiB chunk on its own (a C{"."} line split across chunks
+ends the message early, which is how SMTP smuggling works).  L{DotStuffer}
+carries the line-start state across chunks.
+
+The conversation (RFC 5321, 3207, 2920, 1870, 6152, 3461, 4954)::
+
+    greeting -> EHLO (HELO when refused) -> [STARTTLS -> EHLO] -> [AUTH]
+    -> MAIL -> RCPT... -> DATA -> body -> "." -> QUIT
+
+MAIL, every RCPT and DATA go in one write when the server offers PIPELINING.
+Every wait has the RFC 5321 4.5.3.2 timeout given in L{Timeouts}.
+
+The result is a L{TransactionResult}: one L{Reply} per recipient, real or
+made up here (a 4xx for a connection that broke or timed out), so the layer
+above never has to tell exceptions from replies.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from twisted.internet import defer, endpoints, error
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender, LineReceiver
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    One SMTP reply.  C{synthetic} marks replies this client made up for a
+    failure that had no reply (refused connection, timeout, lost line).
+    """
+
+    code: int
+    lines: tuple[str, ...] = ("",)
+    synthetic: bool = False
+
+    @property
+    def text(self) -> str:
+        return " ".join(line for line in self.lines)
+
+    @property
+    def status(self) -> str:
+        """
+        The RFC 3463 enhanced status: given by the server, or derived from
+        the reply code.
+        """
+        match = _ENHANCED.match(self.lines[0] if self.lines else "")
+        if match and match.group(1) == str(self.code)[0]:
+            return ".".join(match.groups())
+        return f"{str(self.code)[0]}.0.0"
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def diagnostic(self) -> str:
+        return f"smtp; {self.code} {self.text}".strip()
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+def temporary(text: str, status: str = "4.4.1") -> Reply:
+    return Reply(451, (f"{status} {text}",), synthetic=True)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """
+    Seconds to wait, RFC 5321 4.5.3.2: greeting and commands 5 minutes, DATA
+    2, each data block 3, the reply to the final dot 10.
+    """
+
+    connect: float = 60.0
+    command: float = 300.0
+    data_start: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+
+    @classmethod
+    def from_config(cls, relay) -> Timeouts:
+        return cls(
+            connect=relay.connect_timeout,
+            command=relay.command_timeout,
+            data_start=min(120.0, relay.command_timeout),
+            data_block=min(180.0, relay.command_timeout),
+            data_end=relay.data_timeout,
+        )
+
+
+@dataclass(frozen=True)
+class OutboundRecipient:
+    address: str
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """
+    What to send in one SMTP transaction.
+
+    @ivar open_body: returns the message, LF line endings, positioned at its
+        first header; the client closes it.
+    @ivar tls: C{"opportunistic"}, C{"required"}, C{"none"} or
+        C{"implicit"} (the connection is TLS already).
+    """
+
+    sender: str
+    recipients: tuple[OutboundRecipient, ...]
+    open_body: Callable[[], BinaryIO]
+    size: int = 0
+    body: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    helo: str = "localhost"
+    tls: str = "opportunistic"
+    tls_options: object = None
+    username: str = ""
+    password: str = ""
+
+
+@dataclass
+class TransactionResult:
+    """
+    @ivar replies: per recipient address, the reply that decides its fate.
+    @ivar reached: whether this host answered about the recipients (else
+        the next MX host should be tried).
+    @ivar dsn: whether the server offered DSN, so it took over NOTIFY.
+    """
+
+    replies: dict[str, Reply] = field(default_factory=dict)
+    reached: bool = False
+    dsn: bool = False
+    host: str = ""
+
+
+class DotStuffer:
+    """
+    LF-ended stored text to CRLF wire form with RFC 5321 4.5.2 transparency.
+    The line-start state survives between chunks, so a C{"."} line split at
+    any chunk boundary is stuffed all the same.
+    """
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        if self.at_line_start and chunk[:1] == b".":
+            chunk = b"." + chunk
+        chunk = chunk.replace(b"\n.", b"\n..")
+        self.at_line_start = chunk.endswith(b"\n")
+        return chunk.replace(b"\n", b"\r\n")
+
+    def end(self) -> bytes:
+        """
+        The terminating C{CRLF.CRLF} (with a line end first if the text did
+        not end with one).
+        """
+        return b".\r\n" if self.at_line_start else b"\r\n.\r\n"
+
+
+class _BodySender(FileSender):
+    CHUNK_SIZE = 2**16
+
+
+class ESMTPClient(LineReceiver):
+    """
+    One client connection.  C{result} fires with a L{TransactionResult} when
+    the transaction is decided (never errbacks).
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 16384
+    log = Logger()
+    chunk_size = 2**16
+
+    def __init__(self, transaction: Transaction, clock, timeouts: Timeouts, host: str = "") -> None:
+        self.transaction = transaction
+        self.clock = clock
+        self.timeouts = timeouts
+        self.result: defer.Deferred = defer.Deferred()
+        self._outcome = TransactionResult(host=host)
+        self._handlers: deque = deque()
+        self._lines: list[str] = []
+        self._timer = None
+        self._extensions: dict[str, str] = {}
+        self._tls_started = transaction.tls == "implicit"
+        self._mail_reply: Reply | None = None
+        self._accepted: list[str] = []
+        self._sequential: deque = deque()
+        self._decided = False
+        self._sender: _BodySender | None = None
+
+    # Plumbing.
+
+    def connectionMade(self) -> None:
+        self._expect(self._greeting, self.timeouts.command)
+
+    def _expect(self, handler, timeout: float) -> None:
+        self._handlers.append((handler, timeout))
+        if len(self._handlers) == 1:
+            self._arm(timeout)
+
+    def _arm(self, timeout: float) -> None:
+        self._disarm()
+        self._timer = self.clock.callLater(timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _send(self, line: str, handler, timeout: float | None = None) -> None:
+        self.sendLine(line.encode("utf-8"))
+        self._expect(handler, self.timeouts.command if timeout is None else timeout)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if len(text) < 3 or not text[:3].isdigit() or text[3:4] not in ("", " ", "-"):
+            self._fail(temporary(f"bad reply from server: {text[:80]!r}", "4.5.0"))
+            return
+        self._lines.append(text[4:])
+        if text[3:4] == "-":
+            return
+        reply = Reply(int(text[:3]), tuple(self._lines))
+        self._lines = []
+        if not self._handlers:
+            return  # an unsolicited reply, e.g. after QUIT
+        handler, _ = self._handlers.popleft()
+        self._disarm()
+        if self._handlers:
+            self._arm(self._handlers[0][1])
+        handler(reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail(temporary("reply line too long", "4.5.0"))
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail(temporary("timed out waiting for the server", "4.4.2"))
+
+    def connectionLost(self, reason) -> None:
+        self._disarm()
+        self._fail(temporary(f"connection lost: {reason.getErrorMessage()}", "4.4.2"), close=False)
+
+    def _fail(self, reply: Reply, close: bool = True) -> None:
+        """
+        Give every recipient without a final reply C{reply} and stop.
+        """
+        if not self._decided:
+            for recipient in self.transaction.recipients:
+                current = self._outcome.replies.get(recipient.address)
+                if current is None or current.positive:
+                    self._outcome.replies[recipient.address] = reply
+            self._decide()
+        if close and self.transport is not None:
+            self._handlers.clear()
+            self.transport.abortConnection()
+
+    def _decide(self) -> None:
+        if self._decided:
+            return
+        self._decided = True
+        self.result.callback(self._outcome)
+
+    def _quit(self) -> None:
+        self._handlers.clear()
+        self._send("QUIT", lambda reply: self.transport.loseConnection())
+
+    # The conversation.
+
+    def _greeting(self, reply: Reply) -> None:
+        if reply.code != 220:
+            self._fail(reply, close=False)
+            self._quit()
+            return
+        self._ehlo()
+
+    def _ehlo(self) -> None:
+        self._send(f"EHLO {self.transaction.helo}", self._ehlo_reply)
+
+    def _ehlo_reply(self, reply: Reply) -> None:
+        if reply.code == 250:
+            self._extensions = {}
+            for line in reply.lines[1:]:
+                keyword, _, params = line.partition(" ")
+                self._extensions[keyword.upper()] = params
+            self._after_hello()
+        elif reply.permanent and not self._tls_started:
+            self._send(f"HELO {self.transaction.helo}", self._helo_reply)
+        else:
+            self._fail(reply, close=False)
+            self._quit()
+
+    def _helo_reply(self, reply: Reply) -> None:
+        if reply.code != 250:
+            self._fail(reply, close=False)
+            self._quit()
+            return
+        self._extensions = {}
+        self._after_hello()
+
+    def _after_hello(self) -> None:
+        tls = self.transaction.tls
+        if not self._tls_started and tls in ("opportunistic", "required"):
+            if "STARTTLS" in self._extensions:
+                self._send("STARTTLS", self._starttls_reply)
+                return
+            if tls == "required":
+                self._fail(temporary("the server does not offer STARTTLS, which is required",
+                                     "4.7.0"), close=False)
+                self._quit()
+                return
+        if self.transaction.username:
+            self._auth()
+            return
+        self._mail()
+
+    def _starttls_reply(self, reply: Reply) -> None:
+        if reply.code != 220:
+            if self.transaction.tls == "required":
+                self._fail(reply if not reply.positive else temporary("STARTTLS refused", "4.7.0"),
+                           close=False)
+                self._quit()
+                return
+            self._tls_started = True  # do not ask again; go on in plaintext
+            self._mail_or_auth()
+            return
+        options = self.transaction.tls_options
+        if options is None:
+            from twisted.internet.ssl import CertificateOptions
+
+            options = CertificateOptions()
+        self.transport.startTLS(options)
+        self._tls_started = True
+        self._ehlo()
+
+    def _mail_or_auth(self) -> None:
+        if self.transaction.username:
+            self._auth()
+        else:
+            self._mail()
+
+    def _auth(self) -> None:
+        mechanisms = self._extensions.get("AUTH", "").upper().split()
+        if "PLAIN" not in mechanisms:
+            self._fail(temporary("the server does not offer AUTH PLAIN", "4.7.0"), close=False)
+            self._quit()
+            return
+        token = base64.b64encode(
+            b"\0" + self.transaction.username.encode() + b"\0" + self.transaction.password.encode()
+        ).decode("ascii")
+        self._send(f"AUTH PLAIN {token}", self._auth_reply)
+
+    def _auth_reply(self, reply: Reply) -> None:
+        if reply.code != 235:
+            # Our credentials are wrong: not the recipients' fault, so retry.
+            self._fail(Reply(451, (f"4.7.0 authentication failed: {reply}",)), close=False)
+            self._quit()
+            return
+        self._mail()
+
+    def _mail(self) -> None:
+        t = self.transaction
+        if t.smtputf8 and "SMTPUTF8" not in self._extensions:
+            self._outcome.reached = True
+            self._fail(Reply(553, ("5.6.7 the server does not support SMTPUTF8",), synthetic=True),
+                       close=False)
+            self._quit()
+            return
+        limit = self._extensions.get("SIZE", "")
+        if limit.isdigit() and int(limit) and t.size > int(limit):
+            self._outcome.reached = True
+            self._fail(Reply(552, (f"5.3.4 message too big for the server (limit {limit})",),
+                             synthetic=True), close=False)
+            self._quit()
+            return
+        params = []
+        if "SIZE" in self._extensions:
+            params.append(f"SIZE={t.size}")
+        if t.body.upper() == "8BITMIME" and "8BITMIME" in self._extensions:
+            params.append("BODY=8BITMIME")
+        if t.smtputf8:
+            params.append("SMTPUTF8")
+        dsn = "DSN" in self._extensions
+        self._outcome.dsn = dsn
+        if dsn and t.ret:
+            params.append(f"RET={t.ret}")
+        if dsn and t.envid:
+            params.append(f"ENVID={t.envid}")
+        commands = [(" ".join([f"MAIL FROM:<{t.sender}>", *params]), self._mail_reply_received,
+                     None)]
+        for recipient in t.recipients:
+            rparams = []
+            if dsn and recipient.notify:
+                rparams.append("NOTIFY=" + ",".join(recipient.notify))
+            if dsn and recipient.orcpt:
+                rparams.append(f"ORCPT={recipient.orcpt}")
+            commands.append((" ".join([f"RCPT TO:<{recipient.address}>", *rparams]),
+                             self._rcpt_reply(recipient.address), None))
+        commands.append(("DATA", self._data_reply, self.timeouts.data_start))
+        if "PIPELINING" in self._extensions:
+            self.transport.write(b"".join(c[0].encode("utf-8") + b"\r\n" for c in commands))
+            for _, handler, timeout in commands:
+                self._expect(handler, self.timeouts.command if timeout is None else timeout)
+        else:
+            self._sequential = deque(commands)
+            self._next_command()
+
+    def _next_command(self) -> None:
+        line, handler, timeout = self._sequential.popleft()
+        self._send(line, handler, timeout)
+
+    def _mail_reply_received(self, reply: Reply) -> None:
+        self._outcome.reached = True
+        if reply.code != 250:
+            self._mail_reply = reply
+            for recipient in self.transaction.recipients:
+                self._outcome.replies[recipient.address] = reply
+            if self._sequential:
+                self._sequential.clear()
+                self._decide()
+                self._quit()
+            return
+        if self._sequential:
+            self._next_command()
+
+    def _rcpt_reply(self, address: str):
+        def received(reply: Reply) -> None:
+            if self._mail_reply is None:
+                self._outcome.replies[address] = reply
+                if reply.code in (250, 251):
+                    self._accepted.append(address)
+            if self._sequential:
+                if not self._accepted and len(self._sequential) == 1:
+                    self._sequential.clear()  # nobody to send DATA for
+                    self._decide()
+                    self._quit()
+                else:
+                    self._next_command()
+
+        return received
+
+    def _data_reply(self, reply: Reply) -> None:
+        if reply.code != 354:
+            if self._mail_reply is None:
+                for address in self._accepted:
+                    self._outcome.replies[address] = reply
+            self._decide()
+            self._quit()
+            return
+        if self._mail_reply is not None or not self._accepted:
+            # RFC 2920 3.1: DATA was accepted although nobody was; send an
+            # empty message and forget its reply.
+            self.transport.write(b".\r\n")
+            self._expect(lambda reply: None, self.timeouts.data_end)
+            self._decide()
+            self._quit()
+            return
+        stuffer = DotStuffer()
+        body = self.transaction.open_body()
+
+        def transform(chunk: bytes) -> bytes:
+            self._arm(self.timeouts.data_block)
+            return stuffer.feed(chunk)
+
+        self._arm(self.timeouts.data_block)
+        sender = self._sender = _BodySender()
+        sender.CHUNK_SIZE = self.chunk_size
+        d = sender.beginFileTransfer(body, self.transport, transform)
+
+        def sent(_):
+            body.close()
+            self._sender = None
+            self.transport.write(stuffer.end())
+            self._expect(self._end_reply, self.timeouts.data_end)
+
+        def not_sent(failure):
+            body.close()
+            self._sender = None
+
+        d.addCallbacks(sent, not_sent)
+
+    def _end_reply(self, reply: Reply) -> None:
+        for address in self._accepted:
+            self._outcome.replies[address] = reply
+        self._decide()
+        self._quit()
+
+
+class _OneShotFactory(Factory):
+    def __init__(self, protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
+
+
+def _endpoint(reactor, host: str, port: int, timeout: float):
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if version == 6:
+        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
+def deliver(reactor, host: str, port: int, transaction: Transaction, timeouts: Timeouts,
+            name: str = "", implicit_tls_options=None) -> defer.Deferred:
+    """
+    Connect to C{host} (an IP address or a name) and run C{transaction}.
+
+    @param name: the host's DNS name, for reports (C{Remote-MTA}).
+    @param implicit_tls_options: TLS client options when the connection is
+        TLS from the start (C{transaction.tls == "implicit"}).
+    @return: a Deferred that fires with a L{TransactionResult}, never fails.
+    """
+    protocol = ESMTPClient(transaction, reactor, timeouts, host=name or host)
+    endpoint = _endpoint(reactor, host, port, timeouts.connect)
+    if transaction.tls == "implicit":
+        if implicit_tls_options is None:
+            from twisted.internet.ssl import CertificateOptions
+
+            implicit_tls_options = CertificateOptions()
+        endpoint = endpoints.wrapClientTLS(implicit_tls_options, endpoint)
+    connecting = endpoints.connectProtocol(endpoint, protocol)
+
+    def refused(failure):
+        if failure.check(error.ConnectingCancelledError, defer.CancelledError):
+            text = "connection timed out"
+        else:
+            text = failure.getErrorMessage()
+        reply = temporary(f"cannot connect to {name or host}:{port}: {text}", "4.4.1")
+        return TransactionResult(
+            replies={r.address: reply for r in transaction.recipients}, host=name or host
+        )
+
+    connecting.addCallbacks(lambda _: protocol.result, refused)
+    return connecting

@@ -1,0 +1,182 @@
+"""
+Delivery of one message to the recipients of one destination, as a stack of
+same-interface couriers (STYLE.md habit 2)::
+
+    LoggingCourier -> RouteCourier (MX, smarthost or transport) -> client.deliver
+
+A courier's C{deliver(message, recipients)} returns a Deferred firing with
+C{{address: Outcome}} for every recipient given: it never fails, a failure is
+an outcome with a 4xx or 5xx reply.  The runner decides what the outcomes
+mean for the queue (retry, bounce, done).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from mailserver.relay import client as smtp_client
+from mailserver.relay._settings import parse_host_port, parse_transports
+from mailserver.relay.client import OutboundRecipient, Reply, Timeouts, Transaction
+from mailserver.relay.mx import Hop, MXRouter, RoutingError
+from mailserver.relay.queue import QueuedMessage, QueueStore, RecipientState
+
+
+class ICourier(Interface):
+    def deliver(message: QueuedMessage, recipients: tuple[RecipientState, ...]) -> object:
+        """
+        Try once to deliver C{message} to C{recipients}, which all share one
+        destination (L{destination_of}).
+
+        @return: a Deferred firing with C{dict[str, Outcome]}, one per
+            recipient address; never fails.
+        """
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """
+    @ivar reply: the reply that decides the recipient's fate.
+    @ivar remote_mta: the host that gave it (empty if none did).
+    @ivar dsn: the host took over the DSN request (it offered DSN).
+    """
+
+    reply: Reply
+    remote_mta: str = ""
+    dsn: bool = False
+
+
+def destination_of(relay, address: str) -> str:
+    """
+    The key that groups recipients into one transaction and one
+    concurrency limit: the smarthost, or the recipient's domain.
+    """
+    if relay.smarthost:
+        return "smarthost:" + relay.smarthost
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+@implementer(ICourier)
+class RouteCourier:
+    """
+    Finds the hosts for the destination and tries them in order until one
+    answers about the recipients.
+
+    @param send: C{client.deliver}'s signature; replaced in tests.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        reactor,
+        relay,
+        hostname: str,
+        store: QueueStore,
+        router: MXRouter,
+        send: Callable[..., defer.Deferred] = smtp_client.deliver,
+        tls_options=None,
+    ) -> None:
+        self._reactor = reactor
+        self._relay = relay
+        self._hostname = hostname
+        self._store = store
+        self._router = router
+        self._send = send
+        self._tls_options = tls_options
+        self._timeouts = Timeouts.from_config(relay)
+        self._transports = parse_transports(relay.transports, relay.port)
+
+    def deliver(self, message, recipients):
+        return defer.Deferred.fromCoroutine(self._deliver(message, recipients))
+
+    def _transaction(self, message: QueuedMessage, recipients, tls: str, auth: bool) -> Transaction:
+        relay = self._relay
+        return Transaction(
+            sender=message.sender,
+            recipients=tuple(
+                OutboundRecipient(r.address, r.notify, r.orcpt) for r in recipients
+            ),
+            open_body=lambda: self._store.open_body(message),
+            size=message.size,
+            body=message.body,
+            smtputf8=message.smtputf8,
+            ret=message.ret,
+            envid=message.envid,
+            helo=self._hostname,
+            tls=tls,
+            tls_options=self._tls_options,
+            username=relay.smarthost_username if auth else "",
+            password=relay.smarthost_password if auth else "",
+        )
+
+    async def _hops(self, domain: str) -> tuple[list[Hop], str, bool]:
+        relay = self._relay
+        if relay.smarthost:
+            host, port = parse_host_port(relay.smarthost, 587)
+            tls = "implicit" if relay.smarthost_tls == "implicit" else "required"
+            return [Hop(host, (host,), port)], tls, True
+        if domain in self._transports:
+            host, port = self._transports[domain]
+            return [Hop(host, (host,), port)], relay.tls, False
+        return await self._router.route(domain), relay.tls, False
+
+    async def _deliver(self, message, recipients) -> dict[str, Outcome]:
+        domain = recipients[0].domain
+        try:
+            hops, tls, auth = await self._hops(domain)
+        except RoutingError as e:
+            return {r.address: Outcome(e.reply) for r in recipients}
+        transaction = self._transaction(message, recipients, tls, auth)
+        result = None
+        for hop in hops:
+            for address in hop.addresses:
+                result = await self._send(
+                    self._reactor, address, hop.port, transaction, self._timeouts, name=hop.name
+                )
+                if result.reached:
+                    return {
+                        r.address: Outcome(result.replies[r.address], hop.name, result.dsn)
+                        for r in recipients
+                    }
+                self.log.info(
+                    "relay: {id}: {host} [{address}]:{port} did not take the message: {why}",
+                    id=message.id, host=hop.name, address=address, port=hop.port,
+                    why=str(next(iter(result.replies.values()))),
+                )
+        return {
+            r.address: Outcome(result.replies[r.address], result.host if result else "")
+            for r in recipients
+        }
+
+
+@implementer(ICourier)
+class LoggingCourier:
+    """
+    Logs each recipient's outcome.
+    """
+
+    log = Logger()
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def deliver(self, message, recipients):
+        def logged(outcomes):
+            for address, outcome in outcomes.items():
+                self.log.info(
+                    "relay: {id}: <{sender}> -> <{address}> via {mta}: {reply}",
+                    id=message.id,
+                    sender=message.sender,
+                    address=address,
+                    mta=outcome.remote_mta or "-",
+                    reply=str(outcome.reply),
+                )
+            return outcomes
+
+        return self._inner.deliver(message, recipients).addCallback(logged)

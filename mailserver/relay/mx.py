@@ -1,0 +1,207 @@
+"""
+Where mail for a domain goes: MX lookup with C{twisted.names}.
+
+RFC 5321 5.1: MX records in preference order (equal preferences shuffled);
+no MX record means the domain's own A/AAAA addresses (the implicit MX); a
+domain that does not exist fails for good.  RFC 7505: a single MX of C{"."}
+(null MX) says the domain takes no mail, which fails for good at once.  A
+lookup that times out or gets SERVFAIL is a temporary failure, retried later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.names import dns
+from twisted.names import error as dns_error
+
+from mailserver.relay.client import Reply
+
+_MAX_CNAME = 8
+
+
+@dataclass(frozen=True)
+class Hop:
+    """
+    One host to try: its DNS name, its addresses (IPv4 first), its port.
+    """
+
+    name: str
+    addresses: tuple[str, ...]
+    port: int = 25
+
+
+class RoutingError(Exception):
+    """
+    The domain cannot be routed; C{reply} says why and whether for good.
+    """
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _describe(e: BaseException) -> str:
+    """
+    An exception in one line; twisted.names puts bytes in its arguments.
+    """
+    args = [a.decode("ascii", "replace") if isinstance(a, bytes) else repr(a) for a in e.args
+            if not hasattr(a, "answers")]
+    return " ".join([type(e).__name__, *args])
+
+
+def _temporary(text: str) -> RoutingError:
+    return RoutingError(Reply(451, (f"4.4.3 {text}",), synthetic=True))
+
+
+def _permanent(code: int, status: str, text: str) -> RoutingError:
+    return RoutingError(Reply(code, (f"{status} {text}",), synthetic=True))
+
+
+def make_resolver(spec: str, reactor):
+    """
+    A C{twisted.names} resolver: C{""} for the system's (from
+    C{/etc/resolv.conf}), else C{"host:port"} of one DNS server.
+    """
+    from twisted.names import client
+
+    from mailserver.relay._settings import parse_host_port
+
+    if not spec:
+        return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    return client.Resolver(servers=[parse_host_port(spec, 53)], reactor=reactor)
+
+
+def _literal(domain: str) -> str | None:
+    if domain.startswith("[") and domain.endswith("]"):
+        inner = domain[1:-1]
+        if inner.lower().startswith("ipv6:"):
+            inner = inner[5:]
+        try:
+            return str(ipaddress.ip_address(inner))
+        except ValueError:
+            return None
+    return None
+
+
+class MXRouter:
+    """
+    Turns a domain into the ordered list of L{Hop}s to try.
+
+    @param resolver: an C{IResolver} (C{twisted.names.client.Resolver}).
+    @param rng: shuffles equal preferences; pass a seeded one in tests.
+    """
+
+    def __init__(self, resolver, port: int = 25, rng: random.Random | None = None) -> None:
+        self._resolver = resolver
+        self._port = port
+        self._rng = rng or random.Random()
+
+    def route(self, domain: str) -> defer.Deferred:
+        """
+        @return: a Deferred firing with a non-empty list of L{Hop}s, or
+            failing with L{RoutingError}.
+        """
+        return defer.Deferred.fromCoroutine(self._route(domain.lower().rstrip(".")))
+
+    async def _route(self, domain: str) -> list[Hop]:
+        literal = _literal(domain)
+        if literal is not None:
+            return [Hop(literal, (literal,), self._port)]
+        records = await self._mx_records(domain)
+        if records is None:
+            # RFC 5321 5.1: no MX, the domain itself is the implicit MX.
+            addresses, problem = await self._addresses(domain)
+            if not addresses:
+                if problem:
+                    raise _temporary(f"cannot find an address for {domain}: {problem}")
+                raise _permanent(550, "5.1.2", f"{domain} has no mail server (no MX, A or AAAA)")
+            return [Hop(domain, addresses, self._port)]
+        if any(name in ("", ".") for _, name in records):
+            raise _permanent(556, "5.1.10", f"{domain} accepts no mail (null MX, RFC 7505)")
+        by_preference: dict[int, list[str]] = {}
+        for preference, name in records:
+            if name not in by_preference.setdefault(preference, []):
+                by_preference[preference].append(name)
+        ordered = []
+        for preference in sorted(by_preference):
+            names = by_preference[preference]
+            self._rng.shuffle(names)
+            ordered.extend(names)
+        lookups = [self._addresses(name) for name in ordered]
+        hops, problems = [], []
+        for name, lookup in zip(ordered, lookups):
+            addresses, problem = await lookup
+            if addresses:
+                hops.append(Hop(name, addresses, self._port))
+            elif problem:
+                problems.append(f"{name}: {problem}")
+        if not hops:
+            detail = "; ".join(problems) or "no MX host has an address"
+            raise _temporary(f"cannot find an address for the MX hosts of {domain}: {detail}")
+        return hops
+
+    async def _mx_records(self, domain: str) -> list[tuple[int, str]] | None:
+        """
+        The MX records of C{domain} (following CNAMEs), or None when it has
+        none.
+        """
+        name = domain
+        for _ in range(_MAX_CNAME):
+            try:
+                answers, _, _ = await self._resolver.lookupMailExchange(name)
+            except dns_error.DNSNameError:
+                raise _permanent(550, "5.1.2", f"domain {domain} does not exist") from None
+            except Exception as e:  # timeouts, SERVFAIL, refused: try later
+                raise _temporary(f"MX lookup for {domain} failed: {_describe(e)}") from None
+            mx = [
+                (a.payload.preference, str(a.payload.name).lower().rstrip("."))
+                for a in answers
+                if a.type == dns.MX
+            ]
+            if mx:
+                return mx
+            cnames = {str(a.name).lower().rstrip("."): str(a.payload.name).lower().rstrip(".")
+                      for a in answers if a.type == dns.CNAME}
+            if name not in cnames:
+                return None
+            # Follow the chain as far as the answer goes, then ask again.
+            seen = {name}
+            while name in cnames and cnames[name] not in seen:
+                name = cnames[name]
+                seen.add(name)
+        raise _temporary(f"CNAME chain too long for {domain}")
+
+    async def _addresses(self, name: str) -> tuple[tuple[str, ...], str]:
+        """
+        C{(addresses, problem)}: IPv4 then IPv6 addresses of C{name}, and a
+        description of a temporary lookup failure (empty when the name
+        simply has none).
+        """
+        literal = _literal(f"[{name}]")
+        if literal is not None:
+            return (literal,), ""
+        found: list[str] = []
+        problems = []
+        for method, rtype in ((self._resolver.lookupAddress, dns.A),
+                              (self._resolver.lookupIPV6Address, dns.AAAA)):
+            try:
+                answers, _, _ = await method(name)
+            except dns_error.DNSNameError:
+                continue
+            except Exception as e:
+                problems.append(_describe(e))
+                continue
+            for answer in answers:
+                if answer.type == rtype:
+                    if rtype == dns.A:
+                        address = answer.payload.dottedQuad()
+                    else:
+                        address = socket.inet_ntop(socket.AF_INET6, answer.payload.address)
+                    if address not in found:
+                        found.append(address)
+        return tuple(found), "; ".join(problems) if not found else ""

@@ -1,0 +1,454 @@
+"""
+The relay runner: the service that works the queue.
+
+It keeps (L{QueueStore}), decides (L{schedule}) and delivers (an
+L{ICourier}) through three separate pieces:
+
+  - at start, every queued message is scheduled again (a restart or a
+    C{kill -9} loses nothing that got its 250);
+  - each message gets one timer (C{reactor.callLater}) for its next attempt;
+  - an attempt groups the pending recipients by destination and sends each
+    group in one transaction, within the connection limits (in total and
+    per destination);
+  - 2xx: done; 5xx: failed at once; 4xx or no answer: retried on the back-off
+    schedule until C{max_age}, then failed; failures are reported to the
+    sender in one RFC 3464 report per attempt, injected through the intake;
+  - every C{scan_interval} the queue folder is re-read for messages it does
+    not know and for requests from C{mailserver queue} (flush, delete,
+    bounce).
+
+Delivery is at-least-once.  A message can go out twice when the server stops
+(or dies) after a remote server accepted it and before its new state is on
+disk, or when the remote server's reply to the final dot is lost; a report
+can be sent twice when the server dies between injecting it and recording
+that it was sent.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import replace
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mailserver.envelope import Envelope, Recipient
+from mailserver.relay import dsn as dsn_module
+from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
+from mailserver.relay.mx import MXRouter, make_resolver
+from mailserver.relay.queue import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    RELAYED,
+    QueuedMessage,
+    QueueError,
+    QueueStore,
+)
+from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter
+
+
+class _Slots:
+    """
+    Connection limits: at most C{total} at once, and C{per_key} per
+    destination.  L{acquire} fires when a slot is free.
+    """
+
+    def __init__(self, total: int, per_key: int) -> None:
+        self.total = total
+        self.per_key = per_key
+        self.used = 0
+        self.by_key: Counter = Counter()
+        self._waiting: deque = deque()
+
+    def _free(self, key: str) -> bool:
+        return self.used < self.total and self.by_key[key] < self.per_key
+
+    def acquire(self, key: str) -> defer.Deferred:
+        if self._free(key) and all(k != key for k, _ in self._waiting):
+            self._take(key)
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append((key, d))
+        return d
+
+    def _take(self, key: str) -> None:
+        self.used += 1
+        self.by_key[key] += 1
+
+    def release(self, key: str) -> None:
+        self.used -= 1
+        self.by_key[key] -= 1
+        for entry in list(self._waiting):
+            waiting_key, d = entry
+            if self._free(waiting_key):
+                self._waiting.remove(entry)
+                self._take(waiting_key)
+                d.callback(None)
+
+
+class RelayRunner(Service):
+    """
+    @param courier: an L{ICourier}; default: MX routing and the SMTP client.
+    @param accounts: resolves local senders' addresses to their accounts
+        for reports (without it, the sender address is used as is).
+    @param jitter: spreads retry delays (L{schedule.Jitter}).
+    @param io: runs a blocking call and returns a Deferred of its result;
+        default: the reactor's thread pool.
+    """
+
+    log = Logger()
+    name = "relay"
+
+    def __init__(
+        self,
+        *,
+        config,
+        queue: QueueStore,
+        intake,
+        reactor,
+        courier=None,
+        accounts=None,
+        jitter=None,
+        io=None,
+    ) -> None:
+        self._config = config
+        self._relay = config.relay
+        self._queue = queue
+        self._intake = intake
+        self._reactor = reactor
+        self._courier = courier
+        self._accounts = accounts
+        self._jitter = jitter or random_jitter()
+        self._io = io or self._in_thread
+        self.policy = RetryPolicy.from_config(config.relay)
+        self._slots = _Slots(self._relay.max_connections, self._relay.max_connections_per_destination)
+        self._timers: dict = {}
+        self._active: dict[str, defer.Deferred] = {}
+        self._after: dict[str, str] = {}
+        self._scanner: task.LoopingCall | None = None
+
+    # Service.
+
+    def _in_thread(self, f, *args):
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._courier is None:
+            resolver = make_resolver(self._relay.resolver, self._reactor)
+            router = MXRouter(resolver, port=self._relay.port)
+            self._courier = LoggingCourier(
+                RouteCourier(
+                    reactor=self._reactor,
+                    relay=self._relay,
+                    hostname=self._config.hostname,
+                    store=self._queue,
+                    router=router,
+                )
+            )
+        removed = self._queue.remove_orphans()
+        if removed:
+            self.log.info("relay: removed {n} unacknowledged queue files", n=len(removed))
+        self._queue.on_enqueued = self._enqueued_in_thread
+        self._scanner = task.LoopingCall(self.scan)
+        self._scanner.clock = self._reactor
+        self._scanner.start(self._relay.scan_interval, now=True)
+
+    def stopService(self):
+        super().stopService()
+        self._queue.on_enqueued = None
+        if self._scanner is not None and self._scanner.running:
+            self._scanner.stop()
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+
+    def _enqueued_in_thread(self, queue_id: str) -> None:
+        self._reactor.callFromThread(self._enqueued, queue_id)
+
+    def _enqueued(self, queue_id: str) -> None:
+        if self.running and queue_id not in self._timers and queue_id not in self._active:
+            self._timers[queue_id] = self._reactor.callLater(0, self._start_attempt, queue_id)
+
+    # Scanning and requests.
+
+    def scan(self) -> None:
+        """
+        Apply the CLI's requests and schedule messages not yet known.
+        """
+        for verb, target in self._queue.take_requests():
+            try:
+                self.request(verb, target)
+            except QueueError as e:
+                self.log.warn("relay: queue request {verb} {target}: {e}", verb=verb,
+                              target=target, e=str(e))
+        on_disk = set(self._queue.ids())
+        for queue_id in list(self._timers):
+            if queue_id not in on_disk:
+                self._cancel_timer(queue_id)
+        for queue_id in on_disk:
+            if queue_id in self._timers or queue_id in self._active:
+                continue
+            try:
+                message = self._queue.load(queue_id)
+            except QueueError as e:
+                self.log.error("relay: {e}", e=str(e))
+                continue
+            self._schedule(message.id, message.next_attempt)
+
+    def _cancel_timer(self, queue_id: str) -> None:
+        timer = self._timers.pop(queue_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        self._cancel_timer(queue_id)
+        delay = max(0.0, when - self._reactor.seconds())
+        self._timers[queue_id] = self._reactor.callLater(delay, self._start_attempt, queue_id)
+
+    def request(self, verb: str, target: str) -> int:
+        """
+        Act on a request: C{verb} is C{flush}, C{delete} or C{bounce};
+        C{target} a queue id, C{"domain:NAME"} or C{"*"}.  Returns how many
+        messages it touched.
+        """
+        if verb == "flush" and (target == "*" or target.startswith("domain:")):
+            return self.flush(None if target == "*" else target[len("domain:"):])
+        ids = self._queue.ids()
+        if target not in ids:
+            raise QueueError(f"no queued message {target}")
+        if target in self._active:
+            if verb != "flush":
+                self._after[target] = verb
+            return 1
+        self._cancel_timer(target)
+        if verb == "delete":
+            self._queue.remove(target)
+            self.log.info("relay: {id}: deleted on request", id=target)
+        else:
+            self._timers[target] = self._reactor.callLater(
+                0, self._start_attempt, target, verb == "bounce"
+            )
+        return 1
+
+    def flush(self, domain: str | None = None) -> int:
+        """
+        Try now every queued message (with a pending recipient in C{domain},
+        if given).  Returns how many were scheduled.  ETRN calls this.
+        """
+        domain = domain.lower().rstrip(".") if domain else None
+        count = 0
+        for queue_id in self._queue.ids():
+            if queue_id in self._active:
+                continue
+            try:
+                message = self._queue.load(queue_id)
+            except QueueError:
+                continue
+            pending = message.pending()
+            if not pending or (domain and all(r.domain != domain for r in pending)):
+                continue
+            self._schedule(queue_id, 0)
+            count += 1
+        return count
+
+    # Attempts.
+
+    def _start_attempt(self, queue_id: str, bounce: bool = False) -> None:
+        self._timers.pop(queue_id, None)
+        if queue_id in self._active or not self.running:
+            return
+        d = defer.Deferred.fromCoroutine(self._attempt(queue_id, bounce))
+        self._active[queue_id] = d
+
+        def done(result):
+            self._active.pop(queue_id, None)
+            verb = self._after.pop(queue_id, None)
+            if verb and queue_id in self._queue.ids():
+                self.request(verb, queue_id)
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: self.log.failure("relay: {id}: attempt failed", f, id=queue_id))
+
+    async def _attempt(self, queue_id: str, bounce: bool) -> None:
+        try:
+            message = await self._io(self._queue.load, queue_id)
+        except QueueError:
+            return
+        now = self._reactor.seconds()
+        if bounce:
+            message = self._fail_pending(message, "5.0.0", "smtp; 554 5.0.0 returned by the "
+                                         "administrator", now)
+        elif message.pending():
+            message = await self._deliver(message)
+            now = self._reactor.seconds()
+            if message.pending():
+                when = next_attempt(self.policy, message.arrival, now, message.attempts,
+                                    self._jitter)
+                if when is None:
+                    message = self._fail_pending(
+                        message, "4.4.7", "smtp; 451 4.4.7 delivery time expired", now,
+                        keep_last=True)
+                else:
+                    message = replace(message, next_attempt=when)
+        await self._io(self._queue.save, message)
+        message = await self._report(message, now)
+        if all(r.state != PENDING and r.notified for r in message.recipients):
+            await self._io(self._queue.remove, message.id)
+            self.log.info("relay: {id}: done", id=message.id)
+        elif message.pending():
+            self._schedule(message.id, message.next_attempt)
+        else:
+            # Only reports are owed (the intake failed): try again later.
+            self._schedule(message.id, now + self.policy.delays[0])
+
+    def _fail_pending(self, message: QueuedMessage, status: str, diagnostic: str,
+                      now: float, keep_last: bool = False) -> QueuedMessage:
+        for r in message.pending():
+            message = message.with_recipient(
+                r.address,
+                state=FAILED,
+                status=status,
+                diagnostic=r.diagnostic if keep_last and r.diagnostic else diagnostic,
+                last_attempt=r.last_attempt or now,
+                notified=False,
+            )
+        return message
+
+    async def _deliver(self, message: QueuedMessage) -> QueuedMessage:
+        groups: dict[str, list] = {}
+        for r in message.pending():
+            groups.setdefault(destination_of(self._relay, r.address), []).append(r)
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self._deliver_group(message, key, tuple(group)))
+             for key, group in groups.items()],
+            consumeErrors=True,
+        )
+        now = self._reactor.seconds()
+        last_error = ""
+        for outcomes in results:
+            for address, outcome in outcomes.items():
+                message = self._apply(message, address, outcome, now)
+                if not outcome.reply.positive and not last_error:
+                    last_error = str(outcome.reply)
+        return replace(message, attempts=message.attempts + 1, last_error=last_error)
+
+    async def _deliver_group(self, message, key, group) -> dict[str, Outcome]:
+        await self._slots.acquire(key)
+        try:
+            return await self._courier.deliver(message, group)
+        finally:
+            self._slots.release(key)
+
+    def _apply(self, message: QueuedMessage, address: str, outcome: Outcome,
+               now: float) -> QueuedMessage:
+        reply = outcome.reply
+        recipient = next(r for r in message.recipients if r.address == address)
+        common = dict(status=reply.status, diagnostic=reply.diagnostic(),
+                      remote_mta=outcome.remote_mta, last_attempt=now)
+        if reply.positive:
+            relayed = not outcome.dsn
+            wants_success = dsn_module.wants(recipient, dsn_module.RELAYED) and relayed
+            return message.with_recipient(
+                address, state=RELAYED if relayed else DELIVERED,
+                notified=not wants_success or not message.sender, **common)
+        if reply.permanent:
+            return message.with_recipient(address, state=FAILED, notified=False, **common)
+        return message.with_recipient(address, **common)
+
+    # Reports.
+
+    async def _report(self, message: QueuedMessage, now: float) -> QueuedMessage:
+        """
+        Send the reports the recipients' states call for; mark them sent.
+        """
+        failed = [r for r in message.recipients if r.state == FAILED and not r.notified]
+        relayed = [r for r in message.recipients
+                   if r.state in (RELAYED, DELIVERED) and not r.notified]
+        reports = []
+        if failed:
+            reports.append((dsn_module.FAILED, failed))
+        if relayed:
+            reports.append((dsn_module.RELAYED, relayed))
+        delay_due = (
+            self.policy.delay_warning is not None
+            and not message.delay_warned
+            and message.pending()
+            and now - message.arrival >= self.policy.delay_warning
+        )
+        if delay_due:
+            delayed = [r for r in message.pending() if dsn_module.wants(r, dsn_module.DELAYED)]
+            if delayed and message.sender:
+                reports.append((dsn_module.DELAYED, delayed))
+            message = replace(message, delay_warned=True)
+        for action, recipients in reports:
+            wanted = [r for r in recipients if dsn_module.wants(r, action)]
+            if wanted and message.sender:
+                try:
+                    await self._send_report(message, wanted, action, now)
+                except QueueError as e:  # nowhere to send it: drop it
+                    self.log.error("relay: {id}: dropping a {action} report: {e}",
+                                   id=message.id, action=action, e=str(e))
+                except Exception as e:
+                    self.log.error("relay: {id}: cannot send a {action} report to <{to}>: {e}",
+                                   id=message.id, action=action, to=message.sender, e=str(e))
+                    if action == dsn_module.DELAYED:
+                        message = replace(message, delay_warned=False)
+                    continue
+            if action != dsn_module.DELAYED:
+                for r in recipients:
+                    message = message.with_recipient(r.address, notified=True)
+        if reports:
+            await self._io(self._queue.save, message)
+        return message
+
+    async def _send_report(self, message, recipients, action, now) -> None:
+        headers_only = message.ret == "HDRS" or (
+            message.ret is None and message.size > self._relay.bounce_full_limit
+        )
+        if action != dsn_module.FAILED:
+            headers_only = True
+
+        def read() -> bytes:
+            with self._queue.open_body(message) as body:
+                return dsn_module.read_original(body, headers_only)
+
+        original = await self._io(read)
+        data = dsn_module.build_dsn(
+            message, recipients, action,
+            hostname=self._config.hostname,
+            original=original,
+            headers_only=headers_only,
+            now=now,
+            retry_until=message.arrival + self.policy.max_age,
+        )
+        receiver = self._intake.begin(
+            Envelope(
+                sender="",
+                recipients=(Recipient(address=message.sender,
+                                      destinations=self._report_destinations(message.sender)),),
+                body="8BITMIME" if any(b > 127 for b in data) else "7BIT",
+            )
+        )
+        try:
+            receiver.write(data)
+        except Exception:
+            receiver.abort()
+            raise
+        await receiver.finish()
+        self.log.info("relay: {id}: {action} report sent to <{to}>", id=message.id,
+                      action=action, to=message.sender)
+
+    def _report_destinations(self, sender: str) -> tuple[str, ...]:
+        domain = sender.rpartition("@")[2]
+        if self._accounts is not None and self._config.is_local_domain(domain):
+            resolved = self._accounts.resolve(sender)
+            if not resolved:
+                raise QueueError(f"local sender <{sender}> has no mailbox")
+            return tuple(resolved)
+        return (sender,)

@@ -1,0 +1,149 @@
+"""
+The relay in the real C{twistd mailserver} process: submission to a remote
+address found through the loopback DNS server, bounces, kill -9 with a full
+queue, and the C{mailserver queue} commands.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+from pathlib import Path
+
+import pytest
+
+from harness import REPO, MailServer
+from relay_fixtures import DNSServer, SMTPPeer, free_port, wait_until
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        "RelayRunner" not in (REPO / "mailserver" / "service.py").read_text(),
+        reason="the relay is not wired into service.py yet",
+    ),
+]
+
+ZONE = {
+    "remote.test": {"MX": [[10, "mx1.remote.test"]]},
+    "mx1.remote.test": {"A": ["127.0.0.1"]},
+}
+
+
+@pytest.fixture
+def dns_server():
+    server = DNSServer(ZONE)
+    yield server
+    server.stop()
+
+
+def relay_toml(dns_server, port: int, scan: str = "0.5") -> str:
+    return (
+        "[smtp]\nauth_over_plaintext = true\n"
+        f'[relay]\nresolver = "{dns_server.resolver}"\nport = {port}\n'
+        'retry_schedule = ["1s"]\nmax_retry_interval = "2s"\n'
+        f"scan_interval = {scan}\nconnect_timeout = 2.0\n"
+    )
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    started = []
+
+    def make(extra_toml: str) -> MailServer:
+        server = MailServer(tmp_path, local_domains=("localhost", "example.org"),
+                            extra_toml=extra_toml)
+        server.start()
+        server.add_user("s@example.org", "secret")
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def submit(server: MailServer, to: str, subject: str = "hi", count: int = 1) -> None:
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as client:
+        client.login("s@example.org", "secret")
+        for i in range(count):
+            client.sendmail(
+                "s@example.org", [to],
+                f"From: s@example.org\r\nTo: {to}\r\nSubject: {subject} {i}\r\n\r\n"
+                f".\r\nbody {i}\r\n".encode(),
+            )
+
+
+def test_submission_to_remote_arrives_at_the_mx_peer(make_server, dns_server):
+    peer = SMTPPeer().start()
+    try:
+        server = make_server(relay_toml(dns_server, peer.port))
+        submit(server, "user@remote.test")
+        [(sender, rcpts, data)] = peer.wait_for(1)
+        assert sender == "s@example.org" and rcpts == ["user@remote.test"]
+        assert b"Subject: hi 0\r\n" in data and b"\r\n.\r\nbody 0\r\n" in data
+        assert b"Return-Path" not in data
+        assert wait_until(lambda: "empty" in server.cli("queue", "list").stdout)
+    finally:
+        peer.stop()
+
+
+def test_5xx_bounces_to_the_local_sender(make_server, dns_server):
+    peer = SMTPPeer().start()
+    peer.handler.rcpt_reply = "550 5.1.1 no such user"
+    try:
+        server = make_server(relay_toml(dns_server, peer.port))
+        submit(server, "nobody@remote.test")
+        new = server.maildir("s@example.org") / "new"
+        files = wait_until(lambda: new.exists() and list(new.iterdir()))
+        assert files, server.log()
+        report = email.message_from_bytes(files[0].read_bytes(), policy=email.policy.default)
+        assert report.get_content_type() == "multipart/report"
+        assert report.get_param("report-type") == "delivery-status"
+        block = report.get_payload()[1].get_payload()[1]
+        assert block["Final-Recipient"] == "rfc822; nobody@remote.test"
+        assert block["Action"] == "failed" and block["Status"] == "5.1.1"
+    finally:
+        peer.stop()
+
+
+def test_kill_9_with_100_queued_loses_nothing(make_server, dns_server):
+    port = free_port()  # the peer is down
+    server = make_server(relay_toml(dns_server, port))
+    submit(server, "many@remote.test", count=100)
+    queue = server.data_path / "queue" / "envelopes"
+    assert len(list(queue.iterdir())) == 100
+    server.kill()
+    server.start()
+    peer = SMTPPeer(port).start()
+    try:
+        messages = peer.wait_for(100, timeout=90)
+        subjects = {data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for _, _, data in messages}
+        assert subjects == {b"hi %d" % i for i in range(100)}
+        assert wait_until(lambda: not list(queue.iterdir()), timeout=30)
+    finally:
+        peer.stop()
+
+
+def test_queue_commands_against_a_running_server(make_server, dns_server):
+    port = free_port()  # the peer is down
+    server = make_server(relay_toml(dns_server, port))
+    submit(server, "a@remote.test", count=2)
+    listing = wait_until(lambda: "4.4.1" in (out := server.cli("queue", "list").stdout) and out)
+    assert "<s@example.org>" in listing and "a@remote.test" in listing
+    ids = [line.split()[0] for line in listing.splitlines()[1:-1]]
+    assert len(ids) == 2
+    shown = server.cli("queue", "show", ids[0])
+    assert shown.returncode == 0 and "Subject: hi" in shown.stdout
+    bad = server.cli("queue", "show", "NOSUCHID")
+    assert bad.returncode == 1 and "no queued message NOSUCHID" in bad.stderr
+    assert server.cli("queue", "delete", "NOSUCHID").returncode == 1
+    assert server.cli("queue", "delete", ids[0]).returncode == 0
+    assert wait_until(lambda: ids[0] not in server.cli("queue", "list").stdout)
+    peer = SMTPPeer(port).start()
+    try:
+        assert server.cli("queue", "flush", "--domain", "remote.test").returncode == 0
+        assert len(peer.wait_for(1)) == 1
+        assert wait_until(lambda: "empty" in server.cli("queue", "list").stdout)
+    finally:
+        peer.stop()

@@ -1,0 +1,221 @@
+"""
+The relay's ESMTP client, byte for byte over StringTransport, with Clock.
+"""
+
+from __future__ import annotations
+
+import io
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mailserver.relay.client import (
+    DotStuffer,
+    ESMTPClient,
+    OutboundRecipient,
+    Timeouts,
+    Transaction,
+)
+
+
+def transaction(data=b"Subject: t\n\nhello\n", **kw):
+    defaults = dict(
+        sender="s@example.org",
+        recipients=(OutboundRecipient("a@remote.test"), OutboundRecipient("b@remote.test")),
+        open_body=lambda: io.BytesIO(data),
+        size=len(data),
+        helo="mx.test",
+        tls="none",
+    )
+    defaults.update(kw)
+    return Transaction(**defaults)
+
+
+class TLSStringTransport(StringTransport):
+    tls_options = None
+
+    def startTLS(self, options):
+        self.tls_options = options
+
+
+class Conversation:
+    def __init__(self, t: Transaction, chunk_size: int = 2**16) -> None:
+        self.clock = Clock()
+        self.client = ESMTPClient(t, self.clock, Timeouts(), host="mx.remote.test")
+        self.client.chunk_size = chunk_size
+        self.transport = TLSStringTransport()
+        self.client.makeConnection(self.transport)
+        self.results = []
+        self.client.result.addCallback(self.results.append)
+
+    def server(self, *lines: str) -> bytes:
+        """
+        Feed server reply lines; return what the client wrote meanwhile
+        (pumping the body producer).
+        """
+        self.transport.clear()
+        for line in lines:
+            self.client.dataReceived(line.encode() + b"\r\n")
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        return self.transport.value()
+
+
+EHLO_PIPELINING = ("250-mx.remote.test", "250-PIPELINING", "250-SIZE 1000000",
+                   "250 8BITMIME")
+
+
+def test_pipelined_transaction_all_recipients_in_one_write():
+    c = Conversation(transaction(data=b"Subject: t\n\nhello\n", body="8BITMIME"))
+    assert c.server("220 mx.remote.test ESMTP") == b"EHLO mx.test\r\n"
+    assert c.server(*EHLO_PIPELINING) == (
+        b"MAIL FROM:<s@example.org> SIZE=18 BODY=8BITMIME\r\n"
+        b"RCPT TO:<a@remote.test>\r\nRCPT TO:<b@remote.test>\r\nDATA\r\n"
+    )
+    sent = c.server("250 2.1.0 ok", "250 2.1.5 ok", "550 5.1.1 no such user",
+                    "354 go ahead")
+    assert sent == b"Subject: t\r\n\r\nhello\r\n.\r\n"
+    assert c.results == []
+    assert c.server("250 2.0.0 queued as X") == b"QUIT\r\n"
+    [result] = c.results
+    assert result.reached and result.host == "mx.remote.test"
+    assert result.replies["a@remote.test"].code == 250
+    assert result.replies["b@remote.test"].code == 550
+    assert result.replies["b@remote.test"].status == "5.1.1"
+    assert result.replies["b@remote.test"].permanent
+
+
+def test_dot_line_exactly_at_a_chunk_boundary_is_stuffed():
+    # The stored text has a "." line starting exactly where the 2nd chunk
+    # begins, and another ending a chunk: neither may end the message.
+    head = b"Subject: t\n\n"
+    first = head + b"x" * (16 - len(head) - 1) + b"\n"  # 16 bytes: chunk 1
+    body = first + b".\n" + b"tail\n" + b".\n" + b"..\n" + b"end"
+    assert len(first) == 16
+    c = Conversation(transaction(data=body, recipients=(OutboundRecipient("a@remote.test"),)),
+                     chunk_size=16)
+    c.server("220 hi")
+    c.server("250 mx")
+    c.server("250 ok")
+    c.server("250 ok")
+    sent = c.server("354 go")
+    assert sent == (first.replace(b"\n", b"\r\n") + b"..\r\ntail\r\n..\r\n...\r\nend\r\n.\r\n")
+    assert sent.count(b"\r\n.\r\n") == 1 and sent.endswith(b"\r\n.\r\n")
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"a", b"\n", b".\n", b"x.y", b"\r"]),
+                max_size=40), st.integers(min_value=1, max_value=7))
+def test_dot_stuffing_survives_any_chunking(pieces, chunk):
+    text = b"".join(pieces)
+    stuffer = DotStuffer()
+    wire = b"".join(stuffer.feed(text[i:i + chunk]) for i in range(0, len(text), chunk))
+    wire += stuffer.end()
+    # A receiver un-stuffs line by line and stops at the first "." line.
+    lines = wire.split(b"\r\n")
+    end = lines.index(b".")
+    assert end == len(lines) - 2
+    received = [line[1:] if line.startswith(b".") else line for line in lines[:end]]
+    expected = text[:-1] if text.endswith(b"\n") else text
+    assert b"\n".join(received) == expected
+
+
+def test_sequential_without_pipelining_and_helo_fallback():
+    c = Conversation(transaction(recipients=(OutboundRecipient("a@remote.test"),)))
+    c.server("220 old")
+    assert c.server("502 what") == b"HELO mx.test\r\n"
+    assert c.server("250 hello") == b"MAIL FROM:<s@example.org>\r\n"
+    assert c.server("250 ok") == b"RCPT TO:<a@remote.test>\r\n"
+    assert c.server("451 4.3.0 try later") == b"QUIT\r\n"
+    [result] = c.results
+    assert result.replies["a@remote.test"].code == 451
+    assert not result.replies["a@remote.test"].permanent
+
+
+def test_refused_greeting_is_not_reached_so_the_next_mx_is_tried():
+    c = Conversation(transaction())
+    assert c.server("554 go away") == b"QUIT\r\n"
+    [result] = c.results
+    assert not result.reached
+    assert result.replies["a@remote.test"].code == 554
+
+
+def test_mail_refused_fails_every_recipient():
+    c = Conversation(transaction())
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    assert c.server("550 5.7.1 sender refused", "503 no", "503 no", "503 no") == b"QUIT\r\n"
+    [result] = c.results
+    assert {r.code for r in result.replies.values()} == {550}
+
+
+def test_too_big_for_the_server_fails_for_good_without_sending():
+    c = Conversation(transaction(size=2_000_000))
+    c.server("220 hi")
+    assert c.server(*EHLO_PIPELINING) == b"QUIT\r\n"
+    [result] = c.results
+    assert result.replies["a@remote.test"].status == "5.3.4"
+
+
+def test_dsn_parameters_are_passed_when_offered():
+    t = transaction(recipients=(OutboundRecipient("a@remote.test", ("FAILURE", "DELAY"),
+                                                  "rfc822;a@remote.test"),),
+                    ret="HDRS", envid="E1")
+    c = Conversation(t)
+    c.server("220 hi")
+    sent = c.server("250-mx", "250-PIPELINING", "250 DSN")
+    assert sent == (b"MAIL FROM:<s@example.org> RET=HDRS ENVID=E1\r\n"
+                    b"RCPT TO:<a@remote.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;a@remote.test\r\n"
+                    b"DATA\r\n")
+
+
+def test_no_greeting_times_out_after_five_minutes():
+    c = Conversation(transaction())
+    c.clock.advance(299)
+    assert c.results == []
+    c.clock.advance(1)
+    [result] = c.results
+    assert result.replies["a@remote.test"].status == "4.4.2"
+    assert result.replies["a@remote.test"].synthetic
+    assert c.transport.disconnecting or c.transport.disconnected
+
+
+def test_lost_connection_after_data_is_temporary():
+    c = Conversation(transaction(recipients=(OutboundRecipient("a@remote.test"),)))
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    c.server("250 ok", "250 ok", "354 go")
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    c.client.connectionLost(Failure(ConnectionLost()))
+    [result] = c.results
+    assert result.replies["a@remote.test"].code == 451
+
+
+def test_required_tls_not_offered_is_a_temporary_failure():
+    c = Conversation(transaction(tls="required"))
+    c.server("220 hi")
+    assert c.server("250-mx", "250 PIPELINING") == b"QUIT\r\n"
+    [result] = c.results
+    assert result.replies["a@remote.test"].status == "4.7.0"
+
+
+def test_starttls_then_ehlo_again_then_auth_plain():
+    c = Conversation(transaction(tls="required", username="u", password="p"))
+    c.server("220 hi")
+    assert c.server("250-mx", "250-STARTTLS", "250 AUTH LOGIN") == b"STARTTLS\r\n"
+    assert c.server("220 go") == b"EHLO mx.test\r\n"
+    assert c.transport.tls_options is not None
+    assert c.server("250-mx", "250 AUTH LOGIN PLAIN") == b"AUTH PLAIN AHUAcA==\r\n"
+    assert c.server("235 ok").startswith(b"MAIL FROM:<s@example.org>")
+
+
+def test_all_recipients_refused_sends_no_body():
+    c = Conversation(transaction())
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    sent = c.server("250 ok", "550 no", "550 no", "354 go")
+    assert sent == b".\r\nQUIT\r\n"
+    [result] = c.results
+    assert all(r.code == 550 for r in result.replies.values())

@@ -1,0 +1,145 @@
+"""
+MX routing against in-memory twisted.names zones.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from twisted.internet import defer
+from twisted.names import error as dns_error
+
+from tests.e2e.relay_fixtures import ZoneResolver
+from mailserver.relay.mx import Hop, MXRouter, RoutingError
+
+ZONE = {
+    "remote.test": {"MX": [[20, "mx2.remote.test"], [10, "mx1.remote.test"]]},
+    "mx1.remote.test": {"A": ["127.0.0.1"]},
+    "mx2.remote.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
+    "equal.test": {"MX": [[10, "a.equal.test"], [10, "b.equal.test"], [10, "c.equal.test"]]},
+    "a.equal.test": {"A": ["127.0.0.1"]},
+    "b.equal.test": {"A": ["127.0.0.1"]},
+    "c.equal.test": {"A": ["127.0.0.1"]},
+    "implicit.test": {"A": ["127.0.0.1"]},
+    "null.test": {"MX": [[0, "."]]},
+    "alias.test": {"CNAME": "remote.test"},
+    "noaddr.test": {"MX": [[10, "gone.noaddr.test"]]},
+    "empty.test": {"AAAA": []},
+}
+
+
+def route(domain, rng=None, resolver=None):
+    router = MXRouter(resolver or ZoneResolver(ZONE), port=2525, rng=rng or random.Random(1))
+    results = []
+    router.route(domain).addBoth(results.append)
+    [result] = results
+    return result
+
+
+def test_preference_order():
+    hops = route("remote.test")
+    assert hops == [Hop("mx1.remote.test", ("127.0.0.1",), 2525),
+                    Hop("mx2.remote.test", ("127.0.0.2", "::1"), 2525)]
+
+
+def test_equal_preferences_are_shuffled():
+    orders = {tuple(h.name for h in route("equal.test", random.Random(seed)))
+              for seed in range(20)}
+    assert len(orders) > 1
+    assert all(sorted(o) == ["a.equal.test", "b.equal.test", "c.equal.test"] for o in orders)
+
+
+def test_implicit_mx_from_the_address_record():
+    assert route("implicit.test") == [Hop("implicit.test", ("127.0.0.1",), 2525)]
+
+
+def test_null_mx_fails_for_good():
+    failure = route("null.test")
+    assert failure.check(RoutingError)
+    assert failure.value.reply.code == 556 and failure.value.reply.status == "5.1.10"
+
+
+def test_cname_is_followed():
+    assert [h.name for h in route("alias.test")] == ["mx1.remote.test", "mx2.remote.test"]
+
+
+def test_nonexistent_domain_fails_for_good():
+    failure = route("nowhere.example")
+    assert failure.value.reply.permanent and failure.value.reply.status == "5.1.2"
+
+
+def test_mx_without_addresses_is_temporary():
+    failure = route("noaddr.test")
+    assert failure.value.reply.code == 451
+
+
+def test_lookup_failure_is_temporary():
+    class Broken:
+        def lookupMailExchange(self, name):
+            return defer.fail(dns_error.DNSServerError("SERVFAIL"))
+
+    failure = route("remote.test", resolver=Broken())
+    assert failure.check(RoutingError) and failure.value.reply.code == 451
+
+
+def test_address_literal():
+    assert route("[127.0.0.1]") == [Hop("127.0.0.1", ("127.0.0.1",), 2525)]
+
+
+def test_first_mx_down_second_takes_it(tmp_path):
+    from mailserver.config import Relay
+    from mailserver.relay.client import Reply, TransactionResult, temporary
+    from mailserver.relay.delivery import RouteCourier
+    from mailserver.relay.queue import QueuedMessage, RecipientState
+
+    tried = []
+
+    def send(reactor, address, port, transaction, timeouts, name=""):
+        tried.append((name, address, port))
+        replies = {r.address: temporary("connection refused") for r in transaction.recipients}
+        if address == "127.0.0.2":
+            replies = {r.address: Reply(250, ("2.0.0 ok",)) for r in transaction.recipients}
+            return defer.succeed(TransactionResult(replies, reached=True, host=name))
+        return defer.succeed(TransactionResult(replies, reached=False, host=name))
+
+    courier = RouteCourier(reactor=None, relay=Relay(port=2525), hostname="mx.test", store=None,
+                           router=MXRouter(ZoneResolver(ZONE), port=2525), send=send)
+    message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,
+                            recipients=(RecipientState("r@remote.test"),))
+    results = []
+    courier.deliver(message, message.recipients).addBoth(results.append)
+    [outcomes] = results
+    assert tried == [("mx1.remote.test", "127.0.0.1", 2525), ("mx2.remote.test", "127.0.0.2", 2525)]
+    assert outcomes["r@remote.test"].reply.code == 250
+    assert outcomes["r@remote.test"].remote_mta == "mx2.remote.test"
+
+
+def test_smarthost_and_transport_override_mx(tmp_path):
+    from mailserver.config import Relay
+    from mailserver.relay.client import Reply, TransactionResult
+    from mailserver.relay.delivery import RouteCourier
+    from mailserver.relay.queue import QueuedMessage, RecipientState
+
+    seen = []
+
+    def send(reactor, address, port, transaction, timeouts, name=""):
+        seen.append((address, port, transaction.tls, transaction.username))
+        replies = {r.address: Reply(250, ("ok",)) for r in transaction.recipients}
+        return defer.succeed(TransactionResult(replies, reached=True, host=name))
+
+    message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,
+                            recipients=(RecipientState("r@remote.test"),))
+    for relay, expected in (
+        (Relay(smarthost="127.0.0.1:587", smarthost_username="u", smarthost_password="p"),
+         ("127.0.0.1", 587, "required", "u")),
+        (Relay(smarthost="127.0.0.1:465", smarthost_tls="implicit"),
+         ("127.0.0.1", 465, "implicit", "")),
+        (Relay(transports=("remote.test=127.0.0.1:2626",)),
+         ("127.0.0.1", 2626, "opportunistic", "")),
+    ):
+        seen.clear()
+        courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test", store=None,
+                               router=MXRouter(ZoneResolver({}), port=25), send=send)
+        courier.deliver(message, message.recipients)
+        assert seen == [expected]
