@@ -52,6 +52,7 @@ class Listeners:
     submissions: tuple[str, ...] = ()
     pop3: tuple[str, ...] = ("tcp:2110:interface=127.0.0.1",)
     pop3s: tuple[str, ...] = ()
+    admin: tuple[str, ...] = ("tcp:2080:interface=127.0.0.1",)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,17 @@ class Plugins:
     paths: tuple[str, ...] = ()
     enabled: tuple[str, ...] = ()
     options: dict = field(default_factory=dict, metadata={"tables_by_name": True})
+
+
+@dataclass(frozen=True)
+class Admin:
+    """
+    The admin HTTP API (health, metrics, queue).  C{token} is the bearer
+    token every request must carry; it is required when an admin listener
+    is not on loopback.
+    """
+
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -211,6 +223,7 @@ class Config:
 
     hostname: str = field(default_factory=socket.getfqdn)
     data_dir: str = DATA_DIR_NAME
+    workers: int = 1
     local_domains: tuple[str, ...] = ("localhost",)
     users_file: str = ""
     aliases_file: str = ""
@@ -221,6 +234,7 @@ class Config:
     pop3: POP3 = field(default_factory=POP3)
     plugins: Plugins = field(default_factory=Plugins)
     auth: Auth = field(default_factory=Auth)
+    admin: Admin = field(default_factory=Admin)
     relay: Relay = field(default_factory=Relay)
     source: str = "<embedded default>"
 
@@ -345,6 +359,8 @@ def _validate(config: Config) -> None:
     source = config.source
     if not config.hostname or any(c.isspace() for c in config.hostname):
         raise ConfigError(source, "hostname", "must be a non-empty name without spaces")
+    if not 1 <= config.workers <= 256:
+        raise ConfigError(source, "workers", "must be from 1 to 256")
     if not config.data_dir:
         raise ConfigError(source, "data_dir", "must not be empty")
     if not config.local_domains:
@@ -359,6 +375,16 @@ def _validate(config: Config) -> None:
             problem = _endpoint_problem(description)
             if problem:
                 raise ConfigError(source, f"listeners.{role.name}", problem)
+    if not config.admin.token:
+        from mailserver.web.admin import admin_listener_needs_token
+
+        for description in config.listeners.admin:
+            if admin_listener_needs_token(description):
+                raise ConfigError(
+                    source,
+                    "admin.token",
+                    f"required when an admin listener is not on loopback ({description!r})",
+                )
     if bool(config.tls.certificate) != bool(config.tls.key):
         raise ConfigError(source, "tls", "set both certificate and key, or neither")
     for key, path in (("tls.certificate", config.tls.certificate), ("tls.key", config.tls.key)):

@@ -19,13 +19,20 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailserver.accounts import Accounts, make_portal
+from mailserver.accounts import Accounts, make_portal, strcred_checkers
 from mailserver.config import Config, ConfigError
+from mailserver.hooked_intake import HookedIntake
+from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
+from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
+from mailserver.metrics import Metrics, server_metrics
+from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.smtp import SMTPFactory
 from mailserver.tls import ReloadableServerOptions
+from mailserver.web import make_admin_site
+from mailserver.workers import WorkerPool, inherited_addresses, reuseport_socket, shared_address
 
 LISTENERS_FILE = "listeners.json"
 PID_FILE = "mailserver.pid"
@@ -42,24 +49,58 @@ class Listener(Service):
 
     log = Logger()
 
-    def __init__(self, role: str, description: str, factory, reactor) -> None:
+    def __init__(
+        self, role: str, description: str, factory, reactor, share: bool = False
+    ) -> None:
+        """
+        @param share: bind a TCP endpoint with C{SO_REUSEPORT}, so worker
+            processes can serve it too (see L{mailserver.workers}).
+        """
         self.role = role
         self.description = description
         self.factory = factory
+        self._reactor = reactor
         self._endpoint = serverFromString(reactor, description)
+        self.shared_address = shared_address(self._endpoint) if share else None
         self.port = None
         self.listening: defer.Deferred = defer.Deferred()
 
     def startService(self) -> None:
         super().startService()
-        failures = []
-        d = self._endpoint.listen(self.factory)
-        d.addCallbacks(self._listened, failures.append)
-        if failures:
+        try:
+            if self.shared_address is not None:
+                self._listened(self._adopt(*self.shared_address))
+                return
+            failures = []
+            d = self._endpoint.listen(self.factory)
+            d.addCallbacks(self._listened, failures.append)
+            if failures:
+                failures[0].raiseException()
+        except Exception as e:
             raise SystemExit(
-                f"cannot listen for {self.role} on {self.description!r}: "
-                f"{failures[0].getErrorMessage()}"
-            )
+                f"cannot listen for {self.role} on {self.description!r}: {e}"
+            ) from None
+
+    def _adopt(self, family: int, host: str, port: int, backlog: int):
+        sock = reuseport_socket(family, host, port, backlog)
+        try:
+            listening = self._reactor.adoptStreamPort(sock.fileno(), family, self.factory)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+        address = listening.getHost()
+        self.shared_address = (family, address.host, address.port, backlog)
+        return listening
+
+    def state(self) -> dict[str, object]:
+        """
+        For C{/health}: is this listener serving?
+        """
+        address = self.port.getHost() if self.port is not None else None
+        return {
+            "role": self.role,
+            "address": f"{address.host}:{address.port}" if address else self.description,
+            "listening": self.port is not None and self.running,
+        }
 
     def _listened(self, port) -> None:
         self.port = port
@@ -128,22 +169,27 @@ class ShutdownNotice(Service):
 class ReloadOnSignal(Service):
     """
     SIGHUP re-reads the accounts and aliases files and the TLS certificate,
-    without dropping a connection, and writes the process id into
-    C{<data_dir>/mailserver.pid} so C{mailserver reload} can send it.
+    without dropping a connection, and is passed on to worker processes.
+    The primary writes its process id into C{<data_dir>/mailserver.pid} so
+    C{mailserver reload} can find it.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, pid_path: Path, tls_options, accounts: Accounts) -> None:
+    def __init__(
+        self, reactor, pid_path: Path | None, tls_options, accounts: Accounts, workers=None
+    ) -> None:
         self._reactor = reactor
         self._pid_path = pid_path
         self._tls_options = tls_options
         self._accounts = accounts
+        self._workers = workers
         self._previous = None
 
     def startService(self) -> None:
         super().startService()
-        self._pid_path.write_text(f"{os.getpid()}\n")
+        if self._pid_path is not None:
+            self._pid_path.write_text(f"{os.getpid()}\n")
         self._previous = signal.signal(signal.SIGHUP, self._signalled)
 
     def _signalled(self, signum, frame) -> None:
@@ -151,6 +197,8 @@ class ReloadOnSignal(Service):
 
     def reload(self) -> None:
         self._accounts.forget()
+        if self._workers is not None:
+            self._workers.signal_all(signal.SIGHUP)
         try:
             self._tls_options.reload()
         except ConfigError as e:
@@ -162,11 +210,52 @@ class ReloadOnSignal(Service):
         super().stopService()
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
+        if self._pid_path is None:
+            return
         try:
             if self._pid_path.read_text().strip() == str(os.getpid()):
                 self._pid_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _oldest(queue: QueueStore, reactor) -> float:
+    arrivals = [message.arrival for message in queue.all()]
+    return reactor.seconds() - min(arrivals) if arrivals else 0.0
+
+
+class QueueAdminView:
+    """
+    The relay queue as the admin API shows it.
+    """
+
+    def __init__(self, queue: QueueStore, runner: RelayRunner, reactor) -> None:
+        self._queue = queue
+        self._runner = runner
+        self._reactor = reactor
+
+    def list(self) -> list[dict]:
+        now = self._reactor.seconds()
+        return [
+            {
+                "id": m.id,
+                "sender": m.sender,
+                "recipients": [r.address for r in m.pending()],
+                "size": m.size,
+                "age_seconds": round(now - m.arrival, 3),
+                "attempts": m.attempts,
+                "next_attempt_in_seconds": round(max(0.0, m.next_attempt - now), 3),
+                "last_error": m.last_error,
+            }
+            for m in self._queue.all()
+        ]
+
+    def flush(self, queue_id: str) -> bool:
+        try:
+            self._runner.request("flush", queue_id)
+        except QueueError:
+            return False
+        return True
 
 
 def _clean_spool(spool_tmp: Path) -> None:
@@ -190,9 +279,37 @@ def make_service(config: Config, reactor) -> MultiService:
     config.data_path.mkdir(parents=True, exist_ok=True)
     tls_options = ReloadableServerOptions(config)
     accounts = Accounts(config)
-    portal = make_portal(accounts, reactor)
-    intake = Intake(accounts=accounts, reactor=reactor)
+    portal = make_portal(accounts, reactor, strcred_checkers(config))
+    queue = QueueStore(config)
+    metrics = Metrics()
+    instruments = server_metrics(
+        metrics,
+        queue_messages=lambda: len(queue.ids()),
+        queue_oldest_seconds=lambda: _oldest(queue, reactor),
+    )
+    context = PluginContext(reactor=reactor, hostname=config.hostname, data_path=config.data_path)
+    hooks = Hooks(
+        load_plugins(config, context),
+        on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),
+    )
+    intake = Intake(
+        accounts=accounts, reactor=reactor, queue=queue, on_delivered=hooks.delivered
+    )
     _clean_spool(intake.spool_path / "tmp")
+    # The runner starts before the listeners, so the queue is picked up
+    # before clients connect; only the primary process runs it.
+    runner = RelayRunner(
+        config=config,
+        queue=queue,
+        intake=intake,
+        reactor=reactor,
+        accounts=accounts,
+        metrics=instruments,
+        on_delivered=hooks.delivered,
+    )
+    smtp_intake = intake
+    if hooks.message_hooks:
+        smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp")
 
     def mailbox_for(address: str) -> Mailbox:
         return Mailbox(accounts.mailbox_path(address))
@@ -203,10 +320,12 @@ def make_service(config: Config, reactor) -> MultiService:
             role=role,
             accounts=accounts,
             portal=portal,
-            intake=intake,
+            intake=smtp_intake,
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,
+            hooks=hooks,
+            queue_runner=runner,
         )
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
@@ -217,6 +336,7 @@ def make_service(config: Config, reactor) -> MultiService:
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,
+            metrics=instruments,
         )
 
     roles = {
@@ -226,6 +346,9 @@ def make_service(config: Config, reactor) -> MultiService:
         "pop3": lambda: pop3_factory(False),
         "pop3s": lambda: pop3_factory(True),
     }
+    inherited = inherited_addresses()
+    is_worker = inherited is not None
+    share = is_worker or config.workers > 1
     listeners = []
     smtp_factories = []
     for role, make_factory in roles.items():
@@ -236,14 +359,36 @@ def make_service(config: Config, reactor) -> MultiService:
             served = factory
             if role in ("submissions", "pop3s"):
                 served = TLSMemoryBIOFactory(tls_options, False, factory)
-            listeners.append(Listener(role, description, served, reactor))
+            listeners.append(Listener(role, description, served, reactor, share=share))
+    if not is_worker:
+        site = make_admin_site(
+            metrics=metrics,
+            listener_states=lambda: [
+                listener.state() for listener in listeners if listener.role != "admin"
+            ],
+            queue_view=QueueAdminView(queue, runner, reactor),
+            token=config.admin.token or None,
+        )
+        for description in config.listeners.admin:
+            listeners.append(Listener("admin", description, site, reactor))
+    if is_worker:
+        # A worker serves only the shared TCP listeners, on the primary's ports.
+        listeners = [listener for listener in listeners if listener.shared_address]
+        for listener, address in zip(listeners, inherited):
+            listener.shared_address = address
+    else:
+        runner.setServiceParent(root)
     # Services stop in reverse order: the ports close first, then connected
     # clients hear 421.
     ShutdownNotice(smtp_factories).setServiceParent(root)
     for listener in listeners:
         listener.setServiceParent(root)
-    ListenerReport(config.data_path / LISTENERS_FILE, listeners).setServiceParent(root)
-    ReloadOnSignal(reactor, config.data_path / PID_FILE, tls_options, accounts).setServiceParent(
-        root
-    )
+    pool = None
+    if not is_worker:
+        ListenerReport(config.data_path / LISTENERS_FILE, listeners).setServiceParent(root)
+        if config.workers > 1:
+            pool = WorkerPool(reactor, config.workers, listeners)
+            pool.setServiceParent(root)
+    pid_path = None if is_worker else config.data_path / PID_FILE
+    ReloadOnSignal(reactor, pid_path, tls_options, accounts, pool).setServiceParent(root)
     return root

@@ -7,6 +7,8 @@ L{mailserver.config.load}, and a problem ends start-up with one line.
 
 from __future__ import annotations
 
+import dataclasses
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -22,6 +24,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "The TOML configuration file (default: embedded default)."],
+        ["workers", "w", None, "Processes serving the TCP listeners (overrides `workers`).", int],
     ]
 
 
@@ -32,6 +35,10 @@ def makeService(options: Options) -> IService:
 
     try:
         config = load(options["config"])
+        if options["workers"] is not None:
+            if not 1 <= options["workers"] <= 256:
+                raise ConfigError("--workers", "-", "must be from 1 to 256")
+            config = dataclasses.replace(config, workers=options["workers"])
         return make_service(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"mailserver: {e}") from None

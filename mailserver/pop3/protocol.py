@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from mailserver.config import Config
 from mailserver.interfaces import IAccount
 from mailserver.maildir import Mailbox, MessageInfo
+from mailserver.metrics import ServerMetrics, unregistered_metrics
 from mailserver.pop3.maildrop import Maildrop, NoSuchMessage
 from mailserver.pop3.sasl import (
     MECHANISMS,
@@ -415,6 +416,7 @@ class POP3Server(Protocol):
             self._resume()
             return
         self._auth_failures += 1
+        self.factory.metrics.pop3_login_failures_total.inc()
         self._log.warn(
             "POP3 authentication failed for {user!r} from {client} ({failures} failures)",
             user=username.decode("utf-8", "replace"),
@@ -444,6 +446,7 @@ class POP3Server(Protocol):
             logout()
         else:
             self._logout = logout
+            self.factory.metrics.pop3_logins_total.inc()
         self._reply(reply)
         self._resume()
 
@@ -584,6 +587,8 @@ class POP3Server(Protocol):
             assert self._mailbox is not None and self._maildrop is not None
             self._retrieved += 1
             self._retrieved_octets += octets
+            self.factory.metrics.pop3_messages_retrieved_total.inc()
+            self.factory.metrics.pop3_bytes_sent_total.inc(octets)
             try:
                 self._maildrop.update(number, self._mailbox.mark_seen(info))
             except OSError:
@@ -619,6 +624,7 @@ class POP3Factory(ServerFactory):
         tls_options,
         reactor,
         implicit_tls: bool = False,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.config = config
         self.portal = portal
@@ -626,6 +632,7 @@ class POP3Factory(ServerFactory):
         self.tls_options = tls_options
         self.reactor = reactor
         self.implicit_tls = implicit_tls
+        self.metrics = metrics or unregistered_metrics()
         self._last_logins: dict[str, float] = {}
 
     def buildProtocol(self, addr) -> POP3Server:

@@ -35,6 +35,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailserver.envelope import Envelope, Recipient
+from mailserver.hooks import Delivery
+from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
 from mailserver.relay.mx import MXRouter, make_resolver
@@ -113,7 +115,16 @@ class RelayRunner(Service):
         accounts=None,
         jitter=None,
         io=None,
+        metrics=None,
+        on_delivered=None,
     ) -> None:
+        """
+        @param metrics: the server's L{ServerMetrics}, counting attempts.
+        @param on_delivered: told of each recipient's final outcome (the
+            plugins' delivered hooks).
+        """
+        self._metrics = metrics or unregistered_metrics()
+        self._on_delivered = on_delivered
         self._config = config
         self._relay = config.relay
         self._queue = queue
@@ -310,6 +321,8 @@ class RelayRunner(Service):
     def _fail_pending(self, message: QueuedMessage, status: str, diagnostic: str,
                       now: float, keep_last: bool = False) -> QueuedMessage:
         for r in message.pending():
+            self._metrics.relay_deliveries_total.inc(result="bounced")
+            self._tell(message, r.address, "bounced", diagnostic)
             message = message.with_recipient(
                 r.address,
                 state=FAILED,
@@ -351,6 +364,11 @@ class RelayRunner(Service):
         recipient = next(r for r in message.recipients if r.address == address)
         common = dict(status=reply.status, diagnostic=reply.diagnostic(),
                       remote_mta=outcome.remote_mta, last_attempt=now)
+        result = "delivered" if reply.positive else "bounced" if reply.permanent else "deferred"
+        self._metrics.relay_deliveries_total.inc(result=result)
+        if result != "deferred":
+            self._tell(message, address, "relayed" if reply.positive else "bounced",
+                       reply.diagnostic())
         if reply.positive:
             relayed = not outcome.dsn
             wants_success = dsn_module.wants(recipient, dsn_module.RELAYED) and relayed
@@ -360,6 +378,12 @@ class RelayRunner(Service):
         if reply.permanent:
             return message.with_recipient(address, state=FAILED, notified=False, **common)
         return message.with_recipient(address, **common)
+
+    def _tell(self, message: QueuedMessage, address: str, status: str, detail: str) -> None:
+        if self._on_delivered is not None:
+            self._on_delivered(Delivery(queue_id=message.id, sender=message.sender,
+                                        recipient=address, status=status, size=message.size,
+                                        detail=detail))
 
     # Reports.
 

@@ -40,7 +40,7 @@ class MailServer:
         *,
         local_domains: tuple[str, ...] = ("localhost",),
         extra_toml: str = "",
-        roles: tuple[str, ...] = ("smtp", "submission", "pop3"),
+        roles: tuple[str, ...] = ("smtp", "submission", "pop3", "admin"),
     ) -> None:
         self.root = tmp_path
         self.data_path = tmp_path / "data"
@@ -48,7 +48,7 @@ class MailServer:
         self.log_path = tmp_path / "twistd.log"
         listeners = "\n".join(
             f'{role} = ["{LOOPBACK}"]' if role in roles else f"{role} = []"
-            for role in ("smtp", "submission", "submissions", "pop3", "pop3s")
+            for role in ("smtp", "submission", "submissions", "pop3", "pop3s", "admin")
         )
         domains = ", ".join(f'"{d}"' for d in local_domains)
         # Top-level keys of extra_toml must come before any table.

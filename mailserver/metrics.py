@@ -1,0 +1,376 @@
+"""
+A small Prometheus-style metrics registry, rendered in the text exposition
+format 0.0.4 for C{GET /metrics}.
+
+There is no global registry: L{service} builds one L{Metrics} and hands the
+instruments (L{ServerMetrics}) to the protocols that count things, so tests
+get a fresh registry each.  Instruments keep plain dicts keyed by the tuple of
+label values, so counting costs a dict lookup and an add.  They are meant to
+be used from the reactor thread.
+
+Label values must come from a small fixed set (a role, a result, a plugin
+name, a short reason word), never from client input: every distinct value is
+a time series kept for the life of the process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping
+
+from twisted.logger import Logger
+
+_log = Logger()
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+# One sample: the name suffix (C{"_bucket"}, ...), its labels, its value.
+_Sample = tuple[str, tuple[tuple[str, str], ...], float]
+
+
+def _format_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _escape_label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class _Instrument:
+    """
+    What every metric family shares: a name, a help text, a type and the
+    names of its labels, checked once at registration.
+    """
+
+    type: str
+
+    def __init__(self, name: str, help: str, labels: Iterable[str]) -> None:
+        self.name = name
+        self.help = help
+        self.label_names = tuple(labels)
+        self._label_set = frozenset(self.label_names)
+        if not _METRIC_NAME.match(name):
+            raise ValueError(f"invalid metric name {name!r}")
+        for label in self.label_names:
+            if not _LABEL_NAME.match(label) or label.startswith("__"):
+                raise ValueError(f"invalid label name {label!r} for {name}")
+        if len(self._label_set) != len(self.label_names):
+            raise ValueError(f"duplicate label name for {name}")
+
+    def _key(self, labels: Mapping[str, str]) -> tuple[str, ...]:
+        # On every count, so: a length check and lookups, no set building.
+        if len(labels) == len(self.label_names):
+            try:
+                return tuple(map(labels.__getitem__, self.label_names))
+            except KeyError:
+                pass
+        raise ValueError(
+            f"{self.name} takes labels {sorted(self._label_set)}, got {sorted(labels)}"
+        )
+
+    def _labels(self, key: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        return tuple(zip(self.label_names, map(str, key)))
+
+    def samples(self) -> Iterator[_Sample]:
+        raise NotImplementedError
+
+
+class _Values(_Instrument):
+    """
+    One number per label set; without labels the single series starts at
+    zero, so it is exported before the first event.
+    """
+
+    def __init__(self, name: str, help: str, labels: Iterable[str]) -> None:
+        super().__init__(name, help, labels)
+        self._values: dict[tuple[str, ...], float] = {} if self.label_names else {(): 0}
+
+    def value(self, **labels: str) -> float:
+        """
+        The current value for C{labels} (0 before the first change).
+        """
+        return self._values.get(self._key(labels), 0)
+
+    def samples(self) -> Iterator[_Sample]:
+        for key in sorted(self._values):
+            yield "", self._labels(key), self._values[key]
+
+
+class Counter(_Values):
+    """
+    A number that only goes up: events and octets since the process started.
+    """
+
+    type = "counter"
+
+    def inc(self, amount: float = 1, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError(f"{self.name}: a counter cannot decrease")
+        key = self._key(labels)
+        values = self._values
+        values[key] = values.get(key, 0) + amount
+
+
+class Gauge(_Values):
+    """
+    A number that goes up and down, such as open connections.
+    """
+
+    type = "gauge"
+
+    def set(self, value: float, **labels: str) -> None:
+        self._values[self._key(labels)] = value
+
+    def inc(self, amount: float = 1, **labels: str) -> None:
+        key = self._key(labels)
+        values = self._values
+        values[key] = values.get(key, 0) + amount
+
+    def dec(self, amount: float = 1, **labels: str) -> None:
+        self.inc(-amount, **labels)
+
+
+class _CallbackGauge(_Instrument):
+    """
+    A gauge whose value is asked for at scrape time, for things that are
+    cheaper to measure than to track (the queue's size).
+    """
+
+    type = "gauge"
+
+    def __init__(self, name: str, help: str, fn: Callable[[], float]) -> None:
+        super().__init__(name, help, ())
+        self._fn = fn
+
+    def samples(self) -> Iterator[_Sample]:
+        # A failing callback must not take the other metrics down with it:
+        # the family is rendered without a sample and the failure logged.
+        try:
+            value = self._fn()
+        except Exception:
+            _log.failure("metric {name} could not be measured", name=self.name)
+            return
+        yield "", (), value
+
+
+class Histogram(_Instrument):
+    """
+    Counts of observations per bucket (an observation lands in every bucket
+    whose upper bound C{le} it does not exceed), plus their sum and count.
+    """
+
+    type = "histogram"
+
+    def __init__(
+        self, name: str, help: str, buckets: Iterable[float], labels: Iterable[str]
+    ) -> None:
+        super().__init__(name, help, labels)
+        if "le" in self._label_set:
+            raise ValueError(f"{name}: 'le' is reserved for histogram buckets")
+        bounds = [float(b) for b in buckets]
+        if not bounds or bounds != sorted(set(bounds)):
+            raise ValueError(f"{name}: buckets must be increasing and not empty")
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self.bounds = tuple(bounds)
+        # Per label set: [count in each bucket (not cumulative)..., sum].
+        self._series: dict[tuple[str, ...], list[float]] = (
+            {} if self.label_names else {(): self._empty()}
+        )
+
+    def _empty(self) -> list[float]:
+        return [0] * len(self.bounds) + [0]
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self._empty()
+        series[bisect.bisect_left(self.bounds, value)] += 1
+        series[-1] += value
+
+    def samples(self) -> Iterator[_Sample]:
+        for key in sorted(self._series):
+            series = self._series[key]
+            labels = self._labels(key)
+            cumulative = 0
+            for bound, count in zip(self.bounds, series):
+                cumulative += count
+                yield "_bucket", labels + (("le", _format_value(bound)),), cumulative
+            yield "_sum", labels, series[-1]
+            yield "_count", labels, cumulative
+
+
+class Metrics:
+    """
+    A registry of metric families, rendered together for a scrape.
+    """
+
+    def __init__(self) -> None:
+        self._families: dict[str, _Instrument] = {}
+
+    def _register(self, instrument: _Instrument) -> None:
+        if instrument.name in self._families:
+            raise ValueError(f"metric {instrument.name} is already registered")
+        self._families[instrument.name] = instrument
+
+    def counter(self, name: str, help: str, labels: Iterable[str] = ()) -> Counter:
+        counter = Counter(name, help, labels)
+        self._register(counter)
+        return counter
+
+    def gauge(self, name: str, help: str, labels: Iterable[str] = ()) -> Gauge:
+        gauge = Gauge(name, help, labels)
+        self._register(gauge)
+        return gauge
+
+    def gauge_callback(self, name: str, help: str, fn: Callable[[], float]) -> None:
+        """
+        Register a gauge whose value is C{fn()} at each scrape.
+        """
+        self._register(_CallbackGauge(name, help, fn))
+
+    def histogram(
+        self, name: str, help: str, buckets: Iterable[float], labels: Iterable[str] = ()
+    ) -> Histogram:
+        """
+        Register a histogram; C{buckets} are the upper bounds, increasing,
+        and C{+Inf} is added when missing.
+        """
+        histogram = Histogram(name, help, buckets, labels)
+        self._register(histogram)
+        return histogram
+
+    def render(self) -> bytes:
+        """
+        Every family in the Prometheus text exposition format 0.0.4,
+        in registration order.
+        """
+        lines = []
+        for family in self._families.values():
+            lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
+            lines.append(f"# TYPE {family.name} {family.type}")
+            for suffix, labels, value in family.samples():
+                if labels:
+                    pairs = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in labels)
+                    lines.append(f"{family.name}{suffix}{{{pairs}}} {_format_value(value)}")
+                else:
+                    lines.append(f"{family.name}{suffix} {_format_value(value)}")
+        return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
+
+
+# Seconds from MAIL FROM to the final reply to the data; slow clients and
+# large messages reach the data timeout (600 s by default).
+TRANSACTION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True)
+class ServerMetrics:
+    """
+    The server's instruments, named as they are exported.
+
+    Label values: C{role} is the listener role (C{smtp}, C{submission},
+    C{submissions}); C{reason} a short fixed word chosen by the SMTP policy
+    (e.g. C{size}, C{relay}, C{recipient}, C{plugin}); C{result} one of
+    C{delivered}, C{deferred}, C{bounced}; C{plugin} the plugin's name.
+    """
+
+    smtp_connections_total: Counter
+    smtp_connections_active: Gauge
+    smtp_messages_accepted_total: Counter
+    smtp_messages_rejected_total: Counter
+    smtp_bytes_received_total: Counter
+    smtp_transaction_seconds: Histogram
+    pop3_logins_total: Counter
+    pop3_login_failures_total: Counter
+    pop3_messages_retrieved_total: Counter
+    pop3_bytes_sent_total: Counter
+    relay_deliveries_total: Counter
+    plugin_errors_total: Counter
+
+
+def server_metrics(
+    metrics: Metrics,
+    *,
+    queue_messages: Callable[[], float],
+    queue_oldest_seconds: Callable[[], float],
+) -> ServerMetrics:
+    """
+    Register the server's metrics in C{metrics}.
+
+    The relay queue's two gauges are measured at scrape time:
+    C{queue_messages()} is the number of queued messages and
+    C{queue_oldest_seconds()} the age of the oldest one (0 when empty).
+    """
+    metrics.gauge_callback(
+        "relay_queue_messages", "Messages waiting in the relay queue.", queue_messages
+    )
+    metrics.gauge_callback(
+        "relay_queue_oldest_seconds",
+        "Age of the oldest message in the relay queue, in seconds.",
+        queue_oldest_seconds,
+    )
+    return ServerMetrics(
+        smtp_connections_total=metrics.counter(
+            "smtp_connections_total", "SMTP connections accepted.", ["role"]
+        ),
+        smtp_connections_active=metrics.gauge(
+            "smtp_connections_active", "SMTP connections open now.", ["role"]
+        ),
+        smtp_messages_accepted_total=metrics.counter(
+            "smtp_messages_accepted_total", "Messages accepted with a 250 reply.", ["role"]
+        ),
+        smtp_messages_rejected_total=metrics.counter(
+            "smtp_messages_rejected_total",
+            "Transactions refused, by reason.",
+            ["role", "reason"],
+        ),
+        smtp_bytes_received_total=metrics.counter(
+            "smtp_bytes_received_total", "Octets of message data accepted.", ["role"]
+        ),
+        smtp_transaction_seconds=metrics.histogram(
+            "smtp_transaction_seconds",
+            "Seconds from MAIL FROM to the reply to the message data.",
+            TRANSACTION_BUCKETS,
+        ),
+        pop3_logins_total=metrics.counter("pop3_logins_total", "Successful POP3 logins."),
+        pop3_login_failures_total=metrics.counter(
+            "pop3_login_failures_total", "Failed POP3 login attempts."
+        ),
+        pop3_messages_retrieved_total=metrics.counter(
+            "pop3_messages_retrieved_total", "Messages sent with RETR."
+        ),
+        pop3_bytes_sent_total=metrics.counter(
+            "pop3_bytes_sent_total", "Octets of message data sent by RETR and TOP."
+        ),
+        relay_deliveries_total=metrics.counter(
+            "relay_deliveries_total",
+            "Outbound delivery attempts per recipient, by result.",
+            ["result"],
+        ),
+        plugin_errors_total=metrics.counter(
+            "plugin_errors_total", "Exceptions raised by plugins.", ["plugin"]
+        ),
+    )
+
+
+def unregistered_metrics() -> ServerMetrics:
+    """
+    Instruments counting into a private registry nobody scrapes: the default
+    for protocols built without the server's registry (tests, tools).
+    """
+    return server_metrics(Metrics(), queue_messages=lambda: 0, queue_oldest_seconds=lambda: 0)

@@ -1,0 +1,166 @@
+"""
+Several processes serving the same TCP listeners, to use every core.
+
+The first process (the primary) binds each C{tcp:}/C{tcp6:} listener with
+C{SO_REUSEPORT} and starts N-1 worker processes, which bind the same
+addresses (the ports the primary got, so port 0 works too); the kernel then
+spreads new connections evenly over the processes.  Maildir delivery and
+mailbox locks are safe across processes; the relay queue is worked by the
+primary alone (workers only add to it), so no message is sent twice by two
+processes.  Other endpoint types, and the admin listeners, are served by the
+primary only.
+
+Twisted's TCP endpoints cannot set C{SO_REUSEPORT}, so the sockets are made
+here and handed to C{reactor.adoptStreamPort}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+WORKER_ENV = "MAILSERVER_WORKER_ADDRESSES"
+_RESPAWN_DELAY = 1.0
+
+
+def shared_address(endpoint) -> tuple[int, str, int, int] | None:
+    """
+    C{(family, host, port, backlog)} of a TCP endpoint, or C{None} for
+    endpoint types that cannot be shared (read from the endpoint's private
+    attributes: Twisted offers no public way).
+    """
+    if isinstance(endpoint, TCP6ServerEndpoint):
+        return socket.AF_INET6, endpoint._interface or "::", endpoint._port, endpoint._backlog
+    if isinstance(endpoint, TCP4ServerEndpoint):
+        return socket.AF_INET, endpoint._interface or "0.0.0.0", endpoint._port, endpoint._backlog
+    return None
+
+
+def reuseport_socket(family: int, host: str, port: int, backlog: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def inherited_addresses() -> list[tuple[int, str, int, int]] | None:
+    """
+    In a worker: the addresses to bind, in listener order; C{None} in the
+    primary.
+    """
+    value = os.environ.get(WORKER_ENV)
+    if value is None:
+        return None
+    return [tuple(address) for address in json.loads(value)]  # type: ignore[misc]
+
+
+def worker_argv() -> list[str]:
+    """
+    This process's twistd command line, for a worker: in the foreground and
+    without a pid file of its own.
+    """
+    argv = list(sys.argv)
+    cleaned = [argv[0]]
+    skip = False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--pidfile", "--logfile", "-l"):
+            skip = True
+            continue
+        if arg.startswith(("--pidfile=", "--logfile=")) or arg in ("-n", "--nodaemon"):
+            continue
+        cleaned.append(arg)
+    return [sys.executable, cleaned[0], "--nodaemon", "--pidfile=", *cleaned[1:]]
+
+
+class _Worker(ProcessProtocol):
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)
+        self.pool._ended(self)
+
+
+class WorkerPool(Service):
+    """
+    Starts the worker processes once the primary is listening, restarts
+    one that dies, passes SIGHUP on, and stops them all with the primary.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, count: int, listeners) -> None:
+        """
+        @param listeners: the primary's listeners; those with a
+            C{shared_address} are passed on, once bound.
+        """
+        self._reactor = reactor
+        self._count = count
+        self._listeners = listeners
+        self._addresses: list = []
+        self._workers: dict[int, _Worker] = {}
+        self._argv = worker_argv()
+
+    def startService(self) -> None:
+        super().startService()
+        self._addresses = [l.shared_address for l in self._listeners if l.shared_address]
+        for index in range(1, self._count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        env = dict(os.environ)
+        env[WORKER_ENV] = json.dumps(self._addresses)
+        worker = _Worker(self, index)
+        self._reactor.spawnProcess(
+            worker, self._argv[0], self._argv, env=env, childFDs={0: "w", 1: 1, 2: 2}
+        )
+        self._workers[index] = worker
+        self.log.info("started worker {index}", index=index)
+
+    def _ended(self, worker: _Worker) -> None:
+        if self._workers.get(worker.index) is not worker:
+            return
+        del self._workers[worker.index]
+        if self.running:
+            self.log.warn("worker {index} ended; starting it again", index=worker.index)
+            self._reactor.callLater(_RESPAWN_DELAY, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.running and index not in self._workers:
+            self._spawn(index)
+
+    def signal_all(self, signum: int) -> None:
+        for worker in self._workers.values():
+            try:
+                worker.transport.signalProcess(signum)
+            except Exception:  # already gone
+                pass
+
+    def stopService(self):
+        super().stopService()
+        ended = [worker.ended for worker in self._workers.values()]
+        self.signal_all(signal.SIGTERM)
+        return defer.DeferredList(ended)

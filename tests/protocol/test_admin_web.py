@@ -1,0 +1,249 @@
+"""
+The admin HTTP API, served by the real Site on loopback and asked with treq.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import treq
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mailserver.metrics import Metrics
+from mailserver.web import admin_listener_needs_token, make_admin_site
+
+
+class FakeQueue:
+    """
+    A relay queue view holding messages by id, recording flush requests.
+    """
+
+    def __init__(self, *ids: str) -> None:
+        self.messages = [{"id": i, "sender": "a@x.test", "recipients": ["b@y.test"]} for i in ids]
+        self.flushed: list[str] = []
+
+    def list(self) -> list[dict]:
+        return self.messages
+
+    def flush(self, queue_id: str) -> bool:
+        self.flushed.append(queue_id)
+        return any(m["id"] == queue_id for m in self.messages)
+
+
+SMTP_UP = {"role": "smtp", "address": "127.0.0.1:2525", "listening": True}
+POP3_DOWN = {"role": "pop3", "address": "127.0.0.1:2110", "listening": False}
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """
+    The samples of a Prometheus text page, keyed by C{name{labels}} as written.
+    """
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            match = re.fullmatch(r"(\S+?(?:\{.*\})?) (\S+)", line)
+            assert match, line
+            samples[match.group(1)] = float(match.group(2))
+    return samples
+
+
+class AdminSiteTests(unittest.TestCase):
+    def serve(self, *, listeners=(SMTP_UP,), queue=None, token=None) -> None:
+        """
+        Listen with a fresh admin site on 127.0.0.1, port chosen by the OS.
+        """
+        self.metrics = Metrics()
+        self.logins = self.metrics.counter("pop3_logins_total", "Successful POP3 logins.")
+        self.queue = queue if queue is not None else FakeQueue()
+        site = make_admin_site(
+            metrics=self.metrics,
+            listener_states=lambda: list(listeners),
+            queue_view=self.queue,
+            token=token,
+        )
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+
+    async def call(self, method: str, path: str, **kwargs):
+        response = await self.http.request(method, self.base + path, **kwargs)
+        body = await response.content()
+        return response, body
+
+    @defer.inlineCallbacks
+    def test_health_ok_when_every_listener_serves(self):
+        self.serve(listeners=[SMTP_UP])
+        response, body = yield defer.ensureDeferred(self.call("GET", "/health"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(
+            json.loads(body), {"status": "ok", "listeners": [SMTP_UP]}
+        )
+
+    @defer.inlineCallbacks
+    def test_health_503_when_a_listener_is_down(self):
+        self.serve(listeners=[SMTP_UP, POP3_DOWN])
+        response, body = yield defer.ensureDeferred(self.call("GET", "/health"))
+        self.assertEqual(response.code, 503)
+        self.assertEqual(
+            json.loads(body), {"status": "unavailable", "listeners": [SMTP_UP, POP3_DOWN]}
+        )
+
+    @defer.inlineCallbacks
+    def test_metrics_are_scraped_and_counters_go_up(self):
+        self.serve()
+        response, body = yield defer.ensureDeferred(self.call("GET", "/metrics"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-type"),
+            [b"text/plain; version=0.0.4; charset=utf-8"],
+        )
+        self.assertEqual(parse_exposition(body.decode())["pop3_logins_total"], 0)
+        self.logins.inc()
+        self.logins.inc()
+        _, body = yield defer.ensureDeferred(self.call("GET", "/metrics"))
+        self.assertEqual(parse_exposition(body.decode())["pop3_logins_total"], 2)
+        self.assertIn("# TYPE pop3_logins_total counter", body.decode())
+
+    @defer.inlineCallbacks
+    def test_head_answers_like_get_without_body(self):
+        self.serve()
+        response, body = yield defer.ensureDeferred(self.call("HEAD", "/health"))
+        self.assertEqual((response.code, body), (200, b""))
+
+    @defer.inlineCallbacks
+    def test_queue_lists_messages(self):
+        self.serve(queue=FakeQueue("0190A1B2C3D4E5F6A7", "0190A1B2C3D4E5F6A8"))
+        response, body = yield defer.ensureDeferred(self.call("GET", "/api/queue"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual([m["id"] for m in json.loads(body)], ["0190A1B2C3D4E5F6A7", "0190A1B2C3D4E5F6A8"])
+
+    @defer.inlineCallbacks
+    def test_flush_known_id_is_accepted(self):
+        self.serve(queue=FakeQueue("0190A1B2C3D4E5F6A7"))
+        response, body = yield defer.ensureDeferred(
+            self.call("POST", "/api/queue/0190A1B2C3D4E5F6A7/flush")
+        )
+        self.assertEqual(response.code, 202)
+        self.assertEqual(json.loads(body), {"id": "0190A1B2C3D4E5F6A7", "status": "flush requested"})
+        self.assertEqual(self.queue.flushed, ["0190A1B2C3D4E5F6A7"])
+
+    @defer.inlineCallbacks
+    def test_flush_unknown_id_is_404(self):
+        self.serve(queue=FakeQueue("0190A1B2C3D4E5F6A7"))
+        response, body = yield defer.ensureDeferred(self.call("POST", "/api/queue/NOPE/flush"))
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(body), {"error": "unknown queue id", "id": "NOPE"})
+
+    @defer.inlineCallbacks
+    def test_flush_never_passes_a_path_like_id_to_the_queue(self):
+        self.serve(queue=FakeQueue())
+        response, _ = yield defer.ensureDeferred(
+            self.call("POST", "/api/queue/..%2F..%2Fetc/flush")
+        )
+        self.assertEqual(response.code, 404)
+        self.assertEqual(self.queue.flushed, [])
+
+    @defer.inlineCallbacks
+    def test_unknown_paths_are_404(self):
+        self.serve()
+        for path in ("/", "/nope", "/health/", "/api", "/api/queue/X", "/api/queue/X/flush/more"):
+            response, body = yield defer.ensureDeferred(self.call("GET", path))
+            self.assertEqual(response.code, 404, path)
+            self.assertEqual(json.loads(body), {"error": "not found"})
+
+    @defer.inlineCallbacks
+    def test_wrong_method_is_405_with_allow(self):
+        self.serve()
+        response, _ = yield defer.ensureDeferred(self.call("POST", "/health"))
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
+        response, _ = yield defer.ensureDeferred(self.call("GET", "/api/queue/X/flush"))
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
+        response, _ = yield defer.ensureDeferred(self.call("DELETE", "/api/queue"))
+        self.assertEqual(response.code, 405)
+
+    @defer.inlineCallbacks
+    def test_token_required_without_authorization(self):
+        self.serve(token="s3cret")
+        for method, path in [("GET", "/health"), ("GET", "/metrics"), ("POST", "/api/queue/X/flush"), ("GET", "/nope")]:
+            response, body = yield defer.ensureDeferred(self.call(method, path))
+            self.assertEqual(response.code, 401, path)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"www-authenticate"), [b'Bearer realm="mailserver"']
+            )
+            self.assertEqual(json.loads(body), {"error": "unauthorized"})
+        self.assertEqual(self.queue.flushed, [])
+
+    @defer.inlineCallbacks
+    def test_wrong_token_or_scheme_is_401(self):
+        self.serve(token="s3cret")
+        response, _ = yield defer.ensureDeferred(
+            self.call("GET", "/health", headers={b"Authorization": [b"Bearer s3cre"]})
+        )
+        self.assertEqual(response.code, 401)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"www-authenticate"),
+            [b'Bearer realm="mailserver", error="invalid_token"'],
+        )
+        response, _ = yield defer.ensureDeferred(
+            self.call("GET", "/health", headers={b"Authorization": [b"Basic s3cret"]})
+        )
+        self.assertEqual(response.code, 401)
+
+    @defer.inlineCallbacks
+    def test_right_token_is_let_in(self):
+        self.serve(token="s3cret", queue=FakeQueue("A1"))
+        auth = {b"Authorization": [b"bearer s3cret"]}
+        response, _ = yield defer.ensureDeferred(self.call("GET", "/health", headers=auth))
+        self.assertEqual(response.code, 200)
+        response, _ = yield defer.ensureDeferred(self.call("POST", "/api/queue/A1/flush", headers=auth))
+        self.assertEqual(response.code, 202)
+
+    @defer.inlineCallbacks
+    def test_empty_token_means_no_authentication(self):
+        self.serve(token="")
+        response, _ = yield defer.ensureDeferred(self.call("GET", "/health"))
+        self.assertEqual(response.code, 200)
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:2080:interface=127.0.0.1",
+        "tcp:2080:127.0.0.1",
+        "tcp:2080:interface=127.0.0.53",
+        "tcp:2080:interface=localhost",
+        r"tcp6:2080:interface=\:\:1",
+        "unix:/run/mailserver/admin.sock",
+        "unix:@mailserver-admin",
+    ],
+)
+def test_local_admin_listeners_need_no_token(description):
+    assert admin_listener_needs_token(description) is False
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:2080",
+        "tcp:2080:interface=0.0.0.0",
+        "tcp:2080:interface=192.0.2.1",
+        "tcp6:2080",
+        r"tcp6:2080:interface=\:\:",
+        "systemd:domain=INET:index=0",
+        "2080",
+        "nonsense:x",
+        "",
+    ],
+)
+def test_reachable_admin_listeners_need_a_token(description):
+    assert admin_listener_needs_token(description) is True
