@@ -1,0 +1,196 @@
+"""
+Operating the real server: third-party plugins, the admin API, reload on
+SIGHUP, a graceful stop on SIGTERM, worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import ssl
+import time
+import urllib.error
+import urllib.request
+
+from harness import MailServer
+from test_core import fetch_all, without_trace
+
+PLUGIN = '''
+from twisted.plugin import IPlugin
+from zope.interface import implementer, provider
+
+from mailserver.hooks import Reject
+from mailserver.interfaces import IEnvelopeHook, IPluginFactory
+
+
+@implementer(IEnvelopeHook)
+class NoSales:
+    def __init__(self, code):
+        self.code = code
+
+    def sender(self, client, address):
+        return None
+
+    def recipient(self, client, sender, address):
+        if address.lower().startswith("sales@"):
+            return Reject(self.code, "5.7.1", "sales@ is closed, says the plugin")
+        return None
+
+
+@provider(IPlugin, IPluginFactory)
+class NoSalesPlugin:
+    name = "nosales"
+    description = "Refuses mail to sales@."
+
+    @staticmethod
+    def build(options, context):
+        return NoSales(options.get("code", 550))
+
+
+plugin = NoSalesPlugin
+'''
+
+
+def test_a_third_party_plugin_refuses_a_recipient_with_its_own_code(tmp_path):
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "nosales.py").write_text(PLUGIN)
+    server = MailServer(
+        tmp_path,
+        extra_toml=f'[plugins]\npaths = ["{folder}"]\nenabled = ["nosales"]\n'
+        "[plugins.nosales]\ncode = 553\n",
+    )
+    server.start()
+    try:
+        server.add_user("sales@localhost", "pw")
+        server.add_user("bob@localhost", "pw")
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail("a@example.com")
+            code, text = client.rcpt("sales@localhost")
+            assert (code, text) == (553, b"5.7.1 sales@ is closed, says the plugin")
+            assert client.rcpt("bob@localhost")[0] == 250
+    finally:
+        server.stop()
+
+
+def admin(server, path: str, token: str | None = None, method: str = "GET"):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.ports['admin']}{path}", method=method
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def metric(text: bytes, name: str) -> float:
+    total = 0.0
+    for line in text.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_admin_api_health_metrics_queue_and_token(tmp_path):
+    server = MailServer(tmp_path, extra_toml='[admin]\ntoken = "t0ken"\n')
+    server.start()
+    try:
+        assert admin(server, "/health")[0] == 401
+        assert admin(server, "/health", "wrong")[0] == 401
+        status, body = admin(server, "/health", "t0ken")
+        assert status == 200
+        health = json.loads(body)
+        assert health["status"] == "ok"
+        assert {entry["role"] for entry in health["listeners"]} >= {"smtp", "submission", "pop3"}
+        _, before = admin(server, "/metrics", "t0ken")
+        server.add_user("bob@localhost", "pw")
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
+            client.sendmail("a@example.com", ["bob@localhost"], b"Subject: m\r\n\r\nhi\r\n")
+        fetch_all(server, "bob@localhost", "pw")
+        _, after = admin(server, "/metrics", "t0ken")
+        for name in ("smtp_messages_accepted_total", "smtp_connections_total", "pop3_logins_total"):
+            assert metric(after, name) == metric(before, name) + 1, name
+        status, body = admin(server, "/api/queue", "t0ken")
+        assert status == 200 and json.loads(body) == []
+        assert admin(server, "/api/queue/nosuch/flush", "t0ken", method="POST")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_reload_picks_up_a_new_user_and_certificate(server):
+    from mailserver.tls import ensure_self_signed
+
+    def certificate_serial() -> int:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as client:
+            client.starttls(context=context)
+            der = client.sock.getpeercert(binary_form=True)
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(der).serial_number
+
+    old = certificate_serial()
+    tls = server.data_path / "tls"
+    (tls / "cert.pem").unlink()
+    (tls / "key.pem").unlink()
+    ensure_self_signed(tls / "cert.pem", tls / "key.pem", "mx.test")
+    assert certificate_serial() == old  # nothing changes until the reload
+    server.add_user("new@localhost", "pw")
+    result = server.cli("reload")
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    while certificate_serial() == old:
+        assert time.monotonic() < deadline, "the certificate was not reloaded"
+        time.sleep(0.1)
+    assert fetch_all(server, "new@localhost", "pw") == []
+    assert "reloaded accounts" in server.log()
+
+
+def test_sigterm_during_data_loses_nothing_that_got_250(server):
+    server.add_user("bob@localhost", "pw")
+    client = smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30)
+    client.ehlo("client.test")
+    client.mail("a@example.com")
+    client.rcpt("bob@localhost")
+    code, _ = client.docmd("DATA")
+    assert code == 354
+    client.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the server is stopping while the transaction runs
+    client.send(b"second half\r\n.\r\n")
+    code, text = client.getreply()
+    client.close()
+    server.process.wait(30)
+    server.stop()
+    server.start()
+    stored = [without_trace(m) for m in fetch_all(server, "bob@localhost", "pw")]
+    if code == 250:
+        assert stored == [b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n"]
+    else:
+        assert 400 <= code < 500, (code, text)
+        assert stored == []
+    assert code == 250, "the running transaction should have been allowed to finish"
+
+
+def test_two_workers_share_the_listeners(tmp_path):
+    server = MailServer(tmp_path, extra_toml="workers = 2\n")
+    server.start()
+    try:
+        server.add_user("bob@localhost", "pw")
+        for n in range(20):  # one connection each: the kernel spreads them
+            with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
+                client.sendmail("a@example.com", ["bob@localhost"], b"Subject: w\r\n\r\nhi\r\n")
+        # Maildir names carry the pid of the process that wrote them.
+        names = [p.name for p in (server.maildir("bob@localhost") / "new").iterdir()]
+        writers = {name.split("P", 1)[1].split("Q", 1)[0] for name in names}
+        assert len(names) == 20
+        assert len(writers) == 2, writers
+    finally:
+        assert server.stop() == 0
