@@ -326,6 +326,7 @@ def make_service(config: Config, reactor) -> MultiService:
             implicit_tls=implicit_tls,
             hooks=hooks,
             queue_runner=runner,
+            metrics=instruments,
         )
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
