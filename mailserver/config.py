@@ -82,6 +82,7 @@ class Limits:
     smtp_command_timeout: int = 300
     smtp_data_timeout: int = 600
     pop3_idle_timeout: int = 600
+    shutdown_timeout: float = 30.0
     auth_failure_delay: float = 1.0
     max_auth_failures: int = 5
 
@@ -213,6 +214,58 @@ class Relay:
     bounce_full_limit: int = 131072
 
 
+# --- mail authentication (mailserver.mailauth): DKIM signing, inbound checks ---
+@dataclass(frozen=True)
+class DKIM:
+    """
+    DKIM signing (RFC 6376) of mail that authenticated users send.
+
+    C{keys}: C{"domain:selector"} (key in C{<data_dir>/dkim/<domain>.<selector>.key},
+    as C{mailserver dkim keygen} writes it) or C{"domain:selector:/path/to/key"};
+    RSA or Ed25519 PEM keys.  Mail whose From domain (else envelope sender
+    domain) has keys is signed with each of them.
+    C{signed_headers}: header fields signed when present.
+    C{oversigned_headers}: fields signed once more than present, so none can
+    be added later without breaking the signature.
+    """
+
+    keys: tuple[str, ...] = ()
+    signed_headers: tuple[str, ...] = (
+        "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
+        "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
+        "in-reply-to", "references", "list-id", "list-help", "list-unsubscribe",
+        "list-unsubscribe-post", "list-subscribe", "list-post", "list-owner", "list-archive",
+    )
+    oversigned_headers: tuple[str, ...] = (
+        "from", "reply-to", "subject", "date", "message-id", "to", "cc",
+    )
+
+
+@dataclass(frozen=True)
+class Checks:
+    """
+    Inbound checks on the MX role (unauthenticated sessions): SPF (RFC 7208),
+    DKIM and DMARC (RFC 7489), reported in one C{Authentication-Results}
+    header (RFC 8601).  DNS goes through C{relay.resolver}.
+
+    C{spf_fail}, C{dmarc_reject}: C{"tag"} (add the header, deliver) or
+    C{"reject"} (550 5.7.1 at end of DATA; SPF fail only when DMARC does not
+    pass).  C{exempt_domains}: envelope sender or From domains never rejected
+    (C{".example.com"} also matches subdomains).  C{exempt_networks}: client
+    networks never rejected.  C{skip_networks}: client networks not checked
+    at all.  C{dns_timeout}: seconds per DNS query.
+    """
+
+    enabled: bool = True
+    spf_fail: str = "tag"
+    dmarc_reject: str = "tag"
+    exempt_domains: tuple[str, ...] = ()
+    exempt_networks: tuple[str, ...] = ()
+    skip_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    dns_timeout: float = 10.0
+# --- end mail authentication ---
+
+
 @dataclass(frozen=True)
 class Config:
     """
@@ -236,6 +289,8 @@ class Config:
     auth: Auth = field(default_factory=Auth)
     admin: Admin = field(default_factory=Admin)
     relay: Relay = field(default_factory=Relay)
+    dkim: DKIM = field(default_factory=DKIM)  # mailauth
+    checks: Checks = field(default_factory=Checks)  # mailauth
     source: str = "<embedded default>"
 
     @property
@@ -407,6 +462,7 @@ def _validate(config: Config) -> None:
             source, "limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)"
         )
     _validate_relay(config)
+    _validate_mailauth(config)
     if config.limits.max_text_line < 1000:
         raise ConfigError(
             source, "limits.max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)"
@@ -421,6 +477,16 @@ def _validate_relay(config: Config) -> None:
     problem = relay_problem(config.relay)
     if problem:
         raise ConfigError(config.source, f"relay.{problem[0]}", problem[1])
+
+
+def _validate_mailauth(config: Config) -> None:
+    # Checked with the DKIM and inbound-check code (mailserver.mailauth._settings),
+    # imported lazily so this module stays standard-library only at import.
+    from mailserver.mailauth._settings import mailauth_problem
+
+    problem = mailauth_problem(config.dkim, config.checks, config.data_path)
+    if problem:
+        raise ConfigError(config.source, problem[0], problem[1])
 
 
 def _endpoint_problem(description: str) -> str | None:

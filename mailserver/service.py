@@ -153,17 +153,32 @@ class ListenerReport(Service):
 
 class ShutdownNotice(Service):
     """
-    Tells every connected SMTP client 421 when the server stops (RFC 5321
-    3.8), before the listeners close.
+    On stop, lets SMTP transactions in progress finish (up to
+    C{limits.shutdown_timeout} seconds), tells every client 421 (RFC 5321
+    3.8), then drops whoever is left: they never got a 250, so they keep
+    their message and try again.
     """
 
-    def __init__(self, factories) -> None:
+    log = Logger()
+
+    def __init__(self, factories, reactor, timeout: float) -> None:
         self._factories = factories
+        self._reactor = reactor
+        self._timeout = timeout
 
     def stopService(self):
         super().stopService()
+        d = defer.gatherResults([factory.shutdown() for factory in self._factories])
+        d.addTimeout(self._timeout, self._reactor)
+        d.addErrback(self._drop_the_rest)
+        return d
+
+    def _drop_the_rest(self, failure) -> None:
+        failure.trap(defer.TimeoutError)
         for factory in self._factories:
-            factory.shutdown()
+            for session in list(factory.sessions):
+                self.log.warn("dropping a session still open at shutdown")
+                session.transport.abortConnection()
 
 
 class ReloadOnSignal(Service):
@@ -381,7 +396,7 @@ def make_service(config: Config, reactor) -> MultiService:
         runner.setServiceParent(root)
     # Services stop in reverse order: the ports close first, then connected
     # clients hear 421.
-    ShutdownNotice(smtp_factories).setServiceParent(root)
+    ShutdownNotice(smtp_factories, reactor, config.limits.shutdown_timeout).setServiceParent(root)
     for listener in listeners:
         listener.setServiceParent(root)
     pool = None

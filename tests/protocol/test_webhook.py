@@ -61,8 +61,9 @@ class WebhookTests(unittest.TestCase):
         for n in range(3):
             self.assertIsNone(hook.delivered(delivery(n)))
         yield defer.ensureDeferred(self.drain(hook))
-        self.assertEqual([body["queue_id"] for body, _ in receiver.received], ["Q0", "Q1", "Q2"])
-        body, headers = receiver.received[0]
+        received = sorted(receiver.received, key=lambda pair: pair[0]["queue_id"])
+        self.assertEqual([body["queue_id"] for body, _ in received], ["Q0", "Q1", "Q2"])
+        body, headers = received[0]
         self.assertEqual(
             {k: body[k] for k in ("sender", "recipient", "status", "size")},
             {"sender": "a@x.test", "recipient": "r0@localhost", "status": "delivered", "size": 100},

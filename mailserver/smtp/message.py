@@ -1,0 +1,225 @@
+"""
+The message text between DATA (or BDAT) and the final reply.
+
+L{DotReader} finds the end of DATA and undoes dot-stuffing in bulk, one
+C{find} and one C{replace} per chunk, never a Python call per line.
+L{MessageSink} checks what arrives (size, line length, bare CR or LF, mail
+loops) and streams it to the intake's receiver behind our C{Received:}
+header, so a large message is never held in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from email.utils import format_datetime
+
+from mailserver.smtp.replies import (
+    BARE_NEWLINE,
+    DATA_LINE_TOO_LONG,
+    LOOP_DETECTED,
+    TOO_BIG,
+    Reply,
+)
+
+# RFC 5321 4.1.1.4: only <CRLF>.<CRLF> ends the data.  Anything else
+# (<LF>.<LF>, <CR>.<CR>, <LF>.<CRLF>, ...) is content, which is what makes
+# SMTP smuggling impossible here.
+_END_OF_DATA = b"\r\n.\r\n"
+_RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.IGNORECASE)
+# Header sections longer than this are not scanned for Received: fields.
+_MAX_HEADER_SCAN = 1024 * 1024
+
+
+class MessageSink:
+    """
+    Checks the message text and forwards it to C{receiver}.
+
+    Pieces may be split anywhere.  The first problem found aborts the
+    receiver and stops forwarding; the rest of the message is still read
+    (the client is sending it anyway) and the problem is answered at the
+    end, so the session stays in step.
+    """
+
+    def __init__(
+        self,
+        receiver,
+        trace_header: bytes,
+        *,
+        max_size: int,
+        max_line: int,
+        max_received: int,
+    ) -> None:
+        self._receiver = receiver
+        self._trace_header = trace_header
+        self._max_size = max_size
+        self._max_line = max_line
+        self._max_received = max_received
+        self.size = 0
+        self.problem: Reply | None = None
+        self._held_cr = b""
+        self._line_length = 0
+        self._header: bytearray | None = bytearray(b"\r\n")
+
+    def write(self, data: bytes) -> None:
+        if self.problem is not None:
+            return
+        text = self._held_cr + data
+        self._held_cr = b""
+        if text.endswith(b"\r"):  # its LF may come in the next piece
+            self._held_cr = b"\r"
+            text = text[:-1]
+        crlf = text.count(b"\r\n")
+        if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
+            return self._refuse(BARE_NEWLINE)
+        if self._too_long(text):
+            return self._refuse(DATA_LINE_TOO_LONG)
+        self.size += len(text)
+        if self.size > self._max_size:
+            return self._refuse(TOO_BIG)
+        if self._header is not None:
+            self._scan_header(text)
+            if self.problem is not None:
+                return
+        if self._trace_header:
+            text = self._trace_header + text
+            self._trace_header = b""
+        if text:
+            self._receiver.write(text)
+
+    def close(self) -> Reply | None:
+        """
+        The client finished sending; return the problem, if any.
+        """
+        if self._held_cr and self.problem is None:
+            self._refuse(BARE_NEWLINE)
+        if self._header is not None and self.problem is None:
+            self._count_received(bytes(self._header))
+        if self.problem is None and self._trace_header:
+            self._receiver.write(self._trace_header)  # an empty message
+        return self.problem
+
+    def _too_long(self, text: bytes) -> bool:
+        """
+        RFC 5321 4.5.3.1.6: a text line is at most C{max_line} octets with
+        its CRLF.  Lines may span pieces, so the open line's length carries.
+        """
+        lines = text.split(b"\n")
+        if len(lines) == 1:
+            self._line_length += len(text)
+            return self._line_length > self._max_line
+        longest = max(self._line_length + len(lines[0]), max(map(len, lines[1:-1]), default=0))
+        self._line_length = len(lines[-1])
+        return longest + 1 > self._max_line or self._line_length > self._max_line
+
+    def _scan_header(self, text: bytes) -> None:
+        header = self._header
+        assert header is not None
+        header += text
+        end = header.find(b"\r\n\r\n")
+        if end >= 0:
+            self._header = None
+            self._count_received(bytes(header[:end]))
+        elif len(header) > _MAX_HEADER_SCAN:
+            self._header = None
+
+    def _count_received(self, header: bytes) -> None:
+        if len(_RECEIVED.findall(header)) > self._max_received:
+            self._refuse(LOOP_DETECTED)
+
+    def _refuse(self, problem: Reply) -> None:
+        self.problem = problem
+        self._receiver.abort()
+
+
+class DotReader:
+    """
+    Finds C{<CRLF>.<CRLF>} in the DATA stream and passes the un-stuffed
+    text to a L{MessageSink}.
+
+    The text is kept as if a CRLF came just before it, so a message that
+    starts with C{.} or is empty needs no special case; what is kept between
+    chunks always starts at a CRLF, so a terminator or a stuffed dot split
+    across chunks is still seen.
+    """
+
+    def __init__(self, sink: MessageSink, max_line: int) -> None:
+        self._sink = sink
+        self._max_line = max_line
+        self._pending = b"\r\n"
+        self._first = True
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Take the next bytes; return C{None} while the message goes on, or
+        the bytes after the terminator once it is found.
+        """
+        text = self._pending + data
+        end = text.find(_END_OF_DATA)
+        if end >= 0:
+            self._pending = b""
+            self._emit(text[: end + 2])
+            return text[end + len(_END_OF_DATA) :]
+        cut = text.rfind(b"\r\n")
+        if cut <= 0 and len(text) > self._max_line + 6:
+            # One line longer than allowed: the message is refused anyway,
+            # so keep only what could begin a terminator.
+            cut = len(text) - 4
+        if cut > 0:
+            self._emit(text[:cut])
+            text = text[cut:]
+        self._pending = text
+        return None
+
+    def _emit(self, text: bytes) -> None:
+        text = text.replace(b"\r\n..", b"\r\n.")
+        if self._first:
+            text = text[2:]
+            self._first = False
+        if text:
+            self._sink.write(text)
+
+
+def received_header(
+    *,
+    helo: str,
+    client_address: str,
+    hostname: str,
+    protocol: str,
+    session_id: str,
+    tls: str | None,
+    authenticated: str | None,
+    recipient: str | None,
+    when: float,
+) -> bytes:
+    """
+    The RFC 5321 4.4 trace field, in Postfix's layout.  No DNS lookups: the
+    client is named by its address literal.
+    """
+    literal = f"[IPv6:{client_address}]" if ":" in client_address else f"[{client_address}]"
+    lines = [f"Received: from {_printable(helo)} ({literal})"]
+    if tls:
+        lines.append(f"\t({tls})")
+    if authenticated:
+        lines.append(f"\t(Authenticated sender: {_printable(authenticated)})")
+    lines.append(f"\tby {hostname} (mailserver) with {protocol} id {session_id}")
+    date = format_datetime(datetime.fromtimestamp(when, timezone.utc))
+    if recipient:
+        lines.append(f"\tfor <{recipient}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)
+
+
+def with_protocol(*, esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:
+    """
+    The C{with} keyword of the Received field (RFC 3848, RFC 6531 3.7.3).
+    """
+    if not esmtp:
+        return "SMTP"
+    suffix = ("S" if tls else "") + ("A" if authenticated else "")
+    return ("UTF8SMTP" if smtputf8 else "ESMTP") + suffix

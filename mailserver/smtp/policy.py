@@ -1,0 +1,114 @@
+"""
+Who may do what over SMTP: the relay rules, the MX and submission roles,
+recipient resolution, VRFY and EXPN.
+
+Every decision is a pure function of the configuration, the accounts and the
+session's facts (authenticated or not), answering a L{Reply} or the data
+needed to go on, so the whole policy is tested without a connection.
+
+Relaying is decided on the parsed domain only: a local part is never routed
+on, so C{user%other@local}, C{other!user@local} and C{"user@other"@local}
+are local parts that do not resolve (550 5.1.1), and source routes are
+dropped by the grammar before we get here.
+"""
+
+from __future__ import annotations
+
+from mailserver.config import Config
+from mailserver.smtp.grammar import Mailbox
+from mailserver.smtp.replies import (
+    AUTH_REQUIRED,
+    RELAY_DENIED,
+    USER_UNKNOWN,
+    Reply,
+    reply,
+)
+
+MX = "smtp"
+SUBMISSION = "submission"
+
+
+class Policy:
+    """
+    The rules for one listener role (C{"smtp"}: MX, C{"submission"}:
+    RFC 6409 message submission).
+    """
+
+    def __init__(self, config: Config, role: str, accounts) -> None:
+        if role not in (MX, SUBMISSION):
+            raise ValueError(f"unknown SMTP role {role!r}")
+        self._config = config
+        self._accounts = accounts
+        self.role = role
+
+    def sender(self, mailbox: Mailbox | None, authenticated: str | None) -> Reply | None:
+        """
+        May this client use this reverse-path?  C{None} means yes.
+
+        Submission requires AUTH (RFC 6409 4.3) and a sender the account
+        owns, so one user cannot send as another; MX accepts any sender,
+        including the null sender of bounces.
+        """
+        if self.role == SUBMISSION:
+            if authenticated is None:
+                return AUTH_REQUIRED
+            if mailbox is None or not self._accounts.owns(authenticated, mailbox.address):
+                return reply(
+                    553, "5.7.1", f"Sender address rejected: not owned by user {authenticated}"
+                )
+        return None
+
+    def recipient(self, mailbox: Mailbox, authenticated: str | None) -> Reply | tuple[str, ...]:
+        """
+        Where mail to C{mailbox} goes, or why it is refused.
+
+        Local domains resolve through the accounts (aliases, lists,
+        subaddress, catch-all).  Any other domain, and any address literal,
+        is relaying: allowed only to authenticated clients, whose recipient
+        is kept as given for the relay queue.
+        """
+        if self.role == SUBMISSION and authenticated is None:
+            return AUTH_REQUIRED
+        if not mailbox.domain:  # <Postmaster> (RFC 5321 4.5.1)
+            mailbox = Mailbox(mailbox.local, self._config.local_domains[0])
+        if not mailbox.is_address_literal and self._config.is_local_domain(mailbox.domain):
+            destinations = self._accounts.resolve(mailbox.address)
+            if not destinations:
+                return USER_UNKNOWN
+            return tuple(destinations)
+        if authenticated is not None:
+            return (mailbox.address,)
+        return RELAY_DENIED
+
+    def vrfy(self, mailbox: Mailbox | None, authenticated: str | None) -> Reply:
+        """
+        RFC 5321 3.5.3: 252 when we will not say; 250 or 550 when we do.
+        """
+        if authenticated is None and self._config.smtp.vrfy == "refuse":
+            return reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+        if mailbox is None or mailbox.is_address_literal or not self._is_local(mailbox):
+            return reply(252, "2.5.0", "Cannot VRFY a non-local address")
+        if self._accounts.exists(self._full(mailbox).address):
+            return reply(250, "2.1.5", f"<{self._full(mailbox).address}>")
+        return reply(550, "5.1.1", "User unknown")
+
+    def expn(self, mailbox: Mailbox | None, authenticated: str | None) -> Reply:
+        """
+        RFC 5321 3.5.2: the members of a list, one per line.
+        """
+        if authenticated is None and self._config.smtp.expn == "refuse":
+            return reply(502, "5.5.1", "EXPN is disabled")
+        if mailbox is None or mailbox.is_address_literal or not self._is_local(mailbox):
+            return reply(550, "5.1.1", "Not a local mailing list")
+        members = self._accounts.expand(self._full(mailbox).address)
+        if not members:
+            return reply(550, "5.1.1", "Not a mailing list")
+        return Reply(250, "2.1.5", tuple(f"<{member}>" for member in members))
+
+    def _is_local(self, mailbox: Mailbox) -> bool:
+        return not mailbox.domain or self._config.is_local_domain(mailbox.domain)
+
+    def _full(self, mailbox: Mailbox) -> Mailbox:
+        if mailbox.domain:
+            return mailbox
+        return Mailbox(mailbox.local, self._config.local_domains[0])
