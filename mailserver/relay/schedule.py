@@ -8,7 +8,7 @@ and a jitter function, so tests pin every delay.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailserver.relay._settings import parse_duration

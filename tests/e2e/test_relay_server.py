@@ -9,7 +9,6 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
-from pathlib import Path
 
 import pytest
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from twisted.internet import defer
 from twisted.names import error as dns_error
 

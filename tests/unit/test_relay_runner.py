@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import email
 import email.policy
-from dataclasses import replace
 
-import pytest
 from twisted.internet import defer
 
 from mailserver.accounts import Accounts
