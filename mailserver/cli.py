@@ -13,8 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mailserver.accounts import AccountError, Accounts
+from mailserver.accounts import AccountError, Accounts, strcred_checkers
 from mailserver.config import Config, ConfigError, load
+from mailserver.hooks import PluginContext
+from mailserver.mailauth import add_dkim_commands, load_signing_keys
+from mailserver.plugin_loading import load_plugins
+from mailserver.relay.admin import add_queue_commands
 from mailserver.relay.queue import QueueError
 
 
@@ -60,15 +64,15 @@ def _check_config(config: Config, args: argparse.Namespace) -> str:
 
     from twisted.internet import reactor
 
-    from mailserver.accounts import strcred_checkers
-    from mailserver.hooks import PluginContext
-    from mailserver.plugin_loading import load_plugins
-
     checked = load(args.file) if args.file else config
     if checked.tls.certificate:  # else a self-signed pair is made at start
         server_options(checked)
     strcred_checkers(checked)
-    load_plugins(checked, PluginContext(reactor=reactor, hostname=checked.hostname, data_path=checked.data_path))
+    load_signing_keys(checked)
+    context = PluginContext(
+        reactor=reactor, hostname=checked.hostname, data_path=checked.data_path
+    )
+    load_plugins(checked, context)
     return f"{checked.source}: OK"
 
 
@@ -127,9 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "reload", help="make the running server re-read accounts, aliases and TLS files"
     ).set_defaults(handler=_reload)
-    from mailserver.relay.admin import add_queue_commands  # relay: queue commands
-
     add_queue_commands(commands)
+    add_dkim_commands(commands)
     return parser
 
 

@@ -44,6 +44,7 @@ class _HookedReceiver:
         self._hooks = hooks
         self._envelope = envelope
         self._head = bytearray()
+        self._separator = b""
         self._in_body = False
         self._body = tempfile.TemporaryFile(dir=spool_tmp)
 
@@ -54,14 +55,19 @@ class _HookedReceiver:
         self._head += data
         end = self._head.find(b"\r\n\r\n")
         if end >= 0:
-            self._split(end + 2)
+            self._split(end + 2, blank=True)
         elif self._head.startswith(b"\r\n"):
-            self._split(0)
+            self._split(0, blank=True)
         elif len(self._head) > MAX_HEADER_BYTES:
-            self._split(self._head.rfind(b"\r\n") + 2)
+            self._split(self._head.rfind(b"\r\n") + 2, blank=False)
 
-    def _split(self, at: int) -> None:
-        self._body.write(self._head[at:])
+    def _split(self, at: int, blank: bool) -> None:
+        """
+        End the header section at C{at}; the empty line after it, if any,
+        belongs to neither part.
+        """
+        self._separator = b"\r\n" if blank else b""
+        self._body.write(self._head[at + len(self._separator):])
         del self._head[at:]
         self._in_body = True
 
@@ -76,7 +82,7 @@ class _HookedReceiver:
                 raise MessageRejected(verdict)
             receiver = self._intake.begin(self._envelope)
             try:
-                receiver.write(headers.to_bytes())
+                receiver.write(headers.to_bytes() + self._separator)
                 self._body.seek(0)
                 while chunk := self._body.read(_COPY_CHUNK):
                     receiver.write(chunk)

@@ -169,10 +169,29 @@ class MessageHeaders:
         """
         self._fields.insert(0, (name, self._render(name, value)))
 
-    def remove(self, name: str) -> int:
+    def add_raw(self, field: bytes) -> None:
+        """
+        Add a field already rendered by the caller (C{b"Name: value\\r\\n"},
+        possibly folded, e.g. a C{DKIM-Signature}), at the top.
+        """
+        lines = field[:-2].split(b"\r\n") if field.endswith(b"\r\n") else []
+        name = lines[0].partition(b":")[0].strip() if lines and b":" in lines[0] else b""
+        if (not name or any(b"\r" in line or b"\n" in line for line in lines)
+                or any(line[:1] not in (b" ", b"\t") for line in lines[1:])):
+            raise ValueError("not a header field: Name: value, folded with CRLF + WSP")
+        self._fields.insert(0, (name.decode("utf-8", "replace"), field))
+
+    def remove(self, name: str, where=None) -> int:
+        """
+        Remove the fields called C{name} (those whose unfolded value
+        C{where(value)} is true, if C{where} is given); return how many.
+        """
         wanted = name.lower()
         before = len(self._fields)
-        self._fields = [(n, raw) for n, raw in self._fields if n.lower() != wanted]
+        self._fields = [
+            (n, raw) for n, raw in self._fields
+            if n.lower() != wanted or (where is not None and not where(_value(raw)))
+        ]
         return before - len(self._fields)
 
     def replace(self, name: str, value: str) -> None:
@@ -181,6 +200,11 @@ class MessageHeaders:
 
     def to_bytes(self) -> bytes:
         return b"".join(raw for _, raw in self._fields)
+
+
+def _value(raw: bytes) -> str:
+    value = raw.split(b":", 1)[1] if b":" in raw else b""
+    return re.sub(rb"\r\n(?=[ \t])", b"", value).decode("utf-8", "replace").strip()
 
 
 class MessageBody:

@@ -24,6 +24,7 @@ from mailserver.config import Config, ConfigError
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
+from mailserver.mailauth import mail_auth_hooks
 from mailserver.maildir import Mailbox
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
@@ -303,8 +304,11 @@ def make_service(config: Config, reactor) -> MultiService:
         queue_oldest_seconds=lambda: _oldest(queue, reactor),
     )
     context = PluginContext(reactor=reactor, hostname=config.hostname, data_path=config.data_path)
+    # Authentication checks see the message as it arrived; DKIM signs it
+    # as the plugins left it.
+    auth_first, auth_last = mail_auth_hooks(config, reactor)
     hooks = Hooks(
-        load_plugins(config, context),
+        auth_first + load_plugins(config, context) + auth_last,
         on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),
     )
     intake = Intake(

@@ -1,0 +1,123 @@
+"""
+A real C{twisted.names} DNS server on 127.0.0.1 for the mail-authentication
+tests, serving TXT (SPF, DKIM keys, DMARC), A, AAAA, MX, PTR and CNAME
+records from a dict:
+
+    {"example.org": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"], "A": ["127.0.0.1"]}}
+
+L{listen} runs it in the calling process's reactor (trial tests);
+L{DNSProcess} runs it as a child process (end-to-end tests), and running this
+file as a script (C{python mailauth_zone.py '<zone json>'}) is that child: it
+prints its port and serves until killed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.names import common, dns, error, server
+
+
+def _txt(text: str):
+    data = text.encode("utf-8")
+    return dns.Record_TXT(*[data[i:i + 255] for i in range(0, len(data), 255)] or [b""], ttl=60)
+
+
+def _records(spec: dict) -> list:
+    out = [_txt(t) for t in spec.get("TXT", [])]
+    out += [dns.Record_A(a, ttl=60) for a in spec.get("A", [])]
+    out += [dns.Record_AAAA(a, ttl=60) for a in spec.get("AAAA", [])]
+    out += [dns.Record_MX(p, h.encode(), ttl=60) for p, h in spec.get("MX", [])]
+    out += [dns.Record_PTR(h.encode(), ttl=60) for h in spec.get("PTR", [])]
+    if "CNAME" in spec:
+        out.append(dns.Record_CNAME(spec["CNAME"].encode(), ttl=60))
+    return out
+
+
+class ZoneResolver(common.ResolverBase):
+    """
+    Answers from the dict, authoritatively; unknown names are NXDOMAIN.
+    """
+
+    def __init__(self, zone: dict) -> None:
+        super().__init__()
+        self._zone = {name.lower().rstrip("."): spec for name, spec in zone.items()}
+
+    def _answers(self, name: str, qtype: int, depth: int = 0) -> list:
+        spec = self._zone[name]
+        records = _records(spec)
+        found = [dns.RRHeader(name.encode(), r.TYPE, dns.IN, 60, r, auth=True)
+                 for r in records if qtype in (dns.ALL_RECORDS, r.TYPE)]
+        if not found and "CNAME" in spec and depth < 8:
+            target = spec["CNAME"].lower().rstrip(".")
+            cname = [dns.RRHeader(name.encode(), dns.CNAME, dns.IN, 60,
+                                  dns.Record_CNAME(target.encode(), ttl=60), auth=True)]
+            if target in self._zone:
+                return cname + self._answers(target, qtype, depth + 1)
+            return cname
+        return found
+
+    def _lookup(self, name, cls, type, timeout=None):
+        key = name.decode("ascii").lower().rstrip(".")
+        if key not in self._zone:
+            return defer.fail(error.DNSNameError(name))
+        return defer.succeed((self._answers(key, type), [], []))
+
+
+def listen(reactor, zone: dict) -> tuple[int, list]:
+    """
+    Serve C{zone} over UDP and TCP on one free port of 127.0.0.1.
+
+    @return: C{(port, listening ports to stop)}.
+    """
+    factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
+    protocol = dns.DNSDatagramProtocol(factory)
+    for _ in range(50):
+        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        port = tcp.getHost().port
+        try:
+            udp = reactor.listenUDP(port, protocol, interface="127.0.0.1")
+        except Exception:
+            tcp.stopListening()
+            continue
+        return port, [tcp, udp]
+    raise RuntimeError("no free port for the DNS server")
+
+
+class DNSProcess:
+    """
+    The DNS server as a child process; C{resolver} is its C{"host:port"}.
+    """
+
+    def __init__(self, zone: dict) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), json.dumps(zone)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        line = self.process.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError("the DNS server did not start")
+        self.port = int(line)
+
+    @property
+    def resolver(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+
+if __name__ == "__main__":
+    from twisted.internet import reactor
+
+    port, _ = listen(reactor, json.loads(sys.argv[1]))
+    print(port, flush=True)
+    reactor.run()
