@@ -100,7 +100,7 @@ class Listener(Service):
         return {
             "role": self.role,
             "address": f"{address.host}:{address.port}" if address else self.description,
-            "listening": self.port is not None and self.running,
+            "listening": self.port is not None and bool(self.running),
         }
 
     def _listened(self, port) -> None:
