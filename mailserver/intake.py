@@ -23,7 +23,10 @@ from mailserver.accounts import Accounts, split_address
 from mailserver.envelope import Envelope
 from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
-from mailserver.maildir import SpoolFile, UniqueNames
+from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir
+
+# Messages up to this size are kept in memory until the end of DATA.
+SPILL_SIZE = 1024 * 1024
 
 
 class RelayQueue(Protocol):
@@ -90,14 +93,39 @@ class Intake:
                     remote[destination] = None
         return list(local), tuple(remote)
 
-    def _store(self, spool: SpoolFile, envelope: Envelope, body_offset: int) -> str:
+    def _store(self, message: bytes | SpoolFile, envelope: Envelope, body_offset: int) -> str:
+        """
+        Make the message durable everywhere it goes (in a worker thread).
+
+        @param message: the whole message, or the spool file a large one
+            was streamed into.
+        """
         maildirs, remote = self.route(envelope)
         if remote and self._queue is None:
-            spool.discard()
+            if isinstance(message, SpoolFile):
+                message.discard()
             raise NoRelayQueue(", ".join(remote))
-        spool.sync()
-        if remote:
-            self._queue.enqueue(envelope, remote, spool.path, body_offset)
+        if isinstance(message, SpoolFile):
+            spool = message
+        else:
+            # Written straight into the first recipient's tmp/, so delivery
+            # there is one rename.
+            tmp = maildirs[0] / "tmp" if maildirs else self.spool_path / "tmp"
+            if maildirs:
+                ensure_maildir(maildirs[0])
+            spool = SpoolFile(tmp, self._names)
+            try:
+                spool.write(message)
+            except BaseException:
+                spool.discard()
+                raise
+        try:
+            spool.sync()
+            if remote:
+                self._queue.enqueue(envelope, remote, spool.path, body_offset)
+        except BaseException:
+            spool.discard()
+            raise
         spool.deliver(maildirs)
         return spool.name
 
@@ -128,16 +156,19 @@ def _return_path(sender: str) -> bytes:
 class _Receiver:
     """
     Converts CRLF to LF as the pieces arrive (a CR at the end of one piece
-    may pair with an LF at the start of the next) and writes them to the
-    spool file.
+    may pair with an LF at the start of the next) and keeps them in memory;
+    a message that grows past L{SPILL_SIZE} is streamed into a spool file
+    instead, so memory stays bounded.  Nothing touches the disk on the
+    reactor thread for the common, small message.
     """
 
     def __init__(self, intake: Intake, envelope: Envelope) -> None:
         self._intake = intake
         self._envelope = envelope
-        self._spool = SpoolFile(intake.spool_path / "tmp", intake._names)
         header = _return_path(envelope.sender)
-        self._spool.write(header)
+        self._pieces: list[bytes] = [header]
+        self._buffered = len(header)
+        self._spool: SpoolFile | None = None
         self._body_offset = len(header)
         self._held_cr = b""
 
@@ -147,17 +178,37 @@ class _Receiver:
             data, self._held_cr = data[:-1], b"\r"
         else:
             self._held_cr = b""
-        self._spool.write(data.replace(b"\r\n", b"\n"))
+        self._append(data.replace(b"\r\n", b"\n"))
+
+    def _append(self, data: bytes) -> None:
+        if self._spool is not None:
+            self._spool.write(data)
+            return
+        self._pieces.append(data)
+        self._buffered += len(data)
+        if self._buffered > SPILL_SIZE:
+            self._spool = SpoolFile(self._intake.spool_path / "tmp", self._intake._names)
+            for piece in self._pieces:
+                self._spool.write(piece)
+            self._pieces = []
 
     def finish(self):
         if self._held_cr:
-            self._spool.write(self._held_cr)
+            self._append(self._held_cr)
+            self._held_cr = b""
         intake = self._intake
+        if self._spool is not None:
+            message: bytes | SpoolFile = self._spool
+            size = self._spool.size
+        else:
+            message = b"".join(self._pieces)
+            size = len(message)
+            self._pieces = []
         d = deferToThreadPool(
             intake._reactor,
             intake._reactor.getThreadPool(),
             intake._store,
-            self._spool,
+            message,
             self._envelope,
             self._body_offset,
         )
@@ -166,8 +217,10 @@ class _Receiver:
             intake.log.failure("storing a message failed", failure)
             return failure
 
-        d.addCallback(intake._delivered, self._envelope, self._spool.size - self._body_offset)
+        d.addCallback(intake._delivered, self._envelope, size - self._body_offset)
         return d.addErrback(failed)
 
     def abort(self) -> None:
-        self._spool.discard()
+        self._pieces = []
+        if self._spool is not None:
+            self._spool.discard()

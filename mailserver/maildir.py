@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 _SUBDIRS = ("tmp", "new", "cur")
-_SIZE_FIELD = re.compile(r",([SW])=(\d+)")
 _LOCK_NAME = "mailserver.lock"
 
 
@@ -60,7 +59,7 @@ class UniqueNames:
         now = time.time()
         seconds = int(now)
         micros = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micros}P{os.getpid()}Q{next(self._counter)}.{self._host}"
+        return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{self._host}"
 
 
 def ensure_maildir(path: Path) -> None:
@@ -89,10 +88,10 @@ class SpoolFile:
     """
     One message being written into a C{tmp/} folder, then delivered.
 
-    The SMTP server streams pieces in with L{write} (on the reactor thread:
-    writes to an unsynced file land in the page cache and return at once);
-    L{deliver} does the slow part (fsync, links, directory fsyncs) and is
-    meant for a worker thread.
+    Written in the first recipient's C{tmp/} (or a spool folder when there
+    is no local recipient), it is renamed into that Maildir's C{new/} and
+    hard-linked into the others', so one copy serves every recipient.  All
+    of this is blocking file work, meant for a worker thread.
     """
 
     def __init__(self, tmp_dir: Path, names: UniqueNames) -> None:
@@ -131,15 +130,18 @@ class SpoolFile:
         spool file.  Returns the delivered paths.
 
         @raise OSError: on any failure; nothing is then reported delivered,
-            though copies already linked stay (at-least-once).
+            though copies already made stay (at-least-once).
         """
         self.sync()
-        delivered = []
+        delivered: list[Path] = []
         try:
             for maildir in maildirs:
-                target = maildir / "new" / self.final_name
                 ensure_maildir(maildir)
-                os.link(self.path, target)
+                target = maildir / "new" / self.final_name
+                if not delivered and maildir / "tmp" == self._tmp_dir:
+                    os.rename(self.path, target)
+                else:
+                    os.link(delivered[0] if delivered else self.path, target)
                 delivered.append(target)
             for target in delivered:
                 fsync_directory(target.parent)
@@ -163,27 +165,45 @@ class MessageInfo:
 
     @ivar uid: the Maildir unique name (the part before C{,} or C{:}), stable
         across flag changes, sessions and restarts: POP3's UIDL.
+    @ivar path: the file, as a string (a C{Path} per message is the largest
+        cost of listing 100,000 of them).
     @ivar size: octets in CRLF form, from C{,W=} (or computed once if a
         foreign writer left it out).
     """
 
     uid: str
-    path: Path
+    path: str
     size: int
     seen: bool
 
 
-def _uid_of(name: str) -> str:
-    return re.split(r"[,:]", name, maxsplit=1)[0]
+def _info(folder: str, name: str) -> MessageInfo:
+    """
+    Read a message's facts from its name: C{<uid>[,S=n][,W=n][:2,FLAGS]}.
+    """
+    base, _, flags = name.partition(":2,")
+    cut = len(base)
+    for separator in (",", ":"):
+        found = base.find(separator)
+        if 0 <= found < cut:
+            cut = found
+    path = f"{folder}/{name}"
+    w = base.find(",W=")
+    if w >= 0:
+        digits = base[w + 3 :].partition(",")[0]
+        size = int(digits) if digits.isdigit() else _crlf_size(path)
+    else:
+        size = _crlf_size(path)
+    return MessageInfo(uid=base[:cut], path=path, size=size, seen="S" in flags)
 
 
-def _crlf_size(path: Path, name: str) -> int:
-    sizes = dict(_SIZE_FIELD.findall(name.split(":", 1)[0]))
-    if "W" in sizes:
-        return int(sizes["W"])
+def _crlf_size(path: str) -> int:
+    """
+    What POP3 sends for a file whose name does not say: every stored LF
+    becomes CRLF.
+    """
     with open(path, "rb") as f:
         data = f.read()
-    # What POP3 sends: every stored LF becomes CRLF.
     return len(data) + data.count(b"\n")
 
 
@@ -224,31 +244,19 @@ class Mailbox:
 
     def messages(self) -> list[MessageInfo]:
         """
-        Every message in C{new/} and C{cur/}, oldest first (unique names
-        start with the delivery time).
+        Every message in C{new/} and C{cur/}, oldest first: unique names
+        start with the delivery time, zero-padded, so name order is delivery
+        order.
         """
         found = []
         for sub in ("new", "cur"):
-            folder = self.path / sub
+            folder = os.path.join(self.path, sub)
             try:
-                entries = os.scandir(folder)
+                names = os.listdir(folder)
             except FileNotFoundError:
                 continue
-            with entries:
-                for entry in entries:
-                    if entry.name.startswith("."):
-                        continue
-                    path = folder / entry.name
-                    flags = entry.name.split(":2,", 1)[1] if ":2," in entry.name else ""
-                    found.append(
-                        MessageInfo(
-                            uid=_uid_of(entry.name),
-                            path=path,
-                            size=_crlf_size(path, entry.name),
-                            seen="S" in flags,
-                        )
-                    )
-        found.sort(key=_delivery_order)
+            found.extend(_info(folder, name) for name in names if name[:1] != ".")
+        found.sort(key=_by_uid)
         return found
 
     def open(self, info: MessageInfo) -> BinaryIO:
@@ -261,10 +269,10 @@ class Mailbox:
         """
         if info.seen:
             return info
-        base = info.path.name.split(":", 1)[0]
-        old_flags = info.path.name.split(":2,", 1)[1] if ":2," in info.path.name else ""
+        name = os.path.basename(info.path)
+        base, _, old_flags = name.partition(":2,")
         flags = "".join(sorted(set(old_flags) | {"S"}))
-        target = self.path / "cur" / f"{base}:2,{flags}"
+        target = os.path.join(self.path, "cur", f"{base}:2,{flags}")
         os.rename(info.path, target)
         return replace(info, path=target, seen=True)
 
@@ -278,13 +286,10 @@ class Mailbox:
                 os.unlink(info.path)
             except FileNotFoundError:
                 pass
-            folders.add(info.path.parent)
+            folders.add(os.path.dirname(info.path))
         for folder in folders:
             fsync_directory(folder)
 
 
-def _delivery_order(info: MessageInfo) -> tuple[int, int, str]:
-    seconds, _, rest = info.uid.partition(".")
-    match = re.match(r"M(\d+)", rest)
-    micros = int(match.group(1)) if match else 0
-    return (int(seconds) if seconds.isdigit() else 0, micros, info.uid)
+def _by_uid(info: MessageInfo) -> str:
+    return info.uid

@@ -4,6 +4,8 @@ The intake: one durable copy, routed to Maildirs (and the relay queue).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mailserver.accounts import Accounts
@@ -47,7 +49,7 @@ def test_local_delivery_to_several_mailboxes(accounts):
     assert isinstance(queue_id, str)
     for user in ("a", "b"):
         (info,) = Mailbox(accounts.mailbox_path(f"{user}@example.org")).messages()
-        data = info.path.read_bytes()
+        data = Path(info.path).read_bytes()
         assert data == b"Return-Path: <s@remote.test>\nSubject: x\n\nline\n\nend\n"
         assert info.size == len(data.replace(b"\n", b"\r\n"))
     assert [(d.recipient, d.status, d.queue_id) for d in delivered] == [
@@ -84,4 +86,26 @@ def test_abort_leaves_nothing(accounts):
     receiver = intake.begin(envelope("a@example.org"))
     receiver.write(b"partial")
     receiver.abort()
+    assert list((intake.spool_path / "tmp").iterdir()) == []
+
+
+def test_a_large_message_is_spooled_not_held_in_memory(accounts, monkeypatch):
+    import mailserver.intake
+
+    monkeypatch.setattr(mailserver.intake, "SPILL_SIZE", 100)
+    intake = Intake(accounts=accounts, reactor=InlineReactor())
+    receiver = intake.begin(envelope("a@example.org", "b@example.org"))
+    receiver.write(b"Subject: big\r\n\r\n")
+    for n in range(50):
+        receiver.write(b"line %d\r\n" % n)
+    assert receiver._pieces == [] and len(list((intake.spool_path / "tmp").iterdir())) == 1
+    results = []
+    receiver.finish().addBoth(results.append)
+    assert isinstance(results[0], str)
+    expected = b"Return-Path: <s@remote.test>\nSubject: big\n\n" + b"".join(
+        b"line %d\n" % n for n in range(50)
+    )
+    for user in ("a", "b"):
+        (info,) = Mailbox(accounts.mailbox_path(f"{user}@example.org")).messages()
+        assert Path(info.path).read_bytes() == expected
     assert list((intake.spool_path / "tmp").iterdir()) == []

@@ -5,6 +5,7 @@ Maildir storage: durable delivery, names that carry sizes, listing, locking.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from mailserver.maildir import Mailbox, SpoolFile, UniqueNames, ensure_maildir
 
@@ -39,7 +40,7 @@ def test_listing_uses_names_and_marks_seen(tmp_path):
     assert not first.seen
     assert len(first.uid) <= 70 and first.uid.isprintable()
     seen = mailbox.mark_seen(first)
-    assert seen.seen and seen.path.parent.name == "cur" and seen.path.name.endswith(":2,S")
+    assert seen.seen and Path(seen.path).parent.name == "cur" and seen.path.endswith(":2,S")
     assert seen.uid == first.uid
     assert [m.uid for m in mailbox.messages()] == [first.uid, second.uid]
     with mailbox.open(seen) as f:
