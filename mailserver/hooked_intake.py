@@ -2,8 +2,8 @@
 Message hooks in front of the intake.
 
 A message hook may change the header section after the whole message has
-arrived, so the header section is held in memory and the body in an
-anonymous spool file until the hooks have answered; only then is the message
+arrived, so the header section is held in memory and the body in memory or,
+when large, an anonymous spool file until the hooks have answered; only then is the message
 passed to the real intake.  Without message hooks this wrapper is not used at
 all, so the common path pays nothing.
 """
@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from mailserver.envelope import Envelope
 from mailserver.hooks import Hooks, MessageBody, MessageHeaders, MessageRejected
+from mailserver.intake import SPILL_SIZE
 from mailserver.interfaces import IIntake, IMessageReceiver
 
 # A header section larger than this is treated as ending there: the rest is
@@ -46,7 +47,8 @@ class _HookedReceiver:
         self._head = bytearray()
         self._separator = b""
         self._in_body = False
-        self._body = tempfile.TemporaryFile(dir=spool_tmp)
+        # In memory up to SPILL_SIZE, then on disk: most messages are small.
+        self._body = tempfile.SpooledTemporaryFile(max_size=SPILL_SIZE, dir=spool_tmp)
 
     def write(self, data: bytes) -> None:
         if self._in_body:

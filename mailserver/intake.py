@@ -1,12 +1,13 @@
 """
 The intake: where an accepted message becomes durable and is routed.
 
-The SMTP server streams the message into one spool file; at the end of DATA
-the intake makes it durable once and hard-links it to every local recipient's
-Maildir and, for remote recipients, hands it to the relay queue.  Only when
-all of that is fsynced does the Deferred from L{IMessageReceiver.finish} fire
-and the client hear 250.  The slow part runs in a thread pool so other
-sessions go on meanwhile.
+The SMTP server streams the message in (held in memory, or spooled to disk
+when large); at the end of DATA the intake writes it once, renames it into the first local recipient's
+Maildir, hard-links it into the others' and, for remote recipients, hands it
+to the relay queue.  Only when all of that is on stable storage does the
+Deferred from L{IMessageReceiver.finish} fire and the client hear 250.  The
+file work is done by a L{GroupCommitter} thread, which makes many sessions'
+messages durable together.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver.accounts import Accounts, split_address
 from mailserver.envelope import Envelope
+from mailserver.group_commit import GroupCommitter
 from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir
@@ -61,13 +62,17 @@ class Intake:
         reactor,
         queue: RelayQueue | None = None,
         on_delivered: Callable[[Delivery], None] | None = None,
+        committer=None,
     ) -> None:
         """
         @param on_delivered: told of each local final delivery (the plugins'
             delivered hooks).
+        @param committer: makes messages durable; by default a
+            L{GroupCommitter} on the data folder.
         """
         self._accounts = accounts
         self._reactor = reactor
+        self._committer = committer or GroupCommitter(reactor, accounts.config.data_path)
         self._queue = queue
         self._on_delivered = on_delivered
         self._names = UniqueNames(accounts.config.hostname)
@@ -93,9 +98,10 @@ class Intake:
                     remote[destination] = None
         return list(local), tuple(remote)
 
-    def _store(self, message: bytes | SpoolFile, envelope: Envelope, body_offset: int) -> str:
+    def _write(self, message: bytes | SpoolFile, envelope: Envelope):
         """
-        Make the message durable everywhere it goes (in a worker thread).
+        Group commit's first phase: the message's bytes into a C{tmp/} file,
+        not yet synced.
 
         @param message: the whole message, or the spool file a large one
             was streamed into.
@@ -114,19 +120,28 @@ class Intake:
             if maildirs:
                 ensure_maildir(maildirs[0])
             spool = SpoolFile(tmp, self._names)
-            try:
-                spool.write(message)
-            except BaseException:
-                spool.discard()
-                raise
         try:
-            spool.sync()
+            if not isinstance(message, SpoolFile):
+                spool.write(message)
+            spool.close()
+        except BaseException:
+            spool.discard()
+            raise
+        return spool, maildirs, remote
+
+    def _publish(self, written, envelope: Envelope, body_offset: int) -> str:
+        """
+        Group commit's second phase, once the data is on disk: into the
+        relay queue and every recipient's C{new/}.
+        """
+        spool, maildirs, remote = written
+        try:
             if remote:
                 self._queue.enqueue(envelope, remote, spool.path, body_offset)
         except BaseException:
             spool.discard()
             raise
-        spool.deliver(maildirs)
+        spool.deliver(maildirs, durable=False)
         return spool.name
 
     def _delivered(self, queue_id: str, envelope: Envelope, size: int) -> str:
@@ -204,13 +219,10 @@ class _Receiver:
             message = b"".join(self._pieces)
             size = len(message)
             self._pieces = []
-        d = deferToThreadPool(
-            intake._reactor,
-            intake._reactor.getThreadPool(),
-            intake._store,
-            message,
-            self._envelope,
-            self._body_offset,
+        envelope, body_offset = self._envelope, self._body_offset
+        d = intake._committer.submit(
+            lambda: intake._write(message, envelope),
+            lambda written: intake._publish(written, envelope, body_offset),
         )
 
         def failed(failure):

@@ -115,6 +115,13 @@ class SpoolFile:
     def final_name(self) -> str:
         return f"{self.name},S={self.size},W={self.size + self.lines}"
 
+    def close(self) -> None:
+        """
+        Close the file without syncing (a group commit syncs it later).
+        """
+        if not self._file.closed:
+            self._file.close()
+
     def sync(self) -> None:
         """
         Put the written bytes on stable storage and close the file.
@@ -124,15 +131,20 @@ class SpoolFile:
             os.fsync(self._file.fileno())
             self._file.close()
 
-    def deliver(self, maildirs: Sequence[Path]) -> list[Path]:
+    def deliver(self, maildirs: Sequence[Path], durable: bool = True) -> list[Path]:
         """
-        Make the message durable in every maildir's C{new/} and remove the
-        spool file.  Returns the delivered paths.
+        Move the message into every maildir's C{new/} and remove the spool
+        file.  Returns the delivered paths.
 
+        @param durable: fsync the file first and the directories after; a
+            caller doing group commit syncs the file system itself instead.
         @raise OSError: on any failure; nothing is then reported delivered,
             though copies already made stay (at-least-once).
         """
-        self.sync()
+        if durable:
+            self.sync()
+        else:
+            self.close()
         delivered: list[Path] = []
         try:
             for maildir in maildirs:
@@ -143,8 +155,9 @@ class SpoolFile:
                 else:
                     os.link(delivered[0] if delivered else self.path, target)
                 delivered.append(target)
-            for target in delivered:
-                fsync_directory(target.parent)
+            if durable:
+                for target in delivered:
+                    fsync_directory(target.parent)
         finally:
             self.discard()
         return delivered

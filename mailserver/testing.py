@@ -46,6 +46,16 @@ class InlineReactor(MemoryReactorClock):
         f(*args, **kwargs)
 
 
+class InlineCommitter:
+    """
+    Runs a group commit's two phases at once in the calling thread, without
+    syncing: for tests of code above the storage.
+    """
+
+    def submit(self, prepare, publish):
+        return defer.maybeDeferred(lambda: publish(prepare()))
+
+
 @implementer(IIntake)
 class MemoryIntake:
     """

@@ -13,7 +13,7 @@ from mailserver.config import Config
 from mailserver.envelope import Envelope, Recipient
 from mailserver.intake import Intake, NoRelayQueue
 from mailserver.maildir import Mailbox
-from mailserver.testing import InlineReactor
+from mailserver.testing import InlineCommitter, InlineReactor
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def run(intake, env, pieces):
 
 def test_local_delivery_to_several_mailboxes(accounts):
     delivered = []
-    intake = Intake(accounts=accounts, reactor=InlineReactor(), on_delivered=delivered.append)
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter(), on_delivered=delivered.append)
     pieces = [b"Subject: x\r", b"\n\r\nline\r\n", b"\r\n", b"end\r\n"]
     queue_id = run(intake, envelope("a@example.org", "b@example.org"), pieces)
     assert isinstance(queue_id, str)
@@ -60,7 +60,7 @@ def test_local_delivery_to_several_mailboxes(accounts):
 
 
 def test_remote_recipient_without_a_queue_fails_and_stores_nothing(accounts):
-    intake = Intake(accounts=accounts, reactor=InlineReactor())
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
     failure = run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
     assert failure.check(NoRelayQueue)
     assert Mailbox(accounts.mailbox_path("a@example.org")).messages() == []
@@ -75,14 +75,14 @@ def test_remote_recipients_go_to_the_queue_without_return_path(accounts):
             queued.append((recipients, spool.read_bytes()[body_offset:]))
             return "R1"
 
-    intake = Intake(accounts=accounts, reactor=InlineReactor(), queue=Queue())
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter(), queue=Queue())
     run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
     assert queued == [(("x@remote.test",), b"Subject: x\n\nhi\n")]
     assert len(Mailbox(accounts.mailbox_path("a@example.org")).messages()) == 1
 
 
 def test_abort_leaves_nothing(accounts):
-    intake = Intake(accounts=accounts, reactor=InlineReactor())
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
     receiver = intake.begin(envelope("a@example.org"))
     receiver.write(b"partial")
     receiver.abort()
@@ -93,7 +93,7 @@ def test_a_large_message_is_spooled_not_held_in_memory(accounts, monkeypatch):
     import mailserver.intake
 
     monkeypatch.setattr(mailserver.intake, "SPILL_SIZE", 100)
-    intake = Intake(accounts=accounts, reactor=InlineReactor())
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
     receiver = intake.begin(envelope("a@example.org", "b@example.org"))
     receiver.write(b"Subject: big\r\n\r\n")
     for n in range(50):

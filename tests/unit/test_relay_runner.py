@@ -18,7 +18,7 @@ from mailserver.maildir import Mailbox
 from mailserver.relay import QueueStore, RelayRunner
 from mailserver.relay.client import Reply
 from mailserver.relay.delivery import Outcome
-from mailserver.testing import InlineReactor
+from mailserver.testing import InlineCommitter, InlineReactor
 
 
 class Courier:
@@ -61,7 +61,10 @@ class World:
         if "s@example.org" not in self.accounts.users():
             self.accounts.add_user("s@example.org", "pw")
         self.queue = QueueStore(self.config, clock=self.reactor.seconds)
-        self.intake = Intake(accounts=self.accounts, reactor=self.reactor, queue=self.queue)
+        self.intake = Intake(
+            accounts=self.accounts, reactor=self.reactor, queue=self.queue,
+            committer=InlineCommitter(),
+        )
         self.courier = courier
         self.runner = RelayRunner(
             config=self.config, queue=self.queue, intake=self.intake, reactor=self.reactor,

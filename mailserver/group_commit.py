@@ -1,0 +1,144 @@
+"""
+Group commit: many sessions' messages made durable by two file-system syncs.
+
+Making one message durable the usual way costs an fsync of its file and one
+of its directory, and messages arriving together wait on each other's journal
+commits.  Here a single committer thread takes every message that is waiting,
+writes them all into C{tmp/}, syncs the file system once (C{syncfs}: all the
+files' data), moves them all into C{new/}, and syncs once more (all the
+directory entries).  Only then does any of them get its 250, so the
+guarantee is the same as one-by-one fsyncs: nothing acknowledged is lost on
+a crash, and nothing half-written is ever visible in C{new/}.
+
+C{syncfs} flushes everything dirty on the file system holding the data
+folder, so it suits a data folder on its own file system best; it is Linux's
+(elsewhere C{sync} stands in).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+_MAX_BATCH = 256
+
+
+def _load_syncfs() -> Callable[[int], None]:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return lambda fd: os.sync()
+
+    def call(fd: int) -> None:
+        if syncfs(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+    return call
+
+
+@dataclass
+class _Job:
+    prepare: Callable[[], Any]
+    publish: Callable[[Any], Any]
+    deferred: defer.Deferred
+    state: Any = None
+    result: Any = None
+    failure: Failure | None = field(default=None)
+
+
+class GroupCommitter:
+    """
+    Runs C{prepare} (write files into C{tmp/}) and C{publish} (move them into
+    place) for many messages at once, with one sync after each phase.
+    """
+
+    def __init__(self, reactor, data_path: Path) -> None:
+        self._reactor = reactor
+        self._data_path = data_path
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._syncfs = _load_syncfs()
+        self.batches = 0
+
+    def submit(self, prepare: Callable[[], Any], publish: Callable[[Any], Any]) -> defer.Deferred:
+        """
+        @return: a Deferred firing with C{publish}'s result once everything
+            both did is on stable storage, or failing with what either raised.
+        """
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="mailserver-group-commit", daemon=True
+            )
+            self._thread.start()
+            self._reactor.addSystemEventTrigger("after", "shutdown", self.stop)
+        d: defer.Deferred = defer.Deferred()
+        self._jobs.put(_Job(prepare, publish, d))
+        return d
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        fd = os.open(self._data_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        self._jobs.put(None)  # finish this batch, then stop
+                        break
+                    batch.append(job)
+                self._commit(batch, fd)
+        finally:
+            os.close(fd)
+
+    def _commit(self, batch: list[_Job], fd: int) -> None:
+        self.batches += 1
+        for job in batch:
+            try:
+                job.state = job.prepare()
+            except BaseException:
+                job.failure = Failure()
+        self._sync(batch, fd)
+        for job in batch:
+            if job.failure is None:
+                try:
+                    job.result = job.publish(job.state)
+                except BaseException:
+                    job.failure = Failure()
+        self._sync(batch, fd)
+        for job in batch:
+            if job.failure is None:
+                self._reactor.callFromThread(job.deferred.callback, job.result)
+            else:
+                self._reactor.callFromThread(job.deferred.errback, job.failure)
+
+    def _sync(self, batch: list[_Job], fd: int) -> None:
+        try:
+            self._syncfs(fd)
+        except OSError:
+            failure = Failure()
+            for job in batch:
+                if job.failure is None:
+                    job.failure = failure

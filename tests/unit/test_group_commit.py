@@ -1,0 +1,111 @@
+"""
+Group commit: batches, ordering of the two phases, failures kept apart.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from mailserver.group_commit import GroupCommitter
+
+
+class ThreadReactor:
+    """
+    Just enough reactor: results are handed back from the committer thread.
+    """
+
+    def __init__(self):
+        self.results = []
+        self.done = threading.Semaphore(0)
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+    def addSystemEventTrigger(self, *args):
+        pass
+
+
+def submit_all(committer, jobs):
+    reactor = committer._reactor
+    for prepare, publish in jobs:
+        d = committer.submit(prepare, publish)
+        d.addBoth(lambda result: (reactor.results.append(result), reactor.done.release()))
+    for _ in jobs:
+        assert reactor.done.acquire(timeout=10)
+
+
+def test_every_message_is_prepared_synced_published_synced(tmp_path):
+    reactor = ThreadReactor()
+    committer = GroupCommitter(reactor, tmp_path)
+    events = []
+    committer._syncfs = lambda fd: events.append("sync")
+    running, gate = threading.Event(), threading.Event()
+
+    def first_prepare():
+        running.set()
+        gate.wait(5)  # hold the thread while the others queue up
+        events.append("prepare 0")
+        return 0
+
+    def publish(state):
+        events.append(f"publish {state}")
+        return state
+
+    def collect(result):
+        reactor.results.append(result)
+        reactor.done.release()
+
+    committer.submit(first_prepare, publish).addBoth(collect)
+    assert running.wait(5)
+    for n in range(1, 4):
+        committer.submit(lambda n=n: events.append(f"prepare {n}") or n, publish).addBoth(collect)
+    gate.set()
+    for _ in range(4):
+        assert reactor.done.acquire(timeout=10)
+    committer.stop()
+    assert sorted(reactor.results) == [0, 1, 2, 3]
+    # The first message went alone; the other three were committed together.
+    assert events == [
+        "prepare 0", "sync", "publish 0", "sync",
+        "prepare 1", "prepare 2", "prepare 3", "sync",
+        "publish 1", "publish 2", "publish 3", "sync",
+    ]
+    assert committer.batches == 2
+
+
+def test_a_failing_message_fails_alone(tmp_path):
+    reactor = ThreadReactor()
+    committer = GroupCommitter(reactor, tmp_path)
+
+    def broken():
+        raise OSError(28, "No space left on device")
+
+    submit_all(committer, [(broken, lambda s: s), (lambda: "ok", lambda s: s)])
+    committer.stop()
+    failures = [r for r in reactor.results if not isinstance(r, str)]
+    assert [r for r in reactor.results if isinstance(r, str)] == ["ok"]
+    assert len(failures) == 1 and failures[0].check(OSError)
+
+
+def test_a_failed_sync_fails_the_batch(tmp_path):
+    reactor = ThreadReactor()
+    committer = GroupCommitter(reactor, tmp_path)
+
+    def failing_sync(fd):
+        raise OSError(5, "I/O error")
+
+    committer._syncfs = failing_sync
+    published = []
+    submit_all(committer, [(lambda: 1, published.append)])
+    committer.stop()
+    assert published == []  # never made visible after a failed data sync
+    assert reactor.results[0].check(OSError)
+
+
+def test_the_real_syncfs_runs(tmp_path):
+    reactor = ThreadReactor()
+    committer = GroupCommitter(reactor, tmp_path)
+    target = tmp_path / "file"
+    submit_all(committer, [(lambda: target.write_bytes(b"x"), lambda state: target.read_bytes())])
+    committer.stop()
+    assert reactor.results == [b"x"]
