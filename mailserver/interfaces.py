@@ -58,6 +58,24 @@ class IIntake(Interface):
         """
 
 
+class ICourier(Interface):
+    """
+    One attempt at delivering a queued message onward; the relay's layers
+    (logging, routing, the SMTP client) each provide it and wrap the next.
+    """
+
+    def deliver(message: object, recipients: tuple) -> object:
+        """
+        Try once to deliver C{message} (a
+        L{mailserver.relay.queue.QueuedMessage}) to C{recipients} (its
+        C{RecipientState}s), which all share one destination.
+
+        @return: a Deferred firing with C{dict[str, Outcome]}
+            (L{mailserver.relay.delivery.Outcome}), one per recipient
+            address; never fails.
+        """
+
+
 # Extension points for plugins.
 #
 # A plugin is a module in the package C{mailserver.plugins} (or in a folder

@@ -17,24 +17,14 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
+from mailserver.interfaces import ICourier
 from mailserver.relay import client as smtp_client
 from mailserver.relay._settings import parse_host_port, parse_transports
 from mailserver.relay.client import OutboundRecipient, Reply, Timeouts, Transaction
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
 from mailserver.relay.queue import QueuedMessage, QueueStore, RecipientState
-
-
-class ICourier(Interface):
-    def deliver(message: QueuedMessage, recipients: tuple[RecipientState, ...]) -> object:
-        """
-        Try once to deliver C{message} to C{recipients}, which all share one
-        destination (L{destination_of}).
-
-        @return: a Deferred firing with C{dict[str, Outcome]}, one per
-            recipient address; never fails.
-        """
 
 
 @dataclass(frozen=True)

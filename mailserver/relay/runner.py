@@ -2,7 +2,7 @@
 The relay runner: the service that works the queue.
 
 It keeps (L{QueueStore}), decides (L{schedule}) and delivers (an
-L{ICourier}) through three separate pieces:
+L{mailserver.interfaces.ICourier}) through three separate pieces:
 
   - at start, every queued message is scheduled again (a restart or a
     C{kill -9} loses nothing that got its 250);
