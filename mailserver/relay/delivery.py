@@ -24,7 +24,7 @@ from mailserver.relay import client as smtp_client
 from mailserver.relay._settings import parse_host_port, parse_transports
 from mailserver.relay.client import OutboundRecipient, Reply, Timeouts, Transaction
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
-from mailserver.relay.queue import QueuedMessage, QueueStore, RecipientState
+from mailserver.relay.queue import QueuedMessage, QueueStore
 
 
 @dataclass(frozen=True)
