@@ -24,6 +24,9 @@ class Maildrop:
     def __init__(self, messages: Sequence[MessageInfo]) -> None:
         self._messages = list(messages)
         self._deleted: set[int] = set()
+        # Running totals: STAT and LIST on 100,000 messages need no sum.
+        self._octets = sum(info.size for info in self._messages)
+        self._deleted_octets = 0
 
     def lookup(self, argument: str) -> tuple[int, MessageInfo]:
         """
@@ -52,8 +55,10 @@ class Maildrop:
         ]
 
     def count_and_octets(self) -> tuple[int, int]:
-        live = self.live()
-        return len(live), sum(info.size for _, info in live)
+        return (
+            len(self._messages) - len(self._deleted),
+            self._octets - self._deleted_octets,
+        )
 
     def update(self, number: int, info: MessageInfo) -> None:
         """
@@ -62,10 +67,13 @@ class Maildrop:
         self._messages[number - 1] = info
 
     def mark_deleted(self, number: int) -> None:
-        self._deleted.add(number)
+        if number not in self._deleted:
+            self._deleted.add(number)
+            self._deleted_octets += self._messages[number - 1].size
 
     def reset(self) -> None:
         self._deleted.clear()
+        self._deleted_octets = 0
 
     def marked_deleted(self) -> list[MessageInfo]:
         return [self._messages[number - 1] for number in sorted(self._deleted)]

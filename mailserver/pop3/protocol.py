@@ -26,8 +26,10 @@ from collections.abc import Callable
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
+from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -116,8 +118,9 @@ class POP3Server(Protocol):
                 call.cancel()
         if self._transfer is not None:
             self._transfer.stopProducing()
-        if self._mailbox is not None:
-            # Nothing marked with DELE is removed: only QUIT does that.
+        if self._mailbox is not None and self._state is not _State.UPDATE:
+            # Nothing marked with DELE is removed: only QUIT does that (and
+            # a QUIT under way unlocks when its deletions are done).
             self._mailbox.unlock()
             self._mailbox = None
         if self._logout is not None:
@@ -293,20 +296,32 @@ class POP3Server(Protocol):
         self._state = _State.UPDATE
         assert self._mailbox is not None and self._maildrop is not None
         doomed = self._maildrop.marked_deleted()
-        try:
-            if doomed:
-                self._mailbox.delete(doomed)
-        except OSError:
-            self._log.failure("Removing deleted messages of {user} failed", user=self._account)
-            reply = err("[SYS/TEMP] Some deleted messages could not be removed.")
-        else:
-            self._deleted = len(doomed)
-            reply = ok(f"Logging out, {len(doomed)} messages deleted.")
-        self._mailbox.unlock()
-        self._mailbox = None
-        self._reply(reply)
-        self._close()
+        if not doomed:
+            self._updated(None, 0)
+            return None
+        self._wait()
+        d = self.factory.run_blocking(self._mailbox.delete, doomed)
+        d.addCallbacks(self._updated, self._update_failed, callbackArgs=(len(doomed),))
+        d.addErrback(self._log_unexpected)
         return None
+
+    def _updated(self, _, count: int) -> None:
+        self._deleted = count
+        self._end_update(ok(f"Logging out, {count} messages deleted."))
+
+    def _update_failed(self, failure: Failure) -> None:
+        self._log.failure(
+            "Removing deleted messages of {user} failed", failure, user=self._account
+        )
+        self._end_update(err("[SYS/TEMP] Some deleted messages could not be removed."))
+
+    def _end_update(self, reply: bytes) -> None:
+        if self._mailbox is not None:
+            self._mailbox.unlock()
+            self._mailbox = None
+        if self._connected:
+            self._reply(reply)
+            self._close()
 
     # AUTHORIZATION state.
 
@@ -441,49 +456,76 @@ class POP3Server(Protocol):
             logout()
             return
         address = avatar.address
-        reply = self._open_maildrop(address)
-        if self._maildrop is None:
-            logout()
-        else:
-            self._logout = logout
-            self.factory.metrics.pop3_logins_total.inc()
-        self._reply(reply)
-        self._resume()
-
-    def _open_maildrop(self, address: str) -> bytes:
-        """
-        Lock and list the account's mailbox, entering TRANSACTION; the reply
-        says how that went.
-        """
         now = self._clock.seconds()
         if self.factory.too_soon_to_log_in(address, now):
-            return err(
-                f"[LOGIN-DELAY] Minimum time between logins is "
-                f"{self._config.pop3.login_delay} seconds."
+            logout()
+            self._reply(
+                err(
+                    f"[LOGIN-DELAY] Minimum time between logins is "
+                    f"{self._config.pop3.login_delay} seconds."
+                )
             )
+            self._resume()
+            return
+        # Locking and listing a big mailbox is slow file work: it runs in a
+        # worker thread so other sessions go on meanwhile.
+        d = self.factory.run_blocking(self._open_mailbox, address)
+        d.addCallbacks(
+            self._mailbox_opened,
+            self._mailbox_failed,
+            callbackArgs=(address, logout, now),
+            errbackArgs=(address, logout),
+        )
+        d.addErrback(self._log_unexpected)
+
+    def _open_mailbox(self, address: str) -> tuple[Mailbox, list[MessageInfo]] | None:
+        """
+        Lock and list the account's mailbox (in a worker thread); C{None}
+        if another session holds it.
+        """
+        mailbox = self.factory.mailbox_for(address)
+        if not mailbox.lock():
+            return None
         try:
-            mailbox = self.factory.mailbox_for(address)
-            if not mailbox.lock():
-                return err("[IN-USE] Mailbox is locked by another POP3 session.")
-        except OSError:
-            self._log.failure("Opening the mailbox of {user} failed", user=address)
-            return err("[SYS/TEMP] Mailbox is temporarily unavailable.")
-        except Exception:
-            self._log.failure("No mailbox for {user}", user=address)
-            return err("[SYS/PERM] Mailbox is unavailable.")
-        try:
-            messages = mailbox.messages()
-        except OSError:
+            return mailbox, mailbox.messages()
+        except BaseException:
             mailbox.unlock()
-            self._log.failure("Listing the mailbox of {user} failed", user=address)
-            return err("[SYS/TEMP] Mailbox is temporarily unavailable.")
+            raise
+
+    def _mailbox_failed(self, failure: Failure, address: str, logout) -> None:
+        logout()
+        if failure.check(OSError):
+            self._log.failure("Opening the mailbox of {user} failed", failure, user=address)
+            self._reply(err("[SYS/TEMP] Mailbox is temporarily unavailable."))
+        else:
+            self._log.failure("No mailbox for {user}", failure, user=address)
+            self._reply(err("[SYS/PERM] Mailbox is unavailable."))
+        self._resume()
+
+    def _mailbox_opened(self, opened, address: str, logout, now: float) -> None:
+        """
+        Enter TRANSACTION with the locked, listed mailbox.
+        """
+        if opened is None:
+            logout()
+            self._reply(err("[IN-USE] Mailbox is locked by another POP3 session."))
+            self._resume()
+            return
+        mailbox, messages = opened
+        if not self._connected:
+            mailbox.unlock()
+            logout()
+            return
         self.factory.record_login(address, now)
         self._account = address
         self._mailbox = mailbox
         self._maildrop = Maildrop(messages)
         self._state = _State.TRANSACTION
+        self._logout = logout
+        self.factory.metrics.pop3_logins_total.inc()
         count, octets = self._maildrop.count_and_octets()
-        return ok(f"Logged in: {count} messages ({octets} octets).")
+        self._reply(ok(f"Logged in: {count} messages ({octets} octets)."))
+        self._resume()
 
     def _log_unexpected(self, failure: Failure) -> None:
         self._log.failure("POP3 session error", failure)
@@ -625,7 +667,15 @@ class POP3Factory(ServerFactory):
         reactor,
         implicit_tls: bool = False,
         metrics: ServerMetrics | None = None,
+        run_blocking: Callable[..., defer.Deferred] | None = None,
     ) -> None:
+        """
+        @param run_blocking: runs blocking file work and returns a Deferred
+            of its result; by default in the reactor's thread pool.
+        """
+        self.run_blocking = run_blocking or (
+            lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+        )
         self.config = config
         self.portal = portal
         self.mailbox_for = mailbox_for

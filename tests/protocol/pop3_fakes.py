@@ -13,6 +13,7 @@ from pathlib import Path
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -203,6 +204,7 @@ class Session:
             tls_options=tls_options,
             reactor=self.clock,
             implicit_tls=implicit_tls,
+            run_blocking=defer.maybeDeferred,
         )
 
     def take(self) -> bytes:
