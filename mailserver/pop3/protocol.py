@@ -38,22 +38,23 @@ from mailserver.interfaces import IAccount
 from mailserver.maildir import Mailbox, MessageInfo
 from mailserver.metrics import ServerMetrics, unregistered_metrics
 from mailserver.pop3.maildrop import Maildrop, NoSuchMessage
-from mailserver.pop3.sasl import (
+from mailserver.pop3.transfer import MessageTransfer, TransferStopped, WireEncoder
+from mailserver.pop3.wire import (
+    PLAINTEXT_REFUSED,
+    err,
+    is_valid_user_name,
+    multiline,
+    ok,
+)
+from mailserver.sasl import (
     MECHANISMS,
     Credentials,
     LoginExchange,
     PlainExchange,
     SASLError,
+    SASLRefused,
     decode_response,
-)
-from mailserver.pop3.transfer import MessageTransfer, TransferStopped, WireEncoder
-from mailserver.pop3.wire import (
-    PLAINTEXT_REFUSED,
-    err,
     is_loopback,
-    is_valid_user_name,
-    multiline,
-    ok,
 )
 
 
@@ -282,7 +283,7 @@ class POP3Server(Protocol):
         capabilities.append(f"EXPIRE {self._config.pop3.expire}")
         if self._config.pop3.login_delay:
             capabilities.append(f"LOGIN-DELAY {self._config.pop3.login_delay}")
-        capabilities.append("SASL " + " ".join(m.decode() for m in MECHANISMS))
+        capabilities.append("SASL " + " ".join(MECHANISMS))
         if self._stls_offered():
             capabilities.append("STLS")
         capabilities.append("IMPLEMENTATION mailserver")
@@ -385,11 +386,11 @@ class POP3Server(Protocol):
     def do_AUTH(self, argument: bytes) -> bytes | None:
         if not argument:
             # Some clients probe with a bare AUTH for the mechanism list.
-            return multiline(ok(), (m.decode() for m in MECHANISMS))
+            return multiline(ok(), MECHANISMS)
         if not self._plaintext_allowed():
             return err(PLAINTEXT_REFUSED)
         mechanism, _, initial = argument.partition(b" ")
-        exchange_type = MECHANISMS.get(mechanism.upper())
+        exchange_type = MECHANISMS.get(mechanism.upper().decode("ascii", "replace"))
         if exchange_type is None:
             return err("Unsupported authentication mechanism.")
         self._sasl = exchange_type()
@@ -402,6 +403,9 @@ class POP3Server(Protocol):
         exchange, self._sasl = self._sasl, None
         try:
             answer = exchange.respond(decode_response(line))
+        except SASLRefused as e:
+            self._reply(err(f"[AUTH] {e}"))
+            return
         except SASLError as e:
             self._reply(err(str(e)))
             return

@@ -5,10 +5,8 @@ applied to what comes in (user names, the peer's address).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 
-from twisted.internet.address import UNIXAddress
 
 # Dovecot's wording, which clients and admins already know (RFC 2595 section 2).
 PLAINTEXT_REFUSED = (
@@ -34,18 +32,6 @@ def multiline(first: bytes, lines: Iterable[str]) -> bytes:
         for line in lines
     )
     return first + body + b".\r\n"
-
-
-def is_loopback(address: object) -> bool:
-    if isinstance(address, UNIXAddress):
-        return True
-    try:
-        ip = ipaddress.ip_address(getattr(address, "host", ""))
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def is_valid_user_name(name: bytes) -> bool:

@@ -14,7 +14,6 @@ ENHANCEDSTATUSCODES, 8BITMIME, DSN, SMTPUTF8, CHUNKING.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import secrets
 from base64 import b64encode
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer
-from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -50,7 +48,14 @@ from mailserver.smtp.grammar import (
 from mailserver.smtp.message import DotReader, MessageSink, received_header, with_protocol
 from mailserver.smtp.policy import SUBMISSION, Policy
 from mailserver.smtp.replies import Reply, reply
-from mailserver.smtp.sasl import MECHANISMS, Credentials, SASLCancelled, SASLError, decode_response
+from mailserver.sasl import (
+    MECHANISMS,
+    Credentials,
+    SASLCancelled,
+    SASLError,
+    decode_response,
+    is_loopback,
+)
 
 # RFC 4954 4: a SASL response line may be up to 12288 octets.
 _MAX_AUTH_LINE = 12288
@@ -95,18 +100,6 @@ class _Transaction:
     receiver: object = None
     sink: MessageSink | None = None
     chunked: bool = False
-
-
-def is_loopback(address: object) -> bool:
-    if isinstance(address, UNIXAddress):
-        return True
-    try:
-        ip = ipaddress.ip_address(getattr(address, "host", ""))
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 class SMTPServer(Protocol):

@@ -1,28 +1,38 @@
 """
-The SASL mechanisms POP3's C{AUTH} offers (RFC 5034): PLAIN (RFC 4616) and
-LOGIN (the de-facto mechanism older clients still use).
+The SASL mechanisms SMTP AUTH (RFC 4954) and POP3 AUTH (RFC 5034) offer:
+PLAIN (RFC 4616) and LOGIN (the de-facto mechanism older clients still use),
+and where a password may travel without TLS.
 
 Each exchange is a small object fed the client's decoded responses; it
 answers with the next challenge or, at the end, the credentials.  Base64 and
-the C{*} cancel are handled here too, so the protocol only moves lines.
+the C{*} cancel are handled here too, so the protocols only move lines.
 """
 
 from __future__ import annotations
 
 import binascii
+import ipaddress
 from base64 import b64decode
 from dataclasses import dataclass
+
+from twisted.internet.address import UNIXAddress
 
 
 class SASLError(Exception):
     """
-    The exchange cannot go on; C{str()} is the text of the C{-ERR} reply.
+    The exchange cannot go on; C{str()} says why, for the error reply.
     """
 
 
 class SASLCancelled(SASLError):
     """
-    The client sent C{*} (RFC 5034 section 4).
+    The client sent C{*} (RFC 4954 section 4, RFC 5034 section 4).
+    """
+
+
+class SASLRefused(SASLError):
+    """
+    A well-formed request this server will not grant (POP3 says C{[AUTH]}).
     """
 
 
@@ -61,7 +71,7 @@ class PlainExchange:
             raise SASLError("Invalid AUTH PLAIN response.")
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
-            raise SASLError("[AUTH] Authorization identity must match the user.")
+            raise SASLRefused("Authorization identity must match the user.")
         return Credentials(authcid, password)
 
 
@@ -84,4 +94,20 @@ class LoginExchange:
         return Credentials(self._username, response)
 
 
-MECHANISMS = {b"PLAIN": PlainExchange, b"LOGIN": LoginExchange}
+MECHANISMS = {"PLAIN": PlainExchange, "LOGIN": LoginExchange}
+
+
+def is_loopback(address: object) -> bool:
+    """
+    Is the peer on this machine?  A password sent over loopback (or a UNIX
+    socket) never crosses a network, so it may go without TLS.
+    """
+    if isinstance(address, UNIXAddress):
+        return True
+    try:
+        ip = ipaddress.ip_address(getattr(address, "host", ""))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
