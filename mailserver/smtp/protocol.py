@@ -679,23 +679,57 @@ class SMTPServer(Protocol):
         finished = defer.maybeDeferred(transaction.receiver.finish)
         self._run(finished, lambda result: self._stored(transaction, result))
 
-    def _refuse_message(self, transaction: _Transaction, problem: Reply) -> None:
-        reason = {"5.3.4": "size", "5.4.6": "loop"}.get(problem.enhanced, "syntax")
+    def _refuse_message(
+        self, transaction: _Transaction, problem: Reply, reason: str | None = None
+    ) -> None:
+        """
+        @param reason: a word from a fixed set (a metrics label, never
+            client input); by default read from the enhanced code.
+        """
+        if reason is None:
+            reason = {
+                R.TOO_BIG: "size",
+                R.LOOP_DETECTED: "loop",
+                R.BARE_NEWLINE: "bare-newline",
+                R.DATA_LINE_TOO_LONG: "line-length",
+            }.get(problem, "policy")
         self.factory.metrics.smtp_messages_rejected_total.inc(
             role=self.factory.metrics_role, reason=reason
         )
         self._transaction = None
+        self._log_transaction(transaction, f"rejected ({reason})", problem)
         self._answer(problem)
+
+    def _log_transaction(self, transaction: _Transaction, outcome: str, answer: Reply) -> None:
+        """
+        One greppable line per transaction, as Postfix writes them.
+        """
+        elapsed_ms = (self.factory.reactor.seconds() - transaction.started) * 1000
+        self.log.info(
+            "SMTP {outcome}: {code} {enhanced} client={client} helo={helo} user={user}"
+            " from=<{sender}> to={recipients} size={size} time={ms:.1f}ms",
+            outcome=outcome,
+            code=answer.code,
+            enhanced=answer.enhanced,
+            client=self.client_address,
+            helo=self._helo or "-",
+            user=self._account or "-",
+            sender=transaction.sender.log_safe() if transaction.sender else "",
+            recipients=",".join(f"<{r.address}>" for r in transaction.recipients),
+            size=transaction.sink.size if transaction.sink is not None else 0,
+            ms=elapsed_ms,
+        )
 
     def _stored(self, transaction: _Transaction, result) -> None:
         self._transaction = None
         if isinstance(result, Failure):
             rejected = getattr(result.value, "reject", None)
             if rejected is not None:  # a message hook said no
-                self._refuse_message(transaction, Reply(rejected.code, rejected.enhanced, (rejected.text,)))
+                problem = Reply(rejected.code, rejected.enhanced, (rejected.text,))
+                self._refuse_message(transaction, problem, "plugin")
                 return
             self.log.failure("storing a message failed", failure=result)
-            self._answer(R.TEMPORARY_FAILURE)
+            self._refuse_message(transaction, R.TEMPORARY_FAILURE, "storage")
             return
         assert transaction.sink is not None
         role = self.factory.metrics_role
@@ -703,15 +737,9 @@ class SMTPServer(Protocol):
         metrics.smtp_messages_accepted_total.inc(role=role)
         metrics.smtp_bytes_received_total.inc(transaction.sink.size, role=role)
         metrics.smtp_transaction_seconds.observe(self.factory.reactor.seconds() - transaction.started)
-        self.log.info(
-            "SMTP accepted {id}: from=<{sender}> recipients={count} size={size} client={client}",
-            id=result,
-            sender=transaction.sender.log_safe() if transaction.sender else "",
-            count=len(transaction.recipients),
-            size=transaction.sink.size,
-            client=self.client_address,
-        )
-        self._answer(reply(250, "2.0.0", f"Ok: queued as {result}"))
+        answer = reply(250, "2.0.0", f"Ok: queued as {result}")
+        self._log_transaction(transaction, f"accepted {result}", answer)
+        self._answer(answer)
 
     def _abort_transaction(self) -> None:
         transaction, self._transaction = self._transaction, None

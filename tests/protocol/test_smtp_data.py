@@ -251,3 +251,28 @@ def test_bdat_over_the_size_limit():
     assert codes(session.send(b"BDAT 20\r\n" + b"x" * 18 + b"\r\n")) == ["552 5.3.4"]
     assert codes(session.send(b"BDAT 2 LAST\r\nab")) == ["503 5.5.1"]
     assert not session.intake.finished
+
+
+def test_one_log_line_per_transaction_and_rejections_counted():
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        session = Session()
+        session.send(b"EHLO client.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.org>\r\n")
+        session.send(b"DATA\r\n")
+        session.send(b"Subject: x\r\n\r\nbare\nline\r\n.\r\n")
+        session.send(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        session.send(b"Subject: y\r\n\r\nfine\r\n.\r\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("log_format", "").startswith("SMTP {outcome}")]
+    assert [e["outcome"] for e in lines][0] == "rejected (bare-newline)"
+    assert lines[1]["outcome"].startswith("accepted ")
+    for event in lines:
+        assert event["client"] and event["helo"] == "client.test"
+        assert event["sender"] == "a@remote.test" and event["recipients"] == "<bob@example.org>"
+    metrics = session.factory.metrics
+    assert metrics.smtp_messages_rejected_total.value(role="smtp", reason="bare-newline") == 1
+    assert metrics.smtp_messages_accepted_total.value(role="smtp") == 1
