@@ -1,137 +1,26 @@
 """
 Peers for relay tests, all on 127.0.0.1 with OS-chosen ports:
 
-  - L{DNSServer}: a real C{twisted.names} authoritative server (UDP and TCP
-    on one port) in a child process, serving MX/A/AAAA/CNAME records for test
-    domains from an in-memory zone (L{MemoryAuthority}, also usable directly
-    as an C{IResolver} in unit tests);
+  - L{DNSServer}: a real C{twisted.names} server (UDP and TCP on one port)
+    in a child process, serving records for test domains from a dict (see
+    L{tests.dns_zone}, whose L{ZoneResolver} unit tests use directly);
   - L{SMTPPeer}: an aiosmtpd server that records what it receives and can be
     told to answer RCPT or DATA with a 4xx or 5xx.
-
-Run as a script (C{python relay_fixtures.py dns '<zone json>'}) it is the DNS
-server: it prints its port and serves until killed.
 """
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from twisted.names import authority, common, dns
+from tests.dns_zone import DNSProcess, ZoneResolver
 
-# A zone: {name: {"MX": [[pref, host]], "A": [...], "AAAA": [...], "CNAME": host}}
-Zone = dict
+__all__ = ["DNSServer", "SMTPPeer", "ZoneResolver", "free_port", "wait_until"]
 
 
-def _records(spec: dict) -> list:
-    out = []
-    for preference, host in spec.get("MX", []):
-        out.append(dns.Record_MX(preference, host.encode(), ttl=60))
-    out += [dns.Record_A(a, ttl=60) for a in spec.get("A", [])]
-    out += [dns.Record_AAAA(a, ttl=60) for a in spec.get("AAAA", [])]
-    if "CNAME" in spec:
-        out.append(dns.Record_CNAME(spec["CNAME"].encode(), ttl=60))
-    return out
-
-
-class MemoryAuthority(authority.FileAuthority):
-    """
-    An authority for one zone from a dict, no file needed.
-    """
-
-    def __init__(self, origin: str, names: dict[str, dict]) -> None:
-        common.ResolverBase.__init__(self)
-        self._cache = {}
-        self.soa = (
-            origin.encode(),
-            dns.Record_SOA(mname=b"ns." + origin.encode(), rname=b"root." + origin.encode(),
-                           serial=1, refresh=60, retry=60, expire=60, minimum=60, ttl=60),
-        )
-        self.records = {name.lower().encode(): _records(spec) for name, spec in names.items()}
-        self.records.setdefault(origin.encode(), []).append(self.soa[1])
-
-
-def authorities(zone: Zone) -> list[MemoryAuthority]:
-    """
-    One authority per zone (the last two labels of each name).
-    """
-    zones: dict[str, dict] = {}
-    for name, spec in zone.items():
-        origin = ".".join(name.lower().rstrip(".").split(".")[-2:])
-        zones.setdefault(origin, {})[name.lower().rstrip(".")] = spec
-    return [MemoryAuthority(origin, names) for origin, names in zones.items()]
-
-
-class ZoneResolver(common.ResolverBase):
-    """
-    Asks the authority whose zone holds the name (for in-process tests).
-    """
-
-    def __init__(self, zone: Zone) -> None:
-        super().__init__()
-        self._authorities = authorities(zone)
-
-    def _lookup(self, name, cls, type, timeout=None):
-        for auth in self._authorities:
-            origin = auth.soa[0].lower()
-            lowered = name.lower()
-            if lowered == origin or lowered.endswith(b"." + origin):
-                return auth._lookup(name, cls, type, timeout)
-        from twisted.internet import defer
-        from twisted.names import error
-
-        return defer.fail(error.DNSNameError(name))
-
-
-def _serve(zone: Zone) -> None:
-    from twisted.internet import reactor
-    from twisted.names import server
-
-    factory = server.DNSServerFactory(authorities=authorities(zone))
-    protocol = dns.DNSDatagramProtocol(factory)
-    for _ in range(50):
-        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        port = tcp.getHost().port
-        try:
-            reactor.listenUDP(port, protocol, interface="127.0.0.1")
-        except Exception:
-            tcp.stopListening()
-            continue
-        break
-    print(port, flush=True)
-    reactor.run()
-
-
-class DNSServer:
-    """
-    The DNS server child process.  C{zone} as for L{authorities}.
-    """
-
-    def __init__(self, zone: Zone) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "dns", json.dumps(zone)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self.process.stdout.readline()
-        if not line.strip().isdigit():
-            self.stop()
-            raise RuntimeError("the DNS server did not start")
-        self.port = int(line)
-
-    @property
-    def resolver(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.process.stdout.close()
+# The loopback DNS server (in-process resolver and child process) is shared
+# with the mail-authentication tests.
+DNSServer = DNSProcess
 
 
 def free_port() -> int:
@@ -204,8 +93,3 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1):
             return value
         time.sleep(interval)
     return predicate()
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "dns":
-        _serve(json.loads(sys.argv[2]))

@@ -16,16 +16,13 @@ from __future__ import annotations
 import importlib.util
 import smtplib
 import stat
-import sys
-from pathlib import Path
 
 import pytest
 
 from harness import REPO, MailServer
 from relay_fixtures import SMTPPeer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
-from mailauth_zone import DNSProcess  # noqa: E402
+from tests.dns_zone import DNSProcess
 
 from mailserver.mailauth.keys import generate, parse_key, txt_record, write_key  # noqa: E402
 

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.names import client
 from twisted.trial import unittest
 
-from mailauth_zone import listen
+from tests.dns_zone import listen
 from mailserver.config import Checks, Config, DKIM, Relay
 from mailserver.envelope import Envelope, Recipient
 from mailserver.hooked_intake import HookedIntake

@@ -1,13 +1,13 @@
 """
-A real C{twisted.names} DNS server on 127.0.0.1 for the mail-authentication
-tests, serving TXT (SPF, DKIM keys, DMARC), A, AAAA, MX, PTR and CNAME
+A real C{twisted.names} DNS server on 127.0.0.1 for the relay and
+mail-authentication tests, serving TXT (SPF, DKIM keys, DMARC), A, AAAA, MX, PTR and CNAME
 records from a dict:
 
     {"example.org": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"], "A": ["127.0.0.1"]}}
 
 L{listen} runs it in the calling process's reactor (trial tests);
 L{DNSProcess} runs it as a child process (end-to-end tests), and running this
-file as a script (C{python mailauth_zone.py '<zone json>'}) is that child: it
+file as a script (C{python dns_zone.py '<zone json>'}) is that child: it
 prints its port and serves until killed.
 """
 
