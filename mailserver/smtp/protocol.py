@@ -1,5 +1,5 @@
 """
-The SMTP server protocol (RFC 5321) and its factory.
+The SMTP server protocol (RFC 5321): one session.
 
 Bytes are cut into command lines here; each command goes to a handler that
 returns a L{Reply} (or a Deferred of one) and never writes to the transport.
@@ -17,20 +17,27 @@ import enum
 import secrets
 from base64 import b64encode
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailserver.config import Config
 from mailserver.envelope import Envelope, Recipient
 from mailserver.hooks import Client
 from mailserver.interfaces import IAccount
-from mailserver.metrics import ServerMetrics, unregistered_metrics
+from mailserver.sasl import (
+    MECHANISMS,
+    Credentials,
+    SASLCancelled,
+    SASLError,
+    decode_response,
+    is_loopback,
+)
 from mailserver.smtp import replies as R
 from mailserver.smtp.grammar import (
     GrammarError,
@@ -45,17 +52,17 @@ from mailserver.smtp.grammar import (
     parse_rcpt,
     recipient_options,
 )
-from mailserver.smtp.message import DotReader, MessageSink, received_header, with_protocol
-from mailserver.smtp.policy import SUBMISSION, Policy
-from mailserver.smtp.replies import Reply, reply
-from mailserver.sasl import (
-    MECHANISMS,
-    Credentials,
-    SASLCancelled,
-    SASLError,
-    decode_response,
-    is_loopback,
+from mailserver.smtp.message import (
+    DotReader,
+    MessageSink,
+    received_header,
+    with_protocol,
 )
+from mailserver.smtp.policy import SUBMISSION
+from mailserver.smtp.replies import Reply, reply
+
+if TYPE_CHECKING:
+    from mailserver.smtp.factory import SMTPFactory
 
 # RFC 4954 4: a SASL response line may be up to 12288 octets.
 _MAX_AUTH_LINE = 12288
@@ -922,89 +929,3 @@ def _grammar_reply(error: GrammarError) -> Reply:
     """
     code = 555 if error.enhanced == "5.5.4" else 501
     return reply(code, error.enhanced, str(error))
-
-
-class SMTPFactory(ServerFactory):
-    """
-    Builds sessions for one listener role and enforces the connection caps.
-
-    @param role: C{"smtp"} (MX) or C{"submission"} (RFC 6409).
-    @param tls_options: the context for STARTTLS, or C{None} to not offer it.
-    @param implicit_tls: the listener wraps every connection in TLS (465).
-    @param hooks: the plugins' L{mailserver.hooks.Hooks}, if any.
-    @param queue_runner: the relay runner, for ETRN; C{None} if there is none.
-    """
-
-    protocol = SMTPServer
-
-    def __init__(
-        self,
-        *,
-        config: Config,
-        role: str,
-        accounts,
-        portal,
-        intake,
-        tls_options,
-        reactor,
-        implicit_tls: bool = False,
-        hooks=None,
-        queue_runner=None,
-        metrics: ServerMetrics | None = None,
-    ) -> None:
-        self.config = config
-        self.role = role
-        self.policy = Policy(config, role, accounts)
-        self.portal = portal
-        self.intake = intake
-        self.tls_options = tls_options
-        self.reactor = reactor
-        self.implicit_tls = implicit_tls
-        self.hooks = hooks
-        self.queue_runner = queue_runner
-        self.metrics = metrics or unregistered_metrics()
-        self.metrics_role = "submissions" if implicit_tls else role
-        self.sessions: set[SMTPServer] = set()
-        self._per_client: dict[str, int] = {}
-        self._stopping = False
-
-    def buildProtocol(self, addr) -> SMTPServer:
-        return self.protocol(self)
-
-    def admit(self, session: SMTPServer) -> Reply | None:
-        """
-        Count a new session in, or say why not (RFC 5321 3.1: 421 at the
-        greeting).
-        """
-        limits = self.config.limits
-        hostname = self.config.hostname
-        if self._stopping:
-            return reply(421, "4.3.2", f"{hostname} Service shutting down")
-        if len(self.sessions) >= limits.max_connections:
-            return reply(421, "4.7.0", f"{hostname} Error: too many connections")
-        address = session.client_address
-        if self._per_client.get(address, 0) >= limits.max_connections_per_client:
-            return reply(421, "4.7.0", f"{hostname} Error: too many connections from {address}")
-        self.sessions.add(session)
-        self._per_client[address] = self._per_client.get(address, 0) + 1
-        return None
-
-    def release(self, session: SMTPServer) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            address = session.client_address
-            self._per_client[address] -= 1
-            if not self._per_client[address]:
-                del self._per_client[address]
-
-    def shutdown(self) -> defer.Deferred:
-        """
-        Tell every client 421 (a client in the middle of sending a message
-        hears it after that message is answered) and refuse new ones.
-        Fires when every session has closed.
-        """
-        self._stopping = True
-        sessions = list(self.sessions)
-        for session in sessions:
-            session.shut_down()
-        return defer.DeferredList([session.closed for session in sessions])

@@ -1,0 +1,101 @@
+"""
+The SMTP listener's factory: one per listener role, counting its sessions
+against the connection caps and ending them all at shutdown.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+
+from mailserver.config import Config
+from mailserver.metrics import ServerMetrics, unregistered_metrics
+from mailserver.smtp.policy import Policy
+from mailserver.smtp.protocol import SMTPServer
+from mailserver.smtp.replies import Reply, reply
+
+
+class SMTPFactory(ServerFactory):
+    """
+    Builds sessions for one listener role and enforces the connection caps.
+
+    @param role: C{"smtp"} (MX) or C{"submission"} (RFC 6409).
+    @param tls_options: the context for STARTTLS, or C{None} to not offer it.
+    @param implicit_tls: the listener wraps every connection in TLS (465).
+    @param hooks: the plugins' L{mailserver.hooks.Hooks}, if any.
+    @param queue_runner: the relay runner, for ETRN; C{None} if there is none.
+    """
+
+    protocol = SMTPServer
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        role: str,
+        accounts,
+        portal,
+        intake,
+        tls_options,
+        reactor,
+        implicit_tls: bool = False,
+        hooks=None,
+        queue_runner=None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.role = role
+        self.policy = Policy(config, role, accounts)
+        self.portal = portal
+        self.intake = intake
+        self.tls_options = tls_options
+        self.reactor = reactor
+        self.implicit_tls = implicit_tls
+        self.hooks = hooks
+        self.queue_runner = queue_runner
+        self.metrics = metrics or unregistered_metrics()
+        self.metrics_role = "submissions" if implicit_tls else role
+        self.sessions: set[SMTPServer] = set()
+        self._per_client: dict[str, int] = {}
+        self._stopping = False
+
+    def buildProtocol(self, addr) -> SMTPServer:
+        return self.protocol(self)
+
+    def admit(self, session: SMTPServer) -> Reply | None:
+        """
+        Count a new session in, or say why not (RFC 5321 3.1: 421 at the
+        greeting).
+        """
+        limits = self.config.limits
+        hostname = self.config.hostname
+        if self._stopping:
+            return reply(421, "4.3.2", f"{hostname} Service shutting down")
+        if len(self.sessions) >= limits.max_connections:
+            return reply(421, "4.7.0", f"{hostname} Error: too many connections")
+        address = session.client_address
+        if self._per_client.get(address, 0) >= limits.max_connections_per_client:
+            return reply(421, "4.7.0", f"{hostname} Error: too many connections from {address}")
+        self.sessions.add(session)
+        self._per_client[address] = self._per_client.get(address, 0) + 1
+        return None
+
+    def release(self, session: SMTPServer) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            address = session.client_address
+            self._per_client[address] -= 1
+            if not self._per_client[address]:
+                del self._per_client[address]
+
+    def shutdown(self) -> defer.Deferred:
+        """
+        Tell every client 421 (a client in the middle of sending a message
+        hears it after that message is answered) and refuse new ones.
+        Fires when every session has closed.
+        """
+        self._stopping = True
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.shut_down()
+        return defer.DeferredList([session.closed for session in sessions])
