@@ -85,6 +85,7 @@ class Limits:
     shutdown_timeout: float = 30.0
     auth_failure_delay: float = 1.0
     max_auth_failures: int = 5
+    min_free_space: int = 52_428_800
 
 
 @dataclass(frozen=True)

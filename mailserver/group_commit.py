@@ -51,6 +51,7 @@ def _load_syncfs() -> Callable[[int], None]:
 class _Job:
     prepare: Callable[[], Any]
     publish: Callable[[Any], Any]
+    abandon: Callable[[Any], Any] | None
     deferred: defer.Deferred
     state: Any = None
     result: Any = None
@@ -71,8 +72,15 @@ class GroupCommitter:
         self._syncfs = _load_syncfs()
         self.batches = 0
 
-    def submit(self, prepare: Callable[[], Any], publish: Callable[[Any], Any]) -> defer.Deferred:
+    def submit(
+        self,
+        prepare: Callable[[], Any],
+        publish: Callable[[Any], Any],
+        abandon: Callable[[Any], Any] | None = None,
+    ) -> defer.Deferred:
         """
+        @param abandon: called with C{prepare}'s result when the sync after
+            it fails, so C{publish} never runs: removes what C{prepare} wrote.
         @return: a Deferred firing with C{publish}'s result once everything
             both did is on stable storage, or failing with what either raised.
         """
@@ -83,7 +91,7 @@ class GroupCommitter:
             self._thread.start()
             self._reactor.addSystemEventTrigger("after", "shutdown", self.stop)
         d: defer.Deferred = defer.Deferred()
-        self._jobs.put(_Job(prepare, publish, d))
+        self._jobs.put(_Job(prepare, publish, abandon, d))
         return d
 
     def stop(self) -> None:
@@ -120,13 +128,20 @@ class GroupCommitter:
                 job.state = job.prepare()
             except BaseException:
                 job.failure = Failure()
+        prepared = [job for job in batch if job.failure is None]
         self._sync(batch, fd)
-        for job in batch:
-            if job.failure is None:
-                try:
-                    job.result = job.publish(job.state)
-                except BaseException:
-                    job.failure = Failure()
+        for job in prepared:
+            if job.failure is not None:
+                if job.abandon is not None:
+                    try:
+                        job.abandon(job.state)
+                    except BaseException:
+                        pass  # the sync's failure is what the client hears
+                continue
+            try:
+                job.result = job.publish(job.state)
+            except BaseException:
+                job.failure = Failure()
         self._sync(batch, fd)
         for job in batch:
             if job.failure is None:

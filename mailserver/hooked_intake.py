@@ -37,6 +37,9 @@ class HookedIntake:
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         return _HookedReceiver(self._intake, self._hooks, envelope, self._spool_tmp)
 
+    def has_room(self, size: int) -> bool:
+        return self._intake.has_room(size)
+
 
 @implementer(IMessageReceiver)
 class _HookedReceiver:

@@ -24,7 +24,7 @@ from mailserver.envelope import Envelope
 from mailserver.group_commit import GroupCommitter
 from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
-from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir
+from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir, free_space
 
 # Messages up to this size are kept in memory until the end of DATA.
 SPILL_SIZE = 1024 * 1024
@@ -81,6 +81,13 @@ class Intake:
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         return _Receiver(self, envelope)
+
+    def has_room(self, size: int) -> bool:
+        try:
+            free = free_space(self._accounts.config.data_path)
+        except OSError:
+            return False  # the data folder is gone or unreadable: nothing can be stored
+        return free >= self._accounts.config.limits.min_free_space + size
 
     def route(self, envelope: Envelope) -> tuple[list[Path], tuple[str, ...]]:
         """
@@ -223,6 +230,7 @@ class _Receiver:
         d = intake._committer.submit(
             lambda: intake._write(message, envelope),
             lambda written: intake._publish(written, envelope, body_offset),
+            lambda written: written[0].discard(),
         )
 
         def failed(failure):

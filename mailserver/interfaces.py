@@ -57,6 +57,14 @@ class IIntake(Interface):
         L{mailserver.envelope.Envelope}.
         """
 
+    def has_room(size: int) -> bool:
+        """
+        Is there space to store a message of C{size} octets (0 when the
+        client did not say) and still keep the configured reserve free?
+        Asked at MAIL, so a full disk is refused (452) before any data is
+        sent rather than after.
+        """
+
 
 class ICourier(Interface):
     """

@@ -62,6 +62,52 @@ class UniqueNames:
         return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{self._host}"
 
 
+# The writer's process id in a unique name made by L{UniqueNames}.
+_WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
+# Maildir's rule for files in tmp/ of unknown origin (qmail's maildir(5)).
+STALE_TMP_SECONDS = 36 * 3600
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # at start-up this process has written nothing yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(folder: str, now: float | None = None) -> int:
+    """
+    Remove what a crash left in a C{tmp/} folder: files written by a
+    process that is gone (never acknowledged, so nobody is owed them), and
+    any file older than 36 hours.  Files of live processes (a worker still
+    writing) are kept.  Meant for start-up; returns how many went.
+    """
+    cutoff = (time.time() if now is None else now) - STALE_TMP_SECONDS
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            writer = _WRITER_PID.match(entry.name)
+            if (writer and not _process_alive(int(writer.group(1)))) or (
+                entry.stat(follow_symlinks=False).st_mtime < cutoff
+            ):
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 def ensure_maildir(path: Path) -> None:
     """
     Create C{path} and its C{tmp}, C{new} and C{cur} folders if missing, and
@@ -74,6 +120,14 @@ def ensure_maildir(path: Path) -> None:
     # New directory entries must be durable too before any 250 relies on them.
     for folder in (path, path.parent, path.parent.parent):
         fsync_directory(folder)
+
+
+def free_space(path: Path) -> int:
+    """
+    Octets an unprivileged writer may still use on C{path}'s file system.
+    """
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def fsync_directory(path: Path) -> None:
@@ -163,11 +217,17 @@ class SpoolFile:
         return delivered
 
     def discard(self) -> None:
-        if not self._file.closed:
+        """
+        Remove the file; never raises, as it runs on failure paths (closing
+        flushes, which fails again on a full disk).
+        """
+        try:
             self._file.close()
+        except OSError:
+            pass
         try:
             os.unlink(self.path)
-        except FileNotFoundError:
+        except OSError:
             pass
 
 

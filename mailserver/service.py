@@ -7,10 +7,10 @@ Nothing imports this module but L{mailserver.tap}.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 from twisted.application.service import MultiService, Service
@@ -25,7 +25,7 @@ from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
 from mailserver.mailauth import mail_auth_hooks
-from mailserver.maildir import Mailbox
+from mailserver.maildir import Mailbox, remove_stale_tmp
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
 from mailserver.metrics import Metrics, server_metrics
@@ -33,11 +33,16 @@ from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.smtp import SMTPFactory
 from mailserver.tls import ReloadableServerOptions
 from mailserver.web import make_admin_site
-from mailserver.workers import WorkerPool, inherited_addresses, reuseport_socket, shared_address
+from mailserver.workers import (
+    WorkerPool,
+    follow_primary,
+    inherited_addresses,
+    reuseport_socket,
+    shared_address,
+)
 
 LISTENERS_FILE = "listeners.json"
 PID_FILE = "mailserver.pid"
-_STALE_SPOOL_SECONDS = 36 * 3600
 
 
 class Listener(Service):
@@ -274,17 +279,28 @@ class QueueAdminView:
         return True
 
 
-def _clean_spool(spool_tmp: Path) -> None:
+class CrashCleanup(Service):
     """
-    Remove spool files left by a crash mid-DATA: never acknowledged, so
-    nobody is owed them.  Recent ones may belong to another live worker.
+    At start, before any listener: remove the files a crash left in the
+    spool's and every mailbox's C{tmp/} (see L{remove_stale_tmp}).
     """
-    cutoff = time.time() - _STALE_SPOOL_SECONDS
-    if not spool_tmp.is_dir():
-        return
-    for entry in os.scandir(spool_tmp):
-        if entry.is_file() and entry.stat().st_mtime < cutoff:
-            os.unlink(entry.path)
+
+    log = Logger()
+
+    def __init__(self, config: Config, spool_tmp: Path) -> None:
+        self._config = config
+        self._spool_tmp = spool_tmp
+
+    def startService(self) -> None:
+        super().startService()
+        folders = [str(self._spool_tmp)]
+        folders += glob.glob(os.path.join(glob.escape(str(self._config.mail_path)), "*", "*", "tmp"))
+        removed = sum(remove_stale_tmp(folder) for folder in folders)
+        if removed:
+            self.log.info(
+                "removed {count} unfinished message files left by an earlier crash",
+                count=removed,
+            )
 
 
 def make_service(config: Config, reactor) -> MultiService:
@@ -314,7 +330,6 @@ def make_service(config: Config, reactor) -> MultiService:
     intake = Intake(
         accounts=accounts, reactor=reactor, queue=queue, on_delivered=hooks.delivered
     )
-    _clean_spool(intake.spool_path / "tmp")
     # The runner starts before the listeners, so the queue is picked up
     # before clients connect; only the primary process runs it.
     runner = RelayRunner(
@@ -368,6 +383,8 @@ def make_service(config: Config, reactor) -> MultiService:
     }
     inherited = inherited_addresses()
     is_worker = inherited is not None
+    if is_worker:
+        follow_primary()
     share = is_worker or config.workers > 1
     listeners = []
     smtp_factories = []
@@ -397,6 +414,7 @@ def make_service(config: Config, reactor) -> MultiService:
         for listener, address in zip(listeners, inherited):
             listener.shared_address = address
     else:
+        CrashCleanup(config, intake.spool_path / "tmp").setServiceParent(root)
         runner.setServiceParent(root)
     # Services stop in reverse order: the ports close first, then connected
     # clients hear 421.

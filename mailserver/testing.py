@@ -52,7 +52,7 @@ class InlineCommitter:
     syncing: for tests of code above the storage.
     """
 
-    def submit(self, prepare, publish):
+    def submit(self, prepare, publish, abandon=None):
         return defer.maybeDeferred(lambda: publish(prepare()))
 
 
@@ -68,6 +68,9 @@ class MemoryIntake:
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         return _MemoryReceiver(self, envelope)
+
+    def has_room(self, size: int) -> bool:
+        return True
 
 
 @implementer(IMessageReceiver)

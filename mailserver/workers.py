@@ -16,6 +16,7 @@ here and handed to C{reactor.adoptStreamPort}.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -29,6 +30,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 WORKER_ENV = "MAILSERVER_WORKER_ADDRESSES"
+PRIMARY_ENV = "MAILSERVER_PRIMARY_PID"
+_PR_SET_PDEATHSIG = 1
 _RESPAWN_DELAY = 1.0
 
 
@@ -70,6 +73,23 @@ def inherited_addresses() -> list[tuple[int, str, int, int]] | None:
     if value is None:
         return None
     return [tuple(address) for address in json.loads(value)]  # type: ignore[misc]
+
+
+def follow_primary() -> None:
+    """
+    In a worker: be sent SIGTERM when the primary dies, however it dies
+    (Linux C{PR_SET_PDEATHSIG}), so a primary killed with C{kill -9} leaves
+    no worker behind serving its ports and holding its files; a worker
+    stopped that way still finishes the transactions it has begun.
+    """
+    primary = os.environ.get(PRIMARY_ENV)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the worker outlives a crashed primary
+    if primary is not None and os.getppid() != int(primary):
+        os.kill(os.getpid(), signal.SIGTERM)  # the primary died before we asked
 
 
 def worker_argv() -> list[str]:
@@ -133,6 +153,7 @@ class WorkerPool(Service):
     def _spawn(self, index: int) -> None:
         env = dict(os.environ)
         env[WORKER_ENV] = json.dumps(self._addresses)
+        env[PRIMARY_ENV] = str(os.getpid())
         worker = _Worker(self, index)
         self._reactor.spawnProcess(
             worker, self._argv[0], self._argv, env=env, childFDs={0: "w", 1: 1, 2: 2}

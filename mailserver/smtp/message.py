@@ -20,6 +20,7 @@ from mailserver.smtp.replies import (
     LOOP_DETECTED,
     TOO_BIG,
     Reply,
+    storage_failure,
 )
 
 # RFC 5321 4.1.1.4: only <CRLF>.<CRLF> ends the data.  Anything else
@@ -85,7 +86,18 @@ class MessageSink:
             text = self._trace_header + text
             self._trace_header = b""
         if text:
+            self._forward(text)
+
+    def _forward(self, text: bytes) -> None:
+        """
+        A large message is written to disk as it arrives, so a full or
+        unwritable disk shows here first: the message is refused, the
+        session goes on.
+        """
+        try:
             self._receiver.write(text)
+        except OSError as e:
+            self._refuse(storage_failure(e))
 
     def close(self) -> Reply | None:
         """
@@ -96,7 +108,7 @@ class MessageSink:
         if self._header is not None and self.problem is None:
             self._count_received(bytes(self._header))
         if self.problem is None and self._trace_header:
-            self._receiver.write(self._trace_header)  # an empty message
+            self._forward(self._trace_header)  # an empty message
         return self.problem
 
     def _too_long(self, text: bytes) -> bool:

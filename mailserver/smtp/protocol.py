@@ -481,6 +481,8 @@ class SMTPServer(Protocol):
             return R.SMTPUTF8_REQUIRED
         if options.size is not None and options.size > self._limits.max_message_size:
             return reply(552, "5.3.4", "Message size exceeds fixed limit")
+        if not self.factory.intake.has_room(options.size or 0):
+            return R.INSUFFICIENT_STORAGE
         refusal = self.factory.policy.sender(path.mailbox, self._account)
         if refusal is not None:
             return refusal
@@ -699,6 +701,8 @@ class SMTPServer(Protocol):
                 R.LOOP_DETECTED: "loop",
                 R.BARE_NEWLINE: "bare-newline",
                 R.DATA_LINE_TOO_LONG: "line-length",
+                R.INSUFFICIENT_STORAGE: "storage",
+                R.TEMPORARY_FAILURE: "storage",
             }.get(problem, "policy")
         self.factory.metrics.smtp_messages_rejected_total.inc(
             role=self.factory.metrics_role, reason=reason
@@ -735,8 +739,14 @@ class SMTPServer(Protocol):
                 problem = Reply(rejected.code, rejected.enhanced, (rejected.text,))
                 self._refuse_message(transaction, problem, "plugin")
                 return
-            self.log.failure("storing a message failed", failure=result)
-            self._refuse_message(transaction, R.TEMPORARY_FAILURE, "storage")
+            problem = R.storage_failure(result.value)
+            if problem is R.TEMPORARY_FAILURE:
+                self.log.failure("storing a message failed", failure=result)
+            else:
+                self.log.error(
+                    "storing a message failed: {problem}", problem=str(result.value)
+                )
+            self._refuse_message(transaction, problem, "storage")
             return
         assert transaction.sink is not None
         role = self.factory.metrics_role

@@ -7,6 +7,7 @@ handler can be tested without a transport and a reply is always well formed.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -60,6 +61,7 @@ LINE_TOO_LONG = reply(500, "5.5.2", "Error: line too long")
 BAD_BYTES = reply(500, "5.5.2", "Error: command contains invalid characters")
 NOT_IMPLEMENTED = reply(502, "5.5.1", "Error: command not implemented")
 TEMPORARY_FAILURE = reply(451, "4.3.0", "Error: queue file write error")
+INSUFFICIENT_STORAGE = reply(452, "4.3.1", "Error: insufficient system storage")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Error: too many recipients")
 TOO_BIG = reply(552, "5.3.4", "Error: message file too big")
 BARE_NEWLINE = reply(550, "5.5.2", "Error: bare <CR> or <LF> received")
@@ -69,3 +71,18 @@ RELAY_DENIED = reply(554, "5.7.1", "Relay access denied")
 USER_UNKNOWN = reply(550, "5.1.1", "Recipient address rejected: User unknown")
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
 SMTPUTF8_REQUIRED = reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address")
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_failure(error: BaseException) -> Reply:
+    """
+    What to tell a client whose message could not be stored: a full disk or
+    quota is 452 4.3.1 (RFC 3463 "mail system full"), anything else (an
+    unwritable or read-only data folder, an I/O error) 451 4.3.0.  Both are
+    temporary: the client keeps the message and tries again.
+    """
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return INSUFFICIENT_STORAGE
+    return TEMPORARY_FAILURE

@@ -122,11 +122,15 @@ class RecordingIntake:
         self.messages: list[Stored] = []
         self.fail = False
         self.hold = False
+        self.room = True
         self.pending: list[defer.Deferred] = []
 
     @property
     def finished(self) -> list[Stored]:
         return [m for m in self.messages if m.finished]
+
+    def has_room(self, size: int) -> bool:
+        return self.room
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         stored = Stored(envelope)

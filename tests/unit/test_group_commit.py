@@ -109,3 +109,20 @@ def test_the_real_syncfs_runs(tmp_path):
     submit_all(committer, [(lambda: target.write_bytes(b"x"), lambda state: target.read_bytes())])
     committer.stop()
     assert reactor.results == [b"x"]
+
+
+def test_a_failed_sync_abandons_what_was_prepared(tmp_path):
+    reactor = ThreadReactor()
+    committer = GroupCommitter(reactor, tmp_path)
+
+    def failing_sync(fd):
+        raise OSError(28, "No space left on device")
+
+    committer._syncfs = failing_sync
+    abandoned = []
+    d = committer.submit(lambda: "written", lambda state: state, abandoned.append)
+    d.addBoth(lambda result: (reactor.results.append(result), reactor.done.release()))
+    assert reactor.done.acquire(timeout=10)
+    committer.stop()
+    assert abandoned == ["written"]  # the tmp/ file is removed, not left behind
+    assert reactor.results[0].check(OSError)

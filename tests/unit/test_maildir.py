@@ -77,3 +77,30 @@ def test_lock_is_exclusive_across_processes_and_dies_with_them(tmp_path):
         holder.kill()
         holder.wait()
     assert Mailbox(box).lock()
+
+
+def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
+    import time
+
+    from mailserver.maildir import remove_stale_tmp
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        dead_file = tmp / f"1700000000.M000001P{gone.pid}Q1.mx"
+        live_file = tmp / f"1700000000.M000002P{live.pid}Q1.mx"
+        foreign_new = tmp / "written-by-another-mda"
+        foreign_old = tmp / "old-foreign-file"
+        for path in (dead_file, live_file, foreign_new, foreign_old):
+            path.write_bytes(b"partial")
+        old = time.time() - 37 * 3600
+        os.utime(foreign_old, (old, old))
+        assert remove_stale_tmp(str(tmp)) == 2
+        assert sorted(p.name for p in tmp.iterdir()) == sorted([live_file.name, foreign_new.name])
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_stale_tmp(str(tmp_path / "missing")) == 0
