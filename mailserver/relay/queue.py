@@ -149,7 +149,9 @@ def _new_id(now: float) -> str:
 
 
 def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
-    tmp = tmp_dir / (path.name + f".{secrets.token_hex(4)}")
+    # The writer's pid in the name lets start-up tell a crash's leftovers
+    # from a live worker's file (see L{QueueStore.remove_orphans}).
+    tmp = tmp_dir / (path.name + f".{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -164,6 +166,27 @@ def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
             pass
         raise
     fsync_directory(path.parent)
+
+
+def _writer_gone(tmp_name: str) -> bool:
+    """
+    Was this C{tmp/} file written by a process that no longer runs (or by
+    an earlier process with this one's pid, which has written nothing yet
+    at start-up)?
+    """
+    parts = tmp_name.rsplit(".", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class QueueStore:
@@ -317,9 +340,10 @@ class QueueStore:
     def remove_orphans(self, min_age: float = 3600.0) -> list[str]:
         """
         At start: remove message files that have no envelope (a crash
-        between the link and the envelope, before the 250) and temporary
-        files, when older than C{min_age} seconds, so an enqueue running
-        meanwhile in a worker thread is never disturbed.
+        between the link and the envelope, before the 250) when older than
+        C{min_age} seconds, so an enqueue running meanwhile in a worker is
+        never disturbed, and temporary files whose writer is gone (or, with
+        no writer in the name, older than C{min_age}).
         """
         self._ensure()
         cutoff = time.time() - min_age
@@ -330,7 +354,9 @@ class QueueStore:
                 if entry.name in keep:
                     continue
                 try:
-                    if entry.stat().st_mtime < cutoff:
+                    if folder == self.tmp_path and _writer_gone(entry.name):
+                        os.unlink(entry.path)
+                    elif entry.stat().st_mtime < cutoff:
                         os.unlink(entry.path)
                         if folder == self.messages_path:
                             removed.append(entry.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -96,7 +97,13 @@ def test_orphans_and_temporary_files_are_removed_at_start(config, tmp_path):
     kept = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
     os.link(store.messages_path / kept, store.messages_path / "ORPHAN")
     (store.tmp_path / "half.json.1234").write_text("{")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = os.getppid()  # a process that runs, and is not this one
+    (store.tmp_path / f"crashed.json.{gone.pid}.00ff00ff").write_text("{")
+    (store.tmp_path / f"live.json.{live}.00ff00ff").write_text("{")
     assert store.remove_orphans() == []  # could be an enqueue in progress
+    assert sorted(os.listdir(store.tmp_path)) == ["half.json.1234", f"live.json.{live}.00ff00ff"]
     assert store.remove_orphans(min_age=-1) == ["ORPHAN"]
     assert os.listdir(store.tmp_path) == []
     assert store.ids() == [kept]
