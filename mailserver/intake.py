@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver.accounts import Accounts, split_address
@@ -53,7 +52,6 @@ class NoRelayQueue(Exception):
 
 @implementer(IIntake)
 class Intake:
-    log = Logger()
 
     def __init__(
         self,
@@ -232,13 +230,8 @@ class _Receiver:
             lambda written: intake._publish(written, envelope, body_offset),
             lambda written: written[0].discard(),
         )
-
-        def failed(failure):
-            intake.log.failure("storing a message failed", failure)
-            return failure
-
-        d.addCallback(intake._delivered, self._envelope, size - self._body_offset)
-        return d.addErrback(failed)
+        # A failure is the caller's to log: it knows the client and the reply.
+        return d.addCallback(intake._delivered, self._envelope, size - self._body_offset)
 
     def abort(self) -> None:
         self._pieces = []

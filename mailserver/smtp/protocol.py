@@ -739,13 +739,11 @@ class SMTPServer(Protocol):
                 problem = Reply(rejected.code, rejected.enhanced, (rejected.text,))
                 self._refuse_message(transaction, problem, "plugin")
                 return
-            problem = R.storage_failure(result.value)
-            if problem is R.TEMPORARY_FAILURE:
-                self.log.failure("storing a message failed", failure=result)
+            if isinstance(result.value, OSError):  # the disk, not a bug: one line
+                self.log.error("storing a message failed: {problem}", problem=str(result.value))
             else:
-                self.log.error(
-                    "storing a message failed: {problem}", problem=str(result.value)
-                )
+                self.log.failure("storing a message failed", failure=result)
+            problem = R.storage_failure(result.value)
             self._refuse_message(transaction, problem, "storage")
             return
         assert transaction.sink is not None
