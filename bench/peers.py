@@ -6,9 +6,10 @@ stopped (SIGTERM, then SIGKILL) on exit from its C{with} block.
  - L{AiosmtpdPeer}: aiosmtpd with a durable Maildir handler
    (L{bench.aiosmtpd_maildir}): fsync of the file and of C{new/} before 250.
  - L{MailServerPeer}: our C{twistd mailserver}, with users added by the CLI.
- - L{PostfixPeer}: only if C{/usr/sbin/postfix} exists; see its docstring.
+ - L{free_port}, L{accepting}: for peers that cannot report an OS-chosen
+   port (the Debian-packaged ones in L{bench.system_peers}).
 
-All run on the venv's Python (C{sys.executable}).  Also here: CPU time and
+The two peers run on the venv's Python (C{sys.executable}).  Also here: CPU time and
 memory figures read from C{/proc/<pid>/}.
 """
 
@@ -114,6 +115,27 @@ def peak_rss_kib(pid: int) -> int:
     return _session_sum(pid, "VmHWM")
 
 
+def pss_kib(pid: int) -> int:
+    """
+    Proportional set size (C{Pss} in C{/proc/<pid>/smaps_rollup}) summed
+    over the server's session, KiB, right now.  A page shared by k
+    processes counts 1/k in each, so a many-process server (Postfix runs an
+    smtpd per client, all sharing their libraries) is counted once, where
+    summed VmHWM counts shared pages once per process.
+    """
+    total = 0
+    for p in session_pids(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def reset_peak_rss(pid: int) -> bool:
     """
     Reset VmHWM to the current RSS (C{echo 5 > /proc/PID/clear_refs}) for
@@ -130,7 +152,11 @@ def reset_peak_rss(pid: int) -> bool:
     return ok
 
 
-def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log=None):
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log=None):
+    """
+    Poll C{predicate} until it returns something true (returned), the
+    process exits or C{timeout} passes (both raise, with the log's tail).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -167,6 +193,11 @@ class Peer:
 
     name = "peer"
     rcpt = "bob@localhost"
+    # When an accepted message is in the recipient's Maildir: "before 250"
+    # (the peer fsyncs it there before answering), "queued" (fsynced in the
+    # peer's own queue before 250, delivered to the Maildir afterwards) or
+    # "discarded" (never stored: a ceiling, not a peer).
+    delivery = "before 250"
 
     def __init__(self, keep: bool = False) -> None:
         self.keep = keep
@@ -205,39 +236,53 @@ class Peer:
         """
         SIGTERM, wait up to C{timeout}, then SIGKILL to the whole process
         group (the peer was started as a session leader, so the group is
-        exactly what it started).
+        exactly what it started).  The SIGKILL step runs even if the wait
+        is interrupted (Ctrl-C), so nothing is left running.
         """
         process, self.process = self.process, None
         try:
-            if process is not None:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-                    try:
-                        process.wait(timeout)
-                    except subprocess.TimeoutExpired:
-                        pass
-                leftovers = [p for p in session_pids(process.pid) if p != process.pid]
-                if process.poll() is None or leftovers:
-                    try:
-                        os.killpg(process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    process.wait(10)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
+            try:
+                if process is not None:
+                    leftovers = [p for p in session_pids(process.pid) if p != process.pid]
+                    if process.poll() is None or leftovers:
+                        try:
+                            os.killpg(process.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                        process.wait(10)
+            finally:
+                if self._log_file is not None:
+                    self._log_file.close()
+                    self._log_file = None
 
     def cleanup(self) -> None:
-        if not self.keep:
+        """
+        Remove the peer's folder unless C{--keep}; if Ctrl-C lands half-way,
+        finish the removal before passing it on.
+        """
+        if self.keep:
+            return
+        try:
             shutil.rmtree(self.root, ignore_errors=True)
+        except KeyboardInterrupt:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
-            self.stop()
-            self.cleanup()
+            try:
+                self.stop()
+            finally:
+                self.cleanup()
             raise
         return self
 
@@ -252,6 +297,20 @@ class Peer:
         How many messages are in the test recipient's Maildir C{new/}.
         """
         return 0
+
+    def wait_delivered(self, expected: int, timeout: float) -> float:
+        """
+        Wait until C{expected} messages are in the Maildir (or the peer has
+        nothing left to deliver); return the seconds waited.  A peer that
+        stores before 250 has nothing to wait for.
+        """
+        return 0.0
+
+    def own_mailbox(self, path: Path) -> None:
+        """
+        Hand a Maildir the runner filled (as itself) to the user the server
+        reads mail as; ours and aiosmtpd run as the runner, so nothing to do.
+        """
 
 
 class AiosmtpdPeer(Peer):
@@ -277,7 +336,7 @@ class AiosmtpdPeer(Peer):
             ]
         )
         assert self.process is not None
-        _wait_for(port_file.exists, timeout, "aiosmtpd", self.process, self.log)
+        wait_for(port_file.exists, timeout, "aiosmtpd", self.process, self.log)
         self.port = int(port_file.read_text())
 
     def delivered(self) -> int:
@@ -396,7 +455,7 @@ class MailServerPeer(Peer):
             except (FileNotFoundError, ValueError):
                 return None
 
-        listening = _wait_for(ready, timeout, "mailserver", self.process, self.log)
+        listening = wait_for(ready, timeout, "mailserver", self.process, self.log)
         ports = {role: int(addrs[0].rsplit(":", 1)[1]) for role, addrs in listening.items() if addrs}
         self.port = ports["smtp"]
         self.pop3_port = ports.get("pop3", 0)
@@ -421,120 +480,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _accepting(port: int) -> bool:
+def accepting(port: int) -> bool:
+    """
+    Whether a server on 127.0.0.1:C{port} takes a connection and sends its
+    first octet (SMTP 220 or POP3 +OK), i.e. has set the session up.
+    """
     import socket
 
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.recv(1)  # the 220, so the server has set the session up
+            s.recv(1)
         return True
     except OSError:
         return False
-
-
-class PostfixPeer(Peer):
-    """
-    Postfix delivering to a Maildir, run from its own configuration folder
-    (C{postfix -c DIR}) with its own queue, on a free high loopback port, so
-    the system's mail setup is not touched.
-
-    Only used when C{/usr/sbin/postfix} exists and C{run.py --postfix} is
-    given.  Postfix refuses C{-c DIR} for a folder not listed in the default
-    C{/etc/postfix/main.cf}'s C{alternate_config_directories}; add it there
-    first (that line is the one change to the system's Postfix).  It is not installed on the
-    benchmark machine this was written on, so this class has NOT been run;
-    treat its figures with care the first time.  Postfix must be started as
-    root (its master drops to C{mail_owner}).
-    """
-
-    name = "postfix"
-    POSTFIX = Path("/usr/sbin/postfix")
-
-    @classmethod
-    def available(cls) -> bool:
-        return cls.POSTFIX.exists() and os.geteuid() == 0
-
-    def __init__(self, keep: bool = False) -> None:
-        super().__init__(keep)
-        self.config_dir = self.root / "etc"
-        self.queue_dir = self.root / "spool"
-        self.data_dir = self.root / "lib"
-        self.home = self.root / "home"
-        self.maildir_path = self.home / "Maildir"
-
-    def start(self, timeout: float = 30.0) -> None:
-        import pwd
-
-        for d in (self.config_dir, self.queue_dir, self.data_dir, self.maildir_path):
-            d.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)
-        for d in (self.root, self.queue_dir.parent):
-            d.chmod(0o755)
-        self.port = free_port()
-        mail_owner = pwd.getpwnam("postfix")
-        # Deliver everything for "localhost" to one virtual Maildir owned by
-        # the postfix user.
-        (self.config_dir / "vmailbox").write_text("bob@localhost localhost/bob/\n")
-        (self.config_dir / "main.cf").write_text(
-            "compatibility_level = 3.6\n"
-            f"queue_directory = {self.queue_dir}\n"
-            f"data_directory = {self.data_dir}\n"
-            "mail_owner = postfix\n"
-            "inet_interfaces = 127.0.0.1\n"
-            "inet_protocols = ipv4\n"
-            "myhostname = postfix.bench\n"
-            "mydestination =\n"
-            "local_recipient_maps =\n"
-            "virtual_mailbox_domains = localhost\n"
-            f"virtual_mailbox_base = {self.home}\n"
-            f"virtual_mailbox_maps = texthash:{self.config_dir}/vmailbox\n"
-            f"virtual_uid_maps = static:{mail_owner.pw_uid}\n"
-            f"virtual_gid_maps = static:{mail_owner.pw_gid}\n"
-            "smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination\n"
-            "mynetworks = 127.0.0.0/8\n"
-            "smtpd_client_connection_count_limit = 0\n"
-            "smtpd_client_connection_rate_limit = 0\n"
-            "default_process_limit = 200\n"
-            "maillog_file = /dev/null\n"
-            "shlib_directory = /usr/lib/postfix\n"
-            "daemon_directory = /usr/lib/postfix/sbin\n"
-            "command_directory = /usr/sbin\n"
-            "meta_directory = /etc/postfix\n"
-        )
-        master = Path("/etc/postfix/master.cf").read_text()
-        lines = []
-        for line in master.splitlines():
-            if line.startswith("smtp ") and " inet " in line:
-                line = f"127.0.0.1:{self.port}" + line[len("smtp") :]
-            elif line.startswith("postlog "):
-                continue
-            lines.append(line)
-        (self.config_dir / "master.cf").write_text("\n".join(lines) + "\n")
-        shutil.chown(self.home, mail_owner.pw_uid, mail_owner.pw_gid)
-        for d in (self.home / "localhost",):
-            d.mkdir(parents=True, exist_ok=True)
-            shutil.chown(d, mail_owner.pw_uid, mail_owner.pw_gid)
-        env = dict(os.environ, MAIL_CONFIG=str(self.config_dir))
-        subprocess.run(
-            [str(self.POSTFIX), "-c", str(self.config_dir), "set-permissions"],
-            env=env, capture_output=True, timeout=60, check=False,
-        )
-        # "start-fg" keeps master in the foreground, so it is our child.
-        self._popen([str(self.POSTFIX), "-c", str(self.config_dir), "start-fg"], env=env)
-        assert self.process is not None
-        _wait_for(lambda: _accepting(self.port), timeout, "postfix", self.process, self.log)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            subprocess.run(
-                [str(self.POSTFIX), "-c", str(self.config_dir), "stop"],
-                env=dict(os.environ, MAIL_CONFIG=str(self.config_dir)),
-                capture_output=True, timeout=60, check=False,
-            )
-        super().stop(timeout)
-
-    def delivered(self) -> int:
-        try:
-            return len(os.listdir(self.home / "localhost" / "bob" / "new"))
-        except FileNotFoundError:
-            return 0
