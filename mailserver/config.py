@@ -186,6 +186,8 @@ class Relay:
     C{scan_interval}: seconds between re-scans of the queue folder, which is
     how the running server picks up C{mailserver queue} commands.
     C{connect_timeout}: seconds to wait for a TCP connection.
+    C{dns_timeout}: seconds one DNS query may take, retransmissions
+    included; a domain's whole MX and address lookup gets three times this.
     C{command_timeout}: seconds to wait for the greeting or a reply to a
     command (RFC 5321 4.5.3.2 asks for at least 300).
     C{data_timeout}: seconds to wait for the reply to the end of the message
@@ -210,6 +212,7 @@ class Relay:
     max_connections_per_destination: int = 4
     scan_interval: float = 10.0
     connect_timeout: float = 60.0
+    dns_timeout: float = 15.0
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     bounce_full_limit: int = 131072

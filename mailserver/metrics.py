@@ -300,6 +300,7 @@ class ServerMetrics:
     pop3_messages_retrieved_total: Counter
     pop3_bytes_sent_total: Counter
     relay_deliveries_total: Counter
+    relay_queue_corrupt_total: Counter
     plugin_errors_total: Counter
 
 
@@ -361,6 +362,10 @@ def server_metrics(
             "relay_deliveries_total",
             "Outbound delivery attempts per recipient, by result.",
             ["result"],
+        ),
+        relay_queue_corrupt_total=metrics.counter(
+            "relay_queue_corrupt_total",
+            "Corrupt relay queue entries moved into queue/corrupt/.",
         ),
         plugin_errors_total=metrics.counter(
             "plugin_errors_total", "Exceptions raised by plugins.", ["plugin"]

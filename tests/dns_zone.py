@@ -5,6 +5,12 @@ records from a dict:
 
     {"example.org": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"], "A": ["127.0.0.1"]}}
 
+A name can also misbehave, for the fault tests: C{{"RCODE": "SERVFAIL"}} (or
+C{"REFUSED"}, C{"NXDOMAIN"}) answers every query for it with that code,
+C{{"SILENT": True}} never answers, C{{"TRUNCATE": True}} answers over UDP
+with only the TC bit (so the client retries over TCP) and C{{"TCP": "reset"}}
+resets the TCP connection that asks for it.
+
 L{listen} runs it in the calling process's reactor (trial tests);
 L{DNSProcess} runs it as a child process (end-to-end tests), and running this
 file as a script (C{python dns_zone.py '<zone json>'}) is that child: it
@@ -68,14 +74,52 @@ class ZoneResolver(common.ResolverBase):
         return defer.succeed((self._answers(key, type), [], []))
 
 
-def listen(reactor, zone: dict) -> tuple[int, list]:
+_RCODES = {"SERVFAIL": dns.ESERVER, "REFUSED": dns.EREFUSED, "NXDOMAIN": dns.ENAME,
+           "FORMERR": dns.EFORMAT, "NOTIMP": dns.ENOTIMP}
+
+
+class FaultyServerFactory(server.DNSServerFactory):
     """
-    Serve C{zone} over UDP and TCP on one free port of 127.0.0.1.
+    Answers from the zone, except for the names told to misbehave.
+    """
+
+    def __init__(self, zone: dict) -> None:
+        super().__init__(authorities=[ZoneResolver(zone)])
+        self._zone = {name.lower().rstrip("."): spec for name, spec in zone.items()}
+
+    def handleQuery(self, message, protocol, address):
+        name = message.queries[0].name.name.decode("ascii").lower().rstrip(".")
+        spec = self._zone.get(name, {})
+        over_tcp = address is None
+        if spec.get("SILENT"):
+            return None
+        if over_tcp and spec.get("TCP") == "reset":
+            protocol.transport.abortConnection()
+            return None
+        if "RCODE" in spec:
+            response = self._responseFromMessage(message=message, rCode=_RCODES[spec["RCODE"]])
+            self.sendReply(protocol, response, address)
+            return None
+        if spec.get("TRUNCATE") and not over_tcp:
+            response = self._responseFromMessage(message=message)
+            response.trunc = 1
+            self.sendReply(protocol, response, address)
+            return None
+        return super().handleQuery(message, protocol, address)
+
+
+def listen(reactor, zone: dict, tcp: bool = True) -> tuple[int, list]:
+    """
+    Serve C{zone} over UDP and TCP on one free port of 127.0.0.1 (over UDP
+    only when not C{tcp}: TCP connections are then refused).
 
     @return: C{(port, listening ports to stop)}.
     """
-    factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
+    factory = FaultyServerFactory(zone)
     protocol = dns.DNSDatagramProtocol(factory)
+    if not tcp:
+        udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        return udp.getHost().port, [udp]
     for _ in range(50):
         tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
         port = tcp.getHost().port

@@ -79,6 +79,10 @@ def relay_problem(relay) -> tuple[str, str] | None:
         ("max_connections_per_destination", relay.max_connections_per_destination >= 1,
          "must be at least 1"),
         ("scan_interval", relay.scan_interval > 0, "must be positive"),
+        ("connect_timeout", relay.connect_timeout > 0, "must be positive"),
+        ("dns_timeout", 0 < relay.dns_timeout <= 300, "must be more than 0 and at most 300"),
+        ("command_timeout", relay.command_timeout > 0, "must be positive"),
+        ("data_timeout", relay.data_timeout > 0, "must be positive"),
         ("smarthost_username", bool(relay.smarthost_username) == bool(relay.smarthost_password),
          "set both smarthost_username and smarthost_password, or neither"),
     ]

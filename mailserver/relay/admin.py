@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mailserver.relay.queue import PENDING, QueueError, QueueStore
+from mailserver.relay.queue import PENDING, CorruptEntry, QueueError, QueueStore
 
 
 def _age(seconds: float) -> str:
@@ -35,9 +35,20 @@ def _when(timestamp: float, now: float) -> str:
 def _list(config, args: argparse.Namespace) -> str:
     store = QueueStore(config)
     now = time.time()
-    messages = store.all()
-    if not messages:
-        return "the queue is empty"
+    messages, unusable = store.survey()
+    lines = _table(messages, now) if messages else ["the queue is empty"]
+    if unusable:
+        lines.append(f"{len(unusable)} corrupt envelope(s), set aside at the server's next scan:")
+        lines.extend(f"  {e.queue_id}: {e.problem}" for e in unusable)
+    aside = store.corrupt_entries()
+    if aside:
+        lines.append(f"{len(aside)} corrupt entr{'y' if len(aside) == 1 else 'ies'} set aside "
+                     f"in {store.corrupt_path}:")
+        lines.extend(f"  {name}: {problem}" for name, problem in aside)
+    return "\n".join(lines)
+
+
+def _table(messages, now: float) -> list[str]:
     rows = [("ID", "AGE", "SENDER", "RECIPIENTS", "NEXT", "LAST ERROR")]
     for m in messages:
         pending = [r.address for r in m.recipients if r.state == PENDING]
@@ -53,7 +64,7 @@ def _list(config, args: argparse.Namespace) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5]
              for row in rows]
     lines.append(f"{len(messages)} message(s)")
-    return "\n".join(line.rstrip() for line in lines)
+    return [line.rstrip() for line in lines]
 
 
 def _show(config, args: argparse.Namespace) -> str:
@@ -115,7 +126,10 @@ def _flush(config, args: argparse.Namespace) -> str:
 
 
 def _delete(config, args: argparse.Namespace) -> str:
-    QueueStore(config).load(args.id)
+    try:
+        QueueStore(config).load(args.id)
+    except CorruptEntry:
+        pass  # unusable, but it may still be deleted
     return _request(config, "delete", args.id)
 
 

@@ -5,7 +5,13 @@ RFC 5321 5.1: MX records in preference order (equal preferences shuffled);
 no MX record means the domain's own A/AAAA addresses (the implicit MX); a
 domain that does not exist fails for good.  RFC 7505: a single MX of C{"."}
 (null MX) says the domain takes no mail, which fails for good at once.  A
-lookup that times out or gets SERVFAIL is a temporary failure, retried later.
+lookup that times out, gets SERVFAIL or REFUSED, or cannot reach the DNS
+server is a temporary failure (4.4.3), retried later.
+
+Every lookup is bounded: the resolver gets explicit per-query timeouts
+(twisted.names' own default is 60 seconds a query, and 10 more for its TCP
+retry, whatever the configuration says) and L{MXRouter} gives up on a whole
+route after a deadline, whatever the resolver does.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import socket
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.names import dns
+from twisted.internet import error as internet_error
+from twisted.names import client, dns
 from twisted.names import error as dns_error
+from twisted.python.failure import Failure
 
 from mailserver.relay.client import Reply
 
@@ -54,6 +62,24 @@ def _describe(e: BaseException) -> str:
     return " ".join([type(e).__name__, *args])
 
 
+def _problem(e: BaseException) -> str:
+    """
+    What went wrong with a lookup, in words for the queue and the bounce.
+    """
+    if isinstance(e, defer.TimeoutError):  # twisted.names' DNSQueryTimeoutError too
+        return "DNS lookup timed out"
+    if isinstance(e, dns_error.DNSServerError):
+        return "Directory server failure (SERVFAIL)"
+    if isinstance(e, dns_error.DNSQueryRefusedError):
+        return "Directory server failure (query REFUSED)"
+    if isinstance(e, (dns_error.DNSFormatError, dns_error.DNSNotImplementedError,
+                      dns_error.DNSUnknownError)):
+        return f"Directory server failure ({type(e).__name__})"
+    if isinstance(e, (internet_error.ConnectError, internet_error.ConnectionLost, OSError)):
+        return f"cannot reach the DNS server: {_describe(e)}"
+    return _describe(e)
+
+
 def _temporary(text: str) -> RoutingError:
     return RoutingError(Reply(451, (f"4.4.3 {text}",), synthetic=True))
 
@@ -62,18 +88,59 @@ def _permanent(code: int, status: str, text: str) -> RoutingError:
     return RoutingError(Reply(code, (f"{status} {text}",), synthetic=True))
 
 
-def make_resolver(spec: str, reactor):
+def query_timeouts(total: float) -> tuple[float, ...]:
+    """
+    The resolver's retransmission schedule for one query, summing to
+    C{total} seconds: twisted.names' own (1, 3, 11) scaled.
+    """
+    return tuple(total * part / 15 for part in (1, 3, 11))
+
+
+class BoundedResolver(client.Resolver):
+    """
+    C{twisted.names.client.Resolver} with every wait bounded by C{timeout}.
+
+    Its TCP retry (after a truncated UDP answer) otherwise waits a fixed 10
+    seconds and notices a reset connection only at that time-out.
+    """
+
+    def __init__(self, *, timeout: float, **kwargs) -> None:
+        self._total = timeout
+        super().__init__(timeout=query_timeouts(timeout), **kwargs)
+
+    def queryTCP(self, queries, timeout=None):
+        return super().queryTCP(queries, self._total)
+
+    def stop(self) -> None:
+        """
+        Stop re-reading C{resolv.conf} every minute, when the relay stops.
+        """
+        call = getattr(self, "_parseCall", None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def connectionLost(self, protocol) -> None:
+        super().connectionLost(protocol)
+        live = getattr(protocol, "liveMessages", None) or {}
+        for query_id, (d, timer) in list(live.items()):
+            del live[query_id]
+            if timer.active():
+                timer.cancel()
+            d.errback(internet_error.ConnectionLost("the DNS server closed the connection"))
+
+
+def make_resolver(spec: str, reactor, timeout: float = 15.0) -> BoundedResolver:
     """
     A C{twisted.names} resolver: C{""} for the system's (from
-    C{/etc/resolv.conf}), else C{"host:port"} of one DNS server.
+    C{/etc/resolv.conf}), else C{"host:port"} of one DNS server; C{timeout}
+    is the most one query may take, retransmissions included.
     """
-    from twisted.names import client
-
     from mailserver.relay._settings import parse_host_port
 
     if not spec:
-        return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
-    return client.Resolver(servers=[parse_host_port(spec, 53)], reactor=reactor)
+        return BoundedResolver(resolv="/etc/resolv.conf", reactor=reactor, timeout=timeout)
+    return BoundedResolver(servers=[parse_host_port(spec, 53)], reactor=reactor,
+                           timeout=timeout)
 
 
 def _literal(domain: str) -> str | None:
@@ -94,19 +161,49 @@ class MXRouter:
 
     @param resolver: an C{IResolver} (C{twisted.names.client.Resolver}).
     @param rng: shuffles equal preferences; pass a seeded one in tests.
+    @param clock: and C{deadline}: a route still unknown after C{deadline}
+        seconds is a temporary failure, so a resolver that never answers
+        cannot hold a delivery forever (C{None}: no deadline).
     """
 
-    def __init__(self, resolver, port: int = 25, rng: random.Random | None = None) -> None:
+    def __init__(self, resolver, port: int = 25, rng: random.Random | None = None,
+                 clock=None, deadline: float | None = None) -> None:
         self._resolver = resolver
         self._port = port
         self._rng = rng or random.Random()
+        self._clock = clock
+        self._deadline = deadline if clock is not None else None
 
     def route(self, domain: str) -> defer.Deferred:
         """
         @return: a Deferred firing with a non-empty list of L{Hop}s, or
             failing with L{RoutingError}.
         """
-        return defer.Deferred.fromCoroutine(self._route(domain.lower().rstrip(".")))
+        domain = domain.lower().rstrip(".")
+        d = defer.Deferred.fromCoroutine(self._route(domain))
+        if self._deadline is None:
+            return d
+        result: defer.Deferred = defer.Deferred()
+
+        def expire() -> None:
+            result.errback(_temporary(
+                f"DNS lookup for {domain} timed out after {self._deadline:g}s"))
+            d.cancel()  # stops the lookups that can be stopped
+
+        timer = self._clock.callLater(self._deadline, expire)
+
+        def settled(outcome) -> None:
+            if timer.active():
+                timer.cancel()
+            if result.called:
+                return  # too late: the deadline answered already
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        d.addBoth(settled)
+        return result
 
     async def _route(self, domain: str) -> list[Hop]:
         literal = _literal(domain)
@@ -132,7 +229,8 @@ class MXRouter:
             names = by_preference[preference]
             self._rng.shuffle(names)
             ordered.extend(names)
-        lookups = [self._addresses(name) for name in ordered]
+        # All hosts at once, so the route takes one lookup's time, not n.
+        lookups = [defer.Deferred.fromCoroutine(self._addresses(name)) for name in ordered]
         hops, problems = [], []
         for name, lookup in zip(ordered, lookups):
             addresses, problem = await lookup
@@ -157,7 +255,7 @@ class MXRouter:
             except dns_error.DNSNameError:
                 raise _permanent(550, "5.1.2", f"domain {domain} does not exist") from None
             except Exception as e:  # timeouts, SERVFAIL, refused: try later
-                raise _temporary(f"MX lookup for {domain} failed: {_describe(e)}") from None
+                raise _temporary(f"MX lookup for {domain} failed: {_problem(e)}") from None
             mx = [
                 (a.payload.preference, str(a.payload.name).lower().rstrip("."))
                 for a in answers
@@ -185,16 +283,20 @@ class MXRouter:
         literal = _literal(f"[{name}]")
         if literal is not None:
             return (literal,), ""
+        lookups = [
+            (rtype, defer.maybeDeferred(method, name))
+            for method, rtype in ((self._resolver.lookupAddress, dns.A),
+                                  (self._resolver.lookupIPV6Address, dns.AAAA))
+        ]
         found: list[str] = []
         problems = []
-        for method, rtype in ((self._resolver.lookupAddress, dns.A),
-                              (self._resolver.lookupIPV6Address, dns.AAAA)):
+        for rtype, lookup in lookups:
             try:
-                answers, _, _ = await method(name)
+                answers, _, _ = await lookup
             except dns_error.DNSNameError:
                 continue
             except Exception as e:
-                problems.append(_describe(e))
+                problems.append(_problem(e))
                 continue
             for answer in answers:
                 if answer.type == rtype:

@@ -7,11 +7,16 @@ Layout under C{<data_dir>/queue/}::
     envelopes/<id>.json  the envelope and per-recipient state (version 1)
     tmp/                 envelope JSON being written
     requests/<id>.<verb> requests from the C{mailserver queue} command
+    corrupt/             entries set aside: <id>.json, <id> and <id>.problem
 
 An envelope is the commit point: it is written to C{tmp/}, fsynced, renamed
 into C{envelopes/} and the folder fsynced, after the message link is durable.
 A message file without an envelope is the remains of a crash before the 250
-and is removed at start; an envelope always has its message.
+and is removed at start; an envelope always has its message.  An envelope
+that cannot be used (not JSON, truncated, an unknown version, wrong types, no
+message file) raises L{CorruptEntry}; the runner then moves it and its
+message into C{corrupt/} with a note of the problem (L{QueueStore.set_aside}),
+so it is neither lost nor retried in a loop.
 
 Everything here is blocking file I/O without Twisted: the intake calls
 L{QueueStore.enqueue} in a worker thread, the runner calls the rest on the
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -48,6 +54,82 @@ class QueueError(ValueError):
     A problem with a queue request (unknown id, bad domain), printed as one
     line by the CLI.
     """
+
+
+class CorruptEntry(QueueError):
+    """
+    A queued message whose files cannot be used; C{problem} says why in a
+    few words and C{path} names the envelope file.
+    """
+
+    def __init__(self, queue_id: str, path: Path, problem: str) -> None:
+        super().__init__(f"queued message {queue_id} is corrupt: {problem}")
+        self.queue_id = queue_id
+        self.path = path
+        self.problem = problem
+
+
+_NUMBER = "number"
+_STATES = (PENDING, DELIVERED, FAILED, RELAYED)
+
+# What each envelope field must hold (None: may be null), so a hand-edited
+# or damaged file is refused when read, not halfway through an attempt.
+_MESSAGE_FIELDS: dict[str, tuple] = {
+    "id": (str,), "sender": (str,), "arrival": (_NUMBER,), "body_offset": (int,),
+    "size": (int,), "ret": (str, None), "envid": (str, None), "body": (str,),
+    "smtputf8": (bool,), "client_address": (str,), "helo": (str,), "attempts": (int,),
+    "next_attempt": (_NUMBER,), "last_error": (str,), "delay_warned": (bool,),
+}
+_RECIPIENT_FIELDS: dict[str, tuple] = {
+    "address": (str,), "original": (str,), "orcpt": (str, None), "notify": (list,),
+    "state": (str,), "status": (str,), "diagnostic": (str,), "remote_mta": (str,),
+    "last_attempt": (_NUMBER, None), "notified": (bool,),
+}
+
+
+def _fits(value, kinds: tuple) -> bool:
+    for kind in kinds:
+        if kind is None and value is None:
+            return True
+        if kind is _NUMBER and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if kind in (int, str, list) and isinstance(value, kind) and not isinstance(value, bool):
+            return True
+        if kind is bool and isinstance(value, bool):
+            return True
+    return False
+
+
+def _check_fields(data: dict, fields: dict, where: str) -> None:
+    for name, kinds in fields.items():
+        if name in data and not _fits(data[name], kinds):
+            raise ValueError(f"{where}{name} has the wrong type ({type(data[name]).__name__})")
+
+
+def _check_envelope(data) -> None:
+    """
+    @raise ValueError: naming the first thing wrong with decoded envelope
+        JSON.
+    """
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if data.get("version") != FORMAT_VERSION:
+        raise ValueError(f"unknown envelope version {data.get('version')!r}")
+    for name in ("id", "sender", "recipients", "arrival"):
+        if name not in data:
+            raise ValueError(f"no {name} field")
+    _check_fields(data, _MESSAGE_FIELDS, "")
+    recipients = data["recipients"]
+    if not isinstance(recipients, list) or not recipients:
+        raise ValueError("recipients is not a non-empty list")
+    for i, r in enumerate(recipients):
+        if not isinstance(r, dict) or "address" not in r:
+            raise ValueError(f"recipient {i} has no address")
+        _check_fields(r, _RECIPIENT_FIELDS, f"recipient {i}: ")
+        if not all(isinstance(n, str) for n in r.get("notify", [])):
+            raise ValueError(f"recipient {i}: notify is not a list of strings")
+        if r.get("state", PENDING) not in _STATES:
+            raise ValueError(f"recipient {i}: unknown state {r['state']!r}")
 
 
 @dataclass(frozen=True)
@@ -118,9 +200,15 @@ class QueuedMessage:
 
     @classmethod
     def from_json(cls, text: str) -> QueuedMessage:
-        data = json.loads(text)
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unknown envelope version {data.get('version')!r}")
+        """
+        @raise ValueError: saying what is wrong, for JSON that is not a
+            version 1 envelope.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"not valid JSON ({e})") from None
+        _check_envelope(data)
         names = set(cls.__dataclass_fields__)
         recipient_names = set(RecipientState.__dataclass_fields__)
         recipients = tuple(
@@ -203,6 +291,7 @@ class QueueStore:
         self.envelopes_path = self.path / "envelopes"
         self.tmp_path = self.path / "tmp"
         self.requests_path = self.path / "requests"
+        self.corrupt_path = self.path / "corrupt"
         self._clock = clock
         self.on_enqueued: Callable[[str], None] | None = None
         self._made = False
@@ -210,7 +299,8 @@ class QueueStore:
     def _ensure(self) -> None:
         if self._made:
             return
-        for folder in (self.messages_path, self.envelopes_path, self.tmp_path, self.requests_path):
+        for folder in (self.messages_path, self.envelopes_path, self.tmp_path, self.requests_path,
+                       self.corrupt_path):
             folder.mkdir(parents=True, exist_ok=True)
         for folder in (self.path, self.path.parent):
             fsync_directory(folder)
@@ -282,34 +372,114 @@ class QueueStore:
         return self.envelopes_path / f"{queue_id}.json"
 
     def ids(self) -> list[str]:
+        """
+        The ids of the envelopes on disk (names that cannot be queue ids,
+        such as an editor's hidden files, are not envelopes).
+        """
         try:
             names = os.listdir(self.envelopes_path)
         except FileNotFoundError:
             return []
-        return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
+        ids = (n[: -len(".json")] for n in names if n.endswith(".json"))
+        return sorted(i for i in ids if i and not i.startswith("."))
 
     def load(self, queue_id: str) -> QueuedMessage:
         """
-        @raise QueueError: when no such message is queued (or its envelope is
-            unreadable).
+        The envelope, checked, with its message file present.
+
+        @raise CorruptEntry: when its files cannot be used.
+        @raise QueueError: when no such message is queued.
         """
+        path = self._envelope_path(queue_id)
         try:
-            text = self._envelope_path(queue_id).read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise QueueError(f"no queued message {queue_id}") from None
+        except OSError as e:
+            raise CorruptEntry(queue_id, path, f"cannot read it: {e.strerror or e}") from None
         try:
-            return QueuedMessage.from_json(text)
+            message = QueuedMessage.from_json(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CorruptEntry(queue_id, path, "not UTF-8 text") from None
         except (ValueError, TypeError, KeyError) as e:
-            raise QueueError(f"queued message {queue_id} has a bad envelope: {e}") from None
+            raise CorruptEntry(queue_id, path, str(e)) from None
+        if message.id != queue_id:
+            raise CorruptEntry(queue_id, path, f"it holds the id {message.id!r}")
+        try:
+            info = os.stat(self.messages_path / queue_id)
+        except FileNotFoundError:
+            if not path.exists():  # removed meanwhile: not corrupt, just gone
+                raise QueueError(f"no queued message {queue_id}") from None
+            raise CorruptEntry(queue_id, path, "its message file is missing") from None
+        except OSError as e:
+            raise CorruptEntry(queue_id, path,
+                               f"cannot read its message file: {e.strerror or e}") from None
+        if not stat.S_ISREG(info.st_mode) or info.st_size < message.body_offset:
+            raise CorruptEntry(queue_id, path, "its message file is not the message it holds")
+        return message
 
-    def all(self) -> list[QueuedMessage]:
-        messages = []
+    def survey(self) -> tuple[list[QueuedMessage], list[CorruptEntry]]:
+        """
+        The usable messages, oldest first, and the unusable entries.
+        """
+        messages, corrupt = [], []
         for queue_id in self.ids():
             try:
                 messages.append(self.load(queue_id))
+            except CorruptEntry as e:
+                corrupt.append(e)
             except QueueError:
                 continue
-        return sorted(messages, key=lambda m: (m.arrival, m.id))
+        return sorted(messages, key=lambda m: (m.arrival, m.id)), corrupt
+
+    def all(self) -> list[QueuedMessage]:
+        return self.survey()[0]
+
+    def set_aside(self, queue_id: str, problem: str) -> Path:
+        """
+        Move a corrupt entry (envelope and message file, whichever exist)
+        into C{corrupt/} beside a C{.problem} note, so an operator can look
+        at it and nothing tries it again.  The message goes first: a crash
+        in between leaves an envelope without its message, which is set
+        aside in turn, never a message file that start-up removes as an
+        orphan.
+
+        @return: where the envelope now is.
+        """
+        self._ensure()
+        name, n = queue_id, 0
+        while any((self.corrupt_path / f"{name}{suffix}").exists()
+                  for suffix in ("", ".json", ".problem")):
+            n += 1
+            name = f"{queue_id}.{n}"
+        _write_durably(self.corrupt_path / f"{name}.problem", self.tmp_path, problem + "\n")
+        for source, target in ((self.messages_path / queue_id, self.corrupt_path / name),
+                               (self.envelopes_path / f"{queue_id}.json",
+                                self.corrupt_path / f"{name}.json")):
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                continue
+            fsync_directory(self.corrupt_path)
+            fsync_directory(source.parent)
+        return self.corrupt_path / f"{name}.json"
+
+    def corrupt_entries(self) -> list[tuple[str, str]]:
+        """
+        The entries set aside, as C{(name, problem)}.
+        """
+        try:
+            notes = sorted(p for p in self.corrupt_path.iterdir() if p.suffix == ".problem")
+        except FileNotFoundError:
+            return []
+        out = []
+        for note in notes:
+            try:
+                problem = note.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError as e:
+                problem = f"(note unreadable: {e.strerror})"
+            out.append((note.stem, problem))
+        return out
 
     def open_body(self, message: QueuedMessage) -> BinaryIO:
         """

@@ -15,7 +15,10 @@ L{mailserver.interfaces.ICourier}) through three separate pieces:
     sender in one RFC 3464 report per attempt, injected through the intake;
   - every C{scan_interval} the queue folder is re-read for messages it does
     not know and for requests from C{mailserver queue} (flush, delete,
-    bounce).
+    bounce);
+  - an entry that cannot be used (a corrupt envelope, a missing message
+    file) is moved into C{queue/corrupt/} with one log line, at start, at a
+    scan or at its attempt, and the others go on.
 
 Delivery is at-least-once.  A message can go out twice when the server stops
 (or dies) after a remote server accepted it and before its new state is on
@@ -45,11 +48,12 @@ from mailserver.relay.queue import (
     FAILED,
     PENDING,
     RELAYED,
+    CorruptEntry,
     QueuedMessage,
     QueueError,
     QueueStore,
 )
-from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter
+from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
 
 
 class _Slots:
@@ -131,6 +135,8 @@ class RelayRunner(Service):
         self._intake = intake
         self._reactor = reactor
         self._courier = courier
+        self._own_courier = courier is None
+        self._resolver = None
         self._accounts = accounts
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
@@ -139,6 +145,8 @@ class RelayRunner(Service):
         self._timers: dict = {}
         self._active: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}
+        # Corrupt entries that could not be moved aside: not tried again.
+        self._unusable: set[str] = set()
         self._scanner: task.LoopingCall | None = None
 
     # Service.
@@ -148,9 +156,13 @@ class RelayRunner(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._courier is None:
-            resolver = make_resolver(self._relay.resolver, self._reactor)
-            router = MXRouter(resolver, port=self._relay.port)
+        if self._own_courier:
+            resolver = self._resolver = make_resolver(self._relay.resolver, self._reactor,
+                                                      timeout=self._relay.dns_timeout)
+            # A route takes at most an MX query, a CNAME hop and the address
+            # queries (made at once); the deadline holds whatever happens.
+            router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
+                              deadline=3 * self._relay.dns_timeout)
             self._courier = LoggingCourier(
                 RouteCourier(
                     reactor=self._reactor,
@@ -177,6 +189,8 @@ class RelayRunner(Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        if self._resolver is not None:
+            self._resolver.stop()
 
     def _enqueued_in_thread(self, queue_id: str) -> None:
         self._reactor.callFromThread(self._enqueued, queue_id)
@@ -202,14 +216,34 @@ class RelayRunner(Service):
             if queue_id not in on_disk:
                 self._cancel_timer(queue_id)
         for queue_id in on_disk:
-            if queue_id in self._timers or queue_id in self._active:
+            if queue_id in self._timers or queue_id in self._active or queue_id in self._unusable:
                 continue
             try:
                 message = self._queue.load(queue_id)
-            except QueueError as e:
-                self.log.error("relay: {e}", e=str(e))
+            except CorruptEntry as e:
+                self._set_aside(e)
                 continue
+            except QueueError:
+                continue  # removed meanwhile
             self._schedule(message.id, message.next_attempt)
+
+    def _set_aside(self, e: CorruptEntry) -> None:
+        """
+        Move a corrupt entry out of the way, saying so once.
+        """
+        self._cancel_timer(e.queue_id)
+        try:
+            where = self._queue.set_aside(e.queue_id, e.problem)
+        except OSError as error:
+            self._unusable.add(e.queue_id)
+            self.log.error(
+                "relay: queue file {file} is corrupt ({problem}) and cannot be moved "
+                "aside ({error}); ignoring it", file=str(e.path), problem=e.problem,
+                error=error.strerror or str(error))
+            return
+        self._metrics.relay_queue_corrupt_total.inc()
+        self.log.error("relay: queue file {file} is corrupt ({problem}); moved it to {where}",
+                       file=str(e.path), problem=e.problem, where=str(where))
 
     def _cancel_timer(self, queue_id: str) -> None:
         timer = self._timers.pop(queue_id, None)
@@ -283,12 +317,23 @@ class RelayRunner(Service):
                 self.request(verb, queue_id)
             return result
 
+        def failed(failure):
+            # A bug or a full disk: back off, rather than let the next scan
+            # retry it (and maybe deliver it again) every few seconds.
+            self.log.failure("relay: {id}: attempt failed", failure, id=queue_id)
+            if self.running and queue_id not in self._timers:
+                self._schedule(queue_id, self._reactor.seconds()
+                               + retry_delay(self.policy, 1, self._jitter))
+
         d.addBoth(done)
-        d.addErrback(lambda f: self.log.failure("relay: {id}: attempt failed", f, id=queue_id))
+        d.addErrback(failed)
 
     async def _attempt(self, queue_id: str, bounce: bool) -> None:
         try:
             message = await self._io(self._queue.load, queue_id)
+        except CorruptEntry as e:
+            self._set_aside(e)
+            return
         except QueueError:
             return
         now = self._reactor.seconds()

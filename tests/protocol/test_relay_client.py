@@ -219,3 +219,159 @@ def test_all_recipients_refused_sends_no_body():
     assert sent == b".\r\nQUIT\r\n"
     [result] = c.results
     assert all(r.code == 550 for r in result.replies.values())
+
+
+# Misbehaving peers, with the timeouts taken from the configuration.
+
+from mailserver.config import Relay  # noqa: E402
+from mailserver.relay.client import deliver  # noqa: E402
+
+CONFIGURED = Timeouts.from_config(Relay(connect_timeout=3, command_timeout=7, data_timeout=11))
+
+
+class Body(io.BytesIO):
+    closed_by_client = False
+
+    def close(self):
+        self.closed_by_client = True
+        super().close()
+
+
+def configured(t: Transaction) -> Conversation:
+    c = Conversation.__new__(Conversation)
+    c.clock = Clock()
+    c.client = ESMTPClient(t, c.clock, CONFIGURED, host="mx.remote.test")
+    c.transport = TLSStringTransport()
+    c.client.makeConnection(c.transport)
+    c.results = []
+    c.client.result.addCallback(c.results.append)
+    return c
+
+
+def one_recipient(**kw) -> Transaction:
+    return transaction(recipients=(OutboundRecipient("a@remote.test"),), **kw)
+
+
+def assert_temporary(c: Conversation, status: str, words: str = "") -> None:
+    [result] = c.results
+    reply = result.replies["a@remote.test"]
+    assert 400 <= reply.code < 500 and not reply.permanent, reply
+    assert reply.status == status, reply
+    assert words in reply.text
+
+
+def test_no_greeting_times_out_at_the_configured_command_timeout():
+    c = configured(one_recipient())
+    c.clock.advance(6.9)
+    assert c.results == []
+    c.clock.advance(0.1)
+    assert_temporary(c, "4.4.2", "timed out")
+    assert c.transport.disconnecting or c.transport.disconnected
+
+
+def test_stall_after_the_final_dot_times_out_at_data_timeout():
+    c = configured(one_recipient())
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    sent = c.server("250 ok", "250 ok", "354 go")
+    assert sent.endswith(b"\r\n.\r\n")
+    c.clock.advance(10.9)
+    assert c.results == []
+    c.clock.advance(0.1)
+    assert_temporary(c, "4.4.2", "timed out")
+    assert c.results[0].reached  # the host answered: no other MX would do better
+    assert c.transport.disconnecting or c.transport.disconnected
+
+
+def test_peer_that_stops_reading_mid_data_times_out():
+    body = Body(b"Subject: t\n\n" + b"x" * 200_000 + b"\n")
+    c = configured(one_recipient(open_body=lambda: body))
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    for line in ("250 ok", "250 ok", "354 go"):
+        c.client.dataReceived(line.encode() + b"\r\n")
+    c.transport.producer.resumeProducing()  # one chunk goes out, then the window is full
+    c.clock.advance(6.9)
+    assert c.results == []
+    c.clock.advance(0.1)
+    assert_temporary(c, "4.4.2", "timed out")
+
+
+def test_connection_dropped_mid_data_is_temporary_and_closes_the_body():
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    body = Body(b"Subject: t\n\n" + b"x" * 200_000 + b"\n")
+    c = configured(one_recipient(open_body=lambda: body))
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    for line in ("250 ok", "250 ok", "354 go"):
+        c.client.dataReceived(line.encode() + b"\r\n")
+    producer = c.transport.producer
+    producer.resumeProducing()
+    assert b"\r\n.\r\n" not in c.transport.value()  # in the middle of the body
+    producer.stopProducing()  # what a TCP transport does when the line drops
+    c.client.connectionLost(Failure(ConnectionLost("reset by peer")))
+    assert_temporary(c, "4.4.2", "connection lost")
+    assert body.closed_by_client
+    assert c.clock.getDelayedCalls() == []
+
+
+def test_421_after_mail_is_temporary_for_every_recipient():
+    c = configured(transaction())
+    c.server("220 hi")
+    assert c.server("250 mx") == b"MAIL FROM:<s@example.org>\r\n"
+    assert c.server("421 4.3.2 shutting down") == b"QUIT\r\n"
+    [result] = c.results
+    assert {(r.code, r.status) for r in result.replies.values()} == {(421, "4.3.2")}
+
+
+def test_421_to_a_pipelined_rcpt_then_close_is_temporary():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    c = configured(transaction())
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    c.server("250 ok", "421 4.4.5 too busy, closing")
+    c.client.connectionLost(Failure(ConnectionDone()))
+    [result] = c.results
+    assert result.replies["a@remote.test"].code == 421
+    assert result.replies["b@remote.test"].status == "4.4.2"
+    assert not any(r.permanent or r.positive for r in result.replies.values())
+
+
+def test_garbage_instead_of_a_reply_is_temporary():
+    for point in ("greeting", "ehlo", "data"):
+        c = configured(one_recipient())
+        if point != "greeting":
+            c.server("220 hi")
+        if point == "data":
+            c.server(*EHLO_PIPELINING)
+            c.server("250 ok", "250 ok")
+        c.server("HTTP/1.1 400 Bad Request")
+        assert_temporary(c, "4.5.0", "bad reply from server")
+        assert c.transport.disconnecting or c.transport.disconnected, point
+
+
+def test_endless_reply_line_is_temporary():
+    c = configured(one_recipient())
+    c.client.dataReceived(b"220 " + b"x" * 20_000)
+    assert_temporary(c, "4.5.0", "too long")
+
+
+def test_connect_timeout_is_passed_and_a_timed_out_connect_is_temporary():
+    from twisted.internet.error import TimeoutError
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    reactor = MemoryReactorClock()
+    results = []
+    deliver(reactor, "127.0.0.1", 2525, one_recipient(), CONFIGURED).addBoth(results.append)
+    [(host, port, factory, timeout, _)] = reactor.tcpClients
+    assert (host, port, timeout) == ("127.0.0.1", 2525, 3)
+    factory.clientConnectionFailed(reactor.connectors[0], Failure(TimeoutError()))
+    [result] = results
+    assert not result.reached
+    reply = result.replies["a@remote.test"]
+    assert reply.code == 451 and reply.status == "4.4.1" and "cannot connect" in reply.text

@@ -142,3 +142,81 @@ def test_smarthost_and_transport_override_mx(tmp_path):
                                router=MXRouter(ZoneResolver({}), port=25), send=send)
         courier.deliver(message, message.recipients)
         assert seen == [expected]
+
+
+class Hanging:
+    """
+    A resolver that never answers (and records whether it was told to stop).
+    """
+
+    def __init__(self) -> None:
+        self.cancelled = []
+
+    def _hang(self, name):
+        return defer.Deferred(lambda d: self.cancelled.append(name))
+
+    lookupMailExchange = lookupAddress = lookupIPV6Address = _hang
+
+
+def test_a_route_has_a_deadline_whatever_the_resolver_does():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    resolver = Hanging()
+    router = MXRouter(resolver, clock=clock, deadline=45)
+    results = []
+    router.route("remote.test").addBoth(results.append)
+    clock.advance(44.9)
+    assert results == []
+    clock.advance(0.1)
+    [failure] = results
+    assert failure.check(RoutingError)
+    assert (failure.value.reply.code, failure.value.reply.status) == (451, "4.4.3")
+    assert "DNS lookup for remote.test timed out after 45s" in failure.value.reply.text
+    assert resolver.cancelled == ["remote.test"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_answer_before_the_deadline_leaves_no_timer():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    router = MXRouter(ZoneResolver(ZONE), port=2525, rng=random.Random(1), clock=clock,
+                      deadline=45)
+    results = []
+    router.route("implicit.test").addBoth(results.append)
+    assert results == [[Hop("implicit.test", ("127.0.0.1",), 2525)]]
+    assert clock.getDelayedCalls() == []
+
+
+def test_resolver_timeouts_are_explicit_and_sum_to_the_setting():
+    from twisted.internet.task import Clock
+
+    from mailserver.relay.mx import make_resolver, query_timeouts
+
+    assert query_timeouts(15) == (1, 3, 11)
+    resolver = make_resolver("127.0.0.1:5353", Clock(), timeout=0.6)
+    assert resolver.servers == [("127.0.0.1", 5353)]
+    assert abs(sum(resolver.timeout) - 0.6) < 1e-9 and len(resolver.timeout) == 3
+
+
+def test_mx_hosts_are_looked_up_at_once():
+    # Three MX hosts whose lookups never finish: all asked before any answer.
+    resolver = Hanging()
+    asked = []
+
+    def mx(name):
+        from twisted.names import dns
+
+        records = [dns.RRHeader(name.encode(), dns.MX, payload=dns.Record_MX(10, h.encode()))
+                   for h in ("a.test", "b.test", "c.test")]
+        return defer.succeed((records, [], []))
+
+    def address(name):
+        asked.append(name)
+        return defer.Deferred()
+
+    resolver.lookupMailExchange = mx
+    resolver.lookupAddress = resolver.lookupIPV6Address = address
+    MXRouter(resolver, rng=random.Random(1)).route("many.test")
+    assert sorted(asked) == ["a.test", "a.test", "b.test", "b.test", "c.test", "c.test"]

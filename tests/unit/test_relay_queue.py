@@ -14,6 +14,7 @@ from mailserver.config import Config, ConfigError, load
 from mailserver.envelope import Envelope, Recipient
 from mailserver.relay.queue import (
     FORMAT_VERSION,
+    CorruptEntry,
     PENDING,
     QueuedMessage,
     QueueError,
@@ -80,7 +81,7 @@ def test_json_round_trip_and_unknown_version(config, tmp_path):
     data = json.loads(path.read_text())
     data["version"] = 99
     path.write_text(json.dumps(data))
-    with pytest.raises(QueueError, match="bad envelope"):
+    with pytest.raises(CorruptEntry, match="is corrupt: unknown envelope version 99"):
         store.load(queue_id)
 
 
@@ -130,9 +131,118 @@ def test_relay_config_is_validated(tmp_path):
     path.write_text('[relay]\nsmarthost = "mail.example.net:587"\nsmarthost_username = "u"\n')
     with pytest.raises(ConfigError, match="relay.smarthost_username"):
         load(path)
+    for key in ("dns_timeout", "connect_timeout", "command_timeout", "data_timeout"):
+        path.write_text(f"[relay]\n{key} = 0\n")
+        with pytest.raises(ConfigError, match=f"relay.{key}"):
+            load(path)
     path.write_text(
         '[relay]\nresolver = "127.0.0.1:5353"\nretry_schedule = ["1s", "2s"]\n'
         'transports = ["example.net=127.0.0.1:2525"]\nmax_age = "1h"\n'
     )
     relay = load(path).relay
     assert relay.resolver == "127.0.0.1:5353" and relay.retry_schedule == ("1s", "2s")
+    assert relay.dns_timeout == 15.0
+
+
+# Corrupt entries.
+
+
+def queued(config, tmp_path):
+    store = QueueStore(config)
+    queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
+    return store, queue_id, store.envelopes_path / f"{queue_id}.json"
+
+
+def edit(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+CORRUPTIONS = {
+    "truncated": (lambda p: p.write_text(p.read_text()[:40]), "not valid JSON"),
+    "empty": (lambda p: p.write_bytes(b""), "not valid JSON"),
+    "binary": (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "not UTF-8 text"),
+    "array": (lambda p: p.write_text("[1, 2]"), "not a JSON object"),
+    "version": (lambda p: edit(p, lambda d: d.update(version=2)), "unknown envelope version 2"),
+    "no version": (lambda p: edit(p, lambda d: d.pop("version")),
+                   "unknown envelope version None"),
+    "no sender": (lambda p: edit(p, lambda d: d.pop("sender")), "no sender field"),
+    "no recipients": (lambda p: edit(p, lambda d: d.update(recipients=[])), "recipients"),
+    "arrival": (lambda p: edit(p, lambda d: d.update(arrival="yesterday")),
+                "arrival has the wrong type (str)"),
+    "attempts": (lambda p: edit(p, lambda d: d.update(attempts=True)),
+                 "attempts has the wrong type (bool)"),
+    "state": (lambda p: edit(p, lambda d: d["recipients"][0].update(state="lost")),
+              "recipient 0: unknown state 'lost'"),
+    "notify": (lambda p: edit(p, lambda d: d["recipients"][0].update(notify=[1])),
+               "recipient 0: notify is not a list of strings"),
+    "address": (lambda p: edit(p, lambda d: d["recipients"][0].pop("address")),
+                "recipient 0 has no address"),
+    "id": (lambda p: edit(p, lambda d: d.update(id="OTHER")), "it holds the id 'OTHER'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_a_bad_envelope_is_a_corrupt_entry_with_its_problem(config, tmp_path, name):
+    store, queue_id, path = queued(config, tmp_path)
+    damage, problem = CORRUPTIONS[name]
+    damage(path)
+    with pytest.raises(CorruptEntry) as caught:
+        store.load(queue_id)
+    assert problem in caught.value.problem
+    assert caught.value.queue_id == queue_id and caught.value.path == path
+    messages, corrupt = store.survey()
+    assert messages == [] and [e.queue_id for e in corrupt] == [queue_id]
+
+
+def test_missing_or_wrong_message_file_is_corrupt(config, tmp_path):
+    store, queue_id, path = queued(config, tmp_path)
+    os.unlink(store.messages_path / queue_id)
+    with pytest.raises(CorruptEntry, match="its message file is missing"):
+        store.load(queue_id)
+    (store.messages_path / queue_id).write_bytes(b"short")  # shorter than body_offset
+    with pytest.raises(CorruptEntry, match="not the message it holds"):
+        store.load(queue_id)
+    os.unlink(path)
+    with pytest.raises(QueueError, match="no queued message") as caught:
+        store.load(queue_id)
+    assert not isinstance(caught.value, CorruptEntry)  # gone, not corrupt
+
+
+def test_unreadable_envelope_is_corrupt(config, tmp_path):
+    store, queue_id, path = queued(config, tmp_path)
+    os.unlink(path)
+    path.mkdir()
+    with pytest.raises(CorruptEntry, match="cannot read it"):
+        store.load(queue_id)
+    assert store.set_aside(queue_id, "cannot read it").is_dir()
+    assert store.ids() == []
+
+
+def test_set_aside_moves_both_files_and_notes_the_problem(config, tmp_path):
+    store, bad, path = queued(config, tmp_path)
+    good = store.enqueue(ENVELOPE, ("z@remote.test",), spool_file(tmp_path), 29)
+    path.write_text("{trunc")
+    where = store.set_aside(bad, "not valid JSON")
+    assert where == store.corrupt_path / f"{bad}.json"
+    assert where.read_text() == "{trunc"
+    assert (store.corrupt_path / bad).read_bytes().endswith(b"body\n")
+    assert (store.corrupt_path / f"{bad}.problem").read_text() == "not valid JSON\n"
+    assert store.ids() == [good] and [m.id for m in store.all()] == [good]
+    assert sorted(os.listdir(store.messages_path)) == [good]
+    assert store.corrupt_entries() == [(bad, "not valid JSON")]
+    assert store.remove_orphans(min_age=-1) == []  # nothing of it left to remove
+    # The same id again (restored by hand, still bad) does not overwrite the first.
+    (store.envelopes_path / f"{bad}.json").write_text("again")
+    assert store.set_aside(bad, "still bad") == store.corrupt_path / f"{bad}.1.json"
+    assert sorted(store.corrupt_entries()) == [(bad, "not valid JSON"), (f"{bad}.1", "still bad")]
+    assert where.read_text() == "{trunc"
+
+
+def test_names_that_are_not_ids_are_not_envelopes(config, tmp_path):
+    store, queue_id, _ = queued(config, tmp_path)
+    (store.envelopes_path / ".json").write_text("{}")
+    (store.envelopes_path / f".{queue_id}.json").write_text("{}")
+    (store.envelopes_path / "notes.txt").write_text("hi")
+    assert store.ids() == [queue_id]

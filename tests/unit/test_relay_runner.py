@@ -248,3 +248,106 @@ def test_connection_limit_per_destination(tmp_path):
     d, recipients = courier.held.pop(0)
     d.callback(Courier.outcomes(recipients, 250))
     assert [c[1] for c in courier.calls][3:] == [("d@three.test",)]
+
+
+# Corrupt queue entries and failed attempts.
+
+import pytest  # noqa: E402
+from twisted.logger import formatEvent, globalLogPublisher  # noqa: E402
+
+from mailserver.metrics import unregistered_metrics  # noqa: E402
+
+
+@pytest.fixture
+def logged():
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace", "").startswith("mailserver.relay"):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def corrupt_lines(lines):
+    return [line for line in lines if "is corrupt" in line]
+
+
+def test_corrupt_entry_at_start_is_set_aside_once_and_the_rest_delivered(tmp_path, logged):
+    w = World(tmp_path, Courier(451), scan_interval=5)
+    w.start()
+    w.send()
+    w.send()
+    w.runner.stopService()
+    good, bad = sorted(w.queue.ids())
+    (w.queue.envelopes_path / f"{bad}.json").write_text('{"version": 1, "id": ')
+    w2 = World(tmp_path, Courier(250), scan_interval=5)
+    w2.runner._metrics = metrics = unregistered_metrics()
+    w2.start()
+    [line] = corrupt_lines(logged)
+    assert f"queue file {w2.queue.envelopes_path / bad}.json is corrupt (not valid JSON" in line
+    assert f"moved it to {w2.queue.corrupt_path / bad}.json" in line
+    assert metrics.relay_queue_corrupt_total.value() == 1
+    assert w2.queue.ids() == [good]
+    assert (w2.queue.corrupt_path / bad).exists()  # the message kept beside it
+    w2.reactor.advance(300)
+    assert [c[0] for c in w2.courier.calls] == [good]
+    for _ in range(5):
+        w2.reactor.advance(5)
+    assert len(corrupt_lines(logged)) == 1 and w2.queue.ids() == []
+    assert w2.bounces() == []
+
+
+def test_entry_that_goes_bad_while_queued_is_set_aside_at_its_attempt(tmp_path, logged):
+    w = World(tmp_path, Courier(451), scan_interval=1000)
+    w.start()
+    w.send()
+    [queue_id] = w.queue.ids()
+    (w.queue.messages_path / queue_id).unlink()
+    w.reactor.advance(300)
+    [line] = corrupt_lines(logged)
+    assert "its message file is missing" in line
+    assert len(w.courier.calls) == 1 and w.queue.ids() == []
+    assert w.queue.corrupt_entries() == [(queue_id, "its message file is missing")]
+    w.reactor.advance(3000)
+    assert len(corrupt_lines(logged)) == 1 and len(w.courier.calls) == 1
+
+
+def test_entry_that_cannot_be_moved_is_reported_once_and_ignored(tmp_path, logged):
+    w = World(tmp_path, Courier(250), scan_interval=5)
+    w.queue._ensure()
+    (w.queue.envelopes_path / "BAD.json").write_text("nonsense")
+
+    def cannot(queue_id, problem):
+        raise PermissionError(13, "Permission denied")
+
+    w.queue.set_aside = cannot
+    w.start()
+    for _ in range(5):
+        w.reactor.advance(5)
+    [line] = corrupt_lines(logged)
+    assert "cannot be moved aside (Permission denied); ignoring it" in line
+    assert w.courier.calls == []
+    w.send()
+    assert len(w.courier.calls) == 1  # the good ones still go
+
+
+def test_an_attempt_that_crashes_backs_off_instead_of_looping(tmp_path, logged):
+    class Crashing(Courier):
+        def deliver(self, message, recipients):
+            if not self.calls:
+                self.calls.append(message.id)
+                return defer.fail(RuntimeError("a bug"))
+            return super().deliver(message, recipients)
+
+    w = World(tmp_path, Crashing(250), scan_interval=5)
+    w.start()
+    w.send()
+    assert len(w.courier.calls) == 1 and any("attempt failed" in line for line in logged)
+    for _ in range(59):
+        w.reactor.advance(5)
+    assert len(w.courier.calls) == 1  # not at every scan
+    w.reactor.advance(5)
+    assert len(w.courier.calls) == 2 and w.queue.ids() == []
