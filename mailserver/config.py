@@ -31,7 +31,11 @@ class ConfigError(Exception):
     """
 
     def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(f"{source}: {key}: {problem}")
+        # One line, whatever the file held: control characters are escaped.
+        message = f"{source}: {key}: {problem}"
+        super().__init__(
+            "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
+        )
         self.source = source
         self.key = key
         self.problem = problem
@@ -85,6 +89,9 @@ class Limits:
     shutdown_timeout: float = 30.0
     auth_failure_delay: float = 1.0
     max_auth_failures: int = 5
+    max_auth_failures_per_client: int = 20
+    auth_failure_window: int = 900
+    min_data_rate: int = 500
     min_free_space: int = 52_428_800
 
 
@@ -357,8 +364,11 @@ def load(path: str | Path | None) -> Config:
             raw = tomllib.load(f)
     except OSError as e:
         raise ConfigError(source, "-", f"cannot read file: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(source, "-", f"not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # TOMLDecodeError, and what tomllib lets through: invalid UTF-8,
+        # int()'s 4,300-digit limit, and deep nesting.
+        problem = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ConfigError(source, "-", f"not valid TOML: {problem}") from None
     values = _build(Config, raw, source, "")
     config = Config(**values, source=source)
     _validate(config)
@@ -390,6 +400,8 @@ def _convert(hint: object, value: object, source: str, key: str) -> object:
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(source, key, "must be a list of strings")
+        if any("\0" in v for v in value):
+            raise ConfigError(source, key, "must not contain NUL characters")
         return tuple(value)
     if hint is bool:
         if not isinstance(value, bool):
@@ -400,16 +412,22 @@ def _convert(hint: object, value: object, source: str, key: str) -> object:
             raise ConfigError(source, key, "must be an integer")
         if value < 0:
             raise ConfigError(source, key, "must not be negative")
+        if not value < 2**63:
+            raise ConfigError(source, key, "must be less than 2**63")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, key, "must be a number")
         if value < 0:
             raise ConfigError(source, key, "must not be negative")
+        if not value < 2**63:  # also nan and inf
+            raise ConfigError(source, key, "must be a finite number less than 2**63")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(source, key, "must be a string")
+        if "\0" in value:
+            raise ConfigError(source, key, "must not contain NUL characters")
         return value
     raise AssertionError(f"unsupported config type {hint!r}")  # pragma: no cover
 
@@ -461,6 +479,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             source, "smtp.subaddress_separator", "must be one character or empty"
         )
+    if config.limits.max_auth_failures_per_client < 1:
+        raise ConfigError(source, "limits.max_auth_failures_per_client", "must be at least 1")
     if config.limits.max_command_line < 512:
         raise ConfigError(
             source, "limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)"

@@ -57,8 +57,10 @@ class _HookedReceiver:
         if self._in_body:
             self._body.write(data)
             return
+        # Search only what is new, so many small pieces cost linear time.
+        start = max(0, len(self._head) - 3)
         self._head += data
-        end = self._head.find(b"\r\n\r\n")
+        end = self._head.find(b"\r\n\r\n", start)
         if end >= 0:
             self._split(end + 2, blank=True)
         elif self._head.startswith(b"\r\n"):

@@ -25,8 +25,11 @@ from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir, free_space
 
-# Messages up to this size are kept in memory until the end of DATA.
+# Messages up to this size are kept in memory until the end of DATA...
 SPILL_SIZE = 1024 * 1024
+# ...while all the messages being received hold less than this together, so
+# a thousand clients sending large messages at once cannot exhaust memory.
+MEMORY_BUDGET = 64 * 1024 * 1024
 
 
 class RelayQueue(Protocol):
@@ -74,6 +77,7 @@ class Intake:
         self._queue = queue
         self._on_delivered = on_delivered
         self._names = UniqueNames(accounts.config.hostname)
+        self.held_in_memory = 0  # octets of messages being received, all sessions
         self.spool_path = accounts.config.data_path / "spool"
         (self.spool_path / "tmp").mkdir(parents=True, exist_ok=True)
 
@@ -177,7 +181,8 @@ class _Receiver:
     """
     Converts CRLF to LF as the pieces arrive (a CR at the end of one piece
     may pair with an LF at the start of the next) and keeps them in memory;
-    a message that grows past L{SPILL_SIZE} is streamed into a spool file
+    a message that grows past L{SPILL_SIZE}, or arrives while all messages
+    being received hold L{MEMORY_BUDGET}, is streamed into a spool file
     instead, so memory stays bounded.  Nothing touches the disk on the
     reactor thread for the common, small message.
     """
@@ -188,6 +193,7 @@ class _Receiver:
         header = _return_path(envelope.sender)
         self._pieces: list[bytes] = [header]
         self._buffered = len(header)
+        intake.held_in_memory += len(header)
         self._spool: SpoolFile | None = None
         self._body_offset = len(header)
         self._held_cr = b""
@@ -206,11 +212,18 @@ class _Receiver:
             return
         self._pieces.append(data)
         self._buffered += len(data)
-        if self._buffered > SPILL_SIZE:
-            self._spool = SpoolFile(self._intake.spool_path / "tmp", self._intake._names)
+        intake = self._intake
+        intake.held_in_memory += len(data)
+        if self._buffered > SPILL_SIZE or intake.held_in_memory > MEMORY_BUDGET:
+            self._release_memory()
+            self._spool = SpoolFile(intake.spool_path / "tmp", intake._names)
             for piece in self._pieces:
                 self._spool.write(piece)
             self._pieces = []
+
+    def _release_memory(self) -> None:
+        self._intake.held_in_memory -= self._buffered
+        self._buffered = 0
 
     def finish(self):
         if self._held_cr:
@@ -224,6 +237,7 @@ class _Receiver:
             message = b"".join(self._pieces)
             size = len(message)
             self._pieces = []
+            self._release_memory()  # the committer holds it from here
         envelope, body_offset = self._envelope, self._body_offset
         d = intake._committer.submit(
             lambda: intake._write(message, envelope),
@@ -235,5 +249,6 @@ class _Receiver:
 
     def abort(self) -> None:
         self._pieces = []
+        self._release_memory()
         if self._spool is not None:
             self._spool.discard()

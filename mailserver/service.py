@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
 from mailserver.mailauth import mail_auth_hooks
+from mailserver.login_throttle import throttle_for
 from mailserver.maildir import Mailbox, remove_stale_tmp
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
@@ -303,11 +305,27 @@ class CrashCleanup(Service):
             )
 
 
+def _raise_open_file_limit() -> None:
+    """
+    Every connection is a file descriptor, and the usual soft limit (1024)
+    is below the default connection caps: raise it to the hard limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit; connections past it are refused by the OS
+
+
 def make_service(config: Config, reactor) -> MultiService:
     """
     @raise ConfigError: when the TLS certificate is unusable.
     """
     root = MultiService()
+    _raise_open_file_limit()
     config.data_path.mkdir(parents=True, exist_ok=True)
     tls_options = ReloadableServerOptions(config)
     accounts = Accounts(config)
@@ -345,6 +363,9 @@ def make_service(config: Config, reactor) -> MultiService:
     if hooks.message_hooks:
         smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp")
 
+    # One count of failed logins per client address for every listener.
+    login_throttle = throttle_for(config, reactor)
+
     def mailbox_for(address: str) -> Mailbox:
         return Mailbox(accounts.mailbox_path(address))
 
@@ -361,6 +382,7 @@ def make_service(config: Config, reactor) -> MultiService:
             hooks=hooks,
             queue_runner=runner,
             metrics=instruments,
+            login_throttle=login_throttle,
         )
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
@@ -372,6 +394,7 @@ def make_service(config: Config, reactor) -> MultiService:
             reactor=reactor,
             implicit_tls=implicit_tls,
             metrics=instruments,
+            login_throttle=login_throttle,
         )
 
     roles = {

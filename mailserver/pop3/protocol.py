@@ -34,6 +34,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailserver.config import Config
+from mailserver.flow import BUSY, INPUT, ReadControl
+from mailserver.login_throttle import LoginThrottle, throttle_for
 from mailserver.interfaces import IAccount
 from mailserver.maildir import Mailbox, MessageInfo
 from mailserver.metrics import ServerMetrics, unregistered_metrics
@@ -56,6 +58,11 @@ from mailserver.sasl import (
     decode_response,
     is_loopback,
 )
+
+
+# Commands read ahead while the client does not read our replies, past
+# which the socket is not read.
+_MAX_PENDING_LINES = 1000
 
 
 class _State(enum.Enum):
@@ -89,6 +96,7 @@ class POP3Server(Protocol):
         self._auth_failures = 0
         self._errors = 0
         self._idle_call = None
+        self._reads: ReadControl | None = None
         self._delayed_reply = None
         self._transfer: MessageTransfer | None = None
         self._account: str | None = None
@@ -109,6 +117,8 @@ class POP3Server(Protocol):
                 set_no_delay(True)
             except OSError:  # not a TCP socket after all
                 pass
+        self._reads = ReadControl(self.transport, self._process)
+        self._reads.attach()
         self._restart_idle_timer()
         self.transport.write(ok(f"{self._config.hostname} POP3 server ready."))
 
@@ -140,13 +150,16 @@ class POP3Server(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._restart_idle_timer()
         self._buffer += data
         limit = self._config.limits.max_command_line
+        if b"\n" in data:
+            # Only whole lines count as activity: a client trickling in a
+            # byte at a time still meets the idle timeout.
+            self._restart_idle_timer()
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:
-                if len(self._buffer) > limit:
+                if len(self._buffer) > limit + 1:  # + 1: a CR whose LF is yet to come
                     self._discarding_long_line = True
                     self._buffer = b""
                 break
@@ -158,6 +171,8 @@ class POP3Server(Protocol):
                 self._pending.append(None)
             else:
                 self._pending.append(line)
+        if len(self._pending) > _MAX_PENDING_LINES and not self._reads.writable:
+            self._reads.hold(INPUT)
         self._process()
 
     # Moving lines, one command at a time.
@@ -167,7 +182,12 @@ class POP3Server(Protocol):
             return  # re-entered from a synchronous completion; the loop goes on
         self._processing = True
         try:
-            while self._pending and not self._waiting and not self._closing:
+            while (
+                self._pending
+                and not self._waiting
+                and not self._closing
+                and self._reads.writable  # the client reads its replies
+            ):
                 line = self._pending.popleft()
                 if line is None:
                     self._sasl = None
@@ -178,18 +198,20 @@ class POP3Server(Protocol):
                     self._dispatch(line)
         finally:
             self._processing = False
+        if self._reads.writable and not self._closing:
+            self._reads.release(INPUT)  # what was held has been handled
 
     def _wait(self) -> None:
         """
         Hold later commands until L{_resume}: a login or a transfer is on.
         """
         self._waiting = True
-        self.transport.pauseProducing()
+        self._reads.hold(BUSY)
 
     def _resume(self) -> None:
         self._waiting = False
         if self._connected and not self._closing:
-            self.transport.resumeProducing()
+            self._reads.release(BUSY)
             self._process()
 
     def _reply(self, reply: bytes) -> None:
@@ -199,6 +221,8 @@ class POP3Server(Protocol):
     def _close(self) -> None:
         self._closing = True
         self._pending.clear()
+        if self._transfer is None:
+            self._reads.detach()  # a registered producer keeps the connection open
         self.transport.loseConnection()
 
     def _refuse_bad_input(self, text: str) -> None:
@@ -225,6 +249,9 @@ class POP3Server(Protocol):
     def _idle_timeout(self) -> None:
         self._reply(err("Disconnected for inactivity."))
         self._close()
+
+    def _client_address(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "")
 
     def _client(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -359,6 +386,7 @@ class POP3Server(Protocol):
         # must not be acted upon, and a USER given in clear is forgotten.
         self._pending.clear()
         self._buffer = b""
+        self._discarding_long_line = False
         self._user = None
         return None
 
@@ -416,6 +444,9 @@ class POP3Server(Protocol):
             self._reply(b"+ " + b64encode(answer) + b"\r\n")
 
     def _login(self, credentials: Credentials) -> None:
+        if self.factory.login_throttle.refused(self._client_address()):
+            self._reply(err("[SYS/TEMP] Too many failed logins from your address, try again later."))
+            return
         self._wait()
         if not is_valid_user_name(credentials.username):
             self._login_refused(Failure(LoginFailed()), credentials.username)
@@ -442,7 +473,7 @@ class POP3Server(Protocol):
             client=self._client(),
             failures=self._auth_failures,
         )
-        delay = self._config.limits.auth_failure_delay * self._auth_failures
+        delay = self.factory.login_throttle.failed(self._client_address())
         if self._connected:
             self._delayed_reply = self._clock.callLater(delay, self._answer_failed_login)
 
@@ -605,7 +636,8 @@ class POP3Server(Protocol):
             return err(str(e))
         if not (arguments[1].isascii() and arguments[1].isdigit()):
             return err("Invalid number of lines.")
-        encoder = WireEncoder(body_lines=int(arguments[1]))
+        lines = arguments[1].lstrip(b"0")  # int() refuses 4,300 digits and more
+        encoder = WireEncoder(body_lines=int(lines or b"0") if len(lines) <= 18 else 10**18)
         return self._send(number, info, ok(), encoder, retrieve=False)
 
     def _send(
@@ -619,6 +651,7 @@ class POP3Server(Protocol):
             return err("[SYS/TEMP] The message cannot be read now.")
         self._wait()
         self._stop_idle_timer()
+        self._reads.detach()  # the transfer is the transport's producer meanwhile
         self._transfer = MessageTransfer(source, self.transport, prefix, encoder)
         self._transfer.finished.addCallbacks(
             self._sent, self._send_failed, callbackArgs=(number, info, retrieve)
@@ -629,6 +662,7 @@ class POP3Server(Protocol):
 
     def _sent(self, octets: int, number: int, info: MessageInfo, retrieve: bool) -> None:
         self._transfer = None
+        self._reads.attach()
         if retrieve:
             assert self._mailbox is not None and self._maildrop is not None
             self._retrieved += 1
@@ -672,10 +706,13 @@ class POP3Factory(ServerFactory):
         implicit_tls: bool = False,
         metrics: ServerMetrics | None = None,
         run_blocking: Callable[..., defer.Deferred] | None = None,
+        login_throttle: LoginThrottle | None = None,
     ) -> None:
         """
         @param run_blocking: runs blocking file work and returns a Deferred
             of its result; by default in the reactor's thread pool.
+        @param login_throttle: failed logins per client address, shared with
+            the other listeners; by default this listener's own.
         """
         self.run_blocking = run_blocking or (
             lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
@@ -687,6 +724,7 @@ class POP3Factory(ServerFactory):
         self.reactor = reactor
         self.implicit_tls = implicit_tls
         self.metrics = metrics or unregistered_metrics()
+        self.login_throttle = login_throttle or throttle_for(config, reactor)
         self._last_logins: dict[str, float] = {}
 
     def buildProtocol(self, addr) -> POP3Server:

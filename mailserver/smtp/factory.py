@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
 from mailserver.config import Config
+from mailserver.login_throttle import LoginThrottle, throttle_for
 from mailserver.metrics import ServerMetrics, unregistered_metrics
 from mailserver.smtp.policy import Policy
 from mailserver.smtp.protocol import SMTPServer
@@ -24,6 +25,8 @@ class SMTPFactory(ServerFactory):
     @param implicit_tls: the listener wraps every connection in TLS (465).
     @param hooks: the plugins' L{mailserver.hooks.Hooks}, if any.
     @param queue_runner: the relay runner, for ETRN; C{None} if there is none.
+    @param login_throttle: failed logins per client address, shared with the
+        other listeners; by default this listener's own.
     """
 
     protocol = SMTPServer
@@ -42,6 +45,7 @@ class SMTPFactory(ServerFactory):
         hooks=None,
         queue_runner=None,
         metrics: ServerMetrics | None = None,
+        login_throttle: LoginThrottle | None = None,
     ) -> None:
         self.config = config
         self.role = role
@@ -55,6 +59,7 @@ class SMTPFactory(ServerFactory):
         self.queue_runner = queue_runner
         self.metrics = metrics or unregistered_metrics()
         self.metrics_role = "submissions" if implicit_tls else role
+        self.login_throttle = login_throttle or throttle_for(config, reactor)
         self.sessions: set[SMTPServer] = set()
         self._per_client: dict[str, int] = {}
         self._stopping = False

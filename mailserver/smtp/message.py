@@ -127,8 +127,11 @@ class MessageSink:
     def _scan_header(self, text: bytes) -> None:
         header = self._header
         assert header is not None
+        # Search only what is new (and the 3 octets before it), so a header
+        # sent in many small pieces costs linear time, not quadratic.
+        start = max(0, len(header) - 3)
         header += text
-        end = header.find(b"\r\n\r\n")
+        end = header.find(b"\r\n\r\n", start)
         if end >= 0:
             self._header = None
             self._count_received(bytes(header[:end]))

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailserver.envelope import Envelope, Recipient
+from mailserver.flow import INPUT, ReadControl
 from mailserver.hooks import Client
 from mailserver.interfaces import IAccount
 from mailserver.sasl import (
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
 
 # RFC 4954 4: a SASL response line may be up to 12288 octets.
 _MAX_AUTH_LINE = 12288
+# Input held while a command is being handled, past which reading stops.
+_MAX_PENDING_INPUT = 64 * 1024
 
 _HELP = {
     "HELO": "HELO <hostname>",
@@ -140,6 +143,7 @@ class SMTPServer(Protocol):
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None
         self._idle_call = None
+        self._reads: ReadControl | None = None
         self._counted = False
         self._shutting_down = False
         self.client_address = ""
@@ -163,6 +167,8 @@ class SMTPServer(Protocol):
             self._close()
             return
         self._counted = True
+        self._reads = ReadControl(self.transport, self._process)
+        self._reads.attach()
         self.factory.metrics.smtp_connections_total.inc(role=self.factory.metrics_role)
         self.factory.metrics.smtp_connections_active.inc(role=self.factory.metrics_role)
         self._restart_idle_timer()
@@ -216,15 +222,34 @@ class SMTPServer(Protocol):
             self._state = _State.CLOSED
             self._stop_idle_timer()
             self._abort_transaction()
+            if self._reads is not None:
+                self._reads.detach()  # a registered producer keeps the connection open
             self.transport.loseConnection()
 
     # Timers.
 
     def _restart_idle_timer(self) -> None:
-        self._stop_idle_timer()
+        """
+        Give the client the next request's time: a command line must be
+        complete within C{smtp_command_timeout} (sending it a byte at a time
+        does not extend that), message text within C{smtp_data_timeout}
+        plus a second for every C{min_data_rate} octets received.
+        """
         in_message = self._state in (_State.DATA, _State.BDAT)
         timeout = self._limits.smtp_data_timeout if in_message else self._limits.smtp_command_timeout
-        self._idle_call = self.factory.reactor.callLater(timeout, self._timed_out)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self.factory.reactor.callLater(timeout, self._timed_out)
+
+    def _extend_for_data(self, octets: int) -> None:
+        if self._idle_call is None or not self._idle_call.active():
+            return
+        rate = self._limits.min_data_rate
+        if rate:
+            self._idle_call.delay(octets / rate)
+        else:
+            self._idle_call.reset(self._limits.smtp_data_timeout)
 
     def _stop_idle_timer(self) -> None:
         if self._idle_call is not None and self._idle_call.active():
@@ -241,8 +266,13 @@ class SMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._state is _State.CLOSED:
             return
-        self._restart_idle_timer()
+        if self._state in (_State.DATA, _State.BDAT):
+            self._extend_for_data(len(data))
         self._buffer += data
+        if len(self._buffer) > _MAX_PENDING_INPUT and (
+            self._waiting is not None or not self._reads.writable
+        ):
+            self._reads.hold(INPUT)
         self._process()
 
     def _process(self) -> None:
@@ -254,7 +284,12 @@ class SMTPServer(Protocol):
             return
         self._processing = True
         try:
-            while self._buffer and self._waiting is None and self._state is not _State.CLOSED:
+            while (
+                self._buffer
+                and self._waiting is None
+                and self._state is not _State.CLOSED
+                and self._reads.writable
+            ):
                 if self._state is _State.DATA:
                     self._read_data()
                 elif self._state is _State.BDAT:
@@ -265,6 +300,8 @@ class SMTPServer(Protocol):
             self._processing = False
         if self._waiting is None:
             self._close_if_shutting_down()
+            if self._reads.writable:
+                self._reads.release(INPUT)  # what was held has been handled
         self._flush()
 
     def _read_lines(self) -> bool:
@@ -276,11 +313,13 @@ class SMTPServer(Protocol):
         complete = True
         buffer = self._buffer
         position = 0
+        start = position
         while (
             self._state in (_State.COMMAND, _State.AUTH)
             and self._waiting is None
             and self._buffer is buffer  # STARTTLS throws the rest away
             and position < len(buffer)
+            and self._reads.writable  # the client reads its replies
         ):
             limit = _MAX_AUTH_LINE if self._state is _State.AUTH else self._limits.max_command_line
             newline = buffer.find(b"\n", position)
@@ -307,6 +346,8 @@ class SMTPServer(Protocol):
                 self._command(line)
         if self._buffer is buffer:  # STARTTLS may have thrown the buffer away
             self._buffer = buffer[position:]
+        if position > start and self._state in (_State.COMMAND, _State.AUTH):
+            self._restart_idle_timer()  # a whole command arrived in time
         return complete
 
     def _command(self, line: bytes) -> None:
@@ -899,6 +940,11 @@ class SMTPServer(Protocol):
         self._answer(reply(334, "", b64encode(answer).decode("ascii")))
 
     def _login(self, credentials: Credentials) -> None:
+        if self.factory.login_throttle.refused(self.client_address):
+            self._answer(
+                reply(454, "4.7.0", "Too many failed logins from your address, try again later")
+            )
+            return
         login = defer.maybeDeferred(
             self.factory.portal.login,
             UsernamePassword(credentials.username, credentials.password),
@@ -919,13 +965,13 @@ class SMTPServer(Protocol):
             self._answer(reply(454, "4.7.0", "Temporary authentication failure"))
             return
         self._auth_failures += 1
+        # Each failure from this address waits longer before the answer.
+        delay = self.factory.login_throttle.failed(self.client_address)
         if self._auth_failures >= self._limits.max_auth_failures:
             self._answer(reply(535, "5.7.8", "Authentication credentials invalid"))
             self._answer(reply(421, "4.7.0", f"{self._config.hostname} Error: too many failed logins"))
             self._close()
             return
-        # Each failure waits longer before the answer, slowing guessing.
-        delay = self._limits.auth_failure_delay * self._auth_failures
         paused: defer.Deferred = defer.Deferred()
         self.factory.reactor.callLater(delay, paused.callback, None)
         self._run(paused, lambda _: self._answer(reply(535, "5.7.8", "Authentication credentials invalid")))

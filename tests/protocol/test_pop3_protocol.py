@@ -6,6 +6,8 @@ driven through a StringTransport with exact bytes.
 from __future__ import annotations
 
 import pytest
+
+from mailserver.pop3.transfer import MessageTransfer
 from pop3_fakes import MemoryMaildirs, Session, make_config
 from twisted.logger import globalLogPublisher
 
@@ -235,7 +237,7 @@ def test_commands_wait_while_a_transfer_is_paused(store):
 
     def write_then_pause(data):
         original_write(data)
-        if transport.producer is not None:
+        if isinstance(transport.producer, MessageTransfer):
             transport.producer.pauseProducing()
 
     transport.write = write_then_pause
@@ -243,7 +245,7 @@ def test_commands_wait_while_a_transfer_is_paused(store):
     assert first.startswith(b"+OK 200018 octets\r\nSubject: big\r\n")
     assert transport.producerState == "paused"  # stopped reading meanwhile
     out = [first]
-    while transport.producer is not None:
+    while isinstance(transport.producer, MessageTransfer):
         transport.producer.resumeProducing()
         out.append(session.take())
     wire = b"".join(out)

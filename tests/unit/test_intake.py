@@ -109,3 +109,27 @@ def test_a_large_message_is_spooled_not_held_in_memory(accounts, monkeypatch):
         (info,) = Mailbox(accounts.mailbox_path(f"{user}@example.org")).messages()
         assert Path(info.path).read_bytes() == expected
     assert list((intake.spool_path / "tmp").iterdir()) == []
+
+
+def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(accounts, monkeypatch):
+    import mailserver.intake
+
+    monkeypatch.setattr(mailserver.intake, "MEMORY_BUDGET", 1000)
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
+    first = intake.begin(envelope("a@example.org"))
+    first.write(b"Subject: one\r\n\r\n" + b"x" * 900 + b"\r\n")
+    assert first._spool is None  # alone under the budget: in memory
+    second = intake.begin(envelope("b@example.org"))
+    second.write(b"Subject: two\r\n\r\n" + b"y" * 200 + b"\r\n")
+    assert second._spool is not None  # together over it: on disk
+    for receiver in (first, second):
+        results = []
+        receiver.finish().addBoth(results.append)
+        assert isinstance(results[0], str)
+    assert intake.held_in_memory == 0
+    (info,) = Mailbox(accounts.mailbox_path("b@example.org")).messages()
+    assert Path(info.path).read_bytes().endswith(b"y" * 200 + b"\n")
+    aborted = intake.begin(envelope("a@example.org"))
+    aborted.write(b"partial")
+    aborted.abort()
+    assert intake.held_in_memory == 0

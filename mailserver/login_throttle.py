@@ -1,0 +1,104 @@
+"""
+Slowing down and then refusing password guessing from one client address,
+across connections and protocols (SMTP AUTH, POP3 USER/PASS and AUTH).
+
+Counting failures per connection alone does nothing against a guesser who
+opens a new connection for every try.  Here failures are remembered per
+address (an IPv6 client by its /64, which one host usually owns whole) for
+C{limits.auth_failure_window} seconds: each failed login is answered after
+a delay that grows with the address's recent failures, as Dovecot's
+C{auth_penalty} does, and past C{limits.max_auth_failures_per_client} the
+address is refused outright, without its credentials being checked, until
+its failures age out.
+
+Memory is bounded: at most L{MAX_CLIENTS} addresses are remembered, the
+least recently failing forgotten first.  Each process keeps its own counts
+(with C{workers = N}, a guesser gets N times the allowance).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict, deque
+
+MAX_CLIENTS = 10_000
+MAX_DELAY = 30.0
+
+
+def throttle_for(config, clock) -> LoginThrottle:
+    """
+    The throttle the configuration's C{limits} describe.
+    """
+    limits = config.limits
+    return LoginThrottle(
+        clock,
+        delay=limits.auth_failure_delay,
+        limit=limits.max_auth_failures_per_client,
+        window=limits.auth_failure_window,
+    )
+
+
+def client_key(address: str) -> str:
+    """
+    The unit of blame: the IPv4 address, or the IPv6 /64.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class LoginThrottle:
+    """
+    @param clock: an C{IReactorTime} (its C{seconds()}).
+    @param delay: seconds added to the answer of a failed login per recent
+        failure from the same address.
+    @param limit: recent failures after which the address is refused.
+    @param window: seconds a failure counts.
+    """
+
+    def __init__(self, clock, *, delay: float, limit: int, window: float) -> None:
+        self._clock = clock
+        self._delay = delay
+        self._limit = limit
+        self._window = window
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, key: str) -> deque[float] | None:
+        times = self._failures.get(key)
+        if times is None:
+            return None
+        cutoff = self._clock.seconds() - self._window
+        while times and times[0] <= cutoff:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return None
+        return times
+
+    def refused(self, address: str) -> bool:
+        """
+        Has this address failed so often lately that it may not try now?
+        """
+        times = self._recent(client_key(address))
+        return times is not None and len(times) >= self._limit
+
+    def failed(self, address: str) -> float:
+        """
+        Count a failed login; return how long to wait before answering it.
+        """
+        key = client_key(address)
+        times = self._recent(key)
+        if times is None:
+            times = self._failures[key] = deque(maxlen=self._limit)
+        else:
+            self._failures.move_to_end(key)
+        times.append(self._clock.seconds())
+        while len(self._failures) > MAX_CLIENTS:
+            self._failures.popitem(last=False)
+        return min(self._delay * len(times), MAX_DELAY)

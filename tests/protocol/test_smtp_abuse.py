@@ -1,0 +1,108 @@
+"""
+Clients that try to cost us: trickling bytes to hold a session, never
+reading replies, flooding input while a command runs, guessing passwords
+over many connections.
+"""
+
+from base64 import b64encode
+
+from smtp_fakes import LOOPBACK, Session, codes, make_config
+
+
+def plain(user: str, password: str) -> str:
+    return "AUTH PLAIN " + b64encode(f"\0{user}\0{password}".encode()).decode() + "\r\n"
+
+
+def test_a_command_trickled_in_a_byte_at_a_time_still_times_out():
+    session = Session(config=make_config(limits={"smtp_command_timeout": 60}))
+    for byte in b"NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP":
+        session.send(bytes([byte]))
+        session.clock.advance(5)
+        if session.closed:
+            break
+    assert codes(session.read()) == ["421 4.4.2"]
+    assert session.closed
+    assert session.clock.seconds() == 60  # no byte bought more time
+
+
+def test_message_text_must_keep_a_minimum_rate():
+    config = make_config(limits={"smtp_data_timeout": 100, "min_data_rate": 100})
+    session = Session(config=config)
+    session.ehlo()
+    session.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    session.read()
+    # 10 octets every 5 s is 2 octets/s: each piece earns 0.1 s, not 5.
+    while not session.closed:
+        session.send(b"x" * 8 + b"\r\n")
+        session.clock.advance(5)
+    assert codes(session.read()) == ["421 4.4.2"]
+    assert 100 <= session.clock.seconds() <= 110
+    assert session.intake.messages[0].aborted
+
+
+def test_message_text_at_a_fair_rate_is_never_cut_off():
+    config = make_config(limits={"smtp_data_timeout": 100, "min_data_rate": 100})
+    session = Session(config=config)
+    session.ehlo()
+    session.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    for _ in range(100):  # 500 s in all, at 200 octets/s
+        session.send(b"y" * 998 + b"\r\n")
+        session.clock.advance(5)
+    assert not session.closed
+    assert codes(session.send(b".\r\n")) == ["250 2.0.0"]
+
+
+def test_a_client_that_does_not_read_its_replies_is_not_answered_further():
+    session = Session(peer=LOOPBACK)
+    producer = session.transport.producer
+    assert producer is not None  # the session is the transport's producer
+    producer.pauseProducing()  # the transport: the client's window is full
+    assert session.send(b"NOOP\r\n" * 10) == b""
+    assert session.transport.producerState == "producing"  # still reading, a little
+    flood = b"NOOP\r\n" * 20_000  # 120 KiB more while nothing is answered
+    assert session.send(flood) == b""
+    assert session.transport.producerState == "paused"  # no longer reading
+    producer.resumeProducing()  # the client caught up
+    assert codes(session.read()) == ["250 2.0.0"] * 20_010
+    assert session.transport.producerState == "producing"
+
+
+def test_input_sent_while_a_message_is_stored_stops_the_reading():
+    session = Session()
+    session.intake.hold = True
+    session.ehlo()
+    session.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nhi\r\n.\r\n")
+    assert session.send(b"NOOP\r\n" * 20_000) == b""
+    assert session.transport.producerState == "paused"
+    session.intake.pending[0].callback(None)
+    assert codes(session.read()) == ["250 2.0.0"] * 20_001
+    assert session.transport.producerState == "producing"
+
+
+def test_failed_logins_count_per_address_across_sessions():
+    config = make_config(
+        limits={"auth_failure_delay": 1.0, "max_auth_failures_per_client": 4, "max_auth_failures": 10}
+    )
+    first = Session(peer=LOOPBACK, config=config)
+    factory = first.factory
+    delays = []
+    for _ in range(4):
+        # A new connection for every guess, as a guesser would.
+        session = Session(peer=LOOPBACK, factory=factory)
+        session.ehlo()
+        assert session.send(plain("bob@example.org", "guess")) == b""
+        waited = 0.0
+        while not session.read():
+            session.clock.advance(0.5)
+            waited += 0.5
+        delays.append(waited)
+    assert delays == [1.0, 2.0, 3.0, 4.0]  # growing with the address's failures
+    # Now even the right password is refused, unchecked, for a while.
+    session = Session(peer=LOOPBACK, factory=factory)
+    session.ehlo()
+    assert codes(session.send(plain("bob@example.org", "secret"))) == ["454 4.7.0"]
+    assert not session.closed  # the session may still send mail
+    session.clock.advance(config.limits.auth_failure_window)  # the failures age out
+    session = Session(peer=LOOPBACK, factory=factory)
+    session.ehlo()
+    assert codes(session.send(plain("bob@example.org", "secret"))) == ["235 2.7.0"]
