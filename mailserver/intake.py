@@ -12,6 +12,7 @@ messages durable together.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,9 @@ from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir, free_space
 
+# How long a reading of the free disk space is trusted (a statvfs per MAIL
+# would be a system call per message for a figure that changes slowly).
+_FREE_SPACE_INTERVAL = 0.5
 # Messages up to this size are kept in memory until the end of DATA...
 SPILL_SIZE = 1024 * 1024
 # ...while all the messages being received hold less than this together, so
@@ -78,6 +82,9 @@ class Intake:
         self._on_delivered = on_delivered
         self._names = UniqueNames(accounts.config.hostname)
         self.held_in_memory = 0  # octets of messages being received, all sessions
+        self._maildirs_seen: set[Path] = set()  # touched by the committer thread only
+        self._free = 0
+        self._free_checked = -_FREE_SPACE_INTERVAL
         self.spool_path = accounts.config.data_path / "spool"
         (self.spool_path / "tmp").mkdir(parents=True, exist_ok=True)
 
@@ -85,11 +92,14 @@ class Intake:
         return _Receiver(self, envelope)
 
     def has_room(self, size: int) -> bool:
-        try:
-            free = free_space(self._accounts.config.data_path)
-        except OSError:
-            return False  # the data folder is gone or unreadable: nothing can be stored
-        return free >= self._accounts.config.limits.min_free_space + size
+        now = time.monotonic()
+        if now - self._free_checked >= _FREE_SPACE_INTERVAL:
+            try:
+                self._free = free_space(self._accounts.config.data_path)
+            except OSError:
+                self._free = 0  # the data folder is gone or unreadable
+            self._free_checked = now
+        return self._free >= self._accounts.config.limits.min_free_space + size
 
     def route(self, envelope: Envelope) -> tuple[list[Path], tuple[str, ...]]:
         """
@@ -122,21 +132,31 @@ class Intake:
             raise NoRelayQueue(", ".join(remote))
         if isinstance(message, SpoolFile):
             spool = message
-        else:
-            # Written straight into the first recipient's tmp/, so delivery
-            # there is one rename.
-            tmp = maildirs[0] / "tmp" if maildirs else self.spool_path / "tmp"
-            if maildirs:
-                ensure_maildir(maildirs[0])
-            spool = SpoolFile(tmp, self._names)
+            try:
+                spool.close()
+            except BaseException:
+                spool.discard()
+                raise
+            return spool, maildirs, remote
+        # Written straight into the first recipient's tmp/, so delivery
+        # there is one rename.
+        tmp = maildirs[0] / "tmp" if maildirs else self.spool_path / "tmp"
         try:
-            if not isinstance(message, SpoolFile):
-                spool.write(message)
-            spool.close()
-        except BaseException:
-            spool.discard()
+            if maildirs:
+                self._ensure(maildirs[0])
+            return SpoolFile(tmp, self._names, message), maildirs, remote
+        except OSError:
+            self._maildirs_seen.clear()  # one was removed under us? look again next time
             raise
-        return spool, maildirs, remote
+
+    def _ensure(self, maildir: Path) -> None:
+        """
+        L{ensure_maildir}, checked once per Maildir and process rather than
+        three C{stat} calls per message.
+        """
+        if maildir not in self._maildirs_seen:
+            ensure_maildir(maildir)
+            self._maildirs_seen.add(maildir)
 
     def _publish(self, written, envelope: Envelope, body_offset: int) -> str:
         """
@@ -150,7 +170,13 @@ class Intake:
         except BaseException:
             spool.discard()
             raise
-        spool.deliver(maildirs, durable=False)
+        try:
+            for maildir in maildirs:
+                self._ensure(maildir)
+            spool.deliver(maildirs, durable=False, ensure=False)
+        except OSError:
+            self._maildirs_seen.clear()
+            raise
         return spool.name
 
     def _delivered(self, queue_id: str, envelope: Envelope, size: int) -> str:

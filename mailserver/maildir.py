@@ -148,14 +148,32 @@ class SpoolFile:
     of this is blocking file work, meant for a worker thread.
     """
 
-    def __init__(self, tmp_dir: Path, names: UniqueNames) -> None:
+    def __init__(self, tmp_dir: Path, names: UniqueNames, data: bytes | None = None) -> None:
+        """
+        @param data: the whole message (LF form), written at once and the
+            file closed: one C{write} call, no buffered file object.
+        """
         self._tmp_dir = tmp_dir
         self.name = names.next()
         self.path = tmp_dir / self.name
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb")
+        self._file: BinaryIO | None = None
         self.size = 0
         self.lines = 0
+        if data is None:
+            self._file = os.fdopen(fd, "wb")
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            self.discard()
+            raise
+        os.close(fd)
+        self.size = len(data)
+        self.lines = data.count(b"\n")
 
     def write(self, data: bytes) -> None:
         """
@@ -173,25 +191,35 @@ class SpoolFile:
         """
         Close the file without syncing (a group commit syncs it later).
         """
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     def sync(self) -> None:
         """
         Put the written bytes on stable storage and close the file.
         """
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+        else:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
-    def deliver(self, maildirs: Sequence[Path], durable: bool = True) -> list[Path]:
+    def deliver(
+        self, maildirs: Sequence[Path], durable: bool = True, ensure: bool = True
+    ) -> list[Path]:
         """
         Move the message into every maildir's C{new/} and remove the spool
         file.  Returns the delivered paths.
 
         @param durable: fsync the file first and the directories after; a
             caller doing group commit syncs the file system itself instead.
+        @param ensure: create missing Maildirs; a caller that knows they
+            exist saves the checks.
         @raise OSError: on any failure; nothing is then reported delivered,
             though copies already made stay (at-least-once).
         """
@@ -200,12 +228,15 @@ class SpoolFile:
         else:
             self.close()
         delivered: list[Path] = []
+        renamed = False
         try:
             for maildir in maildirs:
-                ensure_maildir(maildir)
+                if ensure:
+                    ensure_maildir(maildir)
                 target = maildir / "new" / self.final_name
                 if not delivered and maildir / "tmp" == self._tmp_dir:
                     os.rename(self.path, target)
+                    renamed = True
                 else:
                     os.link(delivered[0] if delivered else self.path, target)
                 delivered.append(target)
@@ -213,7 +244,8 @@ class SpoolFile:
                 for target in delivered:
                     fsync_directory(target.parent)
         finally:
-            self.discard()
+            if not renamed:
+                self.discard()
         return delivered
 
     def discard(self) -> None:
@@ -221,10 +253,11 @@ class SpoolFile:
         Remove the file; never raises, as it runs on failure paths (closing
         flushes, which fails again on a full disk).
         """
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
         try:
             os.unlink(self.path)
         except OSError:

@@ -5,6 +5,9 @@ against the connection caps and ending them all at shutdown.
 
 from __future__ import annotations
 
+import itertools
+import secrets
+
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
@@ -61,8 +64,16 @@ class SMTPFactory(ServerFactory):
         self.metrics_role = "submissions" if implicit_tls else role
         self.login_throttle = login_throttle or throttle_for(config, reactor)
         self.sessions: set[SMTPServer] = set()
+        self._session_ids = itertools.count(secrets.randbits(40))
         self._per_client: dict[str, int] = {}
         self._stopping = False
+
+    def next_session_id(self) -> str:
+        """
+        The id our Received field gives a transaction, for matching it with
+        the log: a counter from a random start (no system call per message).
+        """
+        return f"{next(self._session_ids) & 0xFFFFFFFFFFFF:012X}"
 
     def buildProtocol(self, addr) -> SMTPServer:
         return self.protocol(self)

@@ -14,7 +14,6 @@ ENHANCEDSTATUSCODES, 8BITMIME, DSN, SMTPUTF8, CHUNKING.
 from __future__ import annotations
 
 import enum
-import secrets
 from base64 import b64encode
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -356,11 +355,11 @@ class SMTPServer(Protocol):
         except GrammarError as e:
             self._answer(reply(500, "5.5.2", str(e)))
             return
-        handler = self._handlers().get(command.verb)
+        handler = _HANDLERS.get(command.verb)
         if handler is None:
             self._answer(R.UNKNOWN_COMMAND)
             return
-        result = handler(command.argument)
+        result = handler(self, command.argument)
         if isinstance(result, defer.Deferred):
             self._run(result, self._answer_result)
         elif result is not None:
@@ -443,29 +442,6 @@ class SMTPServer(Protocol):
         return f"using {version()} with cipher {cipher()}"
 
     # Commands.
-
-    def _handlers(self):
-        return {
-            "HELO": self.do_HELO,
-            "EHLO": self.do_EHLO,
-            "MAIL": self.do_MAIL,
-            "SOML": self.do_MAIL,
-            "SAML": self.do_MAIL,
-            "RCPT": self.do_RCPT,
-            "DATA": self.do_DATA,
-            "BDAT": self.do_BDAT,
-            "RSET": self.do_RSET,
-            "NOOP": self.do_NOOP,
-            "QUIT": self.do_QUIT,
-            "HELP": self.do_HELP,
-            "VRFY": self.do_VRFY,
-            "EXPN": self.do_EXPN,
-            "ETRN": self.do_ETRN,
-            "STARTTLS": self.do_STARTTLS,
-            "AUTH": self.do_AUTH,
-            "TURN": self.not_implemented,
-            "SEND": self.not_implemented,
-        }
 
     def not_implemented(self, argument: str) -> Reply:
         """
@@ -616,7 +592,7 @@ class SMTPServer(Protocol):
                 tls=self._tls,
                 authenticated=self._account is not None,
             ),
-            session_id=secrets.token_hex(6).upper(),
+            session_id=self.factory.next_session_id(),
             tls=self._tls_description(),
             authenticated=self._account,
             recipient=only,
@@ -975,6 +951,29 @@ class SMTPServer(Protocol):
         paused: defer.Deferred = defer.Deferred()
         self.factory.reactor.callLater(delay, paused.callback, None)
         self._run(paused, lambda _: self._answer(reply(535, "5.7.8", "Authentication credentials invalid")))
+
+
+_HANDLERS = {
+    "HELO": SMTPServer.do_HELO,
+    "EHLO": SMTPServer.do_EHLO,
+    "MAIL": SMTPServer.do_MAIL,
+    "SOML": SMTPServer.do_MAIL,
+    "SAML": SMTPServer.do_MAIL,
+    "RCPT": SMTPServer.do_RCPT,
+    "DATA": SMTPServer.do_DATA,
+    "BDAT": SMTPServer.do_BDAT,
+    "RSET": SMTPServer.do_RSET,
+    "NOOP": SMTPServer.do_NOOP,
+    "QUIT": SMTPServer.do_QUIT,
+    "HELP": SMTPServer.do_HELP,
+    "VRFY": SMTPServer.do_VRFY,
+    "EXPN": SMTPServer.do_EXPN,
+    "ETRN": SMTPServer.do_ETRN,
+    "STARTTLS": SMTPServer.do_STARTTLS,
+    "AUTH": SMTPServer.do_AUTH,
+    "TURN": SMTPServer.not_implemented,
+    "SEND": SMTPServer.not_implemented,
+}
 
 
 def _grammar_reply(error: GrammarError) -> Reply:

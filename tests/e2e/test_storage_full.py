@@ -16,6 +16,7 @@ import poplib
 import smtplib
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,8 @@ def server(tmp_path, small_disk):
 
 def fill(path: Path) -> Path:
     """
-    Write a file until the file system is full.
+    Write a file until the file system is full, then wait out the server's
+    free-space reading (trusted for half a second).
     """
     filler = path / "filler"
     with open(filler, "wb") as f:
@@ -69,6 +71,7 @@ def fill(path: Path) -> Path:
                 f.flush()
         except OSError:
             pass
+    time.sleep(0.6)
     return filler
 
 
@@ -119,6 +122,7 @@ def test_a_full_disk_is_452_and_loses_nothing(server, small_disk):
     filler.unlink()
     filler = fill(small_disk)
     os.truncate(filler, os.path.getsize(filler) - 200 * 1024)
+    time.sleep(0.6)
     replies = raw_session(port, [
         b"EHLO c.test\r\n", b"MAIL FROM:<alice@localhost> SIZE=900000\r\n",
         b"MAIL FROM:<alice@localhost>\r\n", b"RCPT TO:<bob@localhost>\r\n",

@@ -52,11 +52,20 @@ class _FailingFile:
         return getattr(self._real, name)
 
 
+class _FD:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def write(self, data) -> int:
+        return os.write(self._fd, data)
+
+
 class FaultyOS:
     """
     The C{os} module with chosen calls failing: C{failing[name] = errno}
     makes C{os.name(...)} raise that error; C{write_budget} makes file
-    writes run out of space after that many octets.
+    writes (through C{os.write} or a file from C{os.fdopen}) run out of
+    space after that many octets.
     """
 
     def __init__(self) -> None:
@@ -74,6 +83,8 @@ class FaultyOS:
             return fail
         if name == "fdopen":
             return lambda *args, **kwargs: _FailingFile(real(*args, **kwargs), self)
+        if name == "write":
+            return lambda fd, data: _FailingFile(_FD(fd), self).write(data)
         return real
 
 
