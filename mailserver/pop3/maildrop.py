@@ -36,7 +36,15 @@ class Maildrop:
             that exists and is not marked deleted.
         """
         if not (argument.isascii() and argument.isdigit()):
-            raise NoSuchMessage(f"Invalid message number: {argument}")
+            # Control characters are escaped: a CR or NUL echoed back could
+            # split or cut the reply line.
+            shown = "".join(
+                c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                for c in argument
+            )
+            raise NoSuchMessage(f"Invalid message number: {shown}")
+        if len(argument.lstrip("0")) > 18:  # int() refuses 4,300 digits and more
+            raise NoSuchMessage("There's no such message.")
         number = int(argument)
         if not 1 <= number <= len(self._messages):
             raise NoSuchMessage(f"There's no message {number}.")
