@@ -60,6 +60,17 @@ class ReadControl:
             self._attached = False
         self.writable = True
 
+    def closing(self) -> None:
+        """
+        The protocol is closing the connection: unregister (a transport
+        waits for its producer before it closes) and read again, so the
+        close completes (a TLS close waits for the client's close alert).
+        """
+        self.detach()
+        if self._reasons:
+            self._reasons.clear()
+            self._transport.resumeProducing()
+
     def held(self, reason: str) -> bool:
         return reason in self._reasons
 

@@ -60,6 +60,8 @@ from mailserver.sasl import (
 )
 
 
+# Messages up to this size are read and sent in one piece.
+_WHOLE_MESSAGE = 128 * 1024
 # Commands read ahead while the client does not read our replies, past
 # which the socket is not read.
 _MAX_PENDING_LINES = 1000
@@ -105,6 +107,7 @@ class POP3Server(Protocol):
         self._maildrop: Maildrop | None = None
         self._retrieved = 0
         self._retrieved_octets = 0
+        self._retrieved_numbers: set[int] = set()
         self._deleted = 0
 
     # Connection life.
@@ -222,7 +225,7 @@ class POP3Server(Protocol):
         self._closing = True
         self._pending.clear()
         if self._transfer is None:
-            self._reads.detach()  # a registered producer keeps the connection open
+            self._reads.closing()
         self.transport.loseConnection()
 
     def _refuse_bad_input(self, text: str) -> None:
@@ -324,11 +327,16 @@ class POP3Server(Protocol):
         self._state = _State.UPDATE
         assert self._mailbox is not None and self._maildrop is not None
         doomed = self._maildrop.marked_deleted()
-        if not doomed:
+        seen = [
+            info
+            for number, info in self._maildrop.live()
+            if number in self._retrieved_numbers and not info.seen
+        ]
+        if not doomed and not seen:
             self._updated(None, 0)
             return None
         self._wait()
-        d = self.factory.run_blocking(self._mailbox.delete, doomed)
+        d = self.factory.run_blocking(_update_mailbox, self._mailbox, doomed, seen)
         d.addCallbacks(self._updated, self._update_failed, callbackArgs=(len(doomed),))
         d.addErrback(self._log_unexpected)
         return None
@@ -643,12 +651,25 @@ class POP3Server(Protocol):
     def _send(
         self, number: int, info: MessageInfo, prefix: bytes, encoder: WireEncoder, retrieve: bool
     ) -> bytes | None:
+        """
+        A small message goes out in one write with its C{+OK} line and
+        terminator; a larger one streams through a L{MessageTransfer}.
+        """
         assert self._mailbox is not None
         try:
             source = self._mailbox.open(info)
+            whole = source.read(_WHOLE_MESSAGE) if info.size <= _WHOLE_MESSAGE else None
         except OSError:
             self._log.failure("Opening message {uid} failed", uid=info.uid)
             return err("[SYS/TEMP] The message cannot be read now.")
+        if whole is not None and len(whole) < _WHOLE_MESSAGE:
+            source.close()
+            wire = prefix + encoder.encode(whole) + encoder.terminator()
+            self._reply(wire)
+            self._delivered(len(wire), number, retrieve)
+            return None
+        if whole:
+            source.seek(0)
         self._wait()
         self._stop_idle_timer()
         self._reads.detach()  # the transfer is the transport's producer meanwhile
@@ -663,18 +684,21 @@ class POP3Server(Protocol):
     def _sent(self, octets: int, number: int, info: MessageInfo, retrieve: bool) -> None:
         self._transfer = None
         self._reads.attach()
-        if retrieve:
-            assert self._mailbox is not None and self._maildrop is not None
-            self._retrieved += 1
-            self._retrieved_octets += octets
-            self.factory.metrics.pop3_messages_retrieved_total.inc()
-            self.factory.metrics.pop3_bytes_sent_total.inc(octets)
-            try:
-                self._maildrop.update(number, self._mailbox.mark_seen(info))
-            except OSError:
-                self._log.failure("Marking message {uid} seen failed", uid=info.uid)
+        self._delivered(octets, number, retrieve)
         self._restart_idle_timer()
         self._resume()
+
+    def _delivered(self, octets: int, number: int, retrieve: bool) -> None:
+        """
+        Count a retrieved message; it is marked seen at QUIT, with the
+        deletions, in one pass over the Maildir off the reactor thread.
+        """
+        if retrieve:
+            self._retrieved += 1
+            self._retrieved_octets += octets
+            self._retrieved_numbers.add(number)
+            self.factory.metrics.pop3_messages_retrieved_total.inc()
+            self.factory.metrics.pop3_bytes_sent_total.inc(octets)
 
     def _send_failed(self, failure: Failure) -> None:
         self._transfer = None
@@ -682,6 +706,21 @@ class POP3Server(Protocol):
             return  # the client went away; connectionLost cleans up
         self._log.failure("Reading a message failed; closing the session", failure)
         self._close()
+
+
+def _update_mailbox(mailbox: Mailbox, doomed: list[MessageInfo], seen: list[MessageInfo]) -> None:
+    """
+    The UPDATE state (RFC 1939 6), in a worker thread: retrieved messages
+    move to C{cur/} with the seen flag, deleted ones go.  A message that
+    cannot be marked seen is only logged: it stays, unflagged.
+    """
+    for info in seen:
+        try:
+            mailbox.mark_seen(info)
+        except OSError as e:
+            POP3Server._log.error("Marking message {uid} seen failed: {e}", uid=info.uid, e=e)
+    if doomed:
+        mailbox.delete(doomed)
 
 
 class POP3Factory(ServerFactory):

@@ -222,7 +222,7 @@ class SMTPServer(Protocol):
             self._stop_idle_timer()
             self._abort_transaction()
             if self._reads is not None:
-                self._reads.detach()  # a registered producer keeps the connection open
+                self._reads.closing()
             self.transport.loseConnection()
 
     # Timers.

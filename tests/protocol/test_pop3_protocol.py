@@ -56,11 +56,18 @@ def test_retr_sends_exact_octets_stuffed_and_marks_seen(session, store):
     reply = session.command("RETR 1")
     assert reply == b"+OK 51 octets\r\n" + FIRST_WIRE + b".\r\n"
     assert len(FIRST_WIRE) == 51 + 3  # three stuffed dots, not counted
-    assert store.message("bob@localhost", UID1).seen
-    # The session keeps the store's new idea of the message.
+    assert session.command("RETR 2").startswith(b"+OK 40 octets\r\n")
+    assert not store.message("bob@localhost", UID2).seen  # marked at QUIT
     assert session.command("DELE 1") == b"+OK Message 1 marked to be deleted.\r\n"
     session.command("QUIT")
     assert store.deletions == [("bob@localhost", [UID1])]
+    assert store.message("bob@localhost", UID2).seen
+
+
+def test_without_quit_nothing_is_marked_seen(session, store):
+    assert session.command("RETR 2").startswith(b"+OK 40 octets\r\n")
+    session.drop()
+    assert not store.message("bob@localhost", UID2).seen
 
 
 def test_top_does_not_mark_seen(session, store):
