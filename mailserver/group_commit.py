@@ -3,10 +3,9 @@ Group commit: many sessions' messages made durable by two file-system syncs.
 
 Making one message durable the usual way costs an fsync of its file and one
 of its directory, and messages arriving together wait on each other's journal
-commits.  Here a single committer thread takes every message that is waiting,
-writes them all into C{tmp/}, syncs the file system once (C{syncfs}: all the
-files' data), moves them all into C{new/}, and syncs once more (all the
-directory entries).  Only then does any of them get its 250, so the
+commits.  Here every message that is waiting is written into C{tmp/}, the
+file system is synced once (C{syncfs}: all the files' data), they are all
+moved into C{new/}, and it is synced once more (all the directory entries).  Only then does any of them get its 250, so the
 guarantee is the same as one-by-one fsyncs: nothing acknowledged is lost on
 a crash, and nothing half-written is ever visible in C{new/}.
 
@@ -62,13 +61,21 @@ class GroupCommitter:
     """
     Runs C{prepare} (write files into C{tmp/}) and C{publish} (move them into
     place) for many messages at once, with one sync after each phase.
+
+    Two threads form a pipeline: the writer prepares the messages waiting,
+    batch after batch, while the syncer makes the batches already prepared
+    durable; so creating the next messages' files (the costly part on most
+    file systems) overlaps the previous ones' syncs instead of waiting for
+    them.  The syncer takes every prepared batch at once, so each cycle of
+    two syncs serves as many messages as possible.
     """
 
     def __init__(self, reactor, data_path: Path) -> None:
         self._reactor = reactor
         self._data_path = data_path
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._prepared: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._syncfs = _load_syncfs()
         self.batches = 0
 
@@ -84,50 +91,79 @@ class GroupCommitter:
         @return: a Deferred firing with C{publish}'s result once everything
             both did is on stable storage, or failing with what either raised.
         """
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name="mailserver-group-commit", daemon=True
-            )
-            self._thread.start()
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._write, name="mailserver-commit-write", daemon=True),
+                threading.Thread(target=self._sync_loop, name="mailserver-commit-sync", daemon=True),
+            ]
+            for thread in self._threads:
+                thread.start()
             self._reactor.addSystemEventTrigger("after", "shutdown", self.stop)
         d: defer.Deferred = defer.Deferred()
         self._jobs.put(_Job(prepare, publish, abandon, d))
         return d
 
     def stop(self) -> None:
-        if self._thread is not None:
+        """
+        Finish what was submitted, then end both threads.
+        """
+        if self._threads:
             self._jobs.put(None)
-            self._thread.join(timeout=30)
-            self._thread = None
+            for thread in self._threads:
+                thread.join(timeout=30)
+            self._threads = []
 
-    def _run(self) -> None:
+    def _write(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                self._prepared.put(None)
+                return
+            batch = [first]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._jobs.put(None)  # prepare this batch, then stop
+                    break
+                batch.append(job)
+            for job in batch:
+                try:
+                    job.state = job.prepare()
+                except BaseException:
+                    job.failure = Failure()
+            self._prepared.put(batch)
+
+    def _sync_loop(self) -> None:
         fd = os.open(self._data_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            while True:
-                first = self._jobs.get()
+            stopping = False
+            while not stopping:
+                first = self._prepared.get()
                 if first is None:
                     return
-                batch = [first]
-                while len(batch) < _MAX_BATCH:
+                jobs = list(first)
+                while True:
                     try:
-                        job = self._jobs.get_nowait()
+                        more = self._prepared.get_nowait()
                     except queue.Empty:
                         break
-                    if job is None:
-                        self._jobs.put(None)  # finish this batch, then stop
+                    if more is None:
+                        stopping = True
                         break
-                    batch.append(job)
-                self._commit(batch, fd)
+                    jobs.extend(more)
+                self._commit(jobs, fd)
         finally:
             os.close(fd)
 
     def _commit(self, batch: list[_Job], fd: int) -> None:
+        """
+        Make prepared jobs durable: sync their data, publish them, sync the
+        names; then answer each.
+        """
         self.batches += 1
-        for job in batch:
-            try:
-                job.state = job.prepare()
-            except BaseException:
-                job.failure = Failure()
         prepared = [job for job in batch if job.failure is None]
         self._sync(batch, fd)
         for job in prepared:

@@ -82,7 +82,7 @@ class Intake:
         self._on_delivered = on_delivered
         self._names = UniqueNames(accounts.config.hostname)
         self.held_in_memory = 0  # octets of messages being received, all sessions
-        self._maildirs_seen: set[Path] = set()  # touched by the committer thread only
+        self._maildirs_seen: set[Path] = set()  # touched by the committer threads only
         self._free = 0
         self._free_checked = -_FREE_SPACE_INTERVAL
         self.spool_path = accounts.config.data_path / "spool"
