@@ -143,6 +143,22 @@ class Pop3Result:
     elapsed_s: float = 0.0
     pipelining: bool | None = None
     client_cpu_s: float = 0.0  # CPU time of this (client) process
+    # USER+PASS round trips, one per session: the password check's cost
+    # (the servers hash passwords differently; see bench/README.md).
+    login_s: list[float] = field(default_factory=list)
+    # Each session's span from its PASS answer to its QUIT answer.
+    fetch_spans: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def fetch_msgs_per_s(self) -> float:
+        """
+        Messages over the time from the first session's login answer to
+        the last one's QUIT: the fetching alone, password checks left out.
+        """
+        if not self.fetch_spans:
+            return 0.0
+        span = max(e for _, e in self.fetch_spans) - min(s for s, _ in self.fetch_spans)
+        return self.messages / span if span > 0 else 0.0
 
     @property
     def msgs_per_s(self) -> float:
@@ -154,7 +170,8 @@ class Pop3Result:
 
     def summary(self) -> dict:
         d = asdict(self)
-        d.update(msgs_per_s=self.msgs_per_s, mib_per_s=self.mib_per_s)
+        d.update(msgs_per_s=self.msgs_per_s, mib_per_s=self.mib_per_s,
+                 fetch_msgs_per_s=self.fetch_msgs_per_s)
         return d
 
     def __str__(self) -> str:
@@ -200,8 +217,11 @@ async def _fetch_mailbox(port: int, user: str, password: str, window: int, timeo
         capa = await session.multiline("CAPA")
         pipelining = b"\r\nPIPELINING\r\n" in b"\r\n" + capa
         result.pipelining = pipelining
+        started = time.perf_counter()
         await session.command(f"USER {user}")
         await session.command(f"PASS {password}")
+        fetching = time.perf_counter()
+        result.login_s.append(fetching - started)
         session.writer.write(b"LIST\r\n")
         sizes = {n: int(v) for n, v in _parse_listing(await session.multiline("LIST"))}
         session.writer.write(b"UIDL\r\n")
@@ -229,6 +249,7 @@ async def _fetch_mailbox(port: int, user: str, password: str, window: int, timeo
             result.messages += 1
             result.octets += octets
         await session.command("QUIT")
+        result.fetch_spans.append((fetching, time.perf_counter()))
     finally:
         await _close(session)
 

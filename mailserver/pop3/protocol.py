@@ -657,19 +657,21 @@ class POP3Server(Protocol):
         """
         assert self._mailbox is not None
         try:
-            source = self._mailbox.open(info)
-            whole = source.read(_WHOLE_MESSAGE) if info.size <= _WHOLE_MESSAGE else None
+            whole = (
+                self._mailbox.read_whole(info, _WHOLE_MESSAGE)
+                if info.size < _WHOLE_MESSAGE
+                else None
+            )
+            if whole is None:
+                source = self._mailbox.open(info)
         except OSError:
             self._log.failure("Opening message {uid} failed", uid=info.uid)
             return err("[SYS/TEMP] The message cannot be read now.")
-        if whole is not None and len(whole) < _WHOLE_MESSAGE:
-            source.close()
+        if whole is not None:
             wire = prefix + encoder.encode(whole) + encoder.terminator()
             self._reply(wire)
             self._delivered(len(wire), number, retrieve)
             return None
-        if whole:
-            source.seek(0)
         self._wait()
         self._stop_idle_timer()
         self._reads.detach()  # the transfer is the transport's producer meanwhile

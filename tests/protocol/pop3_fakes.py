@@ -107,6 +107,10 @@ class MemoryMailbox:
             raise FileNotFoundError(str(info.path))
         return io.BytesIO(self._store.message(self._address, info.uid).data)
 
+    def read_whole(self, info: MessageInfo, limit: int) -> bytes | None:
+        data = self.open(info).read()
+        return data if len(data) < limit else None
+
     def mark_seen(self, info: MessageInfo) -> MessageInfo:
         message = self._store.message(self._address, info.uid)
         message.seen = True
