@@ -68,7 +68,12 @@ _WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
 STALE_TMP_SECONDS = 36 * 3600
 
 
-def _process_alive(pid: int) -> bool:
+def writer_alive(pid: int) -> bool:
+    """
+    At start-up: may the process that wrote a temporary file still be
+    writing it?  Not if it is gone, nor if it has our pid (an earlier
+    process's, since this one has written nothing yet).
+    """
     if pid == os.getpid():
         return False  # at start-up this process has written nothing yet
     try:
@@ -98,7 +103,7 @@ def remove_stale_tmp(folder: str, now: float | None = None) -> int:
             if not entry.is_file(follow_symlinks=False):
                 continue
             writer = _WRITER_PID.match(entry.name)
-            if (writer and not _process_alive(int(writer.group(1)))) or (
+            if (writer and not writer_alive(int(writer.group(1)))) or (
                 entry.stat(follow_symlinks=False).st_mtime < cutoff
             ):
                 os.unlink(entry.path)

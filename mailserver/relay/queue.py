@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailserver.envelope import Envelope
-from mailserver.maildir import fsync_directory
+from mailserver.maildir import fsync_directory, writer_alive
 
 FORMAT_VERSION = 1
 
@@ -258,23 +258,11 @@ def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
 
 def _writer_gone(tmp_name: str) -> bool:
     """
-    Was this C{tmp/} file written by a process that no longer runs (or by
-    an earlier process with this one's pid, which has written nothing yet
-    at start-up)?
+    Was this C{tmp/} file (C{<name>.<pid>.<hex>}) written by a process that
+    can no longer be writing it?
     """
     parts = tmp_name.rsplit(".", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
-        return False
-    pid = int(parts[1])
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return len(parts) == 3 and parts[1].isdigit() and not writer_alive(int(parts[1]))
 
 
 class QueueStore:
