@@ -57,6 +57,17 @@ class _Job:
     failure: Failure | None = field(default=None)
 
 
+def _answer(batch: list[_Job]) -> None:
+    """
+    On the reactor thread: fire each job's Deferred.
+    """
+    for job in batch:
+        if job.failure is None:
+            job.deferred.callback(job.result)
+        else:
+            job.deferred.errback(job.failure)
+
+
 class GroupCommitter:
     """
     Runs C{prepare} (write files into C{tmp/}) and C{publish} (move them into
@@ -179,11 +190,8 @@ class GroupCommitter:
             except BaseException:
                 job.failure = Failure()
         self._sync(batch, fd)
-        for job in batch:
-            if job.failure is None:
-                self._reactor.callFromThread(job.deferred.callback, job.result)
-            else:
-                self._reactor.callFromThread(job.deferred.errback, job.failure)
+        # One wake-up of the reactor for the whole batch, not one per job.
+        self._reactor.callFromThread(_answer, batch)
 
     def _sync(self, batch: list[_Job], fd: int) -> None:
         try:
