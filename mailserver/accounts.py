@@ -57,6 +57,13 @@ def hash_password(password: str) -> str:
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
 
 
+# Checked against when the user does not exist: a well-formed entry that no
+# password matches, so checking it costs what checking a real one does.
+_DUMMY_HASH = f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${base64.b64encode(bytes(16)).decode()}$" + (
+    base64.b64encode(bytes(64)).decode()
+)
+
+
 def verify_password(password: str, stored: str) -> bool:
     try:
         scheme, n, r, p, salt, digest = stored.split("$")
@@ -334,15 +341,24 @@ class AccountsChecker:
     """
     Checks a username and password against the users file.
 
-    scrypt is deliberately slow (tens of milliseconds), so it runs in a
-    thread instead of stalling every other connection.
+    scrypt is deliberately slow (tens of milliseconds and 16 MiB), so it
+    runs in threads of its own, no more of them than there are cores: the
+    reactor's pool stays free for file work, a flood of logins cannot take
+    more CPU than the machine has, and each thread keeps at most one scrypt
+    buffer.  An unknown user costs the same check against a dummy hash, so
+    the answer's timing does not tell which accounts exist.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, accounts: Accounts, reactor=None) -> None:
+    def __init__(self, accounts: Accounts, reactor=None, threadpool=None) -> None:
+        """
+        @param threadpool: where the checks run (see L{password_threadpool});
+            by default the reactor's own pool.
+        """
         self._accounts = accounts
         self._reactor = reactor
+        self._threadpool = threadpool
 
     def requestAvatarId(self, credentials):
         try:
@@ -355,12 +371,13 @@ class AccountsChecker:
         except UnicodeDecodeError:
             return defer.fail(UnauthorizedLogin())
         stored = self._accounts.password_hash(username)
-        if stored is None:
-            return defer.fail(UnauthorizedLogin())
-        address = canonical(username)
+        try:
+            address = canonical(username)
+        except AccountError:
+            stored = None
 
         def check() -> str:
-            if verify_password(password, stored):
+            if verify_password(password, stored or _DUMMY_HASH) and stored is not None:
                 return address
             raise UnauthorizedLogin()
 
@@ -368,7 +385,21 @@ class AccountsChecker:
             return defer.maybeDeferred(check)
         from twisted.internet.threads import deferToThreadPool
 
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), check)
+        pool = self._threadpool or self._reactor.getThreadPool()
+        return deferToThreadPool(self._reactor, pool, check)
+
+
+def password_threadpool(reactor):
+    """
+    The threads password checks run in: one per core (at most four), started
+    now and stopped with the reactor.
+    """
+    from twisted.python.threadpool import ThreadPool
+
+    pool = ThreadPool(0, max(1, min(os.cpu_count() or 1, 4)), "mailserver-passwords")
+    pool.start()
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    return pool
 
 
 @implementer(IRealm)
@@ -415,13 +446,15 @@ def strcred_checkers(config: Config) -> list[ICredentialsChecker]:
     return checkers
 
 
-def make_portal(accounts: Accounts, reactor=None, extra_checkers=()) -> Portal:
+def make_portal(accounts: Accounts, reactor=None, extra_checkers=(), threadpool=None) -> Portal:
     """
     The users file first, then any extra checkers: a portal tries each
     checker registered for the credentials' interface, so several sources
     are combined by L{_FirstThatAccepts}.
+
+    @param threadpool: for the users file's password checks.
     """
-    checkers = [AccountsChecker(accounts, reactor), *extra_checkers]
+    checkers = [AccountsChecker(accounts, reactor, threadpool), *extra_checkers]
     portal = Portal(AccountRealm(accounts.config.local_domains[0]))
     portal.registerChecker(_FirstThatAccepts(checkers))
     return portal

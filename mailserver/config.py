@@ -81,6 +81,7 @@ class Limits:
     max_command_line: int = 512
     max_text_line: int = 1000
     max_errors: int = 20
+    max_junk_commands: int = 100
     max_connections: int = 1000
     max_connections_per_client: int = 50
     smtp_command_timeout: int = 300

@@ -20,7 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailserver.accounts import Accounts, make_portal, strcred_checkers
+from mailserver.accounts import Accounts, make_portal, password_threadpool, strcred_checkers
 from mailserver.config import Config, ConfigError
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
@@ -329,7 +329,9 @@ def make_service(config: Config, reactor) -> MultiService:
     config.data_path.mkdir(parents=True, exist_ok=True)
     tls_options = ReloadableServerOptions(config)
     accounts = Accounts(config)
-    portal = make_portal(accounts, reactor, strcred_checkers(config))
+    portal = make_portal(
+        accounts, reactor, strcred_checkers(config), threadpool=password_threadpool(reactor)
+    )
     queue = QueueStore(config)
     metrics = Metrics()
     instruments = server_metrics(

@@ -62,6 +62,11 @@ from mailserver.sasl import (
 
 # Messages up to this size are read and sent in one piece.
 _WHOLE_MESSAGE = 128 * 1024
+# Commands handled for one client before the others get their turn.
+_COMMANDS_PER_TURN = 100
+# Seconds a closing connection gets to take its last replies; a client
+# that does not read them is cut off then.
+CLOSE_GRACE = 10.0
 # Commands read ahead while the client does not read our replies, past
 # which the socket is not read.
 _MAX_PENDING_LINES = 1000
@@ -98,6 +103,7 @@ class POP3Server(Protocol):
         self._auth_failures = 0
         self._errors = 0
         self._idle_call = None
+        self._abort_call = None
         self._reads: ReadControl | None = None
         self._delayed_reply = None
         self._transfer: MessageTransfer | None = None
@@ -127,7 +133,7 @@ class POP3Server(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._connected = False
-        for call in (self._idle_call, self._delayed_reply):
+        for call in (self._idle_call, self._delayed_reply, self._abort_call):
             if call is not None and call.active():
                 call.cancel()
         if self._transfer is not None:
@@ -181,16 +187,23 @@ class POP3Server(Protocol):
     # Moving lines, one command at a time.
 
     def _process(self) -> None:
+        """
+        Handle the pending commands in order, at most L{_COMMANDS_PER_TURN}
+        before the other sessions get the reactor's next turn.
+        """
         if self._processing:
             return  # re-entered from a synchronous completion; the loop goes on
         self._processing = True
+        handled = 0
         try:
             while (
                 self._pending
                 and not self._waiting
                 and not self._closing
                 and self._reads.writable  # the client reads its replies
+                and handled < _COMMANDS_PER_TURN
             ):
+                handled += 1
                 line = self._pending.popleft()
                 if line is None:
                     self._sasl = None
@@ -201,8 +214,15 @@ class POP3Server(Protocol):
                     self._dispatch(line)
         finally:
             self._processing = False
-        if self._reads.writable and not self._closing:
+        if self._pending and handled >= _COMMANDS_PER_TURN and not self._closing:
+            self._reads.hold(INPUT)
+            self._clock.callLater(0, self._next_turn)
+        elif self._reads.writable and not self._closing:
             self._reads.release(INPUT)  # what was held has been handled
+
+    def _next_turn(self) -> None:
+        if self._connected and not self._closing:
+            self._process()
 
     def _wait(self) -> None:
         """
@@ -227,6 +247,7 @@ class POP3Server(Protocol):
         if self._transfer is None:
             self._reads.closing()
         self.transport.loseConnection()
+        self._abort_call = self._clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def _refuse_bad_input(self, text: str) -> None:
         self._errors += 1
@@ -250,6 +271,8 @@ class POP3Server(Protocol):
             self._idle_call.cancel()
 
     def _idle_timeout(self) -> None:
+        self._log.info("POP3 timeout: user={user} client={client}",
+                       user=self._account or "-", client=self._client())
         self._reply(err("Disconnected for inactivity."))
         self._close()
 
@@ -453,6 +476,11 @@ class POP3Server(Protocol):
 
     def _login(self, credentials: Credentials) -> None:
         if self.factory.login_throttle.refused(self._client_address()):
+            self._log.warn(
+                "POP3 login refused unchecked for {user!r} from {client}:"
+                " too many failed logins from there",
+                user=credentials.username.decode("utf-8", "replace"), client=self._client(),
+            )
             self._reply(err("[SYS/TEMP] Too many failed logins from your address, try again later."))
             return
         self._wait()

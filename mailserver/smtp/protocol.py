@@ -68,6 +68,13 @@ if TYPE_CHECKING:
 _MAX_AUTH_LINE = 12288
 # Input held while a command is being handled, past which reading stops.
 _MAX_PENDING_INPUT = 64 * 1024
+# Commands handled for one client before the others get their turn.
+_COMMANDS_PER_TURN = 100
+# Seconds a closing connection gets to take its last replies; a client
+# that does not read them is cut off then, not kept for ever.
+CLOSE_GRACE = 10.0
+# RFC 5321 4.5.3.2: commands that cost us but move no mail forward.
+_JUNK = frozenset({"NOOP", "VRFY", "EXPN", "ETRN", "RSET", "HELP"})
 
 _HELP = {
     "HELO": "HELO <hostname>",
@@ -130,6 +137,7 @@ class SMTPServer(Protocol):
         self._discarding_line = False
         self._errors = 0
         self._auth_failures = 0
+        self._login_name = ""
         self._helo: str | None = None
         self._esmtp = False
         self._tls = False
@@ -142,6 +150,9 @@ class SMTPServer(Protocol):
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None
         self._idle_call = None
+        self._abort_call = None
+        self._junk = 0
+        self._turn = 0
         self._reads: ReadControl | None = None
         self._counted = False
         self._shutting_down = False
@@ -188,6 +199,8 @@ class SMTPServer(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._state = _State.CLOSED
         self._stop_idle_timer()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._abort_transaction()
         if self._logout is not None:
             self._logout()
@@ -224,6 +237,9 @@ class SMTPServer(Protocol):
             if self._reads is not None:
                 self._reads.closing()
             self.transport.loseConnection()
+            self._abort_call = self.factory.reactor.callLater(
+                CLOSE_GRACE, self.transport.abortConnection
+            )
 
     # Timers.
 
@@ -257,6 +273,10 @@ class SMTPServer(Protocol):
 
     def _timed_out(self) -> None:
         self._idle_call = None
+        self.log.info(
+            "SMTP timeout: client={client} state={state}",
+            client=self.client_address, state=self._state.value,
+        )
         self._answer(reply(421, "4.4.2", f"{self._config.hostname} Error: timeout exceeded"))
         self._close()
 
@@ -277,17 +297,22 @@ class SMTPServer(Protocol):
     def _process(self) -> None:
         """
         Handle everything complete in the buffer, then write all replies at
-        once.  Stops while a handler's Deferred is pending.
+        once.  Stops while a handler's Deferred is pending, and after
+        L{_COMMANDS_PER_TURN} commands: the rest waits for the reactor's next
+        turn, so one client's flood of pipelined commands does not hold up
+        every other session.
         """
         if self._processing:
             return
         self._processing = True
+        self._turn = 0
         try:
             while (
                 self._buffer
                 and self._waiting is None
                 and self._state is not _State.CLOSED
                 and self._reads.writable
+                and self._turn < _COMMANDS_PER_TURN
             ):
                 if self._state is _State.DATA:
                     self._read_data()
@@ -297,11 +322,18 @@ class SMTPServer(Protocol):
                     break  # an incomplete line: wait for more
         finally:
             self._processing = False
-        if self._waiting is None:
+        if self._turn >= _COMMANDS_PER_TURN and self._state is not _State.CLOSED:
+            self._reads.hold(INPUT)  # the next turn's input is already here
+            self.factory.reactor.callLater(0, self._next_turn)
+        elif self._waiting is None:
             self._close_if_shutting_down()
             if self._reads.writable:
                 self._reads.release(INPUT)  # what was held has been handled
         self._flush()
+
+    def _next_turn(self) -> None:
+        if self._state is not _State.CLOSED:
+            self._process()
 
     def _read_lines(self) -> bool:
         """
@@ -319,6 +351,7 @@ class SMTPServer(Protocol):
             and self._buffer is buffer  # STARTTLS throws the rest away
             and position < len(buffer)
             and self._reads.writable  # the client reads its replies
+            and self._turn < _COMMANDS_PER_TURN
         ):
             limit = _MAX_AUTH_LINE if self._state is _State.AUTH else self._limits.max_command_line
             newline = buffer.find(b"\n", position)
@@ -332,6 +365,7 @@ class SMTPServer(Protocol):
                 break
             line = buffer[position:newline]
             position = newline + 1
+            self._turn += 1
             if self._discarding_line:  # the end of a line already refused
                 self._discarding_line = False
                 continue
@@ -359,6 +393,18 @@ class SMTPServer(Protocol):
         if handler is None:
             self._answer(R.UNKNOWN_COMMAND)
             return
+        if command.verb in _JUNK:
+            # Past the allowance each one counts as an error, so a flood of
+            # them ends with 421 (Postfix's smtpd_junk_command_limit).
+            self._junk += 1
+            if self._junk > self._limits.max_junk_commands:
+                self._errors += 1
+                if self._errors >= self._limits.max_errors:
+                    self._answer(
+                        reply(421, "4.7.0", f"{self._config.hostname} Error: too many errors")
+                    )
+                    self._close()
+                    return
         result = handler(self, command.argument)
         if isinstance(result, defer.Deferred):
             self._run(result, self._answer_result)
@@ -916,7 +962,13 @@ class SMTPServer(Protocol):
         self._answer(reply(334, "", b64encode(answer).decode("ascii")))
 
     def _login(self, credentials: Credentials) -> None:
+        self._login_name = credentials.username.decode("utf-8", "replace")
         if self.factory.login_throttle.refused(self.client_address):
+            self.log.warn(
+                "SMTP login refused unchecked for {user!r} from {client}:"
+                " too many failed logins from there",
+                user=self._login_name, client=self.client_address,
+            )
             self._answer(
                 reply(454, "4.7.0", "Too many failed logins from your address, try again later")
             )
@@ -943,6 +995,10 @@ class SMTPServer(Protocol):
         self._auth_failures += 1
         # Each failure from this address waits longer before the answer.
         delay = self.factory.login_throttle.failed(self.client_address)
+        self.log.warn(
+            "SMTP authentication failed for {user!r} from {client} ({failures} in this session)",
+            user=self._login_name, client=self.client_address, failures=self._auth_failures,
+        )
         if self._auth_failures >= self._limits.max_auth_failures:
             self._answer(reply(535, "5.7.8", "Authentication credentials invalid"))
             self._answer(reply(421, "4.7.0", f"{self._config.hostname} Error: too many failed logins"))

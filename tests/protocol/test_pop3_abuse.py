@@ -38,9 +38,42 @@ def test_a_client_that_does_not_read_its_replies_is_not_answered_further(store):
     assert session.send(b"UIDL\r\n" * 1000) == b""  # past what is read ahead
     assert session.transport.producerState == "paused"
     producer.resumeProducing()
-    replies = session.take()
+    replies = drain(session)
     assert replies.count(b"+OK") == 1500 and replies.endswith(b".\r\n")
     assert session.transport.producerState == "producing"
+
+
+def drain(session: Session) -> bytes:
+    """
+    Let the reactor take its turns; return what the session wrote.
+    """
+    out = session.take()
+    while any(call.getTime() <= session.clock.seconds() for call in session.clock.getDelayedCalls()):
+        session.clock.advance(0)
+        out += session.take()
+    return out
+
+
+def test_one_clients_pipelined_flood_is_handled_a_turn_at_a_time(store):
+    session = Session(store)
+    session.login()
+    first = session.send(b"NOOP\r\n" * 250)
+    assert first.count(b"+OK") == 100
+    assert session.transport.producerState == "paused"
+    assert drain(session).count(b"+OK") == 150
+    assert session.transport.producerState == "producing"
+
+
+def test_a_client_that_never_reads_is_cut_off_after_the_close_grace(store):
+    import mailserver.pop3.protocol as pop3_protocol
+
+    session = Session(store, config=make_config(limits={"pop3_idle_timeout": 10}))
+    aborted = []
+    session.transport.abortConnection = lambda: aborted.append(True)
+    session.clock.advance(10)
+    assert session.take() == b"-ERR Disconnected for inactivity.\r\n" and session.closed
+    session.clock.advance(pop3_protocol.CLOSE_GRACE)
+    assert aborted == [True]
 
 
 def test_failed_logins_count_per_address_across_sessions(store):

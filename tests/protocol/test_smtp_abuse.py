@@ -52,8 +52,27 @@ def test_message_text_at_a_fair_rate_is_never_cut_off():
     assert codes(session.send(b".\r\n")) == ["250 2.0.0"]
 
 
+def drain(session: Session) -> bytes:
+    """
+    Let the reactor take its turns until the session has nothing left to
+    do; return what it wrote.
+    """
+    out = session.read()
+    for _ in range(10_000):
+        if not session.clock.getDelayedCalls() or all(
+            call.getTime() > session.clock.seconds() for call in session.clock.getDelayedCalls()
+        ):
+            break
+        session.clock.advance(0)
+        out += session.read()
+    return out
+
+
+UNLIMITED_JUNK = make_config(limits={"max_junk_commands": 10**9})
+
+
 def test_a_client_that_does_not_read_its_replies_is_not_answered_further():
-    session = Session(peer=LOOPBACK)
+    session = Session(peer=LOOPBACK, config=UNLIMITED_JUNK)
     producer = session.transport.producer
     assert producer is not None  # the session is the transport's producer
     producer.pauseProducing()  # the transport: the client's window is full
@@ -63,20 +82,58 @@ def test_a_client_that_does_not_read_its_replies_is_not_answered_further():
     assert session.send(flood) == b""
     assert session.transport.producerState == "paused"  # no longer reading
     producer.resumeProducing()  # the client caught up
-    assert codes(session.read()) == ["250 2.0.0"] * 20_010
+    assert codes(drain(session)) == ["250 2.0.0"] * 20_010
     assert session.transport.producerState == "producing"
 
 
 def test_input_sent_while_a_message_is_stored_stops_the_reading():
-    session = Session()
+    session = Session(config=UNLIMITED_JUNK)
     session.intake.hold = True
     session.ehlo()
     session.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nhi\r\n.\r\n")
     assert session.send(b"NOOP\r\n" * 20_000) == b""
     assert session.transport.producerState == "paused"
     session.intake.pending[0].callback(None)
-    assert codes(session.read()) == ["250 2.0.0"] * 20_001
+    assert codes(drain(session)) == ["250 2.0.0"] * 20_001
     assert session.transport.producerState == "producing"
+
+
+def test_one_clients_pipelined_flood_is_handled_a_turn_at_a_time():
+    session = Session(config=UNLIMITED_JUNK)
+    first_turn = session.send(b"NOOP\r\n" * 1000)
+    assert len(codes(first_turn)) == 100  # the other sessions go next
+    assert session.transport.producerState == "paused"  # nothing more read meanwhile
+    assert codes(drain(session)) == ["250 2.0.0"] * 900
+    assert session.transport.producerState == "producing"
+
+
+def test_a_flood_of_junk_commands_ends_with_421():
+    session = Session(config=make_config(limits={"max_junk_commands": 5, "max_errors": 3}))
+    answers = codes(session.send(b"NOOP\r\n" * 5 + b"RSET\r\n" * 2 + b"VRFY x\r\nNOOP\r\n"))
+    assert answers == ["250 2.0.0"] * 7 + ["421 4.7.0"]
+    assert session.closed
+
+
+def test_a_client_that_never_reads_is_cut_off_after_the_close_grace():
+    import mailserver.smtp.protocol as smtp_protocol
+
+    session = Session(config=make_config(limits={"smtp_command_timeout": 10}))
+    aborted = []
+    session.transport.abortConnection = lambda: aborted.append(True)
+    session.clock.advance(10)
+    assert codes(session.read()) == ["421 4.4.2"] and session.closed
+    # The transport could not hand the 421 over: the connection is still up.
+    session.clock.advance(smtp_protocol.CLOSE_GRACE - 0.1)
+    assert aborted == []
+    session.clock.advance(0.1)
+    assert aborted == [True]
+
+
+def test_a_normal_close_leaves_no_timer_behind():
+    session = Session()
+    session.command("QUIT")
+    session.lose()
+    assert session.clock.getDelayedCalls() == []
 
 
 def test_failed_logins_count_per_address_across_sessions():
