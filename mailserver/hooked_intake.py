@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from mailserver.envelope import Envelope
@@ -24,18 +25,24 @@ from mailserver.interfaces import IIntake, IMessageReceiver
 # A header section larger than this is treated as ending there: the rest is
 # passed on untouched as body.
 MAX_HEADER_BYTES = 1024 * 1024
-_COPY_CHUNK = 1024 * 1024
+_COPY_CHUNK = 256 * 1024
 
 
 @implementer(IIntake)
 class HookedIntake:
-    def __init__(self, intake: IIntake, hooks: Hooks, spool_tmp: Path) -> None:
+    """
+    @param clock: when given, a large message is handed on to the intake a
+        chunk per reactor turn, so copying it does not stall other sessions.
+    """
+
+    def __init__(self, intake: IIntake, hooks: Hooks, spool_tmp: Path, clock=None) -> None:
         self._intake = intake
         self._hooks = hooks
         self._spool_tmp = spool_tmp
+        self._clock = clock
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
-        return _HookedReceiver(self._intake, self._hooks, envelope, self._spool_tmp)
+        return _HookedReceiver(self._intake, self._hooks, envelope, self._spool_tmp, self._clock)
 
     def has_room(self, size: int) -> bool:
         return self._intake.has_room(size)
@@ -43,8 +50,9 @@ class HookedIntake:
 
 @implementer(IMessageReceiver)
 class _HookedReceiver:
-    def __init__(self, intake: IIntake, hooks: Hooks, envelope: Envelope, spool_tmp: Path):
+    def __init__(self, intake: IIntake, hooks: Hooks, envelope: Envelope, spool_tmp: Path, clock=None):
         self._intake = intake
+        self._clock = clock
         self._hooks = hooks
         self._envelope = envelope
         self._head = bytearray()
@@ -93,6 +101,8 @@ class _HookedReceiver:
                 self._body.seek(0)
                 while chunk := self._body.read(_COPY_CHUNK):
                     receiver.write(chunk)
+                    if self._clock is not None and len(chunk) == _COPY_CHUNK:
+                        await deferLater(self._clock, 0, lambda: None)  # the others' turn
             except BaseException:
                 receiver.abort()
                 raise

@@ -363,7 +363,7 @@ def make_service(config: Config, reactor) -> MultiService:
     )
     smtp_intake = intake
     if hooks.message_hooks:
-        smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp")
+        smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp", clock=reactor)
 
     # One count of failed logins per client address for every listener.
     login_throttle = throttle_for(config, reactor)

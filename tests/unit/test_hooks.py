@@ -205,6 +205,28 @@ def test_hooked_intake_rejection_stores_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_hooked_intake_hands_a_large_message_on_a_chunk_per_turn(tmp_path):
+    from twisted.internet.task import Clock
+
+    import mailserver.hooked_intake as hooked
+
+    clock = Clock()
+    inner = MemoryIntake()
+    intake = HookedIntake(inner, Hooks([("tag", Tagger())]), tmp_path, clock=clock)
+    line = b"x" * 998 + b"\r\n"
+    body = line * (3 * hooked._COPY_CHUNK // len(line) + 10)  # a bit over three chunks
+    receiver = intake.begin(ENVELOPE)
+    receiver.write(b"Subject: big\r\n\r\n" + body)
+    results = []
+    receiver.finish().addBoth(results.append)
+    # One chunk went on; the rest waits for the reactor's next turn, when
+    # the other sessions have had theirs.
+    assert results == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert results == ["Q1"]
+    assert inner.stored == [b"X-Tag: a@example.org\r\nSubject: big\r\n\r\n" + body]
+
+
 THIRD_PARTY = textwrap.dedent(
     """
     from twisted.plugin import IPlugin
