@@ -252,6 +252,8 @@ class RelayRunner(Service):
 
     def _schedule(self, queue_id: str, when: float) -> None:
         self._cancel_timer(queue_id)
+        if not self.running:
+            return  # an attempt that ends after the stop leaves no timer behind
         delay = max(0.0, when - self._reactor.seconds())
         self._timers[queue_id] = self._reactor.callLater(delay, self._start_attempt, queue_id)
 
