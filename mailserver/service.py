@@ -7,6 +7,7 @@ Nothing imports this module but L{mailserver.tap}.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import os
@@ -320,12 +321,30 @@ def _raise_open_file_limit() -> None:
             pass  # keep the soft limit; connections past it are refused by the OS
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt(3)
+
+
+def _return_large_buffers() -> None:
+    """
+    Each password check (scrypt) needs a 16 MiB buffer.  glibc raises its
+    mmap threshold to the size of the first such buffer freed, so later
+    ones come from the checking thread's arena and stay resident there for
+    good (16 MiB per password thread).  A fixed threshold of 1 MiB keeps
+    large buffers mapped and returned to the system when freed.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def make_service(config: Config, reactor) -> MultiService:
     """
     @raise ConfigError: when the TLS certificate is unusable.
     """
     root = MultiService()
     _raise_open_file_limit()
+    _return_large_buffers()
     config.data_path.mkdir(parents=True, exist_ok=True)
     tls_options = ReloadableServerOptions(config)
     accounts = Accounts(config)
