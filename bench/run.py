@@ -424,6 +424,9 @@ def pop3_part(args, results: dict) -> None:
                 fetch_rows.append(row)
             elif "failed" in row:
                 big_rows.append({"peer": label, "messages": args.big_mailbox, "failed": row["failed"]})
+        # The fills leave tens of MiB of dirty pages; written back during
+        # the first rounds, they would slow whichever peer fetches then.
+        os.sync()
         for k, round_users in enumerate(rounds):
             turn = k % max(1, len(started))
             for label, peer, row, runs in started[turn:] + started[:turn]:
@@ -449,6 +452,7 @@ def pop3_part(args, results: dict) -> None:
                 t = time.perf_counter()
                 _fill(peer, big_user, args.big_mailbox, 200)
                 print(f"  {label}: filled {args.big_mailbox} x 200 B in {time.perf_counter() - t:.1f}s", flush=True)
+                os.sync()
                 row.update(time_listing(peer.pop3_port, big_user, peer.password))
                 print(f"  {label} big mailbox: {row}", flush=True)
             except Exception as e:  # noqa: BLE001 - report it, go on

