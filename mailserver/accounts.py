@@ -189,6 +189,9 @@ class Accounts:
         self.config = config
         self._users = _WatchedFile(config.users_path, _parse_users)
         self._aliases = _WatchedFile(config.aliases_path, _parse_aliases)
+        # Account address -> Maildir; one Path (and its cached hash) per
+        # account instead of three new ones per message.
+        self._mailbox_paths: dict[str, Path] = {}
 
     def forget(self) -> None:
         """
@@ -210,8 +213,13 @@ class Accounts:
             return None
 
     def mailbox_path(self, account: str) -> Path:
-        local, domain = split_address(canonical(account))
-        return self.config.mail_path / domain / local
+        path = self._mailbox_paths.get(account)
+        if path is None:
+            local, domain = split_address(canonical(account))
+            path = self.config.mail_path / domain / local
+            if len(self._mailbox_paths) < 100_000:
+                self._mailbox_paths[account] = path
+        return path
 
     def resolve(self, address: str) -> tuple[str, ...] | None:
         """

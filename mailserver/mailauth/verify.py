@@ -22,6 +22,7 @@ domain is exempt.  Errors in the checks themselves never refuse mail.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import re
@@ -51,10 +52,12 @@ MAX_SIGNATURES = 5
 SPF_TOTAL_TIME = 20
 
 
+@functools.lru_cache(maxsize=4096)
 def client_ip(address: str) -> str | None:
     """
     The client address as pyspf wants it (IPv4-mapped IPv6 as IPv4), or
-    C{None} when it is not an IP address.
+    C{None} when it is not an IP address.  Remembered: a client sends many
+    messages, and parsing an address is not free.
     """
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -220,24 +223,25 @@ class InboundChecks:
         self._reactor = reactor
         self._threadpool = threadpool
         self._rng = rng
-        self._skip = [ipaddress.ip_network(n, strict=False) for n in checks.skip_networks]
-        self._exempt = [ipaddress.ip_network(n, strict=False) for n in checks.exempt_networks]
+        self._skip = tuple(ipaddress.ip_network(n, strict=False) for n in checks.skip_networks)
+        self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in checks.exempt_networks)
 
     def _in(self, ip: str | None, networks) -> bool:
         if ip is None:
             return False
-        address = ipaddress.ip_address(ip)
-        return any(address.version == n.version and address in n for n in networks)
+        return _in_networks(ip, networks)
 
     async def message(self, envelope, headers, body) -> Reject | None:
-        received = headers.to_bytes()
+        ip = client_ip(envelope.client_address)
+        checked = not (envelope.authenticated is not None or not self._checks.enabled
+                       or self._in(ip, self._skip))
+        # DKIM verifies the header as it came, forged fields included.
+        received = headers.to_bytes() if checked else b""
         removed = headers.remove(FIELD, where=lambda v: authserv_id(v) == self._authserv)
         if removed:
             self.log.info("removed {count} forged Authentication-Results field(s) from {sender}",
                           count=removed, sender=envelope.sender)
-        ip = client_ip(envelope.client_address)
-        if (envelope.authenticated is not None or not self._checks.enabled
-                or self._in(ip, self._skip)):
+        if not checked:
             return None
         threadpool = self._threadpool or self._reactor.getThreadPool()
         from_values = headers.get_all("From")
@@ -288,6 +292,12 @@ class InboundChecks:
             return Reject(550, "5.7.1", f"Message refused: {domain} does not allow {ip} "
                           "to send its mail (SPF fail)")
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_networks(ip: str, networks: tuple) -> bool:
+    address = ipaddress.ip_address(ip)
+    return any(address.version == n.version and address in n for n in networks)
 
 
 __all__ = ["InboundChecks", "check_message", "check_spf", "check_dkim", "client_ip",

@@ -289,47 +289,16 @@ class POP3Server(Protocol):
     def _dispatch(self, line: bytes) -> None:
         keyword, _, argument = line.partition(b" ")
         name = keyword.decode("ascii", "replace").upper()
-        handlers = {
-            _State.AUTHORIZATION: self._authorization_commands,
-            _State.TRANSACTION: self._transaction_commands,
-        }[self._state]
-        handler = handlers.get(name)
+        handler = _HANDLERS.get(self._state, {}).get(name)
         if handler is None:
-            if name in self._authorization_commands or name in self._transaction_commands:
+            if name in _ALL_COMMANDS:
                 self._refuse_bad_input(f"{name} is not valid in this state.")
             else:
                 self._refuse_bad_input("Unknown command.")
             return
-        reply = handler(argument)
+        reply = handler(self, argument)
         if reply is not None:
             self._reply(reply)
-
-    @property
-    def _authorization_commands(self) -> dict[str, Callable[[bytes], bytes | None]]:
-        return {
-            "CAPA": self.do_CAPA,
-            "USER": self.do_USER,
-            "PASS": self.do_PASS,
-            "APOP": self.do_APOP,
-            "AUTH": self.do_AUTH,
-            "STLS": self.do_STLS,
-            "QUIT": self.do_QUIT,
-        }
-
-    @property
-    def _transaction_commands(self) -> dict[str, Callable[[bytes], bytes | None]]:
-        return {
-            "CAPA": self.do_CAPA,
-            "STAT": self.do_STAT,
-            "LIST": self.do_LIST,
-            "UIDL": self.do_UIDL,
-            "RETR": self.do_RETR,
-            "TOP": self.do_TOP,
-            "DELE": self.do_DELE,
-            "RSET": self.do_RSET,
-            "NOOP": self.do_NOOP,
-            "QUIT": self.do_QUIT,
-        }
 
     def do_CAPA(self, argument: bytes) -> bytes:
         capabilities = ["TOP", "USER", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
@@ -736,6 +705,20 @@ class POP3Server(Protocol):
             return  # the client went away; connectionLost cleans up
         self._log.failure("Reading a message failed; closing the session", failure)
         self._close()
+
+
+# The commands of each state (RFC 1939), looked up once per command line.
+_COMMANDS = {
+    _State.AUTHORIZATION: ("CAPA", "USER", "PASS", "APOP", "AUTH", "STLS", "QUIT"),
+    _State.TRANSACTION: (
+        "CAPA", "STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "NOOP", "QUIT",
+    ),
+}
+_HANDLERS: dict[_State, dict[str, Callable[[POP3Server, bytes], bytes | None]]] = {
+    state: {name: getattr(POP3Server, f"do_{name}") for name in names}
+    for state, names in _COMMANDS.items()
+}
+_ALL_COMMANDS = frozenset(name for names in _COMMANDS.values() for name in names)
 
 
 def _update_mailbox(mailbox: Mailbox, doomed: list[MessageInfo], seen: list[MessageInfo]) -> None:

@@ -29,6 +29,7 @@ class GrammarError(ValueError):
 
 # RFC 5321 4.1.2 plus RFC 6531 3.3: UTF8-non-ascii may appear in atext,
 # qtextSMTP and sub-domain.
+_CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
 _UTF8 = "\u0080-\U0010ffff"
 _ATEXT = f"[A-Za-z0-9!#$%&'*+\\-/=?^_`{{|}}~{_UTF8}]"
 _DOT_STRING = re.compile(f"{_ATEXT}+(?:\\.{_ATEXT}+)*")
@@ -141,7 +142,8 @@ def parse_command(line: bytes) -> Command:
         argument = rest.decode("utf-8")
     except UnicodeDecodeError:
         raise GrammarError("Error: command is not valid UTF-8") from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in argument):
+    # On the bytes: in UTF-8 these octets never occur inside a character.
+    if _CONTROL_OCTET.search(rest):
         raise GrammarError("Error: command contains control characters")
     return Command(verb_bytes.decode("ascii").upper(), argument)
 

@@ -779,9 +779,7 @@ class SMTPServer(Protocol):
         One greppable line per transaction, as Postfix writes them.
         """
         elapsed_ms = (self.factory.reactor.seconds() - transaction.started) * 1000
-        self.log.info(
-            "SMTP {outcome}: {code} {enhanced} client={client} helo={helo} user={user}"
-            " from=<{sender}> to={recipients} size={size} time={ms:.1f}ms",
+        fields = dict(
             outcome=outcome,
             code=answer.code,
             enhanced=answer.enhanced,
@@ -793,6 +791,14 @@ class SMTPServer(Protocol):
             size=transaction.sink.size if transaction.sink is not None else 0,
             ms=elapsed_ms,
         )
+        # Every field is in the event for structured observers; the text is
+        # put together here, as Twisted's formatter would take ten fields
+        # through string.Formatter once per message.
+        line = (
+            "{code} {enhanced} client={client} helo={helo} user={user}"
+            " from=<{sender}> to={recipients} size={size} time={ms:.1f}ms"
+        ).format(**fields)
+        self.log.info("SMTP {outcome}: {line}", line=line, **fields)
 
     def _stored(self, transaction: _Transaction, result) -> None:
         self._transaction = None

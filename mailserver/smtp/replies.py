@@ -33,7 +33,9 @@ class Reply:
         code repeated on each (RFC 2034 section 4).
         """
         prefix = f"{self.enhanced} " if self.enhanced else ""
-        lines = self.lines or ("",)
+        lines = self.lines
+        if len(lines) <= 1:
+            return f"{self.code} {prefix}{lines[0] if lines else ''}\r\n".encode("utf-8")
         last = len(lines) - 1
         return "".join(
             f"{self.code}{' ' if number == last else '-'}{prefix}{line}\r\n"
