@@ -1,6 +1,7 @@
 import pytest
 
 from harness import MailServer
+from relay_fixtures import REMOTE_ZONE, DNSServer
 
 
 def pytest_collection_modifyitems(items):
@@ -18,3 +19,14 @@ def server(tmp_path):
     mail_server.start()
     yield mail_server
     mail_server.stop()
+
+
+@pytest.fixture
+def dns_server():
+    """
+    The loopback DNS server with L{REMOTE_ZONE}; a module with records of
+    its own defines its own C{dns_server}.
+    """
+    server = DNSServer(REMOTE_ZONE)
+    yield server
+    server.stop()

@@ -15,12 +15,18 @@ import time
 
 from tests.dns_zone import DNSProcess, ZoneResolver
 
-__all__ = ["DNSServer", "SMTPPeer", "ZoneResolver", "free_port", "wait_until"]
+__all__ = ["REMOTE_ZONE", "DNSServer", "SMTPPeer", "ZoneResolver", "free_port", "wait_until"]
 
 
 # The loopback DNS server (in-process resolver and child process) is shared
 # with the mail-authentication tests.
 DNSServer = DNSProcess
+
+# What the relay tests resolve: one remote domain whose MX is this machine.
+REMOTE_ZONE = {
+    "remote.test": {"MX": [[10, "mx1.remote.test"]]},
+    "mx1.remote.test": {"A": ["127.0.0.1"]},
+}
 
 
 def free_port() -> int:

@@ -12,21 +12,8 @@ import shutil
 import pytest
 
 from harness import MailServer
-from relay_fixtures import DNSServer, SMTPPeer, free_port, wait_until
+from relay_fixtures import SMTPPeer, free_port, wait_until
 from tests.flaky_peer import PeerProcess
-
-ZONE = {
-    "remote.test": {"MX": [[10, "mx1.remote.test"]]},
-    "mx1.remote.test": {"A": ["127.0.0.1"]},
-}
-
-
-@pytest.fixture
-def dns_server():
-    server = DNSServer(ZONE)
-    yield server
-    server.stop()
-
 
 @pytest.fixture
 def mail_server(tmp_path):

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from relay_fixtures import DNSServer, SMTPPeer
+from relay_fixtures import SMTPPeer
 
 DRIVER = textwrap.dedent(
     '''
@@ -76,19 +76,6 @@ def run_driver(tmp_path, toml: str, count: int = 1, size: int = 10):
         [sys.executable, str(script), str(config), str(count), str(size)],
         capture_output=True, text=True, timeout=90, env=environment(),
     )
-
-
-ZONE = {
-    "remote.test": {"MX": [[10, "mx1.remote.test"]]},
-    "mx1.remote.test": {"A": ["127.0.0.1"]},
-}
-
-
-@pytest.fixture
-def dns_server():
-    server = DNSServer(ZONE)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

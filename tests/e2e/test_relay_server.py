@@ -13,20 +13,7 @@ import smtplib
 import pytest
 
 from harness import MailServer
-from relay_fixtures import DNSServer, SMTPPeer, free_port, wait_until
-
-
-ZONE = {
-    "remote.test": {"MX": [[10, "mx1.remote.test"]]},
-    "mx1.remote.test": {"A": ["127.0.0.1"]},
-}
-
-
-@pytest.fixture
-def dns_server():
-    server = DNSServer(ZONE)
-    yield server
-    server.stop()
+from relay_fixtures import SMTPPeer, free_port, wait_until
 
 
 def relay_toml(dns_server, port: int, scan: str = "0.5") -> str:
