@@ -326,11 +326,11 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt(3)
 
 def _return_large_buffers() -> None:
     """
-    Each password check (scrypt) needs a 16 MiB buffer.  glibc raises its
-    mmap threshold to the size of the first such buffer freed, so later
-    ones come from the checking thread's arena and stay resident there for
-    good (16 MiB per password thread).  A fixed threshold of 1 MiB keeps
-    large buffers mapped and returned to the system when freed.
+    glibc raises its mmap threshold to the size of the first large buffer
+    freed, so later ones come from the freeing thread's arena and stay
+    resident there for good (a 16 MiB message buffer freed in each of four
+    threads keeps 64 MiB).  A fixed threshold of 1 MiB keeps large buffers
+    mapped and returned to the system when freed.
     """
     try:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
