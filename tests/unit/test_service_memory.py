@@ -14,8 +14,11 @@ from mailserver.accounts import hash_password, verify_password
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
-# Four threads each allocate, touch and free a 16 MiB buffer three times,
-# in a fresh interpreter (the allocator's thresholds depend on history).
+# Four threads each allocate and touch a 16 MiB buffer, all four held at
+# once so each thread has its own malloc arena, then free them, in a fresh
+# interpreter (the allocator's thresholds depend on history).  One buffer
+# freed first in the main thread raises glibc's dynamic mmap threshold, as
+# a first large message would in the server.
 _THREADS_FREEING_BUFFERS = textwrap.dedent(
     """
     import sys, threading
@@ -24,15 +27,25 @@ _THREADS_FREEING_BUFFERS = textwrap.dedent(
     if sys.argv[1] == "set-up":
         _return_large_buffers()
 
+    SIZE = 16 * 1024 * 1024
+
     def resident_mib():
         with open("/proc/self/status") as f:
             return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024
 
+    def touched_buffer():
+        buffer = bytearray(SIZE)
+        buffer[::4096] = b"x" * len(buffer[::4096])
+        return buffer
+
+    first = touched_buffer()
+    del first
+    all_holding = threading.Barrier(4)
+
     def work():
-        for _ in range(3):
-            buffer = bytearray(16 * 1024 * 1024)
-            buffer[::4096] = b"x" * len(buffer[::4096])
-            del buffer
+        buffer = touched_buffer()
+        all_holding.wait()
+        del buffer
 
     before = resident_mib()
     threads = [threading.Thread(target=work) for _ in range(4)]
