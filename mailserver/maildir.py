@@ -385,32 +385,32 @@ class Mailbox:
             os.close(fd)
         return data if len(data) < limit else None
 
-    def mark_seen(self, info: MessageInfo) -> MessageInfo:
+    def mark_seen(self, info: MessageInfo) -> None:
         """
         Move a message to C{cur/} with the C{S} flag, so every Maildir reader
-        agrees it has been read.
+        agrees it has been read.  Not synced: a crash may forget the flag,
+        never the message.
         """
         if info.seen:
-            return info
-        name = os.path.basename(info.path)
-        base, _, old_flags = name.partition(":2,")
-        flags = "".join(sorted(set(old_flags) | {"S"}))
-        target = os.path.join(self.path, "cur", f"{base}:2,{flags}")
-        os.rename(info.path, target)
-        return replace(info, path=target, seen=True)
+            return
+        base, _, old_flags = info.path.rpartition("/")[2].partition(":2,")
+        flags = "".join(sorted(set(old_flags) | {"S"})) if old_flags else "S"
+        os.rename(info.path, f"{self.path}/cur/{base}:2,{flags}")
 
-    def delete(self, infos: Iterable[MessageInfo]) -> None:
+    def remove(self, info: MessageInfo) -> None:
         """
-        Remove messages; a crash half-way removes only a subset of them.
+        Unlink a message; L{sync_removals} makes that durable.
         """
-        folders = set()
-        for info in infos:
-            try:
-                os.unlink(info.path)
-            except FileNotFoundError:
-                pass
-            folders.add(os.path.dirname(info.path))
-        for folder in folders:
+        try:
+            os.unlink(info.path)
+        except FileNotFoundError:
+            pass
+
+    def sync_removals(self, infos: Iterable[MessageInfo]) -> None:
+        """
+        Sync the folders L{remove} took C{infos} out of.
+        """
+        for folder in {os.path.dirname(info.path) for info in infos}:
             fsync_directory(folder)
 
 

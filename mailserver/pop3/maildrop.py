@@ -68,12 +68,6 @@ class Maildrop:
             self._octets - self._deleted_octets,
         )
 
-    def update(self, number: int, info: MessageInfo) -> None:
-        """
-        Keep the store's new idea of a message (its path after C{mark_seen}).
-        """
-        self._messages[number - 1] = info
-
     def mark_deleted(self, number: int) -> None:
         if number not in self._deleted:
             self._deleted.add(number)

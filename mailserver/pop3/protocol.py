@@ -22,19 +22,21 @@ from __future__ import annotations
 import enum
 from base64 import b64encode
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.task import Cooperator
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailserver.config import Config
 from mailserver.flow import BUSY, INPUT, ReadControl
+from mailserver.immediate_write import write_now
 from mailserver.login_throttle import LoginThrottle, throttle_for
 from mailserver.interfaces import IAccount
 from mailserver.maildir import Mailbox, MessageInfo
@@ -62,8 +64,14 @@ from mailserver.sasl import (
 
 # Messages up to this size are read and sent in one piece.
 _WHOLE_MESSAGE = 128 * 1024
+# Replies held back for one send while a turn's commands are handled.
+_FLUSH_OCTETS = 64 * 1024
 # Commands handled for one client before the others get their turn.
 _COMMANDS_PER_TURN = 100
+# QUIT's renames and unlinks done per reactor turn, all sessions together
+# (a few milliseconds).
+_STEPS_PER_TURN = 256
+
 # Seconds a closing connection gets to take its last replies; a client
 # that does not read them is cut off then.
 CLOSE_GRACE = 10.0
@@ -94,6 +102,8 @@ class POP3Server(Protocol):
         self._discarding_long_line = False
         self._pending: deque[bytes | None] = deque()
         self._processing = False
+        self._outgoing: list[bytes] = []
+        self._outgoing_octets = 0
         self._waiting = False
         self._closing = False
         self._connected = False
@@ -129,7 +139,7 @@ class POP3Server(Protocol):
         self._reads = ReadControl(self.transport, self._process)
         self._reads.attach()
         self._restart_idle_timer()
-        self.transport.write(ok(f"{self._config.hostname} POP3 server ready."))
+        write_now(self.transport, ok(f"{self._config.hostname} POP3 server ready."))
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._connected = False
@@ -214,6 +224,7 @@ class POP3Server(Protocol):
                     self._dispatch(line)
         finally:
             self._processing = False
+            self._flush()
         if self._pending and handled >= _COMMANDS_PER_TURN and not self._closing:
             self._reads.hold(INPUT)
             self._clock.callLater(0, self._next_turn)
@@ -238,10 +249,26 @@ class POP3Server(Protocol):
             self._process()
 
     def _reply(self, reply: bytes) -> None:
+        """
+        Replies to the commands of one turn (a client pipelining RETRs)
+        go out together, in one send, unless they pass L{_FLUSH_OCTETS}.
+        """
         if self._connected:
-            self.transport.write(reply)
+            self._outgoing.append(reply)
+            self._outgoing_octets += len(reply)
+            if not self._processing or self._outgoing_octets >= _FLUSH_OCTETS:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._outgoing:
+            data = b"".join(self._outgoing)
+            self._outgoing = []
+            self._outgoing_octets = 0
+            if self._connected:
+                write_now(self.transport, data)
 
     def _close(self) -> None:
+        self._flush()
         self._closing = True
         self._pending.clear()
         if self._transfer is None:
@@ -328,7 +355,10 @@ class POP3Server(Protocol):
             self._updated(None, 0)
             return None
         self._wait()
-        d = self.factory.run_blocking(_update_mailbox, self._mailbox, doomed, seen)
+        mailbox = self._mailbox
+        d = self.factory.run_in_slices(_update_steps(mailbox, doomed, seen))
+        if doomed:
+            d.addCallback(lambda _: self.factory.run_blocking(mailbox.sync_removals, doomed))
         d.addCallbacks(self._updated, self._update_failed, callbackArgs=(len(doomed),))
         d.addErrback(self._log_unexpected)
         return None
@@ -380,6 +410,7 @@ class POP3Server(Protocol):
         if self.factory.tls_options is None:
             return err("TLS is not available.")
         self._reply(ok("Begin TLS negotiation."))
+        self._flush()  # the last clear-text bytes
         self.transport.startTLS(self.factory.tls_options)
         self._stls_started = True
         # RFC 2595 section 4: what the client sent before the handshake
@@ -669,6 +700,7 @@ class POP3Server(Protocol):
             self._reply(wire)
             self._delivered(len(wire), number, retrieve)
             return None
+        self._flush()  # the replies before this one go first
         self._wait()
         self._stop_idle_timer()
         self._reads.detach()  # the transfer is the transport's producer meanwhile
@@ -721,19 +753,42 @@ _HANDLERS: dict[_State, dict[str, Callable[[POP3Server, bytes], bytes | None]]] 
 _ALL_COMMANDS = frozenset(name for names in _COMMANDS.values() for name in names)
 
 
-def _update_mailbox(mailbox: Mailbox, doomed: list[MessageInfo], seen: list[MessageInfo]) -> None:
+class _StepCounter:
     """
-    The UPDATE state (RFC 1939 6), in a worker thread: retrieved messages
-    move to C{cur/} with the seen flag, deleted ones go.  A message that
-    cannot be marked seen is only logged: it stays, unflagged.
+    A L{Cooperator} termination predicate: true after C{steps} calls.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self._left = steps
+
+    def __call__(self) -> bool:
+        self._left -= 1
+        return self._left <= 0
+
+
+def _update_steps(
+    mailbox: Mailbox, doomed: list[MessageInfo], seen: list[MessageInfo]
+) -> Iterator[None]:
+    """
+    The UPDATE state (RFC 1939 6), one file per step: retrieved messages
+    move to C{cur/} with the seen flag, deleted ones go (their folders are
+    synced afterwards, in a worker thread).  A message that cannot be
+    marked seen is only logged: it stays, unflagged.
+
+    The steps run on the reactor thread, a slice per turn: in a worker
+    thread every rename would hand the GIL back and forth with the reactor
+    (each of its system calls lets the worker in), which cost the other
+    sessions more than the renames themselves.
     """
     for info in seen:
         try:
             mailbox.mark_seen(info)
         except OSError as e:
             POP3Server._log.error("Marking message {uid} seen failed: {e}", uid=info.uid, e=e)
-    if doomed:
-        mailbox.delete(doomed)
+        yield None
+    for info in doomed:
+        mailbox.remove(info)
+        yield None
 
 
 class POP3Factory(ServerFactory):
@@ -758,17 +813,25 @@ class POP3Factory(ServerFactory):
         implicit_tls: bool = False,
         metrics: ServerMetrics | None = None,
         run_blocking: Callable[..., defer.Deferred] | None = None,
+        run_in_slices: Callable[[Iterator[None]], defer.Deferred] | None = None,
         login_throttle: LoginThrottle | None = None,
     ) -> None:
         """
         @param run_blocking: runs blocking file work and returns a Deferred
             of its result; by default in the reactor's thread pool.
+        @param run_in_slices: runs an iterator of quick file steps on the
+            reactor thread and returns a Deferred fired when it is done; by
+            default L{_STEPS_PER_TURN} steps of all sessions per reactor turn.
         @param login_throttle: failed logins per client address, shared with
             the other listeners; by default this listener's own.
         """
         self.run_blocking = run_blocking or (
             lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
         )
+        self.run_in_slices = run_in_slices or Cooperator(
+            terminationPredicateFactory=lambda: _StepCounter(_STEPS_PER_TURN),
+            scheduler=lambda work: reactor.callLater(0, work),
+        ).coiterate
         self.config = config
         self.portal = portal
         self.mailbox_for = mailbox_for

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -72,6 +72,7 @@ class MemoryMailbox:
         self._store = store
         self._address = address
         self._holding = False
+        self._removed: list[str] = []
 
     def _path(self, message: StoredMessage) -> Path:
         if message.seen:
@@ -111,18 +112,23 @@ class MemoryMailbox:
         data = self.open(info).read()
         return data if len(data) < limit else None
 
-    def mark_seen(self, info: MessageInfo) -> MessageInfo:
-        message = self._store.message(self._address, info.uid)
-        message.seen = True
-        return replace(info, path=self._path(message), seen=True)
+    def mark_seen(self, info: MessageInfo) -> None:
+        self._store.message(self._address, info.uid).seen = True
 
-    def delete(self, infos: Iterable[MessageInfo]) -> None:
+    def remove(self, info: MessageInfo) -> None:
         if self._store.fail_delete:
             raise OSError("read-only file system")
-        uids = [info.uid for info in infos]
-        self._store.deletions.append((self._address, uids))
+        self._removed.append(info.uid)
         box = self._store.boxes.get(self._address, [])
-        box[:] = [m for m in box if m.uid not in uids]
+        box[:] = [m for m in box if m.uid != info.uid]
+
+    def sync_removals(self, infos: Iterable[MessageInfo]) -> None:
+        self._store.deletions.append((self._address, list(self._removed)))
+        self._removed.clear()
+
+
+def _all_at_once(steps) -> defer.Deferred:
+    return defer.maybeDeferred(lambda: [None for _ in steps])
 
 
 @dataclass(frozen=True)
@@ -175,11 +181,14 @@ class Session:
         clock: Clock | None = None,
         realm: AccountRealm | None = None,
         factory: POP3Factory | None = None,
+        sliced: bool = False,
     ) -> None:
         """
         @param factory: another session's factory, for a second connection
             to the same server; the other arguments but C{peer} are then
             ignored.
+        @param sliced: QUIT's file steps run a slice per C{clock} turn, as
+            in the server, instead of all at once.
         """
         self.store = store
         self.realm = realm or AccountRealm()
@@ -188,13 +197,17 @@ class Session:
             self.clock = factory.reactor
         else:
             self.clock = clock or Clock()
-            self.factory = self._make_factory(store, config, portal, tls_options, implicit_tls)
+            self.factory = self._make_factory(
+                store, config, portal, tls_options, implicit_tls, sliced
+            )
         self.transport = TLSStringTransport(peerAddress=peer)
         self.protocol = self.factory.buildProtocol(peer)
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()
 
-    def _make_factory(self, store, config, portal, tls_options, implicit_tls) -> POP3Factory:
+    def _make_factory(
+        self, store, config, portal, tls_options, implicit_tls, sliced
+    ) -> POP3Factory:
         if portal is None:
             portal = Portal(self.realm)
             checker = InMemoryUsernamePasswordDatabaseDontUse()
@@ -209,6 +222,7 @@ class Session:
             reactor=self.clock,
             implicit_tls=implicit_tls,
             run_blocking=defer.maybeDeferred,
+            run_in_slices=None if sliced else _all_at_once,
         )
 
     def take(self) -> bytes:

@@ -290,3 +290,40 @@ def test_one_log_line_per_session(session):
     assert (ended[0]["user"], ended[0]["retrieved"], ended[0]["deleted"]) == ("bob@localhost", 1, 1)
     assert ended[0]["octets"] == len(b"+OK 51 octets\r\n") + len(FIRST_WIRE) + 3
     assert ended[0]["client"] == "127.0.0.1:40000"
+
+
+def _run_one_turn(clock) -> None:
+    """
+    Run the calls due now, but not those they schedule for the next turn.
+    """
+    due = [call for call in clock.getDelayedCalls() if call.getTime() <= clock.seconds()]
+    for call in due:
+        clock.calls.remove(call)
+        call.called = 1
+        call.func(*call.args, **call.kw)
+
+
+def test_quit_renames_and_removes_a_slice_per_reactor_turn():
+    store = MemoryMaildirs()
+    uids = [f"17000{n:05d}.M{n}P1Q1.test" for n in range(300)]
+    for uid in uids:
+        store.deliver("bob@localhost", b"Subject: x\n\nbody\n", uid)
+    session = Session(store, sliced=True)
+    session.login()
+    for number in range(1, 201):
+        assert session.command(f"RETR {number}").startswith(b"+OK")
+    for number in range(201, 301):
+        assert session.command(f"DELE {number}").startswith(b"+OK")
+
+    def seen() -> int:
+        return sum(m.seen for m in store.boxes["bob@localhost"])
+
+    assert session.command("QUIT") == b""
+    assert seen() == 0
+    _run_one_turn(session.clock)  # 256 steps: 200 renames, 56 removals
+    assert (seen(), len(store.boxes["bob@localhost"])) == (200, 244)
+    assert session.take() == b"" and not session.closed
+    _run_one_turn(session.clock)
+    assert store.deletions == [("bob@localhost", uids[200:])]
+    assert session.take() == b"+OK Logging out, 100 messages deleted.\r\n"
+    assert session.closed

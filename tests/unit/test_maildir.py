@@ -39,14 +39,26 @@ def test_listing_uses_names_and_marks_seen(tmp_path):
     assert (first.size, second.size) == (5, 12)
     assert not first.seen
     assert len(first.uid) <= 70 and first.uid.isprintable()
-    seen = mailbox.mark_seen(first)
+    mailbox.mark_seen(first)
+    seen, unseen = mailbox.messages()
     assert seen.seen and Path(seen.path).parent.name == "cur" and seen.path.endswith(":2,S")
-    assert seen.uid == first.uid
-    assert [m.uid for m in mailbox.messages()] == [first.uid, second.uid]
+    assert (seen.uid, unseen) == (first.uid, second)
     with mailbox.open(seen) as f:
         assert f.read() == b"one\n"
-    mailbox.delete([seen, second])
+    for info in (seen, second):
+        mailbox.remove(info)
+    mailbox.remove(second)  # already gone: no error
+    mailbox.sync_removals([seen, second])
     assert mailbox.messages() == []
+
+
+def test_marking_seen_keeps_other_flags(tmp_path):
+    box = tmp_path / "box"
+    ensure_maildir(box)
+    (box / "cur" / "12345.foreign:2,FR").write_bytes(b"a\n")
+    (info,) = Mailbox(box).messages()
+    Mailbox(box).mark_seen(info)
+    assert os.listdir(box / "cur") == ["12345.foreign:2,FRS"]
 
 
 def test_foreign_files_without_sizes_are_measured(tmp_path):
