@@ -131,16 +131,23 @@ class MessageHeaders:
     A message's header section, editable by message hooks.
 
     Unchanged fields keep their exact bytes (folding included), so a message
-    no hook touched is stored exactly as it arrived.
+    no hook touched is stored exactly as it arrived.  The fields are split
+    out only when a hook looks at them: most messages pass through untouched.
     """
 
     def __init__(self, raw: bytes = b"") -> None:
-        self._fields: list[tuple[str, bytes]] = []
-        for chunk in _HEADER_START.split(raw):
-            if not chunk:
-                continue
-            name = chunk.split(b":", 1)[0].decode("utf-8", "replace").strip()
-            self._fields.append((name, chunk))
+        self._raw = raw
+        self._parsed: list[tuple[str, bytes]] | None = None  # None: exactly _raw
+
+    @property
+    def _fields(self) -> list[tuple[str, bytes]]:
+        if self._parsed is None:
+            self._parsed = []
+            for chunk in _HEADER_START.split(self._raw):
+                if chunk:
+                    name = chunk.split(b":", 1)[0].decode("utf-8", "replace").strip()
+                    self._parsed.append((name, chunk))
+        return self._parsed
 
     @staticmethod
     def _render(name: str, value: str) -> bytes:
@@ -187,8 +194,10 @@ class MessageHeaders:
         C{where(value)} is true, if C{where} is given); return how many.
         """
         wanted = name.lower()
+        if self._parsed is None and wanted.isascii() and wanted.encode() not in self._raw.lower():
+            return 0
         before = len(self._fields)
-        self._fields = [
+        self._parsed = [
             (n, raw) for n, raw in self._fields
             if n.lower() != wanted or (where is not None and not where(_value(raw)))
         ]
@@ -199,7 +208,9 @@ class MessageHeaders:
         self.add(name, value)
 
     def to_bytes(self) -> bytes:
-        return b"".join(raw for _, raw in self._fields)
+        if self._parsed is None:
+            return self._raw
+        return b"".join(raw for _, raw in self._parsed)
 
 
 def _value(raw: bytes) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from email.utils import format_datetime
+from functools import lru_cache
 
 from mailserver.smtp.replies import (
     BARE_NEWLINE,
@@ -218,12 +219,20 @@ def received_header(
     if authenticated:
         lines.append(f"\t(Authenticated sender: {_printable(authenticated)})")
     lines.append(f"\tby {hostname} (mailserver) with {protocol} id {session_id}")
-    date = format_datetime(datetime.fromtimestamp(when, timezone.utc))
+    date = _date(int(when))
     if recipient:
         lines.append(f"\tfor <{recipient}>; {date}")
     else:
         lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+@lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """
+    RFC 5322 date of a second; the same for every message within it.
+    """
+    return format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
 def _printable(text: str) -> str:

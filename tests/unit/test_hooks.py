@@ -141,6 +141,17 @@ def test_message_headers_keep_bytes_and_edit():
         headers.add("X-Evil", "a\r\nBcc: x@y")
 
 
+def test_removing_from_untouched_headers_matches_any_case():
+    raw = b"Subject: Hi\r\nX-SPAM: yes\r\n"
+    assert MessageHeaders(raw).remove("Authentication-Results") == 0
+    headers = MessageHeaders(raw)
+    assert headers.remove("x-spam") == 1
+    assert headers.to_bytes() == b"Subject: Hi\r\n"
+    headers = MessageHeaders(raw)
+    assert headers.remove("X-Spam", where=lambda value: value == "no") == 0
+    assert headers.to_bytes() == raw
+
+
 class MemoryIntake:
     def __init__(self):
         self.stored = []
