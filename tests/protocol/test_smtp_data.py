@@ -71,7 +71,9 @@ def test_smuggling_sequences_never_end_data(sequence):
     assert codes(session.command("NOOP")) == ["250 2.0.0"]
 
 
-@pytest.mark.parametrize("bare", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n", b"end\r"])
+@pytest.mark.parametrize(
+    "bare", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n", b"end\r", b"a\n\rb\r\n", b"\r\r\n\n"]
+)
 def test_bare_cr_or_lf_is_refused_at_the_real_end(bare):
     session = in_data()
     assert codes(session.send(b"x\r\n" + bare + b"\r\n.\r\n")) == ["550 5.5.2"]
