@@ -73,6 +73,8 @@ class _Instrument:
 
     def _key(self, labels: Mapping[str, str]) -> tuple[str, ...]:
         # On every count, so: a length check and lookups, no set building.
+        if not labels and not self.label_names:
+            return ()
         if len(labels) == len(self.label_names):
             try:
                 return tuple(map(labels.__getitem__, self.label_names))

@@ -722,7 +722,7 @@ class POP3Server(Protocol):
     def _delivered(self, octets: int, number: int, retrieve: bool) -> None:
         """
         Count a retrieved message; it is marked seen at QUIT, with the
-        deletions, in one pass over the Maildir off the reactor thread.
+        deletions (see L{_update_steps}).
         """
         if retrieve:
             self._retrieved += 1
