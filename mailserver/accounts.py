@@ -464,6 +464,17 @@ def strcred_checkers(config: Config) -> list[ICredentialsChecker]:
             raise ConfigError(
                 config.source, "auth.checkers", f"{description!r} cannot check passwords"
             )
+        # A file: checker opens its file only at each login, where a missing
+        # one would just refuse everybody: say so now.
+        filename = getattr(checker, "filename", None)
+        if isinstance(filename, str | bytes):
+            try:
+                with open(filename, "rb"):
+                    pass
+            except OSError as e:
+                raise ConfigError(
+                    config.source, "auth.checkers", f"{description!r}: {e.strerror}"
+                ) from None
         checkers.append(checker)
     return checkers
 

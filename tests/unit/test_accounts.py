@@ -195,7 +195,9 @@ def test_strcred_file_checker_works_beside_the_users_file(accounts, config, tmp_
     failures = []
     portal.login(UsernamePassword(b"frank", b"nope"), None, IAccount).addErrback(failures.append)
     assert failures[0].check(UnauthorizedLogin)
-    bad = Config(auth=Auth(checkers=("nosuchchecker:x",)), source="c.toml")
-    with pytest.raises(ConfigError) as caught:
-        strcred_checkers(bad)
-    assert caught.value.key == "auth.checkers"
+    for description in ("nosuchchecker:x", f"file:{tmp_path / 'missing'}"):
+        bad = Config(auth=Auth(checkers=(description,)), source="c.toml")
+        with pytest.raises(ConfigError) as caught:
+            strcred_checkers(bad)
+        assert caught.value.key == "auth.checkers"
+    assert "No such file" in str(caught.value)
