@@ -364,11 +364,17 @@ class MailServerPeer(Peer):
         max_connections: int = 5000,
         workers: int = 1,
         keep: bool = False,
+        code: Path = REPO,
     ) -> None:
+        """
+        @param code: the checkout whose C{mailserver} package runs (put
+            first on C{PYTHONPATH}); L{bench.ab} passes another revision's.
+        """
         if workers != 1:
             self.name = f"mailserver-w{workers}"
         super().__init__(keep)
         self.workers = workers
+        self.code = code
         self.users = users
         self.password = password
         self.data_path = self.root / "data"
@@ -396,7 +402,7 @@ class MailServerPeer(Peer):
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.code), env.get("PYTHONPATH")]))
         env.pop("MAILSERVER_CONFIG", None)
         return env
 
