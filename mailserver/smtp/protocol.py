@@ -29,7 +29,6 @@ from twisted.python.failure import Failure
 from mailserver.envelope import Envelope, Recipient
 from mailserver.flow import INPUT, ReadControl
 from mailserver.hooks import Client
-from mailserver.immediate_write import write_now
 from mailserver.interfaces import IAccount
 from mailserver.sasl import (
     MECHANISMS,
@@ -452,7 +451,7 @@ class SMTPServer(Protocol):
 
     def _flush(self) -> None:
         if self._outgoing and self.transport is not None:
-            write_now(self.transport, b"".join(self._outgoing))
+            self.transport.write(b"".join(self._outgoing))
             self._outgoing = []
 
     # Session facts.
