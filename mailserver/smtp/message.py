@@ -181,8 +181,9 @@ class DotReader:
         the bytes after the terminator once it is found.
         """
         text = self._pending + data
-        stuffed = _CRLF_DOT.search(text) is not None
-        end = text.find(_END_OF_DATA) if stuffed else -1
+        first_dot_line = _CRLF_DOT.search(text)
+        stuffed = first_dot_line is not None
+        end = text.find(_END_OF_DATA, first_dot_line.start()) if stuffed else -1
         if end >= 0:
             self._pending = b""
             self._emit(text[: end + 2])

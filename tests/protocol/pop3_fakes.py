@@ -72,7 +72,6 @@ class MemoryMailbox:
         self._store = store
         self._address = address
         self._holding = False
-        self._removed: list[str] = []
 
     def _path(self, message: StoredMessage) -> Path:
         if message.seen:
@@ -118,13 +117,11 @@ class MemoryMailbox:
     def remove(self, info: MessageInfo) -> None:
         if self._store.fail_delete:
             raise OSError("read-only file system")
-        self._removed.append(info.uid)
         box = self._store.boxes.get(self._address, [])
         box[:] = [m for m in box if m.uid != info.uid]
 
     def sync_removals(self, infos: Iterable[MessageInfo]) -> None:
-        self._store.deletions.append((self._address, list(self._removed)))
-        self._removed.clear()
+        self._store.deletions.append((self._address, [info.uid for info in infos]))
 
 
 def _all_at_once(steps) -> defer.Deferred:

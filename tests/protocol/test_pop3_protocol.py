@@ -327,3 +327,13 @@ def test_quit_renames_and_removes_a_slice_per_reactor_turn():
     assert store.deletions == [("bob@localhost", uids[200:])]
     assert session.take() == b"+OK Logging out, 100 messages deleted.\r\n"
     assert session.closed
+
+
+def test_replies_to_pipelined_commands_go_out_in_one_write(session):
+    writes = []
+    write = session.transport.write
+    session.transport.write = lambda data: (writes.append(data), write(data))
+    session.send(b"STAT\r\nLIST 2\r\nRETR 2\r\nNOOP\r\n")
+    assert len(writes) == 1
+    assert writes[0].startswith(b"+OK 2 91\r\n+OK 2 40\r\n+OK 40 octets\r\n")
+    assert writes[0].endswith(b".\r\n+OK\r\n")
