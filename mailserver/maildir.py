@@ -326,6 +326,10 @@ class Mailbox:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock_fd: int | None = None
+        # new/ and cur/ (by the folder string L{messages} puts in paths) to a
+        # descriptor, while locked: a rename or unlink relative to one skips
+        # resolving the whole path again, a third of a rename's cost here.
+        self._folder_fds: dict[str, int] = {}
 
     def lock(self) -> bool:
         """
@@ -346,12 +350,30 @@ class Mailbox:
                 return False
             raise
         self._lock_fd = fd
+        try:
+            for sub in ("new", "cur"):
+                folder = os.path.join(self.path, sub)
+                self._folder_fds[folder] = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            self.unlock()
+            raise
         return True
 
     def unlock(self) -> None:
+        for fd in self._folder_fds.values():
+            os.close(fd)
+        self._folder_fds.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _relative(self, folder: str, name: str) -> tuple[str, int | None]:
+        """
+        C{name} and its folder's descriptor while locked, else the whole
+        path and C{None} (which C{os} calls take as no descriptor).
+        """
+        fd = self._folder_fds.get(folder)
+        return (name, fd) if fd is not None else (f"{folder}/{name}", None)
 
     def messages(self) -> list[MessageInfo]:
         """
@@ -393,16 +415,21 @@ class Mailbox:
         """
         if info.seen:
             return
-        base, _, old_flags = info.path.rpartition("/")[2].partition(":2,")
+        folder, _, name = info.path.rpartition("/")
+        base, _, old_flags = name.partition(":2,")
         flags = "".join(sorted(set(old_flags) | {"S"})) if old_flags else "S"
-        os.rename(info.path, f"{self.path}/cur/{base}:2,{flags}")
+        source, source_fd = self._relative(folder, name)
+        target, target_fd = self._relative(os.path.join(self.path, "cur"), f"{base}:2,{flags}")
+        os.rename(source, target, src_dir_fd=source_fd, dst_dir_fd=target_fd)
 
     def remove(self, info: MessageInfo) -> None:
         """
         Unlink a message; L{sync_removals} makes that durable.
         """
+        folder, _, name = info.path.rpartition("/")
+        target, fd = self._relative(folder, name)
         try:
-            os.unlink(info.path)
+            os.unlink(target, dir_fd=fd)
         except FileNotFoundError:
             pass
 

@@ -61,6 +61,25 @@ def test_marking_seen_keeps_other_flags(tmp_path):
     assert os.listdir(box / "cur") == ["12345.foreign:2,FRS"]
 
 
+def test_a_locked_mailbox_renames_and_unlinks_in_its_folders_and_unlock_closes_them(tmp_path):
+    box = tmp_path / "box"
+    deliver(tmp_path, b"one\n", [box])
+    deliver(tmp_path, b"two\n", [box])
+    mailbox = Mailbox(box)
+    open_before = len(os.listdir("/proc/self/fd"))
+    assert mailbox.lock()
+    assert len(os.listdir("/proc/self/fd")) == open_before + 3  # the lock, new/, cur/
+    first, second = mailbox.messages()
+    mailbox.mark_seen(first)
+    mailbox.remove(second)
+    (seen,) = mailbox.messages()
+    assert seen.uid == first.uid and seen.seen and Path(seen.path).parent.name == "cur"
+    mailbox.remove(seen)
+    mailbox.unlock()
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    assert os.listdir(box / "new") == [] and os.listdir(box / "cur") == []
+
+
 def test_foreign_files_without_sizes_are_measured(tmp_path):
     box = tmp_path / "box"
     ensure_maildir(box)
