@@ -13,8 +13,11 @@ from twisted.cred.error import UnauthorizedLogin
 from mailserver.accounts import (
     AccountError,
     Accounts,
+    FastestScrypt,
     hash_password,
     make_portal,
+    openssl_scrypt,
+    sodium_scrypt,
     verify_password,
 )
 from mailserver.config import SMTP, Config
@@ -56,7 +59,11 @@ def test_hash_is_scrypt_and_verifies():
     assert not verify_password("x", "garbage")
 
 
-def test_hashes_are_standard_scrypt():
+IMPLEMENTATIONS = pytest.mark.parametrize("implementation", [sodium_scrypt, openssl_scrypt])
+
+
+@IMPLEMENTATIONS
+def test_hashes_are_standard_scrypt(implementation):
     """
     libsodium computes the same function as hashlib (OpenSSL): a hash made
     with either verifies with the other.
@@ -65,8 +72,8 @@ def test_hashes_are_standard_scrypt():
     digest = hashlib.scrypt(b"p\xc3\xa4ss", salt=salt, n=2**14, r=8, p=1)
     b64 = base64.b64encode
     stored = f"scrypt${2**14}$8$1${b64(salt).decode()}${b64(digest).decode()}"
-    assert verify_password("päss", stored)
-    assert not verify_password("pass", stored)
+    assert verify_password("päss", stored, implementation)
+    assert not verify_password("pass", stored, implementation)
     _, n, r, p, salt64, digest64 = hash_password("päss").split("$")
     again = hashlib.scrypt(
         "päss".encode(), salt=base64.b64decode(salt64), n=int(n), r=int(r), p=int(p)
@@ -78,15 +85,64 @@ def test_hashes_are_standard_scrypt():
     "n, r, p",
     [(2**30, 8, 1), (2**14, 8, 10**6), (3, 8, 1), (1, 8, 1), (2**14, 0, 1), (2**14, -1, 1)],
 )
-def test_damaged_hash_parameters_are_refused_at_once(n, r, p):
+@IMPLEMENTATIONS
+def test_damaged_hash_parameters_are_refused_at_once(n, r, p, implementation):
     """
     A users-file entry asking for gigabytes, a million passes or parameters
     that are not scrypt's fails the check without running it.
     """
     stored = f"scrypt${n}${r}${p}${base64.b64encode(bytes(16)).decode()}${base64.b64encode(bytes(64)).decode()}"
     started = time.monotonic()
-    assert not verify_password("x", stored)
+    assert not verify_password("x", stored, implementation)
     assert time.monotonic() - started < 1
+
+
+class _Timed:
+    """
+    An scrypt stand-in that takes C{cost} seconds on a fake clock.
+    """
+
+    def __init__(self, clock: list[float], cost: float, result: bytes) -> None:
+        self.clock, self.cost, self.result, self.calls = clock, cost, result, 0
+
+    def __call__(self, password, salt, n, r, p, length) -> bytes:
+        self.calls += 1
+        self.clock[0] += self.cost
+        return self.result
+
+
+def test_fastest_scrypt_times_each_implementation_then_keeps_to_the_faster():
+    now = [0.0]
+    slow, fast = _Timed(now, 0.050, b"same"), _Timed(now, 0.030, b"same")
+    scrypt = FastestScrypt((slow, fast), trials=2, clock=lambda: now[0])
+    for _ in range(2):
+        assert scrypt(b"pw", b"salt", 2, 1, 1, 4) == b"same"
+    assert (slow.calls, fast.calls) == (2, 2) and scrypt.chosen is fast
+    for _ in range(3):
+        assert scrypt(b"pw", b"salt", 2, 1, 1, 4) == b"same"
+    assert (slow.calls, fast.calls) == (2, 5)
+
+
+def test_fastest_scrypt_goes_by_each_implementations_best_time():
+    """
+    One slow trial (the machine busy with something else) does not decide.
+    """
+    now = [0.0]
+    first, second = _Timed(now, 0.100, b"d"), _Timed(now, 0.040, b"d")
+    scrypt = FastestScrypt((first, second), trials=2, clock=lambda: now[0])
+    scrypt(b"pw", b"salt", 2, 1, 1, 4)
+    first.cost = 0.030
+    scrypt(b"pw", b"salt", 2, 1, 1, 4)
+    assert scrypt.chosen is first
+
+
+def test_real_implementations_agree_through_fastest_scrypt():
+    scrypt = FastestScrypt((openssl_scrypt, sodium_scrypt))
+    stored = hash_password("secret")
+    for _ in range(3):
+        assert verify_password("secret", stored, scrypt)
+        assert not verify_password("wrong", stored, scrypt)
+    assert scrypt.chosen in (openssl_scrypt, sodium_scrypt)
 
 
 def test_users_file_holds_no_plaintext(accounts, config):

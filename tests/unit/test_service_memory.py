@@ -58,9 +58,43 @@ _THREADS_FREEING_BUFFERS = textwrap.dedent(
 )
 
 
-def kept_mib(mode: str) -> float:
+# Four threads each run three OpenSSL scrypt checks (16 MiB each), in a
+# fresh interpreter, with or without the server's allocator set-up.
+_THREADS_CHECKING_PASSWORDS = textwrap.dedent(
+    """
+    import sys, threading
+    from mailserver.accounts import hash_password, openssl_scrypt, verify_password
+    from mailserver.service import _return_large_buffers
+
+    if sys.argv[1] == "set-up":
+        _return_large_buffers()
+    stored = hash_password("secret")
+
+    def resident_mib():
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024
+
+    all_started = threading.Barrier(4)
+
+    def check():
+        all_started.wait()
+        for _ in range(3):
+            assert verify_password("secret", stored, openssl_scrypt)
+
+    before = resident_mib()
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(resident_mib() - before)
+    """
+)
+
+
+def kept_mib(mode: str, script: str = _THREADS_FREEING_BUFFERS) -> float:
     result = subprocess.run(
-        [sys.executable, "-c", _THREADS_FREEING_BUFFERS, mode],
+        [sys.executable, "-c", script, mode],
         capture_output=True, text=True, timeout=60, check=True,
     )
     return float(result.stdout)
@@ -93,3 +127,9 @@ def test_password_checks_keep_no_scrypt_buffer():
     for thread in threads:
         thread.join()
     assert resident_mib() - before < 16
+
+
+def test_openssl_password_checks_keep_no_buffer_once_the_allocator_is_set_up():
+    # The control: without the set-up, glibc keeps each thread's buffer.
+    assert kept_mib("as-is", _THREADS_CHECKING_PASSWORDS) > 32
+    assert kept_mib("set-up", _THREADS_CHECKING_PASSWORDS) < 16
