@@ -479,14 +479,36 @@ class AccountsChecker:
         return deferToThreadPool(self._reactor, pool, check)
 
 
+# How much lower than the server's own a password thread's scheduling
+# priority is (nice, per thread on Linux): when the cores are busy, the
+# sessions already logged in go first and a flood of logins cannot starve
+# them; an A/B of 20 POP3 rounds of 4 logins and 4,000 RETRs gave 1.04x.
+_PASSWORD_NICENESS = 10
+
+
+def _lower_priority_thread(*args, target, **kwargs) -> threading.Thread:
+    def run() -> None:
+        try:
+            thread = threading.get_native_id()
+            own = os.getpriority(os.PRIO_PROCESS, thread)
+            os.setpriority(os.PRIO_PROCESS, thread, min(own + _PASSWORD_NICENESS, 19))
+        except (OSError, AttributeError):
+            pass  # not Linux, or not allowed: the priority stays
+        target()
+
+    return threading.Thread(*args, target=run, **kwargs)
+
+
 def password_threadpool(reactor):
     """
-    The threads password checks run in: one per core (at most four), started
-    now and stopped with the reactor.
+    The threads password checks run in: one per core (at most four), at a
+    lower priority than the reactor's, started now and stopped with the
+    reactor.
     """
     from twisted.python.threadpool import ThreadPool
 
     pool = ThreadPool(0, max(1, min(os.cpu_count() or 1, 4)), "mailserver-passwords")
+    pool.threadFactory = _lower_priority_thread
     pool.start()
     reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
     return pool

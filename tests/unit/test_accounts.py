@@ -4,6 +4,10 @@ Accounts: password hashing, the users and aliases files, resolution, cred.
 
 import base64
 import hashlib
+import os
+import queue
+import sys
+import threading
 import time
 
 import pytest
@@ -17,6 +21,7 @@ from mailserver.accounts import (
     hash_password,
     make_portal,
     openssl_scrypt,
+    password_threadpool,
     sodium_scrypt,
     verify_password,
 )
@@ -257,3 +262,26 @@ def test_strcred_file_checker_works_beside_the_users_file(accounts, config, tmp_
             strcred_checkers(bad)
         assert caught.value.key == "auth.checkers"
     assert "No such file" in str(caught.value)
+
+
+class _Triggers:
+    def __init__(self) -> None:
+        self.triggers = []
+
+    def addSystemEventTrigger(self, phase, event, callable_, *args):
+        self.triggers.append((phase, event, callable_))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_password_threads_run_at_a_lower_priority_than_the_server():
+    reactor = _Triggers()
+    pool = password_threadpool(reactor)
+    seen = queue.Queue()
+    pool.callInThread(lambda: seen.put(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    try:
+        niceness = seen.get(timeout=10)
+    finally:
+        pool.stop()
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert niceness == min(own + 10, 19)
+    assert ("during", "shutdown", pool.stop) in reactor.triggers
