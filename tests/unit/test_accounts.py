@@ -141,6 +141,28 @@ def test_fastest_scrypt_goes_by_each_implementations_best_time():
     assert scrypt.chosen is first
 
 
+def test_fastest_scrypt_times_one_check_at_a_time():
+    """
+    A check that arrives while another is timing both runs the first
+    implementation alone.
+    """
+    now = [0.0]
+    first, second = _Timed(now, 0.050, b"d"), _Timed(now, 0.030, b"d")
+    meanwhile = []
+
+    def first_with_another_check_arriving(*args):
+        if not meanwhile:
+            meanwhile.append(None)
+            meanwhile.append((scrypt(*args), first.calls, second.calls))
+        return first(*args)
+
+    scrypt = FastestScrypt((first_with_another_check_arriving, second), trials=1, clock=lambda: now[0])
+    scrypt(b"pw", b"salt", 2, 1, 1, 4)
+    assert meanwhile[1] == (b"d", 1, 0)  # the other check: the first implementation only
+    assert (first.calls, second.calls) == (2, 1)
+    assert scrypt.chosen is second
+
+
 def test_real_implementations_agree_through_fastest_scrypt():
     scrypt = FastestScrypt((openssl_scrypt, sodium_scrypt))
     stored = hash_password("secret")
