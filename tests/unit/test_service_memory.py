@@ -14,12 +14,10 @@ from mailserver.accounts import hash_password, verify_password
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
-# Four threads each allocate and touch a 16 MiB buffer, all four held at
-# once so each thread has its own malloc arena, then free them, in a fresh
-# interpreter (the allocator's thresholds depend on history).  One buffer
-# freed first in the main thread raises glibc's dynamic mmap threshold, as
-# a first large message would in the server.
-_THREADS_FREEING_BUFFERS = textwrap.dedent(
+# In a fresh interpreter (the allocator's thresholds depend on history),
+# with or without the server's allocator set-up: four threads each run
+# C{work}, then the growth of RSS is printed.
+_SET_UP = textwrap.dedent(
     """
     import sys, threading
     from mailserver.service import _return_large_buffers
@@ -27,11 +25,30 @@ _THREADS_FREEING_BUFFERS = textwrap.dedent(
     if sys.argv[1] == "set-up":
         _return_large_buffers()
 
-    SIZE = 16 * 1024 * 1024
-
     def resident_mib():
         with open("/proc/self/status") as f:
             return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024
+    """
+)
+_RUN_FOUR_THREADS = textwrap.dedent(
+    """
+    before = resident_mib()
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(resident_mib() - before)
+    """
+)
+
+# Each thread allocates and touches a 16 MiB buffer, all four held at once
+# so each thread has its own malloc arena, then frees it.  One buffer freed
+# first in the main thread raises glibc's dynamic mmap threshold, as a
+# first large message would in the server.
+_THREADS_FREEING_BUFFERS = _SET_UP + textwrap.dedent(
+    """
+    SIZE = 16 * 1024 * 1024
 
     def touched_buffer():
         buffer = bytearray(SIZE)
@@ -46,50 +63,23 @@ _THREADS_FREEING_BUFFERS = textwrap.dedent(
         buffer = touched_buffer()
         all_holding.wait()
         del buffer
-
-    before = resident_mib()
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    print(resident_mib() - before)
     """
-)
+) + _RUN_FOUR_THREADS
 
-
-# Four threads each run three OpenSSL scrypt checks (16 MiB each), in a
-# fresh interpreter, with or without the server's allocator set-up.
-_THREADS_CHECKING_PASSWORDS = textwrap.dedent(
+# Each thread runs three OpenSSL scrypt checks (16 MiB each).
+_THREADS_CHECKING_PASSWORDS = _SET_UP + textwrap.dedent(
     """
-    import sys, threading
     from mailserver.accounts import hash_password, openssl_scrypt, verify_password
-    from mailserver.service import _return_large_buffers
 
-    if sys.argv[1] == "set-up":
-        _return_large_buffers()
     stored = hash_password("secret")
-
-    def resident_mib():
-        with open("/proc/self/status") as f:
-            return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024
-
     all_started = threading.Barrier(4)
 
-    def check():
+    def work():
         all_started.wait()
         for _ in range(3):
             assert verify_password("secret", stored, openssl_scrypt)
-
-    before = resident_mib()
-    threads = [threading.Thread(target=check) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    print(resident_mib() - before)
     """
-)
+) + _RUN_FOUR_THREADS
 
 
 def kept_mib(mode: str, script: str = _THREADS_FREEING_BUFFERS) -> float:
