@@ -386,9 +386,10 @@ def _summarise_fetch(row: dict, runs: list[dict]) -> None:
 def pop3_part(args, results: dict) -> None:
     """
     Every POP3 peer gets the same mailboxes (L{fill_maildir}, same sizes
-    and names) and the same warm-up (two logins to a one-message mailbox).  A fetch marks what it RETRs as seen (both servers move the
-    files to cur/), so each round has mailboxes of its own and every fetch
-    is a first one; the peers take turns within a round, as in the SMTP
+    and names) and the same warm-up (two logins to a one-message mailbox).
+    A fetch marks what it RETRs as seen (both servers move the files to
+    cur/), so each round has mailboxes of its own and every fetch is a
+    first one; the peers take turns within a round, as in the SMTP
     part.  Then each lists the big mailbox once.
     """
     out = results.setdefault("pop3", {})
@@ -398,7 +399,11 @@ def pop3_part(args, results: dict) -> None:
     ] if not args.skip_pop3 else []
     big_user = "big@localhost"
     warm_user = "warm@localhost"
-    users = tuple(u for r in rounds for u in r) + (warm_user,) + (() if args.skip_big else (big_user,))
+    users = (
+        tuple(u for r in rounds for u in r)
+        + ((warm_user,) if rounds else ())
+        + (() if args.skip_big else (big_user,))
+    )
     if not users:
         return
     fetch_rows = out.setdefault("fetch", [])
@@ -418,7 +423,6 @@ def pop3_part(args, results: dict) -> None:
                     _fill(peer, u, args.pop3_messages, args.pop3_size)
                 if rounds:
                     _fill(peer, warm_user, 1, 200)
-                if rounds:
                     print(f"  filled {len(rounds) * args.pop3_clients} x {args.pop3_messages} x "
                           f"{args.pop3_size} B in {time.perf_counter() - t:.1f}s", flush=True)
                 started.append((label, peer, row, []))

@@ -326,9 +326,12 @@ class Mailbox:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock_fd: int | None = None
-        # new/ and cur/ (by the folder string L{messages} puts in paths) to a
-        # descriptor, while locked: a rename or unlink relative to one skips
-        # resolving the whole path again, a third of a rename's cost here.
+        # new/ and cur/ as the folder strings that message paths start with.
+        self._new = os.path.join(path, "new")
+        self._cur = os.path.join(path, "cur")
+        # Those folders to a descriptor, while locked: a rename or unlink
+        # relative to one skips resolving the whole path again, a third of a
+        # rename's cost here.
         self._folder_fds: dict[str, int] = {}
 
     def lock(self) -> bool:
@@ -351,8 +354,7 @@ class Mailbox:
             raise
         self._lock_fd = fd
         try:
-            for sub in ("new", "cur"):
-                folder = os.path.join(self.path, sub)
+            for folder in (self._new, self._cur):
                 self._folder_fds[folder] = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             self.unlock()
@@ -382,8 +384,7 @@ class Mailbox:
         order.
         """
         found = []
-        for sub in ("new", "cur"):
-            folder = os.path.join(self.path, sub)
+        for folder in (self._new, self._cur):
             try:
                 names = os.listdir(folder)
             except FileNotFoundError:
@@ -419,7 +420,7 @@ class Mailbox:
         base, _, old_flags = name.partition(":2,")
         flags = "".join(sorted(set(old_flags) | {"S"})) if old_flags else "S"
         source, source_fd = self._relative(folder, name)
-        target, target_fd = self._relative(os.path.join(self.path, "cur"), f"{base}:2,{flags}")
+        target, target_fd = self._relative(self._cur, f"{base}:2,{flags}")
         os.rename(source, target, src_dir_fd=source_fd, dst_dir_fd=target_fd)
 
     def remove(self, info: MessageInfo) -> None:
