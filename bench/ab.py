@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 
 from bench.peers import REPO, MailServerPeer, cpu_seconds  # noqa: E402
 from bench.pop3_load import fill_maildir, run_pop3_load  # noqa: E402
+from bench.settle import Leftovers, settle  # noqa: E402
 from bench.smtp_load import run_load  # noqa: E402
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     users = ("bob@localhost",) if args.mode == "smtp" else tuple(u for r in pop3_users for u in r)
     rows: dict[str, list[dict]] = {"base": [], "new": []}
     with contextlib.ExitStack() as stack:
+        leftovers = Leftovers()
+        stack.callback(leftovers.remove)
         base_code = stack.enter_context(worktree(args.base))
         peers = {
             "base": stack.enter_context(MailServerPeer(users=users, code=base_code)),
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                     fill_maildir(peer.maildir(user), 1000, 10240, tag=user.split("@")[0])
                     peer.own_mailbox(peer.maildir(user))
         os.sync()  # the fills' writeback would slow whoever fetches first
+        settled = settle(leftovers)
+        print(f"file creation: {settled['last_us']:.0f} us a file, after {settled['waited_s']:.0f} s", flush=True)
         for k in range(args.rounds):
             for name in ("base", "new") if k % 2 == 0 else ("new", "base"):
                 row = one_round(peers[name], args, pop3_users[k] if args.mode == "pop3" else [])

@@ -47,6 +47,7 @@ from bench.peers import (
     reset_peak_rss,
 )
 from bench.pop3_load import fill_maildir, run_pop3_load, time_listing
+from bench.settle import PROBE_FILES, SLOW_US, Leftovers, settle
 from bench.smtp_load import loop_kind, percentile, run_load
 from bench.system_peers import DovecotPeer, PostfixPeer, SmtpSinkPeer
 
@@ -215,13 +216,16 @@ def _summarise(row: dict, runs: list[dict]) -> None:
         row["note"] = f"{ok} accepted but {row['delivered']} new files in new/"
 
 
-def smtp_part(args, results: dict) -> None:
+def smtp_part(args, results: dict, leftovers: Leftovers) -> None:
     """
     For each size: start every peer, warm each up, then run the measured
     load in rounds, the peers taking turns within a round (the order rotates
     each round), so slow drifts of the machine (other people's work, the
     disk) hit all peers alike.  msgs/s is the median over the rounds;
-    latencies are pooled; CPU is the total over the total.
+    latencies are pooled; CPU is the total over the total.  The peers'
+    folders are removed when the run ends, not between the sizes, where
+    removing thousands of files would slow the next size's file creation
+    (L{bench.settle}).
     """
     rows = results.setdefault("smtp", [])
     factories = peer_factories(args)
@@ -235,7 +239,11 @@ def smtp_part(args, results: dict) -> None:
                 rows.append(row)
                 print(f"SMTP {label} {size_label(size)}: starting", flush=True)
                 try:
-                    peer = stack.enter_context(factory())
+                    peer = factory()
+                    if not peer.keep:
+                        peer.keep = True
+                        leftovers.add(peer.root)
+                    stack.enter_context(peer)
                     row["delivery"] = peer.delivery
                     if args.warmup:
                         w = run_load(
@@ -282,20 +290,23 @@ def smtp_part(args, results: dict) -> None:
 # Part 0: what durable Maildir storage alone costs on this machine
 
 
-def storage_floor(results: dict, n: int = 500, key: str = "storage_floor") -> None:
+def storage_floor(
+    results: dict, leftovers: Leftovers | None = None, n: int = 500, key: str = "storage_floor"
+) -> None:
     """
     The durable-delivery sequence alone, in one thread, no network: create
     + write 1 KiB + fsync + close + rename into new/ + fsync new/.  Its
     CPU (mostly kernel) per message is a floor under every durable peer's
     CPU ms/msg on this machine.  Measured before the SMTP part and again
     after it: on a virtual machine whose storage slows down and recovers,
-    the two differ, and the SMTP ratios of that run are less sure.
+    the two differ, and the SMTP ratios of that run are less sure.  Its
+    files go with C{leftovers} (see L{bench.settle}); without, at once.
     """
     import resource
-    import shutil
-    import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="bench-floor-"))
+    own = leftovers is None
+    leftovers = leftovers or Leftovers()
+    root = leftovers.folder("bench-floor-")
     try:
         (root / "tmp").mkdir()
         (root / "new").mkdir()
@@ -319,7 +330,8 @@ def storage_floor(results: dict, n: int = 500, key: str = "storage_floor") -> No
         wall = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if own:
+            leftovers.remove()
     results[key] = {
         "messages": n,
         "wall_ms_per_msg": wall * 1000 / n,
@@ -703,6 +715,16 @@ def report(results: dict, markdown: bool) -> str:
                 lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         lines.append("")
 
+    settled = results.get("settle")
+    if settled:
+        waited = f", after waiting {settled['waited_s']:.0f} s (it was {settled['first_us']:.0f} us)" if settled["waited_s"] >= 1 else ""
+        verdict = "" if settled["settled"] else f"; still above {SLOW_US:.0f} us, so every durable peer ran slower than usual"
+        lines.append(
+            f"File creation before the run (the last {PROBE_FILES // 4} of {PROBE_FILES} empty files in a new "
+            f"folder): {settled['last_us']:.0f} us "
+            f"kernel CPU a file{waited}{verdict}"
+        )
+        lines.append("")
     for key, when in (("storage_floor", "before SMTP"), ("storage_floor_after", "after SMTP")):
         floor = results.get(key)
         if floor:
@@ -766,6 +788,8 @@ def parse_args(argv):
     p.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables in Markdown")
     p.add_argument("--keep", action="store_true", help="keep the peers' temporary folders")
+    p.add_argument("--no-settle", action="store_true",
+                   help="measure at once, even while creating a file is slow (see bench/settle.py)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -810,11 +834,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"machine: {results['machine']}", flush=True)
     t0 = time.monotonic()
+    leftovers = Leftovers()
     try:
-        storage_floor(results)
+        results["settle"] = settle(leftovers, limit_s=0 if args.no_settle else 330.0)
+        storage_floor(results, leftovers)
         if not args.skip_smtp:
-            smtp_part(args, results)
-            storage_floor(results, key="storage_floor_after")
+            smtp_part(args, results, leftovers)
+            storage_floor(results, leftovers, key="storage_floor_after")
         if not (args.skip_pop3 and args.skip_big):
             pop3_part(args, results)
         if not args.skip_idle:
@@ -823,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; reporting what was measured", flush=True)
     except Exception:  # noqa: BLE001 - report what was measured anyway
         traceback.print_exc()
+    finally:
+        leftovers.remove()
     results["elapsed_s"] = time.monotonic() - t0
     print()
     print(report(results, args.markdown))
