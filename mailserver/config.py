@@ -195,7 +195,9 @@ class Relay:
     how the running server picks up C{mailserver queue} commands.
     C{connect_timeout}: seconds to wait for a TCP connection.
     C{dns_timeout}: seconds one DNS query may take, retransmissions
-    included; a domain's whole MX and address lookup gets three times this.
+    included; a domain's whole MX and address lookup gets three times this,
+    and a host named in C{smarthost} or C{transports} (looked up by the
+    system's resolver) this plus C{connect_timeout} to be reached.
     C{command_timeout}: seconds to wait for the greeting or a reply to a
     command (RFC 5321 4.5.3.2 asks for at least 300).
     C{data_timeout}: seconds to wait for the reply to the end of the message

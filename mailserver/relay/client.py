@@ -33,6 +33,7 @@ from twisted.internet import defer, endpoints, error
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender, LineReceiver
+from twisted.python.failure import Failure
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
@@ -90,6 +91,10 @@ class Timeouts:
     """
 
     connect: float = 60.0
+    # A host given by name (a smarthost, a transport) is looked up by the
+    # system's resolver, whose own limits come from resolv.conf: the lookup
+    # and the connection together get at most C{resolve} + C{connect}.
+    resolve: float = 15.0
     command: float = 300.0
     data_start: float = 120.0
     data_block: float = 180.0
@@ -99,6 +104,7 @@ class Timeouts:
     def from_config(cls, relay) -> Timeouts:
         return cls(
             connect=relay.connect_timeout,
+            resolve=relay.dns_timeout,
             command=relay.command_timeout,
             data_start=min(120.0, relay.command_timeout),
             data_block=min(180.0, relay.command_timeout),
@@ -518,6 +524,14 @@ class _OneShotFactory(Factory):
         return self._protocol
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _endpoint(reactor, host: str, port: int, timeout: float):
     try:
         version = ipaddress.ip_address(host).version
@@ -547,9 +561,20 @@ def deliver(reactor, host: str, port: int, transaction: Transaction, timeouts: T
             implicit_tls_options = CertificateOptions()
         endpoint = endpoints.wrapClientTLS(implicit_tls_options, endpoint)
     connecting = endpoints.connectProtocol(endpoint, protocol)
+    if not _is_address(host):
+        # HostnameEndpoint bounds each connection attempt, not the lookup
+        # before them (getaddrinfo in a thread, as long as it takes); it
+        # reports a lookup cut short as "not found", hence onTimeoutCancel.
+        connecting.addTimeout(
+            timeouts.resolve + timeouts.connect, reactor,
+            onTimeoutCancel=lambda _, seconds: Failure(defer.TimeoutError(seconds)),
+        )
 
     def refused(failure):
-        if failure.check(error.ConnectingCancelledError, defer.CancelledError):
+        if failure.check(defer.TimeoutError):
+            deadline = timeouts.resolve + timeouts.connect
+            text = f"no connection within {deadline:g}s (name lookup and connecting)"
+        elif failure.check(error.ConnectingCancelledError, defer.CancelledError):
             text = "connection timed out"
         else:
             text = failure.getErrorMessage()

@@ -375,3 +375,44 @@ def test_connect_timeout_is_passed_and_a_timed_out_connect_is_temporary():
     assert not result.reached
     reply = result.replies["a@remote.test"]
     assert reply.code == 451 and reply.status == "4.4.1" and "cannot connect" in reply.text
+
+
+def test_a_host_name_whose_lookup_never_ends_is_temporary_after_lookup_and_connect_time():
+    """
+    A smarthost or transport given by name is looked up by the system's
+    resolver; a lookup that never answers still ends the attempt after
+    dns_timeout + connect_timeout, as a temporary failure.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    lookups = []
+
+    class SilentResolver:
+        def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
+                            transportSemantics="TCP"):
+            lookups.append(hostName)
+            receiver.resolutionBegan(None)
+            return receiver  # and never a resolutionComplete
+
+    reactor = MemoryReactorClock()
+    reactor.nameResolver = SilentResolver()
+    timeouts = Timeouts.from_config(Relay(connect_timeout=3, dns_timeout=5))
+    results = []
+    deliver(reactor, "smarthost.example", 587, one_recipient(), timeouts).addBoth(results.append)
+    assert lookups == ["smarthost.example"]
+    reactor.advance(7.9)
+    assert results == []
+    reactor.advance(0.1)
+    [result] = results
+    assert not result.reached and reactor.tcpClients == []
+    reply = result.replies["a@remote.test"]
+    assert reply.code == 451 and reply.status == "4.4.1", reply
+    assert "smarthost.example:587" in reply.text and "name lookup" in reply.text, reply.text
+
+
+def test_an_address_gets_no_overall_deadline_beyond_the_connect_timeout():
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    deliver(reactor, "127.0.0.1", 2525, one_recipient(), CONFIGURED)
+    assert reactor.getDelayedCalls() == []
