@@ -290,9 +290,7 @@ def smtp_part(args, results: dict, leftovers: Leftovers) -> None:
 # Part 0: what durable Maildir storage alone costs on this machine
 
 
-def storage_floor(
-    results: dict, leftovers: Leftovers | None = None, n: int = 500, key: str = "storage_floor"
-) -> None:
+def storage_floor(results: dict, leftovers: Leftovers, n: int = 500, key: str = "storage_floor") -> None:
     """
     The durable-delivery sequence alone, in one thread, no network: create
     + write 1 KiB + fsync + close + rename into new/ + fsync new/.  Its
@@ -300,38 +298,32 @@ def storage_floor(
     CPU ms/msg on this machine.  Measured before the SMTP part and again
     after it: on a virtual machine whose storage slows down and recovers,
     the two differ, and the SMTP ratios of that run are less sure.  Its
-    files go with C{leftovers} (see L{bench.settle}); without, at once.
+    files go with C{leftovers} (see L{bench.settle}).
     """
     import resource
 
-    own = leftovers is None
-    leftovers = leftovers or Leftovers()
     root = leftovers.folder("bench-floor-")
-    try:
-        (root / "tmp").mkdir()
-        (root / "new").mkdir()
-        data = b"x" * 1024
-        r0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0 = time.perf_counter()
-        for i in range(n):
-            path = root / "tmp" / str(i)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(path, root / "new" / str(i))
-            dfd = os.open(root / "new", os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        wall = time.perf_counter() - t0
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-    finally:
-        if own:
-            leftovers.remove()
+    (root / "tmp").mkdir()
+    (root / "new").mkdir()
+    data = b"x" * 1024
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    for i in range(n):
+        path = root / "tmp" / str(i)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(path, root / "new" / str(i))
+        dfd = os.open(root / "new", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     results[key] = {
         "messages": n,
         "wall_ms_per_msg": wall * 1000 / n,
@@ -836,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     leftovers = Leftovers()
     try:
-        results["settle"] = settle(leftovers, limit_s=0 if args.no_settle else 330.0)
+        results["settle"] = settle(leftovers, wait=not args.no_settle)
         storage_floor(results, leftovers)
         if not args.skip_smtp:
             smtp_part(args, results, leftovers)

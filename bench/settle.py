@@ -94,19 +94,20 @@ def _removed_ago() -> float | None:
         return None
 
 
-def settle(leftovers: Leftovers, limit_s: float = _LIMIT_S, every_s: float = 15.0) -> dict:
+def settle(leftovers: Leftovers, wait: bool = True, every_s: float = 15.0) -> dict:
     """
     Wait out the last run's removals, then probe file creation and, while
-    it is slow, wait and probe again; in all at most C{limit_s}.
+    it is slow, wait and probe again; in all at most C{_LIMIT_S}.  With
+    C{wait} false, only probe once (C{--no-settle}).
 
     @return: the first and last probe's figures and the seconds waited.
     """
     start = time.monotonic()
+    limit_s = _LIMIT_S if wait else 0.0
     ago = _removed_ago()
-    if ago is not None and ago < REUSE_S and limit_s > 0:
-        wait = min(REUSE_S - ago, limit_s)
-        print(f"the last benchmark removed its files {ago:.0f} s ago; waiting {wait:.0f} s", flush=True)
-        time.sleep(wait)
+    if wait and ago is not None and ago < REUSE_S:
+        print(f"the last benchmark removed its files {ago:.0f} s ago; waiting {REUSE_S - ago:.0f} s", flush=True)
+        time.sleep(REUSE_S - ago)
     first = last = creation_us(leftovers)
     while last > SLOW_US and time.monotonic() - start < limit_s:
         print(

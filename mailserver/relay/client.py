@@ -524,14 +524,6 @@ class _OneShotFactory(Factory):
         return self._protocol
 
 
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _endpoint(reactor, host: str, port: int, timeout: float):
     try:
         version = ipaddress.ip_address(host).version
@@ -554,6 +546,8 @@ def deliver(reactor, host: str, port: int, transaction: Transaction, timeouts: T
     """
     protocol = ESMTPClient(transaction, reactor, timeouts, host=name or host)
     endpoint = _endpoint(reactor, host, port, timeouts.connect)
+    by_name = isinstance(endpoint, endpoints.HostnameEndpoint)
+    deadline = timeouts.resolve + timeouts.connect
     if transaction.tls == "implicit":
         if implicit_tls_options is None:
             from twisted.internet.ssl import CertificateOptions
@@ -561,18 +555,17 @@ def deliver(reactor, host: str, port: int, transaction: Transaction, timeouts: T
             implicit_tls_options = CertificateOptions()
         endpoint = endpoints.wrapClientTLS(implicit_tls_options, endpoint)
     connecting = endpoints.connectProtocol(endpoint, protocol)
-    if not _is_address(host):
+    if by_name:
         # HostnameEndpoint bounds each connection attempt, not the lookup
         # before them (getaddrinfo in a thread, as long as it takes); it
         # reports a lookup cut short as "not found", hence onTimeoutCancel.
         connecting.addTimeout(
-            timeouts.resolve + timeouts.connect, reactor,
+            deadline, reactor,
             onTimeoutCancel=lambda _, seconds: Failure(defer.TimeoutError(seconds)),
         )
 
     def refused(failure):
         if failure.check(defer.TimeoutError):
-            deadline = timeouts.resolve + timeouts.connect
             text = f"no connection within {deadline:g}s (name lookup and connecting)"
         elif failure.check(error.ConnectingCancelledError, defer.CancelledError):
             text = "connection timed out"
