@@ -12,14 +12,17 @@ address is refused outright, without its credentials being checked, until
 its failures age out.
 
 Memory is bounded: at most L{MAX_CLIENTS} addresses are remembered, the
-least recently failing forgotten first.  Each process keeps its own counts
-(with C{workers = N}, a guesser gets N times the allowance).
+least recently failing forgotten first.  With C{workers = N} every process
+keeps its own counts and tells the others of each failure (L{share_with},
+L{record}; carried by L{mailserver.workers}), so a guesser whose
+connections the kernel spreads over the processes gets one allowance, not N.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 MAX_CLIENTS = 10_000
 MAX_DELAY = 30.0
@@ -68,6 +71,14 @@ class LoginThrottle:
         self._limit = limit
         self._window = window
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._tell_others: Callable[[str], None] | None = None
+
+    def share_with(self, tell_others: Callable[[str], None]) -> None:
+        """
+        Have C{tell_others} called with the client key of every failure
+        counted here by L{failed} (not of those L{record}ed from elsewhere).
+        """
+        self._tell_others = tell_others
 
     def _recent(self, key: str) -> deque[float] | None:
         times = self._failures.get(key)
@@ -93,6 +104,19 @@ class LoginThrottle:
         Count a failed login; return how long to wait before answering it.
         """
         key = client_key(address)
+        count = self._count(key)
+        if self._tell_others is not None:
+            self._tell_others(key)
+        return min(self._delay * count, MAX_DELAY)
+
+    def record(self, key: str) -> None:
+        """
+        Count a failure another process saw from the client C{key}
+        (a L{client_key}), as of now.
+        """
+        self._count(key)
+
+    def _count(self, key: str) -> int:
         times = self._recent(key)
         if times is None:
             times = self._failures[key] = deque(maxlen=self._limit)
@@ -101,4 +125,4 @@ class LoginThrottle:
         times.append(self._clock.seconds())
         while len(self._failures) > MAX_CLIENTS:
             self._failures.popitem(last=False)
-        return min(self._delay * len(times), MAX_DELAY)
+        return len(times)

@@ -10,6 +10,11 @@ primary alone (workers only add to it), so no message is sent twice by two
 processes.  Other endpoint types, and the admin listeners, are served by the
 primary only.
 
+Failed logins are shared: each worker tells the primary of every failure it
+counts (a line on its file descriptor L{FAILURES_FD}), and the primary tells
+every other process (a line on that one's standard input), so the per-client
+login throttle holds across the processes.
+
 Twisted's TCP endpoints cannot set C{SO_REUSEPORT}, so the sockets are made
 here and handed to C{reactor.adoptStreamPort}.
 """
@@ -19,20 +24,58 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import sys
+from collections.abc import Callable, Iterator
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger
+
+from mailserver.login_throttle import LoginThrottle
 
 WORKER_ENV = "MAILSERVER_WORKER_ADDRESSES"
 PRIMARY_ENV = "MAILSERVER_PRIMARY_PID"
 _PR_SET_PDEATHSIG = 1
 _RESPAWN_DELAY = 1.0
+# A worker's end of the pipe that carries its failed logins to the primary.
+FAILURES_FD = 3
+# What a client key (mailserver.login_throttle.client_key) of an IP address
+# looks like; other keys, and anything else on the pipe, are not passed on.
+_SHAREABLE_KEY = re.compile(rb"[0-9A-Fa-f.:/]{1,64}")
+_MAX_PENDING = 4096
+
+
+def failure_line(key: str) -> bytes | None:
+    """
+    The line that tells another process of a failed login from C{key}, or
+    C{None} for a key that is not an IP address's.
+    """
+    encoded = key.encode("ascii", "replace")
+    return encoded + b"\n" if _SHAREABLE_KEY.fullmatch(encoded) else None
+
+
+class FailureLines:
+    """
+    Client keys from a stream of L{failure_line}s, however it is cut into
+    reads; malformed or overlong lines are skipped.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> Iterator[str]:
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        if len(self._pending) > _MAX_PENDING:
+            self._pending = b""
+        for line in lines:
+            if _SHAREABLE_KEY.fullmatch(line):
+                yield line.decode("ascii")
 
 
 def shared_address(endpoint) -> tuple[int, str, int, int] | None:
@@ -118,6 +161,18 @@ class _Worker(ProcessProtocol):
         self.pool = pool
         self.index = index
         self.ended: defer.Deferred = defer.Deferred()
+        self._failures = FailureLines()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == FAILURES_FD:
+            for key in self._failures.feed(data):
+                self.pool._failed_in(self, key)
+
+    def tell(self, line: bytes) -> None:
+        try:
+            self.transport.writeToChild(0, line)
+        except Exception:  # it is ending; processEnded follows
+            pass
 
     def processEnded(self, reason) -> None:
         self.ended.callback(None)
@@ -132,14 +187,19 @@ class WorkerPool(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, count: int, listeners) -> None:
+    def __init__(
+        self, reactor, count: int, listeners, login_throttle: LoginThrottle | None = None
+    ) -> None:
         """
         @param listeners: the primary's listeners; those with a
             C{shared_address} are passed on, once bound.
+        @param login_throttle: the primary's, told of the workers' failed
+            logins; the workers are told of its own and of each other's.
         """
         self._reactor = reactor
         self._count = count
         self._listeners = listeners
+        self._login_throttle = login_throttle
         self._addresses: list = []
         self._workers: dict[int, _Worker] = {}
         self._argv = worker_argv()
@@ -147,6 +207,8 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self._addresses = [l.shared_address for l in self._listeners if l.shared_address]
+        if self._login_throttle is not None:
+            self._login_throttle.share_with(self._tell_workers)
         for index in range(1, self._count):
             self._spawn(index)
 
@@ -156,10 +218,23 @@ class WorkerPool(Service):
         env[PRIMARY_ENV] = str(os.getpid())
         worker = _Worker(self, index)
         self._reactor.spawnProcess(
-            worker, self._argv[0], self._argv, env=env, childFDs={0: "w", 1: 1, 2: 2}
+            worker, self._argv[0], self._argv, env=env,
+            childFDs={0: "w", 1: 1, 2: 2, FAILURES_FD: "r"},
         )
         self._workers[index] = worker
         self.log.info("started worker {index}", index=index)
+
+    def _failed_in(self, worker: _Worker, key: str) -> None:
+        if self._login_throttle is not None:
+            self._login_throttle.record(key)
+        self._tell_workers(key, besides=worker)
+
+    def _tell_workers(self, key: str, besides: _Worker | None = None) -> None:
+        line = failure_line(key)
+        if line is not None:
+            for worker in list(self._workers.values()):
+                if worker is not besides:
+                    worker.tell(line)
 
     def _ended(self, worker: _Worker) -> None:
         if self._workers.get(worker.index) is not worker:
@@ -185,3 +260,49 @@ class WorkerPool(Service):
         ended = [worker.ended for worker in self._workers.values()]
         self.signal_all(signal.SIGTERM)
         return defer.DeferredList(ended)
+
+
+class _FailuresFromPrimary(Protocol):
+    def __init__(self, login_throttle: LoginThrottle) -> None:
+        self._login_throttle = login_throttle
+        self._failures = FailureLines()
+
+    def dataReceived(self, data: bytes) -> None:
+        for key in self._failures.feed(data):
+            self._login_throttle.record(key)
+
+
+class PrimaryLink(Service):
+    """
+    In a worker: counts the failed logins the primary reports (on standard
+    input) and reports its own (on L{FAILURES_FD}).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor, login_throttle: LoginThrottle,
+        open_stdio: Callable[..., object] = StandardIO,
+        failures_fd: int = FAILURES_FD,
+    ) -> None:
+        self._reactor = reactor
+        self._login_throttle = login_throttle
+        self._open_stdio = open_stdio
+        self._failures_fd = failures_fd
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            os.fstat(self._failures_fd)
+        except OSError:
+            self.log.warn("no pipe to the primary; failed logins are counted here only")
+            return
+        protocol = _FailuresFromPrimary(self._login_throttle)
+        self._open_stdio(protocol, stdin=0, stdout=self._failures_fd, reactor=self._reactor)
+
+        def tell_primary(key: str) -> None:
+            line = failure_line(key)
+            if line is not None and protocol.transport is not None:
+                protocol.transport.write(line)
+
+        self._login_throttle.share_with(tell_primary)

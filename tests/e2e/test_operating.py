@@ -6,6 +6,7 @@ SIGHUP, a graceful stop on SIGTERM, worker processes.
 from __future__ import annotations
 
 import json
+import poplib
 import signal
 import smtplib
 import ssl
@@ -201,3 +202,43 @@ def test_two_workers_share_the_listeners(tmp_path):
         # twistd ends with the signal that stopped it, after a clean shutdown.
         assert server.stop() in (0, -signal.SIGTERM)
     assert "Server Shut Down" in server.log()
+
+
+def _pop3_login(port: int, password: str) -> bytes:
+    client = poplib.POP3("127.0.0.1", port, timeout=30)
+    try:
+        client.user("bob@localhost")
+        return client.pass_(password)
+    except poplib.error_proto as e:
+        return e.args[0]
+    finally:
+        client.sock.close()
+
+
+def test_workers_share_the_count_of_failed_logins_from_an_address(tmp_path):
+    # With counts kept per process, the address would still get its checks
+    # in whichever process had seen fewer than three of its failures.
+    server = MailServer(
+        tmp_path,
+        extra_toml="workers = 2\n[limits]\nmax_auth_failures_per_client = 3\nauth_failure_delay = 0.0\n",
+    )
+    server.start()
+    try:
+        server.add_user("bob@localhost", "pw")
+        new = server.maildir("bob@localhost") / "new"
+        writers: set[str] = set()
+        deadline = time.monotonic() + 30
+        while len(writers) < 2 and time.monotonic() < deadline:  # both processes serving
+            with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
+                client.sendmail("a@example.com", ["bob@localhost"], b"Subject: w\r\n\r\nhi\r\n")
+            writers = {p.name.split("P", 1)[1].split("Q", 1)[0] for p in new.iterdir()}
+        assert len(writers) == 2, writers
+        port = server.ports["pop3"]
+        assert _pop3_login(port, "pw").startswith(b"+OK")
+        for _ in range(3):
+            assert _pop3_login(port, "wrong").startswith(b"-ERR")
+        time.sleep(0.5)  # the word goes from process to process
+        answers = [_pop3_login(port, "pw") for _ in range(16)]
+        assert all(b"Too many failed logins" in a for a in answers), answers
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)

@@ -36,3 +36,17 @@ def test_memory_is_bounded_forgetting_the_longest_quiet_address(monkeypatch):
         throttle.failed(f"192.0.2.{n}")
     assert not throttle.refused("192.0.2.0")  # forgotten
     assert all(throttle.refused(f"192.0.2.{n}") for n in (1, 2, 3))
+
+
+def test_failures_counted_here_are_told_and_those_from_elsewhere_count_untold():
+    told: list[str] = []
+    throttle = LoginThrottle(Clock(), delay=1.0, limit=3, window=600)
+    throttle.share_with(told.append)
+    throttle.failed("2001:db8:1:2::7")
+    assert told == ["2001:db8:1:2::/64"]  # the key, as the others count it
+    throttle.record("192.0.2.9")
+    throttle.record("192.0.2.9")
+    assert not throttle.refused("192.0.2.9")
+    assert throttle.failed("192.0.2.9") == 3.0  # the others' two count towards the delay
+    assert throttle.refused("192.0.2.9")
+    assert told == ["2001:db8:1:2::/64", "192.0.2.9"]  # no echo of what was recorded
