@@ -14,7 +14,7 @@ its failures age out.
 Memory is bounded: at most L{MAX_CLIENTS} addresses are remembered, the
 least recently failing forgotten first.  With C{workers = N} every process
 keeps its own counts and tells the others of each failure (L{share_with},
-L{record}; carried by L{mailserver.workers}), so a guesser whose
+L{record}; carried by L{mailserver.worker_link}), so a guesser whose
 connections the kernel spreads over the processes gets one allowance, not N.
 """
 

@@ -8,6 +8,11 @@ get a fresh registry each.  Instruments keep plain dicts keyed by the tuple of
 label values, so counting costs a dict lookup and an add.  They are meant to
 be used from the reactor thread.
 
+With C{workers = N} each process counts its own; the workers send their
+counts to the primary (L{Metrics.snapshot}, carried by
+L{mailserver.worker_link}), whose scrape adds them in (L{Metrics.count_elsewhere})
+and keeps the counters of a worker that ended (L{Metrics.absorb}).
+
 Label values must come from a small fixed set (a role, a result, a plugin
 name, a short reason word), never from client input: every distinct value is
 a time series kept for the life of the process.
@@ -19,7 +24,7 @@ import bisect
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from twisted.logger import Logger
 
@@ -30,6 +35,34 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
 # One sample: the name suffix (C{"_bucket"}, ...), its labels, its value.
 _Sample = tuple[str, tuple[tuple[str, str], ...], float]
+# A family's counts as JSON carries them: [[label values, value], ...] for a
+# counter or gauge, [[label values, [bucket counts..., sum]], ...] for a
+# histogram.
+_Entries = list[list[Any]]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _entries(entries: object, labels: int, width: int | None) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """
+    The well-formed entries of a snapshot from another process: C{labels}
+    label values each, and a number (C{width} None) or that many numbers.
+    """
+    if not isinstance(entries, list):
+        return
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)):
+            continue
+        key, value = entry
+        if len(key) != labels or not all(isinstance(k, str) for k in key):
+            continue
+        if width is None:
+            if _is_number(value):
+                yield tuple(key), value
+        elif isinstance(value, list) and len(value) == width and all(map(_is_number, value)):
+            yield tuple(key), value
 
 
 def _format_value(value: float) -> str:
@@ -87,8 +120,25 @@ class _Instrument:
     def _labels(self, key: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
         return tuple(zip(self.label_names, map(str, key)))
 
-    def samples(self) -> Iterator[_Sample]:
+    def samples(self, elsewhere: Iterable[object] = ()) -> Iterator[_Sample]:
+        """
+        The family's samples, with the counts of other processes
+        (C{elsewhere}: their snapshot entries for this family) added in.
+        """
         raise NotImplementedError
+
+    def snapshot(self) -> _Entries | None:
+        """
+        This process's counts for another to add in, or C{None} for a family
+        each process need not send.
+        """
+        return None
+
+    def absorb(self, entries: object) -> None:
+        """
+        Keep the counts of a process that ended (gauges are not kept: what
+        they measured ended with it).
+        """
 
 
 class _Values(_Instrument):
@@ -107,9 +157,22 @@ class _Values(_Instrument):
         """
         return self._values.get(self._key(labels), 0)
 
-    def samples(self) -> Iterator[_Sample]:
-        for key in sorted(self._values):
-            yield "", self._labels(key), self._values[key]
+    def _with(self, elsewhere: Iterable[object]) -> dict[tuple[str, ...], float]:
+        values = self._values
+        for entries in elsewhere:
+            if values is self._values:
+                values = dict(values)
+            for key, value in _entries(entries, len(self.label_names), None):
+                values[key] = values.get(key, 0) + value
+        return values
+
+    def samples(self, elsewhere: Iterable[object] = ()) -> Iterator[_Sample]:
+        values = self._with(elsewhere)
+        for key in sorted(values):
+            yield "", self._labels(key), values[key]
+
+    def snapshot(self) -> _Entries:
+        return [[list(key), value] for key, value in self._values.items()]
 
 
 class Counter(_Values):
@@ -125,6 +188,9 @@ class Counter(_Values):
         key = self._key(labels)
         values = self._values
         values[key] = values.get(key, 0) + amount
+
+    def absorb(self, entries: object) -> None:
+        self._values = self._with([entries])
 
 
 class Gauge(_Values):
@@ -158,7 +224,8 @@ class _CallbackGauge(_Instrument):
         super().__init__(name, help, ())
         self._fn = fn
 
-    def samples(self) -> Iterator[_Sample]:
+    def samples(self, elsewhere: Iterable[object] = ()) -> Iterator[_Sample]:
+        # Measured here only: the primary works the queue.
         # A failing callback must not take the other metrics down with it:
         # the family is rendered without a sample and the failure logged.
         try:
@@ -205,9 +272,27 @@ class Histogram(_Instrument):
         series[bisect.bisect_left(self.bounds, value)] += 1
         series[-1] += value
 
-    def samples(self) -> Iterator[_Sample]:
-        for key in sorted(self._series):
-            series = self._series[key]
+    def _with(self, elsewhere: Iterable[object]) -> dict[tuple[str, ...], list[float]]:
+        merged = self._series
+        for entries in elsewhere:
+            if merged is self._series:
+                merged = {key: list(series) for key, series in merged.items()}
+            for key, counts in _entries(entries, len(self.label_names), len(self.bounds) + 1):
+                series = merged.setdefault(key, self._empty())
+                for i, count in enumerate(counts):
+                    series[i] += count
+        return merged
+
+    def snapshot(self) -> _Entries:
+        return [[list(key), list(series)] for key, series in self._series.items()]
+
+    def absorb(self, entries: object) -> None:
+        self._series = self._with([entries])
+
+    def samples(self, elsewhere: Iterable[object] = ()) -> Iterator[_Sample]:
+        merged = self._with(elsewhere)
+        for key in sorted(merged):
+            series = merged[key]
             labels = self._labels(key)
             cumulative = 0
             for bound, count in zip(self.bounds, series):
@@ -224,6 +309,34 @@ class Metrics:
 
     def __init__(self) -> None:
         self._families: dict[str, _Instrument] = {}
+        self._elsewhere: Callable[[], Iterable[Mapping[str, object]]] = tuple
+
+    def snapshot(self) -> dict[str, _Entries]:
+        """
+        This process's counts, JSON-able, for the primary to add in.
+        """
+        found = {}
+        for name, family in self._families.items():
+            entries = family.snapshot()
+            if entries is not None:
+                found[name] = entries
+        return found
+
+    def count_elsewhere(self, snapshots: Callable[[], Iterable[Mapping[str, object]]]) -> None:
+        """
+        Add C{snapshots()} (other processes' latest L{snapshot}s) into every
+        scrape; a family or entry that does not fit is left out.
+        """
+        self._elsewhere = snapshots
+
+    def absorb(self, snapshot: Mapping[str, object]) -> None:
+        """
+        Keep the counters and histograms of an ended process's last
+        L{snapshot}, so the totals do not fall back.
+        """
+        for name, family in self._families.items():
+            if name in snapshot:
+                family.absorb(snapshot[name])
 
     def _register(self, instrument: _Instrument) -> None:
         if instrument.name in self._families:
@@ -263,10 +376,12 @@ class Metrics:
         in registration order.
         """
         lines = []
+        snapshots = [s for s in self._elsewhere() if isinstance(s, Mapping)]
         for family in self._families.values():
             lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
             lines.append(f"# TYPE {family.name} {family.type}")
-            for suffix, labels, value in family.samples():
+            elsewhere = [s[family.name] for s in snapshots if family.name in s]
+            for suffix, labels, value in family.samples(elsewhere):
                 if labels:
                     pairs = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in labels)
                     lines.append(f"{family.name}{suffix}{{{pairs}}} {_format_value(value)}")

@@ -36,8 +36,8 @@ from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.smtp import SMTPFactory
 from mailserver.tls import ReloadableServerOptions
 from mailserver.web import make_admin_site
+from mailserver.worker_link import PrimaryLink
 from mailserver.workers import (
-    PrimaryLink,
     WorkerPool,
     follow_primary,
     inherited_addresses,
@@ -430,7 +430,7 @@ def make_service(config: Config, reactor) -> MultiService:
     is_worker = inherited is not None
     if is_worker:
         follow_primary()
-        PrimaryLink(reactor, login_throttle).setServiceParent(root)
+        PrimaryLink(reactor, login_throttle, metrics).setServiceParent(root)
     share = is_worker or config.workers > 1
     listeners = []
     smtp_factories = []
@@ -471,7 +471,7 @@ def make_service(config: Config, reactor) -> MultiService:
     if not is_worker:
         ListenerReport(config.data_path / LISTENERS_FILE, listeners).setServiceParent(root)
         if config.workers > 1:
-            pool = WorkerPool(reactor, config.workers, listeners, login_throttle)
+            pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics)
             pool.setServiceParent(root)
     pid_path = None if is_worker else config.data_path / PID_FILE
     ReloadOnSignal(reactor, pid_path, tls_options, accounts, pool).setServiceParent(root)

@@ -10,10 +10,11 @@ primary alone (workers only add to it), so no message is sent twice by two
 processes.  Other endpoint types, and the admin listeners, are served by the
 primary only.
 
-Failed logins are shared: each worker tells the primary of every failure it
-counts (a line on its file descriptor L{FAILURES_FD}), and the primary tells
-every other process (a line on that one's standard input), so the per-client
-login throttle holds across the processes.
+The processes talk over pipes (L{mailserver.worker_link}): each worker
+tells the primary of every failed login it counts, and the primary tells
+every other process, so the per-client login throttle holds across them;
+each worker sends the primary its metric counts, which the primary's
+C{/metrics} adds to its own (and keeps those of a worker that ended).
 
 Twisted's TCP endpoints cannot set C{SO_REUSEPORT}, so the sockets are made
 here and handed to C{reactor.adoptStreamPort}.
@@ -24,58 +25,24 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.internet.stdio import StandardIO
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from mailserver.login_throttle import LoginThrottle
+from mailserver.metrics import Metrics
+from mailserver.worker_link import TO_PRIMARY_FD, Lines, failure_line
 
 WORKER_ENV = "MAILSERVER_WORKER_ADDRESSES"
 PRIMARY_ENV = "MAILSERVER_PRIMARY_PID"
 _PR_SET_PDEATHSIG = 1
 _RESPAWN_DELAY = 1.0
-# A worker's end of the pipe that carries its failed logins to the primary.
-FAILURES_FD = 3
-# What a client key (mailserver.login_throttle.client_key) of an IP address
-# looks like; other keys, and anything else on the pipe, are not passed on.
-_SHAREABLE_KEY = re.compile(rb"[0-9A-Fa-f.:/]{1,64}")
-_MAX_PENDING = 4096
-
-
-def failure_line(key: str) -> bytes | None:
-    """
-    The line that tells another process of a failed login from C{key}, or
-    C{None} for a key that is not an IP address's.
-    """
-    encoded = key.encode("ascii", "replace")
-    return encoded + b"\n" if _SHAREABLE_KEY.fullmatch(encoded) else None
-
-
-class FailureLines:
-    """
-    Client keys from a stream of L{failure_line}s, however it is cut into
-    reads; malformed or overlong lines are skipped.
-    """
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, data: bytes) -> Iterator[str]:
-        *lines, self._pending = (self._pending + data).split(b"\n")
-        if len(self._pending) > _MAX_PENDING:
-            self._pending = b""
-        for line in lines:
-            if _SHAREABLE_KEY.fullmatch(line):
-                yield line.decode("ascii")
 
 
 def shared_address(endpoint) -> tuple[int, str, int, int] | None:
@@ -161,12 +128,16 @@ class _Worker(ProcessProtocol):
         self.pool = pool
         self.index = index
         self.ended: defer.Deferred = defer.Deferred()
-        self._failures = FailureLines()
+        self.metrics: dict = {}  # its latest snapshot
+        self._lines = Lines()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == FAILURES_FD:
-            for key in self._failures.feed(data):
-                self.pool._failed_in(self, key)
+        if childFD == TO_PRIMARY_FD:
+            for kind, payload in self._lines.feed(data):
+                if kind == "F":
+                    self.pool._failed_in(self, payload)
+                else:
+                    self.metrics = payload
 
     def tell(self, line: bytes) -> None:
         try:
@@ -188,18 +159,25 @@ class WorkerPool(Service):
     log = Logger()
 
     def __init__(
-        self, reactor, count: int, listeners, login_throttle: LoginThrottle | None = None
+        self,
+        reactor,
+        count: int,
+        listeners,
+        login_throttle: LoginThrottle | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """
         @param listeners: the primary's listeners; those with a
             C{shared_address} are passed on, once bound.
         @param login_throttle: the primary's, told of the workers' failed
             logins; the workers are told of its own and of each other's.
+        @param metrics: the primary's registry, which adds in the workers'.
         """
         self._reactor = reactor
         self._count = count
         self._listeners = listeners
         self._login_throttle = login_throttle
+        self._metrics = metrics
         self._addresses: list = []
         self._workers: dict[int, _Worker] = {}
         self._argv = worker_argv()
@@ -209,6 +187,8 @@ class WorkerPool(Service):
         self._addresses = [l.shared_address for l in self._listeners if l.shared_address]
         if self._login_throttle is not None:
             self._login_throttle.share_with(self._tell_workers)
+        if self._metrics is not None:
+            self._metrics.count_elsewhere(self._workers_metrics)
         for index in range(1, self._count):
             self._spawn(index)
 
@@ -219,7 +199,7 @@ class WorkerPool(Service):
         worker = _Worker(self, index)
         self._reactor.spawnProcess(
             worker, self._argv[0], self._argv, env=env,
-            childFDs={0: "w", 1: 1, 2: 2, FAILURES_FD: "r"},
+            childFDs={0: "w", 1: 1, 2: 2, TO_PRIMARY_FD: "r"},
         )
         self._workers[index] = worker
         self.log.info("started worker {index}", index=index)
@@ -236,10 +216,15 @@ class WorkerPool(Service):
                 if worker is not besides:
                     worker.tell(line)
 
+    def _workers_metrics(self) -> list[dict]:
+        return [worker.metrics for worker in self._workers.values()]
+
     def _ended(self, worker: _Worker) -> None:
         if self._workers.get(worker.index) is not worker:
             return
         del self._workers[worker.index]
+        if self._metrics is not None:
+            self._metrics.absorb(worker.metrics)
         if self.running:
             self.log.warn("worker {index} ended; starting it again", index=worker.index)
             self._reactor.callLater(_RESPAWN_DELAY, self._respawn, worker.index)
@@ -260,49 +245,3 @@ class WorkerPool(Service):
         ended = [worker.ended for worker in self._workers.values()]
         self.signal_all(signal.SIGTERM)
         return defer.DeferredList(ended)
-
-
-class _FailuresFromPrimary(Protocol):
-    def __init__(self, login_throttle: LoginThrottle) -> None:
-        self._login_throttle = login_throttle
-        self._failures = FailureLines()
-
-    def dataReceived(self, data: bytes) -> None:
-        for key in self._failures.feed(data):
-            self._login_throttle.record(key)
-
-
-class PrimaryLink(Service):
-    """
-    In a worker: counts the failed logins the primary reports (on standard
-    input) and reports its own (on L{FAILURES_FD}).
-    """
-
-    log = Logger()
-
-    def __init__(
-        self, reactor, login_throttle: LoginThrottle,
-        open_stdio: Callable[..., object] = StandardIO,
-        failures_fd: int = FAILURES_FD,
-    ) -> None:
-        self._reactor = reactor
-        self._login_throttle = login_throttle
-        self._open_stdio = open_stdio
-        self._failures_fd = failures_fd
-
-    def startService(self) -> None:
-        super().startService()
-        try:
-            os.fstat(self._failures_fd)
-        except OSError:
-            self.log.warn("no pipe to the primary; failed logins are counted here only")
-            return
-        protocol = _FailuresFromPrimary(self._login_throttle)
-        self._open_stdio(protocol, stdin=0, stdout=self._failures_fd, reactor=self._reactor)
-
-        def tell_primary(key: str) -> None:
-            line = failure_line(key)
-            if line is not None and protocol.transport is not None:
-                protocol.transport.write(line)
-
-        self._login_throttle.share_with(tell_primary)

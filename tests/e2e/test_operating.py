@@ -180,8 +180,8 @@ def test_sigterm_during_data_loses_nothing_that_got_250(server):
     assert code == 250, "the running transaction should have been allowed to finish"
 
 
-def test_two_workers_share_the_listeners(tmp_path):
-    server = MailServer(tmp_path, extra_toml="workers = 2\n")
+def test_two_workers_share_the_listeners_and_the_metrics_count_both(tmp_path):
+    server = MailServer(tmp_path, extra_toml='workers = 2\n[admin]\ntoken = "t0ken"\n')
     server.start()
     try:
         server.add_user("bob@localhost", "pw")
@@ -198,6 +198,14 @@ def test_two_workers_share_the_listeners(tmp_path):
             writers = {p.name.split("P", 1)[1].split("Q", 1)[0] for p in new.iterdir()}
         assert len(writers) == 2, writers
         assert len(list(new.iterdir())) == sent
+        # The primary serves /metrics; the worker's counts reach it within
+        # about a second.
+        counted = None
+        deadline = time.monotonic() + 10
+        while counted != sent and time.monotonic() < deadline:
+            time.sleep(0.2)
+            counted = metric(admin(server, "/metrics", "t0ken")[1], "smtp_messages_accepted_total")
+        assert counted == sent
     finally:
         # twistd ends with the signal that stopped it, after a clean shutdown.
         assert server.stop() in (0, -signal.SIGTERM)

@@ -1,6 +1,7 @@
 """
-Sharing failed logins between the worker processes: the line format, and
-the primary passing each worker's failures to the others.
+What the worker processes and the primary tell each other: the line format,
+the primary passing one worker's failed logins to the others, and the
+primary's metrics counting every process.
 """
 
 import os
@@ -8,22 +9,33 @@ import os
 from twisted.internet.task import Clock
 
 from mailserver.login_throttle import LoginThrottle
-from mailserver.workers import FAILURES_FD, FailureLines, PrimaryLink, WorkerPool, _Worker, failure_line
+from mailserver.metrics import Metrics, server_metrics
+from mailserver.worker_link import (
+    METRICS_INTERVAL,
+    TO_PRIMARY_FD,
+    Lines,
+    PrimaryLink,
+    failure_line,
+    metrics_line,
+)
+from mailserver.workers import WorkerPool, _Worker
 
 
-def test_only_ip_address_keys_make_lines():
-    assert failure_line("192.0.2.1") == b"192.0.2.1\n"
-    assert failure_line("2001:db8:1:2::/64") == b"2001:db8:1:2::/64\n"
+def test_only_ip_address_keys_make_failure_lines():
+    assert failure_line("192.0.2.1") == b"F 192.0.2.1\n"
+    assert failure_line("2001:db8:1:2::/64") == b"F 2001:db8:1:2::/64\n"
     assert failure_line("not an address") is None
     assert failure_line("192.0.2.1\n10.0.0.1") is None
 
 
 def test_lines_are_read_across_reads_and_junk_is_skipped():
-    lines = FailureLines()
-    assert list(lines.feed(b"192.0.2.1\n192.0")) == ["192.0.2.1"]
-    assert list(lines.feed(b".2.2\nrm -rf /\n\n" + b"1" * 100 + b"\n::1\n")) == ["192.0.2.2", "::1"]
-    assert list(lines.feed(b"9" * 5000)) == []  # an endless line is dropped, not held
-    assert list(lines.feed(b"\n10.0.0.1\n")) == ["10.0.0.1"]
+    lines = Lines()
+    assert list(lines.feed(b"F 192.0.2.1\nF 192.0")) == [("F", "192.0.2.1")]
+    assert list(lines.feed(b".2.2\nF rm -rf /\n\nX 1\nM {not json\nM [1]\n" + metrics_line({"a": []}))) == [
+        ("F", "192.0.2.2"), ("M", {"a": []})
+    ]
+    assert list(lines.feed(b"9" * (2 << 20))) == []  # an endless line is dropped, not held
+    assert list(lines.feed(b"\nF 10.0.0.1\n")) == [("F", "10.0.0.1")]
 
 
 class _FakeProcess:
@@ -35,9 +47,17 @@ class _FakeProcess:
         self.stdin += data
 
 
-def _pool_of(count: int, throttle: LoginThrottle) -> tuple[WorkerPool, list[_Worker]]:
-    pool = WorkerPool(Clock(), count, [], throttle)
-    throttle.share_with(pool._tell_workers)  # as startService does
+def _registry() -> tuple[Metrics, object]:
+    metrics = Metrics()
+    return metrics, server_metrics(metrics, queue_messages=lambda: 7, queue_oldest_seconds=lambda: 0)
+
+
+def _pool_of(count: int, throttle: LoginThrottle, metrics: Metrics | None = None):
+    pool = WorkerPool(Clock(), count, [], throttle, metrics)
+    # What startService does, without spawning processes:
+    throttle.share_with(pool._tell_workers)
+    if metrics is not None:
+        metrics.count_elsewhere(pool._workers_metrics)
     workers = []
     for index in range(1, count):
         worker = _Worker(pool, index)
@@ -50,15 +70,58 @@ def _pool_of(count: int, throttle: LoginThrottle) -> tuple[WorkerPool, list[_Wor
 def test_the_primary_counts_a_workers_failure_and_tells_the_other_workers():
     throttle = LoginThrottle(Clock(), delay=1.0, limit=2, window=600)
     pool, (first, second, third) = _pool_of(4, throttle)
-    first.childDataReceived(FAILURES_FD, b"192.0.2.1\n")
-    first.childDataReceived(1, b"192.0.2.1\n")  # its log output is not a report
+    first.childDataReceived(TO_PRIMARY_FD, b"F 192.0.2.1\n")
+    first.childDataReceived(1, b"F 192.0.2.1\n")  # its log output is not a report
     assert first.transport.stdin == b""
-    assert second.transport.stdin == third.transport.stdin == b"192.0.2.1\n"
+    assert second.transport.stdin == third.transport.stdin == b"F 192.0.2.1\n"
     throttle.failed("192.0.2.1")  # and the primary's own failure goes to all
     assert [w.transport.stdin for w in (first, second, third)] == [
-        b"192.0.2.1\n", b"192.0.2.1\n192.0.2.1\n", b"192.0.2.1\n192.0.2.1\n"
+        b"F 192.0.2.1\n", b"F 192.0.2.1\nF 192.0.2.1\n", b"F 192.0.2.1\nF 192.0.2.1\n"
     ]
     assert throttle.refused("192.0.2.1")
+
+
+def _sample(metrics: Metrics, line_start: str) -> str:
+    (line,) = [l for l in metrics.render().decode().splitlines() if l.startswith(line_start + " ")]
+    return line.rpartition(" ")[2]
+
+
+def test_the_primarys_metrics_add_in_the_workers_and_keep_an_ended_workers_counters():
+    throttle = LoginThrottle(Clock(), delay=1.0, limit=2, window=600)
+    primary, mine = _registry()
+    pool, (first, second) = _pool_of(3, throttle, primary)
+    mine.smtp_messages_accepted_total.inc(role="smtp")
+    mine.smtp_transaction_seconds.observe(0.02)
+    for worker, accepted in ((first, 10), (second, 5)):
+        registry, theirs = _registry()
+        theirs.smtp_messages_accepted_total.inc(accepted, role="smtp")
+        theirs.smtp_connections_active.inc(2, role="smtp")
+        theirs.smtp_transaction_seconds.observe(0.02)
+        theirs.smtp_transaction_seconds.observe(400)
+        worker.childDataReceived(TO_PRIMARY_FD, metrics_line(registry.snapshot()))
+    assert _sample(primary, 'smtp_messages_accepted_total{role="smtp"}') == "16"
+    assert _sample(primary, 'smtp_connections_active{role="smtp"}') == "4"
+    assert _sample(primary, 'smtp_transaction_seconds_bucket{le="0.05"}') == "3"
+    assert _sample(primary, "smtp_transaction_seconds_count") == "5"
+    assert _sample(primary, "relay_queue_messages") == "7"  # the primary's own queue, once
+    first.processEnded(None)
+    assert _sample(primary, 'smtp_messages_accepted_total{role="smtp"}') == "16"  # kept
+    assert _sample(primary, 'smtp_connections_active{role="smtp"}') == "2"  # its connections went with it
+    assert _sample(primary, "smtp_transaction_seconds_count") == "5"
+    assert mine.smtp_messages_accepted_total.value(role="smtp") == 11
+
+
+def test_a_snapshot_that_does_not_fit_is_left_out():
+    primary, mine = _registry()
+    mine.smtp_messages_accepted_total.inc(role="smtp")
+    primary.count_elsewhere(lambda: [
+        {"smtp_messages_accepted_total": [[["smtp"], "many"], [["smtp", "extra"], 3], [["smtp"], True], "x"]},
+        {"smtp_transaction_seconds": [[[], [1, 2]]]},  # not the histogram's buckets
+        {"smtp_messages_accepted_total": 5, "no_such_metric": [[[], 1]]},
+        "not a snapshot",
+    ])
+    assert _sample(primary, 'smtp_messages_accepted_total{role="smtp"}') == "1"
+    assert _sample(primary, "smtp_transaction_seconds_count") == "0"
 
 
 class _FakeStdio:
@@ -72,34 +135,48 @@ class _FakeStdio:
         self.written += data
 
 
-def test_a_worker_reports_its_failures_and_counts_the_primarys():
+def test_a_worker_reports_failures_and_changed_metrics_and_counts_the_primarys_failures():
     read_end, write_end = os.pipe()  # stands in for the pipe a worker inherits
     opened: list[_FakeStdio] = []
-
-    def open_stdio(*args, **kwargs):
-        opened.append(_FakeStdio(*args, **kwargs))
-
-    throttle = LoginThrottle(Clock(), delay=1.0, limit=2, window=600)
+    clock = Clock()
+    throttle = LoginThrottle(clock, delay=1.0, limit=2, window=600)
+    registry, instruments = _registry()
+    link = PrimaryLink(
+        clock, throttle, registry, open_stdio=lambda *a, **k: opened.append(_FakeStdio(*a, **k)),
+        to_primary_fd=write_end,
+    )
     try:
-        PrimaryLink(Clock(), throttle, open_stdio=open_stdio, failures_fd=write_end).startService()
+        link.startService()
     finally:
         os.close(read_end)
         os.close(write_end)
     (stdio,) = opened
     assert stdio.opened == (0, write_end)
     throttle.failed("192.0.2.5")
-    assert stdio.written == b"192.0.2.5\n"
-    stdio.protocol.dataReceived(b"192.0.2.5\n")
+    assert stdio.written == b"F 192.0.2.5\n"
+    stdio.protocol.dataReceived(b"F 192.0.2.5\n")
     assert throttle.refused("192.0.2.5")
-    assert stdio.written == b"192.0.2.5\n"
+    assert stdio.written == b"F 192.0.2.5\n"  # not echoed back
+
+    clock.advance(METRICS_INTERVAL)
+    first = metrics_line(registry.snapshot())
+    assert stdio.written == b"F 192.0.2.5\n" + first
+    clock.advance(METRICS_INTERVAL)  # nothing changed: nothing sent
+    assert stdio.written == b"F 192.0.2.5\n" + first
+    instruments.pop3_logins_total.inc()
+    link.stopService()  # the last counts go before the worker ends
+    assert stdio.written == b"F 192.0.2.5\n" + first + metrics_line(registry.snapshot())
+    assert b'"pop3_logins_total":[[[],1]]' in stdio.written
 
 
-def test_a_worker_without_the_pipe_counts_alone():
+def test_a_worker_without_the_pipe_keeps_everything_to_itself():
     read_end, write_end = os.pipe()
     os.close(read_end)
     os.close(write_end)  # a descriptor number nothing holds now
     opened = []
     throttle = LoginThrottle(Clock(), delay=1.0, limit=2, window=600)
-    PrimaryLink(Clock(), throttle, open_stdio=lambda *a, **k: opened.append(a), failures_fd=write_end).startService()
+    link = PrimaryLink(Clock(), throttle, Metrics(), open_stdio=lambda *a, **k: opened.append(a), to_primary_fd=write_end)
+    link.startService()
     assert opened == []
     assert throttle.failed("192.0.2.5") == 1.0
+    link.stopService()
