@@ -180,23 +180,33 @@ def test_sigterm_during_data_loses_nothing_that_got_250(server):
     assert code == 250, "the running transaction should have been allowed to finish"
 
 
+def _mail_until_both_processes_deliver(server) -> int:
+    """
+    Send one-connection messages to bob@localhost until both processes of a
+    two-worker server have delivered one (the kernel spreads connections
+    over them; the worker needs a moment to start); return how many were sent.
+    """
+    new = server.maildir("bob@localhost") / "new"
+    writers: set[str] = set()
+    sent = 0
+    deadline = time.monotonic() + 30
+    while len(writers) < 2 and time.monotonic() < deadline:
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
+            client.sendmail("a@example.com", ["bob@localhost"], b"Subject: w\r\n\r\nhi\r\n")
+        sent += 1
+        # Maildir names carry the pid of the process that wrote them.
+        writers = {p.name.split("P", 1)[1].split("Q", 1)[0] for p in new.iterdir()}
+    assert len(writers) == 2, writers
+    return sent
+
+
 def test_two_workers_share_the_listeners_and_the_metrics_count_both(tmp_path):
     server = MailServer(tmp_path, extra_toml='workers = 2\n[admin]\ntoken = "t0ken"\n')
     server.start()
     try:
         server.add_user("bob@localhost", "pw")
+        sent = _mail_until_both_processes_deliver(server)
         new = server.maildir("bob@localhost") / "new"
-        writers: set[str] = set()
-        sent = 0
-        deadline = time.monotonic() + 30  # the worker needs a moment to start
-        while len(writers) < 2 and time.monotonic() < deadline:
-            # One connection each: the kernel spreads them over the processes.
-            with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
-                client.sendmail("a@example.com", ["bob@localhost"], b"Subject: w\r\n\r\nhi\r\n")
-            sent += 1
-            # Maildir names carry the pid of the process that wrote them.
-            writers = {p.name.split("P", 1)[1].split("Q", 1)[0] for p in new.iterdir()}
-        assert len(writers) == 2, writers
         assert len(list(new.iterdir())) == sent
         # The primary serves /metrics; the worker's counts reach it within
         # about a second.
@@ -233,14 +243,7 @@ def test_workers_share_the_count_of_failed_logins_from_an_address(tmp_path):
     server.start()
     try:
         server.add_user("bob@localhost", "pw")
-        new = server.maildir("bob@localhost") / "new"
-        writers: set[str] = set()
-        deadline = time.monotonic() + 30
-        while len(writers) < 2 and time.monotonic() < deadline:  # both processes serving
-            with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
-                client.sendmail("a@example.com", ["bob@localhost"], b"Subject: w\r\n\r\nhi\r\n")
-            writers = {p.name.split("P", 1)[1].split("Q", 1)[0] for p in new.iterdir()}
-        assert len(writers) == 2, writers
+        _mail_until_both_processes_deliver(server)
         port = server.ports["pop3"]
         assert _pop3_login(port, "pw").startswith(b"+OK")
         for _ in range(3):
