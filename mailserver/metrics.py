@@ -42,7 +42,7 @@ _Entries = list[list[Any]]
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _entries(entries: object, labels: int, width: int | None) -> Iterator[tuple[tuple[str, ...], Any]]:

@@ -115,7 +115,9 @@ def test_a_snapshot_that_does_not_fit_is_left_out():
     primary, mine = _registry()
     mine.smtp_messages_accepted_total.inc(role="smtp")
     primary.count_elsewhere(lambda: [
-        {"smtp_messages_accepted_total": [[["smtp"], "many"], [["smtp", "extra"], 3], [["smtp"], True], "x"]},
+        {"smtp_messages_accepted_total": [
+            [["smtp"], "many"], [["smtp", "extra"], 3], [["smtp"], True], [["smtp"], float("nan")], "x"
+        ]},
         {"smtp_transaction_seconds": [[[], [1, 2]]]},  # not the histogram's buckets
         {"smtp_messages_accepted_total": 5, "no_such_metric": [[[], 1]]},
         "not a snapshot",
