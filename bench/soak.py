@@ -51,8 +51,13 @@ Every C{--sample} s (10) the server's VmRSS, open fds (C{/proc/<pid>/fd}),
 threads and CPU are read (summed over its session), with the Maildir file
 count and C{/proc/loadavg}; a line is printed each minute.  At the end the
 load stops, the POP3 client empties every mailbox, and the summary says:
-RSS at 1 min (after warm-up), at the end and its max; the least-squares
-slope of RSS over the last 2/3 of the run, KiB/min; the same for fds;
+RSS at 1 min (after warm-up), at the end and its max, and the rise from
+the one to the other (medians over a minute); the slope of RSS over the
+last 2/3 of the run, KiB/min (Theil-Sen, the median of the slopes between
+every two samples: a sample that lands inside a password check has that
+check's 16 MiB scrypt buffer in it, and a few of those late in the window
+tilted a least-squares line by up to +50 KiB/min; the least-squares slope
+is printed too); the least-squares slope of fds;
 messages sent, accepted, fetched; every accepted (message, recipient)
 fetched exactly once (duplicates only after a cut session), nothing cut
 mid-DATA delivered; errors; and the server log's warnings and tracebacks.
@@ -74,6 +79,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import random
 import re
@@ -631,6 +637,36 @@ async def sampler(peer: MailServerPeer, stats: Stats, t0: float, every: float, s
             pass
 
 
+def robust_slope_per_min(points: list[tuple[float, float]]) -> float:
+    """
+    Theil-Sen slope (the median of the slopes between every two points) of
+    (seconds, value) points, value units per minute.  A sample taken while
+    a password check runs has its 16 MiB scrypt buffer in the RSS (mapped
+    for the check's ~30 ms, then unmapped); a few such samples late in the
+    window tilt a least-squares line by tens of KiB/min, but not the median.
+    """
+    slopes = sorted(
+        (v2 - v1) / (t2 - t1)
+        for i, (t1, v1) in enumerate(points)
+        for t2, v2 in points[i + 1 :]
+        if t2 != t1
+    )
+    if not slopes:
+        return float("nan")
+    middle = len(slopes) // 2
+    median = slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2
+    return median * 60.0
+
+
+def level_kib(samples: list[dict], start: float, end: float, key=lambda s: s["rss_kib"]) -> float:
+    """
+    The median of C{key} over the samples from C{start} to C{end} seconds:
+    a level that one sample inside a password check does not move.
+    """
+    values = sorted(key(s) for s in samples if start <= s["t_s"] <= end)
+    return values[len(values) // 2]
+
+
 def slope_per_min(points: list[tuple[float, float]]) -> float:
     """
     Least-squares slope of (seconds, value) points, value units per minute.
@@ -731,12 +767,18 @@ def report(args, peer: MailServerPeer, run: dict, load_start: list[float]) -> bo
     end = in_load[-1]
     peak = max(in_load, key=lambda s: s["rss_kib"])
     tail = [s for s in in_load if s["t_s"] >= load_s / 3]
-    rss_slope = slope_per_min([(s["t_s"], s["rss_kib"]) for s in tail])
+    rss_points = [(s["t_s"], s["rss_kib"]) for s in tail]
+    rss_slope = robust_slope_per_min(rss_points)
+    rss_ls_slope = slope_per_min(rss_points)
     fd_slope = slope_per_min([(s["t_s"], s["fds"]) for s in tail])
-    rise_mib = (end["rss_kib"] - warm["rss_kib"]) / 1024
+    # The levels at warm-up and at the end: medians over a minute.
+    warm_span = (warm["t_s"], warm["t_s"] + 60.0)
+    end_span = (end["t_s"] - 60.0, end["t_s"])
+    rise_mib = (level_kib(in_load, *end_span) - level_kib(in_load, *warm_span)) / 1024
+    in_check = sum(1 for s in tail if s["rss_kib"] > level_kib(tail, 0, math.inf) + 8 * 1024)
     rest = lambda s: s["rss_kib"] - s["arena_kib"]  # noqa: E731
-    rest_slope = slope_per_min([(s["t_s"], rest(s)) for s in tail])
-    rest_rise_mib = (rest(end) - rest(warm)) / 1024
+    rest_slope = robust_slope_per_min([(s["t_s"], rest(s)) for s in tail])
+    rest_rise_mib = (level_kib(in_load, *end_span, key=rest) - level_kib(in_load, *warm_span, key=rest)) / 1024
     arena_rise_mib = (end["arena_kib"] - warm["arena_kib"]) / 1024
     fd_rise = end["fds"] - warm["fds"]
     loads = [s["loadavg"][0] for s in in_load]
@@ -754,11 +796,12 @@ def report(args, peer: MailServerPeer, run: dict, load_start: list[float]) -> bo
         f"{end['rss_kib'] / 1024:.1f} MiB at the end ({end['t_s'] / 60:.1f} min), "
         f"max {peak['rss_kib'] / 1024:.1f} MiB at {peak['t_s'] / 60:.1f} min, "
         f"min after warm-up {min(s['rss_kib'] for s in in_load if s['t_s'] >= warm['t_s']) / 1024:.1f} MiB; "
-        f"end - warm {rise_mib:+.2f} MiB; after the drain {final['rss_kib'] / 1024:.1f} MiB"
+        f"end - warm (medians over a minute) {rise_mib:+.2f} MiB; after the drain {final['rss_kib'] / 1024:.1f} MiB"
     )
     print(
         f"RSS slope over the last 2/3 ({tail[0]['t_s'] / 60:.1f}-{tail[-1]['t_s'] / 60:.1f} min, "
-        f"{len(tail)} samples): {rss_slope:+.1f} KiB/min"
+        f"{len(tail)} samples): {rss_slope:+.1f} KiB/min (Theil-Sen; least squares {rss_ls_slope:+.1f}, "
+        f"with {in_check} samples over 8 MiB above the median, taken during a password check)"
     )
     print(
         f"  of which in malloc thread arenas: {warm['arena_kib'] / 1024:.1f} MiB warm, {end['arena_kib'] / 1024:.1f} MiB end "
