@@ -222,16 +222,12 @@ class _Receiver:
         intake.held_in_memory += len(header)
         self._spool: SpoolFile | None = None
         self._body_offset = len(header)
-        self._held_cr = b""
 
     def write(self, data: bytes) -> None:
-        data = self._held_cr + data
-        if data.endswith(b"\r"):
-            data, self._held_cr = data[:-1], b"\r"
-        else:
-            self._held_cr = b""
-        # split and join: a third faster than replace for the two octets.
-        self._append(b"\n".join(data.split(b"\r\n")))
+        # Every CR is in a CRLF (IMessageReceiver.write), so dropping them
+        # all makes the LF form, even of a CRLF split between two pieces;
+        # a sixth of the time that splitting at each CRLF and joining took.
+        self._append(data.replace(b"\r", b""))
 
     def _append(self, data: bytes) -> None:
         if self._spool is not None:
@@ -253,9 +249,6 @@ class _Receiver:
         self._buffered = 0
 
     def finish(self):
-        if self._held_cr:
-            self._append(self._held_cr)
-            self._held_cr = b""
         intake = self._intake
         if self._spool is not None:
             message: bytes | SpoolFile = self._spool

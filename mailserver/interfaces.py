@@ -28,8 +28,10 @@ class IMessageReceiver(Interface):
     def write(data: bytes) -> None:
         """
         Add the next piece of the message: CRLF line endings, already
-        un-dot-stuffed, without the terminating C{.}.  The first piece starts
-        with the trace headers the SMTP server adds.
+        un-dot-stuffed, without the terminating C{.}.  Every CR is in a CRLF
+        (the SMTP server refuses bare CRs and LFs), though a piece may end
+        between the two.  The first piece starts with the trace headers the
+        SMTP server adds.
         """
 
     def finish() -> object:

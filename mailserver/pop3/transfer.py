@@ -8,10 +8,11 @@ line start or a C{\\n} split across two chunks is handled, and
 L{MessageTransfer} pushes the chunks to the transport as a streaming
 producer, so memory stays bounded whatever the message size.
 
-Every LF becomes CRLF, even one after a stray CR: the intake stores CRLF as
-LF and leaves other CRs alone, and the C{,W=} size in the file name counts
-exactly one extra octet per LF, so this reproduces the received bytes and the
-advertised octet count.
+Every LF becomes CRLF, even one after a stray CR (a file some other program
+put there): the intake stores CRLF as LF (the SMTP server refuses bare CRs
+and LFs), and the C{,W=} size in the file name counts exactly one extra
+octet per LF, so this reproduces the received bytes and the advertised octet
+count.
 """
 
 from __future__ import annotations
