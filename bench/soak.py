@@ -775,7 +775,8 @@ def report(args, peer: MailServerPeer, run: dict, load_start: list[float]) -> bo
     warm_span = (warm["t_s"], warm["t_s"] + 60.0)
     end_span = (end["t_s"] - 60.0, end["t_s"])
     rise_mib = (level_kib(in_load, *end_span) - level_kib(in_load, *warm_span)) / 1024
-    in_check = sum(1 for s in tail if s["rss_kib"] > level_kib(tail, 0, math.inf) + 8 * 1024)
+    tail_median = level_kib(tail, 0, math.inf)
+    in_check = sum(1 for s in tail if s["rss_kib"] > tail_median + 8 * 1024)
     rest = lambda s: s["rss_kib"] - s["arena_kib"]  # noqa: E731
     rest_slope = robust_slope_per_min([(s["t_s"], rest(s)) for s in tail])
     rest_rise_mib = (level_kib(in_load, *end_span, key=rest) - level_kib(in_load, *warm_span, key=rest)) / 1024

@@ -163,8 +163,8 @@ class WorkerPool(Service):
         reactor,
         count: int,
         listeners,
-        login_throttle: LoginThrottle | None = None,
-        metrics: Metrics | None = None,
+        login_throttle: LoginThrottle,
+        metrics: Metrics,
     ) -> None:
         """
         @param listeners: the primary's listeners; those with a
@@ -178,6 +178,8 @@ class WorkerPool(Service):
         self._listeners = listeners
         self._login_throttle = login_throttle
         self._metrics = metrics
+        login_throttle.share_with(self._tell_workers)
+        metrics.count_elsewhere(self._workers_metrics)
         self._addresses: list = []
         self._workers: dict[int, _Worker] = {}
         self._argv = worker_argv()
@@ -185,10 +187,6 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self._addresses = [l.shared_address for l in self._listeners if l.shared_address]
-        if self._login_throttle is not None:
-            self._login_throttle.share_with(self._tell_workers)
-        if self._metrics is not None:
-            self._metrics.count_elsewhere(self._workers_metrics)
         for index in range(1, self._count):
             self._spawn(index)
 
@@ -205,8 +203,7 @@ class WorkerPool(Service):
         self.log.info("started worker {index}", index=index)
 
     def _failed_in(self, worker: _Worker, key: str) -> None:
-        if self._login_throttle is not None:
-            self._login_throttle.record(key)
+        self._login_throttle.record(key)
         self._tell_workers(key, besides=worker)
 
     def _tell_workers(self, key: str, besides: _Worker | None = None) -> None:
@@ -223,8 +220,7 @@ class WorkerPool(Service):
         if self._workers.get(worker.index) is not worker:
             return
         del self._workers[worker.index]
-        if self._metrics is not None:
-            self._metrics.absorb(worker.metrics)
+        self._metrics.absorb(worker.metrics)
         if self.running:
             self.log.warn("worker {index} ended; starting it again", index=worker.index)
             self._reactor.callLater(_RESPAWN_DELAY, self._respawn, worker.index)

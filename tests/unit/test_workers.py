@@ -53,12 +53,8 @@ def _registry() -> tuple[Metrics, object]:
 
 
 def _pool_of(count: int, throttle: LoginThrottle, metrics: Metrics | None = None):
-    pool = WorkerPool(Clock(), count, [], throttle, metrics)
-    # What startService does, without spawning processes:
-    throttle.share_with(pool._tell_workers)
-    if metrics is not None:
-        metrics.count_elsewhere(pool._workers_metrics)
-    workers = []
+    pool = WorkerPool(Clock(), count, [], throttle, metrics or Metrics())
+    workers = []  # as startService would spawn them
     for index in range(1, count):
         worker = _Worker(pool, index)
         worker.makeConnection(_FakeProcess())
