@@ -2,7 +2,7 @@
 docs/plugins.md against the code: the hook table against the interfaces,
 the outline of the values against the classes, the quoted examples against
 the constructors.  (A plugin written from the page, run in the real server:
-tests/e2e/test_plugin_docs.py.)
+tests/e2e/test_documented_plugin.py.)
 """
 
 from __future__ import annotations
