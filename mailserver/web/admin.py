@@ -150,7 +150,7 @@ class _AdminChannel(HTTPChannel):
     own answer to a malformed request works the same way.)
     """
 
-    _refused = False
+    refused = False
 
     def allHeadersReceived(self) -> None:
         request = self.requests[-1]
@@ -161,7 +161,7 @@ class _AdminChannel(HTTPChannel):
             self.refuse(*refusal)
 
     def allContentReceived(self) -> None:
-        if not self._refused:  # a refused request is never served
+        if not self.refused:  # a refused request is never served
             super().allContentReceived()
 
     def refuse(self, code: int, headers: dict[bytes, bytes], error: str) -> None:
@@ -169,7 +169,7 @@ class _AdminChannel(HTTPChannel):
         Answer C{code} with C{{"error": error}} and close the connection
         without reading further.
         """
-        self._refused = True
+        self.refused = True
         body = b"" if self._command == b"HEAD" else json.dumps({"error": error}).encode() + b"\n"
         lines = [b"HTTP/1.1 %d %s" % (code, _REASONS[code])]
         headers = {
@@ -193,7 +193,7 @@ class _AdminRequest(Request):
         self.content = BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.channel._refused:
+        if self.channel.refused:
             return
         if self.content.tell() + len(data) > MAX_BODY:
             self.channel.refuse(413, {}, "request body too large")
