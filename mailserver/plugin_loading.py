@@ -32,7 +32,8 @@ def available_plugins(paths: tuple[str, ...] = ()) -> dict[str, object]:
 
 def load_plugins(config: Config, context: PluginContext) -> list[tuple[str, object]]:
     """
-    Build the enabled plugins' hook objects, in the configured order.
+    Build the enabled plugins' hook objects, in the configured order; each
+    plugin's C{build} gets C{context} with a logger of its own.
     """
     source = config.source
     found = available_plugins(config.plugins.paths)
@@ -51,7 +52,7 @@ def load_plugins(config: Config, context: PluginContext) -> list[tuple[str, obje
             )
         options = MappingProxyType(dict(config.plugins.options.get(name, {})))
         try:
-            hook = factory.build(options, context)
+            hook = factory.build(options, context.for_plugin(name))
         except PluginOptionsError as e:
             raise ConfigError(source, f"plugins.{name}.{e.key}", e.problem) from None
         except Exception as e:

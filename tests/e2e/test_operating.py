@@ -9,6 +9,7 @@ import json
 import poplib
 import signal
 import smtplib
+import socket
 import ssl
 import time
 import urllib.error
@@ -119,6 +120,25 @@ def test_admin_api_health_metrics_queue_and_token(tmp_path):
         status, body = admin(server, "/api/queue", "t0ken")
         assert status == 200 and json.loads(body) == []
         assert admin(server, "/api/queue/nosuch/flush", "t0ken", method="POST")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_admin_api_refuses_a_big_body_without_a_token_before_reading_it(tmp_path):
+    server = MailServer(tmp_path, extra_toml='[admin]\ntoken = "t0ken"\n')
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.ports["admin"]), timeout=30) as client:
+            client.sendall(
+                b"POST /api/queue/X/flush HTTP/1.1\r\nHost: mx.test\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % (400 * 1024 * 1024)
+            )
+            answer = b""
+            while chunk := client.recv(65536):  # the server closes: no body wanted
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        status, _ = admin(server, "/api/queue/X/flush", "t0ken", method="POST")
+        assert status == 404  # with the token, the same call is served
     finally:
         server.stop()
 

@@ -350,3 +350,36 @@ def test_the_documented_example_plugin_loads_and_works(tmp_path):
     headers = MessageHeaders(b"Subject: s\r\n")
     assert result_of(hook.message(ENVELOPE, headers, None)) is None
     assert headers.get("X-Blocklist") == "checked"
+
+
+CONTEXT_KEEPER = '''
+from twisted.plugin import IPlugin
+from zope.interface import provider
+
+from mailserver.interfaces import IPluginFactory
+
+
+@provider(IPlugin, IPluginFactory)
+class Keeper:
+    name = "keeper"
+    description = "Hands back the context it was built with."
+
+    @staticmethod
+    def build(options, context):
+        return context
+
+
+plugin = Keeper
+'''
+
+
+def test_each_plugin_gets_a_logger_in_its_own_namespace(tmp_path):
+    from twisted.logger import capturedLogs
+
+    (tmp_path / "keeper.py").write_text(CONTEXT_KEEPER)
+    shared = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
+    ((_, context),) = load_plugins(plugin_config(tmp_path, ("keeper",), {}), shared)
+    assert (context.reactor, context.hostname, context.data_path) == (None, "mx.test", tmp_path)
+    with capturedLogs() as events:
+        context.log.info("built with {n} options", n=0)
+    assert [(e["log_namespace"], e["n"]) for e in events] == [("mailserver.plugins.keeper", 0)]
