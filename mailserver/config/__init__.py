@@ -33,7 +33,7 @@ error for a key is always written where its rule is.
 """
 
 from mailserver.config.errors import ConfigError, Invalid
-from mailserver.config.loading import default, load
+from mailserver.config.loading import default, load, override
 from mailserver.config.model import (
     DATA_DIR_NAME,
     DKIM,
@@ -66,5 +66,5 @@ __all__ = [
     "DATA_DIR_NAME", "DKIM", "POP3", "SMTP", "TLS", "Admin", "Auth", "CatchAll", "CheckAction",
     "Checks", "Config", "ConfigError", "DKIMKey", "Disclosure", "HostPort", "Invalid", "Limits",
     "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "Transport",
-    "default", "file_keys", "load",
+    "default", "file_keys", "load", "override",
 ]

@@ -48,6 +48,21 @@ def load(path: str | Path | None) -> Config:
     return config
 
 
+def override(config: Config, key: str, value: object, source: str) -> Config:
+    """
+    C{config} with the top-level C{key} set to C{value} (a command-line
+    option, named by C{source}), checked as the file's value would be.
+
+    @raise ConfigError: the value is refused.
+    """
+    (f,) = [f for f in dataclasses.fields(Config) if f.name == key and "setting" in f.metadata]
+    try:
+        parsed = f.metadata["setting"].kind.parse(value)
+    except Invalid as e:
+        raise ConfigError(source, key, str(e)) from None
+    return dataclasses.replace(config, **{key: parsed})
+
+
 def _section(cls: type, raw: dict[str, object], source: str, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, object] = {}

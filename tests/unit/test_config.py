@@ -2,6 +2,11 @@
 The configuration file: defaults, every key parsed, every problem named.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from mailserver.config import (
@@ -17,6 +22,7 @@ from mailserver.config import (
     default,
     file_keys,
     load,
+    override,
 )
 from mailserver.config.endpoints import is_loopback_only
 
@@ -249,3 +255,41 @@ def test_an_admin_listener_off_loopback_needs_a_long_token(tmp_path):
     assert caught.value.key == "admin.token"
     config = load(write(tmp_path, text + '[admin]\ntoken = "abcdefghijklmnop+/=="\n'))
     assert config.admin.token == "abcdefghijklmnop+/=="
+
+
+def test_a_command_line_override_is_checked_like_the_file():
+    assert override(default(), "workers", 4, "--workers").workers == 4
+    with pytest.raises(ConfigError) as caught:
+        override(default(), "workers", 0, "--workers")
+    assert str(caught.value) == "--workers: workers: must be at least 1"
+
+
+def test_loading_imports_no_room_of_the_server(tmp_path):
+    """
+    The configuration sits below every room: loading a file that uses every
+    table imports no other part of the server, nor Twisted's test doubles.
+    """
+    path = write(tmp_path, """
+[listeners]
+admin = ["tcp:2080:interface=127.0.0.1", "unix:/tmp/admin.sock"]
+[relay]
+transports = ["example.org=127.0.0.1:2525"]
+[dkim]
+keys = ["example.org:s1"]
+[checks]
+exempt_networks = ["10.0.0.0/8"]
+""")
+    script = (
+        "import sys\n"
+        "from mailserver.config import load\n"
+        f"load({str(path)!r})\n"
+        "print(' '.join(sorted(m for m in sys.modules"
+        " if m.startswith('mailserver') or m == 'twisted.internet.testing')))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    assert loaded, result.stdout
+    assert {m for m in loaded if not m.startswith("mailserver.config")} == {"mailserver", "mailserver.names"}
