@@ -1,7 +1,8 @@
 """
-The typed values of the configuration that are more than a number or a
-word (a destination, a catch-all rule, a DKIM key), and the kinds that read
-them and the names the file gives.
+The typed values of the configuration beyond numbers and plain strings (the
+enumerations, a destination, a catch-all rule, a DKIM key, a network), and
+the converters from the file's strings to them and to checked strings
+(names, tokens); each converter raises L{Invalid}.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class RelayTLS(enum.StrEnum):
 
 
 class SmarthostTLS(enum.StrEnum):
+    """
+    STARTTLS (required) or TLS from the first byte towards the smarthost.
+    """
+
     STARTTLS = "starttls"
     IMPLICIT = "implicit"
 
@@ -145,10 +150,10 @@ def local_domain(value: str) -> str:
     return value
 
 
-def _port(text_value: str) -> int:
-    if not text_value.isascii() or not text_value.isdigit() or not 0 < int(text_value) < 65536:
-        raise Invalid(f"has a bad port {shown(text_value)} (1 to 65535)")
-    return int(text_value)
+def _port(value: str, port_text: str) -> int:
+    if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise Invalid(f"{shown(value)} has a bad port (1 to 65535)")
+    return int(port_text)
 
 
 def parse_host_port(value: str, default_port: int | None, ip_only: bool = False) -> tuple[str, int | None]:
@@ -172,7 +177,7 @@ def parse_host_port(value: str, default_port: int | None, ip_only: bool = False)
         host, port_text = spec, None
     if not host:
         raise Invalid(f"{shown(value)} has no host")
-    port = default_port if port_text is None else _port(port_text)
+    port = default_port if port_text is None else _port(value, port_text)
     if not _is_ip(host):
         if ip_only:
             raise Invalid(f"{shown(value)}: the host must be an IP address")
