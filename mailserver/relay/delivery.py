@@ -19,9 +19,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailserver.config import SmarthostTLS
 from mailserver.interfaces import ICourier
 from mailserver.relay import client as smtp_client
-from mailserver.relay._settings import parse_host_port, parse_transports
 from mailserver.relay.client import OutboundRecipient, Reply, Timeouts, Transaction
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
 from mailserver.relay.queue import QueuedMessage, QueueStore
@@ -46,7 +46,7 @@ def destination_of(relay, address: str) -> str:
     concurrency limit: the smarthost, or the recipient's domain.
     """
     if relay.smarthost:
-        return "smarthost:" + relay.smarthost
+        return f"smarthost:{relay.smarthost}"
     return address.rpartition("@")[2].lower().rstrip(".")
 
 
@@ -80,7 +80,7 @@ class RouteCourier:
         self._send = send
         self._tls_options = tls_options
         self._timeouts = Timeouts.from_config(relay)
-        self._transports = parse_transports(relay.transports, relay.port)
+        self._transports = {route.domain: route for route in relay.transports}
 
     def deliver(self, message, recipients):
         return defer.Deferred.fromCoroutine(self._deliver(message, recipients))
@@ -108,12 +108,13 @@ class RouteCourier:
     async def _hops(self, domain: str) -> tuple[list[Hop], str, bool]:
         relay = self._relay
         if relay.smarthost:
-            host, port = parse_host_port(relay.smarthost, 587)
-            tls = "implicit" if relay.smarthost_tls == "implicit" else "required"
+            host, port = relay.smarthost.host, relay.smarthost.port
+            tls = "implicit" if relay.smarthost_tls == SmarthostTLS.IMPLICIT else "required"
             return [Hop(host, (host,), port)], tls, True
-        if domain in self._transports:
-            host, port = self._transports[domain]
-            return [Hop(host, (host,), port)], relay.tls, False
+        route = self._transports.get(domain)
+        if route is not None:
+            port = relay.port if route.port is None else route.port
+            return [Hop(route.host, (route.host,), port)], relay.tls, False
         return await self._router.route(domain), relay.tls, False
 
     async def _deliver(self, message, recipients) -> dict[str, Outcome]:

@@ -97,6 +97,8 @@ class _Slots:
 
 class RelayRunner(Service):
     """
+    @param relay: the C{[relay]} section (L{mailserver.config.Relay}).
+    @param hostname: ours, for EHLO and reports.
     @param courier: an L{ICourier}; default: MX routing and the SMTP client.
     @param accounts: resolves local senders' addresses to their accounts
         for reports (without it, the sender address is used as is).
@@ -111,7 +113,8 @@ class RelayRunner(Service):
     def __init__(
         self,
         *,
-        config,
+        relay,
+        hostname: str,
         queue: QueueStore,
         intake,
         reactor,
@@ -129,8 +132,8 @@ class RelayRunner(Service):
         """
         self._metrics = metrics or unregistered_metrics()
         self._on_delivered = on_delivered
-        self._config = config
-        self._relay = config.relay
+        self._hostname = hostname
+        self._relay = relay
         self._queue = queue
         self._intake = intake
         self._reactor = reactor
@@ -140,7 +143,7 @@ class RelayRunner(Service):
         self._accounts = accounts
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
-        self.policy = RetryPolicy.from_config(config.relay)
+        self.policy = RetryPolicy.from_config(relay)
         self._slots = _Slots(self._relay.max_connections, self._relay.max_connections_per_destination)
         self._timers: dict = {}
         self._active: dict[str, defer.Deferred] = {}
@@ -167,7 +170,7 @@ class RelayRunner(Service):
                 RouteCourier(
                     reactor=self._reactor,
                     relay=self._relay,
-                    hostname=self._config.hostname,
+                    hostname=self._hostname,
                     store=self._queue,
                     router=router,
                 )
@@ -492,7 +495,7 @@ class RelayRunner(Service):
         original = await self._io(read)
         data = dsn_module.build_dsn(
             message, recipients, action,
-            hostname=self._config.hostname,
+            hostname=self._hostname,
             original=original,
             headers_only=headers_only,
             now=now,
@@ -517,7 +520,7 @@ class RelayRunner(Service):
 
     def _report_destinations(self, sender: str) -> tuple[str, ...]:
         domain = sender.rpartition("@")[2]
-        if self._accounts is not None and self._config.is_local_domain(domain):
+        if self._accounts is not None and self._accounts.is_local_domain(domain):
             resolved = self._accounts.resolve(sender)
             if not resolved:
                 raise QueueError(f"local sender <{sender}> has no mailbox")

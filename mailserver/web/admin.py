@@ -18,7 +18,6 @@ are capped at L{MAX_BODY} octets (413 beyond); no call needs more.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from io import BytesIO
@@ -244,43 +243,8 @@ def make_admin_site(
 ) -> Site:
     """
     The admin API as a site to listen on.  C{token} C{None} or empty means
-    no authentication, which only a loopback listener should have (see
-    L{admin_listener_needs_token}).
+    no authentication, which only a loopback listener may have (the
+    configuration refuses others: L{mailserver.config.endpoints}).
     """
     root = _AdminResource(metrics, listener_states, queue_view)
     return _AdminSite(root, token.encode("utf-8") if token else None)
-
-
-def admin_listener_needs_token(description: str) -> bool:
-    """
-    Whether a listener on endpoint string C{description} can be reached from
-    other hosts, so that the admin API must demand a token there.
-
-    Loopback TCP interfaces and UNIX sockets are local; every other address,
-    an unparseable string or an endpoint type this cannot see through
-    (C{systemd:}, plugins) needs a token.  The string is parsed by Twisted's
-    own parser and listened on in a L{MemoryReactor}, so positional forms
-    and defaults (C{tcp6} means C{::}) are read as the server would.
-    """
-    from twisted.internet.endpoints import serverFromString
-    from twisted.internet.protocol import Factory
-    from twisted.internet.testing import MemoryReactor
-
-    reactor = MemoryReactor()
-    try:
-        serverFromString(reactor, description).listen(Factory())
-    except Exception:  # the parsers raise many types; all mean "not local"
-        return True
-    if reactor.unixServers:
-        return False
-    interfaces = [server[-1] for server in reactor.tcpServers + reactor.sslServers]
-    return not interfaces or not all(_is_loopback(i) for i in interfaces)
-
-
-def _is_loopback(interface: str) -> bool:
-    if interface == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return False

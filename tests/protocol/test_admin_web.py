@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
@@ -16,7 +15,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailserver.metrics import Metrics
-from mailserver.web import admin_listener_needs_token, make_admin_site
+from mailserver.web import make_admin_site
 from mailserver.web.admin import MAX_BODY
 
 
@@ -322,37 +321,3 @@ class RequestBodyTests(unittest.TestCase):
         self.assertEqual(head.split(b"\r\n", 1)[0], b"HTTP/1.1 401 Unauthorized")
         self.assertIn(b"Content-Length: 0", head)
         self.assertEqual(body, b"")
-
-
-@pytest.mark.parametrize(
-    "description",
-    [
-        "tcp:2080:interface=127.0.0.1",
-        "tcp:2080:127.0.0.1",
-        "tcp:2080:interface=127.0.0.53",
-        "tcp:2080:interface=localhost",
-        r"tcp6:2080:interface=\:\:1",
-        "unix:/run/mailserver/admin.sock",
-        "unix:@mailserver-admin",
-    ],
-)
-def test_local_admin_listeners_need_no_token(description):
-    assert admin_listener_needs_token(description) is False
-
-
-@pytest.mark.parametrize(
-    "description",
-    [
-        "tcp:2080",
-        "tcp:2080:interface=0.0.0.0",
-        "tcp:2080:interface=192.0.2.1",
-        "tcp6:2080",
-        r"tcp6:2080:interface=\:\:",
-        "systemd:domain=INET:index=0",
-        "2080",
-        "nonsense:x",
-        "",
-    ],
-)
-def test_reachable_admin_listeners_need_a_token(description):
-    assert admin_listener_needs_token(description) is True

@@ -115,7 +115,7 @@ def test_first_mx_down_second_takes_it(tmp_path):
 
 
 def test_smarthost_and_transport_override_mx(tmp_path):
-    from mailserver.config import Relay
+    from mailserver.config import HostPort, Relay, SmarthostTLS, Transport
     from mailserver.relay.client import Reply, TransactionResult
     from mailserver.relay.delivery import RouteCourier
     from mailserver.relay.queue import QueuedMessage, RecipientState
@@ -130,12 +130,15 @@ def test_smarthost_and_transport_override_mx(tmp_path):
     message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,
                             recipients=(RecipientState("r@remote.test"),))
     for relay, expected in (
-        (Relay(smarthost="127.0.0.1:587", smarthost_username="u", smarthost_password="p"),
+        (Relay(smarthost=HostPort("127.0.0.1", 587), smarthost_username="u",
+               smarthost_password="p"),
          ("127.0.0.1", 587, "required", "u")),
-        (Relay(smarthost="127.0.0.1:465", smarthost_tls="implicit"),
+        (Relay(smarthost=HostPort("127.0.0.1", 465), smarthost_tls=SmarthostTLS.IMPLICIT),
          ("127.0.0.1", 465, "implicit", "")),
-        (Relay(transports=("remote.test=127.0.0.1:2626",)),
+        (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),)),
          ("127.0.0.1", 2626, "opportunistic", "")),
+        (Relay(port=2727, transports=(Transport("remote.test", "127.0.0.1", None),)),
+         ("127.0.0.1", 2727, "opportunistic", "")),
     ):
         seen.clear()
         courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test", store=None,
@@ -192,10 +195,11 @@ def test_an_answer_before_the_deadline_leaves_no_timer():
 def test_resolver_timeouts_are_explicit_and_sum_to_the_setting():
     from twisted.internet.task import Clock
 
+    from mailserver.config import HostPort
     from mailserver.relay.mx import make_resolver, query_timeouts
 
     assert query_timeouts(15) == (1, 3, 11)
-    resolver = make_resolver("127.0.0.1:5353", Clock(), timeout=0.6)
+    resolver = make_resolver(HostPort("127.0.0.1", 5353), Clock(), timeout=0.6)
     assert resolver.servers == [("127.0.0.1", 5353)]
     assert abs(sum(resolver.timeout) - 0.6) < 1e-9 and len(resolver.timeout) == 3
 
