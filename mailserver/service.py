@@ -26,12 +26,14 @@ from mailserver.login_throttle import throttle_for
 from mailserver.mailauth import mail_auth_hooks
 from mailserver.maildir import Mailbox
 from mailserver.metrics import Metrics, server_metrics
+from mailserver.ownership import Owner, acting_as, prepare_data_folder
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
 from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.smtp import SMTPFactory
-from mailserver.tls import ReloadableServerOptions
+from mailserver.startup import StartupReport
+from mailserver.tls import ReloadableServerOptions, ensure_self_signed
 from mailserver.web import make_admin_site
 from mailserver.worker_link import PrimaryLink
 from mailserver.workers import WorkerPool, follow_primary, inherited_sockets
@@ -40,18 +42,33 @@ from mailserver.workers import WorkerPool, follow_primary, inherited_sockets
 IMPLICIT_TLS_ROLES = ("submissions", "pop3s")
 
 
-def make_service(config: Config, reactor) -> MultiService:
+def make_service(config: Config, reactor, owner: Owner | None = None) -> MultiService:
     """
+    @param owner: the user C{twistd} switches to once the listeners are
+        bound (C{--uid}/C{--gid}), when it was started as root: the data
+        folder must be theirs, and what is made in it here is made as them.
     @raise ConfigError: when the TLS certificate is unusable.
+    @raise DataFolderError: when the data folder belongs to another user.
     """
     raise_open_file_limit()
     return_large_buffers()
-    config.data_path.mkdir(parents=True, exist_ok=True)
+    prepare_data_folder(config.data_path, owner)
+    with acting_as(owner):
+        if not config.tls.certificate:
+            ensure_self_signed(config.certificate_path, config.key_path, config.hostname)
+    # Read as the starting user, so a key that only root may read works
+    # (as twistd intends); a reload after the drop needs it readable by the
+    # server's user.
+    tls_options = ReloadableServerOptions(config)
+    with acting_as(owner):
+        return _compose(config, reactor, tls_options)
+
+
+def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> MultiService:
     inherited = inherited_sockets()
     is_worker = inherited is not None
 
     # Accounts, stores and what they report.
-    tls_options = ReloadableServerOptions(config)
     accounts = Accounts(config)
     portal = make_portal(
         accounts, reactor, strcred_checkers(config), threadpool=password_threadpool(reactor)
@@ -182,6 +199,7 @@ def make_service(config: Config, reactor) -> MultiService:
     pool = None
     if not is_worker:
         ListenerReport(config.data_path / LISTENERS_FILE, listeners).setServiceParent(root)
+        StartupReport(config, listeners, lambda: len(accounts.users())).setServiceParent(root)
         if config.workers > 1:
             pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics)
             pool.setServiceParent(root)

@@ -13,6 +13,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from mailserver.config import ConfigError, load
+from mailserver.ownership import DataFolderError, Owner, server_owner
 
 
 class Options(usage.Options):
@@ -39,8 +40,19 @@ def makeService(options: Options) -> IService:
             if not 1 <= options["workers"] <= 256:
                 raise ConfigError("--workers", "-", "must be from 1 to 256")
             config = dataclasses.replace(config, workers=options["workers"])
-        return make_service(config, reactor)
-    except ConfigError as e:
+        return make_service(config, reactor, _twistd_owner(options))
+    except (ConfigError, DataFolderError) as e:
         raise SystemExit(f"mailserver: {e}") from None
     except OSError as e:
         raise SystemExit(f"mailserver: cannot prepare {e.filename}: {e.strerror}") from None
+
+
+def _twistd_owner(options: Options) -> Owner | None:
+    """
+    The user twistd's own C{--uid}/C{--gid} (parsed by twistd, our parent
+    options) will make this process once the listeners are bound.
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return None
+    return server_owner(twistd.get("uid"), twistd.get("gid"))
