@@ -16,7 +16,7 @@ from twisted.application.service import MultiService
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import Accounts, make_portal, password_threadpool, strcred_checkers
-from mailserver.config import Config
+from mailserver.config import Config, ConfigError
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
@@ -54,6 +54,8 @@ def make_service(config: Config, reactor, owner: Owner | None = None) -> MultiSe
     return_large_buffers()
     prepare_data_folder(config.data_path, owner)
     with acting_as(owner):
+        if owner is not None and config.workers > 1:
+            _check_workers_can_read(config, owner)
         if not config.tls.certificate:
             ensure_self_signed(config.certificate_path, config.key_path, config.hostname)
     # Read as the starting user, so a key that only root may read works
@@ -62,6 +64,23 @@ def make_service(config: Config, reactor, owner: Owner | None = None) -> MultiSe
     tls_options = ReloadableServerOptions(config)
     with acting_as(owner):
         return _compose(config, reactor, tls_options)
+
+
+def _check_workers_can_read(config: Config, owner: Owner) -> None:
+    """
+    Worker processes start as the server's user and read the configuration
+    file again: say so now rather than have them fail, one after another.
+    """
+    if config.source == "<embedded default>":
+        return
+    try:
+        with open(config.source, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            config.source, "workers",
+            f"worker processes read this file as {owner.name}, who cannot: {e.strerror}",
+        ) from None
 
 
 def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> MultiService:

@@ -110,7 +110,7 @@ def startup_lines(
         )
     if not listeners:
         lines.append("    none")
-    processes = "1" if config.workers == 1 else f"{config.workers} (this one and {config.workers - 1} workers)"
+    processes = "1" if config.workers == 1 else f"{config.workers} (this one and {config.workers - 1} worker{'s' if config.workers > 2 else ''})"
     lines += [
         f"  processes:       {processes}",
         f"  running as:      {user}",

@@ -46,6 +46,7 @@ class MailServer:
         twistd: list[str] | None = None,
         twistd_options: tuple[str, ...] = (),
         cli: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         """
         @param endpoints: role to endpoint string, for roles that must not
@@ -53,6 +54,7 @@ class MailServer:
         @param twistd: the command that runs twistd (default: the venv's).
         @param twistd_options: twistd's own options (C{--uid}...).
         @param cli: the command that runs the console script.
+        @param env: the environment of both (default: L{environment}).
         """
         self.root = tmp_path
         self.data_path = data_path or tmp_path / "data"
@@ -61,6 +63,7 @@ class MailServer:
         self.twistd = twistd or [str(BIN / "twistd")]
         self.twistd_options = twistd_options
         self.cli_command = cli or [str(BIN / "mailserver")]
+        self.env = env or environment()
         endpoints = endpoints or {}
         listeners = "\n".join(
             f'{role} = ["{endpoints.get(role, LOOPBACK)}"]'
@@ -100,7 +103,7 @@ class MailServer:
                 str(self.config_path),
             ],
             cwd=self.root,
-            env=environment(),
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -151,7 +154,7 @@ class MailServer:
         return subprocess.run(
             [*self.cli_command, "--config", str(self.config_path), *args],
             cwd=self.root,
-            env=environment(),
+            env=self.env,
             input=input,
             capture_output=True,
             text=True,
