@@ -21,7 +21,9 @@ class Options(usage.Options):
     longdesc = (
         "Run the mail server: SMTP in, submission, Maildir, POP3 out. "
         "Without --config it serves on loopback (SMTP 2525, submission 2587, "
-        "POP3 2110) with its state in ./mailserver-data."
+        "POP3 2110, and the admin HTTP API on 127.0.0.1:2080) with its state "
+        "in ./mailserver-data. Started as root with twistd's --uid/--gid, it "
+        "binds its ports first, then runs as that user, who owns the data folder."
     )
     optParameters = [
         ["config", "c", None, "The TOML configuration file (default: embedded default)."],

@@ -350,3 +350,14 @@ def test_curl_verifies_the_self_signed_certificate_for_127_0_0_1(tmp_path):
             assert result.returncode == 0, (url, result.stderr)
     finally:
         server.stop()
+
+
+def test_twistd_help_names_every_default_listener_and_the_privilege_drop():
+    result = subprocess.run(
+        [str(BIN / "twistd"), "mailserver", "--help"],
+        env=environment(), capture_output=True, text=True, timeout=60,
+    )
+    text = " ".join(result.stdout.split())
+    for listener in ("SMTP 2525", "submission 2587", "POP3 2110", "admin HTTP API on 127.0.0.1:2080"):
+        assert listener in text, text
+    assert "--uid/--gid" in text

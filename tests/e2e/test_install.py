@@ -14,6 +14,7 @@ a C{.pth} file.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import smtplib
 import subprocess
@@ -55,24 +56,6 @@ class CLASS:
     @staticmethod
     def build(options, context):
         return Refuse("LOCAL", options.get("code", 553))
-'''
-
-# docs/plugins.md, "Shipping a plugin as a distribution".
-ENTRY_POINT_PROJECT = '''
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "mailserver-noinfo"
-version = "1.0"
-dependencies = ["mailserver"]
-
-[project.entry-points."mailserver.plugins"]
-noinfo = "mailserver_noinfo:NoInfoPlugin"
-
-[tool.setuptools]
-py-modules = ["mailserver_noinfo"]
 '''
 
 # The old advice: a distribution holding only mailserver/plugins/NAME.py.
@@ -158,20 +141,31 @@ def _plugin_module(cls: str, name: str, local: str) -> str:
     return PLUGIN_MODULE.replace("CLASS", cls).replace("NAME", name).replace("LOCAL", local)
 
 
+def _documented_project() -> str:
+    """
+    The pyproject.toml that docs/plugins.md gives for shipping the example.
+    """
+    guide = (REPO / "docs" / "plugins.md").read_text()
+    section = guide[guide.index("## Shipping a plugin as a distribution"):]
+    return re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+
+
 def _plugin_projects(root: Path) -> tuple[Path, Path]:
-    entry_point = root / "noinfo"
-    entry_point.mkdir()
-    (entry_point / "pyproject.toml").write_text(ENTRY_POINT_PROJECT)
-    (entry_point / "mailserver_noinfo.py").write_text(
-        _plugin_module("NoInfoPlugin", "noinfo", "info")
-    )
+    """
+    The documented example as its own distribution, and a distribution the
+    old way: only C{mailserver/plugins/nosales_dropin.py}.
+    """
+    documented = root / "mailserver-blocklist"
+    documented.mkdir()
+    (documented / "pyproject.toml").write_text(_documented_project())
+    shutil.copy(REPO / "docs" / "examples" / "blocklist.py", documented / "mailserver_blocklist.py")
     dropin = root / "nosales"
     (dropin / "mailserver" / "plugins").mkdir(parents=True)
     (dropin / "pyproject.toml").write_text(DROPIN_PROJECT)
     (dropin / "mailserver" / "plugins" / "nosales_dropin.py").write_text(
         _plugin_module("NoSalesPlugin", "nosales", "sales")
     )
-    return entry_point, dropin
+    return documented, dropin
 
 
 def _server(tmp_path: Path, python: Path, enabled: list[str]) -> MailServer:
@@ -182,18 +176,20 @@ def _server(tmp_path: Path, python: Path, enabled: list[str]) -> MailServer:
     return MailServer(
         tmp_path,
         roles=("smtp", "admin"),
-        extra_toml=f"[plugins]\nenabled = [{names}]\n",
+        extra_toml=f'[plugins]\nenabled = [{names}]\n[plugins.blocklist]\ndomains = ["spam.example"]\n',
         twistd=[str(python), str(launcher)],
         cli=[str(python.parent / "mailserver")],
         env=_clean_environment(),
     )
 
 
-def _answers(server: MailServer, addresses: list[str]) -> list[int]:
+def _answers(server: MailServer, sender: str, addresses: list[str]) -> list[int]:
     with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
         client.ehlo("client.test")
-        client.mail("a@example.com")
-        return [client.rcpt(address)[0] for address in addresses]
+        code = client.mail(sender)[0]
+        if code != 250:
+            return [code]
+        return [code] + [client.rcpt(address)[0] for address in addresses]
 
 
 @pytest.mark.parametrize("mode", ["editable", "regular"])
@@ -208,27 +204,29 @@ def test_installed_server_starts_and_runs_a_plugin_distribution(tmp_path, mode):
                  "--help", cwd=tmp_path)
     assert "--config" in usage
 
-    entry_point, dropin = _plugin_projects(tmp_path)
-    _pip_install(python, str(entry_point))
+    documented, dropin = _plugin_projects(tmp_path)
+    _pip_install(python, str(documented))
     _pip_install(python, str(dropin))
-    server = _server(tmp_path / "run", python, ["noinfo", "nosales"])
+    server = _server(tmp_path / "run", python, ["blocklist", "nosales"])
     check = server.cli("check-config")
     assert check.returncode == 0, check.stderr
     server.add_user("bob@localhost", "pw")
     server.start()
     try:
-        assert _answers(server, ["info@localhost", "sales@localhost", "bob@localhost"]) == [553, 553, 250]
+        assert _answers(server, "x@spam.example", []) == [550]
+        assert _answers(server, "a@example.com", ["sales@localhost", "bob@localhost"]) == [250, 553, 250]
     finally:
         server.stop()
-    assert "plugins:         noinfo, nosales" in server.log()
+    assert "plugins:         blocklist, nosales" in server.log()
 
     # Uninstalled, the dropin distribution leaves a mailserver/ folder (and
     # perhaps Twisted's dropin.cache) in site-packages: still no harm.
     _run(str(python), "-m", "pip", "uninstall", "--yes", "--quiet", "mailserver-nosales-dropin")
-    server = _server(tmp_path / "again", python, ["noinfo"])
+    server = _server(tmp_path / "again", python, ["blocklist"])
     server.add_user("bob@localhost", "pw")
     server.start()
     try:
-        assert _answers(server, ["info@localhost", "bob@localhost"]) == [553, 250]
+        assert _answers(server, "x@spam.example", []) == [550]
+        assert _answers(server, "a@example.com", ["bob@localhost"]) == [250, 250]
     finally:
         server.stop()
