@@ -28,7 +28,10 @@ PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
 STORAGE = ("maildir", "relay.queue", "group_commit")
 VOCABULARY = ("interfaces", "envelope", "metrics", "names")
 PLUGIN_API = ("hooks", "interfaces", "envelope")
-COMPOSITION = ("service", "tap", "cli", "workers", "worker_link", "plugin_loading")
+COMPOSITION = (
+    "service", "tap", "cli", "workers", "worker_link", "plugin_loading",
+    "listeners", "lifecycle", "process", "startup", "ownership",
+)
 PLANNED = {"imap", "wire"}
 
 # (rooms, "never" or "only", rooms, why): what the first rooms may reach.
