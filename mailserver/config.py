@@ -178,9 +178,25 @@ class Relay:
     the smarthost (empty: no AUTH).
     C{transports}: per-domain routes, C{"domain=host:port"} each, overriding
     MX lookup for that domain.
-    C{tls}: STARTTLS towards MX hosts: C{"opportunistic"} (when offered,
-    certificate not checked), C{"required"} (temporary failure when not
-    offered) or C{"none"}.
+    C{tls}: STARTTLS towards MX hosts of domains without a policy of their
+    own (in C{tls_policies} or by MTA-STS): C{"opportunistic"} (when
+    offered, certificate not checked: the C{may} level), C{"required"}
+    (temporary failure when not offered: C{encrypt}) or C{"none"}.
+    C{tls_policies}: per-domain TLS levels, C{"domain=level"} each
+    (C{".example.com"} also matches subdomains), as Postfix's
+    C{smtp_tls_policy_maps}: C{none}, C{may}, C{encrypt} (TLS required, any
+    certificate) or C{verify} (TLS required, the certificate must chain to
+    a trusted root and name the MX host); for a transport's domain it
+    replaces the transport's C{verify}.
+    C{ca_file}: a PEM file of CA certificates trusted for outbound TLS
+    besides the system's trust store (a private CA for a smarthost).
+    C{smarthost_tls_verify}: verify the smarthost's and transport hosts'
+    certificate chain and host name (C{true}); C{false} still requires TLS
+    but accepts any certificate, with a warning at start.
+    C{mta_sts}: apply the MTA-STS policies (RFC 8461) that recipient domains
+    publish, fetched over HTTPS and cached in C{<data_dir>/mta-sts/}.
+    C{mta_sts_port}: the HTTPS port policies are fetched from (443; another
+    value only serves tests).
     C{retry_schedule}: delays between attempts, e.g. C{["5m", "10m"]}
     (units s, m, h, d); after the last one each delay doubles, up to
     C{max_retry_interval}.  Empty: 5m doubling.
@@ -214,6 +230,11 @@ class Relay:
     smarthost_password: str = ""
     transports: tuple[str, ...] = ()
     tls: str = "opportunistic"
+    tls_policies: tuple[str, ...] = ()
+    ca_file: str = ""
+    smarthost_tls_verify: bool = True
+    mta_sts: bool = True
+    mta_sts_port: int = 443
     retry_schedule: tuple[str, ...] = ("5m",)
     max_retry_interval: str = "4h"
     max_age: str = "5d"

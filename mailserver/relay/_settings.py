@@ -64,6 +64,50 @@ def parse_transports(entries: tuple[str, ...], default_port: int) -> dict[str, t
     return routes
 
 
+TLS_LEVELS = ("none", "may", "encrypt", "verify")
+
+
+def parse_tls_policies(entries: tuple[str, ...]) -> dict[str, str]:
+    """
+    C{("example.org=verify", ".example.net=encrypt")} to
+    C{{"example.org": "verify", ".example.net": "encrypt"}}; a key with a
+    leading dot stands for the subdomains.
+
+    @raise ValueError: when malformed.
+    """
+    policies = {}
+    for entry in entries:
+        domain, sep, level = entry.partition("=")
+        domain = domain.strip().lower().rstrip(".")
+        level = level.strip().lower()
+        if not sep or not domain.strip("."):
+            raise ValueError(f"{entry!r} is not domain=level")
+        if any(c.isspace() or c in "@/[]" for c in domain):
+            raise ValueError(f"{entry!r}: {domain!r} is not a domain name")
+        if level not in TLS_LEVELS:
+            raise ValueError(f"{entry!r}: the level must be one of {', '.join(TLS_LEVELS)}")
+        policies[domain] = level
+    return policies
+
+
+def ca_file_problem(path: str) -> str | None:
+    """
+    Why C{path} cannot serve as C{relay.ca_file}, or C{None}.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    from cryptography import x509  # lazily: this module is standard library only
+
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return f"{path} holds no PEM certificate"
+    return None
+
+
 def relay_problem(relay) -> tuple[str, str] | None:
     """
     The first problem with a L{mailserver.config.Relay} as C{(key, problem)},
@@ -83,6 +127,7 @@ def relay_problem(relay) -> tuple[str, str] | None:
         ("dns_timeout", 0 < relay.dns_timeout <= 300, "must be more than 0 and at most 300"),
         ("command_timeout", relay.command_timeout > 0, "must be positive"),
         ("data_timeout", relay.data_timeout > 0, "must be positive"),
+        ("mta_sts_port", 0 < relay.mta_sts_port < 65536, "must be a TCP port"),
         ("smarthost_username", bool(relay.smarthost_username) == bool(relay.smarthost_password),
          "set both smarthost_username and smarthost_password, or neither"),
     ]
@@ -116,4 +161,12 @@ def relay_problem(relay) -> tuple[str, str] | None:
         parse_transports(relay.transports, relay.port)
     except ValueError as e:
         return "transports", str(e)
+    try:
+        parse_tls_policies(relay.tls_policies)
+    except ValueError as e:
+        return "tls_policies", str(e)
+    if relay.ca_file:
+        problem = ca_file_problem(relay.ca_file)
+        if problem:
+            return "ca_file", problem
     return None

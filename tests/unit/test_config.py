@@ -78,6 +78,12 @@ vrfy = "answer"
         ("[smtp]\nvrfy = \"maybe\"", "smtp.vrfy", "must be"),
         ("[limits]\nmax_command_line = 100", "limits.max_command_line", "at least 512"),
         ("this is not toml", "-", "not valid TOML"),
+        ('[relay]\ntls_policies = ["example.org"]', "relay.tls_policies", "not domain=level"),
+        ('[relay]\ntls_policies = ["example.org=dane"]', "relay.tls_policies", "must be one of"),
+        ('[relay]\ntls_policies = ["a@b=may"]', "relay.tls_policies", "not a domain name"),
+        ('[relay]\nca_file = "/nonexistent/ca.pem"', "relay.ca_file", "cannot read"),
+        ("[relay]\nsmarthost_tls_verify = \"no\"", "relay.smarthost_tls_verify", "true or false"),
+        ("[relay]\nmta_sts_port = 0", "relay.mta_sts_port", "must be a TCP port"),
     ],
 )
 def test_problems_name_file_and_key(tmp_path, text, key, problem):
@@ -106,3 +112,13 @@ def test_missing_file(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load(tmp_path / "absent.toml")
     assert "cannot read file" in str(caught.value)
+
+
+def test_relay_ca_file_must_hold_a_certificate(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN PRIVATE KEY-----\nnot a certificate\n")
+    path = write(tmp_path, f'[relay]\nca_file = "{ca}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert caught.value.key == "relay.ca_file"
+    assert caught.value.problem == f"{ca} holds no PEM certificate"
