@@ -42,6 +42,7 @@ from mailserver.hooks import Delivery
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
+from mailserver.relay.mta_sts import make_mta_sts
 from mailserver.relay.mx import MXRouter, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
@@ -54,6 +55,7 @@ from mailserver.relay.queue import (
     QueueStore,
 )
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
+from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
 
 
 class _Slots:
@@ -163,6 +165,7 @@ class RelayRunner(Service):
             # queries (made at once); the deadline holds whatever happens.
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
                               deadline=3 * self._relay.dns_timeout)
+            tls = ClientTLS(ca_certificates(self._relay))
             self._courier = LoggingCourier(
                 RouteCourier(
                     reactor=self._reactor,
@@ -170,8 +173,16 @@ class RelayRunner(Service):
                     hostname=self._config.hostname,
                     store=self._queue,
                     router=router,
+                    tls=tls,
+                    mta_sts=make_mta_sts(self._config, self._reactor, resolver, router, tls,
+                                         io=self._io),
+                    count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
                 )
             )
+            if not self._relay.smarthost_tls_verify:
+                self.log.warn("relay: smarthost_tls_verify = false: the certificates of the "
+                              "smarthost and transport hosts are not checked, so anyone on "
+                              "the way can read the mail and the smarthost password")
         removed = self._queue.remove_orphans()
         if removed:
             self.log.info("relay: removed {n} unacknowledged queue files", n=len(removed))

@@ -104,18 +104,18 @@ def mx_matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
-def level_for_domain(policies: dict[str, str], domain: str) -> str | None:
+def policy_entry(policies: dict[str, str], domain: str) -> tuple[str, str] | None:
     """
-    The level C{relay.tls_policies} gives C{domain}: its own entry, else the
-    entry C{".parent"} of the nearest parent domain.
+    The C{relay.tls_policies} entry for C{domain} as C{(key, level)}: its
+    own, else the C{".parent"} entry of the nearest parent domain.
     """
     if domain in policies:
-        return policies[domain]
+        return domain, policies[domain]
     labels = domain.split(".")
     for i in range(1, len(labels)):
-        level = policies.get("." + ".".join(labels[i:]))
-        if level is not None:
-            return level
+        key = "." + ".".join(labels[i:])
+        if key in policies:
+            return key, policies[key]
     return None
 
 
@@ -139,9 +139,11 @@ class PolicyTable:
         The policy set by configuration for mail to C{domain}; C{None} when
         an MTA-STS policy may decide.
         """
-        level = level_for_domain(self._policies, domain)
-        if level is not None:
-            return TLSPolicy(level, "relay.tls_policies", domain=domain,
+        entry = policy_entry(self._policies, domain)
+        if entry is not None:
+            key, level = entry
+            # Counted under the entry's key: one label value per entry.
+            return TLSPolicy(level, "relay.tls_policies", domain=key,
                              mode=level if level != NONE else "")
         if transport:
             return TLSPolicy(self._next_hop, "transport")
@@ -290,3 +292,65 @@ class CheckedClientTLS:
         except (VerificationError, CertificateError):
             return False
         return True
+
+
+@dataclass(frozen=True)
+class SessionVerdict:
+    """
+    What one connection's TLS came to, under its policy.
+
+    @ivar result: C{"success"}, a TLS-RPT failure kind
+        (C{starttls-not-supported}, C{certificate-not-trusted}, ...), or
+        C{""} when TLS was not reached (the connection failed before).
+    @ivar problem: the failure in words (C{""} on success).
+    @ivar handshake_failed: TLS began and broke; at the C{may} level the
+        message may go again in plaintext.
+    """
+
+    result: str
+    problem: str = ""
+    handshake_failed: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.result not in ("", "success")
+
+
+def judge(policy: TLSPolicy, session: CheckedClientTLS | None, tls: str) -> SessionVerdict:
+    """
+    @param tls: the client's account of TLS (C{TransactionResult.tls}).
+    """
+    if tls == "established":
+        if session is not None and session.problem:  # recorded, not enforced
+            return SessionVerdict(session.result, session.problem)
+        return SessionVerdict("success")
+    if tls == "started":
+        if session is not None and session.problem:
+            return SessionVerdict(session.result, session.problem, handshake_failed=True)
+        return SessionVerdict("validation-failure", "", handshake_failed=True)
+    if tls == "not-offered":
+        return SessionVerdict("starttls-not-supported", "the server does not offer STARTTLS")
+    if tls == "refused":
+        return SessionVerdict("starttls-not-supported", "the server refused STARTTLS")
+    return SessionVerdict("")
+
+
+class TLSPolicyCounter:
+    """
+    Counts outcomes into C{relay_tls_policy_total}, with at most
+    C{max_domains} distinct domain labels (the rest as C{"other"}): policy
+    domains come from recipients, and each label is kept for good.
+    """
+
+    def __init__(self, counter, max_domains: int = 1000) -> None:
+        self._counter = counter
+        self._max = max_domains
+        self._domains: set[str] = set()
+
+    def __call__(self, *, domain: str, mode: str, result: str) -> None:
+        if domain not in self._domains:
+            if len(self._domains) >= self._max:
+                domain = "other"
+            else:
+                self._domains.add(domain)
+        self._counter.inc(domain=domain, mode=mode, result=result)

@@ -45,7 +45,8 @@ class PeerFaultTests(unittest.TestCase):
         self.addCleanup(folder.cleanup)
         config = Config(
             hostname="mx.test", data_dir=folder.name, local_domains=("example.org",),
-            relay=Relay(transports=(f"remote.test=127.0.0.1:{port}",), tls="none",
+            relay=Relay(transports=(f"remote.test=127.0.0.1:{port}",),
+                        tls_policies=("remote.test=none",),
                         connect_timeout=TIMEOUT, command_timeout=TIMEOUT,
                         data_timeout=TIMEOUT, retry_schedule=("0.5s",), scan_interval=3600),
         )
