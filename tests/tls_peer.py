@@ -166,15 +166,16 @@ def policy_site(policy, requests: list[str], folder: Path | None = None):
         isLeaf = True
 
         def render_GET(self, request):
-            requests.append(request.getHeader("host") or "")
+            host = (request.getHeader(b"host") or b"-").decode("ascii", "replace")
+            requests.append(host)
             if folder is not None:
                 with open(folder / "requests.log", "a", encoding="utf-8") as f:
-                    f.write((request.getHeader("host") or "-") + "\n")
+                    f.write(host + "\n")
             body = policy()
             if body is None:
                 request.setResponseCode(404)
                 return b"not here"
-            request.setHeader("content-type", "text/plain")
+            request.setHeader(b"content-type", b"text/plain")
             return body
 
     root = resource.Resource()

@@ -285,7 +285,7 @@ class PolicyFetcher:
         import treq
 
         try:
-            response = await self._client.get(url)
+            response = await self._client.get(url, allow_redirects=False)
         except Exception as e:
             raise PolicyError(f"cannot fetch {url}: {_describe(e)}") from None
         chunks: list[bytes] = []
