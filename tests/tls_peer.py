@@ -12,8 +12,8 @@ L{listen_smtp} and L{listen_https} run them in the calling process's reactor
 child processes (end-to-end tests): this file as a script, C{python
 tls_peer.py smtp|smtps|https <folder> <cert> <key>}, prints its port and
 writes what it sees into the folder (C{lines.log}, C{N.json},
-C{requests.log}; the policy served is C{<folder>/policy.txt}, read at each
-request).
+C{requests.log}; the policy served for a host is
+C{<folder>/policy-<host>.txt}, read at each request).
 """
 
 from __future__ import annotations
@@ -157,8 +157,9 @@ def listen_smtp(reactor, cert: Path, key: Path, implicit: bool = False,
 
 def policy_site(policy, requests: list[str], folder: Path | None = None):
     """
-    A site serving C{policy()} (bytes, or C{None} for a 404) at
-    C{/.well-known/mta-sts.txt}.
+    A site serving C{policy(host)} (bytes, or C{None} for a 404) at
+    C{/.well-known/mta-sts.txt}, C{host} being the request's Host without
+    a port.
     """
     from twisted.web import resource, server
 
@@ -171,7 +172,7 @@ def policy_site(policy, requests: list[str], folder: Path | None = None):
             if folder is not None:
                 with open(folder / "requests.log", "a", encoding="utf-8") as f:
                     f.write(host + "\n")
-            body = policy()
+            body = policy(host.rpartition(":")[0] if ":" in host else host)
             if body is None:
                 request.setResponseCode(404)
                 return b"not here"
@@ -187,7 +188,7 @@ def policy_site(policy, requests: list[str], folder: Path | None = None):
 
 def listen_https(reactor, cert: Path, key: Path, policy) -> tuple[int, list[str], object]:
     """
-    @param policy: C{() -> bytes | None}.
+    @param policy: C{host -> bytes | None}.
     @return: C{(port, the hosts asked for, the listening port to stop)}.
     """
     requests: list[str] = []
@@ -239,12 +240,14 @@ class SMTPSinkProcess(_Child):
 
 class PolicyServerProcess(_Child):
     """
-    Serves C{policy} (written to C{<folder>/policy.txt}).
+    Serves C{policies[host]} to requests for C{host} (written to
+    C{<folder>/policy-<host>.txt}).
     """
 
-    def __init__(self, folder: Path, cert: Path, key: Path, policy: str) -> None:
+    def __init__(self, folder: Path, cert: Path, key: Path, policies: dict[str, str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "policy.txt").write_text(policy)
+        for host, text in policies.items():
+            (folder / f"policy-{host}.txt").write_text(text)
         super().__init__("https", folder, cert, key)
 
     @property
@@ -258,7 +261,11 @@ if __name__ == "__main__":
 
     kind, folder, cert, key = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     if kind == "https":
-        site = policy_site(lambda: (folder / "policy.txt").read_bytes(), [], folder)
+        def policy(host: str) -> bytes | None:
+            path = folder / f"policy-{host}.txt"
+            return path.read_bytes() if "/" not in host and path.exists() else None
+
+        site = policy_site(policy, [], folder)
         port = reactor.listenSSL(0, site, server_options(cert, key), interface="127.0.0.1")
     else:
         options = server_options(cert, key)

@@ -72,7 +72,7 @@ class MTASTSTests(unittest.TestCase):
 
     def https(self, name: str = "mta-sts.remote.test", ca: CA | None = None) -> tuple[int, list]:
         cert, key = (ca or self.ca).issue(name).write(self.folder, f"https-{name}")
-        port, requests, listening = listen_https(reactor, cert, key, lambda: self.served)
+        port, requests, listening = listen_https(reactor, cert, key, lambda host: self.served)
         self.addCleanup(listening.stopListening)
         return port, requests
 
