@@ -177,7 +177,8 @@ class Relay:
     C{smarthost_username}, C{smarthost_password}: AUTH PLAIN credentials for
     the smarthost (empty: no AUTH).
     C{transports}: per-domain routes, C{"domain=host:port"} each, overriding
-    MX lookup for that domain.
+    MX lookup for that domain; the host gets TLS with a verified certificate
+    (as the smarthost) unless C{tls_policies} has an entry for the domain.
     C{tls}: STARTTLS towards MX hosts of domains without a policy of their
     own (in C{tls_policies} or by MTA-STS): C{"opportunistic"} (when
     offered, certificate not checked: the C{may} level), C{"required"}

@@ -210,9 +210,11 @@ class RouteCourier:
         )
         verdict = judge(policy, session, result.tls)
         self._report(message, policy, hop, address, verdict)
-        if not verdict.failed or result.reached or policy.testing and not verdict.handshake_failed:
+        if result.reached or not verdict.failed:
             return result
-        if verdict.handshake_failed and policy.level == MAY and not route.implicit:
+        if policy.level == MAY:
+            if not verdict.handshake_failed:
+                return result  # TLS was optional: what failed was not TLS
             self.log.info(
                 "relay: {id}: TLS with {host} [{address}] failed ({why}); trying again without",
                 id=message.id, host=hop.name, address=address,

@@ -338,7 +338,7 @@ class MTASTS:
         self._cache = cache
         self._clock = clock
         self._io = io or (lambda f, *args: defer.maybeDeferred(f, *args))
-        self._known: dict[str, STSPolicy | None] = {}
+        self._known: dict[str, STSPolicy] = {}
         self._failed: dict[tuple[str, str], float] = {}
         self._fetching: dict[tuple[str, str], list[defer.Deferred]] = {}
 
@@ -350,9 +350,14 @@ class MTASTS:
         return defer.Deferred.fromCoroutine(self._policy(domain))
 
     def _cached(self, domain: str) -> STSPolicy | None:
-        if domain not in self._known:
-            self._known[domain] = self._cache.load(domain)
-        return self._known[domain]
+        # Only policies are kept in memory: a domain without one costs a
+        # failed open() per delivery, not memory for good.
+        policy = self._known.get(domain)
+        if policy is None:
+            policy = self._cache.load(domain)
+            if policy is not None:
+                self._known[domain] = policy
+        return policy
 
     async def _policy(self, domain: str) -> STSPolicy | None:
         name = policy_domain(domain)
@@ -367,6 +372,9 @@ class MTASTS:
             return cached
         if self._failed.get((name, current), -1e300) + FAILED_FETCH_PAUSE > now:
             return cached
+        if len(self._failed) > 1000:
+            self._failed = {k: t for k, t in self._failed.items()
+                            if t + FAILED_FETCH_PAUSE > now}
         fetched = await self._fetch_once(name, current)
         return fetched or cached
 

@@ -19,8 +19,8 @@ Where a destination's level comes from, the first that applies
 C{relay.smarthost_tls_verify} is false); a C{relay.tls_policies} entry for
 the recipient domain; a transport host (as the smarthost); the domain's
 MTA-STS policy (L{mailserver.relay.mta_sts}: C{enforce} is C{verify} plus the
-policy's MX patterns; C{testing} checks and reports but delivers as
-C{relay.tls} would); C{relay.tls}.
+policy's MX patterns; C{testing} checks and reports but delivers at the
+C{may} level, or C{encrypt} when C{relay.tls} requires TLS); C{relay.tls}.
 
 A certificate is checked in the handshake (L{CheckedClientTLS}): when the
 level enforces it, a bad one ends the handshake before any byte of SMTP goes
