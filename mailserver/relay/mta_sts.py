@@ -34,6 +34,7 @@ from pathlib import Path
 from twisted.internet import defer, endpoints, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -205,9 +206,12 @@ class PolicyCache:
 @implementer(IAgentEndpointFactory)
 class _ResolvedTLSEndpoints:
     """
-    Endpoints for the policy fetch: the host name looked up through the
+    Endpoints for one policy fetch: the host name looked up through the
     relay's resolver (so tests can serve it from a loopback zone), the port
     from the configuration, TLS verified for the host name.
+
+    @ivar sessions: the TLS sessions begun, which know what was wrong with
+        a certificate.
     """
 
     def __init__(self, reactor, lookup, tls, port: int, timeout: float) -> None:
@@ -216,36 +220,38 @@ class _ResolvedTLSEndpoints:
         self._tls = tls
         self._port = port
         self._timeout = timeout
+        self.sessions: list = []
 
     def endpointForURI(self, uri):
-        return _ResolvedTLSEndpoint(self, uri.host.decode("ascii"))
+        return _ResolvedTLSEndpoint(self._connect, uri.host.decode("ascii"))
 
-
-class _ResolvedTLSEndpoint:
-    def __init__(self, factory: _ResolvedTLSEndpoints, host: str) -> None:
-        self._f = factory
-        self._host = host
-
-    def connect(self, protocol_factory):
-        return defer.Deferred.fromCoroutine(self._connect(protocol_factory))
-
-    async def _connect(self, protocol_factory):
-        f = self._f
-        addresses, problem = await f._lookup(self._host)
+    async def _connect(self, host: str, protocol_factory):
+        addresses, problem = await self._lookup(host)
         if not addresses:
-            raise error.DNSLookupError(f"{self._host}: {problem or 'no address'}")
+            raise error.DNSLookupError(f"{host}: {problem or 'no address'}")
         failure: Exception | None = None
         for address in addresses:
             kind = (endpoints.TCP6ClientEndpoint if ":" in address
                     else endpoints.TCP4ClientEndpoint)
-            session = f._tls.session(self._host, check=True, enforce=True)
+            session = self._tls.session(host, check=True, enforce=True)
+            self.sessions.append(session)
             endpoint = endpoints.wrapClientTLS(
-                session, kind(f._reactor, address, f._port, timeout=f._timeout))
+                session, kind(self._reactor, address, self._port, timeout=self._timeout))
             try:
                 return await endpoint.connect(protocol_factory)
             except Exception as e:
                 failure = e
         raise failure  # type: ignore[misc]
+
+
+@implementer(IStreamClientEndpoint)
+class _ResolvedTLSEndpoint:
+    def __init__(self, connect, host: str) -> None:
+        self._connect = connect
+        self._host = host
+
+    def connect(self, protocol_factory):
+        return defer.Deferred.fromCoroutine(self._connect(self._host, protocol_factory))
 
 
 class PolicyFetcher:
@@ -258,14 +264,11 @@ class PolicyFetcher:
     """
 
     def __init__(self, reactor, lookup, tls, *, port: int = 443, timeout: float = 60.0) -> None:
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent
-
         self._reactor = reactor
+        self._lookup = lookup
+        self._tls = tls
+        self._port = port
         self._timeout = timeout
-        agent = Agent.usingEndpointFactory(
-            reactor, _ResolvedTLSEndpoints(reactor, lookup, tls, port, timeout))
-        self._client = HTTPClient(agent)
 
     def fetch(self, domain: str) -> defer.Deferred:
         """
@@ -283,11 +286,17 @@ class PolicyFetcher:
 
     async def _fetch(self, url: str) -> bytes:
         import treq
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent
 
+        connections = _ResolvedTLSEndpoints(self._reactor, self._lookup, self._tls, self._port,
+                                            self._timeout)
+        client = HTTPClient(Agent.usingEndpointFactory(self._reactor, connections))
         try:
-            response = await self._client.get(url, allow_redirects=False)
+            response = await client.get(url, allow_redirects=False)
         except Exception as e:
-            raise PolicyError(f"cannot fetch {url}: {_describe(e)}") from None
+            problem = next((s.problem for s in connections.sessions if s.problem), "")
+            raise PolicyError(f"cannot fetch {url}: {problem or _describe(e)}") from None
         chunks: list[bytes] = []
         size = 0
 

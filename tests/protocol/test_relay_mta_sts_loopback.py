@@ -116,11 +116,17 @@ class MTASTSTests(unittest.TestCase):
 
     @inline
     async def test_fetch_refuses_a_certificate_for_another_name_or_from_another_ca(self):
-        for name, ca in (("www.remote.test", None), ("mta-sts.remote.test", CA("other"))):
+        for name, ca, words in (
+                ("www.remote.test", None,
+                 "hostname mismatch: the certificate does not name mta-sts.remote.test"),
+                ("mta-sts.remote.test", CA("other"),
+                 "certificate verify failed: unable to get local issuer certificate")):
             port, requests = self.https(name, ca)
             with self.assertRaises(PolicyError) as caught:
                 await self.fetcher(port).fetch("remote.test")
-            self.assertIn("cannot fetch https://mta-sts.remote.test/", str(caught.exception))
+            self.assertEqual(str(caught.exception),
+                             f"cannot fetch https://mta-sts.remote.test/.well-known/mta-sts.txt: "
+                             f"{words}")
             self.assertEqual(requests, [])
 
     @inline
