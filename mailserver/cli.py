@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mailserver.accounts import AccountError, Accounts, strcred_checkers
+from mailserver.accounts import AccountError
 from mailserver.config import Config, ConfigError, load
+from mailserver.from_config import accounts_for, certificate_files
 from mailserver.hooks import PluginContext
 from mailserver.mailauth import add_dkim_commands, load_signing_keys
 from mailserver.plugin_loading import load_plugins
@@ -41,22 +42,22 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def _user_add(config: Config, args: argparse.Namespace) -> str:
-    Accounts(config).add_user(args.address, _read_password(args))
+    accounts_for(config).add_user(args.address, _read_password(args))
     return f"added {args.address}"
 
 
 def _user_passwd(config: Config, args: argparse.Namespace) -> str:
-    Accounts(config).set_password(args.address, _read_password(args))
+    accounts_for(config).set_password(args.address, _read_password(args))
     return f"password changed for {args.address}"
 
 
 def _user_del(config: Config, args: argparse.Namespace) -> str:
-    Accounts(config).remove_user(args.address)
+    accounts_for(config).remove_user(args.address)
     return f"removed {args.address} (its mail stays in the Maildir)"
 
 
 def _user_list(config: Config, args: argparse.Namespace) -> str:
-    return "\n".join(Accounts(config).users())
+    return "\n".join(accounts_for(config).users())
 
 
 def _check_config(config: Config, args: argparse.Namespace) -> str:
@@ -66,13 +67,12 @@ def _check_config(config: Config, args: argparse.Namespace) -> str:
 
     checked = load(args.file) if args.file else config
     if checked.tls.certificate:  # else a self-signed pair is made at start
-        server_options(checked)
-    strcred_checkers(checked)
-    load_signing_keys(checked)
+        server_options(certificate_files(checked))
+    load_signing_keys(checked.dkim, checked.dkim_key_path, checked.source)
     context = PluginContext(
         reactor=reactor, hostname=checked.hostname, data_path=checked.data_path
     )
-    load_plugins(checked, context)
+    load_plugins(checked.plugins, context, checked.source)
     return f"{checked.source}: OK"
 
 

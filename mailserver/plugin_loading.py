@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 from twisted.plugin import getPlugins
 
-from mailserver.config import Config, ConfigError
+from mailserver.config import ConfigError, Plugins
 from mailserver.hooks import PluginContext, PluginOptionsError
 from mailserver.interfaces import IPluginFactory
 
@@ -30,31 +30,36 @@ def available_plugins(paths: tuple[str, ...] = ()) -> dict[str, object]:
     return {factory.name: factory for factory in getPlugins(IPluginFactory, package)}
 
 
-def load_plugins(config: Config, context: PluginContext) -> list[tuple[str, object]]:
+def load_plugins(
+    plugins: Plugins, context: PluginContext, source: str
+) -> list[tuple[str, object]]:
     """
-    Build the enabled plugins' hook objects, in the configured order.
+    Build the enabled plugins' hook objects, in the configured order; each
+    plugin's C{build} gets C{context} with a logger of its own.
+
+    @param plugins: the C{[plugins]} section.
+    @param source: the configuration file, for errors.
     """
-    source = config.source
-    found = available_plugins(config.plugins.paths)
-    for name in config.plugins.options:
-        if name not in config.plugins.enabled:
+    found = available_plugins(plugins.paths)
+    for name in plugins.options:
+        if name not in plugins.enabled:
             raise ConfigError(
                 source, f"plugins.{name}", "options for a plugin that is not in plugins.enabled"
             )
-    plugins = []
-    for name in config.plugins.enabled:
+    hooks = []
+    for name in plugins.enabled:
         factory = found.get(name)
         if factory is None:
             known = ", ".join(sorted(found)) or "none"
             raise ConfigError(
                 source, "plugins.enabled", f"no plugin named {name!r} (found: {known})"
             )
-        options = MappingProxyType(dict(config.plugins.options.get(name, {})))
+        options = MappingProxyType(dict(plugins.options.get(name, {})))
         try:
-            hook = factory.build(options, context)
+            hook = factory.build(options, context.for_plugin(name))
         except PluginOptionsError as e:
             raise ConfigError(source, f"plugins.{name}.{e.key}", e.problem) from None
         except Exception as e:
             raise ConfigError(source, f"plugins.{name}", f"failed to load: {e}") from None
-        plugins.append((name, hook))
-    return plugins
+        hooks.append((name, hook))
+    return hooks

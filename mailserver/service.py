@@ -23,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import Accounts, make_portal, password_threadpool, strcred_checkers
 from mailserver.config import Config, ConfigError
+from mailserver.from_config import accounts_for, certificate_files
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
@@ -33,6 +34,7 @@ from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
 from mailserver.metrics import Metrics, server_metrics
 from mailserver.relay import QueueError, QueueStore, RelayRunner
+from mailserver.relay.mx import make_resolver
 from mailserver.smtp import SMTPFactory
 from mailserver.tls import ReloadableServerOptions
 from mailserver.web import make_admin_site
@@ -291,14 +293,14 @@ class CrashCleanup(Service):
 
     log = Logger()
 
-    def __init__(self, config: Config, spool_tmp: Path) -> None:
-        self._config = config
+    def __init__(self, mail_path: Path, spool_tmp: Path) -> None:
+        self._mail_path = mail_path
         self._spool_tmp = spool_tmp
 
     def startService(self) -> None:
         super().startService()
         folders = [str(self._spool_tmp)]
-        folders += glob.glob(os.path.join(glob.escape(str(self._config.mail_path)), "*", "*", "tmp"))
+        folders += glob.glob(os.path.join(glob.escape(str(self._mail_path)), "*", "*", "tmp"))
         removed = sum(remove_stale_tmp(folder) for folder in folders)
         if removed:
             self.log.info(
@@ -347,12 +349,13 @@ def make_service(config: Config, reactor) -> MultiService:
     _raise_open_file_limit()
     _return_large_buffers()
     config.data_path.mkdir(parents=True, exist_ok=True)
-    tls_options = ReloadableServerOptions(config)
-    accounts = Accounts(config)
+    tls_options = ReloadableServerOptions(certificate_files(config))
+    accounts = accounts_for(config)
     portal = make_portal(
-        accounts, reactor, strcred_checkers(config), threadpool=password_threadpool(reactor)
+        accounts, reactor, strcred_checkers(config.auth.checkers),
+        threadpool=password_threadpool(reactor),
     )
-    queue = QueueStore(config)
+    queue = QueueStore(config.queue_path)
     metrics = Metrics()
     instruments = server_metrics(
         metrics,
@@ -362,18 +365,26 @@ def make_service(config: Config, reactor) -> MultiService:
     context = PluginContext(reactor=reactor, hostname=config.hostname, data_path=config.data_path)
     # Authentication checks see the message as it arrived; DKIM signs it
     # as the plugins left it.
-    auth_first, auth_last = mail_auth_hooks(config, reactor)
+    auth_first, auth_last = mail_auth_hooks(
+        checks=config.checks, dkim=config.dkim, hostname=config.hostname,
+        key_folder=config.dkim_key_path, resolver=make_resolver(config.relay.resolver, reactor),
+        reactor=reactor, source=config.source,
+    )
     hooks = Hooks(
-        auth_first + load_plugins(config, context) + auth_last,
+        auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
         on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),
     )
     intake = Intake(
-        accounts=accounts, reactor=reactor, queue=queue, on_delivered=hooks.delivered
+        accounts=accounts, reactor=reactor, data_path=config.data_path,
+        hostname=config.hostname, min_free_space=config.limits.min_free_space,
+        queue=queue, on_delivered=hooks.delivered,
     )
     # The runner starts before the listeners, so the queue is picked up
     # before clients connect; only the primary process runs it.
     runner = RelayRunner(
-        config=config,
+        relay=config.relay,
+        hostname=config.hostname,
+        mta_sts_path=config.mta_sts_path,
         queue=queue,
         intake=intake,
         reactor=reactor,
@@ -386,7 +397,7 @@ def make_service(config: Config, reactor) -> MultiService:
         smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp", clock=reactor)
 
     # One count of failed logins per client address for every listener.
-    login_throttle = throttle_for(config, reactor)
+    login_throttle = throttle_for(config.limits, reactor)
 
     def mailbox_for(address: str) -> Mailbox:
         return Mailbox(accounts.mailbox_path(address))
@@ -460,7 +471,7 @@ def make_service(config: Config, reactor) -> MultiService:
         for listener, address in zip(listeners, inherited):
             listener.shared_address = address
     else:
-        CrashCleanup(config, intake.spool_path / "tmp").setServiceParent(root)
+        CrashCleanup(config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
         runner.setServiceParent(root)
     # Services stop in reverse order: the ports close first, then connected
     # clients hear 421.

@@ -7,12 +7,10 @@ L{mailserver.config.load}, and a problem ends start-up with one line.
 
 from __future__ import annotations
 
-import dataclasses
-
 from twisted.application.service import IService
 from twisted.python import usage
 
-from mailserver.config import ConfigError, load
+from mailserver.config import ConfigError, load, override
 
 
 class Options(usage.Options):
@@ -36,9 +34,7 @@ def makeService(options: Options) -> IService:
     try:
         config = load(options["config"])
         if options["workers"] is not None:
-            if not 1 <= options["workers"] <= 256:
-                raise ConfigError("--workers", "-", "must be from 1 to 256")
-            config = dataclasses.replace(config, workers=options["workers"])
+            config = override(config, "workers", options["workers"], "--workers")
         return make_service(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"mailserver: {e}") from None

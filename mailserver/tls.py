@@ -11,11 +11,29 @@ from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet import ssl
 
-from mailserver.config import Config, ConfigError
+from mailserver.config import ConfigError
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    """
+    The PEM certificate and key every TLS role uses.
+
+    @ivar self_signed: when none is configured, a self-signed pair for
+        C{hostname} is made at these paths if they do not exist.
+    @ivar source: the configuration file, named in errors.
+    """
+
+    certificate: Path
+    key: Path
+    hostname: str
+    self_signed: bool
+    source: str
 
 
 def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
@@ -56,23 +74,23 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
 
-def server_options(config: Config) -> ssl.CertificateOptions:
+def server_options(files: CertificateFiles) -> ssl.CertificateOptions:
     """
     The TLS server context for every role.
 
     @raise ConfigError: if the certificate or key cannot be used.
     """
-    if not config.tls.certificate:
-        ensure_self_signed(config.certificate_path, config.key_path, config.hostname)
+    if files.self_signed:
+        ensure_self_signed(files.certificate, files.key, files.hostname)
     try:
-        cert_pem = config.certificate_path.read_bytes()
-        key_pem = config.key_path.read_bytes()
+        cert_pem = files.certificate.read_bytes()
+        key_pem = files.key.read_bytes()
         private = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     except OSError as e:
-        raise ConfigError(config.source, "tls", f"cannot read certificate: {e}") from None
+        raise ConfigError(files.source, "tls", f"cannot read certificate: {e}") from None
     except Exception as e:  # OpenSSL raises its own error types
         raise ConfigError(
-            config.source, "tls", f"certificate and key are not usable: {e}"
+            files.source, "tls", f"certificate and key are not usable: {e}"
         ) from None
     return private.options()
 
@@ -84,9 +102,9 @@ class ReloadableServerOptions:
     handshakes use the new context, running sessions keep theirs.
     """
 
-    def __init__(self, config: Config) -> None:
-        self._config = config
-        self.current = server_options(config)
+    def __init__(self, files: CertificateFiles) -> None:
+        self._files = files
+        self.current = server_options(files)
 
     def getContext(self):
         return self.current.getContext()
@@ -95,4 +113,4 @@ class ReloadableServerOptions:
         """
         @raise ConfigError: the new files are unusable; the old ones stay.
         """
-        self.current = server_options(self._config)
+        self.current = server_options(self._files)

@@ -20,9 +20,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailserver.config import SmarthostTLS, TLSLevel
 from mailserver.interfaces import ICourier
 from mailserver.relay import client as smtp_client
-from mailserver.relay._settings import parse_host_port, parse_transports
 from mailserver.relay.client import (
     OutboundRecipient,
     Reply,
@@ -34,7 +34,6 @@ from mailserver.relay.client import (
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
 from mailserver.relay.queue import QueuedMessage, QueueStore
 from mailserver.relay.tls_policy import (
-    MAY,
     ClientTLS,
     PolicyTable,
     SessionVerdict,
@@ -63,7 +62,7 @@ def destination_of(relay, address: str) -> str:
     concurrency limit: the smarthost, or the recipient's domain.
     """
     if relay.smarthost:
-        return "smarthost:" + relay.smarthost
+        return f"smarthost:{relay.smarthost}"
     return address.rpartition("@")[2].lower().rstrip(".")
 
 
@@ -120,7 +119,7 @@ class RouteCourier:
         self._mta_sts = mta_sts
         self._count = count or (lambda **labels: None)
         self._timeouts = Timeouts.from_config(relay)
-        self._transports = parse_transports(relay.transports, relay.port)
+        self._transports = {route.domain: route for route in relay.transports}
 
     def deliver(self, message, recipients):
         return defer.Deferred.fromCoroutine(self._deliver(message, recipients))
@@ -146,14 +145,14 @@ class RouteCourier:
     async def _route(self, domain: str) -> Route:
         relay = self._relay
         if relay.smarthost:
-            host, port = parse_host_port(relay.smarthost, 587)
+            host, port = relay.smarthost.host, relay.smarthost.port
             return Route([Hop(host, (host,), port)], self._policies.smarthost(), auth=True,
-                         implicit=relay.smarthost_tls == "implicit")
+                         implicit=relay.smarthost_tls == SmarthostTLS.IMPLICIT)
         transport = self._transports.get(domain)
         configured = self._policies.configured(domain, transport is not None)
         if transport is not None:
-            host, port = transport
-            return Route([Hop(host, (host,), port)], configured)
+            port = relay.port if transport.port is None else transport.port
+            return Route([Hop(transport.host, (transport.host,), port)], configured)
         if configured is not None or self._mta_sts is None:
             return Route(await self._router.route(domain), configured or self._policies.default())
         routing = self._router.route(domain)  # both lookups at once
@@ -212,7 +211,7 @@ class RouteCourier:
         self._report(message, policy, hop, address, verdict)
         if result.reached or not verdict.failed:
             return result
-        if policy.level == MAY:
+        if policy.level == TLSLevel.MAY:
             if not verdict.handshake_failed:
                 return result  # TLS was optional: what failed was not TLS
             self.log.info(

@@ -437,15 +437,15 @@ class MTASTS:
         return policy
 
 
-def make_mta_sts(config, reactor, resolver, router, tls, io=None) -> MTASTS | None:
+def make_mta_sts(relay, cache_path: Path, reactor, resolver, router, tls,
+                 io=None) -> MTASTS | None:
     """
-    The MTA-STS resolver the relay uses, or C{None} when C{relay.mta_sts} is
-    off or all mail goes to a smarthost.
+    The MTA-STS resolver the relay uses, caching policies in C{cache_path},
+    or C{None} when C{relay.mta_sts} is off or all mail goes to a smarthost.
     """
-    relay = config.relay
     if not relay.mta_sts or relay.smarthost:
         return None
     fetcher = PolicyFetcher(reactor, router.addresses, tls, port=relay.mta_sts_port,
                             timeout=min(60.0, relay.connect_timeout + relay.command_timeout))
     return MTASTS(resolver=resolver, fetcher=fetcher,
-                  cache=PolicyCache(config.data_path / "mta-sts"), clock=reactor, io=io)
+                  cache=PolicyCache(cache_path), clock=reactor, io=io)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import replace
+from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -99,6 +100,10 @@ class _Slots:
 
 class RelayRunner(Service):
     """
+    @param relay: the C{[relay]} section (L{mailserver.config.Relay}).
+    @param hostname: ours, for EHLO and reports.
+    @param mta_sts_path: the folder MTA-STS policies are cached in
+        (L{mailserver.config.Config.mta_sts_path}).
     @param courier: an L{ICourier}; default: MX routing and the SMTP client.
     @param accounts: resolves local senders' addresses to their accounts
         for reports (without it, the sender address is used as is).
@@ -113,7 +118,9 @@ class RelayRunner(Service):
     def __init__(
         self,
         *,
-        config,
+        relay,
+        hostname: str,
+        mta_sts_path: Path,
         queue: QueueStore,
         intake,
         reactor,
@@ -131,8 +138,9 @@ class RelayRunner(Service):
         """
         self._metrics = metrics or unregistered_metrics()
         self._on_delivered = on_delivered
-        self._config = config
-        self._relay = config.relay
+        self._hostname = hostname
+        self._mta_sts_path = mta_sts_path
+        self._relay = relay
         self._queue = queue
         self._intake = intake
         self._reactor = reactor
@@ -142,7 +150,7 @@ class RelayRunner(Service):
         self._accounts = accounts
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
-        self.policy = RetryPolicy.from_config(config.relay)
+        self.policy = RetryPolicy.from_config(relay)
         self._slots = _Slots(self._relay.max_connections, self._relay.max_connections_per_destination)
         self._timers: dict = {}
         self._active: dict[str, defer.Deferred] = {}
@@ -170,12 +178,12 @@ class RelayRunner(Service):
                 RouteCourier(
                     reactor=self._reactor,
                     relay=self._relay,
-                    hostname=self._config.hostname,
+                    hostname=self._hostname,
                     store=self._queue,
                     router=router,
                     tls=tls,
-                    mta_sts=make_mta_sts(self._config, self._reactor, resolver, router, tls,
-                                         io=self._io),
+                    mta_sts=make_mta_sts(self._relay, self._mta_sts_path, self._reactor, resolver,
+                                         router, tls, io=self._io),
                     count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
                 )
             )
@@ -503,7 +511,7 @@ class RelayRunner(Service):
         original = await self._io(read)
         data = dsn_module.build_dsn(
             message, recipients, action,
-            hostname=self._config.hostname,
+            hostname=self._hostname,
             original=original,
             headers_only=headers_only,
             now=now,
@@ -528,7 +536,7 @@ class RelayRunner(Service):
 
     def _report_destinations(self, sender: str) -> tuple[str, ...]:
         domain = sender.rpartition("@")[2]
-        if self._accounts is not None and self._config.is_local_domain(domain):
+        if self._accounts is not None and self._accounts.is_local_domain(domain):
             resolved = self._accounts.resolve(sender)
             if not resolved:
                 raise QueueError(f"local sender <{sender}> has no mailbox")

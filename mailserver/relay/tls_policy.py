@@ -38,13 +38,20 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailserver.relay._settings import parse_tls_policies
-
-NONE, MAY, ENCRYPT, VERIFY = "none", "may", "encrypt", "verify"
+from mailserver.config import RelayTLS, TLSLevel
 
 # What C{Transaction.tls} the client is given for a level.
-_CLIENT_MODE = {NONE: "none", MAY: "opportunistic", ENCRYPT: "required", VERIFY: "required"}
-_FROM_RELAY_TLS = {"opportunistic": MAY, "required": ENCRYPT, "none": NONE}
+_CLIENT_MODE = {
+    TLSLevel.NONE: "none",
+    TLSLevel.MAY: "opportunistic",
+    TLSLevel.ENCRYPT: "required",
+    TLSLevel.VERIFY: "required",
+}
+_FROM_RELAY_TLS = {
+    RelayTLS.OPPORTUNISTIC: TLSLevel.MAY,
+    RelayTLS.REQUIRED: TLSLevel.ENCRYPT,
+    RelayTLS.NONE: TLSLevel.NONE,
+}
 
 # OpenSSL's X509_V_ERR_* codes, as TLS-RPT (RFC 8460 4.3) names their kind.
 _EXPIRED = {9, 10}  # not yet valid, expired
@@ -56,7 +63,7 @@ class TLSPolicy:
     """
     How one destination is to be reached.
 
-    @ivar level: L{NONE}, L{MAY}, L{ENCRYPT} or L{VERIFY}.
+    @ivar level: the L{TLSLevel}.
     @ivar source: what chose it, for messages (C{"relay.tls_policies"},
         C{"MTA-STS"}, C{"smarthost"}, ...).
     @ivar domain: the policy domain counted in C{relay_tls_policy_total}
@@ -68,7 +75,7 @@ class TLSPolicy:
         what fails, but deliver anyway (MTA-STS C{testing}).
     """
 
-    level: str
+    level: TLSLevel
     source: str
     domain: str = ""
     mode: str = ""
@@ -85,7 +92,7 @@ class TLSPolicy:
         Whether certificates are verified (and failures enforced or, in
         testing, reported).
         """
-        return self.level == VERIFY or self.testing
+        return self.level == TLSLevel.VERIFY or self.testing
 
     def allows_mx(self, host: str) -> bool:
         return self.mx is None or any(mx_matches(p, host) for p in self.mx)
@@ -104,7 +111,7 @@ def mx_matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
-def policy_entry(policies: dict[str, str], domain: str) -> tuple[str, str] | None:
+def policy_entry(policies: dict[str, TLSLevel], domain: str) -> tuple[str, TLSLevel] | None:
     """
     The C{relay.tls_policies} entry for C{domain} as C{(key, level)}: its
     own, else the C{".parent"} entry of the nearest parent domain.
@@ -128,8 +135,8 @@ class PolicyTable:
 
     def __init__(self, relay) -> None:
         self._relay = relay
-        self._policies = parse_tls_policies(relay.tls_policies)
-        self._next_hop = VERIFY if relay.smarthost_tls_verify else ENCRYPT
+        self._policies = {rule.domain: rule.level for rule in relay.tls_policies}
+        self._next_hop = TLSLevel.VERIFY if relay.smarthost_tls_verify else TLSLevel.ENCRYPT
 
     def smarthost(self) -> TLSPolicy:
         return TLSPolicy(self._next_hop, "smarthost")
@@ -144,7 +151,7 @@ class PolicyTable:
             key, level = entry
             # Counted under the entry's key: one label value per entry.
             return TLSPolicy(level, "relay.tls_policies", domain=key,
-                             mode=level if level != NONE else "")
+                             mode=level if level != TLSLevel.NONE else "")
         if transport:
             return TLSPolicy(self._next_hop, "transport")
         return None
@@ -157,10 +164,10 @@ class PolicyTable:
         An MTA-STS policy in C{enforce} or C{testing} mode as a L{TLSPolicy}.
         """
         if mode == "enforce":
-            return TLSPolicy(VERIFY, "MTA-STS", domain=domain, mode=mode, mx=mx)
+            return TLSPolicy(TLSLevel.VERIFY, "MTA-STS", domain=domain, mode=mode, mx=mx)
         base = self.default().level
-        return TLSPolicy(ENCRYPT if base == ENCRYPT else MAY, "MTA-STS", domain=domain,
-                         mode=mode, mx=mx, testing=True)
+        level = TLSLevel.ENCRYPT if base == TLSLevel.ENCRYPT else TLSLevel.MAY
+        return TLSPolicy(level, "MTA-STS", domain=domain, mode=mode, mx=mx, testing=True)
 
 
 def ca_certificates(relay) -> bytes:
@@ -196,7 +203,7 @@ class ClientTLS:
                                 check=check, enforce=enforce)
 
     def for_policy(self, policy: TLSPolicy, host: str) -> CheckedClientTLS | None:
-        if policy.level == NONE:
+        if policy.level == TLSLevel.NONE:
             return None
         return self.session(host, check=policy.checks, enforce=not policy.testing)
 

@@ -144,6 +144,11 @@ def test_user_commands(server):
         ("[limits]\nmax_recipients = \"many\"\n", "limits.max_recipients: must be an integer"),
         ("[listeners]\nsmtp = [\"bogus:25\"]\n", "listeners.smtp: bad endpoint"),
         ("colour = \"blue\"\n", "colour: unknown key"),
+        # Issue 19: once accepted, then a start-up error over two lines.
+        ("[listeners]\nsmtp = [\"tcp:2525:interface=127.0.0.1\\nevil\"]\n",
+         "listeners.smtp: bad endpoint 'tcp:2525:interface=127.0.0.1\\nevil': interface"),
+        ("[listeners]\npop3 = [\"tcp:99999\"]\n", "listeners.pop3: bad endpoint 'tcp:99999'"),
+        ("[admin]\ntoken = \"a\"\n", "admin.token: must be at least 16 characters"),
     ],
 )
 def test_bad_config_stops_start_up_with_one_line(tmp_path, text, expected):

@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from mailserver.config import Relay
+from mailserver.config import HostPort, Relay, SmarthostTLS, TLSLevel, TLSPolicyRule
 from mailserver.relay.delivery import RouteCourier
 from mailserver.relay.mx import MXRouter
 from mailserver.relay.queue import QueuedMessage, RecipientState
@@ -85,8 +85,8 @@ class TLSRelayTests(unittest.TestCase):
         return outcomes["r@remote.test"].reply
 
     def smarthost(self, port: int, **keys) -> dict:
-        return dict(smarthost=f"127.0.0.1:{port}", smarthost_username="relay@example.org",
-                    smarthost_password="secret", **keys)
+        return dict(smarthost=HostPort("127.0.0.1", port),
+                    smarthost_username="relay@example.org", smarthost_password="secret", **keys)
 
     def assert_no_auth(self, sink) -> None:
         self.assertFalse([line for _, line in sink.lines if line.upper().startswith("AUTH")],
@@ -127,13 +127,15 @@ class TLSRelayTests(unittest.TestCase):
     @inline
     async def test_implicit_tls_smarthost_is_verified_too(self):
         port, sink = self.peer("127.0.0.1", ca=CA("somebody else"), implicit=True)
-        reply = await self.deliver(self.courier(**self.smarthost(port, smarthost_tls="implicit")))
+        courier = self.courier(**self.smarthost(port, smarthost_tls=SmarthostTLS.IMPLICIT))
+        reply = await self.deliver(courier)
         self.assertEqual(reply.status, "4.7.5", reply)
         self.assertIn("certificate verify failed", reply.text)
         self.assertEqual(sink.lines, [])
 
         port, sink = self.peer("127.0.0.1", implicit=True)
-        reply = await self.deliver(self.courier(**self.smarthost(port, smarthost_tls="implicit")))
+        courier = self.courier(**self.smarthost(port, smarthost_tls=SmarthostTLS.IMPLICIT))
+        reply = await self.deliver(courier)
         self.assertEqual(reply.code, 250, reply)
         self.assertEqual({state for state, _ in sink.lines}, {"tls"})
 
@@ -151,13 +153,17 @@ class TLSRelayTests(unittest.TestCase):
     @inline
     async def test_verify_policy_checks_the_mx_host_name(self):
         port, sink = self.peer("mx1.remote.test")
-        reply = await self.deliver(self.courier(port=port, tls_policies=("remote.test=verify",)))
+        policy = TLSPolicyRule("remote.test", TLSLevel.VERIFY)
+        courier = self.courier(port=port, tls_policies=(policy,))
+        reply = await self.deliver(courier)
         self.assertEqual(reply.code, 250, reply)
         self.assertEqual(self.counted, [dict(domain="remote.test", mode="verify",
                                              result="success")])
 
         port, sink = self.peer("mx9.remote.test")
-        reply = await self.deliver(self.courier(port=port, tls_policies=(".test=verify",)))
+        policy = TLSPolicyRule(".test", TLSLevel.VERIFY)
+        courier = self.courier(port=port, tls_policies=(policy,))
+        reply = await self.deliver(courier)
         self.assertEqual(reply.status, "4.7.5", reply)
         self.assertIn("TLS with mx1.remote.test [127.0.0.1]", reply.text)
         self.assertIn("hostname mismatch: the certificate does not name mx1.remote.test",
@@ -190,7 +196,9 @@ class TLSRelayTests(unittest.TestCase):
 
         port, sink = self.peer("mx1.remote.test")
         sink.broken_tls = True
-        reply = await self.deliver(self.courier(port=port, tls_policies=("remote.test=encrypt",)))
+        policy = TLSPolicyRule("remote.test", TLSLevel.ENCRYPT)
+        courier = self.courier(port=port, tls_policies=(policy,))
+        reply = await self.deliver(courier)
         self.assertEqual(reply.status, "4.7.5", reply)
         self.assertEqual(sink.messages, [])
         self.assertEqual([line for _, line in sink.lines], ["EHLO mx.test", "STARTTLS"])
@@ -199,7 +207,9 @@ class TLSRelayTests(unittest.TestCase):
     async def test_required_tls_towards_a_server_without_starttls(self):
         port, sink = self.peer("mx1.remote.test")
         sink.offer_starttls = False
-        reply = await self.deliver(self.courier(port=port, tls_policies=("remote.test=verify",)))
+        policy = TLSPolicyRule("remote.test", TLSLevel.VERIFY)
+        courier = self.courier(port=port, tls_policies=(policy,))
+        reply = await self.deliver(courier)
         self.assertEqual(reply.status, "4.7.0", reply)
         self.assertIn("does not offer STARTTLS", reply.text)
         self.assertEqual([line for _, line in sink.lines], ["EHLO mx.test", "QUIT"])
