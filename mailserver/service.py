@@ -125,6 +125,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     runner = RelayRunner(
         relay=config.relay,
         hostname=config.hostname,
+        mta_sts_path=config.mta_sts_path,
         queue=queue,
         intake=intake,
         reactor=reactor,

@@ -243,6 +243,13 @@ class MXRouter:
             raise _temporary(f"cannot find an address for the MX hosts of {domain}: {detail}")
         return hops
 
+    def addresses(self, name: str) -> defer.Deferred:
+        """
+        The addresses of a host name, as for an MX host: a Deferred firing
+        with C{(addresses, problem)} (see L{_addresses}).
+        """
+        return defer.Deferred.fromCoroutine(self._addresses(name.lower().rstrip(".")))
+
     async def _mx_records(self, domain: str) -> list[tuple[int, str]] | None:
         """
         The MX records of C{domain} (following CNAMEs), or None when it has

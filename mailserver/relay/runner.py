@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import replace
+from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -42,6 +43,7 @@ from mailserver.hooks import Delivery
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
+from mailserver.relay.mta_sts import make_mta_sts
 from mailserver.relay.mx import MXRouter, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
@@ -54,6 +56,7 @@ from mailserver.relay.queue import (
     QueueStore,
 )
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
+from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
 
 
 class _Slots:
@@ -99,6 +102,8 @@ class RelayRunner(Service):
     """
     @param relay: the C{[relay]} section (L{mailserver.config.Relay}).
     @param hostname: ours, for EHLO and reports.
+    @param mta_sts_path: the folder MTA-STS policies are cached in
+        (L{mailserver.config.Config.mta_sts_path}).
     @param courier: an L{ICourier}; default: MX routing and the SMTP client.
     @param accounts: resolves local senders' addresses to their accounts
         for reports (without it, the sender address is used as is).
@@ -115,6 +120,7 @@ class RelayRunner(Service):
         *,
         relay,
         hostname: str,
+        mta_sts_path: Path,
         queue: QueueStore,
         intake,
         reactor,
@@ -133,6 +139,7 @@ class RelayRunner(Service):
         self._metrics = metrics or unregistered_metrics()
         self._on_delivered = on_delivered
         self._hostname = hostname
+        self._mta_sts_path = mta_sts_path
         self._relay = relay
         self._queue = queue
         self._intake = intake
@@ -166,6 +173,7 @@ class RelayRunner(Service):
             # queries (made at once); the deadline holds whatever happens.
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
                               deadline=3 * self._relay.dns_timeout)
+            tls = ClientTLS(ca_certificates(self._relay))
             self._courier = LoggingCourier(
                 RouteCourier(
                     reactor=self._reactor,
@@ -173,8 +181,16 @@ class RelayRunner(Service):
                     hostname=self._hostname,
                     store=self._queue,
                     router=router,
+                    tls=tls,
+                    mta_sts=make_mta_sts(self._relay, self._mta_sts_path, self._reactor, resolver,
+                                         router, tls, io=self._io),
+                    count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
                 )
             )
+            if not self._relay.smarthost_tls_verify:
+                self.log.warn("relay: smarthost_tls_verify = false: the certificates of the "
+                              "smarthost and transport hosts are not checked, so anyone on "
+                              "the way can read the mail and the smarthost password")
         removed = self._queue.remove_orphans()
         if removed:
             self.log.info("relay: removed {n} unacknowledged queue files", n=len(removed))
