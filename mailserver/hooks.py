@@ -10,6 +10,7 @@ so no plugin can crash a session or lose a message.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,10 +60,16 @@ class PluginContext:
         return replace(self, log=Logger(namespace=f"mailserver.plugins.{name}"))
 
 
+def _nothing_unread() -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class Client:
     """
     The SMTP client a hook is asked about.
+
+    @ivar _unread: what L{pending_input} asks (given by the session).
     """
 
     address: str
@@ -71,17 +78,33 @@ class Client:
     helo: str = ""
     authenticated: str | None = None
     tls: bool = False
+    _unread: Callable[[], int] = field(default=_nothing_unread, repr=False, compare=False)
+
+    def pending_input(self) -> int:
+        """
+        Octets the client has sent that the server has not read yet.  Asked
+        by a connection hook that has waited, it tells an early talker: a
+        client that sent commands before the greeting (RFC 5321 4.3.1
+        forbids it; spam software does it to save time).
+        """
+        return self._unread()
 
 
 @dataclass(frozen=True)
 class Reject:
     """
     Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}.
+
+    @ivar reason: a short fixed word for the log line and the
+        C{smtp_refusals_total} metric (e.g. C{"dnsbl"}); by default the
+        name of the plugin that refused.  Never client input: it is a
+        metric label.
     """
 
     code: int
     enhanced: str
     text: str
+    reason: str = ""
 
     def __post_init__(self) -> None:
         if not (400 <= self.code < 600):
@@ -92,6 +115,8 @@ class Reject:
             raise ValueError("the enhanced code's class must match the reply code")
         if "\r" in self.text or "\n" in self.text:
             raise ValueError("the text must be one line")
+        if self.reason and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", self.reason):
+            raise ValueError("the reason must be a short lower-case word")
 
 
 @dataclass(frozen=True)
@@ -252,13 +277,24 @@ class MessageBody:
 class Hooks:
     """
     The enabled plugins' hook objects, in configuration order.
+
+    Every refusal a hook answers is logged here, one line with the client,
+    its HELO, the user, the reason and the reply, and reported to
+    C{on_refusal(reason)} (the C{smtp_refusals_total} metric), so each
+    defence and plugin gets that without code of its own.
     """
 
     log = Logger()
 
-    def __init__(self, plugins: list[tuple[str, object]], on_error=None) -> None:
+    def __init__(
+        self,
+        plugins: list[tuple[str, object]],
+        on_error: Callable[[str], None] | None = None,
+        on_refusal: Callable[[str], None] | None = None,
+    ) -> None:
         self._plugins = plugins
         self._on_error = on_error
+        self._on_refusal = on_refusal
         self.connection_hooks = [(n, h) for n, h in plugins if IConnectionHook.providedBy(h)]
         self.envelope_hooks = [(n, h) for n, h in plugins if IEnvelopeHook.providedBy(h)]
         self.message_hooks = [(n, h) for n, h in plugins if IMessageHook.providedBy(h)]
@@ -288,18 +324,36 @@ class Hooks:
             )
         return result
 
+    def _refused(self, name: str, hook: str, who: Client | Envelope, reject: Reject) -> Reject:
+        if reject is TEMPORARY_FAILURE:  # a broken plugin: logged as such already
+            return reject
+        reason = reject.reason or name
+        if isinstance(who, Client):
+            client, user = who.address, who.authenticated
+        else:
+            client, user = who.client_address, who.authenticated
+        self.log.info(
+            "SMTP refused ({reason}) at {hook}: {code} {enhanced} client={client} helo={helo}"
+            " user={user}: {text}",
+            reason=reason, hook=hook, code=reject.code, enhanced=reject.enhanced,
+            client=client or "-", helo=who.helo or "-", user=user or "-", text=reject.text,
+        )
+        if self._on_refusal is not None:
+            self._on_refusal(reason)
+        return reject
+
     async def connection(self, client: Client) -> Reject | None:
         for name, hook in self.connection_hooks:
             result = await self._call(name, "connection", hook.connection, client)
             if isinstance(result, Reject):
-                return result
+                return self._refused(name, "connection", client, result)
         return None
 
     async def sender(self, client: Client, address: str) -> Reject | None:
         for name, hook in self.envelope_hooks:
             result = await self._call(name, "sender", hook.sender, client, address)
             if isinstance(result, Reject):
-                return result
+                return self._refused(name, "MAIL", client, result)
         return None
 
     async def recipient(self, client: Client, sender: str, address: str) -> Reject | str:
@@ -309,7 +363,7 @@ class Hooks:
         for name, hook in self.envelope_hooks:
             result = await self._call(name, "recipient", hook.recipient, client, sender, address)
             if isinstance(result, Reject):
-                return result
+                return self._refused(name, "RCPT", client, result)
             if isinstance(result, Rewrite):
                 address = result.address
         return address
@@ -320,7 +374,7 @@ class Hooks:
         for name, hook in self.message_hooks:
             result = await self._call(name, "message", hook.message, envelope, headers, body)
             if isinstance(result, Reject):
-                return result
+                return self._refused(name, "end of DATA", envelope, result)
         return None
 
     def delivered(self, event: Delivery) -> None:

@@ -465,6 +465,7 @@ class SMTPServer(Protocol):
             helo=self._helo or "",
             authenticated=self._account,
             tls=self._tls,
+            _unread=lambda: len(self._buffer),
         )
 
     def _auth_allowed(self) -> bool:
@@ -477,15 +478,24 @@ class SMTPServer(Protocol):
     def _starttls_offered(self) -> bool:
         return self.factory.tls_options is not None and not self._tls
 
-    def _tls_description(self) -> str | None:
-        if not self._tls:
-            return None
-        handle = getattr(self.transport, "getHandle", lambda: None)()
+    def _tls_parameters(self) -> tuple[str | None, str | None]:
+        """
+        The session's TLS protocol and cipher names, C{None} when unknown.
+        """
+        handle = getattr(self.transport, "getHandle", lambda: None)() if self._tls else None
         version = getattr(handle, "get_protocol_version_name", None)
         cipher = getattr(handle, "get_cipher_name", None)
         if version is None or cipher is None:
+            return None, None
+        return version(), cipher()
+
+    def _tls_description(self) -> str | None:
+        if not self._tls:
+            return None
+        version, cipher = self._tls_parameters()
+        if version is None:
             return "using TLS"
-        return f"using {version()} with cipher {cipher()}"
+        return f"using {version} with cipher {cipher}"
 
     # Commands.
 
@@ -610,6 +620,10 @@ class SMTPServer(Protocol):
         """
         Open the intake's receiver behind our Received field.
         """
+        session_id = self.factory.next_session_id()
+        tls_version, tls_cipher = self._tls_parameters()
+        if self._tls and tls_version is None:
+            tls_version = "TLS"
         envelope = Envelope(
             sender=transaction.sender.address if transaction.sender else "",
             recipients=tuple(transaction.recipients),
@@ -621,6 +635,9 @@ class SMTPServer(Protocol):
             body=transaction.options.body,
             smtputf8=transaction.options.smtputf8,
             size=transaction.options.size,
+            trace_id=session_id,
+            tls_version=tls_version,
+            tls_cipher=tls_cipher,
         )
         try:
             receiver = self.factory.intake.begin(envelope)
@@ -638,7 +655,7 @@ class SMTPServer(Protocol):
                 tls=self._tls,
                 authenticated=self._account is not None,
             ),
-            session_id=self.factory.next_session_id(),
+            session_id=session_id,
             tls=self._tls_description(),
             authenticated=self._account,
             recipient=only,
