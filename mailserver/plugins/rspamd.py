@@ -274,15 +274,18 @@ class RspamdScanner:
                           id=envelope.trace_id or "-", size=size)
             return None
         scanning = defer.ensureDeferred(self._scan(envelope, head, body))
-        scanning.addTimeout(self._timeout, self._reactor)
+        late = self._reactor.callLater(self._timeout, scanning.cancel)
         try:
             answer = await scanning
         except ScanFailed as e:
             return self._unscanned(envelope, str(e))
-        except defer.TimeoutError:
-            return self._unscanned(envelope, f"no answer in {self._timeout:g} seconds")
         except Exception as e:  # the HTTP client's many ways of saying the peer is gone
+            if not late.active():
+                return self._unscanned(envelope, f"no answer in {self._timeout:g} seconds")
             return self._unscanned(envelope, f"{type(e).__name__}: {e}")
+        finally:
+            if late.active():
+                late.cancel()
         return self._apply(answer, headers)
 
     async def _scan(self, envelope: Envelope, head: bytes, body: MessageBody) -> Mapping:
