@@ -53,10 +53,13 @@ class RspamdEngine:
         path = self.folder / "rspamd.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start(self, timeout: float = 90.0) -> RspamdEngine:
+    def start(self, timeout: float = 90.0, port: int | None = None) -> RspamdEngine:
+        """
+        @param port: where to listen (default: a free port).
+        """
         (self.folder / "tld.dat").write_text(SUFFIXES)
         for _ in range(5):
-            self.port = free_port()
+            self.port = port or free_port()
             config = (HERE / "rspamd.conf.in").read_text()
             for name, value in (("DIR", self.folder), ("PORT", self.port),
                                 ("RULES", HERE / "rules.lua")):
