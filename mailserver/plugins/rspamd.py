@@ -43,6 +43,7 @@ the client keeps the message.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -50,10 +51,18 @@ from email.header import Header
 
 import treq
 from twisted.internet import defer
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer, provider
 
 from mailserver.envelope import Envelope
@@ -132,6 +141,32 @@ class _MessageFile:
         """
         The body belongs to the hook runner, which closes it.
         """
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """
+    Where the agent connects: Rspamd is usually at an IP address
+    (127.0.0.1), which is connected to directly; Twisted's default would
+    look even that up in a thread, once per message.
+    """
+
+    def __init__(self, reactor, timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def endpointForURI(self, uri):
+        host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else uri.host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            kind = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
+            endpoint = kind(self._reactor, host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        return endpoint
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -257,9 +292,9 @@ class RspamdScanner:
         self._max_size = max_size
         self._result_header = result_header
         # Rspamd closes the connection after each answer: nothing to keep.
-        self._http = http or treq.client.HTTPClient(
-            Agent(reactor, connectTimeout=timeout, pool=HTTPConnectionPool(reactor, persistent=False))
-        )
+        self._http = http or treq.client.HTTPClient(Agent.usingEndpointFactory(
+            reactor, _Endpoints(reactor, timeout), pool=HTTPConnectionPool(reactor, persistent=False)
+        ))
         if log is not None:
             self.log = log
 
@@ -289,9 +324,12 @@ class RspamdScanner:
         return self._apply(answer, headers)
 
     async def _scan(self, envelope: Envelope, head: bytes, body: MessageBody) -> Mapping:
-        producer = FileBodyProducer(_MessageFile(head, body), readSize=READ_SIZE)
+        if body.size <= READ_SIZE:  # one piece: no producer needed
+            data = head + b"\r\n" + body.read()
+        else:
+            data = FileBodyProducer(_MessageFile(head, body), readSize=READ_SIZE)
         response = await self._http.post(
-            self.url, data=producer,
+            self.url, data=data,
             headers=request_headers(envelope, self._hostname, self._password),
         )
         content = await treq.content(response)
