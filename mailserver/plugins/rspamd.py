@@ -128,14 +128,13 @@ class _MessageFile:
         return self._position
 
     def seek(self, offset: int, whence: int = 0) -> None:
-        target = offset if whence == 0 else self._length + offset if whence == 2 else None
-        if target == self._length and whence == 2:
-            self._position = target  # asked for the length only
-            return
-        if target != 0:
+        if (offset, whence) == (0, 2):  # to learn the length
+            self._position = self._length
+        elif (offset, whence) == (0, 0):
+            self._position = 0
+            self._rewind()
+        else:
             raise OSError("only a rewind or a seek to the end is supported")
-        self._position = 0
-        self._rewind()
 
     def close(self) -> None:
         """
