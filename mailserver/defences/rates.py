@@ -46,11 +46,17 @@ class SubmissionRates:
         self._store = store
         self._limits = {"messages": messages, "recipients": recipients}
 
-    async def _count(self, client: Client, what: str) -> Reject | None:
+    def _count(self, client: Client, what: str):
+        """
+        Nothing to wait for unless the client is a user with a limit (most
+        MAIL and RCPT commands, on the MX role, are answered at once).
+        """
         limit = self._limits[what]
-        user = client.authenticated
-        if user is None or not limit:
+        if client.authenticated is None or not limit:
             return None
+        return self._take(client.authenticated, what, limit)
+
+    async def _take(self, user: str, what: str, limit: int) -> Reject | None:
         counted, resets_at = await self._store.take(what, user.lower(), limit, HOUR)
         if counted:
             return None

@@ -202,12 +202,20 @@ class DefenceStore(Service):
         if self._run == self._in_thread:
             self._pool = ThreadPool(minthreads=1, maxthreads=1, name="defences-store")
             self._pool.start()
+            # Sessions finishing their transactions at shutdown still ask
+            # (the services stop together, not one after the other): the
+            # thread and the database last until the reactor is done.
+            self._reactor.addSystemEventTrigger("after", "shutdown", self._close)
         self._pruning.start(PRUNE_INTERVAL, now=True)
 
     def stopService(self):
         super().stopService()
         if self._pruning.running:
             self._pruning.stop()
+        if self._pool is None:
+            self._close()
+
+    def _close(self) -> None:
         if self._pool is not None:
             self._pool.stop()  # waits for the operation under way
             self._pool = None
