@@ -50,6 +50,7 @@ from collections.abc import Mapping
 from email.header import Header
 
 import treq
+from hyperlink import EncodedURL
 from twisted.internet import defer
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -282,6 +283,7 @@ class RspamdScanner:
         log: Logger | None = None,
     ) -> None:
         self.url = url.rstrip("/") + "/checkv2"
+        self._parsed_url = EncodedURL.from_text(self.url)  # once, not per message
         self._reactor = reactor
         self._hostname = hostname
         self._timeout = timeout
@@ -328,7 +330,7 @@ class RspamdScanner:
         else:
             data = FileBodyProducer(_MessageFile(head, body), readSize=READ_SIZE)
         response = await self._http.post(
-            self.url, data=data,
+            self._parsed_url, data=data, allow_redirects=False,
             headers=request_headers(envelope, self._hostname, self._password),
         )
         content = await treq.content(response)
