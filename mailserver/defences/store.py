@@ -11,10 +11,10 @@ the process, and at worst the last moments before a power loss are lost,
 which costs a greylisted sender one more retry).  An append-only file of
 our own would need its own locking across processes and compaction.
 
-The database is only ever touched in one thread of this store's own, so
-the reactor never waits for the disk or for another process's lock; each
-operation is one C{BEGIN IMMEDIATE} transaction, so two processes that
-count at once both count.  Rows that have expired are deleted every
+The database is opened at its first use and only ever touched in one
+thread of this store's own, so the reactor never waits for the disk or
+for another process's lock; each operation is one C{BEGIN IMMEDIATE}
+transaction, so two processes that count at once both count.  Rows that have expired are deleted every
 L{PRUNE_INTERVAL} seconds and after every L{PRUNE_EVERY} new triplets,
 and past C{max_entries} the triplets least recently seen go first, so the
 file stays bounded whatever a flood of new senders does.
@@ -206,7 +206,7 @@ class DefenceStore(Service):
             # (the services stop together, not one after the other): the
             # thread and the database last until the reactor is done.
             self._reactor.addSystemEventTrigger("after", "shutdown", self._close)
-        self._pruning.start(PRUNE_INTERVAL, now=True)
+        self._pruning.start(PRUNE_INTERVAL, now=False)
 
     def stopService(self):
         super().stopService()
@@ -261,8 +261,13 @@ class DefenceStore(Service):
 
     def _prune(self):
         """
-        A failure is logged, and the next prune tries again.
+        A failure is logged, and the next prune tries again.  A process
+        that has not used the database leaves it to those that have: the
+        file is opened only when a defence needs it, so a server whose
+        defences see no traffic holds nothing open in the data folder.
         """
+        if self._db is None:
+            return None
         pruning = self._do(prune, self._reactor.seconds(), self.greylist_policy)
         return pruning.addErrback(
             lambda failure: self.log.failure("pruning {path} failed", failure, path=self._path))
