@@ -97,30 +97,31 @@ class DNSBL:
         if found is not None:
             self._cache.move_to_end(address)
             return found
-        answers = await defer.gatherResults(
-            [defer.ensureDeferred(self._ask(site, address)) for site in self._sites],
+        domains = list(dict.fromkeys(site.domain for site in self._sites))  # each asked once
+        replies = dict(zip(domains, await defer.gatherResults(
+            [defer.ensureDeferred(self._ask(domain, address)) for domain in domains],
             consumeErrors=True,
-        )
-        score = sum(site.weight for site, named in zip(self._sites, answers) if named)
-        listed_by = tuple(
-            site.domain for site, named in zip(self._sites, answers) if named and site.weight > 0
-        )
-        found = Verdict(score, listed_by)
+        )))
+        named = [site for site in self._sites if any(map(site.matches, replies[site.domain]))]
+        listed_by = tuple(dict.fromkeys(site.domain for site in named if site.weight > 0))
+        found = Verdict(sum(site.weight for site in named), listed_by)
         self._cache[address] = (self._clock.seconds() + CACHE_SECONDS, found)
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return found
 
-    async def _ask(self, site: DNSBLSite, address: str) -> bool:
-        name = query_name(address, site.domain)
+    async def _ask(self, domain: str, address: str) -> list[str]:
+        """
+        The list's A records for C{address}; none when it does not answer.
+        """
+        name = query_name(address, domain)
         if name is None:
-            return False
+            return []
         asking = defer.ensureDeferred(lookup(self._resolver, name, "A", self._timeout))
         asking.addTimeout(self._timeout, self._clock)
         try:
-            replies = await asking
+            return await asking
         except (DNSTempError, defer.TimeoutError) as e:
             self.log.info("DNSBL {site} did not answer for {address}: {problem}",
-                          site=site.domain, address=address, problem=str(e) or type(e).__name__)
-            return False
-        return any(site.matches(reply) for reply in replies)
+                          site=domain, address=address, problem=str(e) or type(e).__name__)
+            return []

@@ -188,3 +188,12 @@ def test_the_checks_default_to_off(tmp_path):
     assert (checks["dnsbl"], checks["greet_delay"], checks["greylist"]) == ((), 0.0, False)
     screened = Screened(tmp_path)
     assert screened.connect().greeting.startswith(b"220 ")
+
+
+def test_a_list_named_twice_is_asked_once_and_both_weights_count(tmp_path):
+    sites = (dnsbl_site("bl.test=127.0.0.2*2"), dnsbl_site("bl.test=127.0.0.[2..9]*1"))
+    screened = Screened(tmp_path, dnsbl=sites, dnsbl_threshold=3)
+    assert screened.connect(LISTED).greeting.startswith(b"554 5.7.1")
+    assert screened.resolver.asked == ["66.2.0.192.bl.test"]
+    screened = Screened(tmp_path, dnsbl=sites, dnsbl_threshold=4)
+    assert screened.connect(LISTED).greeting.startswith(b"220 ")
