@@ -19,9 +19,10 @@ of DATA, before the 250, and Rspamd's action carried out.
 The message goes to C{/checkv2} with Rspamd's request headers (the client
 C{IP}, C{Helo}, the envelope C{From} and one C{Rcpt} per recipient, the
 authenticated C{User}, the C{Queue-Id} of our C{Received} field, the
-session's C{TLS-Version} and C{TLS-Cipher}, our C{MTA-Name}), streamed from
-the spool a piece at a time with C{treq} and a C{FileBodyProducer}, so a
-large message neither sits in memory twice nor holds up the reactor.
+session's C{TLS-Version} and C{TLS-Cipher}, our C{MTA-Name}) with C{treq};
+a body over 64 KiB is streamed from the spool a piece at a time through a
+C{FileBodyProducer}, so a large message neither sits in memory twice nor
+holds up the reactor.
 
 Rspamd's action:
 
