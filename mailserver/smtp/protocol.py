@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailserver.envelope import Envelope, Recipient
-from mailserver.flow import INPUT, ReadControl
+from mailserver.wire.flow import INPUT, ReadControl
 from mailserver.hooks import Client
 from mailserver.interfaces import IAccount
 from mailserver.sasl import (
