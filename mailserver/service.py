@@ -33,7 +33,7 @@ from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
 from mailserver.metrics import Metrics, server_metrics
 from mailserver.relay import QueueError, QueueStore, RelayRunner
-from mailserver.smtp import SMTPFactory
+from mailserver.smtp import SMTPDependencies, SMTPFactory
 from mailserver.tls import ReloadableServerOptions
 from mailserver.web import make_admin_site
 from mailserver.worker_link import PrimaryLink
@@ -392,7 +392,7 @@ def make_service(config: Config, reactor) -> MultiService:
         return Mailbox(accounts.mailbox_path(address))
 
     def smtp_factory(role: str, implicit_tls: bool) -> SMTPFactory:
-        return SMTPFactory(
+        return SMTPFactory(SMTPDependencies.from_config(
             config=config,
             role=role,
             accounts=accounts,
@@ -405,7 +405,7 @@ def make_service(config: Config, reactor) -> MultiService:
             queue_runner=runner,
             metrics=instruments,
             login_throttle=login_throttle,
-        )
+        ))
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
         return POP3Factory(

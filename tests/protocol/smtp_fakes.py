@@ -18,7 +18,7 @@ from zope.interface import implementer
 from mailserver.config import SMTP, Config, Limits
 from mailserver.envelope import Envelope
 from mailserver.interfaces import IAccount, IIntake, IMessageReceiver
-from mailserver.smtp import SMTPFactory
+from mailserver.smtp import SMTPDependencies, SMTPFactory
 
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
 REMOTE = IPv4Address("TCP", "203.0.113.9", 40001)
@@ -208,16 +208,17 @@ class Session:
         passwords=None,
         hooks=None,
         queue_runner=None,
+        intake=None,
         factory: SMTPFactory | None = None,
         greet: bool = True,
     ) -> None:
         self.config = config or make_config()
         self.clock = MemoryReactorClock()
-        self.intake = RecordingIntake()
+        self.intake = intake if intake is not None else RecordingIntake()
         self.accounts = FakeAccounts(
             self.config, users, aliases if aliases is not None else {"list@example.org": ("bob@example.org", "alice@example.org")}
         )
-        self.factory = factory or SMTPFactory(
+        self.factory = factory or SMTPFactory(SMTPDependencies.from_config(
             config=self.config,
             role=role,
             accounts=self.accounts,
@@ -228,10 +229,10 @@ class Session:
             implicit_tls=implicit_tls,
             hooks=hooks,
             queue_runner=queue_runner,
-        )
+        ))
         if factory is not None:
-            self.intake = factory.intake
-            self.clock = factory.reactor
+            self.intake = factory.dependencies.intake
+            self.clock = factory.dependencies.clock
         self.transport = TLSStringTransport(peerAddress=peer)
         self.protocol = self.factory.buildProtocol(peer)
         self.protocol.makeConnection(self.transport)

@@ -115,7 +115,7 @@ def test_a_flood_of_junk_commands_ends_with_421():
 
 
 def test_a_client_that_never_reads_is_cut_off_after_the_close_grace():
-    import mailserver.smtp.protocol as smtp_protocol
+    from mailserver.wire.session import CLOSE_GRACE
 
     session = Session(config=make_config(limits={"smtp_command_timeout": 10}))
     aborted = []
@@ -123,7 +123,7 @@ def test_a_client_that_never_reads_is_cut_off_after_the_close_grace():
     session.clock.advance(10)
     assert codes(session.read()) == ["421 4.4.2"] and session.closed
     # The transport could not hand the 421 over: the connection is still up.
-    session.clock.advance(smtp_protocol.CLOSE_GRACE - 0.1)
+    session.clock.advance(CLOSE_GRACE - 0.1)
     assert aborted == []
     session.clock.advance(0.1)
     assert aborted == [True]

@@ -149,3 +149,17 @@ def test_implicit_tls_offers_no_starttls():
     session = Session(tls_options=object(), implicit_tls=True, peer=REMOTE)
     ehlo = session.ehlo()
     assert b"STARTTLS" not in ehlo and b"AUTH PLAIN LOGIN" in ehlo
+
+
+def test_an_over_long_sasl_response_ends_the_exchange():
+    session = authenticating()
+    assert session.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+    assert codes(session.send(b"A" * 13_000 + b"\r\n")) == ["500 5.5.2"]
+    # The next line is a command again, not the user name.
+    assert codes(session.command("NOOP")) == ["250 2.0.0"]
+    # Likewise when the refused line's end comes in a later read.
+    assert session.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+    assert codes(session.send(b"A" * 13_000)) == ["500 5.5.2"]
+    assert session.send(b"A" * 100 + b"\r\n") == b""
+    assert codes(session.command("NOOP")) == ["250 2.0.0"]
+    assert codes(session.login()) == ["235 2.7.0"]

@@ -275,6 +275,6 @@ def test_one_log_line_per_transaction_and_rejections_counted():
     for event in lines:
         assert event["client"] and event["helo"] == "client.test"
         assert event["sender"] == "a@remote.test" and event["recipients"] == "<bob@example.org>"
-    metrics = session.factory.metrics
+    metrics = session.factory.dependencies.metrics
     assert metrics.smtp_messages_rejected_total.value(role="smtp", reason="bare-newline") == 1
     assert metrics.smtp_messages_accepted_total.value(role="smtp") == 1

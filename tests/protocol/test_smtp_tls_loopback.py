@@ -13,7 +13,7 @@ from twisted.internet import reactor, ssl as twisted_ssl
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailserver.smtp import SMTPFactory
+from mailserver.smtp import SMTPDependencies, SMTPFactory
 from mailserver.tls import ensure_self_signed
 
 from smtp_fakes import FakeAccounts, RecordingIntake, make_config, make_portal
@@ -37,7 +37,7 @@ class STARTTLSLoopbackTests(unittest.TestCase):
         )
         config = make_config()
         self.intake = RecordingIntake()
-        factory = SMTPFactory(
+        factory = SMTPFactory(SMTPDependencies.from_config(
             config=config,
             role="submission",
             accounts=FakeAccounts(config, ["bob@example.org"]),
@@ -45,7 +45,7 @@ class STARTTLSLoopbackTests(unittest.TestCase):
             intake=self.intake,
             tls_options=private.options(),
             reactor=reactor,
-        )
+        ))
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.address = ("127.0.0.1", self.port.getHost().port)

@@ -24,7 +24,7 @@ from mailserver.accounts import Accounts
 from mailserver.config import Config, Limits
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
-from mailserver.smtp import SMTPFactory
+from mailserver.smtp import SMTPDependencies, SMTPFactory
 from mailserver.testing import InlineCommitter
 
 from smtp_fakes import REMOTE, Session, codes, make_portal
@@ -108,7 +108,7 @@ def server(tmp_path):
     accounts.add_user("carol@example.org", "x")
 
     def session() -> Session:
-        factory = SMTPFactory(
+        factory = SMTPFactory(SMTPDependencies.from_config(
             config=config,
             role="smtp",
             accounts=accounts,
@@ -116,7 +116,7 @@ def server(tmp_path):
             intake=Intake(accounts=accounts, reactor=None, committer=InlineCommitter()),
             tls_options=None,
             reactor=MemoryReactorClock(),
-        )
+        ))
         return Session(factory=factory, config=config, peer=REMOTE)
 
     session.accounts = accounts
@@ -213,8 +213,7 @@ def test_mail_is_refused_with_452_when_the_reserve_is_not_free(tmp_path):
     accounts = Accounts(config)
     intake = Intake(accounts=accounts, reactor=None, committer=InlineCommitter())
     assert not intake.has_room(0)
-    s = Session(config=config)
-    s.factory.intake = intake
+    s = Session(config=config, intake=intake)
     s.ehlo()
     assert codes(s.command("MAIL FROM:<a@remote.test> SIZE=1000")) == ["452 4.3.1"]
     assert codes(s.command("NOOP")) == ["250 2.0.0"]
