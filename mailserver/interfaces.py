@@ -19,6 +19,36 @@ class IAccount(Interface):
     address = Attribute("The account's canonical address, C{str}, e.g. 'bob@example.org'.")
 
 
+class IAccounts(Interface):
+    """
+    The accounts as the SMTP policy sees them: where an address delivers,
+    and who may send as whom.
+    """
+
+    def resolve(address: str) -> object:
+        """
+        Where mail to C{address} in a local domain goes (after aliases,
+        lists, subaddress and catch-all): a tuple of account addresses and,
+        for forwarding aliases, remote addresses; C{None} if there is no
+        such recipient or the domain is not local.
+        """
+
+    def exists(address: str) -> bool:
+        """
+        Is C{address} a recipient here (VRFY)?
+        """
+
+    def expand(address: str) -> object:
+        """
+        The members of an alias or list (EXPN), a tuple, or C{None}.
+        """
+
+    def owns(account: str, address: str) -> bool:
+        """
+        May the authenticated C{account} send as C{address}?
+        """
+
+
 class IMessageReceiver(Interface):
     """
     Takes one message's bytes as the SMTP server receives them and makes them

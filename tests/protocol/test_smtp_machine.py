@@ -7,6 +7,7 @@ drives one over a transport.
 from base64 import b64encode
 
 import pytest
+from twisted.internet.task import Clock
 
 from mailserver.smtp import replies as R
 from mailserver.smtp import session as session_module
@@ -14,29 +15,28 @@ from mailserver.smtp.dependencies import SMTPDependencies
 from mailserver.smtp.grammar import parse_command
 from mailserver.smtp.session import SMTPSession
 from mailserver.smtp.state import Connection, State
+from mailserver.testing import (
+    LOOPBACK,
+    FakeAccounts,
+    MemoryIntake,
+    SMTPHarness,
+    TLSStringTransport,
+    make_config,
+    make_portal,
+    reply_codes,
+)
 from mailserver.wire.effects import CLOSE, Await, Login
 from mailserver.wire.login import LoggedIn, Logins
 from mailserver.wire.reply import Reply
-from smtp_fakes import (
-    LOOPBACK,
-    FakeAccounts,
-    RecordingIntake,
-    Session,
-    TLSStringTransport,
-    codes,
-    make_config,
-    make_portal,
-)
-from twisted.internet.task import Clock
 
 
 def b64(text: str) -> str:
     return b64encode(text.encode()).decode()
 
 
-def machine(role: str = "submission") -> tuple[SMTPSession, RecordingIntake, SMTPDependencies]:
+def machine(role: str = "submission") -> tuple[SMTPSession, MemoryIntake, SMTPDependencies]:
     config = make_config()
-    intake = RecordingIntake()
+    intake = MemoryIntake()
     dependencies = SMTPDependencies.from_config(
         config=config,
         role=role,
@@ -186,7 +186,7 @@ def tripwire(monkeypatch):
                 monkeypatch.setitem(table, verb, watched(f"{state.label} {verb}", handler))
     for name in ENTRY_POINTS:
         monkeypatch.setattr(SMTPSession, name, watched(name, getattr(SMTPSession, name)))
-    monkeypatch.setattr("smtp_fakes.TLSStringTransport", Tripwire)
+    monkeypatch.setattr("mailserver.testing.TLSStringTransport", Tripwire)
 
 
 class FakeRunner:
@@ -195,7 +195,7 @@ class FakeRunner:
 
 
 def test_no_handler_calls_the_transport(tripwire):
-    session = Session(peer=LOOPBACK, tls_options=object(), queue_runner=FakeRunner())
+    session = SMTPHarness(peer=LOOPBACK, tls_options=object(), queue_runner=FakeRunner())
     assert isinstance(session.transport, Tripwire)
     script = [
         ("EHLO c", "250"), ("HELP", "214 2.0.0"), ("NOOP", "250 2.0.0"), ("VRFY bob", "252 2.5.0"),
@@ -208,7 +208,7 @@ def test_no_handler_calls_the_transport(tripwire):
         ("STARTTLS", "220 2.0.0"), ("EHLO c", "250"), ("QUIT", "221 2.0.0"),
     ]
     for line, expected in script:
-        assert codes(session.command(line)) == [expected], line
+        assert reply_codes(session.command(line)) == [expected], line
     assert session.transport.tls_started_with is not None
     assert session.closed
     assert len(session.intake.finished) == 2
@@ -216,7 +216,7 @@ def test_no_handler_calls_the_transport(tripwire):
 
 
 def test_the_tripwire_catches_a_handler_that_writes(tripwire, monkeypatch):
-    session = Session()
+    session = SMTPHarness()
 
     def noisy(self, argument):
         session.transport.write(b"250 sneaky\r\n")

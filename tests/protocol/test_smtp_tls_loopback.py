@@ -14,9 +14,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailserver.smtp import SMTPDependencies, SMTPFactory
+from mailserver.testing import FakeAccounts, MemoryIntake, make_config, make_portal
 from mailserver.tls import ensure_self_signed
-
-from smtp_fakes import FakeAccounts, RecordingIntake, make_config, make_portal
 
 
 def client_context() -> ssl.SSLContext:
@@ -36,7 +35,7 @@ class STARTTLSLoopbackTests(unittest.TestCase):
             Path(cert).read_bytes() + b"\n" + Path(key).read_bytes()
         )
         config = make_config()
-        self.intake = RecordingIntake()
+        self.intake = MemoryIntake()
         factory = SMTPFactory(SMTPDependencies.from_config(
             config=config,
             role="submission",

@@ -2,17 +2,12 @@
 The SMTP policy: relay rules, roles, VRFY/EXPN, without a connection.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
-from smtp_fakes import FakeAccounts, make_config  # noqa: E402
-
-from mailserver.smtp.grammar import Mailbox, parse_mailbox  # noqa: E402
-from mailserver.smtp.policy import Policy  # noqa: E402
-from mailserver.smtp.replies import Reply  # noqa: E402
+from mailserver.smtp.grammar import Mailbox, parse_mailbox
+from mailserver.smtp.policy import Policy
+from mailserver.smtp.replies import Reply
+from mailserver.testing import FakeAccounts, make_config
 
 
 def policy(role="smtp", **smtp):
