@@ -315,7 +315,8 @@ class SMTPServer(Protocol):
         )
         if outcome.final:
             self._answer(R.BAD_CREDENTIALS)
-            self._answer(reply(421, "4.7.0", f"{self._deps.hostname} Error: too many failed logins"))
+            hostname = self._deps.hostname
+            self._answer(reply(421, "4.7.0", f"{hostname} Error: too many failed logins"))
             self._close()
             return
         # Each failure from this address waits longer before the answer.

@@ -42,7 +42,9 @@ START_MAIL_INPUT = reply(354, "", "End data with <CR><LF>.<CR><LF>")
 IN_TRANSACTION = reply(503, "5.5.1", "Error: MAIL transaction in progress")
 NEED_EHLO = reply(503, "5.5.1", "Error: send EHLO first")
 ALREADY_AUTHENTICATED = reply(503, "5.5.1", "Error: already authenticated")
-ENCRYPTION_REQUIRED = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ENCRYPTION_REQUIRED = reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 UNKNOWN_MECHANISM = reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_ABORTED = reply(501, "5.0.0", "Authentication aborted")
 AUTH_SUCCESSFUL = reply(235, "2.7.0", "Authentication successful")

@@ -8,7 +8,7 @@ returns a result: a reply, C{None}, an effect of L{mailserver.wire.effects}
 (close, start TLS, check a login, wait for a Deferred), a Deferred of a
 result, or a tuple of results.  No handler touches a transport; the glue in
 L{mailserver.smtp.protocol} does the I/O.  The legal sequences are the
-table L{_COMMANDS} at the end of this module::
+table L{_SEQUENCES} at the end of this module::
 
     START --HELO/EHLO--> READY --MAIL--> MAIL --DATA--> DATA --.--> READY
       ^                  |  ^              |
@@ -295,7 +295,7 @@ class SMTPSession(TransactionHandlers):
         self.state = State.START
         return (R.READY_FOR_TLS, START_TLS)
 
-    def starttls_in_transaction(self, argument: str) -> Reply:
+    def starttls_in_mail(self, argument: str) -> Reply:
         return self._starttls_problem(argument) or R.IN_TRANSACTION
 
     def _starttls_offered(self) -> bool:
@@ -329,7 +329,7 @@ class SMTPSession(TransactionHandlers):
         self.state = State.AUTH
         return reply(334, "", b64encode(self.sasl.first_challenge).decode("ascii"))
 
-    def auth_in_transaction(self, argument: str) -> Reply:
+    def auth_in_mail(self, argument: str) -> Reply:
         return self._auth_problem() or R.IN_TRANSACTION
 
     def sasl_response(self, line: bytes):
@@ -357,35 +357,39 @@ class SMTPSession(TransactionHandlers):
         return R.AUTH_SUCCESSFUL
 
 
-_S = SMTPSession
-_START, _READY, _MAIL, _CHUNKING = State.START, State.READY, State.MAIL, State.CHUNKING
-# The legal sequences: for each verb, what it does in each state that reads
-# commands.  A reply is the answer (the command is out of sequence there);
-# a handler checks the rest.
-_SEQUENCES: dict[str, tuple] = {
-    #            START                READY          MAIL                   CHUNKING
-    "HELO": (_S.do_HELO, _S.do_HELO, _S.do_HELO, _S.do_HELO),
-    "EHLO": (_S.do_EHLO, _S.do_EHLO, _S.do_EHLO, _S.do_EHLO),
-    "MAIL": (R.NEED_HELO, _S.do_MAIL, R.NESTED_MAIL, R.NESTED_MAIL),
-    "RCPT": (R.NEED_MAIL, R.NEED_MAIL, _S.do_RCPT, R.BAD_SEQUENCE),
-    "DATA": (_S.data_without_mail, _S.data_without_mail, _S.do_DATA, _S.data_after_bdat),
-    "BDAT": (_S.bdat_without_mail, _S.bdat_without_mail, _S.do_BDAT, _S.next_bdat),
-    "RSET": (_S.do_RSET, _S.do_RSET, _S.do_RSET, _S.do_RSET),
-    "NOOP": (_S.do_NOOP, _S.do_NOOP, _S.do_NOOP, _S.do_NOOP),
-    "QUIT": (_S.do_QUIT, _S.do_QUIT, _S.do_QUIT, _S.do_QUIT),
-    "HELP": (_S.do_HELP, _S.do_HELP, _S.do_HELP, _S.do_HELP),
-    "VRFY": (_S.do_VRFY, _S.do_VRFY, _S.do_VRFY, _S.do_VRFY),
-    "EXPN": (_S.do_EXPN, _S.do_EXPN, _S.do_EXPN, _S.do_EXPN),
-    "ETRN": (R.NEED_HELO, _S.do_ETRN, R.IN_TRANSACTION, R.IN_TRANSACTION),
-    "STARTTLS": (_S.do_STARTTLS, _S.do_STARTTLS, _S.starttls_in_transaction, _S.starttls_in_transaction),
-    "AUTH": (R.NEED_EHLO, _S.do_AUTH, _S.auth_in_transaction, _S.auth_in_transaction),
-    # TURN is unsafe (RFC 2821 dropped it), RFC 5321 dropped SEND.
-    "TURN": (R.NOT_IMPLEMENTED,) * 4,
-    "SEND": (R.NOT_IMPLEMENTED,) * 4,
-}
+# The legal sequences, in one place: what each verb does in each state that
+# reads commands.  A reply is the answer there (the command is out of
+# sequence); a name is the handler that checks the rest and moves the state.
+_SEQUENCES = {
+    #            START                READY                MAIL                 CHUNKING
+    "HELO":     ("do_HELO",           "do_HELO",           "do_HELO",           "do_HELO"),
+    "EHLO":     ("do_EHLO",           "do_EHLO",           "do_EHLO",           "do_EHLO"),
+    "MAIL":     (R.NEED_HELO,         "do_MAIL",           R.NESTED_MAIL,       R.NESTED_MAIL),
+    "RCPT":     (R.NEED_MAIL,         R.NEED_MAIL,         "do_RCPT",           R.BAD_SEQUENCE),
+    "DATA":     ("data_without_mail", "data_without_mail", "do_DATA",           "data_after_bdat"),
+    "BDAT":     ("bdat_without_mail", "bdat_without_mail", "do_BDAT",           "next_bdat"),
+    "RSET":     ("do_RSET",           "do_RSET",           "do_RSET",           "do_RSET"),
+    "NOOP":     ("do_NOOP",           "do_NOOP",           "do_NOOP",           "do_NOOP"),
+    "QUIT":     ("do_QUIT",           "do_QUIT",           "do_QUIT",           "do_QUIT"),
+    "HELP":     ("do_HELP",           "do_HELP",           "do_HELP",           "do_HELP"),
+    "VRFY":     ("do_VRFY",           "do_VRFY",           "do_VRFY",           "do_VRFY"),
+    "EXPN":     ("do_EXPN",           "do_EXPN",           "do_EXPN",           "do_EXPN"),
+    "ETRN":     (R.NEED_HELO,         "do_ETRN",           R.IN_TRANSACTION,    R.IN_TRANSACTION),
+    "STARTTLS": ("do_STARTTLS",       "do_STARTTLS",       "starttls_in_mail",  "starttls_in_mail"),
+    "AUTH":     (R.NEED_EHLO,         "do_AUTH",           "auth_in_mail",      "auth_in_mail"),
+    # TURN is unsafe (RFC 2821 dropped it); RFC 5321 dropped SEND.
+    "TURN":     (R.NOT_IMPLEMENTED,) * 4,
+    "SEND":     (R.NOT_IMPLEMENTED,) * 4,
+}  # fmt: skip
 _SEQUENCES["SOML"] = _SEQUENCES["SAML"] = _SEQUENCES["MAIL"]
-_COMMANDS: dict[State, dict[str, object]] = {
-    state: {verb: row[column] for verb, row in _SEQUENCES.items()}
-    for column, state in enumerate((_START, _READY, _MAIL, _CHUNKING))
+
+
+def _entry(cell: Reply | str) -> Reply | Callable:
+    return cell if isinstance(cell, Reply) else getattr(SMTPSession, cell)
+
+
+# The table looked up once per command: state -> verb -> reply or handler.
+_COMMANDS: dict[State, dict[str, Reply | Callable]] = {
+    state: {verb: _entry(row[column]) for verb, row in _SEQUENCES.items()}
+    for column, state in enumerate((State.START, State.READY, State.MAIL, State.CHUNKING))
 }
-del _S, _START, _READY, _MAIL, _CHUNKING

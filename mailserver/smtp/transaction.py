@@ -383,7 +383,9 @@ class TransactionHandlers:
 
     def abort_transaction(self) -> None:
         transaction, self.transaction = self.transaction, None
-        if transaction is not None and transaction.sink is not None and transaction.sink.problem is None:
+        if transaction is None or transaction.sink is None:
+            return
+        if transaction.sink.problem is None:  # else the sink has aborted it
             transaction.receiver.abort()
 
 
