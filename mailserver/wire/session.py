@@ -118,13 +118,6 @@ class LineSession:
         ):
             self.reads.hold(INPUT)
 
-    @property
-    def unread(self) -> int:
-        """
-        Octets received and not yet taken.
-        """
-        return len(self._buffer) - self._start
-
     def take_line(self, limit: int) -> bytes | _TooLong | None:
         """
         The next line without its line end (CRLF, or a bare LF as Postfix
