@@ -25,6 +25,19 @@ def test_a_command_trickled_in_a_byte_at_a_time_still_times_out():
     assert session.clock.seconds() == 60  # no byte bought more time
 
 
+def test_an_endless_command_line_does_not_hold_the_session():
+    session = SMTPHarness(config=make_config(limits={"smtp_command_timeout": 60}))
+    out = b""
+    for _ in range(30):  # 600 octets every 5 s, never a line end
+        out += session.send(b"x" * 600)
+        session.clock.advance(5)
+        if session.closed:
+            break
+    out += session.read()
+    assert reply_codes(out) == ["500 5.5.2", "421 4.4.2"]
+    assert session.clock.seconds() == 60  # the refused line bought no time
+
+
 def test_message_text_must_keep_a_minimum_rate():
     config = make_config(limits={"smtp_data_timeout": 100, "min_data_rate": 100})
     session = SMTPHarness(config=config)
