@@ -21,8 +21,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+import mailserver.smtp.replies as R
 from mailserver.sasl import is_loopback
-from mailserver.smtp import replies as R
 from mailserver.smtp.dependencies import SMTPDependencies
 from mailserver.smtp.grammar import GrammarError, parse_command
 from mailserver.smtp.replies import Reply, reply

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.logger import Logger
 
+import mailserver.smtp.replies as R
 from mailserver.hooks import Client
 from mailserver.sasl import (
     MECHANISMS,
@@ -37,7 +38,6 @@ from mailserver.sasl import (
     SASLError,
     decode_response,
 )
-from mailserver.smtp import replies as R
 from mailserver.smtp.dependencies import SMTPDependencies
 from mailserver.smtp.grammar import (
     Command,

@@ -18,8 +18,8 @@ from functools import partial
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+import mailserver.smtp.replies as R
 from mailserver.envelope import Envelope, Recipient
-from mailserver.smtp import replies as R
 from mailserver.smtp.grammar import (
     GrammarError,
     MailOptions,
