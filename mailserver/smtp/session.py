@@ -8,7 +8,9 @@ returns a result: a reply, C{None}, an effect of L{mailserver.wire.effects}
 (close, start TLS, check a login, wait for a Deferred), a Deferred of a
 result, or a tuple of results.  No handler touches a transport; the glue in
 L{mailserver.smtp.protocol} does the I/O.  The legal sequences are the
-table L{_SEQUENCES} at the end of this module::
+table L{_SEQUENCES} at the end of this module (a table, not an automat
+machine: an automat input costs about ten dict lookups, and the table is
+looked up for every command of every message; see bench/README.md)::
 
     START --HELO/EHLO--> READY --MAIL--> MAIL --DATA--> DATA --.--> READY
       ^                  |  ^              |
