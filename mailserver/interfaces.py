@@ -21,9 +21,19 @@ class IAccount(Interface):
 
 class IAccounts(Interface):
     """
-    The accounts as the SMTP policy sees them: where an address delivers,
-    and who may send as whom.
+    The accounts as the SMTP policy sees them: which domains are local,
+    where an address delivers, and who may send as whom.
     """
+
+    default_domain = Attribute(
+        "The domain of an address given without one (C{<Postmaster>}, RFC 5321 4.5.1): "
+        "the first local domain, C{str}."
+    )
+
+    def is_local_domain(domain: str) -> bool:
+        """
+        Is mail to C{domain} (any case, a trailing dot allowed) delivered here?
+        """
 
     def resolve(address: str) -> object:
         """
@@ -159,7 +169,8 @@ class IPluginFactory(Interface):
         configuration, C{[plugins.NAME]}) and build the hook object.
 
         @param context: a L{mailserver.hooks.PluginContext} with the reactor,
-            the server's hostname and a logger.
+            the server's hostname, the data folder and a logger in the
+            namespace C{mailserver.plugins.NAME}.
         @raise mailserver.hooks.PluginOptionsError: for a bad option; the
             server then refuses to start, naming the plugin and the key.
         """

@@ -106,13 +106,20 @@ class FakeAccounts:
         self.users = {u.lower() for u in users}
         self.aliases = {k.lower(): tuple(v) for k, v in (aliases or {}).items()}
 
+    @property
+    def default_domain(self) -> str:
+        return self.config.local_domains[0]
+
+    def is_local_domain(self, domain: str) -> bool:
+        return self.config.is_local_domain(domain)
+
     def _canonical(self, address: str) -> tuple[str, str]:
         local, _, domain = address.rpartition("@")
         return local.lower(), domain.lower()
 
     def resolve(self, address: str):
         local, domain = self._canonical(address)
-        if not self.config.is_local_domain(domain):
+        if not self.is_local_domain(domain):
             return None
         full = f"{local}@{domain}"
         if full in self.aliases:
@@ -295,9 +302,11 @@ class SMTPHarness:
         if aliases is None:
             aliases = {"list@example.org": ("bob@example.org", "alice@example.org")}
         self.accounts = FakeAccounts(self.config, users, aliases)
-        self.factory = factory or SMTPFactory(SMTPDependencies.from_config(
-            config=self.config,
+        self.factory = factory or SMTPFactory(SMTPDependencies.for_listener(
             role=role,
+            hostname=self.config.hostname,
+            smtp=self.config.smtp,
+            limits=self.config.limits,
             accounts=self.accounts,
             portal=make_portal(**(passwords or {"bob@example.org": "secret"})),
             intake=self.intake,

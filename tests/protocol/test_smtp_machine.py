@@ -37,9 +37,11 @@ def b64(text: str) -> str:
 def machine(role: str = "submission") -> tuple[SMTPSession, MemoryIntake, SMTPDependencies]:
     config = make_config()
     intake = MemoryIntake()
-    dependencies = SMTPDependencies.from_config(
-        config=config,
+    dependencies = SMTPDependencies.for_listener(
         role=role,
+        hostname=config.hostname,
+        smtp=config.smtp,
+        limits=config.limits,
         accounts=FakeAccounts(config, ["bob@example.org", "alice@example.org"]),
         portal=make_portal(**{"bob@example.org": "secret"}),
         intake=intake,

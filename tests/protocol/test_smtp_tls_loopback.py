@@ -36,9 +36,11 @@ class STARTTLSLoopbackTests(unittest.TestCase):
         )
         config = make_config()
         self.intake = MemoryIntake()
-        factory = SMTPFactory(SMTPDependencies.from_config(
-            config=config,
+        factory = SMTPFactory(SMTPDependencies.for_listener(
             role="submission",
+            hostname=config.hostname,
+            smtp=config.smtp,
+            limits=config.limits,
             accounts=FakeAccounts(config, ["bob@example.org"]),
             portal=make_portal(**{"bob@example.org": "secret"}),
             intake=self.intake,

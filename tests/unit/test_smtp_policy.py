@@ -13,7 +13,7 @@ from mailserver.testing import FakeAccounts, make_config
 def policy(role="smtp", **smtp):
     config = make_config(smtp=smtp)
     accounts = FakeAccounts(config, ["bob@example.org"], {"team@example.org": ("bob@example.org", "x@remote.net")})
-    return Policy(config, role, accounts)
+    return Policy(config.smtp, role, accounts)
 
 
 def test_local_recipient_resolves():
@@ -43,7 +43,7 @@ def test_postmaster_goes_to_the_first_local_domain():
     p = policy()
     config = make_config()
     accounts = FakeAccounts(config, ["postmaster@example.org"])
-    assert Policy(config, "smtp", accounts).recipient(Mailbox("postmaster", ""), None) == (
+    assert Policy(config.smtp, "smtp", accounts).recipient(Mailbox("postmaster", ""), None) == (
         "postmaster@example.org",
     )
     assert isinstance(p.recipient(Mailbox("postmaster", ""), None), Reply)

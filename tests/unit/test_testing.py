@@ -10,7 +10,7 @@ from pathlib import Path
 
 from zope.interface.verify import verifyObject
 
-from mailserver.accounts import Accounts
+from mailserver.from_config import accounts_for
 from mailserver.envelope import Envelope
 from mailserver.interfaces import IAccounts, IIntake, IMessageReceiver
 from mailserver.testing import FakeAccounts, MemoryIntake, make_config
@@ -21,7 +21,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 def test_the_fakes_provide_the_interfaces_of_what_they_stand_for(tmp_path):
     config = make_config(data_dir=str(tmp_path))
     assert verifyObject(IAccounts, FakeAccounts(config))
-    assert verifyObject(IAccounts, Accounts(config))
+    assert verifyObject(IAccounts, accounts_for(config))
     intake = MemoryIntake()
     assert verifyObject(IIntake, intake)
     assert verifyObject(IMessageReceiver, intake.begin(Envelope("a@b.c", ())))
