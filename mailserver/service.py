@@ -28,9 +28,9 @@ from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
 from mailserver.mailauth import mail_auth_hooks
 from mailserver.login_throttle import throttle_for
-from mailserver.maildir import Mailbox, remove_stale_tmp
+from mailserver.maildir import MaildirStore, remove_stale_tmp
 from mailserver.plugin_loading import load_plugins
-from mailserver.pop3 import POP3Factory
+from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.metrics import Metrics, server_metrics
 from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.smtp import SMTPDependencies, SMTPFactory
@@ -388,8 +388,7 @@ def make_service(config: Config, reactor) -> MultiService:
     # One count of failed logins per client address for every listener.
     login_throttle = throttle_for(config, reactor)
 
-    def mailbox_for(address: str) -> Mailbox:
-        return Mailbox(accounts.mailbox_path(address))
+    mailboxes = MaildirStore(accounts.mailbox_path)
 
     def smtp_factory(role: str, implicit_tls: bool) -> SMTPFactory:
         return SMTPFactory(SMTPDependencies.from_config(
@@ -408,16 +407,16 @@ def make_service(config: Config, reactor) -> MultiService:
         ))
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
-        return POP3Factory(
+        return POP3Factory(POP3Dependencies.from_config(
             config=config,
             portal=portal,
-            mailbox_for=mailbox_for,
+            mailboxes=mailboxes,
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,
             metrics=instruments,
             login_throttle=login_throttle,
-        )
+        ))
 
     roles = {
         "smtp": lambda: smtp_factory("smtp", False),

@@ -19,10 +19,18 @@ from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.protocol.pop3_fakes import LOOPBACK, REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.logger import globalLogPublisher
+
+from mailserver.testing import (
+    LOOPBACK,
+    REMOTE,
+    FakeRealm,
+    MemoryMaildirs,
+    POP3Harness,
+    make_pop3_config,
+)
 
 USER = "bob@localhost"
 TLS = object()  # stands for the server's TLS options
@@ -392,7 +400,7 @@ def check_transcript(
     assert not out.more(), f"unexpected output {out.lines[out.position:][:3]!r}"
 
 
-def portal(realm: AccountRealm) -> Portal:
+def portal(realm: FakeRealm) -> Portal:
     checker = InMemoryUsernamePasswordDatabaseDontUse()
     checker.addUser(USER.encode(), b"secret")
     return Portal(realm, [checker])
@@ -404,10 +412,10 @@ def run_session(data: bytes, chunk_sizes: list[int], pauses: list[float], messag
     for data_ in messages:
         store.deliver(USER, data_)
     before = [(m.uid, m.data) for m in store.boxes.get(USER, [])]
-    realm = AccountRealm()
-    session = Session(
+    realm = FakeRealm()
+    session = POP3Harness(
         store,
-        config=make_config(limits={"max_command_line": limit}),
+        config=make_pop3_config(limits={"max_command_line": limit}),
         peer=REMOTE if remote else LOOPBACK,
         tls_options=TLS if tls else None,
         portal=portal(realm),
@@ -569,10 +577,10 @@ def test_transaction_sequences(commands, chunk_sizes, messages):
 # What the fuzzing found.
 
 
-def logged_in(limit: int = 512) -> Session:
+def logged_in(limit: int = 512) -> POP3Harness:
     store = MemoryMaildirs()
     store.deliver(USER, b"Subject: one\n\nbody 1\nbody 2\n")
-    session = Session(store, config=make_config(limits={"max_command_line": limit}))
+    session = POP3Harness(store, config=make_pop3_config(limits={"max_command_line": limit}))
     assert session.login().startswith(b"+OK Logged in")
     return session
 
@@ -609,6 +617,6 @@ def test_a_line_of_the_limit_whose_lf_comes_later():
 
 def test_a_long_line_cut_by_stls_is_forgotten():
     # The first command after the handshake was refused as too long.
-    session = Session(MemoryMaildirs(), peer=REMOTE, tls_options=TLS)
+    session = POP3Harness(MemoryMaildirs(), peer=REMOTE, tls_options=TLS)
     assert session.send(b"STLS\r\n" + b"x" * 600) == b"+OK Begin TLS negotiation.\r\n"
     assert session.send(b"CAPA\r\n").startswith(b"+OK Capability list follows\r\n")
