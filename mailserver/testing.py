@@ -474,7 +474,9 @@ class MemoryMailbox:
         return io.BytesIO(self._store.message(self._address, message.uid).data)
 
     def read_whole(self, message: MemoryMessageInfo, limit: int) -> bytes | None:
-        data = self.open(message).read()
+        if self._store.fail_open:
+            raise FileNotFoundError(message.uid)
+        data = self._store.message(self._address, message.uid).data
         return data if len(data) < limit else None
 
     def mark_seen(self, message: MemoryMessageInfo) -> None:
@@ -522,6 +524,7 @@ class POP3Harness:
         realm: FakeRealm | None = None,
         factory: POP3Factory | None = None,
         sliced: bool = False,
+        run_blocking=defer.maybeDeferred,
     ) -> None:
         """
         @param factory: another session's factory, for a second connection
@@ -529,6 +532,8 @@ class POP3Harness:
             ignored.
         @param sliced: QUIT's file steps run a slice per C{clock} turn, as
             in the server, instead of all at once.
+        @param run_blocking: runs the file work meant for a worker thread;
+            by default at once.
         """
         self.store = store
         self.realm = realm or FakeRealm()
@@ -542,7 +547,7 @@ class POP3Harness:
                 tls_options=tls_options,
                 reactor=clock or Clock(),
                 implicit_tls=implicit_tls,
-                run_blocking=defer.maybeDeferred,
+                run_blocking=run_blocking,
                 run_in_slices=None if sliced else _all_at_once,
             ))
         self.factory = factory

@@ -35,7 +35,7 @@ from mailserver.pop3.dependencies import POP3Dependencies
 from mailserver.pop3.responses import Response
 from mailserver.pop3.retrieval import Retrieve, Retriever
 from mailserver.pop3.session import (
-    READ_COMMANDS,
+    BATCHED_COMMANDS,
     POP3Session,
     is_valid_user_name,
     parse_command,
@@ -169,8 +169,8 @@ class POP3Server(Protocol):
             self._perform(session.sasl_response(line))
         else:
             command = parse_command(line)
-            if retriever.queued and command.verb not in READ_COMMANDS:
-                # Its answer may depend on how the queued ones went.
+            if retriever.queued and command.verb not in BATCHED_COMMANDS:
+                # What it does may depend on how the queued ones went.
                 retriever.send_queued(lambda _: self._handle(line))
                 return
             result = session.command(command)

@@ -57,10 +57,13 @@ from mailserver.sasl import (
 )
 from mailserver.wire.effects import CLOSE, START_TLS, Await, Login
 
-# Commands whose answers the glue may read from storage in one batch with
-# the turn's others: their handlers depend on no earlier retrieval's
-# outcome (QUIT does: it flags what was retrieved).
-READ_COMMANDS = frozenset({"RETR", "TOP"})
+# Commands the glue may hand over while the messages of earlier RETRs and
+# TOPs are still being read (their answers queue behind those): what they
+# do depends on no retrieval's outcome.  QUIT does (it flags what was
+# retrieved), and bad input may close the session, so those wait.
+BATCHED_COMMANDS = frozenset(
+    {"RETR", "TOP", "LIST", "UIDL", "STAT", "DELE", "RSET", "NOOP", "CAPA"}
+)
 
 
 class Command(NamedTuple):
