@@ -9,7 +9,7 @@ L{mailserver.interfaces.IStoredMessage} of the mailbox.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 class NoSuchMessage(Exception):
@@ -60,6 +60,15 @@ class Maildrop:
             for number, info in enumerate(self._messages, 1)
             if number not in self._deleted
         ]
+
+    def following(self, number: int) -> Iterator[object]:
+        """
+        The live messages after message C{number}, in order.
+        """
+        messages, deleted = self._messages, self._deleted
+        for later in range(number + 1, len(messages) + 1):
+            if later not in deleted:
+                yield messages[later - 1]
 
     def count_and_octets(self) -> tuple[int, int]:
         return (

@@ -11,17 +11,17 @@ hence a type of their own.
 from __future__ import annotations
 
 from base64 import b64encode
-from dataclasses import dataclass
+from typing import NamedTuple
 
 OK = "+OK"
 ERR = "-ERR"
 CHALLENGE = "+"
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(NamedTuple):
     """
-    One response.
+    One response: an immutable value (a named tuple, the cheapest to make
+    of those; one is made per RETR).
 
     @ivar status: L{OK}, L{ERR} or L{CHALLENGE} (a SASL challenge, whose
         text is base64).

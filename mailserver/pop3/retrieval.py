@@ -9,12 +9,17 @@ message in one worker-thread call (L{read_messages}), then sends the
 responses in order, each small message in one piece with its C{+OK} line,
 a large one streamed through a L{MessageTransfer} while the rest waits.
 Meanwhile the session handles no more commands.
+
+A client fetching a mailbox asks for one message after another, a few at
+a time: the same call also reads the messages a L{Retrieve} says come
+next (L{Retrieve.ahead}), up to L{READ_AHEAD_OCTETS}, so that most RETRs
+find their message already read and are answered at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -27,20 +32,25 @@ from mailserver.wire.effects import CLOSE
 from mailserver.wire.flow import BUSY
 from mailserver.wire.session import LineSession
 
-# A turn's messages read in one batch, in octets, past which the batch is
-# sent before the next command is handled: what a session holds in memory.
+# A turn's messages read in one call, in octets, past which the call is
+# made before the next command is handled: what a session holds at once.
 BATCH_OCTETS = 256 * 1024
+# Messages read ahead of the client's asking, in octets: what a session
+# holds between its commands.
+READ_AHEAD_OCTETS = 128 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Retrieve:
+class Retrieve(NamedTuple):
     """
     Send a stored message as a multi-line response: C{status}, the text
-    through C{encoder}, the terminating line.
+    through C{encoder}, the terminating line.  (A named tuple: one is made
+    per RETR.)
 
     @ivar then: told the octets sent, or the L{Failure} of opening or
         reading the message before anything was sent; returns the result
         to carry out (a response for the failure).
+    @ivar ahead: the messages the client is likely to ask for next, oldest
+        first, or C{None}.
     """
 
     mailbox: object
@@ -48,11 +58,13 @@ class Retrieve:
     status: Response
     encoder: WireEncoder
     then: Callable[[int | Failure], object]
+    ahead: Callable[[], Sequence[object]] | None = None
 
 
 class Retriever:
     """
-    The turn's retrievals and the responses queued behind them.
+    The turn's retrievals, the responses queued behind them, and the
+    messages read ahead.
 
     @param perform: carries out a session result (the glue's).
     """
@@ -71,13 +83,15 @@ class Retriever:
         self._queue: list[Retrieve | Response] = []
         self._reads: list[Retrieve] = []
         self._octets = 0
+        self._read_ahead: dict[str, bytes] = {}
         self._transfer: MessageTransfer | None = None
         self._unsent: list = []
 
     @property
     def queued(self) -> bool:
         """
-        A retrieval waits for the end of the turn: responses go behind it.
+        A retrieval waits for its message to be read: responses go behind
+        it.
         """
         return bool(self._reads)
 
@@ -94,36 +108,64 @@ class Retriever:
 
     def add(self, item: Retrieve | Response) -> None:
         """
-        Queue a retrieval, or a response to send after the queued ones.
+        Send a message read ahead at once, or queue a retrieval, or a
+        response to send after the queued ones.
         """
-        self._queue.append(item)
         if item.__class__ is Retrieve:
+            if not self._reads:
+                data = self._read_ahead.pop(item.message.uid, None)
+                if data is not None:
+                    self._send_read(item, data)
+                    return
             self._reads.append(item)
             size = item.message.size
             # A message to stream ends the batch: what follows it waits.
             self._octets += size if size < WHOLE_MESSAGE else BATCH_OCTETS
+        self._queue.append(item)
 
     def send_queued(self, then: Callable[[object], None]) -> None:
         """
-        Read the queued messages in one worker-thread call and send them
-        and the responses between them in order; the session handles no
-        commands meanwhile, and C{then} is called when all is sent.
+        Read the queued messages (and the next ones) in one worker-thread
+        call and send them and the responses between them in order; the
+        session handles no commands meanwhile, and C{then} is called when
+        all is sent.
         """
         queue, reads = self._queue, self._reads
         self._queue, self._reads, self._octets = [], [], 0
+        wanted = [(r.mailbox, r.message) for r in reads]
+        last = reads[-1]
+        ahead = self._ahead(last, {r.message.uid for r in reads}) if last.ahead else []
         sent: defer.Deferred = defer.Deferred()
-        reading = self._run_blocking(read_messages, [(r.mailbox, r.message) for r in reads])
-        reading.addCallbacks(self._read, self._failed, callbackArgs=(queue, sent))
+        reading = self._run_blocking(read_messages, wanted + [(last.mailbox, m) for m in ahead])
+        reading.addCallbacks(self._read, self._failed, callbackArgs=(queue, ahead, sent))
         self._lines.wait(sent, then)
+
+    def _ahead(self, last: Retrieve, wanted: set[str]) -> list:
+        """
+        The small messages after the last one asked for, up to
+        L{READ_AHEAD_OCTETS}.
+        """
+        ahead = []
+        octets = 0
+        for message in last.ahead():
+            size = message.size
+            if size >= WHOLE_MESSAGE or message.uid in wanted:
+                continue
+            octets += size
+            if octets > READ_AHEAD_OCTETS:
+                break
+            ahead.append(message)
+        return ahead
 
     def stop(self) -> None:
         """
         The connection is gone: stop a transfer, close the files opened
-        and not sent.
+        and not sent, forget what was read ahead.
         """
         if self._transfer is not None:
             self._transfer.stopProducing()
         self._close_unsent()
+        self._read_ahead = {}
 
     def _close_unsent(self) -> None:
         for source in self._unsent:
@@ -133,7 +175,17 @@ class Retriever:
 
     # Sending, in order.
 
-    def _read(self, results: list, queue: list, sent: defer.Deferred) -> None:
+    def _read(self, results: list, queue: list, ahead: list, sent: defer.Deferred) -> None:
+        if ahead:
+            # Only what this call read ahead is kept: earlier guesses the
+            # client did not take are dropped.
+            self._read_ahead = {}
+            for message, data in zip(ahead, results[-len(ahead) :]):
+                if data.__class__ is bytes:
+                    self._read_ahead[message.uid] = data
+                elif not isinstance(data, Failure):
+                    data.close()  # larger than its size said: read when asked for
+            del results[-len(ahead) :]
         self._unsent = results
         self._send(iter(queue), sent)
 
@@ -153,16 +205,19 @@ class Retriever:
                 continue
             result = results.pop(0)
             if result.__class__ is bytes:
-                encoder = item.encoder
-                wire = item.status.render() + encoder.encode(result) + encoder.terminator()
-                lines.send(wire)
-                self._perform(item.then(len(wire)))
+                self._send_read(item, result)
             elif isinstance(result, Failure):
                 self._perform(item.then(result))
             else:
                 self._stream(item, result, queue, sent)
                 return
         sent.callback(None)
+
+    def _send_read(self, item: Retrieve, data: bytes) -> None:
+        encoder = item.encoder
+        wire = item.status.render() + encoder.encode(data) + encoder.terminator()
+        self._lines.send(wire)
+        self._perform(item.then(len(wire)))
 
     def _stream(self, item: Retrieve, source, queue, sent: defer.Deferred) -> None:
         """

@@ -373,6 +373,7 @@ class POP3Session:
         return Retrieve(
             self.mailbox, message, ok(f"{message.size} octets"), WireEncoder(),
             partial(self._sent, number, message, True),
+            partial(self.maildrop.following, number),
         )
 
     def do_TOP(self, argument: bytes):

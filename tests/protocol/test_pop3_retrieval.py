@@ -10,7 +10,7 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailserver.pop3.retrieval import BATCH_OCTETS
+from mailserver.pop3.retrieval import BATCH_OCTETS, READ_AHEAD_OCTETS
 from mailserver.pop3.storage import read_messages
 from mailserver.testing import MemoryMailbox, MemoryMaildirs, POP3Harness
 
@@ -155,5 +155,46 @@ def test_a_turn_holds_a_bounded_amount_of_messages(worker):
             sizes.append(len(args[0]))
     size = len(message) + message.count(b"\n")
     first = -(-BATCH_OCTETS // size)  # the batch is read once it holds BATCH_OCTETS
-    assert first < 5 and sizes == [first, 5 - first]
+    assert READ_AHEAD_OCTETS // size == 1
+    # The first call reads what was asked for and one message ahead, which
+    # answers the next RETR; the second call reads the last message.
+    assert first + 1 < 5 and sizes == [first + 1, 5 - first - 1]
     assert session.take().count(b"+OK %d octets\r\n" % size) == 5
+
+
+def test_the_next_messages_are_read_ahead_of_the_client(worker):
+    big = b"Subject: big\n\n" + b"x" * 300_000 + b"\n"
+    session, _ = logged_in(worker, SMALL[0], big, *SMALL, *SMALL)
+    session.command("DELE 4")
+    assert session.command("RETR 1") == b""
+    ((f, (wanted,)),) = worker.run()
+    # What was asked for, then the small live messages after it (the
+    # large one and the deleted one are left alone).
+    assert [message.uid[:12] for _, message in wanted] == [
+        "1700000000.M", "1700000002.M", "1700000004.M", "1700000005.M",
+    ]
+    assert session.take() == SMALL_WIRE[0]
+    # Answered at once, from what was read ahead.
+    assert session.send(b"RETR 3\r\nRETR 5\r\nRETR 6\r\n") == (
+        SMALL_WIRE[0] + SMALL_WIRE[0] + SMALL_WIRE[1]
+    )
+    assert worker.calls == []
+    # Taken once: asked again, a message is read again.
+    assert session.send(b"RETR 3\r\n") == b""
+    assert len(worker.run()) == 1 and session.take() == SMALL_WIRE[0]
+
+
+def test_top_reads_nothing_ahead(worker):
+    session, _ = logged_in(worker)
+    session.command("TOP 1 0")
+    ((f, (wanted,)),) = worker.run()
+    assert len(wanted) == 1
+    assert session.take() == b"+OK\r\nSubject: one\r\n\r\n.\r\n"
+
+
+def test_what_was_read_ahead_goes_with_the_connection(worker):
+    session, _ = logged_in(worker)
+    session.command("RETR 1")
+    worker.run()
+    session.drop()
+    assert session.protocol._retriever._read_ahead == {}
