@@ -42,10 +42,12 @@ class Response(NamedTuple):
         first = f"{self.status} {text}" if text or self.status == CHALLENGE else self.status
         if self.lines is None:
             return first.encode("utf-8") + b"\r\n"
-        body = "".join(
-            ("." if line.startswith(".") else "") + line + "\r\n" for line in self.lines
-        )
-        return (first + "\r\n" + body + ".\r\n").encode("utf-8")
+        if not self.lines:
+            return first.encode("utf-8") + b"\r\n.\r\n"
+        body = "\r\n".join(self.lines).encode("utf-8")
+        if body[:1] == b"." or b"\r\n." in body:  # rare: one search, not a test per line
+            body = (b"." if body[:1] == b"." else b"") + body.replace(b"\r\n.", b"\r\n..")
+        return b"".join((first.encode("utf-8"), b"\r\n", body, b"\r\n.\r\n"))
 
     @property
     def positive(self) -> bool:

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter
 from typing import NamedTuple
 
 from twisted.logger import Logger
@@ -326,9 +327,10 @@ class POP3Session:
         count, octets = self.maildrop.count_and_octets()
         return ok(f"{count} {octets}")
 
-    def _listing(self, argument: bytes, show: Callable[[object], str]) -> Response:
+    def _listing(self, argument: bytes, field: str) -> Response:
         """
-        LIST and UIDL: one message's line, or the whole scan listing.
+        LIST and UIDL: one message's line, or the whole scan listing of
+        each live message's C{field}.
         """
         maildrop = self.maildrop
         if argument.strip():
@@ -336,18 +338,19 @@ class POP3Session:
                 number, message = maildrop.lookup(argument.decode("ascii", "replace").strip())
             except NoSuchMessage as e:
                 return err(str(e))
-            return ok(f"{number} {show(message)}")
+            return ok(f"{number} {getattr(message, field)}")
         count, octets = maildrop.count_and_octets()
+        value = attrgetter(field)
         return ok(
             f"{count} messages ({octets} octets)",
-            lines=tuple(f"{number} {show(message)}" for number, message in maildrop.live()),
+            lines=tuple([f"{number} {value(message)}" for number, message in maildrop.live()]),
         )
 
     def do_LIST(self, argument: bytes) -> Response:
-        return self._listing(argument, lambda message: str(message.size))
+        return self._listing(argument, "size")
 
     def do_UIDL(self, argument: bytes) -> Response:
-        return self._listing(argument, lambda message: message.uid)
+        return self._listing(argument, "uid")
 
     def do_DELE(self, argument: bytes) -> Response:
         try:
