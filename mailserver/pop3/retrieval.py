@@ -18,7 +18,7 @@ find their message already read and are answered at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from twisted.internet import defer
@@ -58,7 +58,7 @@ class Retrieve(NamedTuple):
     status: Response
     encoder: WireEncoder
     then: Callable[[int | Failure], object]
-    ahead: Callable[[], Sequence[object]] | None = None
+    ahead: Callable[[], Iterable[object]] | None = None
 
 
 class Retriever:
