@@ -407,8 +407,10 @@ def make_service(config: Config, reactor) -> MultiService:
         ))
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
-        return POP3Factory(POP3Dependencies.from_config(
-            config=config,
+        return POP3Factory(POP3Dependencies.for_listener(
+            hostname=config.hostname,
+            pop3=config.pop3,
+            limits=config.limits,
             portal=portal,
             mailboxes=mailboxes,
             tls_options=tls_options,

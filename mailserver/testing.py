@@ -35,6 +35,7 @@ from mailserver.interfaces import (
     IMessageReceiver,
     IStoredMessage,
 )
+from mailserver.login_throttle import throttle_for
 from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.smtp import SMTPDependencies, SMTPFactory
 
@@ -538,14 +539,19 @@ class POP3Harness:
         self.store = store
         self.realm = realm or FakeRealm()
         if factory is None:
-            factory = POP3Factory(POP3Dependencies.from_config(
-                config=config or make_pop3_config(),
+            config = config or make_pop3_config()
+            clock = clock or Clock()
+            factory = POP3Factory(POP3Dependencies.for_listener(
+                hostname=config.hostname,
+                pop3=config.pop3,
+                limits=config.limits,
                 portal=portal or make_portal(
                     self.realm, **{"bob@localhost": "secret", "carol@localhost": "pass word"}
                 ),
                 mailboxes=store,
+                login_throttle=throttle_for(config, clock),
                 tls_options=tls_options,
-                reactor=clock or Clock(),
+                reactor=clock,
                 implicit_tls=implicit_tls,
                 run_blocking=run_blocking,
                 run_in_slices=None if sliced else _all_at_once,

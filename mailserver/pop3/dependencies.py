@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
-from mailserver.config import POP3, Config, Limits
+from mailserver.config import POP3, Limits
 from mailserver.interfaces import IMailboxStore
-from mailserver.login_throttle import LoginThrottle, throttle_for
+from mailserver.login_throttle import LoginThrottle
 from mailserver.metrics import ServerMetrics, unregistered_metrics
 from mailserver.pop3.storage import sliced_on
 
@@ -71,36 +71,40 @@ class POP3Dependencies:
     implicit_tls: bool = False
 
     @classmethod
-    def from_config(
+    def for_listener(
         cls,
         *,
-        config: Config,
+        hostname: str,
+        pop3: POP3,
+        limits: Limits,
         portal,
         mailboxes: IMailboxStore,
+        login_throttle: LoginThrottle,
         tls_options,
         reactor,
         implicit_tls: bool = False,
         metrics: ServerMetrics | None = None,
         run_blocking: Callable[..., defer.Deferred] | None = None,
         run_in_slices: Callable[[Iterator[None]], defer.Deferred] | None = None,
-        login_throttle: LoginThrottle | None = None,
     ) -> POP3Dependencies:
         """
+        @param pop3: the C{[pop3]} section.
+        @param limits: the C{[limits]} section.
+        @param login_throttle: failed logins per client address, shared with
+            the server's other listeners.
         @param run_blocking: by default in the reactor's thread pool.
         @param run_in_slices: by default a slice of every session's steps
             per reactor turn (L{sliced_on}).
-        @param login_throttle: failed logins per client address, shared with
-            the other listeners; by default this listener's own.
         """
         return cls(
-            hostname=config.hostname,
+            hostname=hostname,
             portal=portal,
             mailboxes=mailboxes,
-            login_throttle=login_throttle or throttle_for(config, reactor),
-            recent_logins=RecentLogins(config.pop3.login_delay),
+            login_throttle=login_throttle,
+            recent_logins=RecentLogins(pop3.login_delay),
             clock=reactor,
-            pop3=config.pop3,
-            limits=config.limits,
+            pop3=pop3,
+            limits=limits,
             metrics=metrics or unregistered_metrics(),
             run_blocking=run_blocking or (
                 lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)

@@ -12,6 +12,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from mailserver.login_throttle import throttle_for
 from mailserver.pop3 import POP3Dependencies
 from mailserver.pop3 import responses as R
 from mailserver.pop3 import session as session_module
@@ -41,12 +42,17 @@ def machine(**pop3) -> tuple[POP3Session, MemoryMaildirs, POP3Dependencies, Fake
     store.deliver("bob@localhost", FIRST, "1700000000.M1P1Q1.test")
     store.deliver("bob@localhost", SECOND, "1700000001.M2P1Q1.test")
     realm = FakeRealm()
-    dependencies = POP3Dependencies.from_config(
-        config=make_pop3_config(**pop3),
+    config = make_pop3_config(**pop3)
+    clock = Clock()
+    dependencies = POP3Dependencies.for_listener(
+        hostname=config.hostname,
+        pop3=config.pop3,
+        limits=config.limits,
         portal=make_portal(realm, **{"bob@localhost": "secret"}),
         mailboxes=store,
+        login_throttle=throttle_for(config, clock),
         tls_options=None,
-        reactor=Clock(),
+        reactor=clock,
         run_blocking=defer.maybeDeferred,
         run_in_slices=lambda steps: defer.maybeDeferred(list, steps),
     )

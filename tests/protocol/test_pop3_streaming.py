@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from mailserver.config import Config
+from mailserver.login_throttle import throttle_for
 from mailserver.maildir import MaildirStore
 from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.testing import FakeRealm, make_pop3_config
@@ -114,10 +115,14 @@ class StreamingTests(unittest.TestCase):
         self.portal.registerChecker(checker)
 
     def serve(self, implicit_tls: bool, tls_options) -> int:
-        factory = POP3Factory(POP3Dependencies.from_config(
-            config=make_pop3_config(),
+        config = make_pop3_config()
+        factory = POP3Factory(POP3Dependencies.for_listener(
+            hostname=config.hostname,
+            pop3=config.pop3,
+            limits=config.limits,
             portal=self.portal,
             mailboxes=MaildirStore(lambda address: self.tmp / "mail"),
+            login_throttle=throttle_for(config, reactor),
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,
