@@ -105,9 +105,14 @@ class SMTP:
     (VRFY 252 without saying whether the user exists, EXPN 502), or
     C{"answer"} (full answers, which lets strangers enumerate users).
     Authenticated clients always get full answers.
+
+    C{mx_auth}: offer AUTH on the MX role (C{listeners.smtp}) too.  Off, as
+    in Postfix: port 25 is for other servers, users log in on submission,
+    and a password guessed there could not be used to relay through port 25.
     """
 
     auth_over_plaintext: bool = False
+    mx_auth: bool = False
     vrfy: str = "refuse"
     expn: str = "refuse"
     subaddress_separator: str = "+"

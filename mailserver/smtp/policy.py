@@ -15,6 +15,7 @@ dropped by the grammar before we get here.
 from __future__ import annotations
 
 from mailserver.config import Config
+from mailserver.safe_text import printable
 from mailserver.smtp.grammar import Mailbox
 from mailserver.smtp.replies import (
     AUTH_REQUIRED,
@@ -41,21 +42,33 @@ class Policy:
         self._accounts = accounts
         self.role = role
 
+    @property
+    def offers_auth(self) -> bool:
+        """
+        Whether this role offers AUTH at all: submission always, MX only
+        with C{smtp.mx_auth}.
+        """
+        return self.role == SUBMISSION or self._config.smtp.mx_auth
+
     def sender(self, mailbox: Mailbox | None, authenticated: str | None) -> Reply | None:
         """
         May this client use this reverse-path?  C{None} means yes.
 
-        Submission requires AUTH (RFC 6409 4.3) and a sender the account
-        owns, so one user cannot send as another; MX accepts any sender,
-        including the null sender of bounces.
+        An authenticated client, on any role, must use a sender its account
+        owns, so one user cannot send as another (AUTH lets it relay, and
+        its mail is DKIM-signed).  Submission requires AUTH (RFC 6409 4.3);
+        MX accepts any sender from other servers, including the null sender
+        of bounces.
         """
-        if self.role == SUBMISSION:
-            if authenticated is None:
-                return AUTH_REQUIRED
+        if authenticated is not None:
             if mailbox is None or not self._accounts.owns(authenticated, mailbox.address):
                 return reply(
-                    553, "5.7.1", f"Sender address rejected: not owned by user {authenticated}"
+                    553, "5.7.1",
+                    f"Sender address rejected: not owned by user {printable(authenticated)}",
                 )
+            return None
+        if self.role == SUBMISSION:
+            return AUTH_REQUIRED
         return None
 
     def recipient(self, mailbox: Mailbox, authenticated: str | None) -> Reply | tuple[str, ...]:

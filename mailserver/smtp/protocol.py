@@ -521,7 +521,7 @@ class SMTPServer(Protocol):
         ]
         if self._starttls_offered():
             lines.append("STARTTLS")
-        if self._auth_allowed() and self._account is None:
+        if self.factory.policy.offers_auth and self._auth_allowed() and self._account is None:
             lines.append("AUTH " + " ".join(MECHANISMS))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         return Reply(250, "", tuple(lines))
@@ -929,6 +929,8 @@ class SMTPServer(Protocol):
     # AUTH (RFC 4954).
 
     def do_AUTH(self, argument: str) -> Reply | None:
+        if not self.factory.policy.offers_auth:
+            return reply(503, "5.5.1", "Error: authentication not enabled")
         if self._helo is None or not self._esmtp:
             return reply(503, "5.5.1", "Error: send EHLO first")
         if self._account is not None:
@@ -1040,7 +1042,6 @@ _HANDLERS = {
 
 def _grammar_reply(error: GrammarError) -> Reply:
     """
-    Bad parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
+    Unknown parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
     """
-    code = 555 if error.enhanced == "5.5.4" else 501
-    return reply(code, error.enhanced, str(error))
+    return reply(error.code, error.enhanced, str(error))

@@ -153,7 +153,7 @@ def test_received_field():
 
 
 def test_received_field_names_the_authenticated_sender_and_utf8():
-    session = Session(peer=LOOPBACK)
+    session = Session(peer=LOOPBACK, role="submission")
     session.ehlo()
     session.login()
     session.send(
