@@ -242,13 +242,17 @@ class DKIM:
     C{keys}: C{"domain:selector"} (key in C{<data_dir>/dkim/<domain>.<selector>.key},
     as C{mailserver dkim keygen} writes it) or C{"domain:selector:/path/to/key"};
     RSA or Ed25519 PEM keys.  Mail whose From domain (else envelope sender
-    domain) has keys is signed with each of them.
+    domain) has keys is signed with each of them, when every From address
+    is one the authenticated account may send as.
+    C{shared_domains}: domains whose From addresses any authenticated
+    account may have signed.
     C{signed_headers}: header fields signed when present.
     C{oversigned_headers}: fields signed once more than present, so none can
     be added later without breaking the signature.
     """
 
     keys: tuple[str, ...] = ()
+    shared_domains: tuple[str, ...] = ()
     signed_headers: tuple[str, ...] = (
         "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
         "mime-version", "content-type", "content-transfer-encoding", "content-disposition",

@@ -362,7 +362,7 @@ def make_service(config: Config, reactor) -> MultiService:
     context = PluginContext(reactor=reactor, hostname=config.hostname, data_path=config.data_path)
     # Authentication checks see the message as it arrived; DKIM signs it
     # as the plugins left it.
-    auth_first, auth_last = mail_auth_hooks(config, reactor)
+    auth_first, auth_last = mail_auth_hooks(config, reactor, owns=accounts.owns)
     hooks = Hooks(
         auth_first + load_plugins(config, context) + auth_last,
         on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),

@@ -35,11 +35,14 @@ def load_signing_keys(config) -> dict:
     return keys
 
 
-def mail_auth_hooks(config, reactor, resolver=None) -> tuple[list, list]:
+def mail_auth_hooks(config, reactor, *, owns, resolver=None) -> tuple[list, list]:
     """
     The message hooks for C{config}, as C{(name, hook)} pairs like
     L{mailserver.plugin_loading.load_plugins} returns.
 
+    @param owns: whether an account may send as an address
+        (L{mailserver.accounts.Accounts.owns}): only such From addresses
+        are signed.
     @param resolver: a C{twisted.names} resolver (default: one for
         C{relay.resolver}).
     @return: C{(first, last)}: the hooks to run before the configured
@@ -67,7 +70,7 @@ def mail_auth_hooks(config, reactor, resolver=None) -> tuple[list, list]:
         last.append((
             "mailauth-dkim",
             DKIMSigner(keys, config.dkim.signed_headers, config.dkim.oversigned_headers,
-                       reactor),
+                       reactor, owns=owns, shared_domains=config.dkim.shared_domains),
         ))
     return first, last
 

@@ -85,6 +85,9 @@ def mailauth_problem(dkim, checks, data_path: Path) -> tuple[str, str] | None:
         if (parsed.domain, parsed.selector) in seen:
             return "dkim.keys", f"{parsed.domain}:{parsed.selector} is listed twice"
         seen.add((parsed.domain, parsed.selector))
+    for domain in dkim.shared_domains:
+        if not is_domain(domain) or domain != domain.lower() or domain.endswith("."):
+            return "dkim.shared_domains", f"{domain!r} must be a lower-case domain name"
     for key in ("signed_headers", "oversigned_headers"):
         for name in getattr(dkim, key):
             if not _HEADER_NAME.match(name):

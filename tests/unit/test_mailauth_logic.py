@@ -223,10 +223,12 @@ def write_config(tmp_path, text: str):
 def test_config_defaults_and_tables(tmp_path):
     config = load(write_config(tmp_path, (
         '[dkim]\nkeys = ["example.org:sel", "example.org:ed:/k/ed.key"]\n'
+        'shared_domains = ["lists.example.org"]\n'
         '[checks]\nspf_fail = "reject"\ndmarc_reject = "reject"\n'
         'exempt_domains = [".partner.test"]\nexempt_networks = ["10.0.0.0/8"]\n'
     )))
     assert config.dkim.keys == ("example.org:sel", "example.org:ed:/k/ed.key")
+    assert config.dkim.shared_domains == ("lists.example.org",)
     assert "from" in config.dkim.signed_headers
     assert (config.checks.spf_fail, config.checks.dmarc_reject) == ("reject", "reject")
     assert config.checks.enabled and config.checks.skip_networks == ("127.0.0.0/8", "::1/128")
@@ -249,6 +251,15 @@ def test_config_errors(tmp_path, text, key):
     with pytest.raises(ConfigError) as e:
         load(write_config(tmp_path, text))
     assert e.value.key == key
+
+
+@pytest.mark.parametrize("domain", ["Example.org", "@example.org", "example.org.", "a b.org"])
+def test_shared_domains_must_be_lower_case_domain_names(tmp_path, domain):
+    with pytest.raises(ConfigError) as e:
+        load(write_config(tmp_path, f'[dkim]\nshared_domains = ["{domain}"]\n'))
+    assert (e.value.key, e.value.problem) == (
+        "dkim.shared_domains", f"{domain!r} must be a lower-case domain name"
+    )
 
 
 def test_keygen_writes_the_key_and_prints_the_record(tmp_path, capsys):
