@@ -25,6 +25,7 @@ from mailserver.group_commit import GroupCommitter
 from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir, free_space
+from mailserver.safe_text import printable
 
 # How long a reading of the free disk space is trusted (a statvfs per MAIL
 # would be a system call per message for a figure that changes slowly).
@@ -199,7 +200,7 @@ class Intake:
 
 
 def _return_path(sender: str) -> bytes:
-    return b"Return-Path: <" + sender.encode("utf-8") + b">\n"
+    return b"Return-Path: <" + printable(sender, None).encode("utf-8") + b">\n"
 
 
 @implementer(IMessageReceiver)

@@ -25,6 +25,7 @@ from mailserver.relay._settings import parse_host_port, parse_transports
 from mailserver.relay.client import OutboundRecipient, Reply, Timeouts, Transaction
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
 from mailserver.relay.queue import QueuedMessage, QueueStore
+from mailserver.safe_text import printable
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class RouteCourier:
                 self.log.info(
                     "relay: {id}: {host} [{address}]:{port} did not take the message: {why}",
                     id=message.id, host=hop.name, address=address, port=hop.port,
-                    why=str(next(iter(result.replies.values()))),
+                    why=printable(str(next(iter(result.replies.values()))), None),
                 )
         return {
             r.address: Outcome(result.replies[r.address], result.host if result else "")
@@ -162,10 +163,10 @@ class LoggingCourier:
                 self.log.info(
                     "relay: {id}: <{sender}> -> <{address}> via {mta}: {reply}",
                     id=message.id,
-                    sender=message.sender,
-                    address=address,
-                    mta=outcome.remote_mta or "-",
-                    reply=str(outcome.reply),
+                    sender=printable(message.sender),
+                    address=printable(address),
+                    mta=printable(outcome.remote_mta or "-"),
+                    reply=printable(str(outcome.reply), None),
                 )
             return outcomes
 

@@ -92,12 +92,6 @@ class Mailbox:
     def is_address_literal(self) -> bool:
         return self.domain.startswith("[")
 
-    def log_safe(self) -> str:
-        """
-        The address for logs: no control characters, bounded length.
-        """
-        return "".join(c if c.isprintable() else "?" for c in self.address[:320])
-
 
 @dataclass(frozen=True)
 class PathArgument:

@@ -30,6 +30,7 @@ from mailserver.envelope import Envelope, Recipient
 from mailserver.flow import INPUT, ReadControl
 from mailserver.hooks import Client
 from mailserver.interfaces import IAccount
+from mailserver.safe_text import printable
 from mailserver.sasl import (
     MECHANISMS,
     Credentials,
@@ -784,10 +785,10 @@ class SMTPServer(Protocol):
             code=answer.code,
             enhanced=answer.enhanced,
             client=self.client_address,
-            helo=self._helo or "-",
-            user=self._account or "-",
-            sender=transaction.sender.log_safe() if transaction.sender else "",
-            recipients=",".join(f"<{r.address}>" for r in transaction.recipients),
+            helo=printable(self._helo or "-"),
+            user=printable(self._account or "-"),
+            sender=printable(transaction.sender.address) if transaction.sender else "",
+            recipients=",".join(f"<{printable(r.address)}>" for r in transaction.recipients),
             size=transaction.sink.size if transaction.sink is not None else 0,
             ms=elapsed_ms,
         )

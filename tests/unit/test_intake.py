@@ -133,3 +133,13 @@ def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(account
     aborted.write(b"partial")
     aborted.abort()
     assert intake.held_in_memory == 0
+
+
+def test_the_return_path_carries_no_control_or_format_characters(accounts):
+    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
+    env = Envelope(sender="s\u0085\u2028\u202e@remote.test",
+                   recipients=(Recipient("a@example.org", ("a@example.org",)),))
+    run(intake, env, [b"Subject: x\r\n\r\nbody\r\n"])
+    (info,) = Mailbox(accounts.mailbox_path("a@example.org")).messages()
+    data = Path(info.path).read_bytes()
+    assert data.startswith(b"Return-Path: <s???@remote.test>\nSubject: x\n")

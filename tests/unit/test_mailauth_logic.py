@@ -140,6 +140,19 @@ def test_render_is_folded_one_result_a_line():
     assert headers.get("Authentication-Results").startswith("mx.test;")
 
 
+def test_render_escapes_client_text():
+    report = Report(
+        spf=(SPFResult("mailfrom", "a\u202e@x.test", "none"),
+             SPFResult("helo", "h\u0085\u2028x.test", "none")),
+        dkim=(DKIMResult("fail", "x\u2028.test", "s\u0085"),),
+    )
+    text = render("mx.test", report).decode()
+    assert text.replace("\r\n\t", "").endswith("\r\n")
+    assert text[:-2].replace("\r\n\t", "").isprintable(), text
+    assert "smtp.mailfrom=a?@x.test" in text and 'smtp.helo="h??x.test"' in text
+    assert 'header.d="x?.test"' in text and 'header.s="s?"' in text
+
+
 def test_headers_add_raw_and_selective_remove():
     headers = MessageHeaders(b"A: 1\r\nB: x\r\n y\r\nB: z\r\n")
     headers.add_raw(b"C: one\r\n\ttwo\r\n")
