@@ -12,6 +12,7 @@ messages durable together.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from mailserver.group_commit import GroupCommitter
 from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir, free_space
+from mailserver.safe_fs import open_folder
 from mailserver.safe_text import printable
 
 # How long a reading of the free disk space is trusted (a statvfs per MAIL
@@ -86,8 +88,9 @@ class Intake:
         self._maildirs_seen: set[Path] = set()  # touched by the committer threads only
         self._free = 0
         self._free_checked = -_FREE_SPACE_INTERVAL
-        self.spool_path = accounts.config.data_path / "spool"
-        (self.spool_path / "tmp").mkdir(parents=True, exist_ok=True)
+        self._base = accounts.config.data_path
+        self.spool_path = self._base / "spool"
+        os.close(open_folder(self._base, self.spool_path / "tmp", create=True))
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         return _Receiver(self, envelope)
@@ -145,7 +148,7 @@ class Intake:
         try:
             if maildirs:
                 self._ensure(maildirs[0])
-            return SpoolFile(tmp, self._names, message), maildirs, remote
+            return SpoolFile(self._base, tmp, self._names, message), maildirs, remote
         except OSError:
             self._maildirs_seen.clear()  # one was removed under us? look again next time
             raise
@@ -156,7 +159,7 @@ class Intake:
         three C{stat} calls per message.
         """
         if maildir not in self._maildirs_seen:
-            ensure_maildir(maildir)
+            ensure_maildir(self._base, maildir)
             self._maildirs_seen.add(maildir)
 
     def _publish(self, written, envelope: Envelope, body_offset: int) -> str:
@@ -240,7 +243,7 @@ class _Receiver:
         intake.held_in_memory += len(data)
         if self._buffered > SPILL_SIZE or intake.held_in_memory > MEMORY_BUDGET:
             self._release_memory()
-            self._spool = SpoolFile(intake.spool_path / "tmp", intake._names)
+            self._spool = SpoolFile(intake._base, intake.spool_path / "tmp", intake._names)
             for piece in self._pieces:
                 self._spool.write(piece)
             self._pieces = []

@@ -8,7 +8,6 @@ Nothing imports this module but L{mailserver.tap}.
 from __future__ import annotations
 
 import ctypes
-import glob
 import json
 import os
 import resource
@@ -28,11 +27,12 @@ from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
 from mailserver.mailauth import mail_auth_hooks
 from mailserver.login_throttle import throttle_for
-from mailserver.maildir import Mailbox, remove_stale_tmp
+from mailserver.maildir import Mailbox, maildir_tmp_folders, remove_stale_tmp
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
 from mailserver.metrics import Metrics, server_metrics
 from mailserver.relay import QueueError, QueueStore, RelayRunner
+from mailserver.safe_fs import make_data_folder, open_path, tighten
 from mailserver.smtp import SMTPFactory
 from mailserver.tls import ReloadableServerOptions
 from mailserver.web import make_admin_site
@@ -45,6 +45,7 @@ from mailserver.workers import (
     shared_address,
 )
 
+_log = Logger()
 LISTENERS_FILE = "listeners.json"
 PID_FILE = "mailserver.pid"
 
@@ -150,7 +151,7 @@ class ListenerReport(Service):
         for listener, address in zip(self._listeners, addresses):
             report.setdefault(listener.role, []).append(f"{address.host}:{address.port}")
         tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        _write_new(tmp, json.dumps(report, indent=2) + "\n")
         os.replace(tmp, self._path)
 
     def stopService(self):
@@ -214,7 +215,7 @@ class ReloadOnSignal(Service):
     def startService(self) -> None:
         super().startService()
         if self._pid_path is not None:
-            self._pid_path.write_text(f"{os.getpid()}\n")
+            _write_new(self._pid_path, f"{os.getpid()}\n")
         self._previous = signal.signal(signal.SIGHUP, self._signalled)
 
     def _signalled(self, signum, frame) -> None:
@@ -286,7 +287,8 @@ class QueueAdminView:
 class CrashCleanup(Service):
     """
     At start, before any listener: remove the files a crash left in the
-    spool's and every mailbox's C{tmp/} (see L{remove_stale_tmp}).
+    spool's and every mailbox's C{tmp/} (see L{remove_stale_tmp}).  A
+    symbolic link on the way is not followed, and logged.
     """
 
     log = Logger()
@@ -297,13 +299,53 @@ class CrashCleanup(Service):
 
     def startService(self) -> None:
         super().startService()
-        folders = [str(self._spool_tmp)]
-        folders += glob.glob(os.path.join(glob.escape(str(self._config.mail_path)), "*", "*", "tmp"))
-        removed = sum(remove_stale_tmp(folder) for folder in folders)
+        folders, links = maildir_tmp_folders(self._config.mail_path)
+        for link in links:
+            self.log.warn("not following the symbolic link {path} in the data folder",
+                          path=str(link))
+        removed = 0
+        for folder in [self._spool_tmp, *folders]:
+            try:
+                removed += remove_stale_tmp(self._config.data_path, folder)
+            except OSError as e:
+                self.log.warn("not cleaning up {folder}: {problem}", folder=str(folder),
+                              problem=str(e))
         if removed:
             self.log.info(
                 "removed {count} unfinished message files left by an earlier crash",
                 count=removed,
+            )
+
+
+def _write_new(path: Path, text: str) -> None:
+    """
+    Replace a small file of the data folder's, never through a link in its
+    place.
+    """
+    fd = open_path(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+# The data folder's own folders: never symbolic links, and private.
+OWN_FOLDERS = ("mail", "spool", "queue", "tls", "dkim")
+
+
+def _prepare_data_folder(data_path: Path) -> None:
+    """
+    Make the data folder (0700) if missing; refuse to start when one of its
+    own folders is a symbolic link; take other users' access away from
+    those that still grant it (made before they were made 0700).
+
+    @raise mailserver.safe_fs.SymlinkRefused: naming the link.
+    """
+    make_data_folder(data_path)
+    for name in OWN_FOLDERS:
+        old = tighten(data_path, data_path / name)
+        if old is not None:
+            _log.warn(
+                "{folder} was open to other users (mode {old:o}): now {new:o}",
+                folder=str(data_path / name), old=old, new=old & ~0o007,
             )
 
 
@@ -346,7 +388,7 @@ def make_service(config: Config, reactor) -> MultiService:
     root = MultiService()
     _raise_open_file_limit()
     _return_large_buffers()
-    config.data_path.mkdir(parents=True, exist_ok=True)
+    _prepare_data_folder(config.data_path)
     tls_options = ReloadableServerOptions(config)
     accounts = Accounts(config)
     portal = make_portal(
@@ -389,7 +431,7 @@ def make_service(config: Config, reactor) -> MultiService:
     login_throttle = throttle_for(config, reactor)
 
     def mailbox_for(address: str) -> Mailbox:
-        return Mailbox(accounts.mailbox_path(address))
+        return Mailbox(accounts.mailbox_path(address), config.data_path)
 
     def smtp_factory(role: str, implicit_tls: bool) -> SMTPFactory:
         return SMTPFactory(

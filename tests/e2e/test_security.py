@@ -5,6 +5,7 @@ Issue 19 against the real server: what an attacker from the internet found.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import smtplib
 import socket
@@ -107,3 +108,98 @@ def test_envid_and_orcpt_that_would_inject_report_lines_get_501(server):
     assert replies[1] == b"501 5.5.4 Bad ENVID parameter syntax: not printable US-ASCII\r\n"
     assert replies[2].startswith(b"250 ")
     assert replies[3] == b"501 5.5.4 Bad ORCPT parameter syntax: not printable US-ASCII\r\n"
+
+
+# Links inside the data folder, and who may list it.
+
+def mode(path: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def deliver_to_bob(server: MailServer) -> bytes:
+    replies = raw_session(server.ports["smtp"], [
+        b"EHLO client.test", b"MAIL FROM:<a@remote.test>", b"RCPT TO:<bob@localhost>", b"DATA",
+        b"Subject: hi\r\n\r\nbody\r\n.", b"QUIT",
+    ])
+    return replies[4]
+
+
+def test_delivery_does_not_write_through_a_linked_new(tmp_path):
+    server = MailServer(tmp_path)
+    server.start()
+    try:
+        server.add_user("bob@localhost", "pw")
+        assert deliver_to_bob(server).startswith(b"250 ")
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        new = server.maildir("bob@localhost") / "new"
+        for name in os.listdir(new):
+            os.unlink(new / name)
+        new.rmdir()
+        new.symlink_to(outside)
+        server.stop()
+        server.start()  # the server learns of Maildirs once per process
+        assert deliver_to_bob(server).startswith(b"451 4.3.0 ")
+        assert os.listdir(outside) == []
+        assert (f"storing a message failed: [Errno 40] is a symbolic link, which is not"
+                f" followed inside the data folder: '{new}'") in server.log()
+    finally:
+        server.stop()
+
+
+def test_start_up_clean_up_does_not_follow_a_linked_tmp(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    precious = outside / "1700000000.M000001P999999999Q1.mx"  # a writer long gone
+    precious.write_bytes(b"not ours")
+    os.utime(precious, (0, 0))
+    bob = tmp_path / "data" / "mail" / "localhost" / "bob"
+    for sub in ("new", "cur"):
+        (bob / sub).mkdir(parents=True)
+    (bob / "tmp").symlink_to(outside)
+    server = MailServer(tmp_path)
+    server.start()
+    try:
+        assert precious.read_bytes() == b"not ours"
+        assert f"not cleaning up {bob / 'tmp'}" in server.log()
+    finally:
+        server.stop()
+
+
+def test_folders_are_private_and_old_ones_are_tightened(tmp_path):
+    old_mask = os.umask(0o022)
+    try:
+        (tmp_path / "data" / "mail").mkdir(parents=True)
+        (tmp_path / "data" / "spool").mkdir()
+        os.chmod(tmp_path / "data" / "spool", 0o775)
+        server = MailServer(tmp_path)
+        server.start()
+    finally:
+        os.umask(old_mask)
+    try:
+        server.add_user("bob@localhost", "pw")
+        assert deliver_to_bob(server).startswith(b"250 ")
+        data = server.data_path
+        assert mode(data / "mail") == 0o750 and mode(data / "spool") == 0o770
+        bob = server.maildir("bob@localhost")
+        made = [data / "queue", data / "queue" / "messages", data / "tls", data / "spool" / "tmp",
+                bob.parent, bob, bob / "tmp", bob / "new", bob / "cur"]
+        assert {str(p): mode(p) for p in made} == {str(p): 0o700 for p in made}
+        log = server.log()
+        assert f"{data / 'mail'} was open to other users (mode 755): now 750" in log
+        assert f"{data / 'spool'} was open to other users (mode 775): now 770" in log
+    finally:
+        server.stop()
+
+
+def test_a_linked_folder_of_the_data_folder_stops_start_up_with_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "data" / "queue").symlink_to(tmp_path / "elsewhere")
+    server = MailServer(tmp_path)
+    with pytest.raises(RuntimeError) as failed:
+        server.start()
+    assert (f"mailserver: cannot prepare {tmp_path / 'data' / 'queue'}: is a symbolic link"
+            in str(failed.value))

@@ -117,7 +117,7 @@ class StreamingTests(unittest.TestCase):
         factory = POP3Factory(
             config=make_config(),
             portal=self.portal,
-            mailbox_for=lambda address: Mailbox(self.tmp / "mail"),
+            mailbox_for=lambda address: Mailbox(self.tmp / "mail", self.tmp),
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,

@@ -246,3 +246,31 @@ def test_names_that_are_not_ids_are_not_envelopes(config, tmp_path):
     (store.envelopes_path / f".{queue_id}.json").write_text("{}")
     (store.envelopes_path / "notes.txt").write_text("hi")
     assert store.ids() == [queue_id]
+
+
+def test_queue_folders_are_private_and_never_links(config, tmp_path):
+    import stat
+
+    from mailserver.safe_fs import SymlinkRefused
+
+    store = QueueStore(config, clock=lambda: 1000.0)
+    queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
+    for folder in (store.path, store.messages_path, store.envelopes_path, store.tmp_path):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    # A message file replaced by a link to another file is not read.
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Return-Path: <x>\nnot mail\n" * 4)
+    os.unlink(store.messages_path / queue_id)
+    os.symlink(secret, store.messages_path / queue_id)
+    with pytest.raises(CorruptEntry):
+        store.load(queue_id)
+    with pytest.raises(SymlinkRefused):
+        store.open_body(QueuedMessage(id=queue_id, sender="", recipients=(), arrival=0))
+    # Nor is a queue folder that is a link.
+    other = QueueStore(Config(hostname="mx.test", data_dir=str(tmp_path / "other")))
+    (tmp_path / "other" / "queue").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "other" / "queue" / "messages")
+    with pytest.raises(SymlinkRefused):
+        other.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
+    assert os.listdir(tmp_path / "elsewhere") == []

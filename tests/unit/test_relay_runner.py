@@ -89,7 +89,7 @@ class World:
         return results[0]
 
     def bounces(self):
-        box = Mailbox(self.accounts.mailbox_path("s@example.org"))
+        box = Mailbox(self.accounts.mailbox_path("s@example.org"), self.accounts.config.data_path)
         if not (box.path / "new").exists():
             return []
         out = []
