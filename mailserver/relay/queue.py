@@ -547,7 +547,7 @@ class QueueStore:
         except FileNotFoundError:
             return []
         requests = []
-        for entry in sorted(entries, key=lambda e: e.stat().st_mtime):
+        for entry in sorted(entries, key=lambda e: e.stat(follow_symlinks=False).st_mtime):
             target, _, verb = entry.name.rpartition(".")
             try:
                 os.unlink(entry.path)

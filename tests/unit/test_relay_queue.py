@@ -274,3 +274,10 @@ def test_queue_folders_are_private_and_never_links(config, tmp_path):
     with pytest.raises(SymlinkRefused):
         other.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_a_dangling_link_among_the_requests_does_not_stop_the_scan(config):
+    store = QueueStore(config, clock=lambda: 1000.0)
+    store.request("flush", "*")
+    os.symlink("/nonexistent/target", store.requests_path / "ABC.flush")
+    assert sorted(store.take_requests()) == [("flush", "*"), ("flush", "ABC")]
