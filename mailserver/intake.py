@@ -68,11 +68,17 @@ class Intake:
         *,
         accounts: Accounts,
         reactor,
+        data_path: Path,
+        hostname: str,
+        min_free_space: int,
         queue: RelayQueue | None = None,
         on_delivered: Callable[[Delivery], None] | None = None,
         committer=None,
     ) -> None:
         """
+        @param data_path: the data folder: the spool is in it, and its file
+            system must keep C{min_free_space} octets free.
+        @param hostname: goes into the names of message files.
         @param on_delivered: told of each local final delivery (the plugins'
             delivered hooks).
         @param committer: makes messages durable; by default a
@@ -80,17 +86,18 @@ class Intake:
         """
         self._accounts = accounts
         self._reactor = reactor
-        self._committer = committer or GroupCommitter(reactor, accounts.config.data_path)
+        self._data_path = data_path
+        self._min_free_space = min_free_space
+        self._committer = committer or GroupCommitter(reactor, data_path)
         self._queue = queue
         self._on_delivered = on_delivered
-        self._names = UniqueNames(accounts.config.hostname)
+        self._names = UniqueNames(hostname)
         self.held_in_memory = 0  # octets of messages being received, all sessions
         self._maildirs_seen: set[Path] = set()  # touched by the committer threads only
         self._free = 0
         self._free_checked = -_FREE_SPACE_INTERVAL
-        self._base = accounts.config.data_path
-        self.spool_path = self._base / "spool"
-        os.close(open_folder(self._base, self.spool_path / "tmp", create=True))
+        self.spool_path = data_path / "spool"
+        os.close(open_folder(data_path, self.spool_path / "tmp", create=True))
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         return _Receiver(self, envelope)
@@ -99,23 +106,22 @@ class Intake:
         now = time.monotonic()
         if now - self._free_checked >= _FREE_SPACE_INTERVAL:
             try:
-                self._free = free_space(self._accounts.config.data_path)
+                self._free = free_space(self._data_path)
             except OSError:
                 self._free = 0  # the data folder is gone or unreadable
             self._free_checked = now
-        return self._free >= self._accounts.config.limits.min_free_space + size
+        return self._free >= self._min_free_space + size
 
     def route(self, envelope: Envelope) -> tuple[list[Path], tuple[str, ...]]:
         """
         Split the destinations into local Maildirs and remote addresses.
         """
-        config = self._accounts.config
         local: dict[Path, None] = {}
         remote: dict[str, None] = {}
         for recipient in envelope.recipients:
             for destination in recipient.destinations:
                 _, domain = split_address(destination)
-                if config.is_local_domain(domain):
+                if self._accounts.is_local_domain(domain):
                     local[self._accounts.mailbox_path(destination)] = None
                 else:
                     remote[destination] = None
@@ -148,7 +154,7 @@ class Intake:
         try:
             if maildirs:
                 self._ensure(maildirs[0])
-            return SpoolFile(self._base, tmp, self._names, message), maildirs, remote
+            return SpoolFile(self._data_path, tmp, self._names, message), maildirs, remote
         except OSError:
             self._maildirs_seen.clear()  # one was removed under us? look again next time
             raise
@@ -159,7 +165,7 @@ class Intake:
         three C{stat} calls per message.
         """
         if maildir not in self._maildirs_seen:
-            ensure_maildir(self._base, maildir)
+            ensure_maildir(self._data_path, maildir)
             self._maildirs_seen.add(maildir)
 
     def _publish(self, written, envelope: Envelope, body_offset: int) -> str:
@@ -185,10 +191,9 @@ class Intake:
 
     def _delivered(self, queue_id: str, envelope: Envelope, size: int) -> str:
         if self._on_delivered is not None:
-            config = self._accounts.config
             for recipient in envelope.recipients:
                 for destination in recipient.destinations:
-                    if config.is_local_domain(split_address(destination)[1]):
+                    if self._accounts.is_local_domain(split_address(destination)[1]):
                         self._on_delivered(
                             Delivery(
                                 queue_id=queue_id,
@@ -243,7 +248,7 @@ class _Receiver:
         intake.held_in_memory += len(data)
         if self._buffered > SPILL_SIZE or intake.held_in_memory > MEMORY_BUDGET:
             self._release_memory()
-            self._spool = SpoolFile(intake._base, intake.spool_path / "tmp", intake._names)
+            self._spool = SpoolFile(intake._data_path, intake.spool_path / "tmp", intake._names)
             for piece in self._pieces:
                 self._spool.write(piece)
             self._pieces = []

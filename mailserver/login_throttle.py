@@ -28,11 +28,11 @@ MAX_CLIENTS = 10_000
 MAX_DELAY = 30.0
 
 
-def throttle_for(config, clock) -> LoginThrottle:
+def throttle_for(limits, clock) -> LoginThrottle:
     """
-    The throttle the configuration's C{limits} describe.
+    The throttle the C{[limits]} section (L{mailserver.config.Limits})
+    describes.
     """
-    limits = config.limits
     return LoginThrottle(
         clock,
         delay=limits.auth_failure_delay,

@@ -43,16 +43,20 @@ class SymlinkRefused(OSError):
         )
 
 
-def make_data_folder(path: Path) -> None:
+def make_data_folder(path: Path) -> bool:
     """
-    Create the data folder itself (and its parents) if missing, the folder
-    0700.  An existing one is left as the operator made it.
+    Create the data folder itself (and its parents, with the umask's mode)
+    if missing, the folder 0700.  An existing one is left as the operator
+    made it.
+
+    @return: whether it was made.
     """
     try:
         path.mkdir(parents=True, mode=FOLDER_MODE)
     except FileExistsError:
-        return
+        return False
     os.chmod(path, FOLDER_MODE)  # whatever the umask
+    return True
 
 
 def open_folder(base: Path | str, folder: Path | str, *, create: bool = False) -> int:
@@ -177,6 +181,15 @@ def open_path(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o600) -> 
         if e.errno == errno.ELOOP:
             raise SymlinkRefused(path) from None
         raise
+
+
+def write_file(path: Path | str, text: str) -> None:
+    """
+    Replace a small file of the data folder's (a pid, the listeners'
+    ports), never writing through a link left in its place.
+    """
+    with os.fdopen(open_path(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+        f.write(text)
 
 
 def tighten(base: Path, folder: Path) -> int | None:

@@ -32,11 +32,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailserver.config import CheckAction
 from mailserver.hooks import Reject
 from mailserver.interfaces import IMessageHook
 from mailserver.mailauth import dmarc
 from mailserver.mailauth._message import whole_message
-from mailserver.mailauth._settings import is_domain
 from mailserver.mailauth.dns import DNSTempError, SyncDNS, dkim_txt, spf_resolver
 from mailserver.mailauth.results import (
     FIELD,
@@ -46,6 +46,7 @@ from mailserver.mailauth.results import (
     authserv_id,
     render,
 )
+from mailserver.names import is_domain
 from mailserver.safe_text import printable
 
 MAX_SIGNATURES = 5
@@ -224,8 +225,8 @@ class InboundChecks:
         self._reactor = reactor
         self._threadpool = threadpool
         self._rng = rng
-        self._skip = tuple(ipaddress.ip_network(n, strict=False) for n in checks.skip_networks)
-        self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in checks.exempt_networks)
+        self._skip = checks.skip_networks
+        self._exempt = checks.exempt_networks
 
     def _in(self, ip: str | None, networks) -> bool:
         if ip is None:
@@ -279,14 +280,14 @@ class InboundChecks:
         ):
             return None
         verdict = report.dmarc
-        if (self._checks.dmarc_reject == "reject" and verdict.result == "fail"
+        if (self._checks.dmarc_reject == CheckAction.REJECT and verdict.result == "fail"
                 and verdict.disposition == "reject"):
             self.log.info("refused mail from {sender}: DMARC policy of {domain} is reject",
                           sender=printable(envelope.sender), domain=printable(verdict.domain))
             return Reject(550, "5.7.1", f"Message refused: it fails the DMARC policy of "
                           f"{_safe(verdict.domain)}")
         spf = report.spf_for_policy()
-        if (self._checks.spf_fail == "reject" and spf is not None and spf.result == "fail"
+        if (self._checks.spf_fail == CheckAction.REJECT and spf is not None and spf.result == "fail"
                 and verdict.result != "pass"):
             domain = _safe(spf.value.rpartition("@")[2])
             self.log.info("refused mail from {sender}: SPF fail for {domain}",

@@ -839,7 +839,7 @@ class POP3Factory(ServerFactory):
         self.reactor = reactor
         self.implicit_tls = implicit_tls
         self.metrics = metrics or unregistered_metrics()
-        self.login_throttle = login_throttle or throttle_for(config, reactor)
+        self.login_throttle = login_throttle or throttle_for(config.limits, reactor)
         self._last_logins: dict[str, float] = {}
 
     def buildProtocol(self, addr) -> POP3Server:

@@ -274,9 +274,13 @@ class QueueStore:
         runner sets it to hand the id over to the reactor thread.
     """
 
-    def __init__(self, config, clock: Callable[[], float] = time.time) -> None:
-        self._base = Path(config.data_path)
-        self.path = self._base / "queue"
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        """
+        @param path: the queue folder (C{<data_dir>/queue}); no link is
+            followed below its parent, the data folder.
+        """
+        self.path = Path(path)
+        self._base = self.path.parent
         self.messages_path = self.path / "messages"
         self.envelopes_path = self.path / "envelopes"
         self.tmp_path = self.path / "tmp"

@@ -62,7 +62,7 @@ class SMTPFactory(ServerFactory):
         self.queue_runner = queue_runner
         self.metrics = metrics or unregistered_metrics()
         self.metrics_role = "submissions" if implicit_tls else role
-        self.login_throttle = login_throttle or throttle_for(config, reactor)
+        self.login_throttle = login_throttle or throttle_for(config.limits, reactor)
         self.sessions: set[SMTPServer] = set()
         self._session_ids = itertools.count(secrets.randbits(40))
         self._per_client: dict[str, int] = {}
