@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailserver.accounts import Accounts
 from mailserver.config import Config
 from mailserver.envelope import Envelope, Recipient
+from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.testing import InlineCommitter, InlineReactor
 
@@ -40,10 +40,11 @@ def main() -> None:
     try:
         config = Config(hostname="mx.test", data_dir=str(root / "data"),
                         local_domains=("example.org",))
-        accounts = Accounts(config)
+        accounts = accounts_for(config)
         for user in ("a", "b"):
             accounts.add_user(f"{user}@example.org", "x")
-        intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
+        intake = Intake(accounts=accounts, reactor=InlineReactor(), data_path=config.data_path,
+                        hostname=config.hostname, min_free_space=0, committer=InlineCommitter())
         text = b"Subject: x\r\n\r\n" + b"y" * 1000 + b"\r\n"
         for users in (("a",), ("a", "b")):
             envelope = Envelope(sender="s@remote.test", recipients=tuple(
