@@ -153,7 +153,7 @@ def test_failed_logins_count_per_address_across_sessions():
     config = make_config(
         limits={"auth_failure_delay": 1.0, "max_auth_failures_per_client": 4, "max_auth_failures": 10}
     )
-    first = SMTPHarness(peer=LOOPBACK, config=config)
+    first = SMTPHarness(peer=LOOPBACK, config=config, role="submission")
     factory = first.factory
     delays = []
     for _ in range(4):
