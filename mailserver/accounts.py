@@ -35,7 +35,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailserver.config import CatchAll
-from mailserver.interfaces import IAccount
+from mailserver.interfaces import IAccount, IAccounts
 
 _SCRYPT_N = 2**14
 _SCRYPT_R = 8
@@ -242,7 +242,7 @@ def _parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the data folder, often
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -256,6 +256,7 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+@implementer(IAccounts)
 class Accounts:
     """
     Users and aliases of the local domains, and where an address delivers.

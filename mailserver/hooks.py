@@ -24,6 +24,8 @@ from mailserver.interfaces import (
     IEnvelopeHook,
     IMessageHook,
 )
+from mailserver.safe_text import printable
+from mailserver.wire.reply import Reply
 
 
 class PluginOptionsError(ValueError):
@@ -90,33 +92,35 @@ class Client:
         return self._unread()
 
 
-@dataclass(frozen=True)
-class Reject:
+@dataclass(frozen=True, slots=True, init=False, repr=False, eq=False)
+class Reject(Reply):
     """
-    Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}.
+    Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}:
+    a L{Reply}, checked to be a refusal with an enhanced code of its class
+    and one line of text, which the SMTP server answers as it is.
 
     @ivar reason: a short fixed word for the log line and the
         C{smtp_refusals_total} metric (e.g. C{"dnsbl"}); by default the
         name of the plugin that refused.  Never client input: it is a
-        metric label.
+        metric label.  Not part of the reply (two rejects that answer the
+        same are equal).
     """
 
-    code: int
-    enhanced: str
-    text: str
     reason: str = ""
 
-    def __post_init__(self) -> None:
-        if not (400 <= self.code < 600):
+    def __init__(self, code: int, enhanced: str, text: str, reason: str = "") -> None:
+        if not (400 <= code < 600):
             raise ValueError("a rejection needs a 4xx or 5xx code")
-        if not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", self.enhanced):
-            raise ValueError(f"{self.enhanced!r} is not an enhanced status code")
-        if self.enhanced[0] != str(self.code)[0]:
+        if not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", enhanced):
+            raise ValueError(f"{enhanced!r} is not an enhanced status code")
+        if enhanced[0] != str(code)[0]:
             raise ValueError("the enhanced code's class must match the reply code")
-        if "\r" in self.text or "\n" in self.text:
+        if "\r" in text or "\n" in text:
             raise ValueError("the text must be one line")
-        if self.reason and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", self.reason):
+        if reason and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", reason):
             raise ValueError("the reason must be a short lower-case word")
+        Reply.__init__(self, code, enhanced, (text,))
+        object.__setattr__(self, "reason", reason)
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class MessageRejected(Exception):
     """
 
     def __init__(self, reject: Reject) -> None:
-        super().__init__(f"{reject.code} {reject.enhanced} {reject.text}")
+        super().__init__(str(reject))
         self.reject = reject
 
 
@@ -336,7 +340,8 @@ class Hooks:
             "SMTP refused ({reason}) at {hook}: {code} {enhanced} client={client} helo={helo}"
             " user={user}: {text}",
             reason=reason, hook=hook, code=reject.code, enhanced=reject.enhanced,
-            client=client or "-", helo=who.helo or "-", user=user or "-", text=reject.text,
+            client=client or "-", helo=printable(who.helo or "-"), user=printable(user or "-"),
+            text=printable(reject.text),
         )
         if self._on_refusal is not None:
             self._on_refusal(reason)

@@ -26,15 +26,15 @@ from mailserver.lifecycle import PID_FILE, CrashCleanup, ReloadOnSignal, Shutdow
 from mailserver.listeners import LISTENERS_FILE, Listener, ListenerReport
 from mailserver.login_throttle import throttle_for
 from mailserver.mailauth import mail_auth_hooks
-from mailserver.maildir import Mailbox
+from mailserver.maildir import MaildirStore
 from mailserver.metrics import Metrics, server_metrics
 from mailserver.ownership import Owner, acting_as, prepare_data_folder
 from mailserver.plugin_loading import load_plugins
-from mailserver.pop3 import POP3Factory
+from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
 from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.relay.mx import make_resolver
-from mailserver.smtp import SMTPFactory
+from mailserver.smtp import SMTPDependencies, SMTPFactory
 from mailserver.startup import StartupReport
 from mailserver.tls import ReloadableServerOptions, ensure_self_signed
 from mailserver.web import make_admin_site
@@ -116,7 +116,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     auth_first, auth_last = mail_auth_hooks(
         checks=config.checks, dkim=config.dkim, hostname=config.hostname,
         key_folder=config.dkim_key_path, resolver=resolver,
-        reactor=reactor, source=config.source,
+        reactor=reactor, source=config.source, owns=accounts.owns,
     )
     hooks = Hooks(
         defences + auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
@@ -148,13 +148,14 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     # The protocols, sharing one count of failed logins per client address.
     login_throttle = throttle_for(config.limits, reactor)
 
-    def mailbox_for(address: str) -> Mailbox:
-        return Mailbox(accounts.mailbox_path(address))
+    mailboxes = MaildirStore(accounts.mailbox_path, config.data_path)
 
     def smtp_factory(role: str, implicit_tls: bool) -> SMTPFactory:
-        return SMTPFactory(
-            config=config,
+        return SMTPFactory(SMTPDependencies.for_listener(
             role=role,
+            hostname=config.hostname,
+            smtp=config.smtp,
+            limits=config.limits,
             accounts=accounts,
             portal=portal,
             intake=smtp_intake,
@@ -165,19 +166,21 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
             queue_runner=runner,
             metrics=instruments,
             login_throttle=login_throttle,
-        )
+        ))
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
-        return POP3Factory(
-            config=config,
+        return POP3Factory(POP3Dependencies.for_listener(
+            hostname=config.hostname,
+            pop3=config.pop3,
+            limits=config.limits,
             portal=portal,
-            mailbox_for=mailbox_for,
+            mailboxes=mailboxes,
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,
             metrics=instruments,
             login_throttle=login_throttle,
-        )
+        ))
 
     roles = {
         "smtp": lambda: smtp_factory("smtp", False),
@@ -229,7 +232,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         follow_primary()
         PrimaryLink(reactor, login_throttle, metrics).setServiceParent(root)
     else:
-        CrashCleanup(config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
+        CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
         runner.setServiceParent(root)
     defence_store.setServiceParent(root)  # stops after the sessions that use it
     ShutdownNotice(smtp_factories, reactor, config.limits.shutdown_timeout).setServiceParent(root)

@@ -22,6 +22,7 @@ file stays bounded whatever a flood of new senders does.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+
+from mailserver.safe_fs import SymlinkRefused, open_folder, open_path
 
 PRUNE_INTERVAL = 600.0
 PRUNE_EVERY = 1000
@@ -164,8 +167,31 @@ def prune(db: sqlite3.Connection, now: float, policy: GreylistPolicy | None) -> 
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                         check_same_thread=False)
+    """
+    Open the database under the data folder's rules (L{mailserver.safe_fs}):
+    the folder made 0700 if missing, the file made 0600 (SQLite gives its
+    C{-wal} and C{-shm} files the database's mode), and none of the three
+    a symbolic link.  SQLite cannot be told not to follow one, so the file
+    is opened first without following, and the file SQLite opened must be
+    that one.
+
+    @raise SymlinkRefused: when one of the files is a link.
+    """
+    os.close(open_folder(path.parent, path.parent, create=True))
+    for name in (f"{path}-wal", f"{path}-shm"):
+        if os.path.islink(name):
+            raise SymlinkRefused(name)
+    fd = open_path(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        opened = os.fstat(fd)
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                             check_same_thread=False)
+    finally:
+        os.close(fd)
+    now = os.stat(path, follow_symlinks=False)
+    if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):  # replaced meanwhile
+        db.close()
+        raise SymlinkRefused(path)
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")

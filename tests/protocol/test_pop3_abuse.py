@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from pop3_fakes import MemoryMaildirs, Session, make_config
+from mailserver.testing import MemoryMaildirs, POP3Harness, make_pop3_config
+from mailserver.wire.session import CLOSE_GRACE
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def store():
 
 
 def test_a_command_trickled_in_a_byte_at_a_time_still_times_out(store):
-    session = Session(store, config=make_config(limits={"pop3_idle_timeout": 60}))
+    session = POP3Harness(store, config=make_pop3_config(limits={"pop3_idle_timeout": 60}))
     for byte in b"NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP":
         session.send(bytes([byte]))
         session.clock.advance(5)
@@ -29,7 +30,7 @@ def test_a_command_trickled_in_a_byte_at_a_time_still_times_out(store):
 
 
 def test_a_client_that_does_not_read_its_replies_is_not_answered_further(store):
-    session = Session(store)
+    session = POP3Harness(store)
     session.login()
     producer = session.transport.producer
     producer.pauseProducing()  # the client's window is full
@@ -43,7 +44,7 @@ def test_a_client_that_does_not_read_its_replies_is_not_answered_further(store):
     assert session.transport.producerState == "producing"
 
 
-def drain(session: Session) -> bytes:
+def drain(session: POP3Harness) -> bytes:
     """
     Let the reactor take its turns; return what the session wrote.
     """
@@ -55,7 +56,7 @@ def drain(session: Session) -> bytes:
 
 
 def test_one_clients_pipelined_flood_is_handled_a_turn_at_a_time(store):
-    session = Session(store)
+    session = POP3Harness(store)
     session.login()
     first = session.send(b"NOOP\r\n" * 250)
     assert first.count(b"+OK") == 100
@@ -65,25 +66,23 @@ def test_one_clients_pipelined_flood_is_handled_a_turn_at_a_time(store):
 
 
 def test_a_client_that_never_reads_is_cut_off_after_the_close_grace(store):
-    import mailserver.pop3.protocol as pop3_protocol
-
-    session = Session(store, config=make_config(limits={"pop3_idle_timeout": 10}))
+    session = POP3Harness(store, config=make_pop3_config(limits={"pop3_idle_timeout": 10}))
     aborted = []
     session.transport.abortConnection = lambda: aborted.append(True)
     session.clock.advance(10)
     assert session.take() == b"-ERR Disconnected for inactivity.\r\n" and session.closed
-    session.clock.advance(pop3_protocol.CLOSE_GRACE)
+    session.clock.advance(CLOSE_GRACE)
     assert aborted == [True]
 
 
 def test_failed_logins_count_per_address_across_sessions(store):
-    config = make_config(
+    config = make_pop3_config(
         limits={"auth_failure_delay": 1.0, "max_auth_failures_per_client": 3}
     )
-    first = Session(store, config=config)
+    first = POP3Harness(store, config=config)
     delays = []
     for _ in range(3):
-        session = Session(store, factory=first.factory)
+        session = POP3Harness(store, factory=first.factory)
         assert session.login(password="guess") == b""
         waited = 0.0
         while not session.take():
@@ -91,9 +90,9 @@ def test_failed_logins_count_per_address_across_sessions(store):
             waited += 0.5
         delays.append(waited)
     assert delays == [1.0, 2.0, 3.0]
-    session = Session(store, factory=first.factory)
+    session = POP3Harness(store, factory=first.factory)
     refused = session.login()  # the right password, not even checked
     assert refused.startswith(b"-ERR [SYS/TEMP] Too many failed logins")
     assert not session.closed
     session.clock.advance(config.limits.auth_failure_window)
-    assert Session(store, factory=first.factory).login().startswith(b"+OK")
+    assert POP3Harness(store, factory=first.factory).login().startswith(b"+OK")

@@ -213,9 +213,9 @@ class WithRspamd(unittest.TestCase):
             except Exception as e:
                 self.assertEqual(e.reject.code, 550)
         self.assertEqual(refusals, ["rspamd"])
-        [(_, stored)] = inner.messages
-        self.assertIn(b"X-Spamd-Result: default: False", stored)
-        self.assertTrue(stored.endswith(b"\r\n\r\njust a note\r\n"))
+        [stored] = inner.finished
+        self.assertIn(b"X-Spamd-Result: default: False", stored.data)
+        self.assertTrue(stored.data.endswith(b"\r\n\r\njust a note\r\n"))
 
 
 class SilentPeer(Protocol):

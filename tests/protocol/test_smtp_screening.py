@@ -20,8 +20,8 @@ from mailserver.config import Checks
 from mailserver.config.values import ListedAction, dnsbl_site, network
 from mailserver.defences import defence_hooks
 from mailserver.hooks import Hooks
-from mailserver.smtp import SMTPFactory
-from tests.protocol.smtp_fakes import REMOTE, FakeAccounts, RecordingIntake, Session, make_config, make_portal
+from mailserver.smtp import SMTPDependencies, SMTPFactory
+from mailserver.testing import REMOTE, FakeAccounts, MemoryIntake, SMTPHarness, make_config, make_portal
 
 LISTED = IPv4Address("TCP", "192.0.2.66", 40002)
 TRUSTED = IPv4Address("TCP", "192.0.2.77", 40003)
@@ -57,9 +57,9 @@ class Screened:
     and the refusals the hook runner reported.
     """
 
-    def __init__(self, tmp_path, role="smtp", **checks) -> None:
+    def __init__(self, tmp_path, role="smtp", mx_auth=False, **checks) -> None:
         checks.setdefault("skip_networks", ())
-        self.config = make_config(checks=Checks(**checks))
+        self.config = make_config(checks=Checks(**checks), smtp={"mx_auth": mx_auth})
         self.clock = MemoryReactorClock()
         self.resolver = ListResolver(RESOLVER)
         defences, _ = defence_hooks(
@@ -71,14 +71,15 @@ class Screened:
         self.events: list[dict] = []
         self.hooks = Hooks(defences, on_refusal=self.refusals.append)
         self.hooks.log = Logger(observer=self.events.append)
-        self.factory = SMTPFactory(
-            config=self.config, role=role, accounts=FakeAccounts(self.config, ["bob@example.org"]),
-            portal=make_portal(**{"bob@example.org": "secret"}), intake=RecordingIntake(),
+        self.factory = SMTPFactory(SMTPDependencies.for_listener(
+            role=role, hostname=self.config.hostname, smtp=self.config.smtp,
+            limits=self.config.limits, accounts=FakeAccounts(self.config, ["bob@example.org"]),
+            portal=make_portal(**{"bob@example.org": "secret"}), intake=MemoryIntake(),
             tls_options=None, reactor=self.clock, hooks=self.hooks,
-        )
+        ))
 
-    def connect(self, peer=REMOTE) -> Session:
-        return Session(factory=self.factory, peer=peer)
+    def connect(self, peer=REMOTE) -> SMTPHarness:
+        return SMTPHarness(factory=self.factory, peer=peer)
 
 
 SITES = (dnsbl_site("bl.test=127.0.0.[2..8]*2"), dnsbl_site("other.test=127.0.0.2"),
@@ -175,7 +176,7 @@ def test_greylisting_in_the_session(tmp_path):
 
 
 def test_an_authenticated_client_on_the_mx_port_is_not_greylisted(tmp_path):
-    screened = Screened(tmp_path, greylist=True, greylist_delay=60.0)
+    screened = Screened(tmp_path, mx_auth=True, greylist=True, greylist_delay=60.0)
     session = screened.connect(IPv4Address("TCP", "127.0.0.1", 40009))  # AUTH over loopback
     session.ehlo()
     assert session.login().startswith(b"235 ")

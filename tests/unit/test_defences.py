@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import stat
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from mailserver.config import Checks, ConfigError, Limits, load
 from mailserver.config.values import ListedAction, dnsbl_site, network
@@ -23,6 +25,7 @@ from mailserver.defences.rates import ConnectionRate, SubmissionRates
 from mailserver.defences.scope import Scope, client_network
 from mailserver.defences.store import DefenceStore, GreylistPolicy, greylist_wait, prune
 from mailserver.hooks import Client, Reject
+from mailserver.safe_fs import SymlinkRefused
 
 STRANGER = Client(address="203.0.113.7", port=4000, role="smtp", helo="bot.example")
 POLICY = GreylistPolicy(delay=300, retry_window=3600, expiry=86400, auto_whitelist=2,
@@ -33,8 +36,8 @@ def result_of(coroutine):
     results = []
     defer.ensureDeferred(coroutine).addBoth(results.append)
     assert results, "did not finish synchronously"
-    if isinstance(results[0], Exception):
-        raise results[0]
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
     return results[0]
 
 
@@ -229,6 +232,29 @@ def test_the_store_survives_a_restart(tmp_path):
     clock.advance(300)
     after = store_at(tmp_path / "d.sqlite", clock)
     assert result_of(after.greylist_wait(*key)) == 0.0
+
+
+def test_the_database_is_private_and_its_folder_made_0700(tmp_path):
+    data = tmp_path / "data"
+    store = store_at(data / "defences.sqlite", Clock())
+    result_of(store.greylist_wait("203.0.113.0/24", "a@example.net", "b@example.org"))
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("defences.sqlite", "defences.sqlite-wal", "defences.sqlite-shm"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+
+
+@pytest.mark.parametrize("name", ["defences.sqlite", "defences.sqlite-wal", "defences.sqlite-shm"])
+def test_a_symbolic_link_in_the_databases_place_is_not_followed(tmp_path, name):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not ours")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / name).symlink_to(elsewhere)
+    store = store_at(data / "defences.sqlite", Clock())
+    with pytest.raises(SymlinkRefused):
+        result_of(store.take("messages", "u@example.org", 2, 3600))
+    assert elsewhere.read_bytes() == b"not ours"
+    assert [p.name for p in data.iterdir()] == [name]  # nothing made beside it
 
 
 # The hooks' answers.

@@ -27,6 +27,7 @@ from mailserver.hooks import (
 )
 from mailserver.interfaces import IDeliveredHook, IEnvelopeHook, IMessageHook
 from mailserver.plugin_loading import available_plugins, load_plugins
+from mailserver.testing import MemoryIntake
 
 CLIENT = Client(address="192.0.2.1", port=4000, role="smtp")
 ENVELOPE = Envelope(
@@ -151,6 +152,20 @@ def test_refusals_are_logged_and_counted_by_reason_but_errors_are_not():
     assert refusals == ["bouncer", "rate"]  # an error, counted as such, not a refusal
 
 
+def test_the_refusal_log_line_shows_client_text_on_one_line():
+    from twisted.logger import Logger, formatEvent
+
+    events = []
+    hooks = Hooks([("bouncer", Recorder(Reject(550, "5.7.1", "no \u202egnp.exe")))])
+    hooks.log = Logger(observer=events.append)
+    client = Client(address="192.0.2.1", port=4000, role="smtp", helo="evil\u2028line\x85two")
+    result_of(hooks.sender(client, "a@example.org"))
+    assert formatEvent(events[0]) == (
+        "SMTP refused (bouncer) at MAIL: 550 5.7.1 client=192.0.2.1 helo=evil?line?two"
+        " user=-: no ?gnp.exe"
+    )
+
+
 def test_delivered_errors_are_swallowed():
     @implementer(IDeliveredHook)
     class Fails:
@@ -189,29 +204,6 @@ def test_removing_from_untouched_headers_matches_any_case():
     assert headers.to_bytes() == raw
 
 
-class MemoryIntake:
-    def __init__(self):
-        self.stored = []
-
-    def begin(self, envelope):
-        intake = self
-
-        class Receiver:
-            data = b""
-
-            def write(self, piece):
-                self.data += piece
-
-            def finish(self):
-                intake.stored.append(self.data)
-                return defer.succeed("Q1")
-
-            def abort(self):
-                pass
-
-        return Receiver()
-
-
 @implementer(IMessageHook)
 class Tagger:
     def __init__(self, reject=None):
@@ -238,7 +230,7 @@ def test_hooked_intake_edits_headers_and_keeps_the_body(tmp_path):
     intake = HookedIntake(inner, Hooks([("tag", Tagger())]), tmp_path)
     message = [b"Subject: s\r\nX-Remove", b"-Me: 1\r\n", b"\r", b"\nbody\r\n", b".line\r\n" * 3]
     assert feed(intake, message) == "Q1"
-    assert inner.stored == [
+    assert [message.data for message in inner.finished] == [
         b"X-Tag: a@example.org\r\nSubject: s\r\n\r\nbody\r\n" + b".line\r\n" * 3
     ]
 
@@ -249,7 +241,7 @@ def test_hooked_intake_rejection_stores_nothing(tmp_path):
     failure = feed(intake, [b"Subject: s\r\n\r\nbody\r\n"])
     assert failure.check(MessageRejected)
     assert failure.value.reject == Reject(554, "5.7.0", "spam")
-    assert inner.stored == []
+    assert inner.finished == []
     assert list(tmp_path.iterdir()) == []
 
 
@@ -272,7 +264,9 @@ def test_hooked_intake_hands_a_large_message_on_a_chunk_per_turn(tmp_path):
     assert results == [] and len(clock.getDelayedCalls()) == 1
     clock.advance(0)
     assert results == ["Q1"]
-    assert inner.stored == [b"X-Tag: a@example.org\r\nSubject: big\r\n\r\n" + body]
+    assert [message.data for message in inner.finished] == [
+        b"X-Tag: a@example.org\r\nSubject: big\r\n\r\n" + body
+    ]
 
 
 THIRD_PARTY = textwrap.dedent(
