@@ -41,6 +41,7 @@ from mailserver.workers import (
     WorkerPool,
     follow_primary,
     inherited_addresses,
+    process_index,
     reuseport_socket,
     shared_address,
 )
@@ -385,8 +386,9 @@ def make_service(config: Config, reactor) -> MultiService:
     if hooks.message_hooks:
         smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp", clock=reactor)
 
-    # One count of failed logins per client address for every listener.
-    login_throttle = throttle_for(config, reactor)
+    # One count of failed logins per client address for every listener;
+    # with workers, this process's share of the allowance.
+    login_throttle = throttle_for(config, reactor, config.workers, process_index())
 
     def mailbox_for(address: str) -> Mailbox:
         return Mailbox(accounts.mailbox_path(address))

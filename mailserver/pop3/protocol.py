@@ -475,7 +475,14 @@ class POP3Server(Protocol):
             self._reply(b"+ " + b64encode(answer) + b"\r\n")
 
     def _login(self, credentials: Credentials) -> None:
-        if self.factory.login_throttle.refused(self._client_address()):
+        username = credentials.username
+        d = self.factory.login_throttle.check(
+            self._client_address(),
+            lambda: self.factory.portal.login(
+                UsernamePassword(username, credentials.password), None, IAccount
+            ) if is_valid_user_name(username) else defer.fail(LoginFailed()),
+        )
+        if d is None:
             self._log.warn(
                 "POP3 login refused unchecked for {user!r} from {client}:"
                 " too many failed logins from there",
@@ -484,15 +491,7 @@ class POP3Server(Protocol):
             self._reply(err("[SYS/TEMP] Too many failed logins from your address, try again later."))
             return
         self._wait()
-        if not is_valid_user_name(credentials.username):
-            self._login_refused(Failure(LoginFailed()), credentials.username)
-            return
-        d = self.factory.portal.login(
-            UsernamePassword(credentials.username, credentials.password), None, IAccount
-        )
-        d.addCallbacks(
-            self._logged_in, self._login_refused, errbackArgs=(credentials.username,)
-        )
+        d.addCallbacks(self._logged_in, self._login_refused, errbackArgs=(username,))
         d.addErrback(self._log_unexpected)
 
     def _login_refused(self, failure: Failure, username: bytes) -> None:
@@ -509,7 +508,7 @@ class POP3Server(Protocol):
             client=self._client(),
             failures=self._auth_failures,
         )
-        delay = self.factory.login_throttle.failed(self._client_address())
+        delay = self.factory.login_throttle.delay(self._client_address())
         if self._connected:
             self._delayed_reply = self._clock.callLater(delay, self._answer_failed_login)
 

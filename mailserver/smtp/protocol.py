@@ -969,7 +969,13 @@ class SMTPServer(Protocol):
 
     def _login(self, credentials: Credentials) -> None:
         self._login_name = credentials.username.decode("utf-8", "replace")
-        if self.factory.login_throttle.refused(self.client_address):
+        login = self.factory.login_throttle.check(
+            self.client_address,
+            lambda: self.factory.portal.login(
+                UsernamePassword(credentials.username, credentials.password), None, IAccount
+            ),
+        )
+        if login is None:
             self.log.warn(
                 "SMTP login refused unchecked for {user!r} from {client}:"
                 " too many failed logins from there",
@@ -979,12 +985,6 @@ class SMTPServer(Protocol):
                 reply(454, "4.7.0", "Too many failed logins from your address, try again later")
             )
             return
-        login = defer.maybeDeferred(
-            self.factory.portal.login,
-            UsernamePassword(credentials.username, credentials.password),
-            None,
-            IAccount,
-        )
         self._run(login, self._logged_in)
 
     def _logged_in(self, result) -> None:
@@ -1000,7 +1000,7 @@ class SMTPServer(Protocol):
             return
         self._auth_failures += 1
         # Each failure from this address waits longer before the answer.
-        delay = self.factory.login_throttle.failed(self.client_address)
+        delay = self.factory.login_throttle.delay(self.client_address)
         self.log.warn(
             "SMTP authentication failed for {user!r} from {client} ({failures} in this session)",
             user=self._login_name, client=self.client_address, failures=self._auth_failures,
