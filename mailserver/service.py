@@ -23,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import Accounts, make_portal, password_threadpool, strcred_checkers
 from mailserver.config import Config, ConfigError
+from mailserver.connection_limits import ConnectionLimits
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
@@ -389,6 +390,8 @@ def make_service(config: Config, reactor) -> MultiService:
     # One count of failed logins per client address for every listener;
     # with workers, this process's share of the allowance.
     login_throttle = throttle_for(config, reactor, config.workers, process_index())
+    # One set of connection caps for every listener of this process.
+    connection_limits = ConnectionLimits.for_config(config, config.workers, process_index())
 
     def mailbox_for(address: str) -> Mailbox:
         return Mailbox(accounts.mailbox_path(address))
@@ -407,6 +410,7 @@ def make_service(config: Config, reactor) -> MultiService:
             queue_runner=runner,
             metrics=instruments,
             login_throttle=login_throttle,
+            connection_limits=connection_limits,
         )
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
@@ -419,6 +423,7 @@ def make_service(config: Config, reactor) -> MultiService:
             implicit_tls=implicit_tls,
             metrics=instruments,
             login_throttle=login_throttle,
+            connection_limits=connection_limits,
         )
 
     roles = {

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailserver.config import Config
+from mailserver.connection_limits import ConnectionLimits, Refusal
 from mailserver.flow import BUSY, INPUT, ReadControl
 from mailserver.immediate_write import write_now
 from mailserver.login_throttle import LoginThrottle, throttle_for
@@ -129,6 +130,13 @@ class POP3Server(Protocol):
     # Connection life.
 
     def connectionMade(self) -> None:
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            write_now(self.transport, refusal)
+            self._closing = True
+            self.transport.loseConnection()
+            self._abort_call = self._clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
+            return
         self._connected = True
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
@@ -143,9 +151,12 @@ class POP3Server(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._connected = False
+        self.factory.release(self)
         for call in (self._idle_call, self._delayed_reply, self._abort_call):
             if call is not None and call.active():
                 call.cancel()
+        if self._reads is None:
+            return  # refused at the greeting
         if self._transfer is not None:
             self._transfer.stopProducing()
         if self._mailbox is not None and self._state is not _State.UPDATE:
@@ -752,6 +763,14 @@ _HANDLERS: dict[_State, dict[str, Callable[[POP3Server, bytes], bytes | None]]] 
 _ALL_COMMANDS = frozenset(name for names in _COMMANDS.values() for name in names)
 
 
+_REFUSALS = {
+    Refusal.CLIENT_FULL: "[SYS/TEMP] Too many connections from your address, try again later.",
+    Refusal.LISTENER_FULL: "[SYS/TEMP] Too many connections, try again later.",
+    Refusal.BUSY: "[SYS/TEMP] Server too busy, try again later.",
+    Refusal.DROP: "[SYS/TEMP] Server too busy, try again later.",
+}
+
+
 class _StepCounter:
     """
     A L{Cooperator} termination predicate: true after C{steps} calls.
@@ -814,6 +833,7 @@ class POP3Factory(ServerFactory):
         run_blocking: Callable[..., defer.Deferred] | None = None,
         run_in_slices: Callable[[Iterator[None]], defer.Deferred] | None = None,
         login_throttle: LoginThrottle | None = None,
+        connection_limits: ConnectionLimits | None = None,
     ) -> None:
         """
         @param run_blocking: runs blocking file work and returns a Deferred
@@ -823,6 +843,8 @@ class POP3Factory(ServerFactory):
             default L{_STEPS_PER_TURN} steps of all sessions per reactor turn.
         @param login_throttle: failed logins per client address, shared with
             the other listeners; by default this listener's own.
+        @param connection_limits: the process's connection caps, shared
+            with the other listeners; by default this listener's own.
         """
         self.run_blocking = run_blocking or (
             lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
@@ -840,9 +862,23 @@ class POP3Factory(ServerFactory):
         self.metrics = metrics or unregistered_metrics()
         self.login_throttle = login_throttle or throttle_for(config, reactor)
         self._last_logins: dict[str, float] = {}
+        self._limits = (connection_limits or ConnectionLimits.for_config(config)).listener(
+            "pop3s" if implicit_tls else "pop3"
+        )
 
     def buildProtocol(self, addr) -> POP3Server:
         return POP3Server(self)
+
+    def admit(self, session: POP3Server) -> bytes | None:
+        """
+        Count a new session in, or return the reply that refuses it
+        (RFC 2449 C{[SYS/TEMP]}: the client should try again later).
+        """
+        refusal = self._limits.admit(session, getattr(session.transport.getPeer(), "host", ""))
+        return None if refusal is None else err(_REFUSALS[refusal])
+
+    def release(self, session: POP3Server) -> None:
+        self._limits.release(session)
 
     def too_soon_to_log_in(self, address: str, now: float) -> bool:
         """

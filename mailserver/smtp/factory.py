@@ -1,6 +1,7 @@
 """
-The SMTP listener's factory: one per listener role, counting its sessions
-against the connection caps and ending them all at shutdown.
+The SMTP listener's factory: one per listener role, admitting its sessions
+under the connection caps (L{mailserver.connection_limits}) and ending them
+all at shutdown.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
 from mailserver.config import Config
+from mailserver.connection_limits import ConnectionLimits, Refusal
 from mailserver.login_throttle import LoginThrottle, throttle_for
 from mailserver.metrics import ServerMetrics, unregistered_metrics
 from mailserver.smtp.policy import Policy
@@ -30,6 +32,8 @@ class SMTPFactory(ServerFactory):
     @param queue_runner: the relay runner, for ETRN; C{None} if there is none.
     @param login_throttle: failed logins per client address, shared with the
         other listeners; by default this listener's own.
+    @param connection_limits: the process's connection caps, shared with
+        the other listeners; by default this listener's own.
     """
 
     protocol = SMTPServer
@@ -49,6 +53,7 @@ class SMTPFactory(ServerFactory):
         queue_runner=None,
         metrics: ServerMetrics | None = None,
         login_throttle: LoginThrottle | None = None,
+        connection_limits: ConnectionLimits | None = None,
     ) -> None:
         self.config = config
         self.role = role
@@ -65,7 +70,9 @@ class SMTPFactory(ServerFactory):
         self.login_throttle = login_throttle or throttle_for(config, reactor)
         self.sessions: set[SMTPServer] = set()
         self._session_ids = itertools.count(secrets.randbits(40))
-        self._per_client: dict[str, int] = {}
+        self._limits = (connection_limits or ConnectionLimits.for_config(config)).listener(
+            self.metrics_role
+        )
         self._stopping = False
 
     def next_session_id(self) -> str:
@@ -83,26 +90,23 @@ class SMTPFactory(ServerFactory):
         Count a new session in, or say why not (RFC 5321 3.1: 421 at the
         greeting).
         """
-        limits = self.config.limits
         hostname = self.config.hostname
         if self._stopping:
             return reply(421, "4.3.2", f"{hostname} Service shutting down")
-        if len(self.sessions) >= limits.max_connections:
-            return reply(421, "4.7.0", f"{hostname} Error: too many connections")
         address = session.client_address
-        if self._per_client.get(address, 0) >= limits.max_connections_per_client:
+        refusal = self._limits.admit(session, address)
+        if refusal is None:
+            self.sessions.add(session)
+            return None
+        if refusal is Refusal.CLIENT_FULL:
             return reply(421, "4.7.0", f"{hostname} Error: too many connections from {address}")
-        self.sessions.add(session)
-        self._per_client[address] = self._per_client.get(address, 0) + 1
-        return None
+        if refusal is Refusal.LISTENER_FULL:
+            return reply(421, "4.7.0", f"{hostname} Error: too many connections")
+        return reply(421, "4.3.2", f"{hostname} Error: too busy, try again later")
 
     def release(self, session: SMTPServer) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            address = session.client_address
-            self._per_client[address] -= 1
-            if not self._per_client[address]:
-                del self._per_client[address]
+        self.sessions.discard(session)
+        self._limits.release(session)
 
     def shutdown(self) -> defer.Deferred:
         """

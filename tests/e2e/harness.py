@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -41,7 +42,13 @@ class MailServer:
         local_domains: tuple[str, ...] = ("localhost",),
         extra_toml: str = "",
         roles: tuple[str, ...] = ("smtp", "submission", "pop3", "admin"),
+        open_files: int | None = None,
     ) -> None:
+        """
+        @param open_files: the server's C{RLIMIT_NOFILE} (soft and hard),
+            if not this process's.
+        """
+        self.open_files = open_files
         self.root = tmp_path
         self.data_path = tmp_path / "data"
         self.config_path = tmp_path / "mailserver.toml"
@@ -83,6 +90,7 @@ class MailServer:
             env=environment(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=self._limit_open_files if self.open_files else None,
         )
         deadline = time.monotonic() + timeout
         while not report.exists():
@@ -97,6 +105,9 @@ class MailServer:
         self.ports = {
             role: int(addresses[0].rsplit(":", 1)[1]) for role, addresses in listening.items()
         }
+
+    def _limit_open_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -13,7 +13,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from zope.interface import implementer
 
-from pop3_fakes import AccountRealm, MemoryMaildirs, Session, make_config
+from pop3_fakes import REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
 
 
 @pytest.fixture
@@ -151,3 +151,23 @@ def test_a_login_that_succeeds_gives_its_place_back(store):
     assert first.take().startswith(b"+OK Logged in")
     assert second.login() == b""  # checked now
     assert len(checker.checks) == 2
+
+
+def test_connections_over_the_caps_are_refused_at_the_greeting(store):
+    config = make_config(limits={"max_connections_per_client": 2, "max_connections": 3})
+    first = Session(store, config=config)
+    second = Session(store, factory=first.factory)
+    third = Session(store, factory=first.factory)
+    assert third.greeting == (
+        b"-ERR [SYS/TEMP] Too many connections from your address, try again later.\r\n"
+    )
+    assert third.closed and third.command("USER bob@localhost") == b""
+    other = Session(store, factory=first.factory, peer=REMOTE)
+    assert other.greeting.startswith(b"+OK")
+    assert Session(store, factory=first.factory, peer=REMOTE).greeting == (
+        b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+    )
+    third.drop()  # a refused connection held no place
+    first.drop()
+    assert Session(store, factory=first.factory).greeting.startswith(b"+OK")
+    assert second.login().startswith(b"+OK")
