@@ -94,6 +94,7 @@ class Limits:
     auth_failure_window: int = 900
     min_data_rate: int = 500
     min_free_space: int = 52_428_800
+    memory_budget: int = 67_108_864
 
 
 @dataclass(frozen=True)
@@ -484,6 +485,8 @@ def _validate(config: Config) -> None:
         )
     if config.limits.max_auth_failures_per_client < 1:
         raise ConfigError(source, "limits.max_auth_failures_per_client", "must be at least 1")
+    if config.limits.memory_budget < 1_048_576:
+        raise ConfigError(source, "limits.memory_budget", "must be at least 1048576 (1 MiB)")
     if config.limits.max_command_line < 512:
         raise ConfigError(
             source, "limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)"

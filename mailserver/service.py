@@ -30,6 +30,7 @@ from mailserver.intake import Intake
 from mailserver.mailauth import mail_auth_hooks
 from mailserver.login_throttle import throttle_for
 from mailserver.maildir import Mailbox, remove_stale_tmp
+from mailserver.memory_budget import MemoryBudget
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
 from mailserver.metrics import Metrics, server_metrics
@@ -369,8 +370,11 @@ def make_service(config: Config, reactor) -> MultiService:
         auth_first + load_plugins(config, context) + auth_last,
         on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),
     )
+    # One memory budget for every message buffer of this process.
+    budget = MemoryBudget(config.limits.memory_budget)
     intake = Intake(
-        accounts=accounts, reactor=reactor, queue=queue, on_delivered=hooks.delivered
+        accounts=accounts, reactor=reactor, queue=queue, on_delivered=hooks.delivered,
+        budget=budget,
     )
     # The runner starts before the listeners, so the queue is picked up
     # before clients connect; only the primary process runs it.
@@ -385,7 +389,9 @@ def make_service(config: Config, reactor) -> MultiService:
     )
     smtp_intake = intake
     if hooks.message_hooks:
-        smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp", clock=reactor)
+        smtp_intake = HookedIntake(
+            intake, hooks, intake.spool_path / "tmp", clock=reactor, budget=budget
+        )
 
     # One count of failed logins per client address for every listener;
     # with workers, this process's share of the allowance.

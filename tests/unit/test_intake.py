@@ -13,6 +13,7 @@ from mailserver.config import Config
 from mailserver.envelope import Envelope, Recipient
 from mailserver.intake import Intake, NoRelayQueue
 from mailserver.maildir import Mailbox
+from mailserver.memory_budget import MemoryBudget
 from mailserver.testing import InlineCommitter, InlineReactor
 
 
@@ -111,11 +112,11 @@ def test_a_large_message_is_spooled_not_held_in_memory(accounts, monkeypatch):
     assert list((intake.spool_path / "tmp").iterdir()) == []
 
 
-def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(accounts, monkeypatch):
-    import mailserver.intake
-
-    monkeypatch.setattr(mailserver.intake, "MEMORY_BUDGET", 1000)
-    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
+def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(accounts):
+    budget = MemoryBudget(1000)
+    intake = Intake(
+        accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter(), budget=budget
+    )
     first = intake.begin(envelope("a@example.org"))
     first.write(b"Subject: one\r\n\r\n" + b"x" * 900 + b"\r\n")
     assert first._spool is None  # alone under the budget: in memory
@@ -126,10 +127,10 @@ def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(account
         results = []
         receiver.finish().addBoth(results.append)
         assert isinstance(results[0], str)
-    assert intake.held_in_memory == 0
+    assert budget.held == 0
     (info,) = Mailbox(accounts.mailbox_path("b@example.org")).messages()
     assert Path(info.path).read_bytes().endswith(b"y" * 200 + b"\n")
     aborted = intake.begin(envelope("a@example.org"))
     aborted.write(b"partial")
     aborted.abort()
-    assert intake.held_in_memory == 0
+    assert budget.held == 0
