@@ -34,6 +34,7 @@ they end.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -71,9 +72,11 @@ def share_of(limit: int, processes: int, index: int) -> int:
     return max(1, share)
 
 
+@functools.lru_cache(maxsize=4096)
 def client_key(address: str) -> str:
     """
-    The unit of blame: the IPv4 address, or the IPv6 /64.
+    The unit of blame: the IPv4 address, or the IPv6 /64.  Remembered: a
+    client connects again and again, and parsing an address is not free.
     """
     try:
         ip = ipaddress.ip_address(address)

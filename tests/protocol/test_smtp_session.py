@@ -298,3 +298,25 @@ def test_shutdown_tells_idle_clients_421_and_waits_for_a_transfer():
     idle.lose()
     busy.lose()
     assert fired
+
+
+def test_a_role_out_of_descriptors_says_421_then_drops_connections_unanswered():
+    from mailserver.config import Limits
+    from mailserver.connection_limits import ConnectionLimits
+    from mailserver.smtp import SMTPFactory
+
+    # 6 descriptors: two sessions (each may hold a file, and one refused
+    # may be closing), four connections open at most.
+    limits = ConnectionLimits(Limits(), descriptors=6, reserve=0)
+    first = Session(config=make_config())
+    factory = SMTPFactory(
+        config=first.config, role="smtp", accounts=first.accounts, portal=first.factory.portal,
+        intake=first.intake, tls_options=None, reactor=first.clock, connection_limits=limits,
+    )
+    sessions = [Session(factory=factory) for _ in range(5)]
+    assert [codes(s.greeting) for s in sessions[:4]] == [["220"]] * 2 + [["421 4.3.2"]] * 2
+    assert sessions[4].transport.disconnected  # aborted: no room to answer
+    sessions[2].lose()  # a refused one closed: room to answer again
+    assert codes(Session(factory=factory).greeting) == ["421 4.3.2"]
+    sessions[0].lose()
+    assert codes(Session(factory=factory).greeting) == ["220"]
