@@ -10,8 +10,8 @@ Three caps, checked in order as a connection arrives:
    most a third of the descriptors it may open (C{RLIMIT_NOFILE}), less a
    reserve for everything else (L{DESCRIPTOR_RESERVE}, two per outbound
    relay connection), as sessions.  Each listener role is promised a part
-   of those (L{_promised}) that the others cannot take: a flood of POP3
-   connections leaves room for SMTP.  Refused connections are answered
+   of those that the others cannot take (L{ConnectionLimits.room_for}): a
+   flood of POP3 connections leaves room for SMTP.  Refused connections are answered
    and closed, and count while they close; when even that does not fit
    (twice the session allowance open at once) a connection is dropped
    unanswered, so the process never runs out and fails C{accept}.
