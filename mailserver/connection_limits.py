@@ -74,11 +74,20 @@ class ConnectionLimits:
         self._open = 0  # admitted or closing after a refusal
 
     @classmethod
-    def for_config(cls, config, processes: int = 1, index: int = 0) -> ConnectionLimits:
+    def for_process(
+        cls, limits, *, relay_connections: int, processes: int = 1, index: int = 0
+    ) -> ConnectionLimits:
+        """
+        The caps of this process, from the C{[limits]} section
+        (L{mailserver.config.Limits}) and C{RLIMIT_NOFILE}.
+
+        @param relay_connections: C{relay.max_connections}, the outbound
+            connections (two descriptors each) kept out of the sessions'.
+        """
         return cls(
-            config.limits,
+            limits,
             descriptors=open_file_limit(),
-            reserve=DESCRIPTOR_RESERVE + 2 * config.relay.max_connections,
+            reserve=DESCRIPTOR_RESERVE + 2 * relay_connections,
             processes=processes,
             index=index,
         )

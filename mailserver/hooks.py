@@ -10,7 +10,7 @@ so no plugin can crash a session or lose a message.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -40,12 +40,23 @@ class PluginOptionsError(ValueError):
 class PluginContext:
     """
     What a plugin may use: the reactor (for timers and HTTP clients), the
-    server's hostname, and the folder for any state it keeps.
+    server's hostname, the folder for any state it keeps, and a logger.
+
+    @ivar log: a L{Logger} in the namespace C{mailserver.plugins.NAME}; the
+        loader (L{mailserver.plugin_loading.load_plugins}) gives each plugin
+        its own, so its lines say which plugin wrote them.
     """
 
     reactor: Any
     hostname: str
     data_path: Any
+    log: Logger = field(default_factory=lambda: Logger(namespace="mailserver.plugins"))
+
+    def for_plugin(self, name: str) -> PluginContext:
+        """
+        This context with a logger of the plugin C{name}'s own.
+        """
+        return replace(self, log=Logger(namespace=f"mailserver.plugins.{name}"))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Protocol
 from zope.interface import implementer
 
 from mailserver.accounts import Accounts, split_address
+from mailserver.config import Limits
 from mailserver.envelope import Envelope
 from mailserver.group_commit import GroupCommitter
 from mailserver.hooks import Delivery
@@ -64,31 +65,39 @@ class Intake:
         *,
         accounts: Accounts,
         reactor,
+        data_path: Path,
+        hostname: str,
+        min_free_space: int,
         queue: RelayQueue | None = None,
         on_delivered: Callable[[Delivery], None] | None = None,
         committer=None,
         budget: MemoryBudget | None = None,
     ) -> None:
         """
+        @param data_path: the data folder: the spool is in it, and its file
+            system must keep C{min_free_space} octets free.
+        @param hostname: goes into the names of message files.
         @param on_delivered: told of each local final delivery (the plugins'
             delivered hooks).
         @param committer: makes messages durable; by default a
             L{GroupCommitter} on the data folder.
         @param budget: the process's memory budget, which the messages being
             received share with every other buffer; by default one of
-            C{limits.memory_budget} of its own.
+            C{limits.memory_budget}'s default size of its own.
         """
         self._accounts = accounts
         self._reactor = reactor
-        self._committer = committer or GroupCommitter(reactor, accounts.config.data_path)
+        self._data_path = data_path
+        self._min_free_space = min_free_space
+        self._committer = committer or GroupCommitter(reactor, data_path)
         self._queue = queue
         self._on_delivered = on_delivered
-        self._names = UniqueNames(accounts.config.hostname)
-        self.budget = budget or MemoryBudget(accounts.config.limits.memory_budget)
+        self._names = UniqueNames(hostname)
+        self.budget = budget or MemoryBudget(Limits().memory_budget)
         self._maildirs_seen: set[Path] = set()  # touched by the committer threads only
         self._free = 0
         self._free_checked = -_FREE_SPACE_INTERVAL
-        self.spool_path = accounts.config.data_path / "spool"
+        self.spool_path = data_path / "spool"
         (self.spool_path / "tmp").mkdir(parents=True, exist_ok=True)
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
@@ -98,23 +107,22 @@ class Intake:
         now = time.monotonic()
         if now - self._free_checked >= _FREE_SPACE_INTERVAL:
             try:
-                self._free = free_space(self._accounts.config.data_path)
+                self._free = free_space(self._data_path)
             except OSError:
                 self._free = 0  # the data folder is gone or unreadable
             self._free_checked = now
-        return self._free >= self._accounts.config.limits.min_free_space + size
+        return self._free >= self._min_free_space + size
 
     def route(self, envelope: Envelope) -> tuple[list[Path], tuple[str, ...]]:
         """
         Split the destinations into local Maildirs and remote addresses.
         """
-        config = self._accounts.config
         local: dict[Path, None] = {}
         remote: dict[str, None] = {}
         for recipient in envelope.recipients:
             for destination in recipient.destinations:
                 _, domain = split_address(destination)
-                if config.is_local_domain(domain):
+                if self._accounts.is_local_domain(domain):
                     local[self._accounts.mailbox_path(destination)] = None
                 else:
                     remote[destination] = None
@@ -184,10 +192,9 @@ class Intake:
 
     def _delivered(self, queue_id: str, envelope: Envelope, size: int) -> str:
         if self._on_delivered is not None:
-            config = self._accounts.config
             for recipient in envelope.recipients:
                 for destination in recipient.destinations:
-                    if config.is_local_domain(split_address(destination)[1]):
+                    if self._accounts.is_local_domain(split_address(destination)[1]):
                         self._on_delivered(
                             Delivery(
                                 queue_id=queue_id,

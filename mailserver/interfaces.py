@@ -129,7 +129,8 @@ class IPluginFactory(Interface):
         configuration, C{[plugins.NAME]}) and build the hook object.
 
         @param context: a L{mailserver.hooks.PluginContext} with the reactor,
-            the server's hostname and a logger.
+            the server's hostname, the data folder and a logger in the
+            namespace C{mailserver.plugins.NAME}.
         @raise mailserver.hooks.PluginOptionsError: for a bad option; the
             server then refuses to start, naming the plugin and the key.
         """

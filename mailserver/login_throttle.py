@@ -47,12 +47,11 @@ MAX_CLIENTS = 10_000
 MAX_DELAY = 30.0
 
 
-def throttle_for(config, clock, processes: int = 1, index: int = 0) -> LoginThrottle:
+def throttle_for(limits, clock, processes: int = 1, index: int = 0) -> LoginThrottle:
     """
-    The throttle the configuration's C{limits} describe, for process
-    C{index} (0: the primary) of C{processes}.
+    The throttle the C{[limits]} section (L{mailserver.config.Limits})
+    describes, for process C{index} (0: the primary) of C{processes}.
     """
-    limits = config.limits
     return LoginThrottle(
         clock,
         delay=limits.auth_failure_delay,

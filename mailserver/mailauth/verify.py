@@ -34,11 +34,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailserver.config import CheckAction
 from mailserver.hooks import Reject
 from mailserver.interfaces import IMessageHook
 from mailserver.mailauth import dmarc
 from mailserver.mailauth.bodyhash import BODY_CHUNK, HeaderVerifier, hash_key
-from mailserver.mailauth._settings import is_domain
 from mailserver.mailauth.dns import DNSTempError, SyncDNS, dkim_txt, spf_resolver
 from mailserver.mailauth.results import (
     FIELD,
@@ -48,6 +48,7 @@ from mailserver.mailauth.results import (
     authserv_id,
     render,
 )
+from mailserver.names import is_domain
 
 MAX_SIGNATURES = 5
 # RFC 7208 4.6.4: at least 20 seconds for a whole SPF evaluation.
@@ -237,8 +238,8 @@ class InboundChecks:
         self._reactor = reactor
         self._threadpool = threadpool
         self._rng = rng
-        self._skip = tuple(ipaddress.ip_network(n, strict=False) for n in checks.skip_networks)
-        self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in checks.exempt_networks)
+        self._skip = checks.skip_networks
+        self._exempt = checks.exempt_networks
 
     def _in(self, ip: str | None, networks) -> bool:
         if ip is None:
@@ -291,14 +292,14 @@ class InboundChecks:
         ):
             return None
         verdict = report.dmarc
-        if (self._checks.dmarc_reject == "reject" and verdict.result == "fail"
+        if (self._checks.dmarc_reject == CheckAction.REJECT and verdict.result == "fail"
                 and verdict.disposition == "reject"):
             self.log.info("refused mail from {sender}: DMARC policy of {domain} is reject",
                           sender=envelope.sender, domain=verdict.domain)
             return Reject(550, "5.7.1", f"Message refused: it fails the DMARC policy of "
                           f"{_safe(verdict.domain)}")
         spf = report.spf_for_policy()
-        if (self._checks.spf_fail == "reject" and spf is not None and spf.result == "fail"
+        if (self._checks.spf_fail == CheckAction.REJECT and spf is not None and spf.result == "fail"
                 and verdict.result != "pass"):
             domain = _safe(spf.value.rpartition("@")[2])
             self.log.info("refused mail from {sender}: SPF fail for {domain}",

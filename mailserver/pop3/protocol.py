@@ -860,11 +860,12 @@ class POP3Factory(ServerFactory):
         self.reactor = reactor
         self.implicit_tls = implicit_tls
         self.metrics = metrics or unregistered_metrics()
-        self.login_throttle = login_throttle or throttle_for(config, reactor)
+        self.login_throttle = login_throttle or throttle_for(config.limits, reactor)
         self._last_logins: dict[str, float] = {}
-        self._limits = (connection_limits or ConnectionLimits.for_config(config)).listener(
-            "pop3s" if implicit_tls else "pop3"
+        connection_limits = connection_limits or ConnectionLimits.for_process(
+            config.limits, relay_connections=config.relay.max_connections
         )
+        self._limits = connection_limits.listener("pop3s" if implicit_tls else "pop3")
 
     def buildProtocol(self, addr) -> POP3Server:
         return POP3Server(self)

@@ -273,8 +273,11 @@ class QueueStore:
         runner sets it to hand the id over to the reactor thread.
     """
 
-    def __init__(self, config, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(config.data_path) / "queue"
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        """
+        @param path: the queue folder (C{<data_dir>/queue}).
+        """
+        self.path = Path(path)
         self.messages_path = self.path / "messages"
         self.envelopes_path = self.path / "envelopes"
         self.tmp_path = self.path / "tmp"

@@ -67,12 +67,13 @@ class SMTPFactory(ServerFactory):
         self.queue_runner = queue_runner
         self.metrics = metrics or unregistered_metrics()
         self.metrics_role = "submissions" if implicit_tls else role
-        self.login_throttle = login_throttle or throttle_for(config, reactor)
+        self.login_throttle = login_throttle or throttle_for(config.limits, reactor)
         self.sessions: set[SMTPServer] = set()
         self._session_ids = itertools.count(secrets.randbits(40))
-        self._limits = (connection_limits or ConnectionLimits.for_config(config)).listener(
-            self.metrics_role
+        connection_limits = connection_limits or ConnectionLimits.for_process(
+            config.limits, relay_connections=config.relay.max_connections
         )
+        self._limits = connection_limits.listener(self.metrics_role)
         self._stopping = False
 
     def next_session_id(self) -> str:

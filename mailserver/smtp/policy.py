@@ -14,7 +14,7 @@ dropped by the grammar before we get here.
 
 from __future__ import annotations
 
-from mailserver.config import Config
+from mailserver.config import Config, Disclosure
 from mailserver.smtp.grammar import Mailbox
 from mailserver.smtp.replies import (
     AUTH_REQUIRED,
@@ -84,7 +84,7 @@ class Policy:
         """
         RFC 5321 3.5.3: 252 when we will not say; 250 or 550 when we do.
         """
-        if authenticated is None and self._config.smtp.vrfy == "refuse":
+        if authenticated is None and self._config.smtp.vrfy == Disclosure.REFUSE:
             return reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
         if mailbox is None or mailbox.is_address_literal or not self._is_local(mailbox):
             return reply(252, "2.5.0", "Cannot VRFY a non-local address")
@@ -96,7 +96,7 @@ class Policy:
         """
         RFC 5321 3.5.2: the members of a list, one per line.
         """
-        if authenticated is None and self._config.smtp.expn == "refuse":
+        if authenticated is None and self._config.smtp.expn == Disclosure.REFUSE:
             return reply(502, "5.5.1", "EXPN is disabled")
         if mailbox is None or mailbox.is_address_literal or not self._is_local(mailbox):
             return reply(550, "5.1.1", "Not a local mailing list")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import ipaddress
 import re
 import shutil
 import socket
@@ -24,7 +25,7 @@ from twisted.names import client
 from twisted.trial import unittest
 
 from tests.dns_zone import listen
-from mailserver.config import Checks, Config, DKIM, Relay
+from mailserver.config import DKIM, CheckAction, Checks, Config, DKIMKey
 from mailserver.envelope import Envelope, Recipient
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, MessageBody, MessageHeaders, MessageRejected, Reject
@@ -298,20 +299,20 @@ class InboundTests(LoopbackDNSTestCase):
     @inline
     async def test_reject_policies(self):
         verdict, _ = await self.check("a@reject.test", message("a@reject.test"), ip=BAD_IP,
-                                      dmarc_reject="reject")
+                                      dmarc_reject=CheckAction.REJECT)
         self.assertEqual(verdict, Reject(550, "5.7.1",
                                          "Message refused: it fails the DMARC policy of reject.test"))
         verdict, _ = await self.check("a@fail.test", message("a@fail.test"), ip=BAD_IP,
-                                      spf_fail="reject")
+                                      spf_fail=CheckAction.REJECT)
         self.assertEqual((verdict.code, verdict.enhanced), (550, "5.7.1"))
         verdict, _ = await self.check("a@softfail.test", message("a@softfail.test"), ip=BAD_IP,
-                                      spf_fail="reject")
+                                      spf_fail=CheckAction.REJECT)
         self.assertIsNone(verdict)
         verdict, _ = await self.check("a@reject.test", message("a@reject.test"), ip=BAD_IP,
-                                      dmarc_reject="reject", exempt_domains=(".reject.test",))
+                                      dmarc_reject=CheckAction.REJECT, exempt_domains=(".reject.test",))
         self.assertIsNone(verdict)
         verdict, _ = await self.check("a@reject.test", message("a@reject.test"), ip=BAD_IP,
-                                      dmarc_reject="reject", exempt_networks=("198.51.100.0/24",))
+                                      dmarc_reject=CheckAction.REJECT, exempt_networks=(ipaddress.ip_network("198.51.100.0/24"),))
         self.assertIsNone(verdict)
 
     @inline
@@ -349,8 +350,7 @@ class WiringTests(LoopbackDNSTestCase):
         write_key(tmp / "dkim" / "signed.test.rsa1.key", RSA.private)
         return Config(
             hostname="mx.test", data_dir=str(tmp), local_domains=("signed.test",),
-            relay=Relay(resolver="127.0.0.1:53"),
-            dkim=DKIM(keys=("signed.test:rsa1",)),
+            dkim=DKIM(keys=(DKIMKey("signed.test", "rsa1"),)),
             checks=Checks(skip_networks=(), **checks),
         )
 
@@ -361,7 +361,11 @@ class WiringTests(LoopbackDNSTestCase):
 
     async def feed(self, config, env, raw: bytes):
         tmp = self.tmp()
-        first, last = mail_auth_hooks(config, reactor, resolver=self.resolver)
+        first, last = mail_auth_hooks(
+            checks=config.checks, dkim=config.dkim, hostname=config.hostname,
+            key_folder=config.dkim_key_path, resolver=self.resolver, reactor=reactor,
+            source=config.source,
+        )
         inner = MemoryIntake()
         intake = HookedIntake(inner, Hooks(first + last), tmp)
         receiver = intake.begin(env)
@@ -374,7 +378,7 @@ class WiringTests(LoopbackDNSTestCase):
 
     @inline
     async def test_dmarc_reject_is_refused_and_nothing_stored(self):
-        config = self.config(self.tmp(), dmarc_reject="reject")
+        config = self.config(self.tmp(), dmarc_reject=CheckAction.REJECT)
         raw = b"From: <a@reject.test>\r\nSubject: hi\r\n\r\nbody\r\n"
         verdict, stored = await self.feed(config, envelope("a@reject.test", ip=BAD_IP), raw)
         self.assertEqual((verdict.code, verdict.enhanced), (550, "5.7.1"))

@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from mailserver.config import Config
 from mailserver.maildir import Mailbox
 from mailserver.pop3 import POP3Factory
+from mailserver.from_config import certificate_files
 from mailserver.tls import server_options
 from pop3_fakes import AccountRealm, make_config
 
@@ -153,7 +154,7 @@ class StreamingTests(unittest.TestCase):
 
     def server_tls(self) -> ssl.CertificateOptions:
         self.tls_config = Config(hostname="localhost", data_dir=str(self.tmp / "data"))
-        return server_options(self.tls_config)
+        return server_options(certificate_files(self.tls_config))
 
     def test_plain_tcp(self):
         port = self.serve(False, None)

@@ -20,8 +20,8 @@ from twisted.internet.testing import MemoryReactorClock
 
 import mailserver.intake
 import mailserver.maildir
-from mailserver.accounts import Accounts
 from mailserver.config import Config, Limits
+from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
 from mailserver.smtp import SMTPFactory
@@ -103,7 +103,7 @@ def server(tmp_path):
         local_domains=("example.org",),
         limits=Limits(min_free_space=0),
     )
-    accounts = Accounts(config)
+    accounts = accounts_for(config)
     accounts.add_user("bob@example.org", "x")
     accounts.add_user("carol@example.org", "x")
 
@@ -113,7 +113,9 @@ def server(tmp_path):
             role="smtp",
             accounts=accounts,
             portal=make_portal(),
-            intake=Intake(accounts=accounts, reactor=None, committer=InlineCommitter()),
+            intake=Intake(accounts=accounts, reactor=None, data_path=config.data_path,
+                          hostname=config.hostname, min_free_space=0,
+                          committer=InlineCommitter()),
             tls_options=None,
             reactor=MemoryReactorClock(),
         )
@@ -131,7 +133,7 @@ def leftovers(accounts) -> list[str]:
     """
     Every file under a C{tmp/} folder of the data folder.
     """
-    root = accounts.config.data_path
+    root = accounts.users_path.parent  # the data folder
     return [str(p) for p in root.rglob("tmp/*") if p.is_file()]
 
 
@@ -210,8 +212,10 @@ def test_mail_is_refused_with_452_when_the_reserve_is_not_free(tmp_path):
         local_domains=("example.org",),
         limits=Limits(min_free_space=10**18),  # more than any disk has
     )
-    accounts = Accounts(config)
-    intake = Intake(accounts=accounts, reactor=None, committer=InlineCommitter())
+    accounts = accounts_for(config)
+    intake = Intake(accounts=accounts, reactor=None, data_path=config.data_path,
+                    hostname=config.hostname, min_free_space=config.limits.min_free_space,
+                    committer=InlineCommitter())
     assert not intake.has_room(0)
     s = Session(config=config)
     s.factory.intake = intake
@@ -225,7 +229,9 @@ def test_a_size_larger_than_the_free_space_is_refused_at_mail(tmp_path):
         hostname="mx.test", data_dir=str(tmp_path / "data"), local_domains=("example.org",),
         limits=Limits(min_free_space=0, max_message_size=2**62),
     )
-    intake = Intake(accounts=Accounts(config), reactor=None, committer=InlineCommitter())
+    intake = Intake(accounts=accounts_for(config), reactor=None, data_path=config.data_path,
+                    hostname=config.hostname, min_free_space=config.limits.min_free_space,
+                    committer=InlineCommitter())
     free = mailserver.maildir.free_space(config.data_path)
     assert intake.has_room(0)
     assert not intake.has_room(free * 2 + 2**40)

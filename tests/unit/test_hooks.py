@@ -336,11 +336,15 @@ def plugin_config(folder, enabled, options):
     )
 
 
+def load_configured(config, context):
+    return load_plugins(config.plugins, context, config.source)
+
+
 def test_a_dropped_in_plugin_file_is_found_and_built(tmp_path):
     (tmp_path / "nosales.py").write_text(THIRD_PARTY)
     assert {"nosales", "headers", "webhook"} <= set(available_plugins((str(tmp_path),)))
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
-    ((name, hook),) = load_plugins(plugin_config(tmp_path, ("nosales",), {"nosales": {"code": 553}}), context)
+    ((name, hook),) = load_configured(plugin_config(tmp_path, ("nosales",), {"nosales": {"code": 553}}), context)
     assert name == "nosales"
     assert hook.recipient(CLIENT, "", "sales@x") == Reject(553, "5.7.1", "sales@ takes no mail")
 
@@ -359,7 +363,7 @@ def test_plugin_problems_are_config_errors(tmp_path, enabled, options, key, prob
     (tmp_path / "nosales.py").write_text(THIRD_PARTY)
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
     with pytest.raises(ConfigError) as caught:
-        load_plugins(plugin_config(tmp_path, enabled, options), context)
+        load_configured(plugin_config(tmp_path, enabled, options), context)
     assert caught.value.key == key
     assert problem in caught.value.problem
 
@@ -378,7 +382,7 @@ def test_plugin_tables_parse_from_toml(tmp_path):
         "headers": {"remove": ["X-A"], "rules": [{"authenticated": True, "add": {"X-B": "1"}}]}
     }
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
-    ((_, hook),) = load_plugins(config, context)
+    ((_, hook),) = load_configured(config, context)
     headers = MessageHeaders(b"X-A: 1\r\nSubject: s\r\n")
     hook.message(ENVELOPE, headers, None)
     assert headers.to_bytes() == b"X-B: 1\r\nSubject: s\r\n"
@@ -394,9 +398,43 @@ def test_the_documented_example_plugin_loads_and_works(tmp_path):
     examples = Path(__file__).resolve().parents[2] / "docs" / "examples"
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
     config = plugin_config(examples, ("blocklist",), {"blocklist": {"domains": ["Spam.example"]}})
-    ((_, hook),) = load_plugins(config, context)
+    ((_, hook),) = load_configured(config, context)
     assert hook.sender(CLIENT, "x@spam.example").code == 550
     assert hook.sender(CLIENT, "x@ham.example") is None
     headers = MessageHeaders(b"Subject: s\r\n")
     assert result_of(hook.message(ENVELOPE, headers, None)) is None
     assert headers.get("X-Blocklist") == "checked"
+
+
+CONTEXT_KEEPER = '''
+from twisted.plugin import IPlugin
+from zope.interface import provider
+
+from mailserver.interfaces import IPluginFactory
+
+
+@provider(IPlugin, IPluginFactory)
+class Keeper:
+    name = "keeper"
+    description = "Hands back the context it was built with."
+
+    @staticmethod
+    def build(options, context):
+        return context
+
+
+plugin = Keeper
+'''
+
+
+def test_each_plugin_gets_a_logger_in_its_own_namespace(tmp_path):
+    from twisted.logger import capturedLogs
+
+    (tmp_path / "keeper.py").write_text(CONTEXT_KEEPER)
+    shared = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
+    config = plugin_config(tmp_path, ("keeper",), {})
+    ((_, context),) = load_plugins(config.plugins, shared, config.source)
+    assert (context.reactor, context.hostname, context.data_path) == (None, "mx.test", tmp_path)
+    with capturedLogs() as events:
+        context.log.info("built with {n} options", n=0)
+    assert [(e["log_namespace"], e["n"]) for e in events] == [("mailserver.plugins.keeper", 0)]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mailserver.accounts import Accounts
 from mailserver.config import Config
 from mailserver.envelope import Envelope, Recipient
+from mailserver.from_config import accounts_for
 from mailserver.intake import Intake, NoRelayQueue
 from mailserver.maildir import Mailbox
 from mailserver.memory_budget import MemoryBudget
@@ -20,10 +20,16 @@ from mailserver.testing import InlineCommitter, InlineReactor
 @pytest.fixture
 def accounts(tmp_path):
     config = Config(hostname="mx.test", data_dir=str(tmp_path / "data"), local_domains=("example.org",))
-    accounts = Accounts(config)
+    accounts = accounts_for(config)
     accounts.add_user("a@example.org", "x")
     accounts.add_user("b@example.org", "x")
     return accounts
+
+
+def make_intake(accounts, **options) -> Intake:
+    # The fixture's users file is in its data folder.
+    return Intake(accounts=accounts, reactor=InlineReactor(), data_path=accounts.users_path.parent,
+                  hostname="mx.test", min_free_space=0, committer=InlineCommitter(), **options)
 
 
 def envelope(*destinations: str) -> Envelope:
@@ -44,7 +50,7 @@ def run(intake, env, pieces):
 
 def test_local_delivery_to_several_mailboxes(accounts):
     delivered = []
-    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter(), on_delivered=delivered.append)
+    intake = make_intake(accounts, on_delivered=delivered.append)
     pieces = [b"Subject: x\r", b"\n\r\nline\r\n", b"\r\n", b"end\r\n"]
     queue_id = run(intake, envelope("a@example.org", "b@example.org"), pieces)
     assert isinstance(queue_id, str)
@@ -61,7 +67,7 @@ def test_local_delivery_to_several_mailboxes(accounts):
 
 
 def test_remote_recipient_without_a_queue_fails_and_stores_nothing(accounts):
-    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
+    intake = make_intake(accounts)
     failure = run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
     assert failure.check(NoRelayQueue)
     assert Mailbox(accounts.mailbox_path("a@example.org")).messages() == []
@@ -76,14 +82,14 @@ def test_remote_recipients_go_to_the_queue_without_return_path(accounts):
             queued.append((recipients, spool.read_bytes()[body_offset:]))
             return "R1"
 
-    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter(), queue=Queue())
+    intake = make_intake(accounts, queue=Queue())
     run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
     assert queued == [(("x@remote.test",), b"Subject: x\n\nhi\n")]
     assert len(Mailbox(accounts.mailbox_path("a@example.org")).messages()) == 1
 
 
 def test_abort_leaves_nothing(accounts):
-    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
+    intake = make_intake(accounts)
     receiver = intake.begin(envelope("a@example.org"))
     receiver.write(b"partial")
     receiver.abort()
@@ -94,7 +100,7 @@ def test_a_large_message_is_spooled_not_held_in_memory(accounts, monkeypatch):
     import mailserver.intake
 
     monkeypatch.setattr(mailserver.intake, "SPILL_SIZE", 100)
-    intake = Intake(accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter())
+    intake = make_intake(accounts)
     receiver = intake.begin(envelope("a@example.org", "b@example.org"))
     receiver.write(b"Subject: big\r\n\r\n")
     for n in range(50):
@@ -114,9 +120,7 @@ def test_a_large_message_is_spooled_not_held_in_memory(accounts, monkeypatch):
 
 def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(accounts):
     budget = MemoryBudget(1000)
-    intake = Intake(
-        accounts=accounts, reactor=InlineReactor(), committer=InlineCommitter(), budget=budget
-    )
+    intake = make_intake(accounts, budget=budget)
     first = intake.begin(envelope("a@example.org"))
     first.write(b"Subject: one\r\n\r\n" + b"x" * 900 + b"\r\n")
     assert first._spool is None  # alone under the budget: in memory

@@ -6,14 +6,16 @@ the keygen command, the configuration, and the checks over an in-memory DNS.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import stat
+from pathlib import Path
 
 import dkim
 import pytest
 
 from mailserver import cli
-from mailserver.config import ConfigError, load
+from mailserver.config import CheckAction, ConfigError, DKIMKey, load
 from mailserver.hooks import MessageHeaders
 from mailserver.mailauth import load_signing_keys
 from mailserver.mailauth.dmarc import (
@@ -225,10 +227,15 @@ def test_config_defaults_and_tables(tmp_path):
         '[checks]\nspf_fail = "reject"\ndmarc_reject = "reject"\n'
         'exempt_domains = [".partner.test"]\nexempt_networks = ["10.0.0.0/8"]\n'
     )))
-    assert config.dkim.keys == ("example.org:sel", "example.org:ed:/k/ed.key")
+    assert config.dkim.keys == (
+        DKIMKey("example.org", "sel"), DKIMKey("example.org", "ed", Path("/k/ed.key")))
+    assert [str(key) for key in config.dkim.keys] == ["example.org:sel", "example.org:ed:/k/ed.key"]
+    assert config.dkim.keys[0].file(config.dkim_key_path) == tmp_path / "data/dkim/example.org.sel.key"
     assert "from" in config.dkim.signed_headers
-    assert (config.checks.spf_fail, config.checks.dmarc_reject) == ("reject", "reject")
-    assert config.checks.enabled and config.checks.skip_networks == ("127.0.0.0/8", "::1/128")
+    assert (config.checks.spf_fail, config.checks.dmarc_reject) == (CheckAction.REJECT,) * 2
+    assert config.checks.exempt_networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert config.checks.enabled and config.checks.skip_networks == (
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @pytest.mark.parametrize("text, key", [
@@ -275,7 +282,8 @@ def test_keygen_writes_the_key_and_prints_the_record(tmp_path, capsys):
 
     config_path.write_text(config_path.read_text()
                            + '[dkim]\nkeys = ["example.org:s1", "example.org:e1"]\n')
-    keys = load_signing_keys(load(config_path))
+    config = load(config_path)
+    keys = load_signing_keys(config.dkim, config.dkim_key_path, config.source)
     assert [(s, k.algorithm) for s, k in keys["example.org"]] == [
         ("s1", b"rsa-sha256"), ("e1", b"ed25519-sha256")]
 
@@ -283,7 +291,7 @@ def test_keygen_writes_the_key_and_prints_the_record(tmp_path, capsys):
 def test_a_missing_key_file_is_a_config_error(tmp_path):
     config = load(write_config(tmp_path, '[dkim]\nkeys = ["example.org:nope"]\n'))
     with pytest.raises(ConfigError, match="dkim.keys: cannot read"):
-        load_signing_keys(config)
+        load_signing_keys(config.dkim, config.dkim_key_path, config.source)
 
 
 # The checks over an in-memory DNS (the loopback server is in tests/protocol)

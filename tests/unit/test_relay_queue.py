@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from mailserver.config import Config, ConfigError, load
+from mailserver.config import Config, ConfigError, HostPort, Transport, load
 from mailserver.envelope import Envelope, Recipient
 from mailserver.relay.queue import (
     FORMAT_VERSION,
@@ -48,7 +48,7 @@ ENVELOPE = Envelope(
 
 def test_enqueue_links_the_spool_and_writes_a_versioned_envelope(config, tmp_path):
     spool = spool_file(tmp_path)
-    store = QueueStore(config, clock=lambda: 1000.0)
+    store = QueueStore(config.queue_path, clock=lambda: 1000.0)
     seen = []
     store.on_enqueued = seen.append
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test", "z@remote.test"), spool, 29)
@@ -73,7 +73,7 @@ def test_enqueue_links_the_spool_and_writes_a_versioned_envelope(config, tmp_pat
 
 
 def test_json_round_trip_and_unknown_version(config, tmp_path):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
     message = store.load(queue_id)
     assert QueuedMessage.from_json(message.to_json()) == message
@@ -86,7 +86,7 @@ def test_json_round_trip_and_unknown_version(config, tmp_path):
 
 
 def test_unknown_id_is_a_clear_error(config):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     with pytest.raises(QueueError, match="no queued message NOPE"):
         store.load("NOPE")
     with pytest.raises(QueueError):
@@ -94,7 +94,7 @@ def test_unknown_id_is_a_clear_error(config):
 
 
 def test_orphans_and_temporary_files_are_removed_at_start(config, tmp_path):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     kept = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
     os.link(store.messages_path / kept, store.messages_path / "ORPHAN")
     (store.tmp_path / "half.json.1234").write_text("{")
@@ -113,7 +113,7 @@ def test_orphans_and_temporary_files_are_removed_at_start(config, tmp_path):
 
 
 def test_requests_are_taken_once(config):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     store.request("flush", "domain:remote.test")
     store.request("delete", "ABC")
     assert sorted(store.take_requests()) == [("delete", "ABC"), ("flush", "domain:remote.test")]
@@ -140,15 +140,16 @@ def test_relay_config_is_validated(tmp_path):
         'transports = ["example.net=127.0.0.1:2525"]\nmax_age = "1h"\n'
     )
     relay = load(path).relay
-    assert relay.resolver == "127.0.0.1:5353" and relay.retry_schedule == ("1s", "2s")
-    assert relay.dns_timeout == 15.0
+    assert relay.resolver == HostPort("127.0.0.1", 5353) and relay.retry_schedule == (1.0, 2.0)
+    assert relay.transports == (Transport("example.net", "127.0.0.1", 2525),)
+    assert relay.max_age == 3600.0 and relay.dns_timeout == 15.0
 
 
 # Corrupt entries.
 
 
 def queued(config, tmp_path):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
     return store, queue_id, store.envelopes_path / f"{queue_id}.json"
 
