@@ -35,7 +35,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailserver.config import CatchAll
-from mailserver.interfaces import IAccount
+from mailserver.interfaces import IAccount, IAccounts
 
 _SCRYPT_N = 2**14
 _SCRYPT_R = 8
@@ -256,6 +256,7 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+@implementer(IAccounts)
 class Accounts:
     """
     Users and aliases of the local domains, and where an address delivers.

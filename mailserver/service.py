@@ -35,7 +35,7 @@ from mailserver.pop3 import POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
 from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.relay.mx import make_resolver
-from mailserver.smtp import SMTPFactory
+from mailserver.smtp import SMTPDependencies, SMTPFactory
 from mailserver.startup import StartupReport
 from mailserver.tls import ReloadableServerOptions, ensure_self_signed
 from mailserver.web import make_admin_site
@@ -156,9 +156,11 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         return Mailbox(accounts.mailbox_path(address))
 
     def smtp_factory(role: str, implicit_tls: bool) -> SMTPFactory:
-        return SMTPFactory(
-            config=config,
+        return SMTPFactory(SMTPDependencies.for_listener(
             role=role,
+            hostname=config.hostname,
+            smtp=config.smtp,
+            limits=config.limits,
             accounts=accounts,
             portal=portal,
             intake=smtp_intake,
@@ -169,8 +171,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
             queue_runner=runner,
             metrics=instruments,
             login_throttle=login_throttle,
-            connection_limits=connection_limits,
-        )
+        ), connection_limits)
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
         return POP3Factory(

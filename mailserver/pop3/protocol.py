@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from mailserver.config import Config
 from mailserver.connection_limits import ConnectionLimits, Refusal
-from mailserver.flow import BUSY, INPUT, ReadControl
+from mailserver.wire.flow import BUSY, INPUT, ReadControl
 from mailserver.immediate_write import write_now
 from mailserver.login_throttle import LoginThrottle, throttle_for
 from mailserver.interfaces import IAccount

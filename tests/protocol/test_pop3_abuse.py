@@ -13,7 +13,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from zope.interface import implementer
 
-from pop3_fakes import REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
+from tests.protocol.pop3_fakes import REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
 
 
 @pytest.fixture

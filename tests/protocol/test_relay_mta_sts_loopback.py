@@ -200,7 +200,7 @@ class MTASTSTests(unittest.TestCase):
             sink_lines = sink.lines
             reply = await self.deliver(port, https_port)
             self.assertEqual(reply.status, "4.7.5", reply)
-            self.assertTrue(reply.text.startswith("4.7.5 MTA-STS: TLS with mx1.remote.test"),
+            self.assertTrue(str(reply).startswith("451 4.7.5 MTA-STS: TLS with mx1.remote.test"),
                             reply)
             self.assertIn(words, reply.text)
             self.assertEqual(sink_lines, [("plain", "EHLO mx.test"), ("plain", "STARTTLS")])

@@ -14,8 +14,7 @@ from zope.interface import implementer
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks
 from mailserver.interfaces import IMessageHook
-
-from smtp_fakes import RecordingIntake, Session, codes
+from mailserver.testing import MemoryIntake, SMTPHarness, reply_codes
 
 MiB = 1024 * 1024
 SESSIONS = 40
@@ -39,20 +38,20 @@ def pieces(total: int, line: bytes):
 
 
 def test_sessions_midway_through_large_messages_hold_no_more_than_the_budget(tmp_path):
-    first = Session()
+    inner = MemoryIntake()
+    first = SMTPHarness(intake=HookedIntake(inner, Hooks([("accept", Accept())]), tmp_path))
     factory = first.factory
-    factory.intake = HookedIntake(RecordingIntake(), Hooks([("accept", Accept())]), tmp_path)
     sessions = []
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for n in range(SESSIONS):
-            session = Session(factory=factory)
+            session = SMTPHarness(factory=factory)
             session.ehlo()
             replies = session.send(
                 "MAIL FROM:<a@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
             )
-            assert codes(replies)[-1] == "354"
+            assert reply_codes(replies)[-1] == "354"
             for piece in pieces(MiB, b"X-Filler: " + b"h" * 88 + b"\r\n"):  # 1 MiB of fields
                 session.send(piece)
             session.send(b"\r\n")
@@ -65,7 +64,7 @@ def test_sessions_midway_through_large_messages_hold_no_more_than_the_budget(tmp
     assert held < BUDGET + SLACK, f"{held / MiB:.1f} MiB held by {SESSIONS} sessions"
     # And each message is whole when it ends.
     for session in sessions[:2]:
-        assert codes(session.send(b".\r\n")) == ["250 2.0.0"]
-    stored = factory.intake._intake.finished[0].data
+        assert reply_codes(session.send(b".\r\n")) == ["250 2.0.0"]
+    stored = inner.finished[0].data
     lines = len(list(pieces(MiB, b"."))) * (64 * 1024 // 100)
     assert stored.count(b"\r\nX-Filler: ") == lines and stored.count(b"b" * 98 + b"\r\n") == lines

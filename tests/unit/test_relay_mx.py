@@ -98,7 +98,7 @@ def test_first_mx_down_second_takes_it(tmp_path):
         tried.append((name, address, port))
         replies = {r.address: temporary("connection refused") for r in transaction.recipients}
         if address == "127.0.0.2":
-            replies = {r.address: Reply(250, ("2.0.0 ok",)) for r in transaction.recipients}
+            replies = {r.address: Reply.received(250, ("2.0.0 ok",)) for r in transaction.recipients}
             return defer.succeed(TransactionResult(replies, reached=True, host=name))
         return defer.succeed(TransactionResult(replies, reached=False, host=name))
 
@@ -128,7 +128,7 @@ def test_smarthost_and_transport_override_mx(tmp_path):
         session = transaction.tls_options
         checked = None if session is None else (session.check, session.enforce, session.host)
         seen.append((address, port, transaction.tls, transaction.username, checked))
-        replies = {r.address: Reply(250, ("ok",)) for r in transaction.recipients}
+        replies = {r.address: Reply.received(250, ("ok",)) for r in transaction.recipients}
         return defer.succeed(TransactionResult(replies, reached=True, host=name,
                                                tls="established"))
 
