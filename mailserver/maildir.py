@@ -25,10 +25,14 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from zope.interface import implementer
+
+from mailserver.interfaces import IMailbox, IMailboxStore, IStoredMessage
 
 _SUBDIRS = ("tmp", "new", "cur")
 _LOCK_NAME = "mailserver.lock"
@@ -269,6 +273,7 @@ class SpoolFile:
             pass
 
 
+@implementer(IStoredMessage)
 @dataclass(frozen=True)
 class MessageInfo:
     """
@@ -318,6 +323,7 @@ def _crlf_size(path: str) -> int:
     return len(data) + data.count(b"\n")
 
 
+@implementer(IMailbox)
 class Mailbox:
     """
     A user's Maildir as POP3 sees it: locked, listed, read, flagged, pruned.
@@ -444,3 +450,17 @@ class Mailbox:
 
 def _by_uid(info: MessageInfo) -> str:
     return info.uid
+
+
+@implementer(IMailboxStore)
+class MaildirStore:
+    """
+    Every account's Maildir, found by C{path_for} (the account's canonical
+    address to its folder).
+    """
+
+    def __init__(self, path_for: Callable[[str], Path]) -> None:
+        self._path_for = path_for
+
+    def mailbox(self, address: str) -> Mailbox:
+        return Mailbox(self._path_for(address))

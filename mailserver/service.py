@@ -26,12 +26,12 @@ from mailserver.lifecycle import PID_FILE, CrashCleanup, ReloadOnSignal, Shutdow
 from mailserver.listeners import LISTENERS_FILE, Listener, ListenerReport
 from mailserver.login_throttle import throttle_for
 from mailserver.mailauth import mail_auth_hooks
-from mailserver.maildir import Mailbox
+from mailserver.maildir import MaildirStore
 from mailserver.memory_budget import MemoryBudget
 from mailserver.metrics import Metrics, server_metrics
 from mailserver.ownership import Owner, acting_as, prepare_data_folder
 from mailserver.plugin_loading import load_plugins
-from mailserver.pop3 import POP3Factory
+from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
 from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.relay.mx import make_resolver
@@ -152,8 +152,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         processes=config.workers, index=process_index(),
     )
 
-    def mailbox_for(address: str) -> Mailbox:
-        return Mailbox(accounts.mailbox_path(address))
+    mailboxes = MaildirStore(accounts.mailbox_path)
 
     def smtp_factory(role: str, implicit_tls: bool) -> SMTPFactory:
         return SMTPFactory(SMTPDependencies.for_listener(
@@ -174,17 +173,18 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         ), connection_limits)
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
-        return POP3Factory(
-            config=config,
+        return POP3Factory(POP3Dependencies.for_listener(
+            hostname=config.hostname,
+            pop3=config.pop3,
+            limits=config.limits,
             portal=portal,
-            mailbox_for=mailbox_for,
+            mailboxes=mailboxes,
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,
             metrics=instruments,
             login_throttle=login_throttle,
-            connection_limits=connection_limits,
-        )
+        ), connection_limits)
 
     roles = {
         "smtp": lambda: smtp_factory("smtp", False),

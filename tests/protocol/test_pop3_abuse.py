@@ -13,7 +13,8 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from zope.interface import implementer
 
-from tests.protocol.pop3_fakes import REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
+from mailserver.testing import REMOTE, FakeRealm, MemoryMaildirs, POP3Harness, make_pop3_config
+from mailserver.wire.session import CLOSE_GRACE
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def store():
 
 
 def test_a_command_trickled_in_a_byte_at_a_time_still_times_out(store):
-    session = Session(store, config=make_config(limits={"pop3_idle_timeout": 60}))
+    session = POP3Harness(store, config=make_pop3_config(limits={"pop3_idle_timeout": 60}))
     for byte in b"NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP":
         session.send(bytes([byte]))
         session.clock.advance(5)
@@ -35,7 +36,7 @@ def test_a_command_trickled_in_a_byte_at_a_time_still_times_out(store):
 
 
 def test_a_client_that_does_not_read_its_replies_is_not_answered_further(store):
-    session = Session(store)
+    session = POP3Harness(store)
     session.login()
     producer = session.transport.producer
     producer.pauseProducing()  # the client's window is full
@@ -49,7 +50,7 @@ def test_a_client_that_does_not_read_its_replies_is_not_answered_further(store):
     assert session.transport.producerState == "producing"
 
 
-def drain(session: Session) -> bytes:
+def drain(session: POP3Harness) -> bytes:
     """
     Let the reactor take its turns; return what the session wrote.
     """
@@ -61,7 +62,7 @@ def drain(session: Session) -> bytes:
 
 
 def test_one_clients_pipelined_flood_is_handled_a_turn_at_a_time(store):
-    session = Session(store)
+    session = POP3Harness(store)
     session.login()
     first = session.send(b"NOOP\r\n" * 250)
     assert first.count(b"+OK") == 100
@@ -71,25 +72,23 @@ def test_one_clients_pipelined_flood_is_handled_a_turn_at_a_time(store):
 
 
 def test_a_client_that_never_reads_is_cut_off_after_the_close_grace(store):
-    import mailserver.pop3.protocol as pop3_protocol
-
-    session = Session(store, config=make_config(limits={"pop3_idle_timeout": 10}))
+    session = POP3Harness(store, config=make_pop3_config(limits={"pop3_idle_timeout": 10}))
     aborted = []
     session.transport.abortConnection = lambda: aborted.append(True)
     session.clock.advance(10)
     assert session.take() == b"-ERR Disconnected for inactivity.\r\n" and session.closed
-    session.clock.advance(pop3_protocol.CLOSE_GRACE)
+    session.clock.advance(CLOSE_GRACE)
     assert aborted == [True]
 
 
 def test_failed_logins_count_per_address_across_sessions(store):
-    config = make_config(
+    config = make_pop3_config(
         limits={"auth_failure_delay": 1.0, "max_auth_failures_per_client": 3}
     )
-    first = Session(store, config=config)
+    first = POP3Harness(store, config=config)
     delays = []
     for _ in range(3):
-        session = Session(store, factory=first.factory)
+        session = POP3Harness(store, factory=first.factory)
         assert session.login(password="guess") == b""
         waited = 0.0
         while not session.take():
@@ -97,12 +96,12 @@ def test_failed_logins_count_per_address_across_sessions(store):
             waited += 0.5
         delays.append(waited)
     assert delays == [1.0, 2.0, 3.0]
-    session = Session(store, factory=first.factory)
+    session = POP3Harness(store, factory=first.factory)
     refused = session.login()  # the right password, not even checked
     assert refused.startswith(b"-ERR [SYS/TEMP] Too many failed logins")
     assert not session.closed
     session.clock.advance(config.limits.auth_failure_window)
-    assert Session(store, factory=first.factory).login().startswith(b"+OK")
+    assert POP3Harness(store, factory=first.factory).login().startswith(b"+OK")
 
 
 @implementer(ICredentialsChecker)
@@ -123,10 +122,10 @@ class HeldChecker:
 
 
 def test_logins_sent_at_once_get_no_more_checks_than_the_limit(store):
-    config = make_config(limits={"auth_failure_delay": 0.0, "max_auth_failures_per_client": 3})
+    config = make_pop3_config(limits={"auth_failure_delay": 0.0, "max_auth_failures_per_client": 3})
     checker = HeldChecker()
-    first = Session(store, config=config, portal=Portal(AccountRealm(), [checker]))
-    sessions = [Session(store, factory=first.factory) for _ in range(10)]
+    first = POP3Harness(store, config=config, portal=Portal(FakeRealm(), [checker]))
+    sessions = [POP3Harness(store, factory=first.factory) for _ in range(10)]
     answers = [session.login(password="guess") for session in sessions]
     # Three checks run; the other seven are refused without one.
     assert len(checker.checks) == 3
@@ -141,10 +140,10 @@ def test_logins_sent_at_once_get_no_more_checks_than_the_limit(store):
 
 
 def test_a_login_that_succeeds_gives_its_place_back(store):
-    config = make_config(limits={"max_auth_failures_per_client": 1})
+    config = make_pop3_config(limits={"max_auth_failures_per_client": 1})
     checker = HeldChecker()
-    first = Session(store, config=config, portal=Portal(AccountRealm(), [checker]))
-    second = Session(store, factory=first.factory)
+    first = POP3Harness(store, config=config, portal=Portal(FakeRealm(), [checker]))
+    second = POP3Harness(store, factory=first.factory)
     assert first.login() == b""
     assert second.login().startswith(b"-ERR [SYS/TEMP]")  # one check at a time
     checker.checks[0].callback(b"bob@localhost")
@@ -154,20 +153,20 @@ def test_a_login_that_succeeds_gives_its_place_back(store):
 
 
 def test_connections_over_the_caps_are_refused_at_the_greeting(store):
-    config = make_config(limits={"max_connections_per_client": 2, "max_connections": 3})
-    first = Session(store, config=config)
-    second = Session(store, factory=first.factory)
-    third = Session(store, factory=first.factory)
+    config = make_pop3_config(limits={"max_connections_per_client": 2, "max_connections": 3})
+    first = POP3Harness(store, config=config)
+    second = POP3Harness(store, factory=first.factory)
+    third = POP3Harness(store, factory=first.factory)
     assert third.greeting == (
         b"-ERR [SYS/TEMP] Too many connections from your address, try again later.\r\n"
     )
     assert third.closed and third.command("USER bob@localhost") == b""
-    other = Session(store, factory=first.factory, peer=REMOTE)
+    other = POP3Harness(store, factory=first.factory, peer=REMOTE)
     assert other.greeting.startswith(b"+OK")
-    assert Session(store, factory=first.factory, peer=REMOTE).greeting == (
+    assert POP3Harness(store, factory=first.factory, peer=REMOTE).greeting == (
         b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
     )
     third.drop()  # a refused connection held no place
     first.drop()
-    assert Session(store, factory=first.factory).greeting.startswith(b"+OK")
+    assert POP3Harness(store, factory=first.factory).greeting.startswith(b"+OK")
     assert second.login().startswith(b"+OK")

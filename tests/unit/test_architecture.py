@@ -56,11 +56,7 @@ RULES = [
 # the lead empties these lists.  An entry that no longer exists fails the
 # test, so the lists only shrink.
 KNOWN_CYCLES: list[set[str]] = []
-KNOWN_IMPORTS = {
-    # issue 18: POP3 sees the mailbox store through an interface
-    ("pop3.protocol", "maildir"),
-    ("pop3.maildrop", "maildir"),
-}
+KNOWN_IMPORTS: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:
