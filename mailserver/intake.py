@@ -12,6 +12,7 @@ messages durable together.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir, free_space
 from mailserver.memory_budget import MemoryBudget
+from mailserver.safe_fs import open_folder
+from mailserver.safe_text import printable
 
 # How long a reading of the free disk space is trusted (a statvfs per MAIL
 # would be a system call per message for a figure that changes slowly).
@@ -98,7 +101,7 @@ class Intake:
         self._free = 0
         self._free_checked = -_FREE_SPACE_INTERVAL
         self.spool_path = data_path / "spool"
-        (self.spool_path / "tmp").mkdir(parents=True, exist_ok=True)
+        os.close(open_folder(data_path, self.spool_path / "tmp", create=True))
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         return _Receiver(self, envelope)
@@ -155,7 +158,7 @@ class Intake:
         try:
             if maildirs:
                 self._ensure(maildirs[0])
-            return SpoolFile(tmp, self._names, message), maildirs, remote
+            return SpoolFile(self._data_path, tmp, self._names, message), maildirs, remote
         except OSError:
             self._maildirs_seen.clear()  # one was removed under us? look again next time
             raise
@@ -166,7 +169,7 @@ class Intake:
         three C{stat} calls per message.
         """
         if maildir not in self._maildirs_seen:
-            ensure_maildir(maildir)
+            ensure_maildir(self._data_path, maildir)
             self._maildirs_seen.add(maildir)
 
     def _publish(self, written, envelope: Envelope, body_offset: int) -> str:
@@ -209,7 +212,7 @@ class Intake:
 
 
 def _return_path(sender: str) -> bytes:
-    return b"Return-Path: <" + sender.encode("utf-8") + b">\n"
+    return b"Return-Path: <" + printable(sender, None).encode("utf-8") + b">\n"
 
 
 @implementer(IMessageReceiver)
@@ -249,7 +252,7 @@ class _Receiver:
             self._buffered += len(data)
             return
         self._release_memory()
-        self._spool = SpoolFile(intake.spool_path / "tmp", intake._names)
+        self._spool = SpoolFile(intake._data_path, intake.spool_path / "tmp", intake._names)
         for piece in self._pieces:
             self._spool.write(piece)
         self._pieces = []

@@ -111,7 +111,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     auth_first, auth_last = mail_auth_hooks(
         checks=config.checks, dkim=config.dkim, hostname=config.hostname,
         key_folder=config.dkim_key_path, resolver=make_resolver(config.relay.resolver, reactor),
-        reactor=reactor, source=config.source,
+        reactor=reactor, source=config.source, owns=accounts.owns,
     )
     hooks = Hooks(
         auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
@@ -152,7 +152,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         processes=config.workers, index=process_index(),
     )
 
-    mailboxes = MaildirStore(accounts.mailbox_path)
+    mailboxes = MaildirStore(accounts.mailbox_path, config.data_path)
 
     def smtp_factory(role: str, implicit_tls: bool) -> SMTPFactory:
         return SMTPFactory(SMTPDependencies.for_listener(
@@ -236,7 +236,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         follow_primary()
         PrimaryLink(reactor, login_throttle, metrics).setServiceParent(root)
     else:
-        CrashCleanup(config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
+        CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
         runner.setServiceParent(root)
     ShutdownNotice(smtp_factories, reactor, config.limits.shutdown_timeout).setServiceParent(root)
     for listener in listeners:

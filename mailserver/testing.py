@@ -300,7 +300,8 @@ class SMTPHarness:
     """
     One SMTP session over a L{TLSStringTransport} with a fake clock:
     C{send} bytes, get back what the server wrote since.  By default an MX
-    listener for C{example.org}, users bob, alice and jürgen, a list
+    listener (no AUTH unless C{smtp.mx_auth}: give C{role="submission"})
+    for C{example.org}, users bob, alice and jürgen, a list
     C{list@example.org}, and bob's password C{secret}; give C{factory} to
     open another session on the same listener.
     """

@@ -161,9 +161,13 @@ class SMTP:
     EXPN 502), or L{Disclosure.ANSWER} (full answers, which lets strangers
     enumerate users).  Authenticated clients always get full answers.
     C{catch_all}: where mail to unknown users of a local domain goes.
+    C{mx_auth}: offer AUTH on the MX role (C{listeners.smtp}) too.  Off, as
+    in Postfix: port 25 is for other servers, users log in on submission,
+    and a password guessed there could not be used to relay through port 25.
     """
 
     auth_over_plaintext: bool = setting(False, flag())
+    mx_auth: bool = setting(False, flag())
     vrfy: Disclosure = setting("refuse", choice(Disclosure))
     expn: Disclosure = setting("refuse", choice(Disclosure))
     subaddress_separator: str = setting("+", text(v.subaddress_separator))
@@ -304,7 +308,10 @@ class DKIM:
 
     C{keys}: a key per domain and selector; RSA or Ed25519 PEM files.  Mail
     whose From domain (else envelope sender domain) has keys is signed with
-    each of them.
+    each of them, when every From address is one the authenticated account
+    may send as.
+    C{shared_domains}: domains whose From addresses any authenticated
+    account may have signed (lower case, like C{local_domains}).
     C{signed_headers}: header fields signed when present.
     C{oversigned_headers}: fields signed once more than present, so none can
     be added later without breaking the signature.
@@ -312,6 +319,7 @@ class DKIM:
 
     keys: tuple[DKIMKey, ...] = setting(
         [], listing(text(v.dkim_key), unique=lambda key: (key.domain, key.selector)))
+    shared_domains: tuple[str, ...] = setting([], listing(text(v.local_domain)))
     signed_headers: tuple[str, ...] = setting([
         "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
         "mime-version", "content-type", "content-transfer-encoding", "content-disposition",

@@ -49,6 +49,7 @@ from mailserver.mailauth.results import (
     render,
 )
 from mailserver.names import is_domain
+from mailserver.safe_text import printable
 
 MAX_SIGNATURES = 5
 # RFC 7208 4.6.4: at least 20 seconds for a whole SPF evaluation.
@@ -255,7 +256,7 @@ class InboundChecks:
         removed = headers.remove(FIELD, where=lambda v: authserv_id(v) == self._authserv)
         if removed:
             self.log.info("removed {count} forged Authentication-Results field(s) from {sender}",
-                          count=removed, sender=envelope.sender)
+                          count=removed, sender=printable(envelope.sender))
         if not checked:
             return None
         threadpool = self._threadpool or self._reactor.getThreadPool()
@@ -272,13 +273,14 @@ class InboundChecks:
             report = await deferToThreadPool(self._reactor, threadpool, run)
         except Exception as e:
             # A bug in the checks must not hold mail back: deliver unmarked.
-            self.log.failure("checks of mail from {sender} failed", sender=envelope.sender,
+            self.log.failure("checks of mail from {sender} failed",
+                             sender=printable(envelope.sender),
                              failure=Failure(e))
             return None
         headers.add_raw(render(self._authserv, report))
         self.log.info(
             "checked mail from {sender} via {ip}: spf={spf} dkim={dkim} dmarc={dmarc}",
-            sender=envelope.sender, ip=ip,
+            sender=printable(envelope.sender), ip=ip,
             spf=report.spf[0].result, dkim=",".join(r.result for r in report.dkim) or "none",
             dmarc=report.dmarc.result,
         )
@@ -295,7 +297,7 @@ class InboundChecks:
         if (self._checks.dmarc_reject == CheckAction.REJECT and verdict.result == "fail"
                 and verdict.disposition == "reject"):
             self.log.info("refused mail from {sender}: DMARC policy of {domain} is reject",
-                          sender=envelope.sender, domain=verdict.domain)
+                          sender=printable(envelope.sender), domain=printable(verdict.domain))
             return Reject(550, "5.7.1", f"Message refused: it fails the DMARC policy of "
                           f"{_safe(verdict.domain)}")
         spf = report.spf_for_policy()
@@ -303,7 +305,7 @@ class InboundChecks:
                 and verdict.result != "pass"):
             domain = _safe(spf.value.rpartition("@")[2])
             self.log.info("refused mail from {sender}: SPF fail for {domain}",
-                          sender=envelope.sender, domain=domain)
+                          sender=printable(envelope.sender), domain=domain)
             return Reject(550, "5.7.1", f"Message refused: {domain} does not allow {ip} "
                           "to send its mail (SPF fail)")
         return None

@@ -41,6 +41,7 @@ from mailserver.relay.tls_policy import (
     ca_certificates,
     judge,
 )
+from mailserver.safe_text import printable
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class RouteCourier:
                 self.log.info(
                     "relay: {id}: {host} [{address}]:{port} did not take the message: {why}",
                     id=message.id, host=hop.name, address=address, port=hop.port,
-                    why=str(next(iter(result.replies.values()))),
+                    why=printable(str(next(iter(result.replies.values()))), None),
                 )
         if result is None and refusal is not None:
             return {r.address: Outcome(refusal) for r in recipients}
@@ -217,7 +218,7 @@ class RouteCourier:
             self.log.info(
                 "relay: {id}: TLS with {host} [{address}] failed ({why}); trying again without",
                 id=message.id, host=hop.name, address=address,
-                why=verdict.problem or str(next(iter(result.replies.values()))))
+                why=printable(verdict.problem or str(next(iter(result.replies.values()))), None))
             return await self._send(
                 self._reactor, address, hop.port,
                 replace(transaction, tls="none", tls_options=None), self._timeouts,
@@ -260,7 +261,7 @@ class RouteCourier:
             self.log.warn(
                 "relay: {id}: MTA-STS testing for {domain}: {host} [{address}] would have "
                 "failed: {problem}", id=message.id, domain=policy.domain, host=hop.name,
-                address=address, problem=verdict.problem or verdict.result)
+                address=address, problem=printable(verdict.problem or verdict.result, None))
 
 
 @implementer(ICourier)
@@ -280,10 +281,10 @@ class LoggingCourier:
                 self.log.info(
                     "relay: {id}: <{sender}> -> <{address}> via {mta}: {reply}",
                     id=message.id,
-                    sender=message.sender,
-                    address=address,
-                    mta=outcome.remote_mta or "-",
-                    reply=str(outcome.reply),
+                    sender=printable(message.sender),
+                    address=printable(address),
+                    mta=printable(outcome.remote_mta or "-"),
+                    reply=printable(str(outcome.reply), None),
                 )
             return outcomes
 

@@ -57,6 +57,7 @@ from mailserver.relay.queue import (
 )
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
 from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
+from mailserver.safe_text import printable
 
 
 class _Slots:
@@ -486,7 +487,8 @@ class RelayRunner(Service):
                                    id=message.id, action=action, e=str(e))
                 except Exception as e:
                     self.log.error("relay: {id}: cannot send a {action} report to <{to}>: {e}",
-                                   id=message.id, action=action, to=message.sender, e=str(e))
+                                   id=message.id, action=action, to=printable(message.sender),
+                                   e=str(e))
                     if action == dsn_module.DELAYED:
                         message = replace(message, delay_warned=False)
                     continue
@@ -532,7 +534,7 @@ class RelayRunner(Service):
             raise
         await receiver.finish()
         self.log.info("relay: {id}: {action} report sent to <{to}>", id=message.id,
-                      action=action, to=message.sender)
+                      action=action, to=printable(message.sender))
 
     def _report_destinations(self, sender: str) -> tuple[str, ...]:
         domain = sender.rpartition("@")[2]

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from functools import lru_cache
 
+from mailserver.safe_text import printable
 from mailserver.smtp.replies import (
     BARE_NEWLINE,
     DATA_LINE_TOO_LONG,
@@ -175,15 +176,15 @@ def received_header(
     client is named by its address literal.
     """
     literal = f"[IPv6:{client_address}]" if ":" in client_address else f"[{client_address}]"
-    lines = [f"Received: from {_printable(helo)} ({literal})"]
+    lines = [f"Received: from {_in_comment(helo)} ({literal})"]
     if tls:
         lines.append(f"\t({tls})")
     if authenticated:
-        lines.append(f"\t(Authenticated sender: {_printable(authenticated)})")
+        lines.append(f"\t(Authenticated sender: {_in_comment(authenticated)})")
     lines.append(f"\tby {hostname} (mailserver) with {protocol} id {session_id}")
     date = _date(int(when))
     if recipient:
-        lines.append(f"\tfor <{recipient}>; {date}")
+        lines.append(f"\tfor <{printable(recipient)}>; {date}")
     else:
         lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
@@ -197,8 +198,12 @@ def _date(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)
+def _in_comment(text: str) -> str:
+    """
+    Client text for a comment (or the word before one): printable, and no
+    parenthesis to end it early.
+    """
+    return printable(text).replace("(", "?").replace(")", "?")
 
 
 def with_protocol(*, esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 import mailserver.smtp.replies as R
 from mailserver.envelope import Envelope, Recipient
+from mailserver.safe_text import printable
 from mailserver.smtp.grammar import (
     GrammarError,
     MailOptions,
@@ -365,10 +366,10 @@ class TransactionHandlers:
             code=answer.code,
             enhanced=answer.enhanced,
             client=self.connection.address,
-            helo=self.helo or "-",
-            user=self.account or "-",
-            sender=transaction.sender.log_safe() if transaction.sender else "",
-            recipients=",".join(f"<{r.address}>" for r in transaction.recipients),
+            helo=printable(self.helo or "-"),
+            user=printable(self.account or "-"),
+            sender=printable(transaction.sender.address) if transaction.sender else "",
+            recipients=",".join(f"<{printable(r.address)}>" for r in transaction.recipients),
             size=transaction.sink.size if transaction.sink is not None else 0,
             ms=elapsed_ms,
         )
@@ -391,7 +392,6 @@ class TransactionHandlers:
 
 def _grammar_reply(error: GrammarError) -> Reply:
     """
-    Bad parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
+    Unknown parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
     """
-    code = 555 if error.enhanced == "5.5.4" else 501
-    return reply(code, error.enhanced, str(error))
+    return reply(error.code, error.enhanced, str(error))

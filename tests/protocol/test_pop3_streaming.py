@@ -122,7 +122,7 @@ class StreamingTests(unittest.TestCase):
             pop3=config.pop3,
             limits=config.limits,
             portal=self.portal,
-            mailboxes=MaildirStore(lambda address: self.tmp / "mail"),
+            mailboxes=MaildirStore(lambda address: self.tmp / "mail", self.tmp),
             login_throttle=throttle_for(config.limits, reactor),
             tls_options=tls_options,
             reactor=reactor,

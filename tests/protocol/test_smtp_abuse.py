@@ -163,7 +163,7 @@ def test_failed_logins_count_per_address_across_sessions():
     config = make_config(
         limits={"auth_failure_delay": 1.0, "max_auth_failures_per_client": 4, "max_auth_failures": 10}
     )
-    first = SMTPHarness(peer=LOOPBACK, config=config)
+    first = SMTPHarness(peer=LOOPBACK, config=config, role="submission")
     factory = first.factory
     delays = []
     for _ in range(4):
@@ -210,7 +210,7 @@ def test_logins_sent_at_once_get_no_more_checks_than_the_limit():
         limits={"auth_failure_delay": 0.0, "max_auth_failures_per_client": 3}
     )
     checker = HeldChecker()
-    first = SMTPHarness(peer=LOOPBACK, config=config)
+    first = SMTPHarness(peer=LOOPBACK, config=config, role="submission")
     factory = SMTPFactory(dataclasses.replace(
         first.factory.dependencies, portal=Portal(FakeRealm(), [checker])
     ))

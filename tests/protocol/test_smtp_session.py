@@ -20,10 +20,22 @@ def test_greeting_and_ehlo_keywords():
 
 
 def test_auth_advertised_on_loopback_or_when_allowed():
-    assert b"AUTH PLAIN LOGIN" in SMTPHarness(peer=LOOPBACK).ehlo()
-    assert b"AUTH" not in SMTPHarness().ehlo()
-    allowed = SMTPHarness(config=make_config(smtp={"auth_over_plaintext": True}))
+    assert b"AUTH PLAIN LOGIN" in SMTPHarness(peer=LOOPBACK, role="submission").ehlo()
+    assert b"AUTH" not in SMTPHarness(role="submission").ehlo()
+    allowed = SMTPHarness(role="submission", config=make_config(smtp={"auth_over_plaintext": True}))
     assert b"AUTH PLAIN LOGIN" in allowed.ehlo()
+
+
+def test_mx_role_offers_no_auth_by_default():
+    # As Postfix on port 25: users log in on submission.
+    for peer in (LOOPBACK, REMOTE):
+        session = SMTPHarness(peer=peer, config=make_config(smtp={"auth_over_plaintext": True}))
+        assert b"AUTH" not in session.ehlo()
+        assert session.login() == b"503 5.5.1 Error: authentication not enabled\r\n"
+        assert reply_codes(session.command("MAIL FROM:<bob@example.org>")) == ["250 2.1.0"]
+    offered = SMTPHarness(peer=LOOPBACK, config=make_config(smtp={"mx_auth": True}))
+    assert b"AUTH PLAIN LOGIN" in offered.ehlo()
+    assert reply_codes(offered.login()) == ["235 2.7.0"]
 
 
 def test_no_starttls_without_tls_options():
@@ -136,7 +148,7 @@ def test_vrfy_and_expn_policy():
 
 
 def test_vrfy_and_expn_for_authenticated_clients():
-    session = SMTPHarness(peer=LOOPBACK)
+    session = SMTPHarness(peer=LOOPBACK, role="submission")
     session.ehlo()
     session.login()
     assert session.command("VRFY <bob@example.org>") == b"250 2.1.5 <bob@example.org>\r\n"

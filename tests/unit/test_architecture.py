@@ -25,8 +25,8 @@ PACKAGE = "mailserver"
 # everything in it, "relay.queue" one module.  Derived from the tree as it
 # stands; a room not in the tree yet is listed in PLANNED.
 PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
-STORAGE = ("maildir", "relay.queue", "group_commit")
-VOCABULARY = ("interfaces", "envelope", "metrics", "names")
+STORAGE = ("maildir", "relay.queue", "group_commit", "safe_fs")
+VOCABULARY = ("interfaces", "envelope", "metrics", "names", "safe_text")
 PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply")  # wire.reply: the Reject a plugin returns
 LIMITS = ("login_throttle", "connection_limits", "memory_budget")
 COMPOSITION = (

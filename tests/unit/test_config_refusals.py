@@ -78,6 +78,20 @@ REFUSED = {
     "separator @": ('[smtp]\nsubaddress_separator = "@"', "smtp.subaddress_separator", "@"),
     "separator newline": (
         '[smtp]\nsubaddress_separator = "\\n"', "smtp.subaddress_separator", "printable"),
+    "mx_auth not a flag": ('[smtp]\nmx_auth = "yes"', "smtp.mx_auth", "true or false"),
+    "shared domain in upper case": (
+        '[dkim]\nshared_domains = ["Example.org"]', "dkim.shared_domains", "lower-case"),
+    "shared domain with a trailing dot": (
+        '[dkim]\nshared_domains = ["example.org."]', "dkim.shared_domains", "trailing dot"),
+    "shared domain an address": (
+        '[dkim]\nshared_domains = ["@example.org"]', "dkim.shared_domains", "name"),
+    "shared domain with a space": (
+        '[dkim]\nshared_domains = ["a b.org"]', "dkim.shared_domains", "name"),
+    "shared domain with a line break": (
+        '[dkim]\nshared_domains = ["example.org\\nX-Injected: 1"]', "dkim.shared_domains",
+        "name"),
+    "shared domains not a list": (
+        '[dkim]\nshared_domains = "example.org"', "dkim.shared_domains", "list"),
 }
 
 

@@ -141,6 +141,19 @@ def test_render_is_folded_one_result_a_line():
     assert headers.get("Authentication-Results").startswith("mx.test;")
 
 
+def test_render_escapes_client_text():
+    report = Report(
+        spf=(SPFResult("mailfrom", "a\u202e@x.test", "none"),
+             SPFResult("helo", "h\u0085\u2028x.test", "none")),
+        dkim=(DKIMResult("fail", "x\u2028.test", "s\u0085"),),
+    )
+    text = render("mx.test", report).decode()
+    assert text.replace("\r\n\t", "").endswith("\r\n")
+    assert text[:-2].replace("\r\n\t", "").isprintable(), text
+    assert "smtp.mailfrom=a?@x.test" in text and 'smtp.helo="h??x.test"' in text
+    assert 'header.d="x?.test"' in text and 'header.s="s?"' in text
+
+
 def test_headers_add_raw_and_selective_remove():
     headers = MessageHeaders(b"A: 1\r\nB: x\r\n y\r\nB: z\r\n")
     headers.add_raw(b"C: one\r\n\ttwo\r\n")
@@ -224,6 +237,7 @@ def write_config(tmp_path, text: str):
 def test_config_defaults_and_tables(tmp_path):
     config = load(write_config(tmp_path, (
         '[dkim]\nkeys = ["example.org:sel", "example.org:ed:/k/ed.key"]\n'
+        'shared_domains = ["lists.example.org"]\n'
         '[checks]\nspf_fail = "reject"\ndmarc_reject = "reject"\n'
         'exempt_domains = [".partner.test"]\nexempt_networks = ["10.0.0.0/8"]\n'
     )))
@@ -231,6 +245,7 @@ def test_config_defaults_and_tables(tmp_path):
         DKIMKey("example.org", "sel"), DKIMKey("example.org", "ed", Path("/k/ed.key")))
     assert [str(key) for key in config.dkim.keys] == ["example.org:sel", "example.org:ed:/k/ed.key"]
     assert config.dkim.keys[0].file(config.dkim_key_path) == tmp_path / "data/dkim/example.org.sel.key"
+    assert config.dkim.shared_domains == ("lists.example.org",)
     assert "from" in config.dkim.signed_headers
     assert (config.checks.spf_fail, config.checks.dmarc_reject) == (CheckAction.REJECT,) * 2
     assert config.checks.exempt_networks == (ipaddress.ip_network("10.0.0.0/8"),)

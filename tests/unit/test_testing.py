@@ -38,7 +38,7 @@ def test_the_fakes_provide_the_interfaces_of_what_they_stand_for(tmp_path):
 def test_the_mailbox_fakes_provide_the_interfaces_of_what_they_stand_for(tmp_path):
     fake = MemoryMaildirs()
     fake.deliver("bob@localhost", b"Subject: x\n\nbody\n")
-    real = MaildirStore(lambda address: tmp_path / address)
+    real = MaildirStore(lambda address: tmp_path / address, tmp_path)
     real_box = real.mailbox("bob@localhost")
     assert real_box.lock()
     (tmp_path / "bob@localhost" / "new" / "1700000000.M1P1Q1.test,S=17,W=20").write_bytes(
