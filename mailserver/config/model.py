@@ -148,6 +148,7 @@ class Limits:
     auth_failure_window: int = setting(900, _SECONDS)
     min_data_rate: int = setting(500, integer())
     min_free_space: int = setting(52_428_800, integer())
+    memory_budget: int = setting(67_108_864, integer(1_048_576, why="1 MiB"))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
 STORAGE = ("maildir", "relay.queue", "group_commit", "safe_fs")
 VOCABULARY = ("interfaces", "envelope", "metrics", "names", "safe_text")
 PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply")  # wire.reply: the Reject a plugin returns
+LIMITS = ("login_throttle", "connection_limits", "memory_budget")
 COMPOSITION = (
     "service", "tap", "cli", "workers", "worker_link", "plugin_loading",
     "listeners", "lifecycle", "process", "startup", "ownership",
@@ -45,6 +46,7 @@ RULES = [
         for protocol in PROTOCOLS
     ),
     (PROTOCOLS, "never", STORAGE, "a protocol reaches the stores through mailserver.interfaces"),
+    (LIMITS, "never", PROTOCOLS + STORAGE, "the limits every protocol shares know none of them"),
     (VOCABULARY, "only", (), "the shared vocabulary depends on nothing"),
     (("plugins",), "only", PLUGIN_API, "a built-in plugin uses only what any plugin can"),
     (("*",), "never", COMPOSITION, "only the composition root wires rooms together"),
