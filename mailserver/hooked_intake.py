@@ -13,7 +13,10 @@ this wrapper is not used at all, so the common path pays nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 from twisted.internet import defer
 from twisted.internet.task import deferLater
@@ -25,6 +28,7 @@ from mailserver.hooks import Hooks, MessageBody, MessageHeaders, MessageRejected
 from mailserver.intake import SPILL_SIZE
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.memory_budget import MemoryBudget, SpooledBuffer
+from mailserver.safe_fs import anonymous_file
 
 # A header section larger than this is treated as ending there: the rest is
 # passed on untouched as body.
@@ -43,17 +47,23 @@ class HookedIntake:
 
     def __init__(
         self, intake: IIntake, hooks: Hooks, spool_tmp: Path, clock=None,
-        budget: MemoryBudget | None = None,
+        budget: MemoryBudget | None = None, base: Path | None = None,
     ) -> None:
+        """
+        @param spool_tmp: the folder of the spill files of messages past the
+            memory budget.
+        @param base: the folder below which no link is followed on the way
+            to C{spool_tmp} (the data folder); by default C{spool_tmp} itself.
+        """
         self._intake = intake
         self._hooks = hooks
-        self._spool_tmp = spool_tmp
+        self._open_spill = partial(anonymous_file, base or spool_tmp, spool_tmp)
         self._clock = clock
         self._budget = budget or MemoryBudget(Limits().memory_budget)
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         return _HookedReceiver(
-            self._intake, self._hooks, envelope, self._spool_tmp, self._budget, self._clock
+            self._intake, self._hooks, envelope, self._open_spill, self._budget, self._clock
         )
 
     def has_room(self, size: int) -> bool:
@@ -63,8 +73,8 @@ class HookedIntake:
 @implementer(IMessageReceiver)
 class _HookedReceiver:
     def __init__(
-        self, intake: IIntake, hooks: Hooks, envelope: Envelope, spool_tmp: Path,
-        budget: MemoryBudget, clock=None,
+        self, intake: IIntake, hooks: Hooks, envelope: Envelope,
+        open_spill: Callable[[], BinaryIO], budget: MemoryBudget, clock=None,
     ) -> None:
         self._intake = intake
         self._clock = clock
@@ -73,12 +83,12 @@ class _HookedReceiver:
         self._budget = budget
         # MAX_HEADER_BYTES bounds the header section; the budget decides
         # where it is held.
-        self._head = SpooledBuffer(budget, spool_tmp)
+        self._head = SpooledBuffer(budget, open_spill)
         self._tail = b""  # the header section's last three octets so far
         self._line_end = 0  # where its last complete line ends
         self._separator = b""
         self._in_body = False
-        self._body = SpooledBuffer(budget, spool_tmp, spill_size=SPILL_SIZE)
+        self._body = SpooledBuffer(budget, open_spill, spill_size=SPILL_SIZE)
 
     def write(self, data: bytes) -> None:
         if self._in_body:

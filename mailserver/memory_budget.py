@@ -14,9 +14,9 @@ the budget is spent, so at most one of them is held beyond it.
 
 from __future__ import annotations
 
-import tempfile
 from collections import deque
-from pathlib import Path
+from collections.abc import Callable
+from typing import BinaryIO
 
 from twisted.internet import defer
 
@@ -86,8 +86,8 @@ _PIECE_OVERHEAD = 48
 class SpooledBuffer:
     """
     Bytes written once and read back, held in memory while C{budget}
-    allows and they stay under C{spill_size}, else in an anonymous file in
-    C{folder}.  Reads like a file (L{seek}, L{tell}, L{read}), for
+    allows and they stay under C{spill_size}, else in the anonymous file
+    C{open_spill} returns (a binary file open for reading and writing).  Reads like a file (L{seek}, L{tell}, L{read}), for
     L{mailserver.hooks.MessageBody}.
 
     In memory the pieces are kept as written, each counted with its
@@ -95,9 +95,11 @@ class SpooledBuffer:
     it counts.
     """
 
-    def __init__(self, budget: MemoryBudget, folder: Path, spill_size: int | None = None) -> None:
+    def __init__(
+        self, budget: MemoryBudget, open_spill: Callable[[], BinaryIO], spill_size: int | None = None
+    ) -> None:
         self._budget = budget
-        self._folder = folder
+        self._open_spill = open_spill
         self._spill_size = spill_size
         self._pieces: list[bytes] | None = []
         self._counted = 0  # taken from the budget
@@ -131,7 +133,7 @@ class SpooledBuffer:
         self.size += len(data)
 
     def _spill(self) -> None:
-        self._file = tempfile.TemporaryFile(dir=self._folder)
+        self._file = self._open_spill()
         for piece in self._pieces:
             self._file.write(piece)
         self._forget_pieces()

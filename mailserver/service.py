@@ -140,7 +140,8 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     smtp_intake = intake
     if hooks.message_hooks:
         smtp_intake = HookedIntake(
-            intake, hooks, intake.spool_path / "tmp", clock=reactor, budget=budget
+            intake, hooks, intake.spool_path / "tmp", clock=reactor, budget=budget,
+            base=config.data_path,
         )
 
     # The protocols, sharing one count of failed logins per client address

@@ -5,6 +5,7 @@ message-hook wrapper around the intake, and plugin discovery and loading.
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -195,6 +196,32 @@ def test_hooked_intake_rejection_stores_nothing(tmp_path):
     assert failure.value.reject == Reject(554, "5.7.0", "spam")
     assert inner.finished == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hooked_intake_spills_through_no_symbolic_link(tmp_path):
+    """
+    Past the memory budget the header section and body go to spill files in
+    the spool's tmp/; a link left in its place must not take them elsewhere.
+    """
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data = tmp_path / "data"
+    (data / "spool").mkdir(parents=True)
+    (data / "spool" / "tmp").symlink_to(elsewhere)
+    intake = HookedIntake(
+        MemoryIntake(), Hooks([("tag", Tagger())]), data / "spool" / "tmp",
+        budget=MemoryBudget(0), base=data,
+    )
+    receiver = intake.begin(ENVELOPE)
+    with pytest.raises(OSError):
+        receiver.write(b"Subject: s\r\n\r\nbody\r\n")
+    receiver.abort()
+    assert os.listdir(elsewhere) == []
+    # Without the link, the spill file has no name: nothing is left behind.
+    (data / "spool" / "tmp").unlink()
+    (data / "spool" / "tmp").mkdir()
+    assert feed(intake, [b"Subject: s\r\n\r\n", b"body\r\n" * 1000]) == "Q1"
+    assert os.listdir(data / "spool" / "tmp") == []
 
 
 def test_hooked_intake_hands_a_large_message_on_a_chunk_per_turn(tmp_path):

@@ -5,6 +5,8 @@ goes to disk, and header sections waiting for the hooks take turns.
 
 from __future__ import annotations
 
+import tempfile
+
 from mailserver.memory_budget import _PIECE_OVERHEAD as OVERHEAD
 from mailserver.memory_budget import MemoryBudget, SpooledBuffer
 
@@ -18,7 +20,7 @@ def test_take_what_fits_and_give_it_back():
 
 def test_a_buffer_holds_in_memory_what_the_budget_allows_then_spools(tmp_path):
     budget = MemoryBudget(16 + 3 * OVERHEAD + 3)  # three pieces, each with its overhead
-    first, second = SpooledBuffer(budget, tmp_path), SpooledBuffer(budget, tmp_path)
+    first, second = SpooledBuffer(budget, lambda: tempfile.TemporaryFile(dir=tmp_path)), SpooledBuffer(budget, lambda: tempfile.TemporaryFile(dir=tmp_path))
     first.write(b"1234")
     first.write(b"5678")
     second.write(b"abcdefgh")
@@ -47,7 +49,7 @@ def test_a_buffer_holds_in_memory_what_the_budget_allows_then_spools(tmp_path):
 
 def test_a_buffer_spools_past_its_own_size_limit_and_gives_its_memory_back(tmp_path):
     budget = MemoryBudget(1000)
-    body = SpooledBuffer(budget, tmp_path, spill_size=5)
+    body = SpooledBuffer(budget, lambda: tempfile.TemporaryFile(dir=tmp_path), spill_size=5)
     body.write(b"1234")
     assert body.in_memory and budget.held == 4 + OVERHEAD
     body.write(b"56")
