@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -181,6 +182,28 @@ def open_path(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o600) -> 
         if e.errno == errno.ELOOP:
             raise SymlinkRefused(path) from None
         raise
+
+
+def anonymous_file(base: Path | str, folder: Path | str):
+    """
+    A new file with no name in C{folder} (inside C{base}, reached without
+    following a link), open for reading and writing: a message's spill file,
+    gone when closed or when the process dies.  C{O_TMPFILE} where the file
+    system has it, else a name unlinked at once.
+    """
+    folder_fd = open_folder(base, folder)
+    try:
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=folder_fd)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            name = f".spill-{secrets.token_hex(8)}"
+            fd = open_file(folder_fd, name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            os.unlink(name, dir_fd=folder_fd)
+    finally:
+        os.close(folder_fd)
+    return os.fdopen(fd, "w+b")
 
 
 def write_file(path: Path | str, text: str) -> None:

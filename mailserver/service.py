@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import make_portal, password_threadpool, strcred_checkers
 from mailserver.config import Config, ConfigError
+from mailserver.connection_limits import ConnectionLimits
 from mailserver.defences import defence_hooks
 from mailserver.from_config import accounts_for, certificate_files
 from mailserver.hooked_intake import HookedIntake
@@ -27,6 +28,7 @@ from mailserver.listeners import LISTENERS_FILE, Listener, ListenerReport
 from mailserver.login_throttle import throttle_for
 from mailserver.mailauth import mail_auth_hooks
 from mailserver.maildir import MaildirStore
+from mailserver.memory_budget import MemoryBudget
 from mailserver.metrics import Metrics, server_metrics
 from mailserver.ownership import Owner, acting_as, prepare_data_folder
 from mailserver.plugin_loading import load_plugins
@@ -39,7 +41,7 @@ from mailserver.startup import StartupReport
 from mailserver.tls import ReloadableServerOptions, ensure_self_signed
 from mailserver.web import make_admin_site
 from mailserver.worker_link import PrimaryLink
-from mailserver.workers import WorkerPool, follow_primary, inherited_sockets
+from mailserver.workers import WorkerPool, follow_primary, inherited_sockets, process_index
 
 # Roles whose plain listeners are wrapped in TLS (ports 465 and 995).
 IMPLICIT_TLS_ROLES = ("submissions", "pop3s")
@@ -124,11 +126,13 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         on_refusal=lambda reason: instruments.smtp_refusals_total.inc(reason=reason),
     )
 
-    # Where accepted mail goes: the intake, and the relay for other domains.
+    # Where accepted mail goes: the intake, and the relay for other domains;
+    # one memory budget for every message buffer of this process.
+    budget = MemoryBudget(config.limits.memory_budget)
     intake = Intake(
         accounts=accounts, reactor=reactor, data_path=config.data_path,
         hostname=config.hostname, min_free_space=config.limits.min_free_space,
-        queue=queue, on_delivered=hooks.delivered,
+        queue=queue, on_delivered=hooks.delivered, budget=budget,
     )
     runner = RelayRunner(
         relay=config.relay,
@@ -143,10 +147,19 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     )
     smtp_intake = intake
     if hooks.message_hooks:
-        smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp", clock=reactor)
+        smtp_intake = HookedIntake(
+            intake, hooks, intake.spool_path / "tmp", clock=reactor, budget=budget,
+            base=config.data_path,
+        )
 
-    # The protocols, sharing one count of failed logins per client address.
-    login_throttle = throttle_for(config.limits, reactor)
+    # The protocols, sharing one count of failed logins per client address
+    # and one set of connection caps; with workers, each process enforces
+    # its share of both.
+    login_throttle = throttle_for(config.limits, reactor, config.workers, process_index())
+    connection_limits = ConnectionLimits.for_process(
+        config.limits, relay_connections=config.relay.max_connections,
+        processes=config.workers, index=process_index(),
+    )
 
     mailboxes = MaildirStore(accounts.mailbox_path, config.data_path)
 
@@ -166,7 +179,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
             queue_runner=runner,
             metrics=instruments,
             login_throttle=login_throttle,
-        ))
+        ), connection_limits)
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
         return POP3Factory(POP3Dependencies.for_listener(
@@ -180,7 +193,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
             implicit_tls=implicit_tls,
             metrics=instruments,
             login_throttle=login_throttle,
-        ))
+        ), connection_limits)
 
     roles = {
         "smtp": lambda: smtp_factory("smtp", False),

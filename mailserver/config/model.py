@@ -159,6 +159,7 @@ class Limits:
     submission_messages_per_hour: int = setting(500, integer())
     submission_recipients_per_hour: int = setting(2000, integer())
     connection_rate_per_client: int = setting(0, integer())
+    memory_budget: int = setting(67_108_864, integer(1_048_576, why="1 MiB"))
 
 
 @dataclass(frozen=True)

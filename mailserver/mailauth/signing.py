@@ -6,7 +6,9 @@ section as it will be stored and relayed.  It signs with every key configured
 for the domain of the From address (or a parent domain of it), else for the
 envelope sender's domain, with relaxed/relaxed canonicalisation, and adds
 each C{DKIM-Signature} field at the top, folded as dkimpy folds it.  The
-hashing runs in a thread: a large body never holds up the reactor.  A message
+hashing runs in a thread, a piece of the body at a time
+(L{mailserver.mailauth.bodyhash}): a large body never holds up the reactor
+or sits in memory whole.  A message
 that cannot be signed is logged and delivered unsigned.
 
 Our signature vouches for the From address, so it is given only when every
@@ -26,7 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver.interfaces import IMessageHook
-from mailserver.mailauth._message import whole_message
+from mailserver.mailauth.bodyhash import BODY_CHUNK, sign
 from mailserver.mailauth.dmarc import domain_of, from_addresses
 from mailserver.mailauth.keys import SigningKey
 from mailserver.safe_text import printable
@@ -138,16 +140,8 @@ class DKIMSigner:
         return None
 
     def _sign(self, domain: str, head: bytes, names: list[str], body) -> list[bytes]:
-        import dkim
-
-        message = whole_message(head, body.read())
         include = [n.encode("ascii") for n in include_headers(names, self._signed,
                                                                 self._oversigned)]
-        fields = []
-        for selector, key in self._keys[domain]:
-            signer = dkim.DKIM(message, signature_algorithm=key.algorithm, linesep=b"\r\n")
-            fields.append(signer.sign(
-                selector.encode("ascii"), domain.encode("ascii"), key.private,
-                canonicalize=(b"relaxed", b"relaxed"), include_headers=include,
-            ))
-        return fields
+        keys = [(selector.encode("ascii"), key.algorithm, key.private)
+                for selector, key in self._keys[domain]]
+        return sign(head, body.chunks(BODY_CHUNK), keys, domain.encode("ascii"), include)

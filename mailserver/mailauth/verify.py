@@ -7,7 +7,8 @@ removes C{Authentication-Results} fields that claim to come from this server
 (our authserv-id, RFC 8601 5); for unauthenticated sessions it then checks
 
   - SPF (RFC 7208, pyspf) for the MAIL FROM identity and the HELO identity,
-  - every DKIM signature (RFC 6376, dkimpy; at most L{MAX_SIGNATURES}),
+  - every DKIM signature (RFC 6376, dkimpy; at most L{MAX_SIGNATURES}; the
+    body hashed a piece at a time, L{mailserver.mailauth.bodyhash}),
   - DMARC (RFC 7489, L{mailserver.mailauth.dmarc}),
 
 and adds one C{Authentication-Results} field with the verdicts.  The checks
@@ -26,6 +27,7 @@ import functools
 import ipaddress
 import random
 import re
+from collections.abc import Iterable
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -36,7 +38,7 @@ from mailserver.config import CheckAction
 from mailserver.hooks import Reject
 from mailserver.interfaces import IMessageHook
 from mailserver.mailauth import dmarc
-from mailserver.mailauth._message import whole_message
+from mailserver.mailauth.bodyhash import BODY_CHUNK, HeaderVerifier, hash_key
 from mailserver.mailauth.dns import DNSTempError, SyncDNS, dkim_txt, spf_resolver
 from mailserver.mailauth.results import (
     FIELD,
@@ -106,24 +108,35 @@ def check_spf(resolver: SyncDNS, ip: str | None, sender: str, helo: str,
     return tuple(out)
 
 
-def check_dkim(resolver: SyncDNS, message: bytes, timeout: float = 10.0) -> tuple[DKIMResult, ...]:
+def check_dkim(resolver: SyncDNS, head: bytes, body: Iterable[bytes],
+               timeout: float = 10.0) -> tuple[DKIMResult, ...]:
     """
-    A result for each of the first L{MAX_SIGNATURES} C{DKIM-Signature}s.
+    A result for each of the first L{MAX_SIGNATURES} C{DKIM-Signature}s of
+    the message with the header section C{head} and the body given in
+    pieces (read once, and only if there is a signature).
     """
     import dkim
     from dkim.util import InvalidTagValueList, parse_tag_value
 
     try:
-        verifier = dkim.DKIM(message, minkey=1024, timeout=int(timeout))
+        verifier = HeaderVerifier(head, minkey=1024, timeout=int(timeout))
     except dkim.DKIMException as e:
         return (DKIMResult("permerror", reason=f"cannot parse the message: {e}"),)
     signatures = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"]
-    out = []
-    for index, value in enumerate(signatures[:MAX_SIGNATURES]):
+    parsed = []
+    for value in signatures[:MAX_SIGNATURES]:
         try:
             tags = parse_tag_value(value)
         except InvalidTagValueList:
             tags = {}
+        parsed.append(tags)
+        try:
+            verifier.wanted.append(hash_key(tags))
+        except ValueError:
+            pass  # dkimpy says what is wrong with it
+    verifier.body = body
+    out = []
+    for index, tags in enumerate(parsed):
 
         def tag(name: bytes) -> str:
             return b"".join(tags.get(name, b"").split()).decode("ascii", "replace")
@@ -170,7 +183,8 @@ def check_message(
     ip: str | None,
     helo: str,
     sender: str,
-    message: bytes,
+    head: bytes,
+    body: Iterable[bytes],
     from_values: list[str],
     timeout: float = 10.0,
     rng: random.Random | None = None,
@@ -179,7 +193,7 @@ def check_message(
     All checks, synchronously (run it in a thread).
     """
     spf_results = check_spf(resolver, ip, sender, helo, timeout)
-    dkim_results = check_dkim(resolver, message, timeout)
+    dkim_results = check_dkim(resolver, head, body, timeout)
     for_policy = spf_results[0]
     spf_domain = (for_policy.value.rpartition("@")[2] if for_policy.identity == "mailfrom"
                   else for_policy.value)
@@ -251,7 +265,7 @@ class InboundChecks:
         def run() -> Report:
             return check_message(
                 self._resolver, ip=ip, helo=envelope.helo, sender=envelope.sender,
-                message=whole_message(received, body.read()), from_values=from_values,
+                head=received, body=body.chunks(BODY_CHUNK), from_values=from_values,
                 timeout=self._checks.dns_timeout, rng=self._rng,
             )
 

@@ -21,6 +21,7 @@ reading; while a turn's messages are read, later lines wait.
 from __future__ import annotations
 
 from functools import partial
+from typing import Protocol as TypingProtocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
@@ -55,6 +56,17 @@ _FLUSH_OCTETS = 64 * 1024
 _MAX_PENDING_LINES = 1000
 
 
+class Admission(TypingProtocol):
+    """
+    What a session asks of its listener: to be counted in (or refused with
+    a response), and out again.
+    """
+
+    def admit(self, session: POP3Server) -> Response | None: ...
+
+    def release(self, session: POP3Server) -> None: ...
+
+
 class POP3Server(Protocol):
     """
     One POP3 connection.
@@ -62,8 +74,10 @@ class POP3Server(Protocol):
 
     log = Logger(namespace="mailserver.pop3")
 
-    def __init__(self, dependencies: POP3Dependencies) -> None:
+    def __init__(self, dependencies: POP3Dependencies, admission: Admission) -> None:
         self._deps = dependencies
+        self._admission = admission
+        self._admitted = False
         # The configured limit leaves out the CRLF; the line session's counts it.
         self._line_limit = dependencies.limits.max_command_line + 2
         self._logins: Logins | None = None
@@ -99,6 +113,12 @@ class POP3Server(Protocol):
         self.session = POP3Session(
             deps, connection, tls=deps.implicit_tls or ISSLTransport.providedBy(transport)
         )
+        refusal = self._admission.admit(self)
+        if refusal is not None:
+            self._answer(refusal)
+            self._close()
+            return
+        self._admitted = True
         lines.start()
         self._answer(self.session.greet())
         lines.flush()
@@ -106,7 +126,13 @@ class POP3Server(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._lines.lost()
         self._retriever.stop()
-        self.session.end()
+        if self._admitted:  # a refused one had no session to end
+            self.session.end()
+        self._admission.release(self)
+
+    @property
+    def client_address(self) -> str:
+        return self.session.connection.address
 
     def _write(self, data: bytes) -> None:
         # Sent at once rather than on the reactor's next turn (see

@@ -75,6 +75,10 @@ TIMEOUT = err("Disconnected for inactivity.")
 PLAINTEXT_REFUSED = err(
     "Plaintext authentication disallowed on non-secure (SSL/TLS) connections.", "AUTH"
 )
+# A connection over the caps (mailserver.connection_limits), refused at the greeting.
+CLIENT_FULL = err("Too many connections from your address, try again later.", "SYS/TEMP")
+LISTENER_FULL = err("Too many connections, try again later.", "SYS/TEMP")
+SERVER_BUSY = err("Server too busy, try again later.", "SYS/TEMP")
 LOGINS_REFUSED = err("Too many failed logins from your address, try again later.", "SYS/TEMP")
 AUTH_FAILED = err("Authentication failed.", "AUTH")
 AUTH_UNAVAILABLE = err("Temporary authentication failure.", "SYS/TEMP")

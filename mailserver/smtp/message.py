@@ -58,7 +58,12 @@ class MessageSink:
         self.problem: Reply | None = None
         self._held_cr = b""
         self._line_length = 0
-        self._header: bytearray | None = bytearray(b"\r\n")
+        # The header section is scanned as it passes, keeping only its last
+        # line (which may not have ended yet), after a CRLF that marks its
+        # start; None once its end is found or it is too long to scan.
+        self._header: bytes | None = b"\r\n"
+        self._header_scanned = 0
+        self._received = 0
 
     def write(self, data: bytes) -> None:
         if self.problem is not None:
@@ -108,7 +113,7 @@ class MessageSink:
         if self._held_cr and self.problem is None:
             self._refuse(BARE_NEWLINE)
         if self._header is not None and self.problem is None:
-            self._count_received(bytes(self._header))
+            self._count_received(self._header)
         if self.problem is None and self._trace_header:
             self._forward(self._trace_header)  # an empty message
         return self.problem
@@ -128,21 +133,25 @@ class MessageSink:
         return longest + 1 > self._max_line or self._line_length > self._max_line
 
     def _scan_header(self, text: bytes) -> None:
-        header = self._header
-        assert header is not None
-        # Search only what is new (and the 3 octets before it), so a header
-        # sent in many small pieces costs linear time, not quadratic.
-        start = max(0, len(header) - 3)
-        header += text
-        end = header.find(b"\r\n\r\n", start)
+        assert self._header is not None
+        header = self._header + text
+        end = header.find(b"\r\n\r\n")
         if end >= 0:
             self._header = None
-            self._count_received(bytes(header[:end]))
-        elif len(header) > _MAX_HEADER_SCAN:
+            self._count_received(header[:end])
+            return
+        self._header_scanned += len(text)
+        if self._header_scanned > _MAX_HEADER_SCAN:
             self._header = None
+            return
+        # Count the fields of the lines that have ended; keep the last line.
+        last = header.rfind(b"\r\n")
+        self._received += len(_RECEIVED.findall(header, 0, last))
+        self._header = header[last:]
 
     def _count_received(self, header: bytes) -> None:
-        if len(_RECEIVED.findall(header)) > self._max_received:
+        self._received += len(_RECEIVED.findall(header))
+        if self._received > self._max_received:
             self._refuse(LOOP_DETECTED)
 
     def _refuse(self, problem: Reply) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ class MailServer:
         twistd_options: tuple[str, ...] = (),
         cli: list[str] | None = None,
         env: dict[str, str] | None = None,
+        open_files: int | None = None,
     ) -> None:
         """
         @param endpoints: role to endpoint string, for roles that must not
@@ -55,7 +57,10 @@ class MailServer:
         @param twistd_options: twistd's own options (C{--uid}...).
         @param cli: the command that runs the console script.
         @param env: the environment of both (default: L{environment}).
+        @param open_files: the server's C{RLIMIT_NOFILE} (soft and hard),
+            if not this process's.
         """
+        self.open_files = open_files
         self.root = tmp_path
         self.data_path = data_path or tmp_path / "data"
         self.config_path = tmp_path / "mailserver.toml"
@@ -106,6 +111,7 @@ class MailServer:
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=self._limit_open_files if self.open_files else None,
         )
         deadline = time.monotonic() + timeout
         while not report.exists():
@@ -120,6 +126,9 @@ class MailServer:
         self.ports = {
             role: int(addresses[0].rsplit(":", 1)[1]) for role, addresses in listening.items()
         }
+
+    def _limit_open_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -310,3 +310,22 @@ def test_shutdown_tells_idle_clients_421_and_waits_for_a_transfer():
     idle.lose()
     busy.lose()
     assert fired
+
+
+def test_a_role_out_of_descriptors_says_421_then_drops_connections_unanswered():
+    from mailserver.config import Limits
+    from mailserver.connection_limits import ConnectionLimits
+    from mailserver.smtp import SMTPFactory
+
+    # 6 descriptors: two sessions (each may hold a file, and one refused
+    # may be closing), four connections open at most.
+    limits = ConnectionLimits(Limits(), descriptors=6, reserve=0)
+    first = SMTPHarness(config=make_config())
+    factory = SMTPFactory(first.factory.dependencies, limits)
+    sessions = [SMTPHarness(factory=factory) for _ in range(5)]
+    assert [reply_codes(s.greeting) for s in sessions[:4]] == [["220"]] * 2 + [["421 4.3.2"]] * 2
+    assert sessions[4].transport.disconnected  # aborted: no room to answer
+    sessions[2].lose()  # a refused one closed: room to answer again
+    assert reply_codes(SMTPHarness(factory=factory).greeting) == ["421 4.3.2"]
+    sessions[0].lose()
+    assert reply_codes(SMTPHarness(factory=factory).greeting) == ["220"]

@@ -30,6 +30,7 @@ VOCABULARY = ("interfaces", "envelope", "metrics", "names", "safe_text")
 # wire.reply: the Reject a plugin returns; safe_text: client text in a log
 # line (the hook runner's refusal line, a plugin's own).
 PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply", "safe_text")
+LIMITS = ("login_throttle", "connection_limits", "memory_budget")
 DEFENCES = (*PLUGIN_API, "config", "names", "mailauth.dns", "login_throttle", "safe_fs")
 COMPOSITION = (
     "service", "tap", "cli", "workers", "worker_link", "plugin_loading",
@@ -48,6 +49,7 @@ RULES = [
         for protocol in PROTOCOLS
     ),
     (PROTOCOLS, "never", STORAGE, "a protocol reaches the stores through mailserver.interfaces"),
+    (LIMITS, "never", PROTOCOLS + STORAGE, "the limits every protocol shares know none of them"),
     (VOCABULARY, "only", (), "the shared vocabulary depends on nothing"),
     (("plugins",), "only", PLUGIN_API, "a built-in plugin uses only what any plugin can"),
     (("defences",), "only", DEFENCES,

@@ -64,6 +64,10 @@ REFUSED = {
     "zero connections": ("[limits]\nmax_connections = 0", "limits.max_connections", "at least"),
     "zero message size": ("[limits]\nmax_message_size = 0", "limits.max_message_size",
                           "at least"),
+    "memory budget under 1 MiB": (
+        "[limits]\nmemory_budget = 65536", "limits.memory_budget", "at least 1048576 (1 MiB)"),
+    "memory budget as a word": (
+        '[limits]\nmemory_budget = "64M"', "limits.memory_budget", "integer"),
     "hostname of 2 MB": (f'hostname = "{HUGE_NAME}"', "hostname", "253"),
     "hostname label of 64": (f'hostname = "{"a" * 64}.example"', "hostname", "63"),
     "hostname with a control character": ('hostname = "mx\\u0085.example"', "hostname", "name"),

@@ -14,6 +14,7 @@ from mailserver.envelope import Envelope, Recipient
 from mailserver.from_config import accounts_for
 from mailserver.intake import Intake, NoRelayQueue
 from mailserver.maildir import Mailbox
+from mailserver.memory_budget import MemoryBudget
 from mailserver.testing import InlineCommitter, InlineReactor
 
 
@@ -118,11 +119,9 @@ def test_a_large_message_is_spooled_not_held_in_memory(accounts, monkeypatch):
     assert list((intake.spool_path / "tmp").iterdir()) == []
 
 
-def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(accounts, monkeypatch):
-    import mailserver.intake
-
-    monkeypatch.setattr(mailserver.intake, "MEMORY_BUDGET", 1000)
-    intake = make_intake(accounts)
+def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(accounts):
+    budget = MemoryBudget(1000)
+    intake = make_intake(accounts, budget=budget)
     first = intake.begin(envelope("a@example.org"))
     first.write(b"Subject: one\r\n\r\n" + b"x" * 900 + b"\r\n")
     assert first._spool is None  # alone under the budget: in memory
@@ -133,13 +132,13 @@ def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(account
         results = []
         receiver.finish().addBoth(results.append)
         assert isinstance(results[0], str)
-    assert intake.held_in_memory == 0
+    assert budget.held == 0
     (info,) = Mailbox(accounts.mailbox_path("b@example.org"), accounts.users_path.parent).messages()
     assert Path(info.path).read_bytes().endswith(b"y" * 200 + b"\n")
     aborted = intake.begin(envelope("a@example.org"))
     aborted.write(b"partial")
     aborted.abort()
-    assert intake.held_in_memory == 0
+    assert budget.held == 0
 
 
 def test_the_return_path_carries_no_control_or_format_characters(accounts):

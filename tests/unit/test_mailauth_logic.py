@@ -6,7 +6,6 @@ the keygen command, the configuration, and the checks over an in-memory DNS.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import random
 import stat
@@ -17,7 +16,7 @@ import pytest
 
 from mailserver import cli
 from mailserver.config import CheckAction, ConfigError, DKIMKey, load
-from mailserver.hooks import MessageBody, MessageHeaders
+from mailserver.hooks import MessageHeaders
 from mailserver.mailauth import load_signing_keys
 from mailserver.mailauth.dmarc import (
     Record,
@@ -337,10 +336,10 @@ def test_check_message_mx_include_and_temperror():
         ("_spf.y.test", "TXT"): [[b"v=spf1 ip6:2001:db8::/32 -all"]],
         ("down.test", "TXT"): DNSTempError("timeout"),
     })
-    message = b"From: a@x.test\r\n\r\nhi\r\n"
+    head, body = b"From: a@x.test\r\n", b"hi\r\n"
 
     def spf_of(ip, sender):
-        report = check_message(dns, ip=ip, helo="h", sender=sender, message=message,
+        report = check_message(dns, ip=ip, helo="h", sender=sender, head=head, body=[body],
                                from_values=["a@x.test"])
         return report.spf[0].result
 
@@ -349,33 +348,23 @@ def test_check_message_mx_include_and_temperror():
     assert spf_of("192.0.2.2", "a@x.test") == "fail"
     assert spf_of("192.0.2.2", "a@down.test") == "temperror"
     report = check_message(dns, ip="192.0.2.1", helo="[192.0.2.1]", sender="a@x.test",
-                           message=message, from_values=["a@x.test"])
+                           head=head, body=[body], from_values=["a@x.test"])
     assert report.spf[1] == SPFResult("helo", "[192.0.2.1]", "none", "HELO is not a domain name")
     assert report.dkim == () and report.dmarc.result == "none"
 
 
 def test_check_message_dkim_ed25519_and_key_lookup_failure():
-    raw = b"From: <a@x.test>\r\nSubject: s\r\n\r\nbody\r\n"
-    signature = dkim.DKIM(raw, signature_algorithm=ED.algorithm).sign(
+    head, body = b"From: <a@x.test>\r\nSubject: s\r\n", b"body\r\n"
+    signature = dkim.DKIM(head + b"\r\n" + body, signature_algorithm=ED.algorithm).sign(
         b"ed", b"x.test", ED.private, include_headers=[b"from", b"subject"],
         canonicalize=(b"relaxed", b"relaxed"))
     good = DictDNS({("ed._domainkey.x.test", "TXT"): [[txt_record(ED).encode()]],
                     ("_dmarc.x.test", "TXT"): [[b"v=DMARC1; p=reject"]]})
     report = check_message(good, ip="192.0.2.1", helo="h.x.test", sender="a@x.test",
-                           message=signature + raw, from_values=["a@x.test"])
+                           head=signature + head, body=[body], from_values=["a@x.test"])
     assert [(r.result, r.algorithm) for r in report.dkim] == [("pass", "ed25519-sha256")]
     assert report.dmarc.result == "pass"
     down = DictDNS({("ed._domainkey.x.test", "TXT"): DNSTempError("timeout")})
     report = check_message(down, ip="192.0.2.1", helo="h.x.test", sender="a@x.test",
-                           message=signature + raw, from_values=["a@x.test"])
+                           head=signature + head, body=[body], from_values=["a@x.test"])
     assert report.dkim[0].result == "temperror"
-
-
-def test_whole_message():
-    from mailserver.mailauth._message import whole_message
-
-    body = MessageBody(io.BytesIO(b"\r\nbody starts with an empty line\r\n"))
-    assert whole_message(b"A: 1\r\n", body.read()) == (
-        b"A: 1\r\n\r\n\r\nbody starts with an empty line\r\n"
-    )
-    assert whole_message(b"A: 1\r\n", b"body\r\n") == b"A: 1\r\n\r\nbody\r\n"
