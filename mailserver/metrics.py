@@ -428,6 +428,8 @@ class ServerMetrics:
     C{submissions}); C{reason} a short fixed word chosen by the SMTP policy
     (e.g. C{size}, C{relay}, C{recipient}, C{plugin}); C{result} one of
     C{delivered}, C{deferred}, C{bounced}; C{plugin} the plugin's name.
+    C{smtp_refusals_total}'s C{reason} is a L{mailserver.hooks.Reject}'s
+    reason or the refusing plugin's name: fixed words, never client input.
     C{relay_tls_policy_total}'s C{domain} is a policy domain (one with an
     MTA-STS policy or a C{relay.tls_policies} entry; past 1000 of them,
     C{"other"}: L{mailserver.relay.tls_policy.TLSPolicyCounter}).
@@ -437,6 +439,7 @@ class ServerMetrics:
     smtp_connections_active: Gauge
     smtp_messages_accepted_total: Counter
     smtp_messages_rejected_total: Counter
+    smtp_refusals_total: Counter
     smtp_bytes_received_total: Counter
     smtp_transaction_seconds: Histogram
     pop3_logins_total: Counter
@@ -484,6 +487,12 @@ def server_metrics(
             "smtp_messages_rejected_total",
             "Transactions refused, by reason.",
             ["role", "reason"],
+        ),
+        smtp_refusals_total=metrics.counter(
+            "smtp_refusals_total",
+            "Refusals answered by a defence or plugin hook, by reason (dnsbl, pregreet, "
+            "greylist, rate, rspamd, or the plugin's name).",
+            ["reason"],
         ),
         smtp_bytes_received_total=metrics.counter(
             "smtp_bytes_received_total", "Octets of message data accepted.", ["role"]

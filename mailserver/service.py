@@ -18,6 +18,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailserver.accounts import make_portal, password_threadpool, strcred_checkers
 from mailserver.config import Config, ConfigError
 from mailserver.connection_limits import ConnectionLimits
+from mailserver.defences import defence_hooks
 from mailserver.from_config import accounts_for, certificate_files
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
@@ -105,17 +106,24 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         queue_oldest_seconds=lambda: _oldest(queue, reactor),
     )
 
-    # Plugins: authentication checks see the message as it arrived; DKIM
-    # signs it as the plugins left it.
+    # Plugins: the defences refuse before anything looks at a message;
+    # authentication checks see the message as it arrived; DKIM signs it as
+    # the plugins left it.
     context = PluginContext(reactor=reactor, hostname=config.hostname, data_path=config.data_path)
+    resolver = make_resolver(config.relay.resolver, reactor)
+    defences, defence_store = defence_hooks(
+        checks=config.checks, limits=config.limits, store_path=config.defences_path,
+        resolver=resolver, reactor=reactor,
+    )
     auth_first, auth_last = mail_auth_hooks(
         checks=config.checks, dkim=config.dkim, hostname=config.hostname,
-        key_folder=config.dkim_key_path, resolver=make_resolver(config.relay.resolver, reactor),
+        key_folder=config.dkim_key_path, resolver=resolver,
         reactor=reactor, source=config.source, owns=accounts.owns,
     )
     hooks = Hooks(
-        auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
+        defences + auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
         on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),
+        on_refusal=lambda reason: instruments.smtp_refusals_total.inc(reason=reason),
     )
 
     # Where accepted mail goes: the intake, and the relay for other domains;
@@ -239,6 +247,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     else:
         CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
         runner.setServiceParent(root)
+    defence_store.setServiceParent(root)  # stops after the sessions that use it
     ShutdownNotice(smtp_factories, reactor, config.limits.shutdown_timeout).setServiceParent(root)
     for listener in listeners:
         listener.setServiceParent(root)

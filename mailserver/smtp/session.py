@@ -150,6 +150,7 @@ class SMTPSession(TransactionHandlers):
             helo=self.helo or "",
             authenticated=self.account,
             tls=self.tls,
+            _unread=self.connection.unread,
         )
 
     # Lines.

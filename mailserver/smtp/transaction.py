@@ -260,6 +260,12 @@ class TransactionHandlers:
         deps = self.deps
         connection = self.connection
         options = transaction.options
+        # One id for the Received field and the envelope (plugins such as
+        # Rspamd name the transaction by it in their logs).
+        session_id = deps.next_session_id()
+        tls_version, tls_cipher = connection.tls_parameters() if self.tls else (None, None)
+        if self.tls and tls_version is None:
+            tls_version = "TLS"
         envelope = Envelope(
             sender=transaction.sender.address if transaction.sender else "",
             recipients=tuple(transaction.recipients),
@@ -271,6 +277,9 @@ class TransactionHandlers:
             body=options.body,
             smtputf8=options.smtputf8,
             size=options.size,
+            trace_id=session_id,
+            tls_version=tls_version,
+            tls_cipher=tls_cipher,
         )
         try:
             receiver = deps.intake.begin(envelope)
@@ -288,7 +297,7 @@ class TransactionHandlers:
                 tls=self.tls,
                 authenticated=self.account is not None,
             ),
-            session_id=deps.next_session_id(),
+            session_id=session_id,
             tls=connection.describe_tls() if self.tls else None,
             authenticated=self.account,
             recipient=only,

@@ -206,6 +206,13 @@ class LineSession:
         self._buffer = data + self._buffer[self._start :]
         self._start = 0
 
+    def unread(self) -> int:
+        """
+        Octets received and not yet taken: what a client sent while the
+        session was waiting (before the greeting, it is an early talker).
+        """
+        return len(self._buffer) - self._start
+
     def discard_input(self) -> None:
         self._buffer = b""
         self._start = 0

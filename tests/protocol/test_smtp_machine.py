@@ -96,6 +96,10 @@ def test_a_whole_session_without_a_transport():
     assert message.body == b"Subject: hi\r\n\r\n.dotted\r\n"
     assert message.envelope.authenticated == "bob@example.org"
     assert b"with ESMTPSA" in message.data and b"(using TLS)" not in message.data
+    # One id for the Received field and the envelope; TLS without a handle
+    # to ask is "TLS", its cipher unknown.
+    assert f"with ESMTPSA id {message.envelope.trace_id}\r\n".encode() in message.data
+    assert (message.envelope.tls_version, message.envelope.tls_cipher) == ("TLS", None)
 
     assert command(session, "QUIT") == (R.BYE, CLOSE)
 

@@ -27,8 +27,11 @@ PACKAGE = "mailserver"
 PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
 STORAGE = ("maildir", "relay.queue", "group_commit", "safe_fs")
 VOCABULARY = ("interfaces", "envelope", "metrics", "names", "safe_text")
-PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply")  # wire.reply: the Reject a plugin returns
+# wire.reply: the Reject a plugin returns; safe_text: client text in a log
+# line (the hook runner's refusal line, a plugin's own).
+PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply", "safe_text")
 LIMITS = ("login_throttle", "connection_limits", "memory_budget")
+DEFENCES = (*PLUGIN_API, "config", "names", "mailauth.dns", "login_throttle", "safe_fs")
 COMPOSITION = (
     "service", "tap", "cli", "workers", "worker_link", "plugin_loading",
     "listeners", "lifecycle", "process", "startup", "ownership",
@@ -49,6 +52,8 @@ RULES = [
     (LIMITS, "never", PROTOCOLS + STORAGE, "the limits every protocol shares know none of them"),
     (VOCABULARY, "only", (), "the shared vocabulary depends on nothing"),
     (("plugins",), "only", PLUGIN_API, "a built-in plugin uses only what any plugin can"),
+    (("defences",), "only", DEFENCES,
+     "the defences work through the plugin hooks, their DNS and their own store, not a protocol"),
     (("*",), "never", COMPOSITION, "only the composition root wires rooms together"),
 ]
 
