@@ -18,6 +18,10 @@ on):
  3. Big mailbox: PASS, STAT, LIST, UIDL timed on a 100,000-message mailbox,
     on each POP3 server.
  4. Idle connections: RSS growth per idle SMTP connection with 1,000 open.
+ 5. Relay: ours and Postfix each relaying N messages (1 KiB, 100 KiB) to a
+    remote domain whose MX, found through a loopback DNS zone, is a sink
+    (L{bench.relay_load}): msgs/s from the first MAIL to the last remote
+    250, CPU per message, connections opened, and the ratio.
 
 See bench/README.md for what each figure means.
 """
@@ -48,6 +52,9 @@ from bench.peers import (
     reset_peak_rss,
 )
 from bench.pop3_load import fill_maildir, run_pop3_load, time_listing
+from bench.relay_load import add_arguments as add_relay_arguments
+from bench.relay_load import finish_arguments as finish_relay_arguments
+from bench.relay_load import relay_part, relay_report
 from bench.rspamd_peers import MailServerRspamdPeer, PostfixRspamdPeer, RspamdService
 from bench.settle import PROBE_FILES, SLOW_US, Leftovers, settle
 from bench.smtp_load import loop_kind, percentile, run_load
@@ -807,6 +814,8 @@ def report(results: dict, markdown: bool) -> str:
     smtp = results.get("smtp") or []
     if smtp:
         smtp_report(smtp, table, lines)
+    if results.get("relay"):
+        relay_report(results["relay"], results.get("relay_setup", {}), table, lines)
     pop3 = results.get("pop3") or {}
     if pop3.get("fetch"):
         pop3_report(pop3["fetch"], table, lines)
@@ -852,7 +861,8 @@ def parse_args(argv):
     p.add_argument("--pop3-window", type=int, default=8, help="RETRs in flight when PIPELINING")
     p.add_argument("--big-mailbox", type=int, default=None, help="messages in the big mailbox (100000)")
     p.add_argument("--idle", type=int, default=None, help="idle SMTP connections (1000)")
-    for part in ("smtp", "pop3", "big", "idle"):
+    add_relay_arguments(p)
+    for part in ("smtp", "relay", "pop3", "big", "idle"):
         p.add_argument(f"--skip-{part}", action="store_true")
     p.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables in Markdown")
@@ -880,6 +890,7 @@ def parse_args(argv):
     if unknown:
         p.error(f"unknown peers: {', '.join(sorted(unknown))}")
     args.workers = [int(w) for w in args.workers.split(",") if w]
+    finish_relay_arguments(p, args)
     # Bounds, whatever is asked.
     args.clients = max(1, min(args.clients, 1000))
     args.repeat = max(1, min(args.repeat, 20))
@@ -910,6 +921,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_smtp:
             smtp_part(args, results, leftovers)
             storage_floor(results, leftovers, key="storage_floor_after")
+        if not args.skip_relay:
+            try:
+                relay_part(args, results, leftovers)
+            except Exception as e:  # noqa: BLE001 - the sink or the DNS did not start: go on
+                print(f"relay: FAILED: {type(e).__name__}: {e}"[:2000], flush=True)
         if not (args.skip_pop3 and args.skip_big):
             pop3_part(args, results)
         if not args.skip_idle:
