@@ -249,13 +249,16 @@ class MailServerRelayPeer(MailServerPeer):
         self.config_path.write_text(text.replace(
             "[limits]\n",
             "[limits]\nsubmission_messages_per_hour = 0\nsubmission_recipients_per_hour = 0\n"))
-        self.queue_path = self.data_path / "queue"
 
     def queued(self) -> int:
-        try:
-            return len(os.listdir(self.queue_path / "envelopes"))
-        except FileNotFoundError:
-            return 0
+        # The node's queue (a revision before nodes: the data folder's).
+        for folder in [*self.data_path.glob("nodes/*/queue/envelopes"),
+                       self.data_path / "queue" / "envelopes"]:
+            try:
+                return len(os.listdir(folder))
+            except FileNotFoundError:
+                continue
+        return 0
 
     def wait_queue_empty(self, timeout: float) -> bool:
         return _wait_empty(self, timeout)

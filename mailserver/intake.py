@@ -79,7 +79,9 @@ class Intake:
         """
         @param data_path: the data folder: the spool is in it, and its file
             system must keep C{min_free_space} octets free.
-        @param hostname: goes into the names of message files.
+        @param hostname: goes into the names of message files: the node's
+            name (C{node_name}), so servers sharing the data folder never
+            make the same name and each knows its own files after a crash.
         @param on_delivered: told of each local final delivery (the plugins'
             delivered hooks).
         @param committer: makes messages durable; by default a
@@ -96,6 +98,7 @@ class Intake:
         self._queue = queue
         self._on_delivered = on_delivered
         self._names = UniqueNames(hostname)
+        self.file_host = self._names.host
         self.budget = budget or MemoryBudget(Limits().memory_budget)
         self._maildirs_seen: set[Path] = set()  # touched by the committer threads only
         self._free = 0

@@ -61,18 +61,19 @@ class UniqueNames:
     """
 
     def __init__(self, hostname: str | None = None) -> None:
-        self._host = _safe_hostname(hostname or socket.gethostname())
+        self.host = _safe_hostname(hostname or socket.gethostname())
         self._counter = itertools.count(1)
 
     def next(self) -> str:
         now = time.time()
         seconds = int(now)
         micros = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{self._host}"
+        return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{self.host}"
 
 
-# The writer's process id in a unique name made by L{UniqueNames}.
-_WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
+# The writer's process id and host part in a unique name made by
+# L{UniqueNames} (a ",S=" size may follow).
+_WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.([^,:]+)")
 # Maildir's rule for files in tmp/ of unknown origin (qmail's maildir(5)).
 STALE_TMP_SECONDS = 36 * 3600
 
@@ -94,13 +95,16 @@ def writer_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(base: Path, folder: Path, now: float | None = None) -> int:
+def remove_stale_tmp(base: Path, folder: Path, host: str, now: float | None = None) -> int:
     """
     Remove what a crash left in a C{tmp/} folder inside C{base}: files
-    written by a process that is gone (never acknowledged, so nobody is owed
-    them), and any file older than 36 hours.  Files of live processes (a
-    worker still writing) are kept, and so is anything not a plain file.
-    Meant for start-up; returns how many went.
+    written by a process of this node (C{host}, the host part of its names,
+    L{UniqueNames.host}) that is gone (never acknowledged, so nobody is
+    owed them), and any file older than 36 hours.  Files of live processes
+    (a worker still writing) are kept, and so is anything not a plain file;
+    so are other nodes' files younger than that, whose process ids mean
+    nothing here (another machine sharing the folder).  Meant for start-up;
+    returns how many went.
 
     @raise mailserver.safe_fs.SymlinkRefused: when the folder, or one on
         the way to it, is a symbolic link (nothing is removed then).
@@ -117,7 +121,8 @@ def remove_stale_tmp(base: Path, folder: Path, now: float | None = None) -> int:
         for name in names:
             try:
                 writer = _WRITER_PID.match(name)
-                if (writer and not writer_alive(int(writer.group(1)))) or (
+                mine = writer is not None and writer.group(2) == host
+                if (mine and not writer_alive(int(writer.group(1)))) or (
                     os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < cutoff
                 ):
                     os.unlink(name, dir_fd=fd)

@@ -404,6 +404,8 @@ class Config:
     hostname: str = setting(
         kind=text(v.host_name), factory=socket.getfqdn, shown="the machine's FQDN")
     data_dir: str = setting(DATA_DIR_NAME, text(v.not_empty))
+    node_name: str = setting(
+        kind=text(v.node_name), factory=v.default_node_name, shown="the machine's host name")
     workers: int = setting(1, integer(1, 256))
     local_domains: tuple[str, ...] = setting(
         ["localhost"], listing(text(v.local_domain), at_least_one="must name at least one domain"))
@@ -431,8 +433,39 @@ class Config:
         return self.data_path / "mail"
 
     @property
+    def nodes_path(self) -> Path:
+        """
+        Where each server sharing the data folder keeps what is its own
+        (L{node_path}).
+        """
+        return self.data_path / "nodes"
+
+    @property
+    def node_path(self) -> Path:
+        """
+        This server's own folder: its relay queue, its defences database,
+        its lock, its process id and listener report.  Everything else in
+        the data folder is shared by every server that uses it.
+        """
+        return self.nodes_path / self.node_name
+
+    @property
     def queue_path(self) -> Path:
-        return self.data_path / "queue"
+        return self.node_path / "queue"
+
+    @property
+    def pid_path(self) -> Path:
+        """
+        The primary process's id, for C{mailserver reload}.
+        """
+        return self.node_path / "mailserver.pid"
+
+    @property
+    def listeners_report_path(self) -> Path:
+        """
+        The addresses the listeners got (C{listeners.json}).
+        """
+        return self.node_path / "listeners.json"
 
     @property
     def dkim_key_path(self) -> Path:
@@ -446,9 +479,10 @@ class Config:
     def defences_path(self) -> Path:
         """
         The greylisting and rate-limit state, shared by the worker
-        processes: an SQLite database.
+        processes: an SQLite database, one per node (SQLite's locks do not
+        hold across the machines of a network file system).
         """
-        return self.data_path / "defences.sqlite"
+        return self.node_path / "defences.sqlite"
 
     @property
     def mta_sts_path(self) -> Path:
