@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,52 +34,12 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """
-    One SMTP reply.  C{synthetic} marks replies this client made up for a
-    failure that had no reply (refused connection, timeout, lost line).
-    """
-
-    code: int
-    lines: tuple[str, ...] = ("",)
-    synthetic: bool = False
-
-    @property
-    def text(self) -> str:
-        return " ".join(line for line in self.lines)
-
-    @property
-    def status(self) -> str:
-        """
-        The RFC 3463 enhanced status: given by the server, or derived from
-        the reply code.
-        """
-        match = _ENHANCED.match(self.lines[0] if self.lines else "")
-        if match and match.group(1) == str(self.code)[0]:
-            return ".".join(match.groups())
-        return f"{str(self.code)[0]}.0.0"
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
-
-    def diagnostic(self) -> str:
-        return f"smtp; {self.code} {self.text}".strip()
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}".strip()
+from mailserver.wire.dots import DotStuffer
+from mailserver.wire.reply import Reply
 
 
 def temporary(text: str, status: str = "4.4.1") -> Reply:
-    return Reply(451, (f"{status} {text}",), synthetic=True)
+    return Reply(451, status, (text,), synthetic=True)
 
 
 @dataclass(frozen=True)
@@ -160,33 +119,6 @@ class TransactionResult:
     host: str = ""
 
 
-class DotStuffer:
-    """
-    LF-ended stored text to CRLF wire form with RFC 5321 4.5.2 transparency.
-    The line-start state survives between chunks, so a C{"."} line split at
-    any chunk boundary is stuffed all the same.
-    """
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-
-    def feed(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return b""
-        if self.at_line_start and chunk[:1] == b".":
-            chunk = b"." + chunk
-        chunk = chunk.replace(b"\n.", b"\n..")
-        self.at_line_start = chunk.endswith(b"\n")
-        return chunk.replace(b"\n", b"\r\n")
-
-    def end(self) -> bytes:
-        """
-        The terminating C{CRLF.CRLF} (with a line end first if the text did
-        not end with one).
-        """
-        return b".\r\n" if self.at_line_start else b"\r\n.\r\n"
-
-
 class _BodySender(FileSender):
     CHUNK_SIZE = 2**16
 
@@ -250,7 +182,7 @@ class ESMTPClient(LineReceiver):
         self._lines.append(text[4:])
         if text[3:4] == "-":
             return
-        reply = Reply(int(text[:3]), tuple(self._lines))
+        reply = Reply.received(int(text[:3]), self._lines)
         self._lines = []
         if not self._handlers:
             return  # an unsolicited reply, e.g. after QUIT
@@ -383,7 +315,7 @@ class ESMTPClient(LineReceiver):
     def _auth_reply(self, reply: Reply) -> None:
         if reply.code != 235:
             # Our credentials are wrong: not the recipients' fault, so retry.
-            self._fail(Reply(451, (f"4.7.0 authentication failed: {reply}",)), close=False)
+            self._fail(Reply(451, "4.7.0", (f"authentication failed: {reply}",)), close=False)
             self._quit()
             return
         self._mail()
@@ -392,14 +324,14 @@ class ESMTPClient(LineReceiver):
         t = self.transaction
         if t.smtputf8 and "SMTPUTF8" not in self._extensions:
             self._outcome.reached = True
-            self._fail(Reply(553, ("5.6.7 the server does not support SMTPUTF8",), synthetic=True),
-                       close=False)
+            self._fail(Reply(553, "5.6.7", ("the server does not support SMTPUTF8",),
+                             synthetic=True), close=False)
             self._quit()
             return
         limit = self._extensions.get("SIZE", "")
         if limit.isdigit() and int(limit) and t.size > int(limit):
             self._outcome.reached = True
-            self._fail(Reply(552, (f"5.3.4 message too big for the server (limit {limit})",),
+            self._fail(Reply(552, "5.3.4", (f"message too big for the server (limit {limit})",),
                              synthetic=True), close=False)
             self._quit()
             return

@@ -27,7 +27,7 @@ from twisted.names import client, dns
 from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 
-from mailserver.relay.client import Reply
+from mailserver.wire.reply import Reply
 
 _MAX_CNAME = 8
 
@@ -81,11 +81,11 @@ def _problem(e: BaseException) -> str:
 
 
 def _temporary(text: str) -> RoutingError:
-    return RoutingError(Reply(451, (f"4.4.3 {text}",), synthetic=True))
+    return RoutingError(Reply(451, "4.4.3", (text,), synthetic=True))
 
 
 def _permanent(code: int, status: str, text: str) -> RoutingError:
-    return RoutingError(Reply(code, (f"{status} {text}",), synthetic=True))
+    return RoutingError(Reply(code, status, (text,), synthetic=True))
 
 
 def query_timeouts(total: float) -> tuple[float, ...]:

@@ -98,7 +98,7 @@ def test_first_mx_down_second_takes_it(tmp_path):
         tried.append((name, address, port))
         replies = {r.address: temporary("connection refused") for r in transaction.recipients}
         if address == "127.0.0.2":
-            replies = {r.address: Reply(250, ("2.0.0 ok",)) for r in transaction.recipients}
+            replies = {r.address: Reply.received(250, ("2.0.0 ok",)) for r in transaction.recipients}
             return defer.succeed(TransactionResult(replies, reached=True, host=name))
         return defer.succeed(TransactionResult(replies, reached=False, host=name))
 
@@ -124,7 +124,7 @@ def test_smarthost_and_transport_override_mx(tmp_path):
 
     def send(reactor, address, port, transaction, timeouts, name=""):
         seen.append((address, port, transaction.tls, transaction.username))
-        replies = {r.address: Reply(250, ("ok",)) for r in transaction.recipients}
+        replies = {r.address: Reply.received(250, ("ok",)) for r in transaction.recipients}
         return defer.succeed(TransactionResult(replies, reached=True, host=name))
 
     message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,

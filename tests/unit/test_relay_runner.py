@@ -45,7 +45,7 @@ class Courier:
     @staticmethod
     def outcomes(recipients, code):
         text = {250: "2.0.0 ok", 451: "4.3.0 try later", 550: "5.1.1 no such user"}[code]
-        return {r.address: Outcome(Reply(code, (text,)), "mx.remote.test") for r in recipients}
+        return {r.address: Outcome(Reply.received(code, (text,)), "mx.remote.test") for r in recipients}
 
 
 class World:
