@@ -46,7 +46,8 @@ class Listeners:
     """
     Twisted server endpoint strings per role; an empty list disables a role.
 
-    C{submissions} and C{pop3s} are implicit-TLS roles (ports 465 and 995):
+    C{submissions}, C{pop3s} and C{imaps} are implicit-TLS roles (ports 465,
+    995 and 993):
     their plain C{tcp:} endpoints are wrapped in TLS with the configured
     certificate.  An C{ssl:} endpoint in any role is also treated as TLS.
     """
@@ -56,6 +57,8 @@ class Listeners:
     submissions: tuple[str, ...] = ()
     pop3: tuple[str, ...] = ("tcp:2110:interface=127.0.0.1",)
     pop3s: tuple[str, ...] = ()
+    imap: tuple[str, ...] = ("tcp:2143:interface=127.0.0.1",)
+    imaps: tuple[str, ...] = ()
     admin: tuple[str, ...] = ("tcp:2080:interface=127.0.0.1",)
 
 
@@ -87,6 +90,7 @@ class Limits:
     smtp_command_timeout: int = 300
     smtp_data_timeout: int = 600
     pop3_idle_timeout: int = 600
+    imap_idle_timeout: int = 1800
     shutdown_timeout: float = 30.0
     auth_failure_delay: float = 1.0
     max_auth_failures: int = 5
@@ -126,6 +130,15 @@ class POP3:
     apop: bool = False
     login_delay: int = 0
     expire: str = "NEVER"
+
+
+@dataclass(frozen=True)
+class IMAP:
+    """
+    IMAP policy knobs.
+    """
+
+    auth_over_plaintext: bool = False
 
 
 @dataclass(frozen=True)
@@ -299,6 +312,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     smtp: SMTP = field(default_factory=SMTP)
     pop3: POP3 = field(default_factory=POP3)
+    imap: IMAP = field(default_factory=IMAP)
     plugins: Plugins = field(default_factory=Plugins)
     auth: Auth = field(default_factory=Auth)
     admin: Admin = field(default_factory=Admin)

@@ -98,6 +98,18 @@ class IIntake(Interface):
         """
 
 
+class FolderError(Exception):
+    """
+    A folder operation that cannot be done: C{code} is the IMAP response
+    code that says why (RFC 5530: C{NONEXISTENT}, C{ALREADYEXISTS},
+    C{CANNOT}, C{TRYCREATE}...) and C{str()} the text for the client.
+    """
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
 class IFolderStore(Interface):
     """
     Every account's folders, as the IMAP server reaches them.
@@ -114,9 +126,8 @@ class IMailAccount(Interface):
     One account's folder tree (INBOX and the folders under it).  Names are
     Unicode text with C{/} between levels; C{INBOX} in any case is INBOX.
     Every method that touches the disk returns a Deferred and does its
-    work off the reactor thread; failures are
-    L{mailserver.folders.tree.FolderError}s (with an IMAP response code)
-    or C{OSError}s.
+    work off the reactor thread; failures are L{FolderError}s (with an
+    IMAP response code) or C{OSError}s.
     """
 
     def prepare() -> object:
@@ -203,6 +214,12 @@ class IMailFolder(Interface):
     def in_new() -> list:
         """
         UIDs of messages no session has taken as \\Recent yet.
+        """
+
+    def key(uid: int) -> object:
+        """
+        A name no other message has, C{str} (what a cache of parsed
+        messages may key on), or C{None} if the message is gone.
         """
 
     def refresh() -> object:

@@ -29,8 +29,7 @@ from mailserver.folders import flags as F
 from mailserver.folders import names as N
 from mailserver.folders import ops, tree
 from mailserver.folders.state import Delta, FolderState, refresh
-from mailserver.folders.tree import FolderError
-from mailserver.interfaces import IFolderStore, IMailAccount, IMailFolder
+from mailserver.interfaces import FolderError, IFolderStore, IMailAccount, IMailFolder
 from mailserver.maildir import UniqueNames
 
 # Folders kept loaded while no session uses them.
@@ -111,6 +110,10 @@ class SharedFolder:
 
     def in_new(self) -> list[int]:
         return self._state.in_new()
+
+    def key(self, uid: int) -> str | None:
+        entry = self._state.entries.get(uid)
+        return entry.base if entry is not None else None
 
     # Jobs.
 

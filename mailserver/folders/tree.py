@@ -16,7 +16,10 @@ import shutil
 
 from mailserver.folders import names as N
 from mailserver.folders import uidlist
+from mailserver.interfaces import FolderError
 from mailserver.maildir import ensure_maildir
+
+__all__ = ["FolderError"]
 
 # Folders every account gets at its first login, with the SPECIAL-USE
 # attribute (RFC 6154) each is marked with.
@@ -27,17 +30,6 @@ SUBSCRIPTIONS = "subscriptions"
 _SUBSCRIPTIONS_HEADER = "V\t2\n\n"
 _MARKER = "maildirfolder"
 _DELETING = ".DOVECOT-TRASHED"
-
-
-class FolderError(Exception):
-    """
-    A folder operation that cannot be done; C{code} is the IMAP response
-    code (RFC 5530) and C{str()} the text for the client.
-    """
-
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(text)
-        self.code = code
 
 
 def special_use(name: str) -> str | None:

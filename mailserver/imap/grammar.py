@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from mailserver.folders.names import BadName, decode_utf7
+from mailserver.mailbox_names import BadName, decode_utf7
 
 # ATOM-CHAR: any CHAR but atom-specials ( ) { SP CTL % * " \ ]
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
@@ -199,6 +199,8 @@ class _Tokens:
     def _atom(self) -> Atom | NilType:
         line = self._line
         start = position = self._pos
+        if line[position] == 0x5C:  # a flag: a backslash, then an atom or *
+            position += 1
         while position < len(line):
             char = line[position]
             if char == 0x5B:  # [: up to the matching ], spaces and lists included

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mailserver.folders.names import encode_utf7
+from mailserver.mailbox_names import encode_utf7
 
 
 @dataclass(frozen=True, slots=True)
