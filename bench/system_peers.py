@@ -1,6 +1,6 @@
 """
 The peers that come from Debian packages (C{apt-get install postfix
-dovecot-pop3d}), each run from a configuration written into its own
+dovecot-pop3d dovecot-imapd}), each run from a configuration written into its own
 temporary folder, with its queue, state and mail there too, on a free
 127.0.0.1 port.  The system's own setup (C{/etc/postfix}, C{/etc/dovecot},
 ports 25 and 110) is neither used nor changed.
@@ -9,7 +9,8 @@ ports 25 and 110) is neither used nor changed.
    agent writing one Maildir; 250 once the queue file is fsynced.
  - L{SmtpSinkPeer}: Postfix's C{smtp-sink} test server, which throws mail
    away: what the SMTP exchange alone costs, a ceiling.
- - L{DovecotPeer}: Dovecot's POP3 server on Maildirs the runner fills.
+ - L{DovecotPeer}: Dovecot's POP3 and IMAP servers on Maildirs the
+   runner fills.
 
 All three must start as root (Postfix's master and Dovecot drop to their
 own users; smtp-sink insists on C{-u} when root).  Why each setting is there
@@ -285,8 +286,8 @@ class SmtpSinkPeer(Peer):
 
 class DovecotPeer(Peer):
     """
-    Dovecot 2.3 (C{dovecot -F -c <folder>/dovecot.conf}), POP3 only, on
-    127.0.0.1:<free port>, for the given users (a passwd-file with one
+    Dovecot 2.3 (C{dovecot -F -c <folder>/dovecot.conf}), POP3 and IMAP, on
+    127.0.0.1:<free ports>, for the given users (a passwd-file with one
     SHA512-CRYPT hash each, all mapped to L{MAIL_USER}), Maildirs at
     C{mail/<domain>/<local part>/} as our server lays them out.  Everything
     else is Dovecot's default (C{mail_fsync = optimized}, the default UIDL
@@ -326,7 +327,7 @@ instance_name = bench-dovecot-{self.pop3_port}
 base_dir = {self.root}/run
 state_dir = {self.root}/state
 log_path = {self.log_path}
-protocols = pop3
+protocols = pop3 imap
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
@@ -347,6 +348,15 @@ service pop3-login {{
   inet_listener pop3 {{
     address = 127.0.0.1
     port = {self.pop3_port}
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
   }}
 }}
 """
@@ -375,11 +385,13 @@ service pop3-login {{
         owner = pwd.getpwnam(MAIL_USER)
         os.chown(self.mail_base, owner.pw_uid, owner.pw_gid)
         self.pop3_port = free_port()
+        self.imap_port = free_port()
         self.config_path.write_text(self.config())
         self.passwd_path.write_text(self._passwd_file())
         self._popen([str(self.DOVECOT), "-F", "-c", str(self.config_path)])
         assert self.process is not None
         wait_for(lambda: accepting(self.pop3_port), timeout, "dovecot", self.process, self.log)
+        wait_for(lambda: accepting(self.imap_port), timeout, "dovecot", self.process, self.log)
 
 
 __all__ = ["MAIL_USER", "DovecotPeer", "PostfixPeer", "SmtpSinkPeer"]

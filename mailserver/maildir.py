@@ -333,6 +333,8 @@ class Mailbox:
         # relative to one skips resolving the whole path again, a third of a
         # rename's cost here.
         self._folder_fds: dict[str, int] = {}
+        # Folders of messages removed after an IMAP session renamed them.
+        self._moved_removals: set[str] = set()
 
     def lock(self) -> bool:
         """
@@ -394,14 +396,38 @@ class Mailbox:
         return found
 
     def open(self, info: MessageInfo) -> BinaryIO:
-        return open(info.path, "rb")
+        try:
+            return open(info.path, "rb")
+        except FileNotFoundError:
+            return open(self.current(info).path, "rb")
+
+    def current(self, info: MessageInfo) -> MessageInfo:
+        """
+        Where a listed message is now: an IMAP session may have renamed it
+        since (new flags, or moved from C{new/} to C{cur/}); its unique
+        name stays.
+
+        @raise FileNotFoundError: it is gone (expunged).
+        """
+        for folder in (self._cur, self._new):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith(info.uid) and name[len(info.uid) : len(info.uid) + 1] in (",", ":", ""):
+                    return _info(folder, name)
+        raise FileNotFoundError(info.path)
 
     def read_whole(self, info: MessageInfo, limit: int) -> bytes | None:
         """
         The whole file if it is smaller than C{limit} octets, else C{None}
         (stream it with L{open} instead): three system calls, no file object.
         """
-        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            fd = os.open(info.path, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = os.open(self.current(info).path, os.O_RDONLY)
         try:
             data = os.read(fd, limit)
         finally:
@@ -416,6 +442,14 @@ class Mailbox:
         """
         if info.seen:
             return
+        try:
+            self._rename_seen(info)
+        except FileNotFoundError:
+            current = self.current(info)
+            if not current.seen:
+                self._rename_seen(current)
+
+    def _rename_seen(self, info: MessageInfo) -> None:
         folder, _, name = info.path.rpartition("/")
         base, _, old_flags = name.partition(":2,")
         flags = "".join(sorted(set(old_flags) | {"S"})) if old_flags else "S"
@@ -432,13 +466,20 @@ class Mailbox:
         try:
             os.unlink(target, dir_fd=fd)
         except FileNotFoundError:
-            pass
+            try:  # renamed by an IMAP session since it was listed?
+                current = self.current(info)
+                os.unlink(current.path)
+                self._moved_removals.add(os.path.dirname(current.path))
+            except FileNotFoundError:
+                pass
 
     def sync_removals(self, infos: Iterable[MessageInfo]) -> None:
         """
         Sync the folders L{remove} took C{infos} out of.
         """
-        for folder in {os.path.dirname(info.path) for info in infos}:
+        folders = {os.path.dirname(info.path) for info in infos} | self._moved_removals
+        self._moved_removals = set()
+        for folder in folders:
             fsync_directory(folder)
 
 

@@ -18,13 +18,18 @@ from pathlib import Path
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import Accounts, make_portal, password_threadpool, strcred_checkers
 from mailserver.config import Config, ConfigError
+from mailserver.folders.store import MailStore
+from mailserver.folders.watch import watcher_for
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
+from mailserver.imap import IMAPDependencies, IMAPFactory
+from mailserver.imap.cache import StructureCache
 from mailserver.intake import Intake
 from mailserver.mailauth import mail_auth_hooks
 from mailserver.login_throttle import throttle_for
@@ -165,8 +170,8 @@ class ShutdownNotice(Service):
     """
     On stop, lets SMTP transactions in progress finish (up to
     C{limits.shutdown_timeout} seconds), tells every client 421 (RFC 5321
-    3.8), then drops whoever is left: they never got a 250, so they keep
-    their message and try again.
+    3.8; IMAP clients BYE), then drops whoever is left: they never got a
+    250, so they keep their message and try again.
     """
 
     log = Logger()
@@ -286,7 +291,8 @@ class QueueAdminView:
 class CrashCleanup(Service):
     """
     At start, before any listener: remove the files a crash left in the
-    spool's and every mailbox's C{tmp/} (see L{remove_stale_tmp}).
+    spool's and every mailbox's and IMAP folder's C{tmp/} (see
+    L{remove_stale_tmp}).
     """
 
     log = Logger()
@@ -298,7 +304,9 @@ class CrashCleanup(Service):
     def startService(self) -> None:
         super().startService()
         folders = [str(self._spool_tmp)]
-        folders += glob.glob(os.path.join(glob.escape(str(self._config.mail_path)), "*", "*", "tmp"))
+        mail = glob.escape(str(self._config.mail_path))
+        folders += glob.glob(os.path.join(mail, "*", "*", "tmp"))
+        folders += glob.glob(os.path.join(mail, "*", "*", ".*", "tmp"))  # IMAP folders
         removed = sum(remove_stale_tmp(folder) for folder in folders)
         if removed:
             self.log.info(
@@ -419,12 +427,38 @@ def make_service(config: Config, reactor) -> MultiService:
             login_throttle=login_throttle,
         )
 
+    def run_blocking(f, *args):
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    # One store of shared folders and one cache of parsed messages for
+    # every IMAP listener of the process.
+    folder_store = MailStore(
+        accounts.mailbox_path, run_blocking, reactor, watcher_for(reactor), config.hostname
+    )
+    structures = StructureCache()
+
+    def imap_factory(implicit_tls: bool) -> IMAPFactory:
+        return IMAPFactory(IMAPDependencies.from_config(
+            config=config,
+            portal=portal,
+            store=folder_store,
+            tls_options=tls_options,
+            reactor=reactor,
+            implicit_tls=implicit_tls,
+            metrics=instruments,
+            login_throttle=login_throttle,
+            run_blocking=run_blocking,
+            structures=structures,
+        ))
+
     roles = {
         "smtp": lambda: smtp_factory("smtp", False),
         "submission": lambda: smtp_factory("submission", False),
         "submissions": lambda: smtp_factory("submission", True),
         "pop3": lambda: pop3_factory(False),
         "pop3s": lambda: pop3_factory(True),
+        "imap": lambda: imap_factory(False),
+        "imaps": lambda: imap_factory(True),
     }
     inherited = inherited_addresses()
     is_worker = inherited is not None
@@ -433,14 +467,15 @@ def make_service(config: Config, reactor) -> MultiService:
         PrimaryLink(reactor, login_throttle, metrics).setServiceParent(root)
     share = is_worker or config.workers > 1
     listeners = []
-    smtp_factories = []
+    # Factories whose clients are told at shutdown (SMTP 421, IMAP BYE).
+    announcing = []
     for role, make_factory in roles.items():
         for description in getattr(config.listeners, role):
             factory = make_factory()
-            if isinstance(factory, SMTPFactory):
-                smtp_factories.append(factory)
+            if isinstance(factory, (SMTPFactory, IMAPFactory)):
+                announcing.append(factory)
             served = factory
-            if role in ("submissions", "pop3s"):
+            if role in ("submissions", "pop3s", "imaps"):
                 served = TLSMemoryBIOFactory(tls_options, False, factory)
             listeners.append(Listener(role, description, served, reactor, share=share))
     if not is_worker:
@@ -464,7 +499,7 @@ def make_service(config: Config, reactor) -> MultiService:
         runner.setServiceParent(root)
     # Services stop in reverse order: the ports close first, then connected
     # clients hear 421.
-    ShutdownNotice(smtp_factories, reactor, config.limits.shutdown_timeout).setServiceParent(root)
+    ShutdownNotice(announcing, reactor, config.limits.shutdown_timeout).setServiceParent(root)
     for listener in listeners:
         listener.setServiceParent(root)
     pool = None

@@ -48,7 +48,7 @@ class MailServer:
         self.log_path = tmp_path / "twistd.log"
         listeners = "\n".join(
             f'{role} = ["{LOOPBACK}"]' if role in roles else f"{role} = []"
-            for role in ("smtp", "submission", "submissions", "pop3", "pop3s", "admin")
+            for role in ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps", "admin")
         )
         domains = ", ".join(f'"{d}"' for d in local_domains)
         # Top-level keys of extra_toml must come before any table.

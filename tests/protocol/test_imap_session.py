@@ -345,3 +345,38 @@ def test_pipelined_commands_are_answered_in_one_write(imap):
 
 def test_loopback_peer_is_allowed_plaintext(tmp_path):
     assert b"LOGINDISABLED" not in IMAPHarness(tmp_path, peer=LOOPBACK).greeting
+
+
+def test_failed_logins_share_the_throttle_with_smtp(tmp_path):
+    """
+    The server gives every listener one LoginThrottle: failures over SMTP
+    count against the next IMAP login from the same address.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailserver.login_throttle import LoginThrottle
+    from mailserver.smtp import SMTPDependencies, SMTPFactory
+    from mailserver.testing import FakeAccounts, MemoryIntake, SMTPHarness, make_config, make_portal
+
+    clock = MemoryReactorClock()
+    throttle = LoginThrottle(clock, delay=0.0, limit=2, window=900)
+    config = make_config(smtp={"auth_over_plaintext": True})
+    smtp = SMTPHarness(factory=SMTPFactory(SMTPDependencies.from_config(
+        config=config,
+        role="submission",
+        accounts=FakeAccounts(config, ["bob@example.org"]),
+        portal=make_portal(**{"bob@example.org": "secret"}),
+        intake=MemoryIntake(),
+        tls_options=None,
+        reactor=clock,
+        login_throttle=throttle,
+    )), peer=REMOTE)
+    smtp.ehlo()
+    for _ in range(2):
+        smtp.login(password="wrong")
+        clock.advance(0)
+    imap = IMAPHarness(tmp_path, peer=REMOTE, implicit_tls=True, clock=clock, login_throttle=throttle)
+    out = imap.command("a LOGIN bob@example.org secret")
+    assert tagged(out, "a") == (
+        "a NO [UNAVAILABLE] Too many failed logins from your address, try again later."
+    )

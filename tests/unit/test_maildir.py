@@ -135,3 +135,26 @@ def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
         live.kill()
         live.wait()
     assert remove_stale_tmp(str(tmp_path / "missing")) == 0
+
+
+def test_a_message_renamed_after_listing_is_still_read_flagged_and_removed(tmp_path):
+    """
+    An IMAP session may rename a message a POP3 session listed (new flags,
+    or moved to cur/ as \\Recent): POP3 finds it by its unique name.
+    """
+    mailbox = Mailbox(tmp_path / "bob")
+    mailbox.lock()
+    (tmp_path / "bob" / "new" / "1.M1P1Q1.h,S=5,W=6").write_bytes(b"body\n")
+    (tmp_path / "bob" / "new" / "2.M1P1Q1.h,S=5,W=6").write_bytes(b"two!\n")
+    first, second = mailbox.messages()
+    os.rename(tmp_path / "bob" / "new" / "1.M1P1Q1.h,S=5,W=6", tmp_path / "bob" / "cur" / "1.M1P1Q1.h,S=5,W=6:2,F")
+    os.rename(tmp_path / "bob" / "new" / "2.M1P1Q1.h,S=5,W=6", tmp_path / "bob" / "cur" / "2.M1P1Q1.h,S=5,W=6:2,")
+    assert mailbox.read_whole(first, 1000) == b"body\n"
+    with mailbox.open(first) as f:
+        assert f.read() == b"body\n"
+    mailbox.mark_seen(first)
+    assert sorted(os.listdir(tmp_path / "bob" / "cur")) == ["1.M1P1Q1.h,S=5,W=6:2,FS", "2.M1P1Q1.h,S=5,W=6:2,"]
+    mailbox.remove(second)
+    mailbox.sync_removals([second])
+    assert os.listdir(tmp_path / "bob" / "cur") == ["1.M1P1Q1.h,S=5,W=6:2,FS"]
+    mailbox.unlock()
