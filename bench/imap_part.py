@@ -147,7 +147,7 @@ def imap_report(out: dict, table, lines: list[str]) -> None:
         body = []
         for r in rows:
             if "msgs_per_s" not in r:
-                body.append([r["peer"], "FAILED" if "failed" in r else "no data"] + ["-"] * 8)
+                body.append([r["peer"], "FAILED" if "failed" in r else "no data"] + ["-"] * 9)
                 continue
             body.append([
                 r["peer"], _f(r["msgs_per_s"], ".0f"), _f(r["fetch_msgs_per_s"], ".0f"),

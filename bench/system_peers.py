@@ -319,6 +319,14 @@ class DovecotPeer(Peer):
         owner = pwd.getpwnam(MAIL_USER)
         _chown_tree(path, owner.pw_uid, owner.pw_gid)
 
+    @staticmethod
+    def protocols() -> list[str]:
+        """
+        The protocols whose Debian package is installed (dovecot-pop3d,
+        dovecot-imapd).
+        """
+        return [p for p in ("pop3", "imap") if Path(f"/usr/lib/dovecot/{p}").exists()]
+
     def config(self) -> str:
         owner = pwd.getpwnam(MAIL_USER)
         return f"""\
@@ -327,7 +335,7 @@ instance_name = bench-dovecot-{self.pop3_port}
 base_dir = {self.root}/run
 state_dir = {self.root}/state
 log_path = {self.log_path}
-protocols = pop3 imap
+protocols = {" ".join(self.protocols())}
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
@@ -390,8 +398,13 @@ service imap-login {{
         self.passwd_path.write_text(self._passwd_file())
         self._popen([str(self.DOVECOT), "-F", "-c", str(self.config_path)])
         assert self.process is not None
-        wait_for(lambda: accepting(self.pop3_port), timeout, "dovecot", self.process, self.log)
-        wait_for(lambda: accepting(self.imap_port), timeout, "dovecot", self.process, self.log)
+        for protocol, port in (("pop3", self.pop3_port), ("imap", self.imap_port)):
+            if protocol in self.protocols():
+                wait_for(lambda port=port: accepting(port), timeout, "dovecot", self.process, self.log)
+            elif protocol == "pop3":
+                self.pop3_port = 0
+            else:
+                self.imap_port = 0
 
 
 __all__ = ["MAIL_USER", "DovecotPeer", "PostfixPeer", "SmtpSinkPeer"]

@@ -125,14 +125,15 @@ class Fetcher:
 
     # The fetch.
 
-    def run(self, request: FetchRequest) -> defer.Deferred:
+    def run(self, requests: list[FetchRequest], perform: Callable[[object], None]) -> defer.Deferred:
         """
-        Answer the request; fires with C{then}'s result, or C{None} if the
-        connection went.
+        Answer the FETCH commands of a turn, in order: each one's responses,
+        then C{perform} of its C{then} result.  Fires when all are answered
+        (or the connection went).
         """
-        return defer.ensureDeferred(self._run(request))
+        return defer.ensureDeferred(self._run(requests, perform))
 
-    async def _run(self, request: FetchRequest):
+    async def _run(self, requests: list[FetchRequest], perform) -> None:
         lines = self._lines
         transport = lines.transport
         lines.flush()
@@ -141,9 +142,9 @@ class Fetcher:
         lines.reads.detach()
         transport.registerProducer(self, True)
         try:
-            expunged = await self._answer(request)
+            await self._answer(requests, perform)
         except Gone:
-            return None
+            return
         finally:
             self._close_open()
             if not self._stopped and not lines.closed:
@@ -151,38 +152,58 @@ class Fetcher:
                 lines.reads.attach()
                 lines.reads.release(BUSY)
                 lines.restart_idle()
-        return request.then(expunged)
 
-    async def _answer(self, request: FetchRequest) -> bool:
-        view = request.view
+    async def _answer(self, requests: list[FetchRequest], perform) -> None:
+        view = requests[0].view
         folder = view.folder
-        items = list(request.items)
-        present = [(seq, uid) for seq, uid in request.messages if folder.key(uid) is not None]
-        expunged = len(present) < len(request.messages)
-        uids = [uid for _, uid in present]
+        # The messages of every request, gone ones left out.
+        work = []
+        expunged = [False] * len(requests)
+        for index, request in enumerate(requests):
+            for seq, uid in request.messages:
+                if folder.key(uid) is None:
+                    expunged[index] = True
+                else:
+                    work.append((index, seq, uid))
+        # One job sets \Seen for all the turn's fetches, one learns sizes
+        # and dates: a fetch of one message per command is not a job each.
         seen_now: set[int] = set()
-        if request.mark_seen:
-            unseen = [uid for uid in uids if "\\Seen" not in folder.flags(uid)]
-            if unseen:
-                seen_now = set(await folder.store(unseen, "+", ["\\Seen"], view))
-        if "RFC822.SIZE" in items or "INTERNALDATE" in items:
-            await folder.describe(uids)
-        text, structure = needs_text(items), needs_structure(items)
-        with_flags = items if "FLAGS" in items else [*items, "FLAGS"]
-        position = 0
-        while position < len(present):
-            batch = self._batch(present, position, folder, text or structure)
+        unseen = list(dict.fromkeys(
+            uid for index, _, uid in work
+            if requests[index].mark_seen and "\\Seen" not in folder.flags(uid)
+        ))
+        if unseen:
+            seen_now = set(await folder.store(unseen, "+", ["\\Seen"], view))
+        described = [
+            uid for index, _, uid in work
+            if "RFC822.SIZE" in requests[index].items or "INTERNALDATE" in requests[index].items
+        ]
+        if described:
+            await folder.describe(described)
+        items = [request.items for request in requests]
+        with_flags = [i if "FLAGS" in i else [*i, "FLAGS"] for i in items]
+        reads = [needs_text(i) or needs_structure(i) for i in items]
+        structure = [needs_structure(i) for i in items]
+        position = done = 0
+        while position < len(work):
+            batch = self._batch(work, position, folder, reads)
             position += len(batch)
-            prepared = await self._read(folder, batch, text or structure, structure)
-            for (seq, uid), (_, wire, source, parsed) in zip(batch, prepared):
-                if wire is None and source is None and (text or structure):
-                    expunged = True  # gone since the list was made
-                    continue
+            wanted = [uid for index, _, uid in batch if reads[index]]
+            prepared = await self._read(folder, wanted, any(structure[i] for i, _, _ in batch)) if wanted else {}
+            for index, seq, uid in batch:
+                while done < index:  # every message of the requests before is out
+                    perform(requests[done].then(expunged[done]))
+                    done += 1
+                wire = source = parsed = None
+                if reads[index]:
+                    wire, source, parsed = prepared.get(uid, (None, None, None))
+                    if wire is None and source is None:
+                        expunged[index] = True  # gone since the list was made
+                        continue
                 message = Message(
-                    seq, uid, view.flags(uid), folder.size(uid), folder.internaldate(uid),
-                    parsed, wire,
+                    seq, uid, view.flags(uid), folder.size(uid), folder.internaldate(uid), parsed, wire,
                 )
-                for piece in render(message, with_flags if uid in seen_now else items):
+                for piece in render(message, with_flags[index] if uid in seen_now else items[index]):
                     if isinstance(piece, Stream):
                         await self._stream(source, piece)
                     else:
@@ -190,35 +211,49 @@ class Fetcher:
             self._close_open()
             self._lines.flush()
             await self._writable()
-        return expunged
+        while done < len(requests):
+            perform(requests[done].then(expunged[done]))
+            done += 1
 
-    def _batch(self, present, position: int, folder, reads: bool):
-        if not reads:
-            return present[position : position + PLAIN_BATCH]
+    def _batch(self, work, position: int, folder, reads: list[bool]):
         batch = []
         octets = 0
-        for seq, uid in present[position : position + TEXT_BATCH]:
-            batch.append((seq, uid))
-            octets += max(folder.size(uid), 0)
-            if octets >= BATCH_OCTETS:
+        limit = PLAIN_BATCH
+        for entry in work[position:]:
+            if len(batch) >= limit:
                 break
+            batch.append(entry)
+            if reads[entry[0]]:
+                limit = TEXT_BATCH
+                octets += max(folder.size(entry[2]), 0)
+                if octets >= BATCH_OCTETS:
+                    break
         return batch
 
-    async def _read(self, folder, batch, reads: bool, structure: bool) -> list:
-        if not reads:
-            return [(uid, None, None, None) for _, uid in batch]
-        uids = [uid for _, uid in batch]
+    async def _read(self, folder, uids: list[int], structure: bool) -> dict:
+        """
+        The messages' CRLF text (small ones), open files (large ones) and
+        structures (when asked for): one read in a worker thread, and a
+        parse there only for structures not cached yet.
+        """
+        uids = list(dict.fromkeys(uids))
         contents = await folder.read(uids, WHOLE_MESSAGE)
-        self._open = [content for _, content in contents if content is not None and not isinstance(content, bytes)]
+        self._open = [c for _, c in contents if c is not None and not isinstance(c, bytes)]
         keys = {uid: folder.key(uid) for uid in uids}
-        cached = {uid: self._structures.get(key) for uid, key in keys.items() if key is not None}
-        cached = {uid: part for uid, part in cached.items() if part is not None}
-        prepared = await self._run_blocking(_prepare, contents, cached, structure)
+        cached = {}
         if structure:
+            for uid, key in keys.items():
+                part = self._structures.get(key) if key is not None else None
+                if part is not None:
+                    cached[uid] = part
+        if structure and len(cached) < len(contents):
+            prepared = await self._run_blocking(_prepare, contents, cached, True)
             for uid, _, _, parsed in prepared:
                 if parsed is not None and uid not in cached and keys.get(uid) is not None:
                     self._structures.put(keys[uid], parsed)
-        return prepared
+        else:
+            prepared = _prepare(contents, cached, False)  # CRLF form only: quick
+        return {uid: (wire, source, parsed) for uid, wire, source, parsed in prepared}
 
     async def _stream(self, source, stream: Stream) -> None:
         """

@@ -25,10 +25,11 @@ from typing import BinaryIO
 
 from mailserver.mailbox_names import BadName, decode_utf7
 
-# ATOM-CHAR: any CHAR but atom-specials ( ) { SP CTL % * " \ ]
-_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,20})(\+?)\}$")
-_QUOTED_ESCAPE = re.compile(rb'\\(.)')
+# ATOM-CHAR (any CHAR but ( ) { SP CTL % * " \\ ]), with the list
+# wildcards % and * and the ] of resp-specials, which atoms here may hold
+# (LIST patterns, sequence sets); [ starts a bracketed part.
+_PLAIN_ATOM = re.compile(rb'[^(){ "\\\x00-\x1f\x7f-\xff\[]*')
 
 
 class ParseError(ValueError):
@@ -201,35 +202,35 @@ class _Tokens:
         start = position = self._pos
         if line[position] == 0x5C:  # a flag: a backslash, then an atom or *
             position += 1
-        while position < len(line):
-            char = line[position]
-            if char == 0x5B:  # [: up to the matching ], spaces and lists included
-                depth = 0
-                while position < len(line):
-                    char = line[position]
-                    if char == 0x5B:
-                        depth += 1
-                    elif char == 0x5D:
-                        depth -= 1
-                        if depth == 0:
-                            break
-                    elif char < 0x20 or char == 0x7F:
-                        raise ParseError("Invalid character in an atom")
-                    position += 1
-                else:
-                    raise ParseError("Missing ']'")
-                position += 1
-                continue
-            if char in _ATOM_SPECIALS and char not in (0x25, 0x2A, 0x5D):
+        # Atom characters are found by one regular expression; a bracketed
+        # part (FETCH's BODY[...]) may hold spaces and lists, and after it
+        # the atom goes on (<0.100>).
+        while True:
+            position = _PLAIN_ATOM.match(line, position).end()
+            if position >= len(line) or line[position] != 0x5B:
                 break
-            if char >= 0x80:
-                raise ParseError("8-bit character in an atom")
+            depth = 0
+            while position < len(line):
+                char = line[position]
+                if char == 0x5B:
+                    depth += 1
+                elif char == 0x5D:
+                    depth -= 1
+                    if depth == 0:
+                        break
+                elif char < 0x20 or char == 0x7F:
+                    raise ParseError("Invalid character in an atom")
+                position += 1
+            else:
+                raise ParseError("Missing ']'")
             position += 1
+        if position < len(line) and line[position] >= 0x80:
+            raise ParseError("8-bit character in an atom")
         if position == start:
             raise ParseError("Expected an atom")
         text = line[start:position].decode("ascii")
         self._pos = position
-        if text.upper() == "NIL":
+        if len(text) == 3 and text.upper() == "NIL":
             return NIL
         return Atom(text)
 

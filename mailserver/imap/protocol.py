@@ -46,6 +46,9 @@ MAX_LINE = 64 * 1024
 MAX_COMMAND = 64 * 1024
 # Literals up to this size are kept in memory while they arrive.
 SPILL = 1024 * 1024
+# FETCH commands answered together (their files read by one job).
+FETCHES_PER_BATCH = 32
+_BATCHED = frozenset({"FETCH", "UID FETCH"})
 # Seconds between the "still here" lines sent during IDLE (NAT boxes drop
 # connections silent for a few minutes).
 IDLE_KEEPALIVE = 120.0
@@ -100,6 +103,7 @@ class IMAPServer(Protocol):
         self._fetcher: Fetcher
         self.session: IMAPSession
         self._pieces: list = []
+        self._fetches: list[FetchRequest] = []
         self._octets = 0
         self._reading: _Reading | None = None
         self._refusal = None
@@ -194,10 +198,16 @@ class IMAPServer(Protocol):
                 continue
             line = lines.take_line(MAX_LINE)
             if line is None:
+                if self._fetches and not lines.waiting and not lines.closed:
+                    self._run_fetches()  # the end of the turn
                 return False
             if line is TOO_LONG:
                 self._abandon_pieces()
-                self._answer(self.session.line_too_long())
+                answer = self.session.line_too_long()
+                if self._fetches:
+                    self._run_fetches(then=lambda: self._answer(answer))
+                else:
+                    self._answer(answer)
                 continue
             state = self.session.state
             if state is State.SASL:
@@ -265,8 +275,19 @@ class IMAPServer(Protocol):
             command = parse(pieces)
         except ParseError as e:
             self._abandon(pieces)
-            self._answer(self.session.parse_error(e))
+            answer = self.session.parse_error(e)
+            if self._fetches:
+                self._run_fetches(then=lambda: self._answer(answer))
+            else:
+                self._answer(answer)
             return
+        if self._fetches and command.name not in _BATCHED:
+            # What it does may depend on how the queued FETCHes went.
+            self._run_fetches(then=lambda: self._handle(command, pieces))
+            return
+        self._handle(command, pieces)
+
+    def _handle(self, command, pieces: list) -> None:
         result = self.session.command(command)
         if command.name != "APPEND":
             self._abandon(pieces)  # APPEND closes its literal when stored
@@ -285,7 +306,10 @@ class IMAPServer(Protocol):
         elif isinstance(result, Await):
             self._wait(result.deferred, lambda outcome: self._perform(result.then(outcome)))
         elif isinstance(result, FetchRequest):
-            self._wait(self._fetcher.run(result), self._perform_outcome)
+            # Answered at the end of the turn with the turn's other FETCHes.
+            self._fetches.append(result)
+            if len(self._fetches) >= FETCHES_PER_BATCH:
+                self._run_fetches()
         elif result is CLOSE:
             self._close()
         elif result is START_TLS:
@@ -295,11 +319,20 @@ class IMAPServer(Protocol):
         else:
             raise TypeError(f"not a session result: {result!r}")
 
-    def _perform_outcome(self, outcome) -> None:
-        if isinstance(outcome, Failure):
-            self._unexpected(outcome)
-        else:
-            self._perform(outcome)
+    def _run_fetches(self, then=None) -> None:
+        """
+        Answer the FETCHes queued this turn, then go on (with C{then}, the
+        command that waited for them).
+        """
+        fetches, self._fetches = self._fetches, []
+
+        def answered(outcome) -> None:
+            if isinstance(outcome, Failure):
+                self._unexpected(outcome)
+            elif then is not None:
+                then()
+
+        self._wait(self._fetcher.run(fetches, self._perform), answered)
 
     def _answer(self, response) -> None:
         if isinstance(response, R.Continuation) and self.session.state is State.IDLE:

@@ -4,6 +4,8 @@ read in a worker thread), at the pace the client reads, and the session
 handles nothing else meanwhile; structures parsed once and cached.
 """
 
+import re
+
 import pytest
 from twisted.internet import defer
 
@@ -123,3 +125,20 @@ def test_the_client_going_away_mid_transfer_closes_the_file(later):
     later.lose()
     later.run.run()
     assert all(source.closed for source in opened)
+
+
+def test_pipelined_fetches_are_answered_in_order_with_one_read(later):
+    for n in range(5):
+        later.deliver(f"100{n}.M1P1Q1.h", b"Subject: %d\n\nbody %d\n" % (n, n))
+    later.cmd("L LOGIN bob@example.org secret")
+    later.cmd("S SELECT INBOX")
+    later.send(b"".join(b"f%d UID FETCH %d BODY[]\r\n" % (n, n + 1) for n in range(5)) + b"n NOOP\r\nbad command\r\n")
+    jobs = [f.__name__ for f, _, _ in later.run.calls]
+    assert jobs == ["store"]  # one \Seen job for the five
+    later.run.run()
+    out = later.read()
+    order = [m.group(0) for m in re.finditer(rb"^(\* \d FETCH|f\d OK|n OK|bad BAD)", out, re.M)]
+    assert order == [
+        b"* 1 FETCH", b"f0 OK", b"* 2 FETCH", b"f1 OK", b"* 3 FETCH", b"f2 OK",
+        b"* 4 FETCH", b"f3 OK", b"* 5 FETCH", b"f4 OK", b"n OK", b"bad BAD",
+    ]
