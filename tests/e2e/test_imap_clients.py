@@ -334,3 +334,99 @@ def test_mbsync_both_ways(server, tmp_path):
     assert any("\\Flagged" in f for f in flags.values()), flags
     assert list(uids_and_flags(client, "Drafts").values()) == [{"\\Draft"}]
     client.logout()
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_fetch_of_a_50_mb_message_streams(server):
+    line = b"x" * 98 + b"\n"
+    data = b"Subject: big\n\n" + line * (50 * 1024 * 1024 // len(line))
+    maildir = server.maildir("bob@localhost")
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    crlf_size = len(data) + data.count(b"\n")
+    (maildir / "new" / f"1700000000.M1P1Q1.test,S={len(data)},W={crlf_size}").write_bytes(data)
+    client = connect(server)
+    client.select("INBOX")
+    pid = server.process.pid
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    before = rss_kib(pid, "VmRSS")
+    client.socket().settimeout(120)
+    typ, fetched = client.uid("FETCH", "1", "(BODYSTRUCTURE BODY.PEEK[])")
+    growth_kib = rss_kib(pid, "VmHWM") - before
+    assert typ == "OK"
+    assert fetched[0][1] == data.replace(b"\n", b"\r\n")
+    assert b'BODYSTRUCTURE ("text" "plain"' in fetched[0][0]
+    client.logout()
+    assert growth_kib < 20 * 1024, f"server grew by {growth_kib} KiB"
+
+
+def test_pop3_and_imap_share_the_inbox(server):
+    """
+    POP3's lock keeps out POP3 only: an IMAP session selects (taking the
+    messages as \\Recent, which moves them to cur/) and flags them while a
+    POP3 session holds the lock; POP3 still retrieves and deletes them, and
+    IMAP hears of the deletion.
+    """
+    import poplib
+
+    sent = deliver(server, [b"shared one\r\n", b"shared two\r\n"])
+    pop = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+    pop.user("bob@localhost")
+    pop.pass_("bob-pw")
+    client = connect(server)
+    client.select("INBOX")
+    client.uid("STORE", "1:2", "+FLAGS", "(\\Flagged)")
+    maildir = server.maildir("bob@localhost")
+    assert list((maildir / "new").iterdir()) == []
+    _, lines, _ = pop.retr(1)
+    assert without_trace(b"\r\n".join(lines) + b"\r\n") == sent[0]
+    pop.dele(2)
+    pop.quit()
+    deadline = time.monotonic() + 5
+    while True:
+        typ, data = client.noop()
+        expunged = client.response("EXPUNGE")[1]
+        if expunged != [None] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert expunged == [b"2"]
+    flags = uids_and_flags(client)
+    assert flags == {1: {"\\Flagged", "\\Seen"}}
+    client.logout()
+
+
+def test_two_workers_give_the_same_uids(tmp_path):
+    """
+    With workers = 2 the processes assign UIDs under Dovecot's uidlist lock:
+    sessions in either process see the same UID for the same message.
+    """
+    server = MailServer(tmp_path, roles=ROLES, extra_toml="workers = 2\n")
+    server.start()
+    try:
+        server.add_user("bob@localhost", "bob-pw")
+        clients = [connect(server) for _ in range(6)]
+        for client in clients:
+            client.select("INBOX")
+        deliver(server, [b"message %d\r\n" % n for n in range(20)])
+        seen = []
+        for client in clients:
+            client.noop()
+            typ, data = client.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            mapping = {}
+            for item in data:
+                if isinstance(item, tuple):
+                    uid = int(re.search(rb"UID (\d+)", item[0]).group(1))
+                    mapping[uid] = item[1].strip()
+            seen.append(mapping)
+            client.logout()
+        assert len(seen[0]) == 20
+        assert all(mapping == seen[0] for mapping in seen)
+    finally:
+        server.stop()
