@@ -201,6 +201,11 @@ class IMailFolder(Interface):
         The message's flags (without \\Recent); empty if it is gone.
         """
 
+    def unseen() -> list:
+        """
+        UIDs of the messages without \\Seen, ascending.
+        """
+
     def size(uid: int) -> int:
         """
         Octets in CRLF form, or -1 until L{describe} or L{read} learnt it.
@@ -271,8 +276,9 @@ class IMailFolder(Interface):
 
     def watch(listener: object) -> None:
         """
-        Call C{listener(change)} after each change, with a
-        L{mailserver.folders.store.Change}.
+        Call C{listener(change)} after each change: C{change.added},
+        C{change.removed} and C{change.changed} (flags) are tuples of UIDs,
+        C{change.origin} is whoever asked for it (C{None}: someone else).
         """
 
     def unwatch(listener: object) -> None:

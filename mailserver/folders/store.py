@@ -68,6 +68,8 @@ class SharedFolder:
         self._users = 0
         self._refresh_waiters: list[defer.Deferred] | None = None
         self._settle_call = None
+        self._names_for: list[str] | None = None
+        self._names: dict[str, list[str]] = {}
         self.forgotten = False
 
     # What sessions read.
@@ -94,7 +96,22 @@ class SharedFolder:
 
     def flags(self, uid: int) -> list[str]:
         entry = self._state.entries.get(uid)
-        return F.names(entry.flags, self._state.keywords) if entry is not None else []
+        if entry is None:
+            return []
+        # The same letters give the same flags: a FETCH FLAGS of a large
+        # folder names each set once.  Callers do not change the list.
+        keywords = self._state.keywords
+        if keywords is not self._names_for:
+            self._names_for = keywords
+            self._names = {}
+        names = self._names.get(entry.flags)
+        if names is None:
+            names = self._names[entry.flags] = F.names(entry.flags, keywords)
+        return names
+
+    def unseen(self) -> list[int]:
+        entries = self._state.entries
+        return [uid for uid in self._state.uids if F.SEEN not in entries[uid].flags]
 
     def letters(self, uid: int) -> str:
         entry = self._state.entries.get(uid)

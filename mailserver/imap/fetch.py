@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from mailserver.imap.arguments import BodyItem, Section
 from mailserver.imap.mime import Part
-from mailserver.imap.responses import flag_list, string
+from mailserver.imap.responses import flag_list
 from mailserver.imap.structure import body_structure, envelope
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -50,6 +50,23 @@ class Message:
     internaldate: float
     structure: Part | None = None
     wire: bytes | None = None
+
+
+def quick(items) -> bool:
+    """
+    Only UID and FLAGS (what a client asks of every message to resync):
+    answered by L{render_quick}.
+    """
+    return all(item == "UID" or item == "FLAGS" for item in items)
+
+
+def render_quick(seq: int, uid: int, items, flags: bytes) -> bytes:
+    """
+    The FETCH response of L{quick} items, C{flags} being the message's
+    flag list as the response writes it.
+    """
+    values = [b"UID %d" % uid if item == "UID" else b"FLAGS " + flags for item in items]
+    return b"* %d FETCH (%s)\r\n" % (seq, b" ".join(values))
 
 
 def needs_text(items) -> bool:
@@ -221,5 +238,3 @@ def implied_seen(items) -> bool:
     """
     return any(isinstance(item, BodyItem) and not item.peek for item in items)
 
-
-__all__ = ["Message", "Stream", "string"]

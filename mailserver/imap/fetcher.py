@@ -23,7 +23,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver.imap import mime
-from mailserver.imap.fetch import Message, Stream, needs_structure, needs_text, render
+from mailserver.imap.fetch import (
+    Message,
+    Stream,
+    needs_structure,
+    needs_text,
+    quick,
+    render,
+    render_quick,
+)
+from mailserver.imap.responses import flag_list
 from mailserver.wire.flow import BUSY
 
 # Messages smaller than this are read whole and sent from memory.
@@ -184,6 +193,8 @@ class Fetcher:
         with_flags = [i if "FLAGS" in i else [*i, "FLAGS"] for i in items]
         reads = [needs_text(i) or needs_structure(i) for i in items]
         structure = [needs_structure(i) for i in items]
+        quick_items = [quick(i) for i in items]
+        flag_lists: dict[tuple, bytes] = {}  # each set of flags written once
         position = done = 0
         while position < len(work):
             batch = self._batch(work, position, folder, reads)
@@ -194,6 +205,14 @@ class Fetcher:
                 while done < index:  # every message of the requests before is out
                     perform(requests[done].then(expunged[done]))
                     done += 1
+                if quick_items[index]:
+                    flags = tuple(view.flags(uid))
+                    written = flag_lists.get(flags)
+                    if written is None:
+                        written = flag_lists[flags] = flag_list(flags)
+                    chosen = with_flags[index] if uid in seen_now else items[index]
+                    self._lines.send(render_quick(seq, uid, chosen, written))
+                    continue
                 wire = source = parsed = None
                 if reads[index]:
                     wire, source, parsed = prepared.get(uid, (None, None, None))

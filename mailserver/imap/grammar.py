@@ -300,13 +300,6 @@ def astring(value) -> bytes:
     raise ParseError("Expected a string")
 
 
-def text_argument(value) -> str:
-    try:
-        return astring(value).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ParseError("Invalid UTF-8") from None
-
-
 def mailbox(value) -> str:
     """
     A mailbox name: modified UTF-7 decoded (RFC 3501 5.1.3).
@@ -414,9 +407,8 @@ class SequenceSet:
     A sequence set (C{1:4,7,9:*}); C{*} is the largest number in use.
     """
 
-    def __init__(self, ranges: list[tuple[int | None, int | None]], last: bool = False) -> None:
+    def __init__(self, ranges: list[tuple[int | None, int | None]]) -> None:
         self.ranges = ranges
-        self.last = last  # "$" (RFC 5182) is not supported; kept for clarity
 
     def resolve(self, largest: int) -> list[tuple[int, int]]:
         """

@@ -23,6 +23,7 @@ from mailserver.imap.grammar import (
 from mailserver.imap.listing import list_responses, root_response
 from mailserver.imap.state import State
 from mailserver.imap.view import SelectedView
+from mailserver.interfaces import FolderError
 from mailserver.mailbox_names import INBOX, SEPARATOR, normalize
 
 
@@ -178,7 +179,7 @@ class MailboxHandlers:
                 "RECENT": lambda: len(folder.in_new()),
                 "UIDNEXT": lambda: folder.uidnext,
                 "UIDVALIDITY": lambda: folder.uidvalidity,
-                "UNSEEN": lambda: sum(1 for uid in folder.uids if "\\Seen" not in folder.flags(uid)),
+                "UNSEEN": lambda: len(folder.unseen()),
             }
             text = " ".join(f"{item} {values[item]()}" for item in items)
         finally:
@@ -235,8 +236,8 @@ def _try_create(failure):
     A missing target mailbox is C{TRYCREATE} (RFC 3501 6.3.11).
     """
     error = failure.value
-    if getattr(error, "code", None) == "NONEXISTENT":
-        error.code = "TRYCREATE"
+    if isinstance(error, FolderError) and error.code == "NONEXISTENT":
+        raise FolderError("TRYCREATE", str(error))
     return failure
 
 

@@ -301,7 +301,7 @@ class IMAPServer(Protocol):
         if isinstance(result, tuple):
             for item in result:
                 self._perform(item)
-        elif isinstance(result, (R.Tagged, R.Untagged, R.Continuation, R.Rendered)):
+        elif isinstance(result, (R.Tagged, R.Untagged, R.Continuation)):
             self._answer(result)
         elif isinstance(result, Await):
             self._wait(result.deferred, lambda outcome: self._perform(result.then(outcome)))
@@ -394,7 +394,7 @@ class IMAPServer(Protocol):
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
         self._keepalive = None
-        view = self.session.view if hasattr(self, "session") else None
+        view = self.session.view
         if view is not None:
             view.on_change = None
 

@@ -53,18 +53,6 @@ class Continuation:
         return f"+ {self.text}\r\n".encode("utf-8")
 
 
-@dataclass(frozen=True, slots=True)
-class Rendered:
-    """
-    Responses already in wire form (many untagged lines built at once).
-    """
-
-    data: bytes
-
-    def render(self) -> bytes:
-        return self.data
-
-
 def ok(tag: str, text: str, code: str = "") -> Tagged:
     return Tagged(tag, "OK", text, code)
 

@@ -12,7 +12,6 @@ matched as stored (a base64 or quoted-printable body is not decoded).
 
 from __future__ import annotations
 
-import calendar
 import email.header
 import email.utils
 import time
@@ -43,22 +42,25 @@ def _needs(key) -> bool:
     return False
 
 
-def needs_dates(keys) -> bool:
-    return any(_needs_dates(key) for key in keys)
+def needs_description(keys) -> bool:
+    """
+    Do the keys need sizes or dates the folder may not know yet?
+    """
+    return any(_needs_description(key) for key in keys)
 
 
-def _needs_dates(key) -> bool:
+def _needs_description(key) -> bool:
     kind = key[0]
     if kind == "DATE":
         return True
     if kind in ("LARGER", "SMALLER"):
         return True
     if kind == "NOT":
-        return _needs_dates(key[1])
+        return _needs_description(key[1])
     if kind == "OR":
-        return _needs_dates(key[1]) or _needs_dates(key[2])
+        return _needs_description(key[1]) or _needs_description(key[2])
     if kind == "AND":
-        return needs_dates(key[1])
+        return needs_description(key[1])
     return False
 
 
@@ -216,7 +218,3 @@ def matching(candidates: list[Candidate], keys) -> list[Candidate]:
             if content is not None and not isinstance(content, (bytes, bytearray)):
                 content.close()
             candidate.content = None
-
-
-def timestamp_of(day: tuple[int, int, int]) -> float:
-    return float(calendar.timegm((*day, 0, 0, 0)))

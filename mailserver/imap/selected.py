@@ -153,7 +153,7 @@ class SelectedHandlers:
         view = self.view
         folder = view.folder
         uids = list(view.uids)
-        if S.needs_dates(keys):
+        if S.needs_description(keys):
             await folder.describe(uids)
         largest = (len(uids), uids[-1] if uids else 0)
         candidates = [

@@ -109,13 +109,17 @@ class SelectedView:
         uids = self.uids
         if not uids:
             return []
-        chosen: dict[int, int] = {}
-        for low, high in numbers.resolve(uids[-1]):
-            start = bisect_left(uids, low)
-            end = bisect_right(uids, high)
-            for index in range(start, end):
-                chosen[index + 1] = uids[index]
-        return sorted(chosen.items())
+        spans = sorted(
+            (bisect_left(uids, low), bisect_right(uids, high))
+            for low, high in numbers.resolve(uids[-1])
+        )
+        out: list[tuple[int, int]] = []
+        reached = 0
+        for start, end in spans:
+            start = max(start, reached)  # overlapping ranges name a message once
+            out.extend(zip(range(start + 1, end + 1), uids[start:end]))
+            reached = max(reached, end)
+        return out
 
     # Flags.
 
@@ -134,10 +138,10 @@ class SelectedView:
         return [*SYSTEM_FLAGS, *self.folder.keywords]
 
     def first_unseen(self) -> int | None:
-        flags = self.folder.flags
-        for index, uid in enumerate(self.uids):
-            if "\\Seen" not in flags(uid):
-                return index + 1
+        for uid in self.folder.unseen():
+            seq = self.seq_of(uid)
+            if seq is not None:
+                return seq
         return None
 
     # Telling the client.

@@ -380,3 +380,13 @@ def test_failed_logins_share_the_throttle_with_smtp(tmp_path):
     assert tagged(out, "a") == (
         "a NO [UNAVAILABLE] Too many failed logins from your address, try again later."
     )
+
+
+def test_overlapping_ranges_name_each_message_once(imap):
+    for n in range(4):
+        imap.deliver(f"100{n}.M1P1Q1.h")
+    imap.select()
+    out = imap.command("a UID FETCH 3:4,1:3,2 UID")
+    assert untagged(out) == [f"{n} FETCH (UID {n})" for n in (1, 2, 3, 4)]
+    out = imap.command("b FETCH 4,2:3,1:2 UID")
+    assert untagged(out) == [f"{n} FETCH (UID {n})" for n in (1, 2, 3, 4)]
