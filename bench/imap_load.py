@@ -198,8 +198,9 @@ def run_imap_load(
 
 def time_select(port: int, user: str, password: str, timeout: float = 600.0) -> dict:
     """
-    Seconds for LOGIN, the first SELECT of INBOX, a second one, STATUS, and
-    a FETCH of every message's UID and flags.
+    Seconds for LOGIN, the first SELECT of INBOX, a second one, STATUS, a
+    FETCH of every message's UID and flags, and SELECT and STATUS again
+    three seconds later.
     """
 
     async def main():
@@ -222,6 +223,14 @@ def time_select(port: int, user: str, password: str, timeout: float = 600.0) -> 
             flags = await client.command("UID FETCH 1:* (FLAGS)", "UID FETCH")
             out["fetch_flags_s"] = time.perf_counter() - t
             out["fetched_flags"] = len(flags)
+            # Later, when nothing has changed for a while (a client coming
+            # back): ours trusts the folder's times then and lists nothing.
+            await asyncio.sleep(3)
+            for key, command in (("select_later_s", "SELECT INBOX"),
+                                 ("status_later_s", "STATUS INBOX (MESSAGES UIDNEXT UNSEEN)")):
+                t = time.perf_counter()
+                await client.command(command, command.split()[0])
+                out[key] = time.perf_counter() - t
         finally:
             await _close(client)
         return out

@@ -177,13 +177,14 @@ def imap_report(out: dict, table, lines: list[str]) -> None:
         body = []
         for r in big:
             if "select_s" not in r:
-                body.append([r["peer"], "FAILED"] + ["-"] * 5)
+                body.append([r["peer"], "FAILED"] + ["-"] * 7)
                 continue
             body.append([r["peer"], _f(r["login_s"], ".3f"), _f(r["select_s"], ".3f"),
                          _f(r["select_again_s"], ".3f"), _f(r["status_s"], ".3f"),
-                         _f(r["fetch_flags_s"], ".3f"), str(r.get("exists"))])
+                         _f(r["fetch_flags_s"], ".3f"), _f(r.get("select_later_s"), ".3f"),
+                         _f(r.get("status_later_s"), ".3f"), str(r.get("exists"))])
         table(["peer", "LOGIN s", "first SELECT s", "SELECT again s", "STATUS s",
-               "UID FETCH 1:* FLAGS s", "EXISTS"], body)
+               "UID FETCH 1:* FLAGS s", "SELECT 3 s later", "STATUS 3 s later", "EXISTS"], body)
         for r in big:
             if "failed" in r:
                 lines.append(f"Big IMAP folder {r['peer']}: FAILED: {r['failed'][:300]}")
