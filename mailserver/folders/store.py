@@ -36,6 +36,8 @@ from mailserver.maildir import UniqueNames
 IDLE_FOLDERS = 64
 # Changes noticed on disk within this many seconds are taken in together.
 SETTLE = 0.02
+# Flag changes of at most this many messages are made on the reactor thread.
+INLINE_FLAG_CHANGES = 16
 
 
 @dataclass(frozen=True)
@@ -134,15 +136,21 @@ class SharedFolder:
 
     # Jobs.
 
-    def _run(self, job, *args, origin=None) -> defer.Deferred:
+    def _run(self, job, *args, origin=None, inline: bool = False) -> defer.Deferred:
         """
         Run C{job(state, *args)} in a worker thread after the jobs before
         it; apply its delta here and tell the watchers.  The result is the
         job's second value, if it returns a pair.
+
+        @param inline: run it on the reactor thread instead: a few renames
+            cost less than handing the job to a thread and back.
         """
 
         def start():
-            d = self._store.run_blocking(job, self._state, *args)
+            if inline:
+                d = defer.maybeDeferred(job, self._state, *args)
+            else:
+                d = self._store.run_blocking(job, self._state, *args)
             return d.addCallback(self._applied, origin)
 
         return self._serial.run(start)
@@ -204,7 +212,12 @@ class SharedFolder:
             after = self._state.entries
             return [uid for uid in before if uid in after and after[uid].flags != before[uid]]
 
-        return self._run(ops.store, list(uids), mode, list(flags), origin=origin).addCallback(changed)
+        # A few messages' system flags (a client reading its mail sets
+        # \\Seen a message at a time) are renamed here; keywords may need the
+        # folder's lock, so they go to a thread.
+        inline = len(before) <= INLINE_FLAG_CHANGES and all(f.startswith("\\") for f in flags)
+        storing = self._run(ops.store, list(uids), mode, list(flags), origin=origin, inline=inline)
+        return storing.addCallback(changed)
 
     def expunge(self, uids, origin) -> defer.Deferred:
         present = [uid for uid in uids if uid in self._state.entries]

@@ -130,10 +130,29 @@ _RFC822_ITEMS = {
 }
 
 
+# Parsed item lists by their text: a client sends the same few for every
+# message.
+_PARSED_ITEMS: dict[tuple[str, ...], list] = {}
+_MAX_PARSED_ITEMS = 256
+
+
 def fetch_items(value) -> list[str | BodyItem]:
     """
     FETCH's items: a macro, one item, or a list of items.
     """
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(item, Atom) for item in values):
+        key = (str(isinstance(value, list)), *values)
+        parsed = _PARSED_ITEMS.get(key)
+        if parsed is None:
+            parsed = _fetch_items(value)
+            if len(_PARSED_ITEMS) < _MAX_PARSED_ITEMS:
+                _PARSED_ITEMS[key] = parsed
+        return list(parsed)
+    return _fetch_items(value)
+
+
+def _fetch_items(value) -> list[str | BodyItem]:
     if isinstance(value, Atom) and value.upper() in _MACROS:
         return list(_MACROS[value.upper()])
     values = value if isinstance(value, list) else [value]

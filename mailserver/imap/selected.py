@@ -22,10 +22,11 @@ from mailserver.imap.fetcher import FetchRequest
 from mailserver.imap.grammar import ParseError, mailbox, sequence_set
 from mailserver.imap.state import State
 
-# Messages read for SEARCH per worker-thread call.
+# Messages read for SEARCH per worker-thread call, at most, and octets.
 SEARCH_BATCH = 256
+SEARCH_BATCH_OCTETS = 4 * 1024 * 1024
 # Messages up to this size are searched in memory, larger ones read in pieces.
-SEARCH_WHOLE = 1024 * 1024
+SEARCH_WHOLE = 256 * 1024
 
 
 def uid_set(uids: list[int]) -> str:
@@ -166,8 +167,16 @@ class SelectedHandlers:
         if not S.needs_message(keys):
             return [c for c in candidates if all(S.matches(key, c) for key in keys)]
         found = []
-        for start in range(0, len(candidates), SEARCH_BATCH):
-            batch = candidates[start : start + SEARCH_BATCH]
+        start = 0
+        while start < len(candidates):
+            batch = []
+            octets = 0
+            for candidate in candidates[start : start + SEARCH_BATCH]:
+                batch.append(candidate)
+                octets += min(max(candidate.size, 0), SEARCH_WHOLE)
+                if octets >= SEARCH_BATCH_OCTETS:
+                    break
+            start += len(batch)
             contents = await folder.read([c.uid for c in batch], SEARCH_WHOLE)
             for candidate, (_, content) in zip(batch, contents):
                 candidate.content = content
