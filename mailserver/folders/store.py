@@ -15,6 +15,7 @@ selecting a large folder again does not read it again.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from mailserver.folders import flags as F
 from mailserver.folders import names as N
 from mailserver.folders import ops, tree
 from mailserver.folders.state import Delta, FolderState, refresh
+from mailserver.folders.watch import APPEARED, GONE
 from mailserver.interfaces import FolderError, IFolderStore, IMailAccount, IMailFolder
 from mailserver.maildir import UniqueNames
 
@@ -70,6 +72,7 @@ class SharedFolder:
         self._users = 0
         self._refresh_waiters: list[defer.Deferred] | None = None
         self._settle_call = None
+        self._events: list[tuple] = []
         self._names_for: list[str] | None = None
         self._names: dict[str, list[str]] = {}
         self.forgotten = False
@@ -268,20 +271,48 @@ class SharedFolder:
             if not self._listeners:
                 self._store.watcher.ignore(self.path)
 
-    def _disk_changed(self) -> None:
+    def _disk_changed(self, subdir: str | None = None, name: bytes | None = None, mask: int = 0) -> None:
         """
-        Something in C{new/} or C{cur/} changed: take it in shortly (a
-        delivery's or a rename's several events at once).
+        Something in C{new/} or C{cur/} changed (C{subdir} and C{name} say
+        what, when the watcher knows): look shortly, at a delivery's or a
+        rename's several events at once.
         """
+        self._events.append((subdir, name, mask))
         if self._settle_call is None or not self._settle_call.active():
             self._settle_call = self._store.clock.callLater(SETTLE, self._settled)
 
     def _settled(self) -> None:
         self._settle_call = None
-        if not self.forgotten:
+        if self.forgotten:
+            return
+        if self._serial.locked:
+            # A job of ours is under way: its renames are among the events,
+            # and are known once it is done.
+            self._settle_call = self._store.clock.callLater(SETTLE, self._settled)
+            return
+        events, self._events = self._events, []
+        if any(self._foreign(*event) for event in events):
             self.refresh().addErrback(
                 lambda f: self.log.failure("Refreshing {path} failed", f, path=self.path)
             )
+
+    def _foreign(self, subdir: str | None, name: bytes | None, mask: int) -> bool:
+        """
+        Was this change made by someone else (a change this process made
+        is in the state already)?
+        """
+        if subdir is None or name is None:
+            return True
+        text = os.fsdecode(name)
+        if text[:1] == ".":
+            return False  # not a message
+        uid = self._state.by_name.get(text)
+        known_here = uid is not None and self._state.entries[uid].subdir == subdir
+        if mask & APPEARED:
+            return not known_here
+        if mask & GONE:
+            return known_here
+        return True
 
     # Users.
 

@@ -7,54 +7,130 @@ the directories' times say nothing changed).
 
 Inotify sees every writer, whatever process it is: the intake of this
 process or of a worker, POP3, another IMAP process, a local mail client.
+Each event names the file, so a folder can tell the renames and unlinks it
+made itself (every flag change is two events) from those of others, and
+look at the disk again only for the latter.
+
+The inotify reader here is a plain reactor reader over the system calls
+(by C{ctypes}), not C{twisted.internet.inotify}: measured with four IMAP
+clients reading their mail, Twisted's made a C{FilePath} per event, and
+handling the events of the server's own C{\\Seen} renames took an eighth
+of its CPU time.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
+import struct
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
 POLL_INTERVAL = 0.5
 _SUBDIRS = ("new", "cur")
 
+# inotify(7)
+IN_MODIFY = 0x2
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+APPEARED = IN_CREATE | IN_MOVED_TO
+GONE = IN_DELETE | IN_MOVED_FROM
+_MASK = APPEARED | GONE
+_EVENT = struct.Struct("=iIII")
 
+# changed(subdir, name, mask): one event; changed(None, None, 0): look
+# again, something may have changed.
+Changed = Callable[[str | None, bytes | None, int], None]
+
+
+@implementer(IReadDescriptor)
 class InotifyWatcher:
     log = Logger()
 
     def __init__(self, reactor) -> None:
-        from twisted.internet import inotify
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._add = libc.inotify_add_watch
+        self._remove = libc.inotify_rm_watch
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self._fd = fd
+        self._reactor = reactor
+        self._watches: dict[int, tuple[str, Changed]] = {}
+        self._by_path: dict[str, list[int]] = {}
+        reactor.addReader(self)
 
-        self._inotify = inotify
-        self._notifier = inotify.INotify(reactor)
-        self._notifier.startReading()
-        self._mask = (
-            inotify.IN_CREATE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
-            | inotify.IN_DELETE | inotify.IN_Q_OVERFLOW
-        )
-
-    def watch(self, path: str, changed: Callable[[], None]) -> None:
+    def watch(self, path: str, changed: Changed) -> None:
+        wds = []
         for sub in _SUBDIRS:
-            try:
-                self._notifier.watch(
-                    FilePath(f"{path}/{sub}"),
-                    mask=self._mask,
-                    callbacks=[lambda _watch, _path, _mask: changed()],
-                )
-            except Exception as e:  # gone, or out of inotify watches
-                self.log.warn("cannot watch {path}: {e}", path=f"{path}/{sub}", e=e)
+            wd = self._add(self._fd, os.fsencode(f"{path}/{sub}"), _MASK)
+            if wd < 0:  # gone, or out of watches: the folder is still scanned at each command
+                self.log.warn("cannot watch {path}: {e}", path=f"{path}/{sub}",
+                              e=os.strerror(ctypes.get_errno()))
+                continue
+            self._watches[wd] = (sub, changed)
+            wds.append(wd)
+        self._by_path[path] = wds
 
     def ignore(self, path: str) -> None:
-        for sub in _SUBDIRS:
-            try:
-                self._notifier.ignore(FilePath(f"{path}/{sub}"))
-            except KeyError:
-                pass
+        for wd in self._by_path.pop(path, []):
+            self._watches.pop(wd, None)
+            self._remove(self._fd, wd)
 
     def stop(self) -> None:
-        self._notifier.loseConnection()
+        self._reactor.removeReader(self)
+        os.close(self._fd)
+        self._watches.clear()
+        self._by_path.clear()
+
+    # IReadDescriptor
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "inotify"
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+    def doRead(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, 64 * 1024)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise
+            if not data:
+                return
+            self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        offset = 0
+        watches = self._watches
+        while offset + 16 <= len(data):
+            wd, mask, _, size = _EVENT.unpack_from(data, offset)
+            name = data[offset + 16 : offset + 16 + size].rstrip(b"\0")
+            offset += 16 + size
+            if mask & IN_Q_OVERFLOW:  # events were lost: every folder looks again
+                for _, changed in list(watches.values()):
+                    changed(None, None, 0)
+                continue
+            found = watches.get(wd)
+            if found is not None and not mask & IN_IGNORED:
+                found[1](found[0], name, mask)
 
 
 class PollingWatcher:
@@ -63,8 +139,8 @@ class PollingWatcher:
         self._interval = interval
         self._loops: dict[str, LoopingCall] = {}
 
-    def watch(self, path: str, changed: Callable[[], None]) -> None:
-        loop = LoopingCall(changed)
+    def watch(self, path: str, changed: Changed) -> None:
+        loop = LoopingCall(changed, None, None, 0)
         loop.clock = self._clock
         self._loops[path] = loop
         loop.start(self._interval, now=False)
@@ -85,9 +161,9 @@ class NoWatcher:
     """
 
     def __init__(self) -> None:
-        self.watched: dict[str, Callable[[], None]] = {}
+        self.watched: dict[str, Changed] = {}
 
-    def watch(self, path: str, changed: Callable[[], None]) -> None:
+    def watch(self, path: str, changed: Changed) -> None:
         self.watched[path] = changed
 
     def ignore(self, path: str) -> None:
@@ -99,9 +175,9 @@ class NoWatcher:
 
 def watcher_for(reactor):
     """
-    Inotify where the platform and reactor have it, else polling.
+    Inotify where the system has it, else polling.
     """
     try:
         return InotifyWatcher(reactor)
-    except Exception:  # no inotify here (not Linux, or no such reactor support)
+    except (OSError, AttributeError):  # not Linux: no inotify_init1 in libc
         return PollingWatcher(reactor)

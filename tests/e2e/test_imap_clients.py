@@ -337,9 +337,10 @@ def test_mbsync_both_ways(server, tmp_path):
 
 
 def rss_kib(pid: int, field: str) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     raise AssertionError(field)
 
 

@@ -171,23 +171,51 @@ def test_released_folders_are_kept_for_the_next_session(store, tmp_path, monkeyp
     assert result_of(account.open("INBOX")) is folder
 
 
-def test_inotify_watcher_tells_of_a_delivery(tmp_path):
-    from twisted.internet import reactor
+def test_inotify_watcher_names_the_files(tmp_path):
+    from twisted.internet.testing import MemoryReactor
 
-    from mailserver.folders.watch import InotifyWatcher
+    from mailserver.folders.watch import APPEARED, GONE, InotifyWatcher
 
     try:
-        watcher = InotifyWatcher(reactor)
-    except Exception as e:  # pragma: no cover - not Linux
+        watcher = InotifyWatcher(MemoryReactor())
+    except OSError as e:  # pragma: no cover - not Linux
         pytest.skip(f"no inotify here: {e}")
     (tmp_path / "new").mkdir()
     (tmp_path / "cur").mkdir()
     heard = []
-    watcher.watch(str(tmp_path), lambda: heard.append(1))
+    watcher.watch(str(tmp_path), lambda sub, name, mask: heard.append((sub, name, mask)))
     (tmp_path / "new" / "x").write_bytes(b"")
-    # inotify's read is a reactor read: run the notifier by hand.
-    watcher._notifier.doRead()
+    os.rename(tmp_path / "new" / "x", tmp_path / "cur" / "x:2,S")
+    watcher.doRead()
     watcher.ignore(str(tmp_path))
     watcher.stop()
-    assert heard
-    os.unlink(tmp_path / "new" / "x")
+    assert [(sub, name, bool(mask & APPEARED), bool(mask & GONE)) for sub, name, mask in heard] == [
+        ("new", b"x", True, False), ("new", b"x", False, True), ("cur", b"x:2,S", True, False),
+    ]
+
+
+def test_a_folder_looks_again_only_for_changes_it_did_not_make(tmp_path):
+    clock = Clock()
+    watcher = NoWatcher()
+    threads = Threads()
+    store = MailStore(lambda address: tmp_path / address, threads, clock, watcher, "h")
+    account = store.account("bob")
+    account.prepare()
+    threads.run_all()
+    deliver(tmp_path / "bob", "1.M1P1Q1.h")
+    opening = account.open("INBOX")
+    threads.run_all()
+    folder = result_of(opening)
+    folder.watch(lambda change: None)
+    changed = watcher.watched[folder.path]
+    storing = folder.store([1], "+", ["\\Seen"], None)  # renamed here, inline
+    result_of(storing)
+    # The rename's own two events: nothing to look at.
+    changed("new", b"1.M1P1Q1.h", 0x40)
+    changed("cur", b"1.M1P1Q1.h:2,S", 0x80)
+    clock.advance(1)
+    assert threads.calls == []
+    # Another program's delivery: look again.
+    changed("new", b"2.M1P1Q1.h", 0x100)
+    clock.advance(1)
+    assert [f.__name__ for f, _, _ in threads.calls] == ["refresh"]
