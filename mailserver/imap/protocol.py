@@ -153,6 +153,11 @@ class IMAPServer(Protocol):
         if self._reading is not None:
             self._reading.abandon()
         self._abandon_pieces()
+        if self._counted:
+            self.log.info(
+                "IMAP session ended: user={user} client={client}",
+                user=self.session.address or "-", client=self.session.connection.client,
+            )
         self.session.end()
         self._admission.release(self)
         self.closed.callback(None)
