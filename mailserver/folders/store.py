@@ -340,7 +340,7 @@ class MailAccount:
         return self._store.run_blocking(f, self.root, *args)
 
     def prepare(self) -> defer.Deferred:
-        return self._blocking(tree.prepare)
+        return self._store.run_blocking(tree.prepare, self._store.base, self.root)
 
     def names(self) -> defer.Deferred:
         return self._blocking(tree.list_names)
@@ -376,6 +376,7 @@ class MailAccount:
 class MailStore:
     """
     @param path_for: an account's canonical address to its Maildir.
+    @param base: the data folder, below which no link is followed.
     @param run_blocking: runs file work in a worker thread and returns a
         Deferred of its result.
     @param watcher: tells a folder of changes on disk
@@ -385,12 +386,14 @@ class MailStore:
     def __init__(
         self,
         path_for: Callable[[str], Path],
+        base: Path,
         run_blocking: Callable[..., defer.Deferred],
         clock,
         watcher,
         hostname: str,
     ) -> None:
         self._path_for = path_for
+        self.base = str(base)
         self.run_blocking = run_blocking
         self.clock = clock
         self.watcher = watcher

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 from mailserver.folders import names as N
 from mailserver.folders import uidlist
@@ -58,14 +59,14 @@ def exists(root: str, name: str) -> bool:
     return not os.path.islink(path) and os.path.isdir(os.path.join(path, "cur"))
 
 
-def prepare(root: str) -> None:
+def prepare(base: str, root: str) -> None:
     """
     The first login's set-up: INBOX, and the special folders (subscribed)
     where they are missing.  Cheap when done already.
-    """
-    from pathlib import Path
 
-    ensure_maildir(Path(root))
+    @param base: the data folder, below which no link is followed.
+    """
+    ensure_maildir(Path(base), Path(root))
     missing = [name for name in SPECIAL_USE if not exists(root, name)]
     for name in missing:
         _make_maildir(folder_path(root, name))

@@ -1,8 +1,7 @@
 """
-The IMAP listener's factory: one per listener role, counting its sessions
-against the connection caps, building them, and ending them all at
-shutdown.  Kept small so the connection-admission helper every protocol
-is to share can take its counting over.
+The IMAP listener's factory: one per listener role, admitting its sessions
+under the connection caps (L{mailserver.connection_limits}), building them,
+and ending them all at shutdown.
 """
 
 from __future__ import annotations
@@ -10,17 +9,39 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
+from mailserver.config import Relay
+from mailserver.connection_limits import ConnectionLimits, Refusal
 from mailserver.imap.dependencies import IMAPDependencies
 from mailserver.imap.protocol import IMAPServer
 
+# The text of the BYE that refuses a connection (RFC 5530 UNAVAILABLE: the
+# client should try again later).
+_REFUSALS = {
+    Refusal.CLIENT_FULL: "[UNAVAILABLE] Too many connections from your address.",
+    Refusal.LISTENER_FULL: "[UNAVAILABLE] Too many connections.",
+    Refusal.BUSY: "[UNAVAILABLE] Server too busy, try again later.",
+    Refusal.DROP: "[UNAVAILABLE] Server too busy.",  # aborted: nobody hears it
+}
+
 
 class IMAPFactory(ServerFactory):
+    """
+    @param dependencies: what every session of this listener is given.
+    @param connection_limits: the process's connection caps, shared with
+        the other listeners; by default this listener's own.
+    """
+
     protocol = IMAPServer
 
-    def __init__(self, dependencies: IMAPDependencies) -> None:
+    def __init__(
+        self, dependencies: IMAPDependencies, connection_limits: ConnectionLimits | None = None
+    ) -> None:
         self.dependencies = dependencies
         self.sessions: set[IMAPServer] = set()
-        self._per_client: dict[str, int] = {}
+        connection_limits = connection_limits or ConnectionLimits.for_process(
+            dependencies.limits, relay_connections=Relay().max_connections
+        )
+        self._limits = connection_limits.listener("imaps" if dependencies.implicit_tls else "imap")
         self._stopping = False
 
     def buildProtocol(self, addr) -> IMAPServer:
@@ -30,25 +51,17 @@ class IMAPFactory(ServerFactory):
         """
         Count a new session in, or say why not (the text of its BYE).
         """
-        limits = self.dependencies.limits
         if self._stopping:
             return "Server shutting down."
-        if len(self.sessions) >= limits.max_connections:
-            return "[UNAVAILABLE] Too many connections."
-        address = session.client_address
-        if self._per_client.get(address, 0) >= limits.max_connections_per_client:
-            return "[UNAVAILABLE] Too many connections from your address."
+        refusal = self._limits.admit(session, session.client_address)
+        if refusal is not None:
+            return _REFUSALS[refusal]
         self.sessions.add(session)
-        self._per_client[address] = self._per_client.get(address, 0) + 1
         return None
 
     def release(self, session: IMAPServer) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            address = session.client_address
-            self._per_client[address] -= 1
-            if not self._per_client[address]:
-                del self._per_client[address]
+        self.sessions.discard(session)
+        self._limits.release(session)
 
     def shutdown(self) -> defer.Deferred:
         """

@@ -12,15 +12,15 @@ closing.
 
 A command with literals arrives as lines, each ending with C{{n}} (the
 client waits for our C{+}, RFC 3501 7.5) or C{{n+}} (LITERAL+, RFC 7888:
-it does not), each followed by its n octets.  Literals are kept in memory
-up to L{SPILL} octets, beyond that in a temporary file; only APPEND may
-send more than L{MAX_COMMAND} octets in all (up to the message size
-limit).
+it does not), each followed by its n octets.  Only APPEND may send more
+than L{MAX_COMMAND} octets in all (up to the message size limit); a
+literal that large is kept in memory up to L{SPILL} octets while the
+process's memory budget allows, else in an anonymous file in the spool
+(L{mailserver.memory_budget.SpooledBuffer}).
 """
 
 from __future__ import annotations
 
-import tempfile
 from functools import partial
 
 from twisted.internet import defer
@@ -35,6 +35,7 @@ from mailserver.imap.fetcher import Fetcher, FetchRequest
 from mailserver.imap.grammar import Literal, ParseError, literal_at_end, parse, peek_tag_and_name
 from mailserver.imap.session import IMAPSession
 from mailserver.imap.state import Connection, State
+from mailserver.memory_budget import SpooledBuffer
 from mailserver.sasl import is_loopback
 from mailserver.wire.effects import CLOSE, START_TLS, Await, Login
 from mailserver.wire.flow import BUSY
@@ -44,7 +45,8 @@ from mailserver.wire.session import TOO_LONG, LineSession
 # A command line, and all of a command but APPEND's message, at most.
 MAX_LINE = 64 * 1024
 MAX_COMMAND = 64 * 1024
-# Literals up to this size are kept in memory while they arrive.
+# Larger literals are kept in memory (under the memory budget) up to
+# this size while they arrive.
 SPILL = 1024 * 1024
 # FETCH commands answered together (their files read by one job).
 FETCHES_PER_BATCH = 32
@@ -56,34 +58,49 @@ IDLE_KEEPALIVE = 120.0
 
 class _Reading:
     """
-    A literal being read: into memory, or into a file once large.
+    A literal being read.  One no larger than a whole command may be
+    (L{MAX_COMMAND}) is gathered as bytes, as a command line is; a larger
+    one (APPEND's message) goes into a L{SpooledBuffer} and is handed on
+    as a L{Literal}.
+
+    @ivar failed: the spool file could not be written (the rest is
+        discarded; the command is refused).
     """
 
-    def __init__(self, size: int, spool: str, discard: bool) -> None:
+    def __init__(self, size: int, deps: IMAPDependencies, discard: bool) -> None:
         self.size = size
         self.left = size
         self.discard = discard
+        self.failed = False
         self._memory = bytearray()
-        self._file = tempfile.TemporaryFile(dir=spool) if size > SPILL and not discard else None
+        self._buffer = None
+        if size > MAX_COMMAND and not discard:
+            spill_at = SPILL if size <= SPILL else 0  # straight to the file
+            self._buffer = SpooledBuffer(deps.budget, deps.open_spill, spill_size=spill_at)
 
     def take(self, data: bytes) -> None:
         self.left -= len(data)
         if self.discard:
             return
-        if self._file is not None:
-            self._file.write(data)
-        else:
+        if self._buffer is None:
             self._memory += data
+            return
+        try:
+            self._buffer.write(data)
+        except OSError as e:
+            IMAPServer.log.error("IMAP: cannot spool a literal: {problem}", problem=str(e))
+            self.abandon()
+            self.discard = self.failed = True
 
     def value(self):
-        if self._file is not None:
-            self._file.flush()
-            return Literal(self._file, self.size)
+        if self._buffer is not None:
+            return Literal(self._buffer, self.size)
         return bytes(self._memory)
 
     def abandon(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
 
 
 class IMAPServer(Protocol):
@@ -106,6 +123,7 @@ class IMAPServer(Protocol):
         self._fetches: list[FetchRequest] = []
         self._octets = 0
         self._reading: _Reading | None = None
+        self._reading_tag = "*"
         self._refusal = None
         self._keepalive = None
         self._counted = False
@@ -247,7 +265,8 @@ class IMAPServer(Protocol):
             return
         if too_large and self._refusal is None:
             self._refusal = R.no(tag or "*", "Literal too large.", "TOOBIG")
-        self._reading = _Reading(spec.size, self._deps.spool, discard=self._refusal is not None)
+        self._reading = _Reading(spec.size, self._deps, discard=self._refusal is not None)
+        self._reading_tag = tag or "*"
         if spec.synchronizing:
             self._lines.send(R.Continuation("OK").render())
             self._lines.flush()
@@ -262,6 +281,8 @@ class IMAPServer(Protocol):
             if reading.left:
                 return False
         self._reading = None
+        if reading.failed and self._refusal is None:
+            self._refusal = R.no(self._reading_tag, "Cannot take the message now.", "UNAVAILABLE")
         self._pieces.append(reading.value())
         return True
 

@@ -33,7 +33,7 @@ def _when(timestamp: float, now: float) -> str:
 
 
 def _list(config, args: argparse.Namespace) -> str:
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     now = time.time()
     messages, unusable = store.survey()
     lines = _table(messages, now) if messages else ["the queue is empty"]
@@ -68,7 +68,7 @@ def _table(messages, now: float) -> list[str]:
 
 
 def _show(config, args: argparse.Namespace) -> str:
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     m = store.load(args.id)
     now = time.time()
     out = [
@@ -103,7 +103,7 @@ def _show(config, args: argparse.Namespace) -> str:
 
 
 def _request(config, verb: str, target: str) -> str:
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     store.request(verb, target)
     running = (config.data_path / "mailserver.pid").exists()
     when = (f"the running server applies it within {config.relay.scan_interval:g}s" if running
@@ -115,7 +115,7 @@ def _flush(config, args: argparse.Namespace) -> str:
     if args.id and args.domain:
         raise QueueError("give a queue id or --domain, not both")
     if args.id:
-        QueueStore(config).load(args.id)
+        QueueStore(config.queue_path).load(args.id)
         return _request(config, "flush", args.id)
     if args.domain:
         domain = args.domain.lower().rstrip(".")
@@ -127,14 +127,14 @@ def _flush(config, args: argparse.Namespace) -> str:
 
 def _delete(config, args: argparse.Namespace) -> str:
     try:
-        QueueStore(config).load(args.id)
+        QueueStore(config.queue_path).load(args.id)
     except CorruptEntry:
         pass  # unusable, but it may still be deleted
     return _request(config, "delete", args.id)
 
 
 def _bounce(config, args: argparse.Namespace) -> str:
-    QueueStore(config).load(args.id)
+    QueueStore(config.queue_path).load(args.id)
     return _request(config, "bounce", args.id)
 
 

@@ -111,12 +111,17 @@ class TransactionResult:
     @ivar reached: whether this host answered about the recipients (else
         the next MX host should be tried).
     @ivar dsn: whether the server offered DSN, so it took over NOTIFY.
+    @ivar tls: how TLS went: C{""} (not tried), C{"not-offered"} (no
+        STARTTLS in the EHLO reply), C{"refused"} (STARTTLS answered but not
+        with 220), C{"started"} (the handshake began and no reply came over
+        it: it failed, or the line broke) or C{"established"}.
     """
 
     replies: dict[str, Reply] = field(default_factory=dict)
     reached: bool = False
     dsn: bool = False
     host: str = ""
+    tls: str = ""
 
 
 class _BodySender(FileSender):
@@ -154,6 +159,8 @@ class ESMTPClient(LineReceiver):
     # Plumbing.
 
     def connectionMade(self) -> None:
+        if self._tls_started:
+            self._outcome.tls = "started"
         self._expect(self._greeting, self.timeouts.command)
 
     def _expect(self, handler, timeout: float) -> None:
@@ -184,6 +191,8 @@ class ESMTPClient(LineReceiver):
             return
         reply = Reply.received(int(text[:3]), self._lines)
         self._lines = []
+        if self._outcome.tls == "started":
+            self._outcome.tls = "established"
         if not self._handlers:
             return  # an unsolicited reply, e.g. after QUIT
         handler, _ = self._handlers.popleft()
@@ -266,6 +275,7 @@ class ESMTPClient(LineReceiver):
             if "STARTTLS" in self._extensions:
                 self._send("STARTTLS", self._starttls_reply)
                 return
+            self._outcome.tls = "not-offered"
             if tls == "required":
                 self._fail(temporary("the server does not offer STARTTLS, which is required",
                                      "4.7.0"), close=False)
@@ -278,6 +288,7 @@ class ESMTPClient(LineReceiver):
 
     def _starttls_reply(self, reply: Reply) -> None:
         if reply.code != 220:
+            self._outcome.tls = "refused"
             if self.transaction.tls == "required":
                 self._fail(reply if not reply.positive else temporary("STARTTLS refused", "4.7.0"),
                            close=False)
@@ -286,14 +297,25 @@ class ESMTPClient(LineReceiver):
             self._tls_started = True  # do not ask again; go on in plaintext
             self._mail_or_auth()
             return
+        self._start_tls()
+        self._ehlo()
+
+    def _start_tls(self) -> None:
+        """
+        Switch to TLS, dropping whatever arrived in the clear after the 220:
+        a man in the middle could have put a made-up EHLO reply there, to be
+        taken as the one sent over TLS (issue 19, Postfix's CVE-2011-0411).
+        """
+        self.clearLineBuffer()
+        self._lines = []
         options = self.transaction.tls_options
         if options is None:
-            from twisted.internet.ssl import CertificateOptions
+            from mailserver.relay.tls_policy import unverified_client_tls
 
-            options = CertificateOptions()
+            options = unverified_client_tls(self._outcome.host)
         self.transport.startTLS(options)
         self._tls_started = True
-        self._ehlo()
+        self._outcome.tls = "started"
 
     def _mail_or_auth(self) -> None:
         if self.transaction.username:
@@ -302,6 +324,11 @@ class ESMTPClient(LineReceiver):
             self._mail()
 
     def _auth(self) -> None:
+        if self._outcome.tls != "established":
+            # The password goes over TLS or not at all.
+            self._fail(temporary("will not send AUTH without TLS", "4.7.0"), close=False)
+            self._quit()
+            return
         mechanisms = self._extensions.get("AUTH", "").upper().split()
         if "PLAIN" not in mechanisms:
             self._fail(temporary("the server does not offer AUTH PLAIN", "4.7.0"), close=False)
@@ -481,11 +508,12 @@ def deliver(reactor, host: str, port: int, transaction: Transaction, timeouts: T
     by_name = isinstance(endpoint, endpoints.HostnameEndpoint)
     deadline = timeouts.resolve + timeouts.connect
     if transaction.tls == "implicit":
-        if implicit_tls_options is None:
-            from twisted.internet.ssl import CertificateOptions
+        options = implicit_tls_options or transaction.tls_options
+        if options is None:
+            from mailserver.relay.tls_policy import unverified_client_tls
 
-            implicit_tls_options = CertificateOptions()
-        endpoint = endpoints.wrapClientTLS(implicit_tls_options, endpoint)
+            options = unverified_client_tls(name or host)
+        endpoint = endpoints.wrapClientTLS(options, endpoint)
     connecting = endpoints.connectProtocol(endpoint, protocol)
     if by_name:
         # HostnameEndpoint bounds each connection attempt, not the lookup

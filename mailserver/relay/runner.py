@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import replace
+from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -42,6 +43,7 @@ from mailserver.hooks import Delivery
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
+from mailserver.relay.mta_sts import make_mta_sts
 from mailserver.relay.mx import MXRouter, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
@@ -54,6 +56,8 @@ from mailserver.relay.queue import (
     QueueStore,
 )
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
+from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
+from mailserver.safe_text import printable
 
 
 class _Slots:
@@ -97,6 +101,10 @@ class _Slots:
 
 class RelayRunner(Service):
     """
+    @param relay: the C{[relay]} section (L{mailserver.config.Relay}).
+    @param hostname: ours, for EHLO and reports.
+    @param mta_sts_path: the folder MTA-STS policies are cached in
+        (L{mailserver.config.Config.mta_sts_path}).
     @param courier: an L{ICourier}; default: MX routing and the SMTP client.
     @param accounts: resolves local senders' addresses to their accounts
         for reports (without it, the sender address is used as is).
@@ -111,7 +119,9 @@ class RelayRunner(Service):
     def __init__(
         self,
         *,
-        config,
+        relay,
+        hostname: str,
+        mta_sts_path: Path,
         queue: QueueStore,
         intake,
         reactor,
@@ -129,8 +139,9 @@ class RelayRunner(Service):
         """
         self._metrics = metrics or unregistered_metrics()
         self._on_delivered = on_delivered
-        self._config = config
-        self._relay = config.relay
+        self._hostname = hostname
+        self._mta_sts_path = mta_sts_path
+        self._relay = relay
         self._queue = queue
         self._intake = intake
         self._reactor = reactor
@@ -140,7 +151,7 @@ class RelayRunner(Service):
         self._accounts = accounts
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
-        self.policy = RetryPolicy.from_config(config.relay)
+        self.policy = RetryPolicy.from_config(relay)
         self._slots = _Slots(self._relay.max_connections, self._relay.max_connections_per_destination)
         self._timers: dict = {}
         self._active: dict[str, defer.Deferred] = {}
@@ -163,15 +174,24 @@ class RelayRunner(Service):
             # queries (made at once); the deadline holds whatever happens.
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
                               deadline=3 * self._relay.dns_timeout)
+            tls = ClientTLS(ca_certificates(self._relay))
             self._courier = LoggingCourier(
                 RouteCourier(
                     reactor=self._reactor,
                     relay=self._relay,
-                    hostname=self._config.hostname,
+                    hostname=self._hostname,
                     store=self._queue,
                     router=router,
+                    tls=tls,
+                    mta_sts=make_mta_sts(self._relay, self._mta_sts_path, self._reactor, resolver,
+                                         router, tls, io=self._io),
+                    count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
                 )
             )
+            if not self._relay.smarthost_tls_verify:
+                self.log.warn("relay: smarthost_tls_verify = false: the certificates of the "
+                              "smarthost and transport hosts are not checked, so anyone on "
+                              "the way can read the mail and the smarthost password")
         removed = self._queue.remove_orphans()
         if removed:
             self.log.info("relay: removed {n} unacknowledged queue files", n=len(removed))
@@ -467,7 +487,8 @@ class RelayRunner(Service):
                                    id=message.id, action=action, e=str(e))
                 except Exception as e:
                     self.log.error("relay: {id}: cannot send a {action} report to <{to}>: {e}",
-                                   id=message.id, action=action, to=message.sender, e=str(e))
+                                   id=message.id, action=action, to=printable(message.sender),
+                                   e=str(e))
                     if action == dsn_module.DELAYED:
                         message = replace(message, delay_warned=False)
                     continue
@@ -492,7 +513,7 @@ class RelayRunner(Service):
         original = await self._io(read)
         data = dsn_module.build_dsn(
             message, recipients, action,
-            hostname=self._config.hostname,
+            hostname=self._hostname,
             original=original,
             headers_only=headers_only,
             now=now,
@@ -513,11 +534,11 @@ class RelayRunner(Service):
             raise
         await receiver.finish()
         self.log.info("relay: {id}: {action} report sent to <{to}>", id=message.id,
-                      action=action, to=message.sender)
+                      action=action, to=printable(message.sender))
 
     def _report_destinations(self, sender: str) -> tuple[str, ...]:
         domain = sender.rpartition("@")[2]
-        if self._accounts is not None and self._config.is_local_domain(domain):
+        if self._accounts is not None and self._accounts.is_local_domain(domain):
             resolved = self._accounts.resolve(sender)
             if not resolved:
                 raise QueueError(f"local sender <{sender}> has no mailbox")

@@ -2,7 +2,8 @@
 What an SMTP session needs from the rest of the server, fixed for one
 listener: handed to every session as one frozen value, so a session sees
 its collaborators and its own configuration sections and nothing else (no
-factory, no whole configuration).
+factory, no whole configuration: L{SMTPDependencies.for_listener} is given
+the sections, not a L{mailserver.config.Config}).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailserver.config import SMTP, Config, Limits
+from mailserver.config import SMTP, Limits
 from mailserver.hooks import Hooks
-from mailserver.interfaces import IIntake
+from mailserver.interfaces import IAccounts, IIntake
 from mailserver.login_throttle import LoginThrottle, throttle_for
 from mailserver.metrics import ServerMetrics, unregistered_metrics
 from mailserver.smtp.policy import Policy
@@ -54,14 +55,16 @@ class SMTPDependencies:
     flush_queue: Callable[[str], int] | None = None
 
     @classmethod
-    def from_config(
+    def for_listener(
         cls,
         *,
-        config: Config,
         role: str,
-        accounts,
+        hostname: str,
+        smtp: SMTP,
+        limits: Limits,
+        accounts: IAccounts,
         portal,
-        intake,
+        intake: IIntake,
         tls_options,
         reactor,
         implicit_tls: bool = False,
@@ -71,22 +74,24 @@ class SMTPDependencies:
         login_throttle: LoginThrottle | None = None,
     ) -> SMTPDependencies:
         """
+        @param smtp: the C{[smtp]} section.
+        @param limits: the C{[limits]} section.
         @param queue_runner: the relay runner, for ETRN; C{None} if there is
             none.
         @param login_throttle: failed logins per client address, shared with
             the other listeners; by default this listener's own.
         """
         return cls(
-            hostname=config.hostname,
+            hostname=hostname,
             role=role,
             metrics_role="submissions" if implicit_tls else role,
-            policy=Policy(config, role, accounts),
+            policy=Policy(smtp, role, accounts),
             intake=intake,
             portal=portal,
-            login_throttle=login_throttle or throttle_for(config, reactor),
+            login_throttle=login_throttle or throttle_for(limits, reactor),
             clock=reactor,
-            smtp=config.smtp,
-            limits=config.limits,
+            smtp=smtp,
+            limits=limits,
             metrics=metrics or unregistered_metrics(),
             next_session_id=_session_ids(),
             tls_options=tls_options,

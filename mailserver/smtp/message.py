@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from functools import lru_cache
 
+from mailserver.safe_text import printable
 from mailserver.smtp.replies import (
     BARE_NEWLINE,
     DATA_LINE_TOO_LONG,
@@ -57,7 +58,12 @@ class MessageSink:
         self.problem: Reply | None = None
         self._held_cr = b""
         self._line_length = 0
-        self._header: bytearray | None = bytearray(b"\r\n")
+        # The header section is scanned as it passes, keeping only its last
+        # line (which may not have ended yet), after a CRLF that marks its
+        # start; None once its end is found or it is too long to scan.
+        self._header: bytes | None = b"\r\n"
+        self._header_scanned = 0
+        self._received = 0
 
     def write(self, data: bytes) -> None:
         if self.problem is not None:
@@ -107,7 +113,7 @@ class MessageSink:
         if self._held_cr and self.problem is None:
             self._refuse(BARE_NEWLINE)
         if self._header is not None and self.problem is None:
-            self._count_received(bytes(self._header))
+            self._count_received(self._header)
         if self.problem is None and self._trace_header:
             self._forward(self._trace_header)  # an empty message
         return self.problem
@@ -127,21 +133,25 @@ class MessageSink:
         return longest + 1 > self._max_line or self._line_length > self._max_line
 
     def _scan_header(self, text: bytes) -> None:
-        header = self._header
-        assert header is not None
-        # Search only what is new (and the 3 octets before it), so a header
-        # sent in many small pieces costs linear time, not quadratic.
-        start = max(0, len(header) - 3)
-        header += text
-        end = header.find(b"\r\n\r\n", start)
+        assert self._header is not None
+        header = self._header + text
+        end = header.find(b"\r\n\r\n")
         if end >= 0:
             self._header = None
-            self._count_received(bytes(header[:end]))
-        elif len(header) > _MAX_HEADER_SCAN:
+            self._count_received(header[:end])
+            return
+        self._header_scanned += len(text)
+        if self._header_scanned > _MAX_HEADER_SCAN:
             self._header = None
+            return
+        # Count the fields of the lines that have ended; keep the last line.
+        last = header.rfind(b"\r\n")
+        self._received += len(_RECEIVED.findall(header, 0, last))
+        self._header = header[last:]
 
     def _count_received(self, header: bytes) -> None:
-        if len(_RECEIVED.findall(header)) > self._max_received:
+        self._received += len(_RECEIVED.findall(header))
+        if self._received > self._max_received:
             self._refuse(LOOP_DETECTED)
 
     def _refuse(self, problem: Reply) -> None:
@@ -166,15 +176,15 @@ def received_header(
     client is named by its address literal.
     """
     literal = f"[IPv6:{client_address}]" if ":" in client_address else f"[{client_address}]"
-    lines = [f"Received: from {_printable(helo)} ({literal})"]
+    lines = [f"Received: from {_in_comment(helo)} ({literal})"]
     if tls:
         lines.append(f"\t({tls})")
     if authenticated:
-        lines.append(f"\t(Authenticated sender: {_printable(authenticated)})")
+        lines.append(f"\t(Authenticated sender: {_in_comment(authenticated)})")
     lines.append(f"\tby {hostname} (mailserver) with {protocol} id {session_id}")
     date = _date(int(when))
     if recipient:
-        lines.append(f"\tfor <{recipient}>; {date}")
+        lines.append(f"\tfor <{printable(recipient)}>; {date}")
     else:
         lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
@@ -188,8 +198,12 @@ def _date(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)
+def _in_comment(text: str) -> str:
+    """
+    Client text for a comment (or the word before one): printable, and no
+    parenthesis to end it early.
+    """
+    return printable(text).replace("(", "?").replace(")", "?")
 
 
 def with_protocol(*, esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:

@@ -96,6 +96,8 @@ class SMTPServer(Protocol):
                 port=getattr(peer, "port", 0),
                 loopback=is_loopback(peer),
                 describe_tls=self._tls_description,
+                tls_parameters=self._tls_parameters,
+                unread=self._lines.unread,
             ),
             tls=deps.implicit_tls or ISSLTransport.providedBy(transport),
         )
@@ -324,10 +326,19 @@ class SMTPServer(Protocol):
 
     # Connection facts.
 
-    def _tls_description(self) -> str | None:
+    def _tls_parameters(self) -> tuple[str | None, str | None]:
+        """
+        The TLS protocol and cipher names, C{(None, None)} when unknown.
+        """
         handle = getattr(self.transport, "getHandle", lambda: None)()
         version = getattr(handle, "get_protocol_version_name", None)
         cipher = getattr(handle, "get_cipher_name", None)
         if version is None or cipher is None:
+            return None, None
+        return version(), cipher()
+
+    def _tls_description(self) -> str | None:
+        version, cipher = self._tls_parameters()
+        if version is None:
             return "using TLS"
-        return f"using {version()} with cipher {cipher()}"
+        return f"using {version} with cipher {cipher}"

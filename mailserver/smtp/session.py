@@ -8,7 +8,9 @@ returns a result: a reply, C{None}, an effect of L{mailserver.wire.effects}
 (close, start TLS, check a login, wait for a Deferred), a Deferred of a
 result, or a tuple of results.  No handler touches a transport; the glue in
 L{mailserver.smtp.protocol} does the I/O.  The legal sequences are the
-table L{_SEQUENCES} at the end of this module::
+table L{_SEQUENCES} at the end of this module (a table, not an automat
+machine: an automat input costs about ten dict lookups, and the table is
+looked up for every command of every message; see bench/README.md)::
 
     START --HELO/EHLO--> READY --MAIL--> MAIL --DATA--> DATA --.--> READY
       ^                  |  ^              |
@@ -148,6 +150,7 @@ class SMTPSession(TransactionHandlers):
             helo=self.helo or "",
             authenticated=self.account,
             tls=self.tls,
+            _unread=self.connection.unread,
         )
 
     # Lines.
@@ -195,7 +198,7 @@ class SMTPSession(TransactionHandlers):
         ]
         if self._starttls_offered():
             lines.append("STARTTLS")
-        if self._auth_allowed() and self.account is None:
+        if self.deps.policy.offers_auth and self._auth_allowed() and self.account is None:
             lines.append("AUTH " + " ".join(MECHANISMS))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         return Reply(250, "", tuple(lines))
@@ -307,6 +310,8 @@ class SMTPSession(TransactionHandlers):
         return self.tls or self.deps.smtp.auth_over_plaintext or self.connection.loopback
 
     def _auth_problem(self) -> Reply | None:
+        if not self.deps.policy.offers_auth:
+            return R.AUTH_NOT_OFFERED
         if not self.esmtp:
             return R.NEED_EHLO
         if self.account is not None:
@@ -331,6 +336,12 @@ class SMTPSession(TransactionHandlers):
 
     def auth_in_mail(self, argument: str) -> Reply:
         return self._auth_problem() or R.IN_TRANSACTION
+
+    def auth_before_ehlo(self, argument: str) -> Reply:
+        """
+        A listener that does not offer AUTH says so first, as Postfix does.
+        """
+        return self._auth_problem() or R.NEED_EHLO
 
     def sasl_response(self, line: bytes):
         """
@@ -376,7 +387,7 @@ _SEQUENCES = {
     "EXPN":     ("do_EXPN",           "do_EXPN",           "do_EXPN",           "do_EXPN"),
     "ETRN":     (R.NEED_HELO,         "do_ETRN",           R.IN_TRANSACTION,    R.IN_TRANSACTION),
     "STARTTLS": ("do_STARTTLS",       "do_STARTTLS",       "starttls_in_mail",  "starttls_in_mail"),
-    "AUTH":     (R.NEED_EHLO,         "do_AUTH",           "auth_in_mail",      "auth_in_mail"),
+    "AUTH":     ("auth_before_ehlo",  "do_AUTH",           "auth_in_mail",      "auth_in_mail"),
     # TURN is unsafe (RFC 2821 dropped it); RFC 5321 dropped SEND.
     "TURN":     (R.NOT_IMPLEMENTED,) * 4,
     "SEND":     (R.NOT_IMPLEMENTED,) * 4,

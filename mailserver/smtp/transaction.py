@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 import mailserver.smtp.replies as R
 from mailserver.envelope import Envelope, Recipient
+from mailserver.safe_text import printable
 from mailserver.smtp.grammar import (
     GrammarError,
     MailOptions,
@@ -259,6 +260,12 @@ class TransactionHandlers:
         deps = self.deps
         connection = self.connection
         options = transaction.options
+        # One id for the Received field and the envelope (plugins such as
+        # Rspamd name the transaction by it in their logs).
+        session_id = deps.next_session_id()
+        tls_version, tls_cipher = connection.tls_parameters() if self.tls else (None, None)
+        if self.tls and tls_version is None:
+            tls_version = "TLS"
         envelope = Envelope(
             sender=transaction.sender.address if transaction.sender else "",
             recipients=tuple(transaction.recipients),
@@ -270,6 +277,9 @@ class TransactionHandlers:
             body=options.body,
             smtputf8=options.smtputf8,
             size=options.size,
+            trace_id=session_id,
+            tls_version=tls_version,
+            tls_cipher=tls_cipher,
         )
         try:
             receiver = deps.intake.begin(envelope)
@@ -287,7 +297,7 @@ class TransactionHandlers:
                 tls=self.tls,
                 authenticated=self.account is not None,
             ),
-            session_id=deps.next_session_id(),
+            session_id=session_id,
             tls=connection.describe_tls() if self.tls else None,
             authenticated=self.account,
             recipient=only,
@@ -365,10 +375,10 @@ class TransactionHandlers:
             code=answer.code,
             enhanced=answer.enhanced,
             client=self.connection.address,
-            helo=self.helo or "-",
-            user=self.account or "-",
-            sender=transaction.sender.log_safe() if transaction.sender else "",
-            recipients=",".join(f"<{r.address}>" for r in transaction.recipients),
+            helo=printable(self.helo or "-"),
+            user=printable(self.account or "-"),
+            sender=printable(transaction.sender.address) if transaction.sender else "",
+            recipients=",".join(f"<{printable(r.address)}>" for r in transaction.recipients),
             size=transaction.sink.size if transaction.sink is not None else 0,
             ms=elapsed_ms,
         )
@@ -391,7 +401,6 @@ class TransactionHandlers:
 
 def _grammar_reply(error: GrammarError) -> Reply:
     """
-    Bad parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
+    Unknown parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
     """
-    code = 555 if error.enhanced == "5.5.4" else 501
-    return reply(code, error.enhanced, str(error))
+    return reply(error.code, error.enhanced, str(error))

@@ -6,6 +6,7 @@ the test says, as a worker thread would run it later).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from twisted.internet import defer
@@ -16,6 +17,8 @@ from twisted.internet.error import ConnectionDone
 from mailserver.folders.store import MailStore
 from mailserver.folders.watch import NoWatcher
 from mailserver.imap import IMAPDependencies, IMAPFactory
+from mailserver.login_throttle import throttle_for
+from mailserver.safe_fs import anonymous_file
 from mailserver.testing import LOOPBACK, TLSStringTransport, make_config, make_portal
 
 
@@ -62,26 +65,31 @@ class IMAPHarness:
         clock=None,
         login_throttle=None,
         factory=None,
+        budget=None,
     ) -> None:
         self.root = root
         (root / "spool").mkdir(parents=True, exist_ok=True)
         self.clock = clock or MemoryReactorClock()
         self.config = config or make_config(data_dir=str(root / "data"))
         self.store = store or MailStore(
-            lambda address: root / "mail" / address, run_blocking, self.clock, NoWatcher(), "host"
+            lambda address: root / "mail" / address, root, run_blocking, self.clock, NoWatcher(), "host"
         )
         if factory is None:
-            deps = IMAPDependencies.from_config(
-                config=self.config,
+            config = self.config
+            deps = IMAPDependencies.for_listener(
+                hostname=config.hostname,
+                imap=config.imap,
+                limits=config.limits,
                 portal=make_portal(**{"bob@example.org": "secret", "alice@example.org": "wonder"}),
                 store=self.store,
+                login_throttle=login_throttle or throttle_for(config.limits, self.clock),
+                open_spill=partial(anonymous_file, root, root / "spool"),
                 tls_options=tls_options,
                 reactor=self.clock,
                 implicit_tls=implicit_tls,
+                budget=budget,
                 run_blocking=run_blocking,
-                login_throttle=login_throttle,
             )
-            deps = type(deps)(**{**deps.__dict__, "spool": str(root / "spool")})
             factory = IMAPFactory(deps)
         self.factory = factory
         self.transport = TLSStringTransport(peerAddress=peer)

@@ -4,6 +4,8 @@ responses and effects as values (a Login to check, an Await on the folder
 store, a FetchRequest for the glue) and move the state.
 """
 
+from functools import partial
+
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
@@ -15,6 +17,8 @@ from mailserver.imap.fetcher import FetchRequest
 from mailserver.imap.grammar import parse
 from mailserver.imap.session import IMAPSession
 from mailserver.imap.state import Connection, State
+from mailserver.login_throttle import throttle_for
+from mailserver.safe_fs import anonymous_file
 from mailserver.testing import make_config, make_portal
 from mailserver.wire.effects import CLOSE, START_TLS, Await, Login
 
@@ -22,10 +26,15 @@ from mailserver.wire.effects import CLOSE, START_TLS, Await, Login
 def machine(tmp_path, loopback=True, tls_options=None) -> IMAPSession:
     clock = MemoryReactorClock()
     store = MailStore(
-        lambda address: tmp_path / address, lambda f, *a: defer.maybeDeferred(f, *a), clock, NoWatcher(), "h"
+        lambda address: tmp_path / address, tmp_path, lambda f, *a: defer.maybeDeferred(f, *a), clock,
+        NoWatcher(), "h",
     )
-    deps = IMAPDependencies.from_config(
-        config=make_config(), portal=make_portal(), store=store, tls_options=tls_options, reactor=clock
+    config = make_config()
+    deps = IMAPDependencies.for_listener(
+        hostname=config.hostname, imap=config.imap, limits=config.limits, portal=make_portal(),
+        store=store, login_throttle=throttle_for(config.limits, clock),
+        open_spill=partial(anonymous_file, tmp_path, tmp_path), tls_options=tls_options,
+        reactor=clock,
     )
     return IMAPSession(deps, Connection("192.0.2.1", "192.0.2.1:1", loopback))
 

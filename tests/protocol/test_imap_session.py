@@ -361,9 +361,11 @@ def test_failed_logins_share_the_throttle_with_smtp(tmp_path):
     clock = MemoryReactorClock()
     throttle = LoginThrottle(clock, delay=0.0, limit=2, window=900)
     config = make_config(smtp={"auth_over_plaintext": True})
-    smtp = SMTPHarness(factory=SMTPFactory(SMTPDependencies.from_config(
-        config=config,
+    smtp = SMTPHarness(factory=SMTPFactory(SMTPDependencies.for_listener(
         role="submission",
+        hostname=config.hostname,
+        smtp=config.smtp,
+        limits=config.limits,
         accounts=FakeAccounts(config, ["bob@example.org"]),
         portal=make_portal(**{"bob@example.org": "secret"}),
         intake=MemoryIntake(),

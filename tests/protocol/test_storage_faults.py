@@ -20,8 +20,9 @@ from twisted.internet.testing import MemoryReactorClock
 
 import mailserver.intake
 import mailserver.maildir
-from mailserver.accounts import Accounts
+import mailserver.safe_fs
 from mailserver.config import Config, Limits
+from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
 from mailserver.smtp import SMTPDependencies, SMTPFactory
@@ -90,6 +91,8 @@ class FaultyOS:
 def faults(monkeypatch):
     injected = FaultyOS()
     monkeypatch.setattr(mailserver.maildir, "os", injected)
+    # Files and folders are opened there (without following links).
+    monkeypatch.setattr(mailserver.safe_fs, "os", injected)
     return injected
 
 
@@ -101,17 +104,21 @@ def server(tmp_path):
         local_domains=("example.org",),
         limits=Limits(min_free_space=0),
     )
-    accounts = Accounts(config)
+    accounts = accounts_for(config)
     accounts.add_user("bob@example.org", "x")
     accounts.add_user("carol@example.org", "x")
 
     def session() -> SMTPHarness:
-        factory = SMTPFactory(SMTPDependencies.from_config(
-            config=config,
+        factory = SMTPFactory(SMTPDependencies.for_listener(
             role="smtp",
+            hostname=config.hostname,
+            smtp=config.smtp,
+            limits=config.limits,
             accounts=accounts,
             portal=make_portal(),
-            intake=Intake(accounts=accounts, reactor=None, committer=InlineCommitter()),
+            intake=Intake(accounts=accounts, reactor=None, data_path=config.data_path,
+                          hostname=config.hostname, min_free_space=0,
+                          committer=InlineCommitter()),
             tls_options=None,
             reactor=MemoryReactorClock(),
         ))
@@ -122,14 +129,14 @@ def server(tmp_path):
 
 
 def mailbox(accounts, address) -> list[bytes]:
-    return [Path(i.path).read_bytes() for i in Mailbox(accounts.mailbox_path(address)).messages()]
+    return [Path(i.path).read_bytes() for i in Mailbox(accounts.mailbox_path(address), accounts.users_path.parent).messages()]
 
 
 def leftovers(accounts) -> list[str]:
     """
     Every file under a C{tmp/} folder of the data folder.
     """
-    root = accounts.config.data_path
+    root = accounts.users_path.parent  # the data folder
     return [str(p) for p in root.rglob("tmp/*") if p.is_file()]
 
 
@@ -208,8 +215,10 @@ def test_mail_is_refused_with_452_when_the_reserve_is_not_free(tmp_path):
         local_domains=("example.org",),
         limits=Limits(min_free_space=10**18),  # more than any disk has
     )
-    accounts = Accounts(config)
-    intake = Intake(accounts=accounts, reactor=None, committer=InlineCommitter())
+    accounts = accounts_for(config)
+    intake = Intake(accounts=accounts, reactor=None, data_path=config.data_path,
+                    hostname=config.hostname, min_free_space=config.limits.min_free_space,
+                    committer=InlineCommitter())
     assert not intake.has_room(0)
     s = SMTPHarness(config=config, intake=intake)
     s.ehlo()
@@ -222,7 +231,9 @@ def test_a_size_larger_than_the_free_space_is_refused_at_mail(tmp_path):
         hostname="mx.test", data_dir=str(tmp_path / "data"), local_domains=("example.org",),
         limits=Limits(min_free_space=0, max_message_size=2**62),
     )
-    intake = Intake(accounts=Accounts(config), reactor=None, committer=InlineCommitter())
+    intake = Intake(accounts=accounts_for(config), reactor=None, data_path=config.data_path,
+                    hostname=config.hostname, min_free_space=config.limits.min_free_space,
+                    committer=InlineCommitter())
     free = mailserver.maildir.free_space(config.data_path)
     assert intake.has_room(0)
     assert not intake.has_room(free * 2 + 2**40)

@@ -28,7 +28,7 @@ def loaded(folder, root=None):
 @pytest.fixture
 def maildir(tmp_path):
     root = tmp_path / "bob"
-    tree.prepare(str(root))
+    tree.prepare(str(root), str(root))
     return root
 
 
@@ -364,6 +364,6 @@ def test_delete_removes_the_folder_not_its_children(maildir):
 
 def test_a_symbolic_link_is_not_a_folder(maildir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
-    tree.prepare(str(elsewhere))
+    tree.prepare(str(elsewhere), str(elsewhere))
     os.symlink(elsewhere, maildir / ".Linked")
     assert "Linked" not in tree.list_names(str(maildir))

@@ -49,7 +49,7 @@ def result_of(d):
 
 @pytest.fixture
 def store(tmp_path):
-    return MailStore(lambda address: tmp_path / address, inline, Clock(), NoWatcher(), "host")
+    return MailStore(lambda address: tmp_path / address, tmp_path, inline, Clock(), NoWatcher(), "host")
 
 
 def deliver(root, name):
@@ -87,7 +87,7 @@ def test_store_answers_only_the_uids_that_changed(store, tmp_path):
 
 def test_jobs_run_one_at_a_time_and_refreshes_are_merged(tmp_path):
     threads = Threads()
-    store = MailStore(lambda address: tmp_path / address, threads, Clock(), NoWatcher(), "h")
+    store = MailStore(lambda address: tmp_path / address, tmp_path, threads, Clock(), NoWatcher(), "h")
     account = store.account("bob")
     account.prepare()
     threads.run_all()
@@ -147,7 +147,7 @@ def test_move_tells_both_folders_watchers(store, tmp_path):
 def test_a_change_on_disk_reaches_a_watcher_through_the_watcher(tmp_path):
     clock = Clock()
     watcher = PollingWatcher(clock, interval=0.5)
-    store = MailStore(lambda address: tmp_path / address, inline, clock, watcher, "h")
+    store = MailStore(lambda address: tmp_path / address, tmp_path, inline, clock, watcher, "h")
     account = store.account("bob")
     result_of(account.prepare())
     folder = result_of(account.open("INBOX"))
@@ -198,7 +198,7 @@ def test_a_folder_looks_again_only_for_changes_it_did_not_make(tmp_path):
     clock = Clock()
     watcher = NoWatcher()
     threads = Threads()
-    store = MailStore(lambda address: tmp_path / address, threads, clock, watcher, "h")
+    store = MailStore(lambda address: tmp_path / address, tmp_path, threads, clock, watcher, "h")
     account = store.account("bob")
     account.prepare()
     threads.run_all()

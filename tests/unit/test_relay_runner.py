@@ -10,9 +10,9 @@ import email.policy
 
 from twisted.internet import defer
 
-from mailserver.accounts import Accounts
-from mailserver.config import Config, Relay
+from mailserver.config import Config, HostPort, Relay
 from mailserver.envelope import Envelope, Recipient
+from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
 from mailserver.relay import QueueStore, RelayRunner
@@ -57,17 +57,20 @@ class World:
             relay=Relay(**relay),
         )
         self.reactor = InlineReactor()
-        self.accounts = Accounts(self.config)
+        self.accounts = accounts_for(self.config)
         if "s@example.org" not in self.accounts.users():
             self.accounts.add_user("s@example.org", "pw")
-        self.queue = QueueStore(self.config, clock=self.reactor.seconds)
+        self.queue = QueueStore(self.config.queue_path, clock=self.reactor.seconds)
         self.intake = Intake(
-            accounts=self.accounts, reactor=self.reactor, queue=self.queue,
+            accounts=self.accounts, reactor=self.reactor, data_path=self.config.data_path,
+            hostname=self.config.hostname, min_free_space=0, queue=self.queue,
             committer=InlineCommitter(),
         )
         self.courier = courier
         self.runner = RelayRunner(
-            config=self.config, queue=self.queue, intake=self.intake, reactor=self.reactor,
+            relay=self.config.relay, hostname=self.config.hostname,
+            mta_sts_path=self.config.mta_sts_path, queue=self.queue,
+            intake=self.intake, reactor=self.reactor,
             courier=courier, accounts=self.accounts, jitter=lambda d: d,
         )
 
@@ -89,7 +92,7 @@ class World:
         return results[0]
 
     def bounces(self):
-        box = Mailbox(self.accounts.mailbox_path("s@example.org"))
+        box = Mailbox(self.accounts.mailbox_path("s@example.org"), self.config.data_path)
         if not (box.path / "new").exists():
             return []
         out = []
@@ -173,7 +176,7 @@ def test_notify_never_and_success(tmp_path):
 
 
 def test_expired_message_bounces_with_the_last_error(tmp_path):
-    w = World(tmp_path, Courier(451), max_age="1h", retry_schedule=("10m",))
+    w = World(tmp_path, Courier(451), max_age=3600.0, retry_schedule=(600.0,))
     w.start()
     w.send()
     for _ in range(10):
@@ -188,7 +191,7 @@ def test_expired_message_bounces_with_the_last_error(tmp_path):
 
 
 def test_delay_warning_once_for_notify_delay(tmp_path):
-    w = World(tmp_path, Courier(451), delay_warning="15m", retry_schedule=("10m",))
+    w = World(tmp_path, Courier(451), delay_warning=900.0, retry_schedule=(600.0,))
     w.start()
     w.send(notify=("DELAY", "FAILURE"))
     w.reactor.advance(600)
@@ -351,3 +354,20 @@ def test_an_attempt_that_crashes_backs_off_instead_of_looping(tmp_path, logged):
     assert len(w.courier.calls) == 1  # not at every scan
     w.reactor.advance(5)
     assert len(w.courier.calls) == 2 and w.queue.ids() == []
+
+
+def test_turning_off_next_hop_verification_is_warned_at_start(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        for verify in (True, False):
+            world = World(tmp_path / str(verify), None, resolver=HostPort("127.0.0.1", 53),
+                          smarthost=HostPort("127.0.0.1", 587), smarthost_tls_verify=verify)
+            world.start()
+            world.runner.stopService()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [formatEvent(e) for e in seen if "smarthost_tls_verify" in e.get("log_format", "")]
+    assert len(warnings) == 1 and "are not checked" in warnings[0]
