@@ -66,6 +66,7 @@ class IMAPHarness:
         login_throttle=None,
         factory=None,
         budget=None,
+        open_spill=None,
     ) -> None:
         self.root = root
         (root / "spool").mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ class IMAPHarness:
                 portal=make_portal(**{"bob@example.org": "secret", "alice@example.org": "wonder"}),
                 store=self.store,
                 login_throttle=login_throttle or throttle_for(config.limits, self.clock),
-                open_spill=partial(anonymous_file, root, root / "spool"),
+                open_spill=open_spill or partial(anonymous_file, root, root / "spool"),
                 tls_options=tls_options,
                 reactor=self.clock,
                 implicit_tls=implicit_tls,
