@@ -5,7 +5,8 @@ that knowledge up to date with the disk.
 A L{FolderState} is owned by the reactor thread: sessions read it there,
 and it changes only when a L{Delta} is applied there.  The file work that
 produces a delta (L{refresh} here, the changes in L{mailserver.folders.ops})
-runs in a worker thread, one job per folder at a time, reading the state
+runs in a worker thread, one job per folder at a time, on the folder
+opened for it (L{FolderFiles}: no link is followed), reading the state
 but never changing it; only the folder's L{uidlist.UidList}, which nothing
 on the reactor thread reads, is kept up to date by the jobs themselves.
 
@@ -25,6 +26,7 @@ from array import array
 from dataclasses import dataclass, field
 
 from mailserver.folders import uidlist
+from mailserver.folders.disk import FolderFiles
 from mailserver.folders.uidlist import UidList
 
 NEW = "new"
@@ -60,9 +62,6 @@ class Entry:
         self.flags = flags
         self.size = size
         self.internaldate = internaldate
-
-    def path(self, folder: str) -> str:
-        return f"{folder}/{self.subdir}/{self.name}"
 
     def renamed(self, subdir: str, name: str, flags: str) -> Entry:
         return Entry(self.uid, self.base, subdir, name, flags, self.size, self.internaldate)
@@ -126,7 +125,13 @@ class FolderState:
         use it.
     """
 
-    def __init__(self, path: str, root: str) -> None:
+    def __init__(self, base: str, path: str, root: str) -> None:
+        """
+        @param base: the data folder, below which no link is followed.
+        @param path: the folder.
+        @param root: the account's Maildir (INBOX), whose folder it is.
+        """
+        self.base = base
         self.path = path
         self.root = root
         self.uidvalidity = 0
@@ -140,6 +145,12 @@ class FolderState:
         self.uidlist: UidList | None = None
         self.scanned: tuple | None = None  # (new mtime, cur mtime, uidlist stamp, racy)
         self.loaded = False
+
+    def files(self) -> FolderFiles:
+        """
+        The folder, opened for a job.
+        """
+        return FolderFiles(self.base, self.path)
 
     def entry(self, uid: int) -> Entry | None:
         return self.entries.get(uid)
@@ -210,22 +221,21 @@ class FolderState:
 # The scan, in a worker thread.
 
 
-def _stamps(state: FolderState) -> tuple:
-    path = state.path
-    new = os.stat(f"{path}/{NEW}").st_mtime_ns
-    cur = os.stat(f"{path}/{CUR}").st_mtime_ns
-    list_stamp = uidlist.file_stamp(os.path.join(path, uidlist.UIDLIST))
+def _stamps(files: FolderFiles) -> tuple:
+    new = os.fstat(files.sub(NEW)).st_mtime_ns
+    cur = os.fstat(files.sub(CUR)).st_mtime_ns
+    list_stamp = uidlist.file_stamp(files)
     racy = time.time_ns() - max(new, cur) < _RACY_NS
     return (new, cur, list_stamp, racy)
 
 
-def _listing(path: str) -> dict[str, str]:
+def listing(files: FolderFiles) -> dict[str, str]:
     """
     File name to sub-folder, C{new/} listed before C{cur/}: a message moved
     from one to the other meanwhile is seen in C{cur/} rather than missed.
     """
-    found = dict.fromkeys((n for n in os.listdir(f"{path}/{NEW}") if n[:1] != "."), NEW)
-    found.update(dict.fromkeys((n for n in os.listdir(f"{path}/{CUR}") if n[:1] != "."), CUR))
+    found = dict.fromkeys((n for n in files.listdir(NEW) if n[:1] != "."), NEW)
+    found.update(dict.fromkeys((n for n in files.listdir(CUR) if n[:1] != "."), CUR))
     return found
 
 
@@ -234,33 +244,42 @@ def refresh(state: FolderState, force: bool = False) -> Delta:
     Bring what the state knows up to date with the disk: new files get
     UIDs (from the uidlist, or new ones written to it), renamed ones their
     new flags, and vanished ones are gone.
+
+    @raise FileNotFoundError: the folder is gone.
+    @raise mailserver.safe_fs.SymlinkRefused: it, or one of its
+        sub-folders, is a symbolic link.
     """
-    stamps = _stamps(state)
+    with state.files() as files:
+        return _refresh(state, files, force)
+
+
+def _refresh(state: FolderState, files: FolderFiles, force: bool) -> Delta:
+    stamps = _stamps(files)
     delta = Delta(scanned=stamps)
     if not state.loaded:
         force = True
     elif not force and state.scanned is not None and stamps[:3] == state.scanned[:3]:
         if not state.scanned[3]:
             return delta
-    _read_uidlist(state, delta, stamps[2])
+    _read_uidlist(state, files, delta, stamps[2])
     by_name, by_base = state.by_name, state.by_base
     if state.loaded and delta.uidvalidity not in (None, state.uidvalidity):
         # The list was lost or replaced: every message is new again.
         delta.removed = list(state.uids)
         by_name, by_base = {}, {}
-    listing = _listing(state.path)
+    found = listing(files)
     # Set operations on the names, in C: a folder of 100,000 messages
     # where little changed costs two listings and two set differences.
-    gone_names = by_name.keys() - listing.keys()
+    gone_names = by_name.keys() - found.keys()
     if gone_names:
         # A name renamed while listed may be missed by readdir: a second
         # look before a message is called gone.
-        listing.update(_listing(state.path))
-        gone_names = by_name.keys() - listing.keys()
+        found.update(listing(files))
+        gone_names = by_name.keys() - found.keys()
     gone_set = {by_name[name] for name in gone_names}
     fresh: dict[str, tuple[str, str, int, str]] = {}
-    for name in listing.keys() - by_name.keys():
-        subdir = listing[name]
+    for name in found.keys() - by_name.keys():
+        subdir = found[name]
         base, flags, size = parse_name(name)
         uid = by_base.get(base)
         if uid is not None:
@@ -274,42 +293,44 @@ def refresh(state: FolderState, force: bool = False) -> Delta:
         fresh[base] = (subdir, name, size, flags)
     delta.removed = sorted(gone_set.union(delta.removed))
     if fresh:
-        _assign(state, delta, fresh)
+        _assign(state, files, delta, fresh)
     ul = state.uidlist
     if ul is not None:
         delta.uidnext = ul.next_uid
         live = len(state.uids) - len(delta.removed) + len(delta.added)
         if ul.records > 16 and (ul.records - live) > ul.records * _STALE_SHARE:
-            _compress(state, delta)
+            _compress(state, files, delta)
     return delta
 
 
-def _read_uidlist(state: FolderState, delta: Delta, stamp) -> None:
+def _read_uidlist(state: FolderState, files: FolderFiles, delta: Delta, stamp) -> None:
     ul = state.uidlist
     if ul is not None and stamp == ul.stamp:
         return
-    fresh = uidlist.read(state.path)
+    fresh = uidlist.read(files)
     if fresh is None:
         if ul is None:
-            _create_uidlist(state, delta)
+            _create_uidlist(state, files, delta)
         return
     state.uidlist = fresh
     delta.uidvalidity = fresh.uidvalidity
-    delta.keywords = uidlist.read_keywords(state.path)
+    delta.keywords = uidlist.read_keywords(files)
 
 
-def _create_uidlist(state: FolderState, delta: Delta) -> None:
-    with uidlist.Lock(state.path):
-        existing = uidlist.read(state.path)
+def _create_uidlist(state: FolderState, files: FolderFiles, delta: Delta) -> None:
+    with uidlist.Lock(files):
+        existing = uidlist.read(files)
         if existing is None:
-            existing = UidList(uidvalidity=uidlist.next_uidvalidity(state.root), next_uid=1)
-            uidlist.rewrite(state.path, existing)
+            existing = UidList(
+                uidvalidity=uidlist.next_uidvalidity(state.base, state.root), next_uid=1
+            )
+            uidlist.rewrite(files, existing)
     state.uidlist = existing
     delta.uidvalidity = existing.uidvalidity
-    delta.keywords = uidlist.read_keywords(state.path)
+    delta.keywords = uidlist.read_keywords(files)
 
 
-def _assign(state: FolderState, delta: Delta, fresh: dict[str, tuple]) -> None:
+def _assign(state: FolderState, files: FolderFiles, delta: Delta, fresh: dict[str, tuple]) -> None:
     """
     UIDs for files the state did not know: from the uidlist if another
     process (or an earlier run) gave them one, else new ones, in name
@@ -319,8 +340,8 @@ def _assign(state: FolderState, delta: Delta, fresh: dict[str, tuple]) -> None:
     assert ul is not None
     unknown = [base for base in fresh if base not in ul.uids]
     if unknown:
-        with uidlist.Lock(state.path):
-            current = uidlist.read(state.path)
+        with uidlist.Lock(files):
+            current = uidlist.read(files)
             if current is not None and current.stamp != ul.stamp:
                 if current.uidvalidity != ul.uidvalidity:
                     delta.uidvalidity = current.uidvalidity
@@ -333,24 +354,24 @@ def _assign(state: FolderState, delta: Delta, fresh: dict[str, tuple]) -> None:
             if added:
                 if current is None:
                     ul.uids.update(added)
-                    uidlist.rewrite(state.path, ul)
+                    uidlist.rewrite(files, ul)
                 else:
-                    uidlist.append(state.path, ul, added)
+                    uidlist.append(files, ul, added)
     for base, (subdir, name, size, flags) in fresh.items():
         delta.added.append(Entry(ul.uids[base], base, subdir, name, flags, size))
     delta.added.sort(key=lambda entry: entry.uid)
 
 
-def _compress(state: FolderState, delta: Delta) -> None:
+def _compress(state: FolderState, files: FolderFiles, delta: Delta) -> None:
     """
     Write the uidlist anew without the records of gone messages.
     """
-    with uidlist.Lock(state.path):
-        current = uidlist.read(state.path)
+    with uidlist.Lock(files):
+        current = uidlist.read(files)
         if current is None or current.stamp != state.uidlist.stamp:
             return  # changed meanwhile: the next scan reads it first
         live = set(state.by_base) | {entry.base for entry in delta.added}
         live -= {state.entries[uid].base for uid in delta.removed if uid in state.entries}
         current.uids = {base: uid for base, uid in current.uids.items() if base in live}
-        uidlist.rewrite(state.path, current)
+        uidlist.rewrite(files, current)
         state.uidlist = current

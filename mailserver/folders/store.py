@@ -33,6 +33,7 @@ from mailserver.folders.state import Delta, FolderState, refresh
 from mailserver.folders.watch import APPEARED, GONE
 from mailserver.interfaces import FolderError, IFolderStore, IMailAccount, IMailFolder
 from mailserver.maildir import UniqueNames
+from mailserver.safe_fs import SymlinkRefused
 
 # Folders kept loaded while no session uses them.
 IDLE_FOLDERS = 64
@@ -66,7 +67,7 @@ class SharedFolder:
         self.name = name
         self.root = root
         self.path = tree.folder_path(root, name)
-        self._state = FolderState(self.path, root)
+        self._state = FolderState(store.base, self.path, root)
         self._serial = defer.DeferredLock()
         self._listeners: list[Callable[[Change], None]] = []
         self._users = 0
@@ -229,7 +230,7 @@ class SharedFolder:
     def transfer(self, uids, target: str, move: bool, origin) -> defer.Deferred:
         target = N.normalize(target)
         path = tree.folder_path(self.root, target)
-        d = self._store.run_blocking(tree.exists, self.root, target)
+        d = self._store.run_blocking(tree.exists, self._store.base, self.root, target)
 
         def go(found):
             if not found:
@@ -337,10 +338,10 @@ class MailAccount:
         self.root = root
 
     def _blocking(self, f, *args) -> defer.Deferred:
-        return self._store.run_blocking(f, self.root, *args)
+        return self._store.run_blocking(f, self._store.base, self.root, *args)
 
     def prepare(self) -> defer.Deferred:
-        return self._store.run_blocking(tree.prepare, self._store.base, self.root)
+        return self._blocking(tree.prepare)
 
     def names(self) -> defer.Deferred:
         return self._blocking(tree.list_names)
@@ -421,7 +422,9 @@ class MailStore:
 
         def failed(failure):
             folder.release()
-            if failure.check(FileNotFoundError):
+            linked = failure.check(SymlinkRefused) and failure.value.filename == path
+            if failure.check(FileNotFoundError) or linked:
+                # A link in a folder's place is not followed: no folder.
                 self.forget(path)
                 raise FolderError("NONEXISTENT", "Mailbox doesn't exist")
             return failure

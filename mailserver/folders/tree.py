@@ -5,8 +5,10 @@ C{maildirfolder} file, as Dovecot and Courier lay them out; subscriptions
 in the C{subscriptions} file, in Dovecot's version 2 format (C{V<TAB>2},
 an empty line, then one name per line with its levels separated by tabs).
 
-Blocking file work for a worker thread.  Folders are made 0700 and a
-symbolic link in the account's Maildir is never taken for a folder.
+Blocking file work for a worker thread.  Folders are made 0700, and every
+folder and file is reached from the data folder without following a
+symbolic link (L{FolderFiles}): a link in the account's Maildir is never
+taken for a folder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from mailserver.folders import names as N
-from mailserver.folders import uidlist
+from mailserver.folders.disk import FolderFiles
 from mailserver.interfaces import FolderError
 from mailserver.maildir import ensure_maildir
 
@@ -41,22 +43,35 @@ def folder_path(root: str, name: str) -> str:
     return os.path.join(root, N.directory(name)) if name != N.INBOX else root
 
 
-def _make_maildir(path: str) -> None:
-    for sub in ("", "tmp", "new", "cur"):
+def _make_maildir(account: FolderFiles, name: str) -> None:
+    """
+    Make the folder C{name} of the account (its C{tmp/}, C{new/}, C{cur/}
+    and C{maildirfolder} file) where missing, every new name synced.
+    """
+    path = folder_path(account.path, name)
+    ensure_maildir(Path(account.base), Path(path))
+    with FolderFiles(account.base, path) as folder:
         try:
-            os.mkdir(os.path.join(path, sub), 0o700)
-        except FileExistsError:
-            pass
-    marker = os.path.join(path, _MARKER)
-    if not os.path.exists(marker):
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
-    for folder in (path, os.path.dirname(path)):
-        uidlist.sync_directory(folder)
+            folder.stat(_MARKER)
+        except FileNotFoundError:
+            os.close(folder.open(_MARKER, os.O_WRONLY | os.O_CREAT))
+            folder.sync()
 
 
-def exists(root: str, name: str) -> bool:
-    path = folder_path(root, name)
-    return not os.path.islink(path) and os.path.isdir(os.path.join(path, "cur"))
+def _exists(account: FolderFiles, name: str) -> bool:
+    return name == N.INBOX or account.is_folder(N.directory(name))
+
+
+def exists(base: str, root: str, name: str) -> bool:
+    """
+    Is there a folder C{name} in the account at C{root} (inside the data
+    folder C{base})?
+    """
+    try:
+        with FolderFiles(base, root) as account:
+            return _exists(account, name)
+    except FileNotFoundError:
+        return False
 
 
 def prepare(base: str, root: str) -> None:
@@ -67,31 +82,33 @@ def prepare(base: str, root: str) -> None:
     @param base: the data folder, below which no link is followed.
     """
     ensure_maildir(Path(base), Path(root))
-    missing = [name for name in SPECIAL_USE if not exists(root, name)]
-    for name in missing:
-        _make_maildir(folder_path(root, name))
-    if missing:
-        subscribed = read_subscriptions(root)
-        if not subscribed:
-            write_subscriptions(root, [N.INBOX, *SPECIAL_USE])
+    with FolderFiles(base, root) as account:
+        missing = [name for name in SPECIAL_USE if not _exists(account, name)]
+        for name in missing:
+            _make_maildir(account, name)
+        if missing and not _read_subscriptions(account):
+            _write_subscriptions(account, [N.INBOX, *SPECIAL_USE])
 
 
-def list_names(root: str) -> list[str]:
+def list_names(base: str, root: str) -> list[str]:
     """
     INBOX and every folder's name, in no particular order.
     """
     found = [N.INBOX]
-    with os.scandir(root) as entries:
-        for entry in entries:
-            name = N.from_directory(entry.name)
-            if name is None or entry.name.startswith(_DELETING):
-                continue
-            if entry.is_dir(follow_symlinks=False) and os.path.isdir(os.path.join(entry.path, "cur")):
-                found.append(name)
+    with FolderFiles(base, root) as account:
+        with os.scandir(account.fd) as entries:
+            candidates = [
+                (entry.name, name)
+                for entry in entries
+                if (name := N.from_directory(entry.name)) is not None
+                and not entry.name.startswith(_DELETING)
+                and entry.is_dir(follow_symlinks=False)
+            ]
+        found += [name for directory, name in candidates if account.is_folder(directory)]
     return found
 
 
-def create(root: str, name: str) -> None:
+def create(base: str, root: str, name: str) -> None:
     """
     Make a folder, and the folders above it that are missing (RFC 3501
     6.3.3).
@@ -99,15 +116,16 @@ def create(root: str, name: str) -> None:
     @raise FolderError: it exists, or the name is not allowed.
     """
     name = _checked(name)
-    if name == N.INBOX or exists(root, name):
-        raise FolderError("ALREADYEXISTS", "Mailbox already exists")
-    for parent in N.parent_names(name):
-        if not exists(root, parent):
-            _make_maildir(folder_path(root, parent))
-    _make_maildir(folder_path(root, name))
+    with FolderFiles(base, root) as account:
+        if _exists(account, name):
+            raise FolderError("ALREADYEXISTS", "Mailbox already exists")
+        for parent in N.parent_names(name):
+            if not _exists(account, parent):
+                _make_maildir(account, parent)
+        _make_maildir(account, name)
 
 
-def delete(root: str, name: str) -> None:
+def delete(base: str, root: str, name: str) -> None:
     """
     Remove a folder and its messages (not its children, which stay as
     folders of their own).  The folder is first renamed out of sight, so a
@@ -116,59 +134,65 @@ def delete(root: str, name: str) -> None:
     name = _checked(name)
     if name == N.INBOX:
         raise FolderError("CANNOT", "INBOX can't be deleted")
-    if not exists(root, name):
-        raise FolderError("NONEXISTENT", "Mailbox doesn't exist")
-    path = folder_path(root, name)
-    doomed = os.path.join(root, f"{_DELETING}.{os.getpid()}.{os.path.basename(path)}")
-    os.rename(path, doomed)
-    uidlist.sync_directory(root)
-    shutil.rmtree(doomed, ignore_errors=True)
-    set_subscribed(root, name, False)
+    with FolderFiles(base, root) as account:
+        if not _exists(account, name):
+            raise FolderError("NONEXISTENT", "Mailbox doesn't exist")
+        directory = N.directory(name)
+        doomed = f"{_DELETING}.{os.getpid()}.{directory}"
+        os.rename(directory, doomed, src_dir_fd=account.fd, dst_dir_fd=account.fd)
+        account.sync()
+        # Relative to the account's folder, and never through a link.
+        shutil.rmtree(doomed, ignore_errors=True, dir_fd=account.fd)
+        _set_subscribed(account, name, False)
 
 
-def rename(root: str, old: str, new: str) -> None:
+def rename(base: str, root: str, old: str, new: str) -> None:
     """
     Rename a folder and its children (RFC 3501 6.3.5).  Renaming INBOX
     moves its messages into the new folder and leaves INBOX empty.
     """
     old = _checked(old)
     new = _checked(new)
-    if not exists(root, old) and old != N.INBOX:
-        raise FolderError("NONEXISTENT", "Mailbox doesn't exist")
-    if new == N.INBOX or exists(root, new):
-        raise FolderError("ALREADYEXISTS", "Target mailbox already exists")
-    if new.startswith(old + N.SEPARATOR) and old != N.INBOX:
-        raise FolderError("CANNOT", "Can't rename a mailbox under itself")
-    for parent in N.parent_names(new):
-        if not exists(root, parent):
-            _make_maildir(folder_path(root, parent))
-    if old == N.INBOX:
-        _move_inbox(root, new)
-        return
-    children = [n for n in list_names(root) if n.startswith(old + N.SEPARATOR)]
-    os.rename(folder_path(root, old), folder_path(root, new))
-    for child in children:
-        renamed = new + child[len(old) :]
-        os.rename(folder_path(root, child), folder_path(root, renamed))
-    uidlist.sync_directory(root)
-    subscribed = read_subscriptions(root)
-    moved = [
-        new + n[len(old) :] if n == old or n.startswith(old + N.SEPARATOR) else n
-        for n in subscribed
-    ]
-    if moved != subscribed:
-        write_subscriptions(root, moved)
+    with FolderFiles(base, root) as account:
+        if not _exists(account, old):
+            raise FolderError("NONEXISTENT", "Mailbox doesn't exist")
+        if _exists(account, new):
+            raise FolderError("ALREADYEXISTS", "Target mailbox already exists")
+        if new.startswith(old + N.SEPARATOR) and old != N.INBOX:
+            raise FolderError("CANNOT", "Can't rename a mailbox under itself")
+        for parent in N.parent_names(new):
+            if not _exists(account, parent):
+                _make_maildir(account, parent)
+        if old == N.INBOX:
+            _move_inbox(account, new)
+            return
+        children = [n for n in list_names(base, root) if n.startswith(old + N.SEPARATOR)]
+        for was, now in [(old, new)] + [(child, new + child[len(old) :]) for child in children]:
+            os.rename(
+                N.directory(was), N.directory(now), src_dir_fd=account.fd, dst_dir_fd=account.fd
+            )
+        account.sync()
+        subscribed = _read_subscriptions(account)
+        moved = [
+            new + n[len(old) :] if n == old or n.startswith(old + N.SEPARATOR) else n
+            for n in subscribed
+        ]
+        if moved != subscribed:
+            _write_subscriptions(account, moved)
 
 
-def _move_inbox(root: str, new: str) -> None:
-    target = folder_path(root, new)
-    _make_maildir(target)
-    for subdir in ("new", "cur"):
-        for file_name in os.listdir(os.path.join(root, subdir)):
-            if file_name[:1] != ".":
-                os.rename(os.path.join(root, subdir, file_name), os.path.join(target, subdir, file_name))
-        uidlist.sync_directory(os.path.join(target, subdir))
-        uidlist.sync_directory(os.path.join(root, subdir))
+def _move_inbox(account: FolderFiles, new: str) -> None:
+    _make_maildir(account, new)
+    with FolderFiles(account.base, folder_path(account.path, new)) as target:
+        for subdir in ("new", "cur"):
+            for file_name in account.listdir(subdir):
+                if file_name[:1] != ".":
+                    os.rename(
+                        file_name, file_name,
+                        src_dir_fd=account.sub(subdir), dst_dir_fd=target.sub(subdir),
+                    )
+            target.sync(subdir)
+            account.sync(subdir)
 
 
 def _checked(name: str) -> str:
@@ -181,10 +205,14 @@ def _checked(name: str) -> str:
 # Subscriptions.
 
 
-def read_subscriptions(root: str) -> list[str]:
+def read_subscriptions(base: str, root: str) -> list[str]:
+    with FolderFiles(base, root) as account:
+        return _read_subscriptions(account)
+
+
+def _read_subscriptions(account: FolderFiles) -> list[str]:
     try:
-        with open(os.path.join(root, SUBSCRIPTIONS), "rb") as f:
-            text = f.read().decode("utf-8", "replace")
+        text = account.read(SUBSCRIPTIONS).decode("utf-8", "replace")
     except FileNotFoundError:
         return []
     if text.startswith(_SUBSCRIPTIONS_HEADER):
@@ -194,26 +222,23 @@ def read_subscriptions(root: str) -> list[str]:
     return [N.normalize(line.replace(".", N.SEPARATOR)) for line in text.splitlines() if line]
 
 
-def write_subscriptions(root: str, subscribed: list[str]) -> None:
-    path = os.path.join(root, SUBSCRIPTIONS)
-    temporary = path + f".{os.getpid()}.tmp"
+def _write_subscriptions(account: FolderFiles, subscribed: list[str]) -> None:
     lines = "".join(name.replace(N.SEPARATOR, "\t") + "\n" for name in dict.fromkeys(subscribed))
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, (_SUBSCRIPTIONS_HEADER + lines).encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, path)
+    account.write_durably(SUBSCRIPTIONS, (_SUBSCRIPTIONS_HEADER + lines).encode("utf-8"))
 
 
-def set_subscribed(root: str, name: str, subscribed: bool) -> None:
+def set_subscribed(base: str, root: str, name: str, subscribed: bool) -> None:
     """
     RFC 3501 6.3.6-7: a name may be subscribed whether or not it exists.
     """
+    with FolderFiles(base, root) as account:
+        _set_subscribed(account, name, subscribed)
+
+
+def _set_subscribed(account: FolderFiles, name: str, subscribed: bool) -> None:
     name = N.normalize(name)
-    current = read_subscriptions(root)
+    current = _read_subscriptions(account)
     if subscribed and name not in current:
-        write_subscriptions(root, [*current, name])
+        _write_subscriptions(account, [*current, name])
     elif not subscribed and name in current:
-        write_subscriptions(root, [n for n in current if n != name])
+        _write_subscriptions(account, [n for n in current if n != name])

@@ -19,7 +19,8 @@ Maildir Dovecot has written or will read stays valid:
   - C{dovecot-uidvalidity} in the account's Maildir: the last UIDVALIDITY
     given out (hex), so a folder deleted and created again gets a new one.
 
-Everything here is blocking file work for a worker thread.
+Everything here is blocking file work for a worker thread, on a folder
+opened for the job (L{FolderFiles}: no link is followed).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
+
+from mailserver.folders.disk import MAKE, FolderFiles, write_all
 
 UIDLIST = "dovecot-uidlist"
 KEYWORDS = "dovecot-keywords"
@@ -69,23 +72,25 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def file_stamp(path: str) -> tuple[int, int, int] | None:
+def file_stamp(folder: FolderFiles) -> tuple[int, int, int] | None:
+    """
+    The uidlist's identity now, or C{None} if there is none.
+    """
     try:
-        return _stamp(os.stat(path))
+        return _stamp(folder.stat(UIDLIST))
     except FileNotFoundError:
         return None
 
 
-def read(folder: str) -> UidList | None:
+def read(folder: FolderFiles) -> UidList | None:
     """
     The folder's list, or C{None} if it has none (or its header is not
     one we understand: it is then written anew, with a new UIDVALIDITY,
     as Dovecot does).  Malformed records and a partly written last line
     are skipped.
     """
-    path = os.path.join(folder, UIDLIST)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(folder.open(UIDLIST), "rb") as f:
             stamp = _stamp(os.fstat(f.fileno()))
             data = f.read()
     except FileNotFoundError:
@@ -134,33 +139,27 @@ def _header(uidlist: UidList) -> str:
     return f"3 V{uidlist.uidvalidity} N{uidlist.next_uid} G{uidlist.guid}\n"
 
 
-def rewrite(folder: str, uidlist: UidList) -> None:
+def rewrite(folder: FolderFiles, uidlist: UidList) -> None:
     """
     Write the whole list durably: a temporary file, synced, renamed over
     the old one, and the folder synced.  Hold the lock.
     """
-    temporary = os.path.join(folder, UIDLIST + ".tmp")
     ordered = sorted(uidlist.uids.items(), key=lambda item: item[1])
     text = _header(uidlist) + "".join(f"{uid} :{name}\n" for name, uid in ordered)
-    _write_durably(temporary, text.encode("utf-8"))
-    os.rename(temporary, os.path.join(folder, UIDLIST))
-    sync_directory(folder)
-    uidlist.stamp = file_stamp(os.path.join(folder, UIDLIST))
+    folder.write_durably(UIDLIST, text.encode("utf-8"))
+    uidlist.stamp = file_stamp(folder)
     uidlist.records = len(ordered)
 
 
-def append(folder: str, uidlist: UidList, added: list[tuple[str, int]]) -> None:
+def append(folder: FolderFiles, uidlist: UidList, added: list[tuple[str, int]]) -> None:
     """
     Add records to the end of the list and sync them; the list must exist
     and C{uidlist} be what it holds (read under the lock).  Hold the lock.
     """
-    path = os.path.join(folder, UIDLIST)
     data = "".join(f"{uid} :{name}\n" for name, uid in added).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    fd = folder.open(UIDLIST, os.O_WRONLY | os.O_APPEND)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fdatasync(fd)
         uidlist.stamp = _stamp(os.fstat(fd))
     finally:
@@ -168,25 +167,6 @@ def append(folder: str, uidlist: UidList, added: list[tuple[str, int]]) -> None:
     for name, uid in added:
         uidlist.uids[name] = uid
     uidlist.records += len(added)
-
-
-def _write_durably(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Lock:
@@ -197,8 +177,9 @@ class Lock:
     waits (in the worker thread) up to C{wait} seconds.
     """
 
-    def __init__(self, folder: str, wait: float = LOCK_WAIT_SECONDS) -> None:
-        self._path = os.path.join(folder, UIDLIST + _LOCK_SUFFIX)
+    def __init__(self, folder: FolderFiles, wait: float = LOCK_WAIT_SECONDS) -> None:
+        self._folder = folder
+        self._name = UIDLIST + _LOCK_SUFFIX
         self._wait = wait
 
     def __enter__(self) -> Lock:
@@ -207,12 +188,14 @@ class Lock:
         pause = 0.005
         while True:
             try:
-                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = self._folder.open(self._name, MAKE)
             except FileExistsError:
                 if self._stale():
                     continue
                 if time.monotonic() > deadline:
-                    raise LockTimeout(f"{self._path} is held by another process") from None
+                    raise LockTimeout(
+                        f"{self._folder.path}/{self._name} is held by another process"
+                    ) from None
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)
                 continue
@@ -224,50 +207,46 @@ class Lock:
 
     def _stale(self) -> bool:
         try:
-            age = time.time() - os.stat(self._path).st_mtime
+            age = time.time() - self._folder.stat(self._name).st_mtime
         except FileNotFoundError:
             return True
         if age < STALE_LOCK_SECONDS:
             return False
         try:
-            os.unlink(self._path)
+            self._folder.unlink(self._name)
         except FileNotFoundError:
             pass
         return True
 
     def __exit__(self, *exc_info) -> None:
         try:
-            os.unlink(self._path)
+            self._folder.unlink(self._name)
         except FileNotFoundError:
             pass
 
 
-def next_uidvalidity(root: str) -> int:
+def next_uidvalidity(base: str, root: str) -> int:
     """
-    A UIDVALIDITY for a new folder of the account at C{root}: the time, or
-    one more than the last one given out if that is not less, recorded in
-    C{dovecot-uidvalidity}.
+    A UIDVALIDITY for a new folder of the account at C{root} (inside the
+    data folder C{base}): the time, or one more than the last one given
+    out if that is not less, recorded in C{dovecot-uidvalidity}.
     """
-    path = os.path.join(root, UIDVALIDITY)
-    try:
-        with open(path, "rb") as f:
-            last = int(f.read().strip() or b"0", 16)
-    except (FileNotFoundError, ValueError):
-        last = 0
-    value = max(int(time.time()), last + 1) & 0xFFFFFFFF or 1
-    temporary = path + f".{os.getpid()}.tmp"
-    _write_durably(temporary, f"{value:08x}\n".encode("ascii"))
-    os.rename(temporary, path)
+    with FolderFiles(base, root) as account:
+        try:
+            last = int(account.read(UIDVALIDITY).strip() or b"0", 16)
+        except (FileNotFoundError, ValueError):
+            last = 0
+        value = max(int(time.time()), last + 1) & 0xFFFFFFFF or 1
+        account.write_durably(UIDVALIDITY, f"{value:08x}\n".encode("ascii"))
     return value
 
 
-def read_keywords(folder: str) -> list[str]:
+def read_keywords(folder: FolderFiles) -> list[str]:
     """
     Keyword names by index (letter C{a} is index 0); missing file, none.
     """
     try:
-        with open(os.path.join(folder, KEYWORDS), "rb") as f:
-            text = f.read().decode("utf-8", "replace")
+        text = folder.read(KEYWORDS).decode("utf-8", "replace")
     except FileNotFoundError:
         return []
     names: list[str] = [""] * MAX_KEYWORDS
@@ -280,12 +259,9 @@ def read_keywords(folder: str) -> list[str]:
     return names
 
 
-def write_keywords(folder: str, names: list[str]) -> None:
+def write_keywords(folder: FolderFiles, names: list[str]) -> None:
     """
     Record the keyword names durably.  Hold the uidlist lock.
     """
-    path = os.path.join(folder, KEYWORDS)
-    temporary = path + ".tmp"
     text = "".join(f"{n} {name}\n" for n, name in enumerate(names) if name)
-    _write_durably(temporary, text.encode("utf-8"))
-    os.rename(temporary, path)
+    folder.write_durably(KEYWORDS, text.encode("utf-8"))

@@ -42,9 +42,17 @@ IN_CREATE = 0x100
 IN_DELETE = 0x200
 IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_DONT_FOLLOW = 0x02000000
 APPEARED = IN_CREATE | IN_MOVED_TO
 GONE = IN_DELETE | IN_MOVED_FROM
 _MASK = APPEARED | GONE
+# A watch is never put on what a link in place of C{new/} or C{cur/} points
+# to.  inotify takes a path, so the folders above are resolved by the
+# kernel; a link swapped in there after the folder was opened could aim a
+# watch elsewhere, which only makes the folder look again: every look goes
+# through L{mailserver.folders.disk.FolderFiles}, which follows no link.
+_WATCH = _MASK | IN_ONLYDIR | IN_DONT_FOLLOW
 _EVENT = struct.Struct("=iIII")
 
 # changed(subdir, name, mask): one event; changed(None, None, 0): look
@@ -72,7 +80,7 @@ class InotifyWatcher:
     def watch(self, path: str, changed: Changed) -> None:
         wds = []
         for sub in _SUBDIRS:
-            wd = self._add(self._fd, os.fsencode(f"{path}/{sub}"), _MASK)
+            wd = self._add(self._fd, os.fsencode(f"{path}/{sub}"), _WATCH)
             if wd < 0:  # gone, or out of watches: the folder is still scanned at each command
                 self.log.warn("cannot watch {path}: {e}", path=f"{path}/{sub}",
                               e=os.strerror(ctypes.get_errno()))

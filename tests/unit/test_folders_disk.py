@@ -9,6 +9,7 @@ import pytest
 
 from mailserver.folders import names as N
 from mailserver.folders import ops, tree, uidlist
+from mailserver.folders.disk import FolderFiles
 from mailserver.folders.state import FolderState, refresh
 from mailserver.maildir import UniqueNames
 
@@ -20,15 +21,31 @@ def deliver(folder, name, data=b"Subject: x\n\nbody\n", subdir="new"):
 
 
 def loaded(folder, root=None):
-    state = FolderState(str(folder), str(root or folder))
+    """
+    The folder's state; the data folder is the one holding the folder.
+    """
+    state = FolderState(str(folder.parent), str(folder), str(root or folder))
     state.apply(refresh(state))
     return state
+
+
+def read_list(folder):
+    with FolderFiles(str(folder), str(folder)) as files:
+        return uidlist.read(files)
+
+
+def account(maildir):
+    """
+    The data folder and the account's Maildir, as the tree's functions
+    take them.
+    """
+    return str(maildir.parent), str(maildir)
 
 
 @pytest.fixture
 def maildir(tmp_path):
     root = tmp_path / "bob"
-    tree.prepare(str(root), str(root))
+    tree.prepare(str(tmp_path), str(root))
     return root
 
 
@@ -82,7 +99,7 @@ def test_uidlist_written_by_dovecot_is_read(tmp_path):
         "garbage line\n"
         "25020 :partial-last-line-without-newline"
     )
-    read = uidlist.read(str(tmp_path))
+    read = read_list(tmp_path)
     assert read.uidvalidity == 1275660208
     assert read.next_uid == 25022
     assert read.guid == "3085f01b7f11094c501100008c4a11c1"
@@ -94,38 +111,40 @@ def test_uidlist_written_by_dovecot_is_read(tmp_path):
 
 def test_uidlist_next_uid_is_past_the_last_record(tmp_path):
     (tmp_path / "dovecot-uidlist").write_text("3 V7 N2\n5 :a\n")
-    assert uidlist.read(str(tmp_path)).next_uid == 6
+    assert read_list(tmp_path).next_uid == 6
 
 
 def test_uidlist_rewrite_and_append(tmp_path):
     ul = uidlist.UidList(uidvalidity=42, next_uid=3, guid="00" * 16, uids={"a": 1, "b": 2})
-    uidlist.rewrite(str(tmp_path), ul)
-    uidlist.append(str(tmp_path), ul, [("c", 3)])
+    with FolderFiles(str(tmp_path), str(tmp_path)) as files:
+        uidlist.rewrite(files, ul)
+        uidlist.append(files, ul, [("c", 3)])
     assert (tmp_path / "dovecot-uidlist").read_text() == (
         f"3 V42 N3 G{'00' * 16}\n1 :a\n2 :b\n3 :c\n"
     )
-    assert uidlist.read(str(tmp_path)).uids == {"a": 1, "b": 2, "c": 3}
+    assert read_list(tmp_path).uids == {"a": 1, "b": 2, "c": 3}
 
 
 def test_a_stale_uidlist_lock_is_taken_over(tmp_path):
     lock = tmp_path / "dovecot-uidlist.lock"
     lock.write_text("1:elsewhere")
     os.utime(lock, (0, 0))
-    with uidlist.Lock(str(tmp_path), wait=0.1):
+    with FolderFiles(str(tmp_path), str(tmp_path)) as files, uidlist.Lock(files, wait=0.1):
         assert lock.read_text().startswith(f"{os.getpid()}:")
     assert not lock.exists()
 
 
 def test_a_live_uidlist_lock_is_waited_for(tmp_path):
     (tmp_path / "dovecot-uidlist.lock").write_text("1:elsewhere")
-    with pytest.raises(uidlist.LockTimeout):
-        with uidlist.Lock(str(tmp_path), wait=0.05):
-            pass
+    with FolderFiles(str(tmp_path), str(tmp_path)) as files:
+        with pytest.raises(uidlist.LockTimeout):
+            with uidlist.Lock(files, wait=0.05):
+                pass
 
 
 def test_uidvalidity_grows_for_each_new_folder(tmp_path):
-    first = uidlist.next_uidvalidity(str(tmp_path))
-    assert uidlist.next_uidvalidity(str(tmp_path)) == first + 1
+    first = uidlist.next_uidvalidity(str(tmp_path), str(tmp_path))
+    assert uidlist.next_uidvalidity(str(tmp_path), str(tmp_path)) == first + 1
 
 
 # The scan.
@@ -199,8 +218,8 @@ def test_uidlist_of_gone_messages_is_compressed(maildir):
     for n in range(20):
         os.unlink(maildir / "new" / f"{n:02d}.M1P1Q1.h")
     state.apply(refresh(state, force=True))
-    assert uidlist.read(str(maildir)).records == 20
-    assert uidlist.read(str(maildir)).next_uid == 41
+    assert read_list(maildir).records == 20
+    assert read_list(maildir).next_uid == 41
 
 
 # Changes.
@@ -269,7 +288,7 @@ def test_append_is_stored_in_lf_form_with_both_sizes_and_a_uid(maildir):
     assert stored == message.replace(b"\r\n", b"\n")
     assert name.endswith(f",S={len(stored)},W={len(message)}:2,S")
     assert os.stat(maildir / "cur" / name).st_mtime == 86400.0
-    assert uidlist.read(str(maildir)).uids[name.partition(":")[0]] == 2
+    assert read_list(maildir).uids[name.partition(":")[0]] == 2
     assert state.entries[2].size == len(message)
 
 
@@ -287,16 +306,16 @@ def test_copy_and_move_keep_flags_and_give_target_uids(maildir):
     deliver(maildir, "1.M1P1Q1.h:2,S", subdir="cur")
     deliver(maildir, "2.M1P1Q1.h")
     state = loaded(maildir)
-    trash = str(maildir / ".Trash")
-    delta, (validity, pairs) = ops.transfer(state, [1, 2], trash, UniqueNames("h"), move=False)
+    trash = maildir / ".Trash"
+    delta, (validity, pairs) = ops.transfer(state, [1, 2], str(trash), UniqueNames("h"), move=False)
     assert pairs == [(1, 1), (2, 2)]
-    assert validity == uidlist.read(trash).uidvalidity
-    assert sorted(os.listdir(f"{trash}/cur")) == ["1.M1P1Q1.h:2,S", "2.M1P1Q1.h:2,"]
+    assert validity == read_list(trash).uidvalidity
+    assert sorted(os.listdir(trash / "cur")) == ["1.M1P1Q1.h:2,S", "2.M1P1Q1.h:2,"]
     assert not delta.removed
     # Copying again gives the copies names of their own.
-    _, (_, again) = ops.transfer(state, [1], trash, UniqueNames("h"), move=False)
+    _, (_, again) = ops.transfer(state, [1], str(trash), UniqueNames("h"), move=False)
     assert again == [(1, 3)]
-    delta, (_, moved) = ops.transfer(state, [2], trash, UniqueNames("h"), move=True)
+    delta, (_, moved) = ops.transfer(state, [2], str(trash), UniqueNames("h"), move=True)
     assert delta.removed == [2]
     assert os.listdir(maildir / "new") == []
     assert moved == [(2, 4)]
@@ -320,50 +339,50 @@ def test_read_gives_whole_small_messages_and_files_for_large_ones(maildir):
 
 
 def test_first_login_makes_the_special_folders_subscribed(maildir):
-    assert sorted(tree.list_names(str(maildir))) == ["Drafts", "INBOX", "Junk", "Sent", "Trash"]
+    assert sorted(tree.list_names(*account(maildir))) == ["Drafts", "INBOX", "Junk", "Sent", "Trash"]
     assert (maildir / ".Sent" / "maildirfolder").exists()
     assert oct((maildir / ".Sent").stat().st_mode & 0o777) == "0o700"
-    assert tree.read_subscriptions(str(maildir)) == ["INBOX", "Sent", "Drafts", "Trash", "Junk"]
+    assert tree.read_subscriptions(*account(maildir)) == ["INBOX", "Sent", "Drafts", "Trash", "Junk"]
     assert (maildir / "subscriptions").read_text().startswith("V\t2\n\n")
 
 
 def test_create_makes_missing_parents(maildir):
-    tree.create(str(maildir), "Archive/2024/Q1")
-    names = tree.list_names(str(maildir))
+    tree.create(*account(maildir), "Archive/2024/Q1")
+    names = tree.list_names(*account(maildir))
     assert {"Archive", "Archive/2024", "Archive/2024/Q1"} <= set(names)
     with pytest.raises(tree.FolderError) as caught:
-        tree.create(str(maildir), "Archive")
+        tree.create(*account(maildir), "Archive")
     assert caught.value.code == "ALREADYEXISTS"
 
 
 def test_rename_moves_children_and_subscriptions(maildir):
-    tree.create(str(maildir), "Work/Old")
-    tree.set_subscribed(str(maildir), "Work/Old", True)
-    tree.rename(str(maildir), "Work", "Jobs")
-    names = set(tree.list_names(str(maildir)))
+    tree.create(*account(maildir), "Work/Old")
+    tree.set_subscribed(*account(maildir), "Work/Old", True)
+    tree.rename(*account(maildir), "Work", "Jobs")
+    names = set(tree.list_names(*account(maildir)))
     assert {"Jobs", "Jobs/Old"} <= names and "Work" not in names
-    assert "Jobs/Old" in tree.read_subscriptions(str(maildir))
+    assert "Jobs/Old" in tree.read_subscriptions(*account(maildir))
     assert (maildir / "subscriptions").read_text().endswith("Jobs\tOld\n")
 
 
 def test_rename_inbox_moves_its_messages(maildir):
     deliver(maildir, "1.M1P1Q1.h")
-    tree.rename(str(maildir), "INBOX", "Old")
+    tree.rename(*account(maildir), "INBOX", "Old")
     assert os.listdir(maildir / "new") == []
     assert os.listdir(maildir / ".Old" / "new") == ["1.M1P1Q1.h"]
 
 
 def test_delete_removes_the_folder_not_its_children(maildir):
-    tree.create(str(maildir), "A/B")
-    tree.delete(str(maildir), "A")
-    assert "A/B" in tree.list_names(str(maildir))
-    assert "A" not in tree.list_names(str(maildir))
+    tree.create(*account(maildir), "A/B")
+    tree.delete(*account(maildir), "A")
+    assert "A/B" in tree.list_names(*account(maildir))
+    assert "A" not in tree.list_names(*account(maildir))
     with pytest.raises(tree.FolderError):
-        tree.delete(str(maildir), "INBOX")
+        tree.delete(*account(maildir), "INBOX")
 
 
 def test_a_symbolic_link_is_not_a_folder(maildir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
-    tree.prepare(str(elsewhere), str(elsewhere))
+    tree.prepare(str(tmp_path), str(elsewhere))
     os.symlink(elsewhere, maildir / ".Linked")
-    assert "Linked" not in tree.list_names(str(maildir))
+    assert "Linked" not in tree.list_names(*account(maildir))

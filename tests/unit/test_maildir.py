@@ -270,3 +270,18 @@ def test_a_message_renamed_after_listing_is_still_read_flagged_and_removed(tmp_p
     mailbox.sync_removals([second])
     assert os.listdir(tmp_path / "bob" / "cur") == ["1.M1P1Q1.h,S=5,W=6:2,FS"]
     mailbox.unlock()
+
+
+def test_start_up_clean_up_covers_imap_folders_and_follows_no_link(tmp_path):
+    from mailserver.maildir import maildir_tmp_folders
+
+    mail = tmp_path / "mail"
+    bob = mail / "example.org" / "bob"
+    for folder in (bob, bob / ".Sent", bob / ".Archive.2024"):
+        ensure_maildir(tmp_path, folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (bob / ".Linked").symlink_to(outside)
+    folders, links = maildir_tmp_folders(mail)
+    assert folders == [bob / "tmp", bob / ".Archive.2024" / "tmp", bob / ".Sent" / "tmp"]
+    assert links == [bob / ".Linked"]
