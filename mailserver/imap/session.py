@@ -168,7 +168,12 @@ class IMAPSession(MailboxHandlers, SelectedHandlers):
         error = failure.value
         if isinstance(error, FolderError):
             return R.no(tag, str(error), error.code)
-        self.log.failure("IMAP command failed for {user}", failure, user=self.address)
+        if isinstance(error, OSError):
+            # A storage fault (a full disk, a link refused inside the data
+            # folder): its text names the file, a traceback adds nothing.
+            self.log.error("IMAP command failed for {user}: {error}", user=self.address, error=error)
+        else:
+            self.log.failure("IMAP command failed for {user}", failure, user=self.address)
         return R.no(tag, "Internal error occurred. Refer to server log for more information.", "SERVERBUG")
 
     def after(self, tag: str, deferred, then: Callable[[object], object]) -> Await:

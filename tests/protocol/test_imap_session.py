@@ -392,3 +392,31 @@ def test_overlapping_ranges_name_each_message_once(imap):
     assert untagged(out) == [f"{n} FETCH (UID {n})" for n in (1, 2, 3, 4)]
     out = imap.command("b FETCH 4,2:3,1:2 UID")
     assert untagged(out) == [f"{n} FETCH (UID {n})" for n in (1, 2, 3, 4)]
+
+
+def test_a_link_in_a_folder_is_refused_with_one_log_line_and_the_session_goes_on(imap, tmp_path):
+    """
+    A symbolic link planted for a folder's C{new/} is not followed: the
+    command gets NO [SERVERBUG], the log line names the link (no
+    traceback: it is a storage fault, not a bug), and the session goes on.
+    """
+    from twisted.logger import globalLogPublisher
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    imap.login()
+    sent = imap.maildir / ".Sent"
+    (sent / "new").rmdir()
+    (sent / "new").symlink_to(outside)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        out = imap.command("a SELECT Sent")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert tagged(out, "a").startswith("a NO [SERVERBUG] ")
+    failures = [e for e in events if e.get("log_level").name in ("error", "critical")]
+    assert len(failures) == 1 and "log_failure" not in failures[0], failures
+    assert str(sent / "new") in str(failures[0].get("error"))
+    assert tagged(imap.command("b SELECT INBOX"), "b").startswith("b OK [READ-WRITE]")
+    assert list(outside.iterdir()) == []
