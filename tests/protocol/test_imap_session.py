@@ -5,6 +5,7 @@ EXPUNGE, APPEND with literals, IDLE, errors.
 """
 
 import base64
+import os
 import re
 
 import pytest
@@ -420,3 +421,21 @@ def test_a_link_in_a_folder_is_refused_with_one_log_line_and_the_session_goes_on
     assert str(sent / "new") in str(failures[0].get("error"))
     assert tagged(imap.command("b SELECT INBOX"), "b").startswith("b OK [READ-WRITE]")
     assert list(outside.iterdir()) == []
+
+
+def test_a_linked_message_file_is_not_fetched(imap, tmp_path):
+    """
+    A link planted in new/ for a message is not read: FETCH leaves it out
+    as gone (RFC 5530 EXPUNGEISSUED) and the session goes on.
+    """
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Subject: not mail\n\nsecret\n")
+    imap.login()
+    os.symlink(secret, imap.maildir / "new" / "1700000000.M1P1Q1.h,S=26,W=29")
+    imap.deliver("1700000001.M1P1Q1.h")
+    imap.command("s SELECT INBOX")
+    out = imap.command("a UID FETCH 1:* BODY.PEEK[]")
+    assert b"secret" not in out
+    assert [line.split(" (")[0] for line in untagged(out)] == ["2 FETCH"]
+    assert tagged(out, "a") == "a NO [EXPUNGEISSUED] Some of the requested messages no longer exist."
+    assert tagged(imap.command("b NOOP"), "b") == "b OK NOOP completed."
