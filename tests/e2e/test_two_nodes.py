@@ -2,7 +2,7 @@
 Two servers on one data folder (issue 22): nodes C{a} and C{b} on one
 machine, with the same host name, each on its own OS-chosen ports, both
 taking mail at once, local and for a remote domain whose MX is a loopback
-sink; POP3 through either; C{b} killed with SIGKILL while C{a} goes on, its
+sink; POP3 and IMAP through either; C{b} killed with SIGKILL while C{a} goes on, its
 queue adopted by C{a}, then C{b} started again.  Every message that got its
 250 is in its mailbox once or reached the sink once, and nothing arrives
 that was not sent.
@@ -11,6 +11,7 @@ that was not sent.
 from __future__ import annotations
 
 import collections
+import imaplib
 import poplib
 import re
 import smtplib
@@ -30,7 +31,7 @@ def node(tmp_path, name: str, dns_server, sink_port: int) -> MailServer:
     root = tmp_path / name
     root.mkdir()
     return MailServer(
-        root, data_path=tmp_path / "data",
+        root, data_path=tmp_path / "data", roles=("smtp", "submission", "pop3", "imap", "admin"),
         extra_toml=(
             f'node_name = "{name}"\n'
             "[smtp]\nauth_over_plaintext = true\n"
@@ -85,6 +86,29 @@ def pop3_subjects(server: MailServer, user: str) -> list[str]:
         return subjects
     finally:
         client.quit()
+
+
+def imap_append(server: MailServer, user: str, subject: str) -> None:
+    client = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+    try:
+        client.login(user, "pw")
+        typ, _ = client.append("INBOX", None, None, f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+        assert typ == "OK"
+    finally:
+        client.logout()
+
+
+def imap_subjects(server: MailServer, user: str) -> list[str]:
+    client = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+    try:
+        client.login(user, "pw")
+        client.select("INBOX", readonly=True)
+        typ, data = client.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK"
+        return [SUBJECT.search(part[1]).group(1).decode() for part in data
+                if isinstance(part, tuple)]
+    finally:
+        client.logout()
 
 
 def sink_subjects(sink: SMTPPeer) -> list[str]:
@@ -163,17 +187,31 @@ def test_two_nodes_one_data_folder_kill_9_adopt_restart(nodes):
         sender.join(60)
         assert len(sender.accepted) == 6
     remote += after[1].accepted
+    # IMAP through either node writes into the same mailbox.
+    for server, subject in ((a, "imap-a"), (b, "imap-b")):
+        imap_append(server, USERS[1], subject)
     assert wait_until(lambda: set(remote) <= set(sink_subjects(sink)), timeout=60), b.log()
     assert wait_until(lambda: "empty" in a.cli("queue", "list").stdout
                       and "empty" in b.cli("queue", "list").stdout)
 
-    # Both nodes wrote into the same mailboxes, each under its own name.
-    names = [p.name for user in USERS for p in (a.maildir(user) / "new").iterdir()]
-    assert {name.split(",")[0].rsplit(".", 1)[1] for name in names} == {"a", "b"}
+    # Both nodes wrote into the same mailboxes, each under its own name
+    # (SMTP and IMAP APPEND alike).
+    writers = {}
+    for user in USERS:
+        for path in [*(a.maildir(user) / "new").iterdir(), *(a.maildir(user) / "cur").iterdir()]:
+            subject = SUBJECT.search(path.read_bytes()).group(1).decode()
+            writers[subject] = path.name.split(",")[0].split(":")[0].rsplit(".", 1)[1]
+    assert set(writers.values()) == {"a", "b"}
+    assert [writers["imap-a"], writers["imap-b"]] == ["a", "b"]
+    assert {writers[s] for s in senders[2].accepted} == {"b"}
 
     tried = {s for sender in senders + after for s in sender.tried}
     local = [s for sender in (senders[0], senders[2], after[0]) for s in sender.accepted]
-    fetched = pop3_subjects(a, USERS[0]) + pop3_subjects(b, USERS[1])
+    local += ["imap-a", "imap-b"]
+    tried |= {"imap-a", "imap-b"}
+    second = pop3_subjects(b, USERS[1])
+    assert sorted(imap_subjects(a, USERS[1])) == sorted(second)
+    fetched = pop3_subjects(a, USERS[0]) + second
     relayed = sink_subjects(sink)
     # Every accepted message exactly once; nothing that was not sent.
     for accepted, arrived in ((local, fetched), (remote, relayed)):
