@@ -219,12 +219,19 @@ def _summarise(row: dict, runs: list[dict]) -> None:
     )
 
 
-def relay_factories(args, dns: BenchDNS, sink: RelaySink) -> list:
+def relay_factories(args, dns: BenchDNS, sink: RelaySink, base_code: Path | None = None) -> list:
+    """
+    @param base_code: a checkout of C{--base}, run as C{mailserver-base}
+        beside the working tree's C{mailserver} (a same-run A/B).
+    """
     factories = []
     for name in args.relay_peers:
         if name == "mailserver":
             factories.append(("mailserver", lambda: MailServerRelayPeer(
                 dns, sink.port, relay_toml=args.relay_toml, keep=args.keep)))
+            if base_code is not None:
+                factories.append(("mailserver-base", lambda: MailServerRelayPeer(
+                    dns, sink.port, relay_toml=args.relay_toml, keep=args.keep, code=base_code)))
         elif name == "postfix":
             why = PostfixRelayPeer.why_unavailable()
             if why:
@@ -247,7 +254,14 @@ def relay_part(args, results: dict, leftovers=None) -> None:
         results["relay_setup"] = {"sink": sink.kind, "dns_port_53": dns.on_port_53,
                                   "resolver": dns.resolver}
         print(f"relay: sink {sink.kind} on port {sink.port}, DNS {dns.resolver}", flush=True)
-        factories = relay_factories(args, dns, sink)
+        base_code = None
+        if getattr(args, "base", None):
+            from bench.ab import worktree
+
+            base_code = outer.enter_context(worktree(args.base))
+            results["relay_setup"]["base"] = args.base
+            print(f"relay: mailserver-base is {args.base} (in {base_code})", flush=True)
+        factories = relay_factories(args, dns, sink, base_code)
         seq = 0
         for size in args.sizes:
             total = args.relay_messages_1k if size <= 4096 else args.relay_messages_100k
@@ -343,6 +357,14 @@ def relay_report(rows: list[dict], setup: dict, table, lines: list[str]) -> None
         for sample in (r.get("error_samples") or [])[:2]:
             lines.append(f"Relay {r['peer']} {_label(r['size'])}: error: {sample}")
     by = {(r["peer"], r["size"]): r for r in rows if r.get("msgs_per_s")}
+    for (peer, size), base in sorted(by.items()):
+        new = by.get(("mailserver", size))
+        if peer != "mailserver-base" or new is None:
+            continue
+        lines.append(
+            f"Relay A/B {_label(size)}: the working tree over {setup.get('base', 'the base')} "
+            f"{new['msgs_per_s'] / base['msgs_per_s']:.2f}x msgs/s, CPU per message "
+            f"{new['server_cpu_ms_per_msg'] / base['server_cpu_ms_per_msg']:.2f}x (same run)")
     for (peer, size), ours in sorted(by.items()):
         theirs = by.get(("postfix", size))
         if peer != "mailserver" or theirs is None:
@@ -369,6 +391,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: mailserver, postfix")
     p.add_argument("--relay-toml", default="",
                    help="extra lines for our server's [relay] table (an A/B of a setting)")
+    p.add_argument("--base", metavar="REV", default=None,
+                   help="also relay with our server at git revision REV (mailserver-base, "
+                        "from a temporary worktree): an A/B of the code in the same run")
 
 
 def finish_arguments(p: argparse.ArgumentParser, args) -> None:
