@@ -32,7 +32,9 @@ from mailserver.maildir import Mailbox, remove_stale_tmp
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
 from mailserver.metrics import Metrics, server_metrics
-from mailserver.relay import QueueError, QueueStore, RelayRunner
+from mailserver.relay import QueueStore, RelayRunner
+from mailserver.relay.index import QueueIndex
+from mailserver.relay.view import QueueAdminView, queue_gauges
 from mailserver.smtp import SMTPFactory
 from mailserver.tls import ReloadableServerOptions
 from mailserver.web import make_admin_site
@@ -244,45 +246,6 @@ class ReloadOnSignal(Service):
             pass
 
 
-def _oldest(queue: QueueStore, reactor) -> float:
-    arrivals = [message.arrival for message in queue.all()]
-    return reactor.seconds() - min(arrivals) if arrivals else 0.0
-
-
-class QueueAdminView:
-    """
-    The relay queue as the admin API shows it.
-    """
-
-    def __init__(self, queue: QueueStore, runner: RelayRunner, reactor) -> None:
-        self._queue = queue
-        self._runner = runner
-        self._reactor = reactor
-
-    def list(self) -> list[dict]:
-        now = self._reactor.seconds()
-        return [
-            {
-                "id": m.id,
-                "sender": m.sender,
-                "recipients": [r.address for r in m.pending()],
-                "size": m.size,
-                "age_seconds": round(now - m.arrival, 3),
-                "attempts": m.attempts,
-                "next_attempt_in_seconds": round(max(0.0, m.next_attempt - now), 3),
-                "last_error": m.last_error,
-            }
-            for m in self._queue.all()
-        ]
-
-    def flush(self, queue_id: str) -> bool:
-        try:
-            self._runner.request("flush", queue_id)
-        except QueueError:
-            return False
-        return True
-
-
 class CrashCleanup(Service):
     """
     At start, before any listener: remove the files a crash left in the
@@ -353,12 +316,9 @@ def make_service(config: Config, reactor) -> MultiService:
         accounts, reactor, strcred_checkers(config), threadpool=password_threadpool(reactor)
     )
     queue = QueueStore(config)
+    queue_index = QueueIndex()
     metrics = Metrics()
-    instruments = server_metrics(
-        metrics,
-        queue_messages=lambda: len(queue.ids()),
-        queue_oldest_seconds=lambda: _oldest(queue, reactor),
-    )
+    instruments = server_metrics(metrics, **queue_gauges(queue_index, reactor))
     context = PluginContext(reactor=reactor, hostname=config.hostname, data_path=config.data_path)
     # Authentication checks see the message as it arrived; DKIM signs it
     # as the plugins left it.
@@ -375,6 +335,7 @@ def make_service(config: Config, reactor) -> MultiService:
     runner = RelayRunner(
         config=config,
         queue=queue,
+        index=queue_index,
         intake=intake,
         reactor=reactor,
         accounts=accounts,
@@ -449,7 +410,7 @@ def make_service(config: Config, reactor) -> MultiService:
             listener_states=lambda: [
                 listener.state() for listener in listeners if listener.role != "admin"
             ],
-            queue_view=QueueAdminView(queue, runner, reactor),
+            queue_view=QueueAdminView(runner, reactor),
             token=config.admin.token or None,
         )
         for description in config.listeners.admin:

@@ -1,7 +1,10 @@
 """
 The C{mailserver queue} commands: list, show, flush, delete, bounce.
 
-Listing reads the queue folder.  Changes are requests: a file in
+Listing reads the queue folder, whether the server runs or not: the names
+in C{envelopes/} (one directory listing, sorted: ids sort by arrival) and
+the envelopes of one page only, so a page costs about the same with ten
+messages queued or 100,000.  Changes are requests: a file in
 C{<data_dir>/queue/requests/} that the running server applies on its next
 scan (every C{relay.scan_interval} seconds), so they never race an attempt
 in progress; a stopped server applies them when it starts.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from bisect import bisect_right
 
 from mailserver.relay.queue import PENDING, CorruptEntry, QueueError, QueueStore
 
@@ -32,13 +36,36 @@ def _when(timestamp: float, now: float) -> str:
     return "in " + _age(timestamp - now)
 
 
+PAGE = 100
+
+
 def _list(config, args: argparse.Namespace) -> str:
+    if args.limit < 0:
+        raise QueueError("--limit must be 0 (everything) or more")
     store = QueueStore(config)
     now = time.time()
-    messages, unusable = store.survey()
-    lines = _table(messages, now) if messages else ["the queue is empty"]
+    ids = store.ids()
+    start = bisect_right(ids, args.after) if args.after else 0
+    end = start + args.limit if args.limit else len(ids)
+    messages, unusable = [], []
+    for queue_id in ids[start:end]:
+        try:
+            messages.append(store.load(queue_id))
+        except CorruptEntry as e:
+            unusable.append(e)
+        except QueueError:
+            continue  # removed meanwhile
+    lines = _table(messages, now) if messages else [
+        "the queue is empty" if not ids else "no queued message on this page"]
+    if start >= len(ids) and ids:
+        lines.append(f"nothing after {args.after}; {len(ids)} in the queue")
+    elif start or end < len(ids):
+        lines.append(f"entries {start + 1}-{min(end, len(ids))} of {len(ids)} in the queue, "
+                     "oldest first"
+                     + (f"; next page: --after {ids[end - 1]}" if end < len(ids) else ""))
     if unusable:
-        lines.append(f"{len(unusable)} corrupt envelope(s), set aside at the server's next scan:")
+        lines.append(f"{len(unusable)} corrupt envelope(s), set aside by the server when it "
+                     "next starts or tries them:")
         lines.extend(f"  {e.queue_id}: {e.problem}" for e in unusable)
     aside = store.corrupt_entries()
     if aside:
@@ -145,7 +172,11 @@ def add_queue_commands(subparsers) -> None:
     """
     queue = subparsers.add_parser("queue", help="inspect and manage the outbound queue")
     actions = queue.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="list queued messages").set_defaults(handler=_list)
+    listing = actions.add_parser("list", help="list queued messages, oldest first")
+    listing.add_argument("--limit", type=int, default=PAGE,
+                         help=f"at most this many (default {PAGE}; 0: all)")
+    listing.add_argument("--after", metavar="ID", help="start after this queue id")
+    listing.set_defaults(handler=_list)
     show = actions.add_parser("show", help="show one queued message")
     show.add_argument("id")
     show.set_defaults(handler=_show)

@@ -7,6 +7,9 @@ Layout under C{<data_dir>/queue/}::
     envelopes/<id>.json  the envelope and per-recipient state (version 1)
     tmp/                 envelope JSON being written
     requests/<id>.<verb> requests from the C{mailserver queue} command
+    incoming/<id>        messages queued by another process (a worker), not
+                         yet seen by the runner: empty and not synced, since
+                         the runner reads every envelope when it starts
     corrupt/             entries set aside: <id>.json, <id> and <id>.problem
 
 An envelope is the commit point: it is written to C{tmp/}, fsynced, renamed
@@ -269,8 +272,10 @@ class QueueStore:
     """
     The queue folder; implements L{mailserver.intake.RelayQueue}.
 
-    @ivar on_enqueued: called (in the worker thread!) with each new id; the
-        runner sets it to hand the id over to the reactor thread.
+    @ivar on_enqueued: called (in the worker thread!) with each new
+        L{QueuedMessage}; the runner sets it to hand the message over to the
+        reactor thread.  Without it (in a worker process) the id is left in
+        C{incoming/} for the runner's next scan.
     """
 
     def __init__(self, config, clock: Callable[[], float] = time.time) -> None:
@@ -280,15 +285,16 @@ class QueueStore:
         self.tmp_path = self.path / "tmp"
         self.requests_path = self.path / "requests"
         self.corrupt_path = self.path / "corrupt"
+        self.incoming_path = self.path / "incoming"
         self._clock = clock
-        self.on_enqueued: Callable[[str], None] | None = None
+        self.on_enqueued: Callable[[QueuedMessage], None] | None = None
         self._made = False
 
     def _ensure(self) -> None:
         if self._made:
             return
         for folder in (self.messages_path, self.envelopes_path, self.tmp_path, self.requests_path,
-                       self.corrupt_path):
+                       self.corrupt_path, self.incoming_path):
             folder.mkdir(parents=True, exist_ok=True)
         for folder in (self.path, self.path.parent):
             fsync_directory(folder)
@@ -345,7 +351,12 @@ class QueueStore:
             os.unlink(message_path)
             raise
         if self.on_enqueued is not None:
-            self.on_enqueued(queue_id)
+            self.on_enqueued(message)
+        else:
+            try:
+                os.close(os.open(self.incoming_path / queue_id, os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError:
+                pass  # it is queued all the same: the runner reads it when it next starts
         return queue_id
 
     # The runner's and the CLI's side.
@@ -521,6 +532,22 @@ class QueueStore:
                 except FileNotFoundError:
                     continue
         return removed
+
+    def take_incoming(self) -> list[str]:
+        """
+        The ids other processes queued since the last call, removed from
+        C{incoming/}.
+        """
+        try:
+            names = os.listdir(self.incoming_path)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            try:
+                os.unlink(self.incoming_path / name)
+            except FileNotFoundError:
+                continue
+        return [name for name in names if name and not name.startswith(".")]
 
     # Requests from the CLI to the running server.
 

@@ -52,7 +52,8 @@ def test_enqueue_links_the_spool_and_writes_a_versioned_envelope(config, tmp_pat
     seen = []
     store.on_enqueued = seen.append
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test", "z@remote.test"), spool, 29)
-    assert seen == [queue_id]
+    assert seen == [store.load(queue_id)]
+    assert os.listdir(store.incoming_path) == []  # told directly, not left for a scan
     message_path = store.messages_path / queue_id
     assert os.stat(message_path).st_ino == os.stat(spool).st_ino
     raw = json.loads((store.envelopes_path / f"{queue_id}.json").read_text())

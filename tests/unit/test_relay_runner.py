@@ -244,9 +244,11 @@ def test_connection_limit_per_destination(tmp_path):
     assert [c[1] for c in courier.calls] == [("a@one.test",), ("c@two.test",)]
     d, recipients = courier.held.pop(0)
     d.callback(Courier.outcomes(recipients, 250))
+    w.reactor.advance(0)
     assert [c[1] for c in courier.calls][2:] == [("b@one.test",)]
     d, recipients = courier.held.pop(0)
     d.callback(Courier.outcomes(recipients, 250))
+    w.reactor.advance(0)
     assert [c[1] for c in courier.calls][3:] == [("d@three.test",)]
 
 
