@@ -418,6 +418,7 @@ class ServerMetrics:
     pop3_bytes_sent_total: Counter
     relay_deliveries_total: Counter
     relay_queue_corrupt_total: Counter
+    relay_queue_scan_seconds: Gauge
     plugin_errors_total: Counter
 
 
@@ -483,6 +484,11 @@ def server_metrics(
         relay_queue_corrupt_total=metrics.counter(
             "relay_queue_corrupt_total",
             "Corrupt relay queue entries moved into queue/corrupt/.",
+        ),
+        relay_queue_scan_seconds=metrics.gauge(
+            "relay_queue_scan_seconds",
+            "Seconds the last look at the relay queue's requests and other processes' "
+            "messages took.",
         ),
         plugin_errors_total=metrics.counter(
             "plugin_errors_total", "Exceptions raised by plugins.", ["plugin"]

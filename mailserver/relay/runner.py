@@ -132,7 +132,6 @@ class RelayRunner(Service):
         self._active: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}
         self._scanner: task.LoopingCall | None = None
-        self.last_scan_seconds = 0.0
 
     # Service.
 
@@ -217,7 +216,7 @@ class RelayRunner(Service):
         d = self._io(self._take_news)
         d.addCallback(self._apply_news)
         d.addErrback(lambda f: self.log.failure("relay: queue scan failed", f))
-        d.addBoth(lambda _: setattr(self, "last_scan_seconds", time.monotonic() - began))
+        d.addBoth(lambda _: self._metrics.relay_queue_scan_seconds.set(time.monotonic() - began))
         return d
 
     def _take_news(self):

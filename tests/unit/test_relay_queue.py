@@ -4,6 +4,7 @@ The durable queue store: hard link, versioned JSON envelope, recovery, requests.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -247,3 +248,39 @@ def test_names_that_are_not_ids_are_not_envelopes(config, tmp_path):
     (store.envelopes_path / f".{queue_id}.json").write_text("{}")
     (store.envelopes_path / "notes.txt").write_text("hi")
     assert store.ids() == [queue_id]
+
+
+def test_queue_list_pages_through_a_queue_reading_only_its_page(tmp_path, capsys, monkeypatch):
+    from mailserver import cli
+
+    config_path = tmp_path / "mailserver.toml"
+    config_path.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    store = QueueStore(load(str(config_path)), clock=itertools.count(1000.0, 0.5).__next__)
+    ids = [store.enqueue(ENVELOPE, ("z@remote.test",), spool_file(tmp_path), 29) for _ in range(7)]
+    assert sorted(ids) == ids  # ids sort by arrival
+    (store.envelopes_path / "ZZBROKEN.json").write_text("{")
+
+    loaded = []
+    real_load = QueueStore.load
+    monkeypatch.setattr(QueueStore, "load",
+                        lambda self, queue_id: loaded.append(queue_id) or real_load(self, queue_id))
+
+    def listing(*args):
+        assert cli.main(["--config", str(config_path), "queue", "list", *args]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    out = listing("--limit", "3")
+    assert [line.split()[0] for line in out[1:4]] == ids[:3] and loaded == ids[:3]
+    assert out[4:] == ["3 message(s)", f"entries 1-3 of 8 in the queue, oldest first; "
+                                       f"next page: --after {ids[2]}"]
+    loaded.clear()
+    out = listing("--after", ids[5])
+    assert [line.split()[0] for line in out[1:2]] == ids[6:] and loaded == [ids[6], "ZZBROKEN"]
+    assert out[2:4] == ["1 message(s)", "entries 7-8 of 8 in the queue, oldest first"]
+    assert out[4].startswith("1 corrupt envelope(s)") and "ZZBROKEN: not valid JSON" in out[5]
+    out = listing("--after", "ZZBROKEN")
+    assert out == ["no queued message on this page", "nothing after ZZBROKEN; 8 in the queue"]
+    out = listing("--limit", "0")
+    assert "7 message(s)" in out and len([line for line in out if line.startswith(ids[0][:8])]) == 7
+    assert cli.main(["--config", str(config_path), "queue", "list", "--limit", "-1"]) == 1
+    assert "--limit must be 0" in capsys.readouterr().err

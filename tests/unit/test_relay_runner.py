@@ -353,3 +353,175 @@ def test_an_attempt_that_crashes_backs_off_instead_of_looping(tmp_path, logged):
     assert len(w.courier.calls) == 1  # not at every scan
     w.reactor.advance(5)
     assert len(w.courier.calls) == 2 and w.queue.ids() == []
+
+
+# The in-memory index: kept right by every change, and all the views read.
+
+from mailserver.metrics import Metrics, server_metrics  # noqa: E402
+from mailserver.relay.queue import QueueError as _QueueError  # noqa: E402
+from mailserver.relay.view import QueueAdminView, queue_gauges  # noqa: E402
+
+
+def assert_index_matches_disk(w):
+    """
+    The runner's index says what the envelopes on disk say.
+    """
+    on_disk = {m.id: m for m in (w.queue.load(i) for i in w.queue.ids())}
+    index = w.runner.index
+    assert sorted(e.id for e in index.entries()) == sorted(on_disk)
+    for queue_id, m in on_disk.items():
+        e = index.get(queue_id)
+        assert (e.sender, e.pending, e.size, e.arrival, e.attempts, e.last_error) == (
+            m.sender, tuple(r.address for r in m.pending()), m.size, m.arrival, m.attempts,
+            m.last_error)
+        if m.pending():
+            assert e.next_attempt == m.next_attempt
+
+
+def test_the_index_follows_enqueue_attempts_deferrals_and_requests(tmp_path):
+    w = World(tmp_path, Courier(451), scan_interval=5)
+    w.start()
+    assert len(w.runner.index) == 0
+    for to in ("a@one.test", "b@two.test", "c@two.test", "d@three.test"):
+        w.send(to=(to,))
+    assert_index_matches_disk(w)  # tried once, deferred
+    assert {e.attempts for e in w.runner.index.entries()} == {1}
+    w.reactor.advance(300)  # tried again
+    assert_index_matches_disk(w)
+    assert {e.attempts for e in w.runner.index.entries()} == {2}
+    by_rcpt = {e.pending[0]: e.id for e in w.runner.index.entries()}
+    w.queue.request("delete", by_rcpt["a@one.test"])
+    w.queue.request("bounce", by_rcpt["b@two.test"])
+    w.queue.request("flush", "domain:three.test")
+    w.courier.codes = [250]
+    w.reactor.advance(5)  # the scan applies them
+    assert_index_matches_disk(w)
+    assert [e.pending for e in w.runner.index.entries()] == [("c@two.test",)]
+    assert len(w.bounces()) == 1
+    assert w.runner.request("flush", by_rcpt["c@two.test"]) == 1
+    w.reactor.advance(0)
+    assert len(w.runner.index) == 0 and w.queue.ids() == []
+
+
+def test_a_message_deleted_behind_the_runners_back_leaves_the_index_at_its_attempt(tmp_path):
+    w = World(tmp_path, Courier(451), scan_interval=1000)
+    w.start()
+    w.send()
+    [queue_id] = w.queue.ids()
+    w.queue.remove(queue_id)
+    assert queue_id in w.runner.index
+    w.reactor.advance(300)
+    assert len(w.runner.index) == 0
+
+
+class NoFolderReads(QueueStore):
+    """
+    A queue store that fails the test when asked what is queued, once
+    told to (the index must answer instead).
+    """
+
+    forbid = False
+
+    def _check(self):
+        assert not self.forbid, "the queue folder was read"
+
+    def ids(self):
+        self._check()
+        return super().ids()
+
+    def load(self, queue_id):
+        self._check()
+        return super().load(queue_id)
+
+    def survey(self):
+        self._check()
+        return super().survey()
+
+
+def test_views_metrics_etrn_and_scans_read_the_index_not_the_files(tmp_path):
+    w = World(tmp_path, Courier(451), scan_interval=5)
+    w.queue = w.runner._queue = store = NoFolderReads(w.config, clock=w.reactor.seconds)
+    w.intake._queue = store
+    w.start()
+    for n in range(30):
+        w.send(to=(f"r{n}@{'one' if n % 3 else 'two'}.test",))
+    ids = w.queue.ids()
+    first_rcpt = w.queue.load(ids[0]).recipients[0].address
+    store.forbid = True
+    view = QueueAdminView(w.runner, w.reactor)
+    metrics = Metrics()
+    server_metrics(metrics, **queue_gauges(w.runner.index, w.reactor))
+    w.reactor.advance(60)
+
+    first, total, after = view.page(None, 20)
+    rest, _, end = view.page(after, 20)
+    assert [m["id"] for m in first + rest] == ids and total == 30 and end is None
+    assert first[0] == {
+        "id": ids[0], "sender": "s@example.org", "recipients": [first_rcpt],
+        "size": first[0]["size"], "age_seconds": 60.0, "attempts": 1,
+        "next_attempt_in_seconds": 240.0, "last_error": "451 4.3.0 try later",
+    }
+    text = metrics.render().decode()
+    assert "\nrelay_queue_messages 30\n" in text and "\nrelay_queue_oldest_seconds 60.0\n" in text
+    w.reactor.advance(5)  # one more scan, with nothing to take in
+    assert w.runner.flush("two.test") == 10  # ETRN
+    assert view.flush(ids[1]) and not view.flush("NOSUCHID")
+    store.forbid = False
+    w.reactor.advance(0)  # the flushed ones are tried (their attempts read them)
+    assert len(w.courier.calls) == 30 + 10 + 1
+
+
+def test_messages_queued_by_another_process_are_taken_in_at_the_next_scan(tmp_path):
+    w = World(tmp_path, Courier(451), scan_interval=5)
+    w.start()
+    worker = QueueStore(w.config, clock=w.reactor.seconds)  # a worker's: nobody to tell
+    worker_intake = Intake(accounts=w.accounts, reactor=w.reactor, queue=worker,
+                           committer=InlineCommitter())
+    receiver = worker_intake.begin(Envelope(
+        sender="s@example.org", recipients=(Recipient(address="w@remote.test",
+                                                      destinations=("w@remote.test",)),)))
+    receiver.write(b"Subject: from a worker\r\n\r\nbody\r\n")
+    receiver.finish()
+    [queue_id] = w.queue.ids()
+    assert queue_id not in w.runner.index and w.courier.calls == []
+    assert (w.queue.incoming_path / queue_id).exists()
+    w.reactor.advance(5)
+    assert queue_id in w.runner.index and w.courier.calls == [(queue_id, ("w@remote.test",))]
+    assert not (w.queue.incoming_path / queue_id).exists()
+    assert_index_matches_disk(w)
+
+
+def test_messages_queued_while_the_queue_is_read_at_start_are_kept(tmp_path):
+    w = World(tmp_path, Courier(451))
+    w.start()
+    w.send(to=("old@remote.test",))
+    w.runner.stopService()
+
+    reads = []
+
+    def io(f, *args):
+        if not reads:  # the start-up read: held until the test lets it go
+            d = defer.Deferred()
+            reads.append((d, f))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    w2 = World(tmp_path, Courier(250))
+    w2.runner._io = io
+    w2.start()
+    w2.send(to=("new@remote.test",))
+    w2.reactor.advance(0)
+    assert w2.courier.calls == []  # nothing is tried before the queue is read
+    assert [e.pending for e in w2.runner.index.entries()] == [("new@remote.test",)]
+    d, read = reads[0]
+    d.callback(read())
+    w2.reactor.advance(300)
+    assert sorted(c[1] for c in w2.courier.calls) == [("new@remote.test",), ("old@remote.test",)]
+    assert w2.queue.ids() == [] and len(w2.runner.index) == 0
+
+
+def test_a_request_for_an_unknown_id_is_refused(tmp_path):
+    w = World(tmp_path, Courier(451))
+    w.start()
+    with pytest.raises(_QueueError, match="no queued message NOPE"):
+        w.runner.request("delete", "NOPE")
