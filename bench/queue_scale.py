@@ -5,23 +5,24 @@ looking at it costs, and whether SMTP clients notice.
 
 In one run:
 
- 1. settle (L{bench.settle}), then a server with an empty queue: SMTP
-    load (L{bench.smtp_load}, local delivery) for the accept latency
-    without the queue, C{/metrics}, C{mailserver queue list}, RSS;
+ 1. settle (L{bench.settle}), then a server with an empty queue, alone:
+    C{/metrics}, C{/api/queue}, C{mailserver queue list}, RSS, and the SMTP
+    load (L{bench.smtp_load}, local delivery);
  2. a second server's queue filled with N messages for C{down.test},
     routed (C{relay.transports}) to a loopback port nobody listens on, by
     the queue's own writer (L{QueueStore.enqueue}) with its syncs left out
     and one C{sync} at the end: the same files, minutes sooner; the index's
     memory per entry measured here with C{tracemalloc};
- 3. that server started: the time to read the queue (its log line), RSS;
-    every message is due, so it starts retrying them all, C{max_connections_per_destination}
-    at a time;
+ 3. that server started beside the first: the time it takes to read its
+    queue (its log line), RSS; every message is due, so it starts retrying
+    them all, C{relay.max_connections_per_destination} at a time;
  4. while it retries: C{/metrics}, C{/api/queue}, C{mailserver queue list}
-    (first page and one from the middle), the last scan's time (the
-    C{relay_queue_scan_seconds} gauge), the same SMTP load, ETRN for
-    C{down.test};
- 5. once every message was tried (or C{--retry-wait} passed): the SMTP
-    load again, with the queue full and nothing due.
+    (the first page and one from the middle), the last scan's time (the
+    C{relay_queue_scan_seconds} gauge), and the SMTP load against both
+    servers, taking turns round by round, so that the machine's drifts
+    (other people's work) hit both alike;
+ 5. once every message was tried (or C{--retry-wait} passed), the same
+    with the queue full and nothing due; then ETRN for C{down.test}.
 
 Usage (from the repository root; 100,000 messages take about 15 minutes on
 2 cores, most of it filling the queue and waiting out the retries)::
@@ -56,6 +57,7 @@ from bench.settle import Leftovers, settle  # noqa: E402
 from bench.smtp_load import LoadResult, percentile, run_load  # noqa: E402
 from mailserver.config import load as load_config  # noqa: E402
 from mailserver.envelope import Envelope, Recipient  # noqa: E402
+from mailserver.relay import admin as queue_admin  # noqa: E402
 from mailserver.relay import queue as queue_module  # noqa: E402
 from mailserver.relay.index import build as build_index  # noqa: E402
 from mailserver.relay.queue import QueueStore  # noqa: E402
@@ -156,6 +158,22 @@ def timed_cli(peer: MailServerPeer, *args: str, times: int = 3) -> tuple[list[fl
     return seconds, out
 
 
+def list_work(peer: MailServerPeer, times: int = 5) -> float:
+    """
+    What C{queue list} does after the console script's start-up (Python,
+    imports, reading and checking the configuration): list the folder and
+    read one page, here in this process; the median.
+    """
+    config = load_config(str(peer.config_path))
+    args = argparse.Namespace(limit=queue_admin.PAGE, after=None)
+    seconds = []
+    for _ in range(times):
+        started = time.perf_counter()
+        queue_admin._list(config, args)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
 def etrn(port: int) -> tuple[float, str]:
     with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
         client.ehlo("bench.client")
@@ -164,16 +182,11 @@ def etrn(port: int) -> tuple[float, str]:
         return time.perf_counter() - started, f"{code} {text.decode()}"
 
 
-def load(peer: MailServerPeer, args) -> dict:
-    """
-    The SMTP load in C{args.rounds} rounds; latencies pooled.
-    """
+def warm(peer: MailServerPeer, args) -> None:
     run_load("127.0.0.1", peer.port, clients=10, messages=args.warmup, size=args.size)
-    runs: list[LoadResult] = []
-    for _ in range(args.rounds):
-        runs.append(run_load("127.0.0.1", peer.port, clients=args.clients,
-                             messages=args.load // args.rounds, size=args.size))
-        print(f"    {runs[-1]}", flush=True)
+
+
+def summary(runs: list[LoadResult]) -> dict:
     latencies = sorted(x for r in runs for x in r.latencies_ms)
     return {
         "msgs_per_s": statistics.median(r.msgs_per_s for r in runs),
@@ -182,6 +195,22 @@ def load(peer: MailServerPeer, args) -> dict:
         "errors": sum(r.errors for r in runs),
         "messages": len(latencies),
     }
+
+
+def loads(peers: dict[str, MailServerPeer], args) -> dict[str, dict]:
+    """
+    The SMTP load, C{args.rounds} rounds per server, the servers taking
+    turns (so the machine's drifts hit them alike); latencies pooled.
+    """
+    runs: dict[str, list[LoadResult]] = {name: [] for name in peers}
+    for round_ in range(args.rounds):
+        names = list(peers)
+        names = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in names:
+            runs[name].append(run_load("127.0.0.1", peers[name].port, clients=args.clients,
+                                       messages=args.load // args.rounds, size=args.size))
+            print(f"    {name}: {runs[name][-1]}", flush=True)
+    return {name: summary(r) for name, r in runs.items()}
 
 
 def deferred(port: int) -> float:
@@ -201,6 +230,7 @@ def looks(peer: MailServerPeer, results: dict, middle: str | None) -> None:
     results["api_queue_s"] = {"median": statistics.median(seconds), "max": max(seconds)}
     seconds, out = timed_cli(peer, "queue", "list")
     results["queue_list_s"] = {"median": statistics.median(seconds), "max": max(seconds)}
+    results["queue_list_work_s"] = list_work(peer)
     results["queue_list_footer"] = out.strip().splitlines()[-1] if out.strip() else ""
     if middle:
         seconds, _ = timed_cli(peer, "queue", "list", "--after", middle)
@@ -242,30 +272,30 @@ def main(argv: list[str] | None = None) -> int:
     relay = f'[relay]\ntransports = ["{DOWN}=127.0.0.1:{free_port()}"]\n'
     try:
         results["settle"] = settle(leftovers, wait=not args.no_settle)
-
-        print("empty queue:", flush=True)
         with contextlib.ExitStack() as stack:
+            empty_peer = MailServerPeer(extra_toml=relay, admin=True, keep=True)
+            leftovers.add(empty_peer.root)
+            stack.enter_context(empty_peer)
+            print("empty queue, alone:", flush=True)
+            empty = results["empty"] = {"rss_start_kib": rss_kib(empty_peer.pid)}
+            looks(empty_peer, empty, None)
+            warm(empty_peer, args)
+            empty["load"] = loads({"empty": empty_peer}, args)["empty"]
+
+            print(f"filling a queue with {args.messages:,} messages:", flush=True)
             peer = MailServerPeer(extra_toml=relay, admin=True, keep=True)
             leftovers.add(peer.root)
+            full = results["full"] = {}
+            full["fill_s"] = fill(peer.config_path, args.messages, args.queued_size)
+            full["index"] = index_memory(peer.config_path)
+            print(f"  {full['fill_s']:.0f} s; {json.dumps(full['index'])}", flush=True)
+            ids = sorted(n[:-5] for n in os.listdir(peer.data_path / "queue" / "envelopes"))
+            middle = ids[len(ids) // 2]
+            del ids
+
+            print("full queue, being retried (the empty one beside it):", flush=True)
             stack.enter_context(peer)
-            empty = results["empty"] = {"rss_start_kib": rss_kib(peer.pid)}
-            looks(peer, empty, None)
-            empty["load"] = load(peer, args)
-            empty["rss_end_kib"] = rss_kib(peer.pid)
-
-        print(f"filling a queue with {args.messages:,} messages:", flush=True)
-        peer = MailServerPeer(extra_toml=relay, admin=True, keep=True)
-        leftovers.add(peer.root)
-        full = results["full"] = {}
-        full["fill_s"] = fill(peer.config_path, args.messages, args.queued_size)
-        full["index"] = index_memory(peer.config_path)
-        print(f"  {full['fill_s']:.0f} s; {json.dumps(full['index'])}", flush=True)
-        ids = sorted(n[:-5] for n in os.listdir(peer.data_path / "queue" / "envelopes"))
-        middle = ids[len(ids) // 2]
-        del ids
-
-        print("full queue, being retried:", flush=True)
-        with peer:
+            both = {"empty": empty_peer, "full": peer}
             full["read_s"] = read_time(peer, timeout=600)
             full["rss_after_read_kib"] = rss_kib(peer.pid)
             print(f"  read in {full['read_s']:.2f} s; RSS {full['rss_after_read_kib'] / 1024:.0f} MiB",
@@ -273,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             retrying = full["retrying"] = {"deferred_before": deferred(peer.admin_port)}
             started = time.monotonic()
             looks(peer, retrying, middle)
-            retrying["load"] = load(peer, args)
+            warm(peer, args)
+            retrying["load"] = loads(both, args)
             retrying["deferred_after"] = deferred(peer.admin_port)
             retrying["retries_per_s"] = ((retrying["deferred_after"] - retrying["deferred_before"])
                                          / (time.monotonic() - started))
@@ -287,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {tried:,.0f} retries {full['tried_s_after_start']:.0f} s after the first look",
                   flush=True)
 
-            print("full queue, nothing due:", flush=True)
+            print("full queue, nothing due (the empty one beside it):", flush=True)
             quiet = full["quiet"] = {}
             looks(peer, quiet, middle)
-            quiet["load"] = load(peer, args)
+            quiet["load"] = loads(both, args)
             full["etrn_s"], full["etrn_reply"] = etrn(peer.port)
             print(f"  ETRN {DOWN}: {full['etrn_s'] * 1000:.0f} ms, {full['etrn_reply']}", flush=True)
             full["rss_end_kib"] = rss_kib(peer.pid)
+            empty["rss_end_kib"] = rss_kib(empty_peer.pid)
     finally:
         leftovers.remove()
     report(results)
@@ -304,34 +336,40 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: dict) -> None:
     empty, full = results["empty"], results["full"]
+    retrying, quiet = full["retrying"], full["quiet"]
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
+    looked = (empty, retrying, quiet)
     print()
-    print(f"| | empty queue | {results['messages']:,} queued, retrying | same, nothing due |")
+    print(f"| | empty queue | {results['messages']:,} queued, being retried | same, nothing due |")
     print("| --- | --- | --- | --- |")
     rows = [
         ("RSS", f"{empty['rss_end_kib'] / 1024:.0f} MiB",
-         f"{full['rss_after_read_kib'] / 1024:.0f} MiB after the read", f"{full['rss_end_kib'] / 1024:.0f} MiB"),
-        ("`/metrics` (median / max of 20)", *(f"{ms(r['metrics_s']['median'])} / {ms(r['metrics_s']['max'])}"
-                                              for r in (empty, full["retrying"], full["quiet"]))),
-        ("`/api/queue` first page", *(f"{ms(r['api_queue_s']['median'])} / {ms(r['api_queue_s']['max'])}"
-                                      for r in (empty, full["retrying"], full["quiet"]))),
-        ("`mailserver queue list` (median of 3)", *(ms(r["queue_list_s"]["median"])
-                                                    for r in (empty, full["retrying"], full["quiet"]))),
-        ("last scan", *(ms(r["scan_s"]) for r in (empty, full["retrying"], full["quiet"]))),
-        ("SMTP msgs/s", *(f"{r['load']['msgs_per_s']:.0f}" for r in (empty, full["retrying"], full["quiet"]))),
-        ("SMTP accept p50 / p99", *(f"{r['load']['p50_ms']:.1f} / {r['load']['p99_ms']:.1f} ms"
-                                    for r in (empty, full["retrying"], full["quiet"]))),
+         f"{full['rss_after_read_kib'] / 1024:.0f} MiB after the read",
+         f"{full['rss_end_kib'] / 1024:.0f} MiB"),
+        ("`/metrics`, median / max of 20", *(f"{ms(r['metrics_s']['median'])} / {ms(r['metrics_s']['max'])}"
+                                             for r in looked)),
+        ("`/api/queue` first page, median / max of 20",
+         *(f"{ms(r['api_queue_s']['median'])} / {ms(r['api_queue_s']['max'])}" for r in looked)),
+        ("`mailserver queue list`, median of 3", *(ms(r["queue_list_s"]["median"]) for r in looked)),
+        ("of which the listing and the page", *(ms(r["queue_list_work_s"]) for r in looked)),
+        ("last scan (`relay_queue_scan_seconds`)", *(ms(r["scan_s"]) for r in looked)),
     ]
+    for name in ("empty", "full"):
+        loads_ = (empty["load"] if name == "empty" else None, retrying["load"][name], quiet["load"][name])
+        label = "the empty server" if name == "empty" else "the full server"
+        rows.append((f"SMTP msgs/s, {label}", *(f"{x['msgs_per_s']:.0f}" if x else "" for x in loads_)))
+        rows.append((f"SMTP accept p50 / p99, {label}",
+                     *(f"{x['p50_ms']:.1f} / {x['p99_ms']:.1f} ms" if x else "" for x in loads_)))
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print()
     index = full["index"]
     print(f"queue filled in {full['fill_s']:.0f} s; read at start in {full['read_s']:.2f} s; index "
           f"{index['bytes_per_entry']:.0f} bytes per entry (tracemalloc); "
-          f"{full['retrying']['retries_per_s']:.0f} retries/s while measured; every message tried "
+          f"{retrying['retries_per_s']:.0f} retries/s while measured; every message tried "
           f"once {full['tried_s_after_start']:.0f} s after the first look"
           f"{'' if full['all_tried_once'] else ' (NOT all tried by then)'}; "
-          f"queue list --after <middle>: {ms(full['quiet']['queue_list_middle_s']['median'])}; "
+          f"queue list --after <middle>: {ms(quiet['queue_list_middle_s']['median'])}; "
           f"ETRN {ms(full['etrn_s'])} ({full['etrn_reply']})")
 
 

@@ -126,6 +126,20 @@ class QueueIndex:
         entry.next_attempt = when
         self._push(entry)
 
+    def reschedule_all(self, entries: list[IndexEntry], when: float) -> None:
+        """
+        L{reschedule} many at once (a flush): past a sixteenth of the heap,
+        making it anew costs less than pushing each.
+        """
+        if len(entries) <= len(self._due) // 16:
+            for entry in entries:
+                entry.next_attempt = when
+                self._push(entry)
+            return
+        for entry in entries:
+            entry.next_attempt = when
+        self._heap_anew()
+
     def remove(self, queue_id: str) -> None:
         if self._entries.pop(queue_id, None) is None:
             return
@@ -158,8 +172,11 @@ class QueueIndex:
     def _push(self, entry: IndexEntry) -> None:
         heapq.heappush(self._due, (entry.next_attempt, entry.id))
         if len(self._due) > 2 * len(self._entries) + 1024:
-            self._due = [(e.next_attempt, e.id) for e in self._entries.values()]
-            heapq.heapify(self._due)
+            self._heap_anew()
+
+    def _heap_anew(self) -> None:
+        self._due = [(e.next_attempt, e.id) for e in self._entries.values()]
+        heapq.heapify(self._due)
 
     # The runner's questions.
 

@@ -417,23 +417,6 @@ class QueueStore:
             raise CorruptEntry(queue_id, path, "its message file is not the message it holds")
         return message
 
-    def survey(self) -> tuple[list[QueuedMessage], list[CorruptEntry]]:
-        """
-        The usable messages, oldest first, and the unusable entries.
-        """
-        messages, corrupt = [], []
-        for queue_id in self.ids():
-            try:
-                messages.append(self.load(queue_id))
-            except CorruptEntry as e:
-                corrupt.append(e)
-            except QueueError:
-                continue
-        return sorted(messages, key=lambda m: (m.arrival, m.id)), corrupt
-
-    def all(self) -> list[QueuedMessage]:
-        return self.survey()[0]
-
     def set_aside(self, queue_id: str, problem: str) -> Path:
         """
         Move a corrupt entry (envelope and message file, whichever exist)

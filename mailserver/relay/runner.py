@@ -296,14 +296,10 @@ class RelayRunner(Service):
         """
         domain = domain.lower().rstrip(".") if domain else None
         entries = self.index.entries() if domain is None else self.index.with_domain(domain)
-        now = self._reactor.seconds()
-        count = 0
-        for entry in entries:
-            if entry.pending and entry.id not in self._active:
-                self.index.reschedule(entry.id, now)
-                count += 1
+        due = [e for e in entries if e.pending and e.id not in self._active]
+        self.index.reschedule_all(due, self._reactor.seconds())
         self._dispatcher.resume()
-        return count
+        return len(due)
 
     # Attempts.
 

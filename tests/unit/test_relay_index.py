@@ -114,6 +114,18 @@ def test_the_heap_does_not_grow_with_reschedules():
     assert sorted(index.pop_due(10_000.0) for _ in range(10)) == sorted(message(n).id for n in range(10))
 
 
+def test_many_rescheduled_at_once_come_due_alone():
+    index = filled(*(message(n, next_attempt=1000.0 + n) for n in range(100)))
+    for chosen in ([message(7)], [message(n) for n in range(0, 100, 2)]):  # pushed, heap anew
+        index.reschedule_all([index.get(m.id) for m in chosen], 5.0)
+        assert sorted(index.pop_due(10.0) for _ in chosen) == sorted(m.id for m in chosen)
+        assert index.pop_due(10.0) is None
+        for m in chosen:
+            index.reschedule(m.id, 1000.0)
+    assert sorted(index.pop_due(2000.0) for _ in range(100)) == sorted(message(n).id for n in range(100))
+    assert index.pop_due(2000.0) is None
+
+
 def test_with_domain_and_take_over():
     index = filled(message(1, "a@one.test"), message(2, "b@two.test", "c@one.test"))
     assert ids(index.with_domain("one.test")) == [message(1).id, message(2).id]
