@@ -494,27 +494,38 @@ class QueueStore:
         At start: remove message files that have no envelope (a crash
         between the link and the envelope, before the 250) when older than
         C{min_age} seconds, so an enqueue running meanwhile in a worker is
-        never disturbed, and temporary files whose writer is gone (or, with
-        no writer in the name, older than C{min_age}).
+        never disturbed, and stale temporary files (L{remove_stale_tmp}).
         """
         self._ensure()
         cutoff = time.time() - min_age
         known = set(self.ids())
         removed = []
-        for folder, keep in ((self.messages_path, known), (self.tmp_path, set())):
-            for entry in os.scandir(folder):
-                if entry.name in keep:
-                    continue
-                try:
-                    if folder == self.tmp_path and _writer_gone(entry.name):
-                        os.unlink(entry.path)
-                    elif entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        if folder == self.messages_path:
-                            removed.append(entry.name)
-                except FileNotFoundError:
-                    continue
+        for entry in os.scandir(self.messages_path):
+            if entry.name in known:
+                continue
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except FileNotFoundError:
+                continue
+        self.remove_stale_tmp(min_age)
         return removed
+
+    def remove_stale_tmp(self, min_age: float = 3600.0) -> None:
+        """
+        Remove the temporary files whose writer is gone (or, with no writer
+        in the name, older than C{min_age} seconds).  Quick: C{tmp/} holds
+        only the writes in progress.
+        """
+        self._ensure()
+        cutoff = time.time() - min_age
+        for entry in os.scandir(self.tmp_path):
+            try:
+                if _writer_gone(entry.name) or entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
 
     def take_incoming(self) -> list[str]:
         """

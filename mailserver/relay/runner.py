@@ -156,8 +156,11 @@ class RelayRunner(Service):
                     router=router,
                 )
             )
-        # Told of new messages from now on (kept in the index until the
-        # start-up read is done); what was queued before is read from disk.
+        # A crash's half-written files go before clients come (as the spool's
+        # and the mailboxes' do); the orphans and the envelopes are read in
+        # a thread.  Told of new messages from now on (kept in the index
+        # until the start-up read is done).
+        self._queue.remove_stale_tmp()
         self._queue.on_enqueued = self._enqueued_in_thread
         began = time.monotonic()
         d = self._io(self._read_queue)
