@@ -22,13 +22,20 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from mailserver.relay.queue import CorruptEntry, QueuedMessage, QueueError, QueueStore
 
 
-class IndexEntry:
+class IndexEntry(NamedTuple):
     """
-    One queued message as the index keeps it.
+    One queued message as the index knows it.
+
+    The index stores each as a plain tuple of strings and numbers, which
+    the cyclic garbage collector stops tracking: 100,000 objects of a class
+    would make each full collection walk them all (about 0.1 s, a pause
+    every client would feel).  An L{IndexEntry} is made when one is asked
+    for.
 
     @ivar pending: the addresses still to be delivered (empty when only
         reports are owed).
@@ -37,21 +44,20 @@ class IndexEntry:
         tried or waiting for a connection: when it came due).
     """
 
-    __slots__ = ("id", "sender", "pending", "domains", "size", "arrival", "attempts",
-                 "next_attempt", "last_error")
+    id: str
+    sender: str
+    pending: tuple[str, ...]
+    domains: tuple[str, ...]
+    size: int
+    arrival: float
+    attempts: int
+    next_attempt: float
+    last_error: str
 
-    def __init__(self, id: str, sender: str, pending: tuple[str, ...], domains: tuple[str, ...],
-                 size: int, arrival: float, attempts: int, next_attempt: float,
-                 last_error: str) -> None:
-        self.id = id
-        self.sender = sender
-        self.pending = pending
-        self.domains = domains
-        self.size = size
-        self.arrival = arrival
-        self.attempts = attempts
-        self.next_attempt = next_attempt
-        self.last_error = last_error
+
+_NEXT_ATTEMPT = IndexEntry._fields.index("next_attempt")
+_DOMAINS = IndexEntry._fields.index("domains")
+_PENDING = IndexEntry._fields.index("pending")
 
 
 class _Shared:
@@ -73,7 +79,8 @@ class _Shared:
 
 class QueueIndex:
     def __init__(self) -> None:
-        self._entries: dict[str, IndexEntry] = {}
+        # Plain tuples (see IndexEntry) by id.
+        self._entries: dict[str, tuple] = {}
         # Sorted ids, some of which may be gone; all before _first are.
         self._order: list[str] = []
         self._first = 0
@@ -88,10 +95,11 @@ class QueueIndex:
         return queue_id in self._entries
 
     def get(self, queue_id: str) -> IndexEntry | None:
-        return self._entries.get(queue_id)
+        entry = self._entries.get(queue_id)
+        return None if entry is None else IndexEntry._make(entry)
 
     def entries(self) -> Iterator[IndexEntry]:
-        return iter(self._entries.values())
+        return map(IndexEntry._make, self._entries.values())
 
     def entry_for(self, message: QueuedMessage, next_attempt: float | None = None) -> IndexEntry:
         """
@@ -116,29 +124,31 @@ class QueueIndex:
         Add a message, or replace what is known of it; it comes due at its
         C{next_attempt}.
         """
-        if self._entries.get(entry.id) is None:
+        if entry.id not in self._entries:
             self._add_id(entry.id)
-        self._entries[entry.id] = entry
-        self._push(entry)
+        self._entries[entry.id] = tuple(entry)
+        self._push(entry.next_attempt, entry.id)
 
     def reschedule(self, queue_id: str, when: float) -> None:
-        entry = self._entries[queue_id]
-        entry.next_attempt = when
-        self._push(entry)
+        self._set_next_attempt(queue_id, when)
+        self._push(when, queue_id)
 
-    def reschedule_all(self, entries: list[IndexEntry], when: float) -> None:
+    def reschedule_all(self, ids: list[str], when: float) -> None:
         """
         L{reschedule} many at once (a flush): past a sixteenth of the heap,
         making it anew costs less than pushing each.
         """
-        if len(entries) <= len(self._due) // 16:
-            for entry in entries:
-                entry.next_attempt = when
-                self._push(entry)
-            return
-        for entry in entries:
-            entry.next_attempt = when
-        self._heap_anew()
+        for queue_id in ids:
+            self._set_next_attempt(queue_id, when)
+        if len(ids) <= len(self._due) // 16:
+            for queue_id in ids:
+                self._push(when, queue_id)
+        else:
+            self._heap_anew()
+
+    def _set_next_attempt(self, queue_id: str, when: float) -> None:
+        entry = self._entries[queue_id]
+        self._entries[queue_id] = entry[:_NEXT_ATTEMPT] + (when,) + entry[_NEXT_ATTEMPT + 1:]
 
     def remove(self, queue_id: str) -> None:
         if self._entries.pop(queue_id, None) is None:
@@ -153,7 +163,7 @@ class QueueIndex:
         Become C{other} (an index built elsewhere), keeping what was put
         here meanwhile.
         """
-        for entry in self._entries.values():
+        for entry in self.entries():
             other.put(entry)
         self.__dict__.update(other.__dict__)
 
@@ -169,20 +179,20 @@ class QueueIndex:
             order.insert(i, queue_id)
         self._first = min(self._first, i)
 
-    def _push(self, entry: IndexEntry) -> None:
-        heapq.heappush(self._due, (entry.next_attempt, entry.id))
+    def _push(self, when: float, queue_id: str) -> None:
+        heapq.heappush(self._due, (when, queue_id))
         if len(self._due) > 2 * len(self._entries) + 1024:
             self._heap_anew()
 
     def _heap_anew(self) -> None:
-        self._due = [(e.next_attempt, e.id) for e in self._entries.values()]
+        self._due = [(e[_NEXT_ATTEMPT], i) for i, e in self._entries.items()]
         heapq.heapify(self._due)
 
     # The runner's questions.
 
     def _valid(self, item: tuple[float, str]) -> bool:
         entry = self._entries.get(item[1])
-        return entry is not None and entry.next_attempt == item[0]
+        return entry is not None and entry[_NEXT_ATTEMPT] == item[0]
 
     def next_due(self) -> float | None:
         """
@@ -206,11 +216,14 @@ class QueueIndex:
                 return item[1]
         return None
 
-    def with_domain(self, domain: str) -> list[IndexEntry]:
+    def pending_ids(self, domain: str | None = None) -> list[str]:
         """
-        The messages with a pending recipient in C{domain} (lower case).
+        The ids of the messages with a pending recipient (in C{domain}, lower
+        case, when given).
         """
-        return [e for e in self._entries.values() if domain in e.domains]
+        if domain is None:
+            return [i for i, e in self._entries.items() if e[_PENDING]]
+        return [i for i, e in self._entries.items() if domain in e[_DOMAINS]]
 
     # The views' questions.
 
@@ -225,7 +238,7 @@ class QueueIndex:
         while i < len(order) and len(out) < limit:
             entry = entries.get(order[i])
             if entry is not None:
-                out.append(entry)
+                out.append(IndexEntry._make(entry))
             i += 1
         return out
 
@@ -233,7 +246,7 @@ class QueueIndex:
         order, entries = self._order, self._entries
         while self._first < len(order) and order[self._first] not in entries:
             self._first += 1
-        return entries[order[self._first]] if self._first < len(order) else None
+        return self.get(order[self._first]) if self._first < len(order) else None
 
 
 def build(store: QueueStore) -> tuple[QueueIndex, list[CorruptEntry]]:

@@ -298,8 +298,7 @@ class RelayRunner(Service):
         if given).  Returns how many were scheduled.  ETRN calls this.
         """
         domain = domain.lower().rstrip(".") if domain else None
-        entries = self.index.entries() if domain is None else self.index.with_domain(domain)
-        due = [e for e in entries if e.pending and e.id not in self._active]
+        due = [i for i in self.index.pending_ids(domain) if i not in self._active]
         self.index.reschedule_all(due, self._reactor.seconds())
         self._dispatcher.resume()
         return len(due)
