@@ -2,9 +2,9 @@
 The C{mailserver queue} commands: list, show, flush, delete, bounce.
 
 Listing reads the queue folder, whether the server runs or not: the names
-in C{envelopes/} (one directory listing, sorted: ids sort by arrival) and
-the envelopes of one page only, so a page costs about the same with ten
-messages queued or 100,000.  Changes are requests: a file in
+in C{envelopes/} (one directory listing; ids sort by arrival, and only the
+page's are sorted) and the envelopes of one page only, so a page costs
+little more with 100,000 messages queued than with ten.  Changes are requests: a file in
 C{<data_dir>/queue/requests/} that the running server applies on its next
 scan (every C{relay.scan_interval} seconds), so they never race an attempt
 in progress; a stopped server applies them when it starts.
@@ -13,8 +13,8 @@ in progress; a stopped server applies them when it starts.
 from __future__ import annotations
 
 import argparse
+import heapq
 import time
-from bisect import bisect_right
 
 from mailserver.relay.queue import PENDING, CorruptEntry, QueueError, QueueStore
 
@@ -44,11 +44,17 @@ def _list(config, args: argparse.Namespace) -> str:
         raise QueueError("--limit must be 0 (everything) or more")
     store = QueueStore(config)
     now = time.time()
-    ids = store.ids()
-    start = bisect_right(ids, args.after) if args.after else 0
-    end = start + args.limit if args.limit else len(ids)
+    ids = store.ids(ordered=False)
+    later = [i for i in ids if i > args.after] if args.after else ids
+    start = len(ids) - len(later)
+    page = heapq.nsmallest(args.limit + 1, later) if args.limit else sorted(later)
+    end = start + len(page)
+    more = len(page) > args.limit > 0
+    if more:
+        page.pop()
+        end -= 1
     messages, unusable = [], []
-    for queue_id in ids[start:end]:
+    for queue_id in page:
         try:
             messages.append(store.load(queue_id))
         except CorruptEntry as e:
@@ -57,12 +63,11 @@ def _list(config, args: argparse.Namespace) -> str:
             continue  # removed meanwhile
     lines = _table(messages, now) if messages else [
         "the queue is empty" if not ids else "no queued message on this page"]
-    if start >= len(ids) and ids:
+    if not page and ids:
         lines.append(f"nothing after {args.after}; {len(ids)} in the queue")
-    elif start or end < len(ids):
-        lines.append(f"entries {start + 1}-{min(end, len(ids))} of {len(ids)} in the queue, "
-                     "oldest first"
-                     + (f"; next page: --after {ids[end - 1]}" if end < len(ids) else ""))
+    elif start or more:
+        lines.append(f"entries {start + 1}-{end} of {len(ids)} in the queue, oldest first"
+                     + (f"; next page: --after {page[-1]}" if more else ""))
     if unusable:
         lines.append(f"{len(unusable)} corrupt envelope(s), set aside by the server when it "
                      "next starts or tries them:")

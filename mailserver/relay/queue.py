@@ -370,17 +370,20 @@ class QueueStore:
             raise QueueError(f"{queue_id!r} is not a queue id")
         return self.envelopes_path / f"{queue_id}.json"
 
-    def ids(self) -> list[str]:
+    def ids(self, ordered: bool = True) -> list[str]:
         """
-        The ids of the envelopes on disk (names that cannot be queue ids,
-        such as an editor's hidden files, are not envelopes).
+        The ids of the envelopes on disk, in id (arrival) order unless
+        C{ordered} is false (names that cannot be queue ids, such as an
+        editor's hidden files, are not envelopes).
         """
         try:
             names = os.listdir(self.envelopes_path)
         except FileNotFoundError:
             return []
-        ids = (n[: -len(".json")] for n in names if n.endswith(".json"))
-        return sorted(i for i in ids if i and not i.startswith("."))
+        ids = [n[:-5] for n in names if n.endswith(".json") and len(n) > 5 and n[0] != "."]
+        if ordered:
+            ids.sort()
+        return ids
 
     def load(self, queue_id: str) -> QueuedMessage:
         """
