@@ -12,8 +12,17 @@ taken, the rest stay in the heap until one ends.  So a domain that is down
 with 100,000 messages queued holds C{per_destination} attempts, and mail
 for other domains goes on beside it.
 
-Taking many due messages at once (a restart after an outage) is done a
-batch per reactor turn, so clients are served in between.
+A destination that could not be reached (an attempt there ended in an RFC
+3463 network or routing status, 4.4.x) rests, like a destination Postfix
+finds dead: for the retry schedule's delay, growing while it stays
+unreachable.  Its due messages are not tried meanwhile but wait for the
+end of the rest (L{Dispatcher} asks the runner, which moves them in the
+index only); then a few are tried again.  So a domain that is down costs a
+few attempts per rest, not one per queued message.  ETRN and C{queue
+flush} end a rest (L{Dispatcher.wake}).
+
+Taking many due messages at once (a restart after an outage, the end of a
+rest) is done a batch per reactor turn, so clients are served in between.
 """
 
 from __future__ import annotations
@@ -33,6 +42,11 @@ class Dispatcher:
         L{finished} when the attempt ends.
     @param destinations: the destinations an attempt at an entry connects
         to.
+    @param wait: C{wait(queue_id, until)} puts off a due message whose
+        destinations all rest until C{until}; returns False when it must
+        be tried all the same (it expires, say).
+    @param rest_for: how long a destination rests after C{n} (>= 1)
+        unreachable attempts in a row.
     """
 
     def __init__(
@@ -42,6 +56,8 @@ class Dispatcher:
         clock,
         start: Callable[[str], bool],
         destinations: Callable[[IndexEntry], tuple[str, ...]],
+        wait: Callable[[str, float], bool],
+        rest_for: Callable[[int], float],
         total: int,
         per_destination: int,
         batch: int = 500,
@@ -50,6 +66,8 @@ class Dispatcher:
         self._clock = clock
         self._start = start
         self._destinations = destinations
+        self._wait = wait
+        self._rest_for = rest_for
         self._total = total
         self._per_destination = per_destination
         self._batch = batch
@@ -59,6 +77,8 @@ class Dispatcher:
         self._by_destination: Counter = Counter()
         self._lines: dict[str, deque[str]] = {}
         self._in_line: set[str] = set()
+        # Resting destinations: (until, unreachable attempts in a row).
+        self._rests: dict[str, tuple[float, int]] = {}
 
     def start(self) -> None:
         self._running = True
@@ -93,11 +113,39 @@ class Dispatcher:
         """
         The attempt at C{queue_id} ended: its slots are free.
         """
-        if not self._release(queue_id):
-            return
-        for key in list(self._lines):
-            self._serve_line(key)
-        self.resume()
+        if self._release(queue_id) and self._running:
+            self._arm(0)
+
+    def reached(self, key: str, reached: bool) -> float | None:
+        """
+        An attempt at destination C{key} reached it, or did not.  Returns
+        the end of the rest this starts, or None.
+        """
+        now = self._clock.seconds()
+        if reached:
+            self._rests.pop(key, None)
+            return None
+        until, failures = self._rests.get(key, (0.0, 0))
+        if until > now:
+            return None  # an attempt started before the rest: no news
+        until = now + self._rest_for(failures + 1)
+        self._rests[key] = (until, failures + 1)
+        if key in self._lines and self._running:
+            self._arm(0)  # its line waits too
+        return until
+
+    def wake(self, keys: list[str] | None = None) -> None:
+        """
+        End the rest of these destinations (of all when None).
+        """
+        for key in list(self._rests) if keys is None else keys:
+            self._rests.pop(key, None)
+
+    def _resting_until(self, keys: tuple[str, ...], now: float) -> float | None:
+        if not keys:
+            return None
+        until = min(self._rests.get(key, (0.0, 0))[0] for key in keys)
+        return until if until > now else None
 
     def _cancel(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -111,34 +159,46 @@ class Dispatcher:
     def _run(self) -> None:
         self._timer = None
         now = self._clock.seconds()
-        for _ in range(self._batch):
+        budget = self._batch
+        for key in list(self._lines):
+            budget = self._serve_line(key, budget, now)
+        while budget > 0:
             if not self._running or len(self._holding) >= self._total:
-                return
+                return  # an attempt that ends resumes
             queue_id = self._index.pop_due(now)
             if queue_id is None:
                 break
-            self._offer(queue_id)
-        else:
-            self._arm(0)  # more may be due: after the reactor's other work
+            self._offer(queue_id, now)
+            budget -= 1
+        if budget <= 0:
+            self._arm(0)  # more to do: after the reactor's other work
             return
         self.resume()
 
-    def _offer(self, queue_id: str) -> None:
+    def _offer(self, queue_id: str, now: float) -> bool:
+        """
+        Start C{queue_id}, put it off, or put it in a line; True for the
+        line.
+        """
         if queue_id in self._holding or queue_id in self._in_line:
-            return
+            return False
         entry = self._index.get(queue_id)
         if entry is None:
-            return
+            return False
         keys = self._destinations(entry)
+        until = self._resting_until(keys, now)
+        if until is not None and self._wait(queue_id, until):
+            return False
         busy = next((k for k in keys if self._by_destination[k] >= self._per_destination), None)
         if busy is not None:
             self._lines.setdefault(busy, deque()).append(queue_id)
             self._in_line.add(queue_id)
-            return
+            return True
         # Held before the start: an attempt may end before start returns.
         self._hold(queue_id, keys)
         if not self._start(queue_id):
             self._release(queue_id)
+        return False
 
     def _hold(self, queue_id: str, keys: tuple[str, ...]) -> None:
         self._holding[queue_id] = keys
@@ -155,15 +215,26 @@ class Dispatcher:
                 del self._by_destination[key]
         return True
 
-    def _serve_line(self, key: str) -> None:
-        line = self._lines.get(key)
-        while (line and self._running and len(self._holding) < self._total
-               and self._by_destination[key] < self._per_destination):
+    def _serve_line(self, key: str, budget: int, now: float) -> int:
+        """
+        Start what the line of C{key} lets start (all of it waits, when the
+        destination rests), within C{budget}; returns what is left of it.
+        """
+        line = self._lines.get(key, deque())
+        resting = self._resting_until((key,), now) is not None
+        for _ in range(min(budget, len(line))):  # each at most once
+            if not self._running or not (resting or (
+                    len(self._holding) < self._total
+                    and self._by_destination[key] < self._per_destination)):
+                break
             queue_id = line.popleft()
             self._in_line.discard(queue_id)
-            self._offer(queue_id)
+            budget -= 1
+            if self._offer(queue_id, now) and resting:
+                break  # one that must be tried waits for a slot: so do the rest
         if not line:
             self._lines.pop(key, None)
+        return budget
 
 
 class ConnectionSlots:

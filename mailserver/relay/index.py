@@ -53,6 +53,7 @@ class IndexEntry(NamedTuple):
     attempts: int
     next_attempt: float
     last_error: str
+    delay_warned: bool
 
 
 _NEXT_ATTEMPT = IndexEntry._fields.index("next_attempt")
@@ -114,7 +115,7 @@ class QueueIndex:
             domains=domains, size=message.size, arrival=message.arrival,
             attempts=message.attempts,
             next_attempt=message.next_attempt if next_attempt is None else next_attempt,
-            last_error=self._shared(message.last_error),
+            last_error=self._shared(message.last_error), delay_warned=message.delay_warned,
         )
 
     # Changes.

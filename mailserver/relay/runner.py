@@ -126,7 +126,9 @@ class RelayRunner(Service):
         self.index = index if index is not None else QueueIndex()
         self._dispatcher = Dispatcher(
             index=self.index, clock=reactor, start=self._start_attempt,
-            destinations=self._destinations, total=self._relay.max_connections,
+            destinations=self._destinations, wait=self._wait,
+            rest_for=lambda n: retry_delay(self.policy, n, self._jitter),
+            total=self._relay.max_connections,
             per_destination=self._relay.max_connections_per_destination,
         )
         self._active: dict[str, defer.Deferred] = {}
@@ -208,6 +210,21 @@ class RelayRunner(Service):
     def _destinations(self, entry) -> tuple[str, ...]:
         return tuple(dict.fromkeys(destination_of_domain(self._relay, d) for d in entry.domains))
 
+    def _wait(self, queue_id: str, until: float) -> bool:
+        """
+        Put off a due message whose destinations rest until C{until}, in the
+        index only (its envelope keeps its time: a restart tries it), unless
+        it must be tried now: it expires, or a delay notice is due.
+        """
+        entry = self.index.get(queue_id)
+        latest = entry.arrival + self.policy.max_age
+        if self.policy.delay_warning is not None and not entry.delay_warned:
+            latest = min(latest, entry.arrival + self.policy.delay_warning)
+        if latest <= self._reactor.seconds():
+            return False
+        self.index.reschedule(queue_id, min(until, latest))
+        return True
+
     # Scanning and requests.
 
     def scan(self) -> defer.Deferred:
@@ -288,6 +305,7 @@ class RelayRunner(Service):
         elif verb == "bounce":
             self._start_attempt(target, bounce=True)
         else:
+            self._dispatcher.wake(list(self._destinations(self.index.get(target))))
             self.index.reschedule(target, self._reactor.seconds())
             self._dispatcher.resume()
         return 1
@@ -299,6 +317,7 @@ class RelayRunner(Service):
         """
         domain = domain.lower().rstrip(".") if domain else None
         due = [i for i in self.index.pending_ids(domain) if i not in self._active]
+        self._dispatcher.wake([destination_of_domain(self._relay, domain)] if domain else None)
         self.index.reschedule_all(due, self._reactor.seconds())
         self._dispatcher.resume()
         return len(due)
@@ -409,9 +428,17 @@ class RelayRunner(Service):
     async def _deliver_group(self, message, key, group) -> dict[str, Outcome]:
         await self._slots.acquire(key)
         try:
-            return await self._courier.deliver(message, group)
+            outcomes = await self._courier.deliver(message, group)
         finally:
             self._slots.release(key)
+        # RFC 3463 X.4.X: network and routing, so no server answered.
+        unreachable = [o.reply for o in outcomes.values() if o.reply.status.startswith("4.4.")]
+        until = self._dispatcher.reached(key, len(unreachable) < len(outcomes))
+        if until is not None:
+            self.log.info("relay: {key} is not reachable ({reply}); its messages wait {seconds:.0f}s",
+                          key=key, reply=str(unreachable[0]),
+                          seconds=until - self._reactor.seconds())
+        return outcomes
 
     def _apply(self, message: QueuedMessage, address: str, outcome: Outcome,
                now: float) -> QueuedMessage:

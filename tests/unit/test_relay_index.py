@@ -171,17 +171,27 @@ class Attempts:
     """
 
     def __init__(self, index: QueueIndex, clock: Clock, total=2, per_destination=1, batch=500):
+        self.index = index
         self.started: list[str] = []
         self.refuse: set[str] = set()
+        self.waited: list[tuple[str, float]] = []
+        self.must_try: set[str] = set()
         self.dispatcher = Dispatcher(
             index=index, clock=clock, start=self.start,
-            destinations=lambda e: e.domains, total=total, per_destination=per_destination,
-            batch=batch)
+            destinations=lambda e: e.domains, wait=self.wait, rest_for=lambda n: 60.0 * n,
+            total=total, per_destination=per_destination, batch=batch)
 
     def start(self, queue_id: str) -> bool:
         if queue_id in self.refuse:
             return False
         self.started.append(queue_id)
+        return True
+
+    def wait(self, queue_id: str, until: float) -> bool:
+        if queue_id in self.must_try:
+            return False
+        self.waited.append((queue_id, until))
+        self.index.reschedule(queue_id, until)
         return True
 
 
@@ -210,9 +220,11 @@ def test_a_busy_destination_holds_its_line_and_others_go_on():
     assert attempts.started == [message(1).id, message(4).id]
     assert attempts.dispatcher.waiting == 2
     attempts.dispatcher.finished(message(4).id)
+    clock.advance(0)
     assert attempts.started == [message(1).id, message(4).id]  # down.test is still busy
     index.remove(message(2).id)  # deleted while waiting: skipped
     attempts.dispatcher.finished(message(1).id)
+    clock.advance(0)
     assert attempts.started[2:] == [message(3).id]
     assert attempts.dispatcher.waiting == 0
 
@@ -264,3 +276,58 @@ def test_an_entry_the_runner_is_already_trying_is_not_held():
     assert attempts.started == [message(2).id]
     attempts.dispatcher.finished(message(1).id)  # not held: no effect
     assert attempts.dispatcher.waiting == 0
+
+
+def test_an_unreachable_destination_rests_and_its_messages_wait_for_it():
+    clock = Clock()
+    index = filled(*(message(n, "x@down.test") for n in range(1, 7)), message(7, "y@up.test"))
+    attempts = Attempts(index, clock, total=5, per_destination=2)
+    dispatcher = attempts.dispatcher
+    dispatcher.start()
+    clock.advance(0)
+    assert attempts.started == [message(1).id, message(2).id, message(7).id]
+    assert dispatcher.waiting == 4
+    assert dispatcher.reached("down.test", False) == 60.0
+    assert dispatcher.reached("down.test", False) is None  # the other attempt: same news
+    dispatcher.finished(message(1).id)
+    dispatcher.finished(message(2).id)
+    clock.advance(0)
+    # The line was put off to the rest's end, nothing else started there.
+    assert sorted(attempts.waited) == [(message(n).id, 60.0) for n in range(3, 7)]
+    assert dispatcher.waiting == 0 and len(attempts.started) == 3
+    assert index.get(message(3).id).next_attempt == 60.0
+    assert dispatcher.reached("up.test", True) is None
+    # The rest ends: two more are tried, and fail: a longer rest.
+    attempts.dispatcher.finished(message(7).id)
+    clock.advance(60)
+    assert attempts.started[3:] == [message(3).id, message(4).id]
+    assert dispatcher.reached("down.test", False) == 60.0 + 120.0
+    dispatcher.finished(message(3).id)
+    clock.advance(0)
+    assert (message(5).id, 180.0) in attempts.waited
+    # It answers: the rest is over and the rest go.
+    assert dispatcher.reached("down.test", True) is None
+    dispatcher.finished(message(4).id)
+    clock.advance(120)
+    assert len(attempts.started) == 7
+
+
+def test_a_rest_is_ended_by_wake_and_a_message_that_must_go_goes():
+    clock = Clock()
+    index = filled(message(1, "x@down.test"), message(2, "y@down.test"),
+                   message(3, "z@down.test"))
+    attempts = Attempts(index, clock, total=5, per_destination=1)
+    dispatcher = attempts.dispatcher
+    dispatcher.start()
+    clock.advance(0)
+    dispatcher.reached("down.test", False)
+    attempts.must_try.add(message(3).id)  # it expires, say
+    dispatcher.finished(message(1).id)
+    clock.advance(0)
+    assert attempts.waited == [(message(2).id, 60.0)]
+    assert attempts.started == [message(1).id, message(3).id]
+    dispatcher.wake(["down.test"])
+    index.reschedule(message(2).id, clock.seconds())  # as a flush does
+    dispatcher.finished(message(3).id)
+    clock.advance(0)
+    assert attempts.started[2:] == [message(2).id]

@@ -44,8 +44,13 @@ class Courier:
 
     @staticmethod
     def outcomes(recipients, code):
-        text = {250: "2.0.0 ok", 451: "4.3.0 try later", 550: "5.1.1 no such user"}[code]
-        return {r.address: Outcome(Reply(code, (text,)), "mx.remote.test") for r in recipients}
+        """
+        C{code} 441 stands for a 451 4.4.1: no server could be reached.
+        """
+        text = {250: "2.0.0 ok", 451: "4.3.0 try later", 550: "5.1.1 no such user",
+                441: "4.4.1 cannot connect to mx.remote.test"}[code]
+        reply = Reply(451 if code == 441 else code, (text,))
+        return {r.address: Outcome(reply, "mx.remote.test") for r in recipients}
 
 
 class World:
@@ -523,3 +528,44 @@ def test_a_request_for_an_unknown_id_is_refused(tmp_path):
     w.start()
     with pytest.raises(_QueueError, match="no queued message NOPE"):
         w.runner.request("delete", "NOPE")
+
+
+def test_an_unreachable_domain_is_tried_a_few_times_per_rest_not_once_per_message(tmp_path, logged):
+    w = World(tmp_path, Courier(441), max_connections_per_destination=1)
+    w.start()
+    courier_calls = lambda domain: [c for c in w.courier.calls if c[1][0].endswith(domain)]  # noqa: E731
+    for n in range(5):
+        w.send(to=(f"r{n}@down.test",))
+    w.send(to=("a@other.test",))
+    w.reactor.advance(0)
+    assert len(courier_calls("@down.test")) == 1  # then it rests 300s
+    assert len(courier_calls("@other.test")) == 1  # unreachable too: rests on its own
+    [line] = [line for line in logged if "down.test is not reachable" in line]
+    assert "(451 4.4.1 cannot connect to mx.remote.test); its messages wait 300s" in line
+    waiting = [e for e in w.runner.index.entries() if e.pending[0].endswith("@down.test")]
+    assert {e.next_attempt for e in waiting} == {300.0} and {e.attempts for e in waiting} == {0, 1}
+    on_disk = [w.queue.load(e.id) for e in waiting if e.attempts == 0]
+    assert {m.next_attempt for m in on_disk} == {0.0}  # put off in memory only
+    w.reactor.advance(300)
+    assert len(courier_calls("@down.test")) == 2  # one probe (and the next rest is 600s)
+    w.courier.codes = [451]  # a server answers now, if only with 4.3.0
+    assert w.runner.flush("down.test") == 5  # ETRN ends the rest
+    w.reactor.advance(0)
+    assert len(courier_calls("@down.test")) == 7
+    # 4.3.0 was an answer: no rest; each goes on its own schedule (300s
+    # after a first attempt, 600s after a second).
+    first_tried = [e for e in w.runner.index.entries() if e.attempts == 1]
+    assert len(first_tried) == 3
+    w.reactor.advance(300)
+    assert len(courier_calls("@down.test")) == 7 + 3
+
+
+def test_a_message_that_expires_while_its_domain_rests_is_bounced(tmp_path):
+    w = World(tmp_path, Courier(441), max_connections_per_destination=1, max_age="10m")
+    w.start()
+    w.send(to=("a@down.test",))
+    w.send(to=("b@down.test",))  # waits: the domain rests after the first
+    for _ in range(4):
+        w.reactor.advance(300)
+    assert w.queue.ids() == [] and len(w.runner.index) == 0
+    assert len(w.bounces()) == 2
