@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -34,8 +35,8 @@ class IndexEntry(NamedTuple):
     The index stores each as a plain tuple of strings and numbers, which
     the cyclic garbage collector stops tracking: 100,000 objects of a class
     would make each full collection walk them all (about 0.1 s, a pause
-    every client would feel).  An L{IndexEntry} is made when one is asked
-    for.
+    every client would feel); the next attempt, which changes most, apart.
+    An L{IndexEntry} is made when one is asked for.
 
     @ivar pending: the addresses still to be delivered (empty when only
         reports are owed).
@@ -51,12 +52,11 @@ class IndexEntry(NamedTuple):
     size: int
     arrival: float
     attempts: int
-    next_attempt: float
     last_error: str
     delay_warned: bool
+    next_attempt: float
 
 
-_NEXT_ATTEMPT = IndexEntry._fields.index("next_attempt")
 _DOMAINS = IndexEntry._fields.index("domains")
 _PENDING = IndexEntry._fields.index("pending")
 
@@ -80,13 +80,16 @@ class _Shared:
 
 class QueueIndex:
     def __init__(self) -> None:
-        # Plain tuples (see IndexEntry) by id.
+        # By id: plain tuples of the fields but the next attempt (see
+        # IndexEntry), and the next attempt.
         self._entries: dict[str, tuple] = {}
+        self._next: dict[str, float] = {}
         # Sorted ids, some of which may be gone; all before _first are.
         self._order: list[str] = []
         self._first = 0
         self._gone = 0
         self._due: list[tuple[float, str]] = []
+        self._flushed: deque[tuple[float, str]] = deque()
         self._shared = _Shared()
 
     def __len__(self) -> int:
@@ -97,10 +100,10 @@ class QueueIndex:
 
     def get(self, queue_id: str) -> IndexEntry | None:
         entry = self._entries.get(queue_id)
-        return None if entry is None else IndexEntry._make(entry)
+        return None if entry is None else IndexEntry._make(entry + (self._next[queue_id],))
 
     def entries(self) -> Iterator[IndexEntry]:
-        return map(IndexEntry._make, self._entries.values())
+        return map(self.get, list(self._entries))
 
     def entry_for(self, message: QueuedMessage, next_attempt: float | None = None) -> IndexEntry:
         """
@@ -127,33 +130,32 @@ class QueueIndex:
         """
         if entry.id not in self._entries:
             self._add_id(entry.id)
-        self._entries[entry.id] = tuple(entry)
+        self._entries[entry.id] = tuple(entry)[:-1]
+        self._next[entry.id] = entry.next_attempt
         self._push(entry.next_attempt, entry.id)
 
     def reschedule(self, queue_id: str, when: float) -> None:
-        self._set_next_attempt(queue_id, when)
+        if queue_id not in self._next:
+            raise KeyError(queue_id)
+        self._next[queue_id] = when
         self._push(when, queue_id)
 
-    def reschedule_all(self, ids: list[str], when: float) -> None:
+    def due_now(self, ids: list[str], now: float) -> None:
         """
-        L{reschedule} many at once (a flush): past a sixteenth of the heap,
-        making it anew costs less than pushing each.
+        Make these messages due at C{now} (a flush): they are kept in a line
+        beside the heap, which takes them first, since pushing many onto
+        the heap costs more.
         """
         for queue_id in ids:
-            self._set_next_attempt(queue_id, when)
-        if len(ids) <= len(self._due) // 16:
-            for queue_id in ids:
-                self._push(when, queue_id)
-        else:
-            self._heap_anew()
-
-    def _set_next_attempt(self, queue_id: str, when: float) -> None:
-        entry = self._entries[queue_id]
-        self._entries[queue_id] = entry[:_NEXT_ATTEMPT] + (when,) + entry[_NEXT_ATTEMPT + 1:]
+            if queue_id not in self._next:
+                raise KeyError(queue_id)
+            self._next[queue_id] = now
+        self._flushed.extend((now, queue_id) for queue_id in ids)
 
     def remove(self, queue_id: str) -> None:
         if self._entries.pop(queue_id, None) is None:
             return
+        del self._next[queue_id]
         self._gone += 1
         if self._gone > 1024 and self._gone > len(self._order) // 2:
             self._order = [i for i in self._order if i in self._entries]
@@ -186,23 +188,25 @@ class QueueIndex:
             self._heap_anew()
 
     def _heap_anew(self) -> None:
-        self._due = [(e[_NEXT_ATTEMPT], i) for i, e in self._entries.items()]
+        self._due = [(when, i) for i, when in self._next.items()]
         heapq.heapify(self._due)
 
     # The runner's questions.
 
     def _valid(self, item: tuple[float, str]) -> bool:
-        entry = self._entries.get(item[1])
-        return entry is not None and entry[_NEXT_ATTEMPT] == item[0]
+        return self._next.get(item[1]) == item[0]
 
     def next_due(self) -> float | None:
         """
         The earliest next attempt, or None when the queue is empty.
         """
-        due = self._due
+        flushed, due = self._flushed, self._due
+        while flushed and not self._valid(flushed[0]):
+            flushed.popleft()
         while due and not self._valid(due[0]):
             heapq.heappop(due)
-        return due[0][0] if due else None
+        heads = [line[0][0] for line in (flushed, due) if line]
+        return min(heads) if heads else None
 
     def pop_due(self, now: float) -> str | None:
         """
@@ -210,7 +214,11 @@ class QueueIndex:
         heap (it is due again once L{put} or L{reschedule} says so); None
         when nothing is due.
         """
-        due = self._due
+        flushed, due = self._flushed, self._due
+        while flushed:
+            item = flushed.popleft()
+            if self._valid(item):
+                return item[1]
         while due and due[0][0] <= now:
             item = heapq.heappop(due)
             if self._valid(item):
@@ -237,9 +245,8 @@ class QueueIndex:
         out: list[IndexEntry] = []
         i = bisect_right(order, after) if after is not None else self._first
         while i < len(order) and len(out) < limit:
-            entry = entries.get(order[i])
-            if entry is not None:
-                out.append(IndexEntry._make(entry))
+            if order[i] in entries:
+                out.append(self.get(order[i]))
             i += 1
         return out
 

@@ -318,7 +318,7 @@ class RelayRunner(Service):
         domain = domain.lower().rstrip(".") if domain else None
         due = [i for i in self.index.pending_ids(domain) if i not in self._active]
         self._dispatcher.wake([destination_of_domain(self._relay, domain)] if domain else None)
-        self.index.reschedule_all(due, self._reactor.seconds())
+        self.index.due_now(due, self._reactor.seconds())
         self._dispatcher.resume()
         return len(due)
 

@@ -124,16 +124,21 @@ def test_the_heap_does_not_grow_with_reschedules():
     assert sorted(index.pop_due(10_000.0) for _ in range(10)) == sorted(message(n).id for n in range(10))
 
 
-def test_many_rescheduled_at_once_come_due_alone():
+def test_flushed_messages_come_due_first_and_once():
     index = filled(*(message(n, next_attempt=1000.0 + n) for n in range(100)))
-    for chosen in ([message(7)], [message(n) for n in range(0, 100, 2)]):  # pushed, heap anew
-        index.reschedule_all([m.id for m in chosen], 5.0)
-        assert sorted(index.pop_due(10.0) for _ in chosen) == sorted(m.id for m in chosen)
-        assert index.pop_due(10.0) is None
-        for m in chosen:
-            index.reschedule(m.id, 1000.0)
-    assert sorted(index.pop_due(2000.0) for _ in range(100)) == sorted(message(n).id for n in range(100))
-    assert index.pop_due(2000.0) is None
+    chosen = [message(n).id for n in range(0, 100, 2)]
+    index.due_now(chosen, 5.0)
+    assert index.next_due() == 5.0
+    index.remove(chosen[1])
+    index.reschedule(chosen[2], 3000.0)  # tried meanwhile, say
+    expected = [i for i in chosen if i not in (chosen[1], chosen[2])]
+    assert [index.pop_due(10.0) for _ in expected] == expected and index.pop_due(10.0) is None
+    assert index.next_due() == 1001.0
+    for queue_id in expected:
+        index.reschedule(queue_id, 2000.0)
+    left = sorted(message(n).id for n in range(100) if message(n).id not in chosen[1:3])
+    assert sorted(index.pop_due(2500.0) for _ in left) == left
+    assert index.pop_due(2500.0) is None and index.next_due() == 3000.0
 
 
 def test_pending_ids_and_take_over():
