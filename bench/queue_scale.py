@@ -190,14 +190,27 @@ def warm(peer: MailServerPeer, args) -> None:
     run_load("127.0.0.1", peer.port, clients=10, messages=args.warmup, size=args.size)
 
 
-def summary(runs: list[LoadResult]) -> dict:
+def user_system_s(pid: int) -> tuple[float, float]:
+    """
+    The server's user and system CPU seconds so far (C{/proc/<pid>/stat}).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def summary(runs: list[LoadResult], cpu: list[tuple[float, float]]) -> dict:
     latencies = sorted(x for r in runs for x in r.latencies_ms)
+    sent = max(1, sum(r.sent_ok for r in runs))
     return {
         "msgs_per_s": statistics.median(r.msgs_per_s for r in runs),
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "errors": sum(r.errors for r in runs),
         "messages": len(latencies),
+        "user_ms_per_msg": 1000 * sum(u for u, _ in cpu) / sent,
+        "system_ms_per_msg": 1000 * sum(s for _, s in cpu) / sent,
     }
 
 
@@ -207,14 +220,19 @@ def loads(peers: dict[str, MailServerPeer], args) -> dict[str, dict]:
     turns (so the machine's drifts hit them alike); latencies pooled.
     """
     runs: dict[str, list[LoadResult]] = {name: [] for name in peers}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in peers}
     for round_ in range(args.rounds):
         names = list(peers)
         names = names[round_ % len(names):] + names[:round_ % len(names)]
         for name in names:
+            user, system = user_system_s(peers[name].pid)
             runs[name].append(run_load("127.0.0.1", peers[name].port, clients=args.clients,
                                        messages=args.load // args.rounds, size=args.size))
-            print(f"    {name}: {runs[name][-1]}", flush=True)
-    return {name: summary(r) for name, r in runs.items()}
+            after = user_system_s(peers[name].pid)
+            cpu[name].append((after[0] - user, after[1] - system))
+            print(f"    {name}: {runs[name][-1]}; server CPU user {cpu[name][-1][0]:.2f} s, "
+                  f"system {cpu[name][-1][1]:.2f} s", flush=True)
+    return {name: summary(r, cpu[name]) for name, r in runs.items()}
 
 
 def deferred(port: int) -> float:
@@ -370,6 +388,9 @@ def report(results: dict) -> None:
         rows.append((f"SMTP msgs/s, {label}", *(f"{x['msgs_per_s']:.0f}" if x else "" for x in loads_)))
         rows.append((f"SMTP accept p50 / p99, {label}",
                      *(f"{x['p50_ms']:.1f} / {x['p99_ms']:.1f} ms" if x else "" for x in loads_)))
+        rows.append((f"server CPU per message, user + system, {label}",
+                     *(f"{x['user_ms_per_msg']:.2f} + {x['system_ms_per_msg']:.2f} ms" if x else ""
+                       for x in loads_)))
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print()

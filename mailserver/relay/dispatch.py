@@ -42,7 +42,7 @@ class Dispatcher:
         L{finished} when the attempt ends.
     @param destinations: the destinations an attempt at an entry connects
         to.
-    @param wait: C{wait(queue_id, until)} puts off a due message whose
+    @param wait: C{wait(entry, until)} puts off a due message whose
         destinations all rest until C{until}; returns False when it must
         be tried all the same (it expires, say).
     @param rest_for: how long a destination rests after C{n} (>= 1)
@@ -56,11 +56,11 @@ class Dispatcher:
         clock,
         start: Callable[[str], bool],
         destinations: Callable[[IndexEntry], tuple[str, ...]],
-        wait: Callable[[str, float], bool],
+        wait: Callable[[IndexEntry, float], bool],
         rest_for: Callable[[int], float],
         total: int,
         per_destination: int,
-        batch: int = 500,
+        batch: int = 200,
     ) -> None:
         self._index = index
         self._clock = clock
@@ -165,11 +165,12 @@ class Dispatcher:
         while budget > 0:
             if not self._running or len(self._holding) >= self._total:
                 return  # an attempt that ends resumes
-            queue_id = self._index.pop_due(now)
-            if queue_id is None:
-                break
-            self._offer(queue_id, now)
-            budget -= 1
+            queue_id, looked = self._index.pop_due(now, budget)
+            budget -= looked
+            if queue_id is not None:
+                self._offer(queue_id, now)
+            elif budget > 0:
+                break  # nothing more is due
         if budget <= 0:
             self._arm(0)  # more to do: after the reactor's other work
             return
@@ -187,7 +188,7 @@ class Dispatcher:
             return False
         keys = self._destinations(entry)
         until = self._resting_until(keys, now)
-        if until is not None and self._wait(queue_id, until):
+        if until is not None and self._wait(entry, until):
             return False
         busy = next((k for k in keys if self._by_destination[k] >= self._per_destination), None)
         if busy is not None:

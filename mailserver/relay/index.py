@@ -198,32 +198,38 @@ class QueueIndex:
 
     def next_due(self) -> float | None:
         """
-        The earliest next attempt, or None when the queue is empty.
+        The earliest next attempt, or None when the queue is empty.  It
+        may be early (a message rescheduled since, whose old time is still
+        at the front), never late: passing over many such times is left to
+        L{pop_due}, a few at a time.
         """
         flushed, due = self._flushed, self._due
-        while flushed and not self._valid(flushed[0]):
-            flushed.popleft()
-        while due and not self._valid(due[0]):
-            heapq.heappop(due)
+        for _ in range(64):
+            if flushed and not self._valid(flushed[0]):
+                flushed.popleft()
+            elif due and not self._valid(due[0]):
+                heapq.heappop(due)
+            else:
+                break
         heads = [line[0][0] for line in (flushed, due) if line]
         return min(heads) if heads else None
 
-    def pop_due(self, now: float) -> str | None:
+    def pop_due(self, now: float, look: int) -> tuple[str | None, int]:
         """
-        The id of a message due at C{now}, earliest first, taken off the
-        heap (it is due again once L{put} or L{reschedule} says so); None
-        when nothing is due.
+        The id of a message due at C{now}, earliest first (the flushed
+        first), taken off the heap (it is due again once L{put} or
+        L{reschedule} says so), looking at no more than C{look} (>= 1) of
+        the times kept; and how many it looked at.  None when nothing is
+        due, or when it stopped looking.
         """
         flushed, due = self._flushed, self._due
-        while flushed:
-            item = flushed.popleft()
+        looked = 0
+        while looked < look and (flushed or (due and due[0][0] <= now)):
+            item = flushed.popleft() if flushed else heapq.heappop(due)
+            looked += 1
             if self._valid(item):
-                return item[1]
-        while due and due[0][0] <= now:
-            item = heapq.heappop(due)
-            if self._valid(item):
-                return item[1]
-        return None
+                return item[1], looked
+        return None, looked
 
     def pending_ids(self, domain: str | None = None) -> list[str]:
         """

@@ -53,7 +53,7 @@ from mailserver.relay.delivery import (
     destination_of_domain,
 )
 from mailserver.relay.dispatch import ConnectionSlots, Dispatcher
-from mailserver.relay.index import QueueIndex
+from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
 from mailserver.relay.mx import MXRouter, make_resolver
 from mailserver.relay.queue import (
@@ -134,6 +134,7 @@ class RelayRunner(Service):
         self._active: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}
         self._scanner: task.LoopingCall | None = None
+        self._destination_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # Service.
 
@@ -208,21 +209,27 @@ class RelayRunner(Service):
             self._dispatcher.resume()
 
     def _destinations(self, entry) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(destination_of_domain(self._relay, d) for d in entry.domains))
+        # The index shares its tuples of domains among the messages.
+        found = self._destination_cache.get(entry.domains)
+        if found is None:
+            if len(self._destination_cache) > 4096:
+                self._destination_cache.clear()
+            found = self._destination_cache[entry.domains] = tuple(dict.fromkeys(
+                destination_of_domain(self._relay, d) for d in entry.domains))
+        return found
 
-    def _wait(self, queue_id: str, until: float) -> bool:
+    def _wait(self, entry: IndexEntry, until: float) -> bool:
         """
         Put off a due message whose destinations rest until C{until}, in the
         index only (its envelope keeps its time: a restart tries it), unless
         it must be tried now: it expires, or a delay notice is due.
         """
-        entry = self.index.get(queue_id)
         latest = entry.arrival + self.policy.max_age
         if self.policy.delay_warning is not None and not entry.delay_warned:
             latest = min(latest, entry.arrival + self.policy.delay_warning)
         if latest <= self._reactor.seconds():
             return False
-        self.index.reschedule(queue_id, min(until, latest))
+        self.index.reschedule(entry.id, min(until, latest))
         return True
 
     # Scanning and requests.

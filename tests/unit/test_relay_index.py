@@ -96,12 +96,16 @@ def test_removed_messages_leave_pages_and_the_oldest_right():
     assert len(index) == 1000
 
 
+def due(index: QueueIndex, now: float) -> str | None:
+    return index.pop_due(now, 1_000_000)[0]
+
+
 def test_due_messages_come_out_earliest_first_and_only_once():
     index = filled(message(1, next_attempt=30.0), message(2, next_attempt=10.0),
                    message(3, next_attempt=20.0))
     assert index.next_due() == 10.0
-    assert index.pop_due(5.0) is None
-    assert [index.pop_due(25.0), index.pop_due(25.0), index.pop_due(25.0)] == [
+    assert due(index, 5.0) is None
+    assert [due(index, 25.0), due(index, 25.0), due(index, 25.0)] == [
         message(2).id, message(3).id, None]
     assert index.next_due() == 30.0
 
@@ -110,10 +114,21 @@ def test_rescheduled_and_removed_messages_are_not_due_at_their_old_time():
     index = filled(message(1, next_attempt=10.0), message(2, next_attempt=20.0))
     index.reschedule(message(1).id, 50.0)
     index.remove(message(2).id)
-    assert index.pop_due(40.0) is None
+    assert due(index, 40.0) is None
     assert index.next_due() == 50.0
     index.reschedule(message(1).id, 0.0)  # flushed
-    assert index.pop_due(0.0) == message(1).id and index.pop_due(100.0) is None
+    assert due(index, 0.0) == message(1).id and due(index, 100.0) is None
+
+
+def test_passing_over_old_times_is_done_a_few_at_a_time():
+    index = filled(*(message(n, next_attempt=10.0) for n in range(100)))
+    index.due_now([message(n).id for n in range(100)], 5.0)
+    for n in range(100):
+        index.reschedule(message(n).id, 50.0 + n)  # tried, say: both old times stale
+    assert index.pop_due(20.0, 30) == (None, 30)  # stopped looking
+    assert index.pop_due(20.0, 1000) == (None, 170)  # nothing due
+    assert index.next_due() == 50.0
+    assert index.pop_due(60.0, 1000) == (message(0).id, 1)
 
 
 def test_the_heap_does_not_grow_with_reschedules():
@@ -121,7 +136,7 @@ def test_the_heap_does_not_grow_with_reschedules():
     for t in range(5000):
         index.reschedule(message(t % 10).id, 1000.0 + t)
     assert len(index._due) <= 2 * len(index) + 1024
-    assert sorted(index.pop_due(10_000.0) for _ in range(10)) == sorted(message(n).id for n in range(10))
+    assert sorted(due(index, 10_000.0) for _ in range(10)) == sorted(message(n).id for n in range(10))
 
 
 def test_flushed_messages_come_due_first_and_once():
@@ -132,13 +147,13 @@ def test_flushed_messages_come_due_first_and_once():
     index.remove(chosen[1])
     index.reschedule(chosen[2], 3000.0)  # tried meanwhile, say
     expected = [i for i in chosen if i not in (chosen[1], chosen[2])]
-    assert [index.pop_due(10.0) for _ in expected] == expected and index.pop_due(10.0) is None
+    assert [due(index, 10.0) for _ in expected] == expected and due(index, 10.0) is None
     assert index.next_due() == 1001.0
     for queue_id in expected:
         index.reschedule(queue_id, 2000.0)
     left = sorted(message(n).id for n in range(100) if message(n).id not in chosen[1:3])
-    assert sorted(index.pop_due(2500.0) for _ in left) == left
-    assert index.pop_due(2500.0) is None and index.next_due() == 3000.0
+    assert sorted(due(index, 2500.0) for _ in left) == left
+    assert due(index, 2500.0) is None and index.next_due() == 3000.0
 
 
 def test_pending_ids_and_take_over():
@@ -192,11 +207,11 @@ class Attempts:
         self.started.append(queue_id)
         return True
 
-    def wait(self, queue_id: str, until: float) -> bool:
-        if queue_id in self.must_try:
+    def wait(self, entry, until: float) -> bool:
+        if entry.id in self.must_try:
             return False
-        self.waited.append((queue_id, until))
-        self.index.reschedule(queue_id, until)
+        self.waited.append((entry.id, until))
+        self.index.reschedule(entry.id, until)
         return True
 
 
