@@ -10,11 +10,13 @@ message after every change it makes or hears of.  Two orders are kept:
   - by id, which is arrival order (an id begins with the arrival time in
     milliseconds): for paging through the queue and for its oldest message;
   - by next attempt, a heap: what is due is found in time that grows with
-    what is due, whatever the size of the queue.
+    what is due, whatever the size of the queue; beside it, a line of the
+    messages a flush made due now (many at once, cheaper to line up than
+    to push).
 
-Both are kept lazily: a removed message leaves its id in the id order and
-its time in the heap until they are passed over or compacted away, so a
-change costs a dictionary update and a heap push.
+All are kept lazily: a removed or rescheduled message leaves its id in the
+id order and its old time in the heap until they are passed over or
+compacted away, so a change costs a dictionary update and a heap push.
 """
 
 from __future__ import annotations

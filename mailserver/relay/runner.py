@@ -10,7 +10,8 @@ separate pieces:
     the runner puts every change it makes into the index, and nothing on the
     reactor thread reads the queue folder to learn what is queued;
   - the dispatcher starts each message when it comes due, within the
-    connection limits;
+    connection limits, and lets a destination that no server answers at
+    rest (its messages wait in memory: a few attempts per rest);
   - an attempt groups the pending recipients by destination and sends each
     group in one transaction, within the connection limits (in total and
     per destination);
