@@ -88,7 +88,7 @@ def fill(config_path: Path, count: int, size: int) -> float:
     Queue C{count} messages of about C{size} octets for C{DOWN}; returns
     the seconds it took.
     """
-    store = QueueStore(load_config(str(config_path)))
+    store = QueueStore(load_config(str(config_path)).queue_path)
     store.on_enqueued = lambda message: None  # no incoming/ markers: the server reads it all
     spool = store.path / "bench-spool"
     spool.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def index_memory(config_path: Path) -> dict:
     Build the index here, as the server does at start: its memory per
     entry (Python allocations still held) and the time.
     """
-    store = QueueStore(load_config(str(config_path)))
+    store = QueueStore(load_config(str(config_path)).queue_path)
     started = time.monotonic()
     index, corrupt = build_index(store)
     seconds = time.monotonic() - started

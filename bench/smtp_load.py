@@ -35,17 +35,17 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.smtp_client import SMTPReplyError, check, command, expect, greet, read_reply
 
 # Hard bounds, whatever the caller asks for.
 MAX_MESSAGES = 10_000_000
 MAX_DURATION = 3600.0
 MAX_CLIENTS = 5000
-
-
-class SMTPError(Exception):
-    """
-    An unexpected reply or a broken conversation; C{str()} says which.
-    """
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -138,29 +138,6 @@ def make_body(size: int, seq: int, mail_from: str, rcpt_to: str) -> bytes:
     return header + line * full + tail
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, list[bytes]]:
-    """
-    One (possibly multi-line) SMTP reply: its code and its text lines.
-    """
-    lines = []
-    for _ in range(1000):  # bounded: no reply has that many lines
-        line = await reader.readline()
-        if not line.endswith(b"\n"):
-            raise SMTPError(f"connection closed mid-reply after {lines!r}")
-        if len(line) < 4 or not line[:3].isdigit():
-            raise SMTPError(f"malformed reply line {line!r}")
-        lines.append(line[4:].rstrip(b"\r\n"))
-        if line[3:4] != b"-":
-            return int(line[:3]), lines
-    raise SMTPError("reply too long")
-
-
-def _expect(code: int, lines: list[bytes], wanted: int, step: str) -> None:
-    if code != wanted:
-        text = b" ".join(lines).decode("ascii", "replace")[:120]
-        raise SMTPError(f"{step}: {code} {text}")
-
-
 @dataclass
 class _Shared:
     remaining: int
@@ -188,11 +165,7 @@ async def _one_message(
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
         try:
-            code, lines = await _read_reply(reader)
-            _expect(code, lines, 220, "greeting")
-            writer.write(b"EHLO bench.client\r\n")
-            code, lines = await _read_reply(reader)
-            _expect(code, lines, 250, "EHLO")
+            lines = await greet(reader, writer, ehlo="bench.client")
             advertised = any(l.split(b" ", 1)[0].upper() == b"PIPELINING" for l in lines[1:])
             pipelining = advertised if use_pipelining == "auto" else use_pipelining == "on"
             shared.result.pipelining = pipelining
@@ -200,28 +173,26 @@ async def _one_message(
             rcpt = f"RCPT TO:<{rcpt_to}>\r\n".encode("ascii")
             if pipelining:
                 writer.write(mail + rcpt + b"DATA\r\n")
-                replies = [await _read_reply(reader) for _ in range(3)]
-                _expect(*replies[0], 250, "MAIL")
-                _expect(*replies[1], 250, "RCPT")
-                _expect(*replies[2], 354, "DATA")
+                replies = [await read_reply(reader) for _ in range(3)]
+                check(*replies[0], 250, "MAIL")
+                check(*replies[1], 250, "RCPT")
+                check(*replies[2], 354, "DATA")
             else:
                 writer.write(mail)
-                _expect(*(await _read_reply(reader)), 250, "MAIL")
+                await expect(reader, 250, "MAIL")
                 writer.write(rcpt)
-                _expect(*(await _read_reply(reader)), 250, "RCPT")
+                await expect(reader, 250, "RCPT")
                 writer.write(b"DATA\r\n")
-                _expect(*(await _read_reply(reader)), 354, "DATA")
+                await expect(reader, 354, "DATA")
             writer.write(body)
             writer.write(b".\r\n")
-            code, lines = await _read_reply(reader)
-            _expect(code, lines, 250, "end of DATA")
+            await expect(reader, 250, "end of DATA")
             latency = time.perf_counter() - start
             try:
-                writer.write(b"QUIT\r\n")
-                code, lines = await _read_reply(reader)
+                code, lines = await command(reader, writer, b"QUIT")
                 if code != 221:
                     shared.result.quit_errors += 1
-            except (OSError, SMTPError):
+            except (OSError, SMTPReplyError):
                 shared.result.quit_errors += 1
             return latency
         finally:
@@ -264,16 +235,16 @@ class _SMTPClient(asyncio.Protocol):
             end = self.buffer.find(b"\n")
             if end < 0:
                 if len(self.buffer) > 65536:
-                    self._fail(SMTPError("reply line too long"))
+                    self._fail(SMTPReplyError("reply line too long"))
                 return
             line, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
             if len(line) < 4 or not line[:3].isdigit():
-                self._fail(SMTPError(f"malformed reply line {line!r}"))
+                self._fail(SMTPReplyError(f"malformed reply line {line!r}"))
                 return
             self.lines.append(line[4:].rstrip(b"\r\n"))
             if line[3:4] == b"-":
                 if len(self.lines) > 1000:
-                    self._fail(SMTPError("reply too long"))
+                    self._fail(SMTPReplyError("reply too long"))
                     return
                 continue
             code, lines = int(line[:3]), self.lines
@@ -299,7 +270,7 @@ class _SMTPClient(asyncio.Protocol):
             return
         if code != wanted:
             text = b" ".join(lines).decode("ascii", "replace")[:120]
-            self._fail(SMTPError(f"{step}: {code} {text}"))
+            self._fail(SMTPReplyError(f"{step}: {code} {text}"))
             return
         write = self.transport.write
         if step == "greeting":
@@ -336,7 +307,7 @@ class _SMTPClient(asyncio.Protocol):
                 # Accepted; only the QUIT reply went missing.
                 self.done.set_result(self)
             else:
-                self.done.set_exception(SMTPError(f"connection lost waiting for {self.expect[:1]}: {exc}"))
+                self.done.set_exception(SMTPReplyError(f"connection lost waiting for {self.expect[:1]}: {exc}"))
 
 
 async def _one_message_protocol(
@@ -391,7 +362,7 @@ async def _client(
             latency = await send(
                 host, port, body, mail_from, rcpt_to, timeout, use_pipelining, shared
             )
-        except (TimeoutError, OSError, SMTPError, asyncio.IncompleteReadError) as e:
+        except (TimeoutError, OSError, SMTPReplyError, asyncio.IncompleteReadError) as e:
             result.errors += 1
             if len(result.error_samples) < 10:
                 result.error_samples.append(f"{type(e).__name__}: {e}"[:200])

@@ -94,6 +94,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peers import MailServerPeer, cpu_seconds, rss_kib, session_pids
+from bench.smtp_client import SMTPReplyError, check, close, command, connect, expect, greet, reply_text
 from bench.smtp_load import new_event_loop
 
 PASSWORD = "bench-password"
@@ -144,36 +145,6 @@ class ProtocolError(Exception):
     pass
 
 
-async def read_smtp(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    text = b""
-    for _ in range(100):
-        line = await reader.readline()
-        if not line.endswith(b"\n") or len(line) < 4:
-            raise ProtocolError(f"connection closed or bad reply {line[:80]!r}")
-        text += line
-        if line[3:4] != b"-":
-            return int(line[:3]), text
-    raise ProtocolError("reply too long")
-
-
-async def expect_smtp(reader, wanted: int, step: str) -> bytes:
-    code, text = await read_smtp(reader)
-    if code != wanted:
-        raise ProtocolError(f"{step}: {text[:120]!r}")
-    return text
-
-
-async def close(writer: asyncio.StreamWriter, reset: bool = False) -> None:
-    if reset:
-        writer.transport.abort()
-        return
-    writer.close()
-    try:
-        await asyncio.wait_for(writer.wait_closed(), 5)
-    except (OSError, TimeoutError):
-        pass
-
-
 def body_for(msgid: str, rcpts: list[str], size: int) -> bytes:
     header = (
         f"From: <{SENDER}>\r\nTo: {', '.join('<' + r + '>' for r in rcpts)}\r\n"
@@ -202,32 +173,28 @@ async def smtp_message(port: int, stats: Stats, seq: int, rng: random.Random) ->
     writer = None
     try:
         async with asyncio.timeout(TIMEOUT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            await expect_smtp(reader, 220, "greeting")
-            writer.write(b"EHLO soak.client\r\n")
-            await expect_smtp(reader, 250, "EHLO")
+            reader, writer = await connect("127.0.0.1", port, ehlo="soak.client")
             writer.write(
                 f"MAIL FROM:<{SENDER}> SIZE={len(body)}\r\n".encode()
                 + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts)
                 + b"DATA\r\n"
             )
-            await expect_smtp(reader, 250, "MAIL")
+            await expect(reader, 250, "MAIL")
             for _ in rcpts:
-                await expect_smtp(reader, 250, "RCPT")
-            await expect_smtp(reader, 354, "DATA")
+                await expect(reader, 250, "RCPT")
+            await expect(reader, 354, "DATA")
             # Recorded before the 250 arrives: the fetcher may see it first.
             stats.expected[msgid] = set(rcpts)
             writer.write(body + b".\r\n")
             try:
-                await expect_smtp(reader, 250, "end of DATA")
+                await expect(reader, 250, "end of DATA")
             except BaseException:
                 stats.expected.pop(msgid, None)
                 raise
             stats.accepted += 1
             stats.accepted_rcpts += len(rcpts)
-            writer.write(b"QUIT\r\n")
-            await expect_smtp(reader, 221, "QUIT")
-    except (OSError, TimeoutError, ProtocolError) as e:
+            check(*(await command(reader, writer, "QUIT")), 221, "QUIT")
+    except (OSError, TimeoutError, ProtocolError, SMTPReplyError) as e:
         stats.error("smtp", f"{type(e).__name__}: {e}")
     finally:
         stats.inflight -= 1
@@ -392,17 +359,12 @@ async def warm_logins(port: int, n: int, stats: Stats) -> None:
 
 
 async def smtp_bad_command(port: int, stats: Stats) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await connect("127.0.0.1", port, ehlo="soak.abuse")
     try:
-        await expect_smtp(reader, 220, "greeting")
-        writer.write(b"EHLO soak.abuse\r\n")
-        await expect_smtp(reader, 250, "EHLO")
-        writer.write(b"XYZZY plugh\r\n")
-        code, text = await read_smtp(reader)
+        code, lines = await command(reader, writer, "XYZZY plugh")
         if code // 100 != 5:
-            raise ProtocolError(f"unknown command answered {text[:80]!r}")
-        writer.write(b"QUIT\r\n")
-        await expect_smtp(reader, 221, "QUIT")
+            raise ProtocolError(f"unknown command answered {reply_text(code, lines)!r}")
+        check(*(await command(reader, writer, "QUIT")), 221, "QUIT")
     finally:
         await close(writer)
 
@@ -420,18 +382,15 @@ async def pop3_bad_command(port: int, stats: Stats) -> None:
 
 
 async def cut_mid_data(port: int, stats: Stats, reset: bool) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await connect("127.0.0.1", port, ehlo="soak.abuse")
     try:
-        await expect_smtp(reader, 220, "greeting")
-        writer.write(b"EHLO soak.abuse\r\n")
-        await expect_smtp(reader, 250, "EHLO")
         rcpt = random.choice(USERS)
         msgid = f"soak-cut.{time.monotonic_ns()}@bench.test"
         body = body_for(msgid, [rcpt], 8192)
         writer.write(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
-        await expect_smtp(reader, 250, "MAIL")
-        await expect_smtp(reader, 250, "RCPT")
-        await expect_smtp(reader, 354, "DATA")
+        await expect(reader, 250, "MAIL")
+        await expect(reader, 250, "RCPT")
+        await expect(reader, 354, "DATA")
         writer.write(body[: len(body) // 2])
         await writer.drain()
         await asyncio.sleep(0.2)
@@ -448,18 +407,12 @@ async def failed_login(port: int, pop3_port: int, stats: Stats, protocol: str) -
     if protocol == "smtp":
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            await expect_smtp(reader, 220, "greeting")
-            writer.write(b"EHLO soak.abuse\r\n")
-            ehlo = await expect_smtp(reader, 250, "EHLO")
-            if b"AUTH" not in ehlo:
+            extensions = await greet(reader, writer, ehlo="soak.abuse")
+            if not any(line.upper().startswith(b"AUTH") for line in extensions):
                 raise ProtocolError("AUTH not offered")
             token = base64.b64encode(f"\0{user}\0wrong-password".encode()).decode()
-            writer.write(f"AUTH PLAIN {token}\r\n".encode())
-            code, text = await read_smtp(reader)
-            if code != 535:
-                raise ProtocolError(f"bad AUTH answered {text[:80]!r}")
-            writer.write(b"QUIT\r\n")
-            await expect_smtp(reader, 221, "QUIT")
+            check(*(await command(reader, writer, f"AUTH PLAIN {token}")), 535, "bad AUTH")
+            check(*(await command(reader, writer, "QUIT")), 221, "QUIT")
         finally:
             await close(writer)
     else:
@@ -488,7 +441,7 @@ async def abuser(peer: MailServerPeer, stats: Stats, auth_every: float, stop: as
             async with asyncio.timeout(TIMEOUT):
                 await coro
             stats.events[kind] += 1
-        except (OSError, TimeoutError, ProtocolError) as e:
+        except (OSError, TimeoutError, ProtocolError, SMTPReplyError) as e:
             stats.error(kind, f"{type(e).__name__}: {e}")
 
     while not stop.is_set():

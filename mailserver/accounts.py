@@ -34,8 +34,8 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailserver.config import Config, ConfigError
-from mailserver.interfaces import IAccount
+from mailserver.config import CatchAll
+from mailserver.interfaces import IAccount, IAccounts
 
 _SCRYPT_N = 2**14
 _SCRYPT_R = 8
@@ -68,7 +68,7 @@ def openssl_scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, length:
     """
     scrypt as OpenSSL computes it (C{hashlib}); its buffer is an ordinary
     C{malloc}, returned to the system when the server has set the allocator
-    up (L{mailserver.service}).  L{scrypt} has bounded the memory already.
+    up (L{mailserver.process}).  L{scrypt} has bounded the memory already.
     """
     return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=2 * _SCRYPT_MAX_MEMORY, dklen=length)
 
@@ -242,7 +242,7 @@ def _parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the data folder, often
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -256,18 +256,47 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+@implementer(IAccounts)
 class Accounts:
     """
     Users and aliases of the local domains, and where an address delivers.
     """
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._users = _WatchedFile(config.users_path, _parse_users)
-        self._aliases = _WatchedFile(config.aliases_path, _parse_aliases)
+    def __init__(
+        self,
+        *,
+        users_path: Path,
+        aliases_path: Path,
+        mail_path: Path,
+        local_domains: tuple[str, ...],
+        subaddress_separator: str = "+",
+        catch_all: tuple[CatchAll, ...] = (),
+    ) -> None:
+        """
+        @param mail_path: the folder of the Maildirs, one per domain and user.
+        @param local_domains: lower case; the first is the default domain.
+        @param catch_all: where mail to unknown users of a domain goes.
+        """
+        self.users_path = users_path
+        self.local_domains = local_domains
+        self._mail_path = mail_path
+        self._separator = subaddress_separator
+        self._catch_all = catch_all
+        self._users = _WatchedFile(users_path, _parse_users)
+        self._aliases = _WatchedFile(aliases_path, _parse_aliases)
         # Account address -> Maildir; one Path (and its cached hash) per
         # account instead of three new ones per message.
         self._mailbox_paths: dict[str, Path] = {}
+
+    @property
+    def default_domain(self) -> str:
+        """
+        The domain of a bare user name.
+        """
+        return self.local_domains[0]
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.local_domains
 
     def forget(self) -> None:
         """
@@ -292,7 +321,7 @@ class Accounts:
         path = self._mailbox_paths.get(account)
         if path is None:
             local, domain = split_address(canonical(account))
-            path = self.config.mail_path / domain / local
+            path = self._mail_path / domain / local
             if len(self._mailbox_paths) < 100_000:
                 self._mailbox_paths[account] = path
         return path
@@ -308,25 +337,22 @@ class Accounts:
         except AccountError:
             return None
         local, domain = split_address(address)
-        if not self.config.is_local_domain(domain):
+        if not self.is_local_domain(domain):
             return None
         found = self._resolve(address, 0, set())
         if found:
             return tuple(dict.fromkeys(found))
         local, domain = split_address(address)
-        separator = self.config.smtp.subaddress_separator
+        separator = self._separator
         if separator and separator in local:
             base = local.split(separator, 1)[0]
             if base:
                 found = self._resolve(f"{base}@{domain}", 0, set())
                 if found:
                     return tuple(dict.fromkeys(found))
-        for catch_all in self.config.smtp.catch_all:
-            if catch_all.startswith("@" + domain + "=") or catch_all.startswith(
-                domain + "="
-            ):
-                target = catch_all.split("=", 1)[1].strip().lower()
-                found = self._resolve(target, 0, set())
+        for rule in self._catch_all:
+            if rule.domain == domain:
+                found = self._resolve(rule.account, 0, set())
                 if found:
                     return tuple(dict.fromkeys(found))
         return None
@@ -336,7 +362,7 @@ class Accounts:
             return []
         seen.add(address)
         local, domain = split_address(address)
-        if not self.config.is_local_domain(domain):
+        if not self.is_local_domain(domain):
             return [address]
         aliases = self._aliases.get()
         if address in aliases:
@@ -376,7 +402,7 @@ class Accounts:
         if address == account:
             return True
         local, domain = split_address(address)
-        separator = self.config.smtp.subaddress_separator
+        separator = self._separator
         if separator and separator in local:
             address = f"{local.split(separator, 1)[0]}@{domain}"
             if address == account:
@@ -414,10 +440,10 @@ class Accounts:
     def _checked_new_address(self, address: str) -> str:
         address = canonical(address)
         local, domain = split_address(address)
-        if not self.config.is_local_domain(domain):
+        if not self.is_local_domain(domain):
             raise AccountError(
                 f"{domain} is not a local domain (local_domains: "
-                f"{', '.join(self.config.local_domains)})"
+                f"{', '.join(self.local_domains)})"
             )
         if not _SAFE_LOCAL.match(local) or ":" in local or "@" in local:
             raise AccountError(f"{local!r} cannot be used as a mailbox name")
@@ -425,7 +451,7 @@ class Accounts:
 
     def _save_users(self, users: dict[str, str]) -> None:
         text = "".join(f"{a}:{h}\n" for a, h in sorted(users.items()))
-        _write_atomically(self.config.users_path, text)
+        _write_atomically(self.users_path, text)
 
 
 @implementer(IAccount)
@@ -546,38 +572,15 @@ class AccountRealm:
         return IAccount, Account(canonical(avatarId)), lambda: None
 
 
-def strcred_checkers(config: Config) -> list[ICredentialsChecker]:
+def strcred_checkers(descriptions: tuple[str, ...]) -> list[ICredentialsChecker]:
     """
     The extra account sources named in C{auth.checkers}, built with
-    Twisted's C{strcred} plugins (C{file:PATH}, C{unix}, ...).
-
-    @raise ConfigError: for an unknown or unusable checker string.
+    Twisted's C{strcred} plugins (C{file:PATH}, C{unix}, ...); the
+    configuration has checked each string (L{mailserver.config.values}).
     """
     from twisted.cred import strcred
 
-    checkers = []
-    for description in config.auth.checkers:
-        try:
-            checker = strcred.makeChecker(description)
-        except Exception as e:
-            raise ConfigError(config.source, "auth.checkers", f"{description!r}: {e}") from None
-        if IUsernamePassword not in checker.credentialInterfaces:
-            raise ConfigError(
-                config.source, "auth.checkers", f"{description!r} cannot check passwords"
-            )
-        # A file: checker opens its file only at each login, where a missing
-        # one would just refuse everybody: say so now.
-        filename = getattr(checker, "filename", None)
-        if isinstance(filename, str | bytes):
-            try:
-                with open(filename, "rb"):
-                    pass
-            except OSError as e:
-                raise ConfigError(
-                    config.source, "auth.checkers", f"{description!r}: {e.strerror}"
-                ) from None
-        checkers.append(checker)
-    return checkers
+    return [strcred.makeChecker(description) for description in descriptions]
 
 
 def make_portal(accounts: Accounts, reactor=None, extra_checkers=(), threadpool=None) -> Portal:
@@ -589,7 +592,7 @@ def make_portal(accounts: Accounts, reactor=None, extra_checkers=(), threadpool=
     @param threadpool: for the users file's password checks.
     """
     checkers = [AccountsChecker(accounts, reactor, threadpool), *extra_checkers]
-    portal = Portal(AccountRealm(accounts.config.local_domains[0]))
+    portal = Portal(AccountRealm(accounts.default_domain))
     portal.registerChecker(_FirstThatAccepts(checkers))
     return portal
 

@@ -40,6 +40,11 @@ class Envelope:
     @ivar envid: RFC 3461 ENVID or None.
     @ivar body: C{"7BIT"}, C{"8BITMIME"} or C{"BINARYMIME"} as declared.
     @ivar smtputf8: whether MAIL carried the SMTPUTF8 parameter.
+    @ivar size: the SIZE the client declared, if any.
+    @ivar trace_id: the id our C{Received} field gives the transaction
+        (C{""} when the message did not come over SMTP).
+    @ivar tls_version: the TLS protocol of the session (C{"TLSv1.3"}), or
+        C{None} in plaintext; C{tls_cipher} its cipher.
     """
 
     sender: str
@@ -52,3 +57,6 @@ class Envelope:
     body: str = "7BIT"
     smtputf8: bool = False
     size: int | None = field(default=None)
+    trace_id: str = ""
+    tls_version: str | None = None
+    tls_cipher: str | None = None

@@ -10,7 +10,8 @@ so no plugin can crash a session or lose a message.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -23,6 +24,8 @@ from mailserver.interfaces import (
     IEnvelopeHook,
     IMessageHook,
 )
+from mailserver.safe_text import printable
+from mailserver.wire.reply import Reply
 
 
 class PluginOptionsError(ValueError):
@@ -40,18 +43,35 @@ class PluginOptionsError(ValueError):
 class PluginContext:
     """
     What a plugin may use: the reactor (for timers and HTTP clients), the
-    server's hostname, and the folder for any state it keeps.
+    server's hostname, the folder for any state it keeps, and a logger.
+
+    @ivar log: a L{Logger} in the namespace C{mailserver.plugins.NAME}; the
+        loader (L{mailserver.plugin_loading.load_plugins}) gives each plugin
+        its own, so its lines say which plugin wrote them.
     """
 
     reactor: Any
     hostname: str
     data_path: Any
+    log: Logger = field(default_factory=lambda: Logger(namespace="mailserver.plugins"))
+
+    def for_plugin(self, name: str) -> PluginContext:
+        """
+        This context with a logger of the plugin C{name}'s own.
+        """
+        return replace(self, log=Logger(namespace=f"mailserver.plugins.{name}"))
+
+
+def _nothing_unread() -> int:
+    return 0
 
 
 @dataclass(frozen=True)
 class Client:
     """
     The SMTP client a hook is asked about.
+
+    @ivar _unread: what L{pending_input} asks (given by the session).
     """
 
     address: str
@@ -60,27 +80,47 @@ class Client:
     helo: str = ""
     authenticated: str | None = None
     tls: bool = False
+    _unread: Callable[[], int] = field(default=_nothing_unread, repr=False, compare=False)
+
+    def pending_input(self) -> int:
+        """
+        Octets the client has sent that the server has not read yet.  Asked
+        by a connection hook that has waited, it tells an early talker: a
+        client that sent commands before the greeting (RFC 5321 4.3.1
+        forbids it; spam software does it to save time).
+        """
+        return self._unread()
 
 
-@dataclass(frozen=True)
-class Reject:
+@dataclass(frozen=True, slots=True, init=False, repr=False, eq=False)
+class Reject(Reply):
     """
-    Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}.
+    Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}:
+    a L{Reply}, checked to be a refusal with an enhanced code of its class
+    and one line of text, which the SMTP server answers as it is.
+
+    @ivar reason: a short fixed word for the log line and the
+        C{smtp_refusals_total} metric (e.g. C{"dnsbl"}); by default the
+        name of the plugin that refused.  Never client input: it is a
+        metric label.  Not part of the reply (two rejects that answer the
+        same are equal).
     """
 
-    code: int
-    enhanced: str
-    text: str
+    reason: str = ""
 
-    def __post_init__(self) -> None:
-        if not (400 <= self.code < 600):
+    def __init__(self, code: int, enhanced: str, text: str, reason: str = "") -> None:
+        if not (400 <= code < 600):
             raise ValueError("a rejection needs a 4xx or 5xx code")
-        if not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", self.enhanced):
-            raise ValueError(f"{self.enhanced!r} is not an enhanced status code")
-        if self.enhanced[0] != str(self.code)[0]:
+        if not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", enhanced):
+            raise ValueError(f"{enhanced!r} is not an enhanced status code")
+        if enhanced[0] != str(code)[0]:
             raise ValueError("the enhanced code's class must match the reply code")
-        if "\r" in self.text or "\n" in self.text:
+        if "\r" in text or "\n" in text:
             raise ValueError("the text must be one line")
+        if reason and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", reason):
+            raise ValueError("the reason must be a short lower-case word")
+        Reply.__init__(self, code, enhanced, (text,))
+        object.__setattr__(self, "reason", reason)
 
 
 @dataclass(frozen=True)
@@ -117,7 +157,7 @@ class MessageRejected(Exception):
     """
 
     def __init__(self, reject: Reject) -> None:
-        super().__init__(f"{reject.code} {reject.enhanced} {reject.text}")
+        super().__init__(str(reject))
         self.reject = reject
 
 
@@ -241,13 +281,24 @@ class MessageBody:
 class Hooks:
     """
     The enabled plugins' hook objects, in configuration order.
+
+    Every refusal a hook answers is logged here, one line with the client,
+    its HELO, the user, the reason and the reply, and reported to
+    C{on_refusal(reason)} (the C{smtp_refusals_total} metric), so each
+    defence and plugin gets that without code of its own.
     """
 
     log = Logger()
 
-    def __init__(self, plugins: list[tuple[str, object]], on_error=None) -> None:
+    def __init__(
+        self,
+        plugins: list[tuple[str, object]],
+        on_error: Callable[[str], None] | None = None,
+        on_refusal: Callable[[str], None] | None = None,
+    ) -> None:
         self._plugins = plugins
         self._on_error = on_error
+        self._on_refusal = on_refusal
         self.connection_hooks = [(n, h) for n, h in plugins if IConnectionHook.providedBy(h)]
         self.envelope_hooks = [(n, h) for n, h in plugins if IEnvelopeHook.providedBy(h)]
         self.message_hooks = [(n, h) for n, h in plugins if IMessageHook.providedBy(h)]
@@ -277,18 +328,37 @@ class Hooks:
             )
         return result
 
+    def _refused(self, name: str, hook: str, who: Client | Envelope, reject: Reject) -> Reject:
+        if reject is TEMPORARY_FAILURE:  # a broken plugin: logged as such already
+            return reject
+        reason = reject.reason or name
+        if isinstance(who, Client):
+            client, user = who.address, who.authenticated
+        else:
+            client, user = who.client_address, who.authenticated
+        self.log.info(
+            "SMTP refused ({reason}) at {hook}: {code} {enhanced} client={client} helo={helo}"
+            " user={user}: {text}",
+            reason=reason, hook=hook, code=reject.code, enhanced=reject.enhanced,
+            client=client or "-", helo=printable(who.helo or "-"), user=printable(user or "-"),
+            text=printable(reject.text),
+        )
+        if self._on_refusal is not None:
+            self._on_refusal(reason)
+        return reject
+
     async def connection(self, client: Client) -> Reject | None:
         for name, hook in self.connection_hooks:
             result = await self._call(name, "connection", hook.connection, client)
             if isinstance(result, Reject):
-                return result
+                return self._refused(name, "connection", client, result)
         return None
 
     async def sender(self, client: Client, address: str) -> Reject | None:
         for name, hook in self.envelope_hooks:
             result = await self._call(name, "sender", hook.sender, client, address)
             if isinstance(result, Reject):
-                return result
+                return self._refused(name, "MAIL", client, result)
         return None
 
     async def recipient(self, client: Client, sender: str, address: str) -> Reject | str:
@@ -298,7 +368,7 @@ class Hooks:
         for name, hook in self.envelope_hooks:
             result = await self._call(name, "recipient", hook.recipient, client, sender, address)
             if isinstance(result, Reject):
-                return result
+                return self._refused(name, "RCPT", client, result)
             if isinstance(result, Rewrite):
                 address = result.address
         return address
@@ -309,7 +379,7 @@ class Hooks:
         for name, hook in self.message_hooks:
             result = await self._call(name, "message", hook.message, envelope, headers, body)
             if isinstance(result, Reject):
-                return result
+                return self._refused(name, "end of DATA", envelope, result)
         return None
 
     def delivered(self, event: Delivery) -> None:

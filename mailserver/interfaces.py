@@ -19,6 +19,46 @@ class IAccount(Interface):
     address = Attribute("The account's canonical address, C{str}, e.g. 'bob@example.org'.")
 
 
+class IAccounts(Interface):
+    """
+    The accounts as the SMTP policy sees them: which domains are local,
+    where an address delivers, and who may send as whom.
+    """
+
+    default_domain = Attribute(
+        "The domain of an address given without one (C{<Postmaster>}, RFC 5321 4.5.1): "
+        "the first local domain, C{str}."
+    )
+
+    def is_local_domain(domain: str) -> bool:
+        """
+        Is mail to C{domain} (any case, a trailing dot allowed) delivered here?
+        """
+
+    def resolve(address: str) -> object:
+        """
+        Where mail to C{address} in a local domain goes (after aliases,
+        lists, subaddress and catch-all): a tuple of account addresses and,
+        for forwarding aliases, remote addresses; C{None} if there is no
+        such recipient or the domain is not local.
+        """
+
+    def exists(address: str) -> bool:
+        """
+        Is C{address} a recipient here (VRFY)?
+        """
+
+    def expand(address: str) -> object:
+        """
+        The members of an alias or list (EXPN), a tuple, or C{None}.
+        """
+
+    def owns(account: str, address: str) -> bool:
+        """
+        May the authenticated C{account} send as C{address}?
+        """
+
+
 class IMessageReceiver(Interface):
     """
     Takes one message's bytes as the SMTP server receives them and makes them
@@ -65,6 +105,84 @@ class IIntake(Interface):
         client did not say) and still keep the configured reserve free?
         Asked at MAIL, so a full disk is refused (452) before any data is
         sent rather than after.
+        """
+
+
+class IStoredMessage(Interface):
+    """
+    One message of a mailbox as POP3 lists it; handed back to the
+    L{IMailbox} that listed it to read, flag or remove the message.
+    """
+
+    uid = Attribute("A unique name, C{str}, stable across sessions: POP3's UIDL.")
+    size = Attribute("Octets as sent, C{int}: every stored LF counts as CRLF.")
+    seen = Attribute("Marked read, C{bool}.")
+
+
+class IMailbox(Interface):
+    """
+    One account's stored mail as a POP3 session uses it.  Every method may
+    block on the disk: the session calls them in a worker thread, or a few
+    at a time on the reactor thread for the quick ones (L{mark_seen},
+    L{remove}).
+    """
+
+    def lock() -> bool:
+        """
+        Take the exclusive lock without waiting; C{False} if another session
+        holds it.  Taking it again while holding it is C{True}.
+        """
+
+    def unlock() -> None:
+        """
+        Give up the lock (nothing if not held).
+        """
+
+    def messages() -> list:
+        """
+        Every message, oldest first, as L{IStoredMessage}s.
+        """
+
+    def read_whole(message: object, limit: int) -> object:
+        """
+        The message's stored bytes (LF line endings) if they are fewer than
+        C{limit} octets, else C{None} (then L{open} it and read it in
+        pieces).
+        """
+
+    def open(message: object) -> object:
+        """
+        The message's stored bytes as a binary file object.
+        """
+
+    def mark_seen(message: object) -> None:
+        """
+        Flag the message read, where other readers of the mailbox see it.
+        """
+
+    def remove(message: object) -> None:
+        """
+        Remove the message (made durable by L{sync_removals}).
+        """
+
+    def sync_removals(messages: object) -> None:
+        """
+        Make the removal of these messages durable.
+        """
+
+
+class IMailboxStore(Interface):
+    """
+    Every account's mailbox, as POP3 reaches them.
+    """
+
+    def mailbox(address: str) -> IMailbox:
+        """
+        The mailbox of the account with this canonical address (not locked
+        yet).
+
+        @raise LookupError: the account has no mailbox here.
+        @raise OSError: the storage failed.
         """
 
 
@@ -129,7 +247,8 @@ class IPluginFactory(Interface):
         configuration, C{[plugins.NAME]}) and build the hook object.
 
         @param context: a L{mailserver.hooks.PluginContext} with the reactor,
-            the server's hostname and a logger.
+            the server's hostname, the data folder and a logger in the
+            namespace C{mailserver.plugins.NAME}.
         @raise mailserver.hooks.PluginOptionsError: for a bad option; the
             server then refuses to start, naming the plugin and the key.
         """

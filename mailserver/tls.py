@@ -10,12 +10,54 @@ production).
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
-from mailserver.config import Config, ConfigError
+from mailserver.config import ConfigError
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    """
+    The PEM certificate and key every TLS role uses.
+
+    @ivar self_signed: when none is configured, a self-signed pair for
+        C{hostname} is made at these paths if they do not exist.
+    @ivar source: the configuration file, named in errors.
+    """
+
+    certificate: Path
+    key: Path
+    hostname: str
+    self_signed: bool
+    source: str
+
+
+def self_signed_names(hostname: str) -> list:
+    """
+    The subject alternative names of the self-signed certificate: the
+    hostname and the loopback names clients use in the README's examples,
+    each once, so C{curl --cacert <data>/tls/cert.pem smtps://127.0.0.1}
+    verifies.
+    """
+    from cryptography import x509
+
+    names: list = []
+    for value in (hostname, "localhost", "127.0.0.1", "::1"):
+        try:
+            entry = x509.IPAddress(ipaddress.ip_address(value))
+        except ValueError:
+            entry = x509.DNSName(value.lower())
+        if entry not in names:
+            names.append(entry)
+    return names
 
 
 def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
@@ -32,7 +74,7 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
     now = datetime.datetime.now(datetime.timezone.utc)
-    names = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    names = self_signed_names(hostname)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -44,55 +86,64 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    # Never written through a link left in their place.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    with os.fdopen(os.open(key_path, flags, 0o600), "wb") as f:
         f.write(key_bytes)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    with os.fdopen(os.open(cert_path, flags, 0o644), "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
 
 
-def server_options(config: Config) -> ssl.CertificateOptions:
+def server_options(files: CertificateFiles) -> ssl.CertificateOptions:
     """
     The TLS server context for every role.
 
     @raise ConfigError: if the certificate or key cannot be used.
     """
-    if not config.tls.certificate:
-        ensure_self_signed(config.certificate_path, config.key_path, config.hostname)
+    if files.self_signed:
+        ensure_self_signed(files.certificate, files.key, files.hostname)
     try:
-        cert_pem = config.certificate_path.read_bytes()
-        key_pem = config.key_path.read_bytes()
+        cert_pem = files.certificate.read_bytes()
+        key_pem = files.key.read_bytes()
         private = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     except OSError as e:
-        raise ConfigError(config.source, "tls", f"cannot read certificate: {e}") from None
+        raise ConfigError(files.source, "tls", f"cannot read certificate: {e}") from None
     except Exception as e:  # OpenSSL raises its own error types
         raise ConfigError(
-            config.source, "tls", f"certificate and key are not usable: {e}"
+            files.source, "tls", f"certificate and key are not usable: {e}"
         ) from None
     return private.options()
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ReloadableServerOptions:
     """
     The TLS context every listener uses, swappable at run time so SIGHUP
     can bring in a renewed certificate without dropping connections: new
     handshakes use the new context, running sessions keep theirs.
+
+    It provides the connection-creator interface Twisted asks of server TLS
+    options (else each first use logs a C{LegacyContextFactoryWarning}).
     """
 
-    def __init__(self, config: Config) -> None:
-        self._config = config
-        self.current = server_options(config)
+    def __init__(self, files: CertificateFiles) -> None:
+        self._files = files
+        self.current = server_options(files)
 
     def getContext(self):
         return self.current.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return SSL.Connection(self.current.getContext(), None)
 
     def reload(self) -> None:
         """
         @raise ConfigError: the new files are unusable; the old ones stay.
         """
-        self.current = server_options(self._config)
+        self.current = server_options(self._files)

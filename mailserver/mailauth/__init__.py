@@ -9,39 +9,49 @@ arrived), the signer after every plugin (it signs what will be sent).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = ["mail_auth_hooks", "load_signing_keys", "add_dkim_commands"]
 
 
-def load_signing_keys(config) -> dict:
+def load_signing_keys(dkim, key_folder: Path, source: str) -> dict:
     """
-    The keys of C{dkim.keys}, read from their files: domain to a list of
-    C{(selector, SigningKey)}.
+    The keys of the C{[dkim]} section (L{mailserver.config.DKIM}), read from
+    their files: domain to a list of C{(selector, SigningKey)}.
 
+    @param key_folder: where a key without a path of its own is
+        (C{<data_dir>/dkim}).
+    @param source: the configuration file, for the error.
     @raise mailserver.config.ConfigError: naming C{dkim.keys}, when a key
         file is missing or unusable.
     """
     from mailserver.config import ConfigError
-    from mailserver.mailauth._settings import parse_key_entry
     from mailserver.mailauth.keys import DKIMKeyError, load_key
 
     keys: dict = {}
-    for entry in config.dkim.keys:
-        parsed = parse_key_entry(entry, config.data_path)
+    for entry in dkim.keys:
         try:
-            key = load_key(parsed.path)
+            key = load_key(entry.file(key_folder))
         except DKIMKeyError as e:
-            raise ConfigError(config.source, "dkim.keys", str(e)) from None
-        keys.setdefault(parsed.domain, []).append((parsed.selector, key))
+            raise ConfigError(source, "dkim.keys", str(e)) from None
+        keys.setdefault(entry.domain, []).append((entry.selector, key))
     return keys
 
 
-def mail_auth_hooks(config, reactor, resolver=None) -> tuple[list, list]:
+def mail_auth_hooks(
+    *, checks, dkim, hostname: str, key_folder: Path, resolver, reactor, source: str, owns
+) -> tuple[list, list]:
     """
-    The message hooks for C{config}, as C{(name, hook)} pairs like
-    L{mailserver.plugin_loading.load_plugins} returns.
+    The message hooks for the C{[checks]} and C{[dkim]} sections, as
+    C{(name, hook)} pairs like L{mailserver.plugin_loading.load_plugins}
+    returns.
 
-    @param resolver: a C{twisted.names} resolver (default: one for
-        C{relay.resolver}).
+    @param hostname: ours, the authserv-id of C{Authentication-Results}.
+    @param key_folder: and C{source}: see L{load_signing_keys}.
+    @param resolver: a C{twisted.names} resolver for the checks.
+    @param owns: whether an account may send as an address
+        (L{mailserver.accounts.Accounts.owns}): only such From addresses
+        are signed.
     @return: C{(first, last)}: the hooks to run before the configured
         plugins (inbound checks) and after them (DKIM signing).
     @raise mailserver.config.ConfigError: when a DKIM key cannot be read.
@@ -50,24 +60,17 @@ def mail_auth_hooks(config, reactor, resolver=None) -> tuple[list, list]:
     from mailserver.mailauth.signing import DKIMSigner
     from mailserver.mailauth.verify import InboundChecks
 
-    if resolver is None:
-        from mailserver.relay.mx import make_resolver
-
-        resolver = make_resolver(config.relay.resolver, reactor)
     first = [(
         "mailauth-checks",
-        InboundChecks(
-            config.checks, config.hostname,
-            ThreadDNS(reactor, resolver, config.checks.dns_timeout), reactor,
-        ),
+        InboundChecks(checks, hostname, ThreadDNS(reactor, resolver, checks.dns_timeout), reactor),
     )]
     last = []
-    keys = load_signing_keys(config)
+    keys = load_signing_keys(dkim, key_folder, source)
     if keys:
         last.append((
             "mailauth-dkim",
-            DKIMSigner(keys, config.dkim.signed_headers, config.dkim.oversigned_headers,
-                       reactor),
+            DKIMSigner(keys, dkim.signed_headers, dkim.oversigned_headers, reactor,
+                       owns=owns, shared_domains=dkim.shared_domains),
         ))
     return first, last
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import errno
 
-from mailserver.mailauth._settings import is_domain, is_selector, key_path, parse_key_entry
+from mailserver.config.values import default_key_file
+from mailserver.names import is_domain, is_selector
 
 
 def _domain(text: str) -> str:
@@ -45,7 +46,7 @@ def _keygen(config, args: argparse.Namespace) -> str:
     from mailserver.mailauth.keys import generate, parse_key, write_key
 
     selector = args.selector or _default_selector(args.algorithm)
-    path = key_path(config.data_path, args.domain, selector)
+    path = default_key_file(config.dkim_key_path, args.domain, selector)
     pem = generate(args.algorithm)
     try:
         write_key(path, pem, force=args.force)
@@ -53,10 +54,9 @@ def _keygen(config, args: argparse.Namespace) -> str:
         raise FileExistsError(errno.EEXIST, "a key exists there (--force replaces it)",
                               str(path)) from None
     key = parse_key(pem)
-    entries = list(config.dkim.keys)
-    entry = f"{args.domain}:{selector}"
-    if not any(parse_key_entry(e, config.data_path).path == path for e in entries):
-        entries.append(entry)
+    entries = [str(key) for key in config.dkim.keys]
+    if not any(key.file(config.dkim_key_path) == path for key in config.dkim.keys):
+        entries.append(f"{args.domain}:{selector}")
     lines = [f"wrote the {args.algorithm} private key to {path} (mode 0600)", ""]
     lines += _publish(args.domain, selector, key)
     lines += ["", "Then sign with it: in the configuration file,",
@@ -69,11 +69,10 @@ def _keygen(config, args: argparse.Namespace) -> str:
 def _record(config, args: argparse.Namespace) -> str:
     from mailserver.mailauth.keys import load_key
 
-    path = key_path(config.data_path, args.domain, args.selector)
-    for entry in config.dkim.keys:
-        parsed = parse_key_entry(entry, config.data_path)
-        if (parsed.domain, parsed.selector) == (args.domain, args.selector):
-            path = parsed.path
+    path = default_key_file(config.dkim_key_path, args.domain, args.selector)
+    for key in config.dkim.keys:
+        if (key.domain, key.selector) == (args.domain, args.selector):
+            path = key.file(config.dkim_key_path)
     try:
         key = load_key(path)
     except ValueError as e:

@@ -7,7 +7,8 @@ removes C{Authentication-Results} fields that claim to come from this server
 (our authserv-id, RFC 8601 5); for unauthenticated sessions it then checks
 
   - SPF (RFC 7208, pyspf) for the MAIL FROM identity and the HELO identity,
-  - every DKIM signature (RFC 6376, dkimpy; at most L{MAX_SIGNATURES}),
+  - every DKIM signature (RFC 6376, dkimpy; at most L{MAX_SIGNATURES}; the
+    body hashed a piece at a time, L{mailserver.mailauth.bodyhash}),
   - DMARC (RFC 7489, L{mailserver.mailauth.dmarc}),
 
 and adds one C{Authentication-Results} field with the verdicts.  The checks
@@ -26,17 +27,18 @@ import functools
 import ipaddress
 import random
 import re
+from collections.abc import Iterable
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailserver.config import CheckAction
 from mailserver.hooks import Reject
 from mailserver.interfaces import IMessageHook
 from mailserver.mailauth import dmarc
-from mailserver.mailauth._message import whole_message
-from mailserver.mailauth._settings import is_domain
+from mailserver.mailauth.bodyhash import BODY_CHUNK, HeaderVerifier, hash_key
 from mailserver.mailauth.dns import DNSTempError, SyncDNS, dkim_txt, spf_resolver
 from mailserver.mailauth.results import (
     FIELD,
@@ -46,6 +48,8 @@ from mailserver.mailauth.results import (
     authserv_id,
     render,
 )
+from mailserver.names import is_domain
+from mailserver.safe_text import printable
 
 MAX_SIGNATURES = 5
 # RFC 7208 4.6.4: at least 20 seconds for a whole SPF evaluation.
@@ -104,24 +108,35 @@ def check_spf(resolver: SyncDNS, ip: str | None, sender: str, helo: str,
     return tuple(out)
 
 
-def check_dkim(resolver: SyncDNS, message: bytes, timeout: float = 10.0) -> tuple[DKIMResult, ...]:
+def check_dkim(resolver: SyncDNS, head: bytes, body: Iterable[bytes],
+               timeout: float = 10.0) -> tuple[DKIMResult, ...]:
     """
-    A result for each of the first L{MAX_SIGNATURES} C{DKIM-Signature}s.
+    A result for each of the first L{MAX_SIGNATURES} C{DKIM-Signature}s of
+    the message with the header section C{head} and the body given in
+    pieces (read once, and only if there is a signature).
     """
     import dkim
     from dkim.util import InvalidTagValueList, parse_tag_value
 
     try:
-        verifier = dkim.DKIM(message, minkey=1024, timeout=int(timeout))
+        verifier = HeaderVerifier(head, minkey=1024, timeout=int(timeout))
     except dkim.DKIMException as e:
         return (DKIMResult("permerror", reason=f"cannot parse the message: {e}"),)
     signatures = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"]
-    out = []
-    for index, value in enumerate(signatures[:MAX_SIGNATURES]):
+    parsed = []
+    for value in signatures[:MAX_SIGNATURES]:
         try:
             tags = parse_tag_value(value)
         except InvalidTagValueList:
             tags = {}
+        parsed.append(tags)
+        try:
+            verifier.wanted.append(hash_key(tags))
+        except ValueError:
+            pass  # dkimpy says what is wrong with it
+    verifier.body = body
+    out = []
+    for index, tags in enumerate(parsed):
 
         def tag(name: bytes) -> str:
             return b"".join(tags.get(name, b"").split()).decode("ascii", "replace")
@@ -168,7 +183,8 @@ def check_message(
     ip: str | None,
     helo: str,
     sender: str,
-    message: bytes,
+    head: bytes,
+    body: Iterable[bytes],
     from_values: list[str],
     timeout: float = 10.0,
     rng: random.Random | None = None,
@@ -177,7 +193,7 @@ def check_message(
     All checks, synchronously (run it in a thread).
     """
     spf_results = check_spf(resolver, ip, sender, helo, timeout)
-    dkim_results = check_dkim(resolver, message, timeout)
+    dkim_results = check_dkim(resolver, head, body, timeout)
     for_policy = spf_results[0]
     spf_domain = (for_policy.value.rpartition("@")[2] if for_policy.identity == "mailfrom"
                   else for_policy.value)
@@ -223,8 +239,8 @@ class InboundChecks:
         self._reactor = reactor
         self._threadpool = threadpool
         self._rng = rng
-        self._skip = tuple(ipaddress.ip_network(n, strict=False) for n in checks.skip_networks)
-        self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in checks.exempt_networks)
+        self._skip = checks.skip_networks
+        self._exempt = checks.exempt_networks
 
     def _in(self, ip: str | None, networks) -> bool:
         if ip is None:
@@ -240,7 +256,7 @@ class InboundChecks:
         removed = headers.remove(FIELD, where=lambda v: authserv_id(v) == self._authserv)
         if removed:
             self.log.info("removed {count} forged Authentication-Results field(s) from {sender}",
-                          count=removed, sender=envelope.sender)
+                          count=removed, sender=printable(envelope.sender))
         if not checked:
             return None
         threadpool = self._threadpool or self._reactor.getThreadPool()
@@ -249,7 +265,7 @@ class InboundChecks:
         def run() -> Report:
             return check_message(
                 self._resolver, ip=ip, helo=envelope.helo, sender=envelope.sender,
-                message=whole_message(received, body.read()), from_values=from_values,
+                head=received, body=body.chunks(BODY_CHUNK), from_values=from_values,
                 timeout=self._checks.dns_timeout, rng=self._rng,
             )
 
@@ -257,13 +273,14 @@ class InboundChecks:
             report = await deferToThreadPool(self._reactor, threadpool, run)
         except Exception as e:
             # A bug in the checks must not hold mail back: deliver unmarked.
-            self.log.failure("checks of mail from {sender} failed", sender=envelope.sender,
+            self.log.failure("checks of mail from {sender} failed",
+                             sender=printable(envelope.sender),
                              failure=Failure(e))
             return None
         headers.add_raw(render(self._authserv, report))
         self.log.info(
             "checked mail from {sender} via {ip}: spf={spf} dkim={dkim} dmarc={dmarc}",
-            sender=envelope.sender, ip=ip,
+            sender=printable(envelope.sender), ip=ip,
             spf=report.spf[0].result, dkim=",".join(r.result for r in report.dkim) or "none",
             dmarc=report.dmarc.result,
         )
@@ -277,18 +294,18 @@ class InboundChecks:
         ):
             return None
         verdict = report.dmarc
-        if (self._checks.dmarc_reject == "reject" and verdict.result == "fail"
+        if (self._checks.dmarc_reject == CheckAction.REJECT and verdict.result == "fail"
                 and verdict.disposition == "reject"):
             self.log.info("refused mail from {sender}: DMARC policy of {domain} is reject",
-                          sender=envelope.sender, domain=verdict.domain)
+                          sender=printable(envelope.sender), domain=printable(verdict.domain))
             return Reject(550, "5.7.1", f"Message refused: it fails the DMARC policy of "
                           f"{_safe(verdict.domain)}")
         spf = report.spf_for_policy()
-        if (self._checks.spf_fail == "reject" and spf is not None and spf.result == "fail"
+        if (self._checks.spf_fail == CheckAction.REJECT and spf is not None and spf.result == "fail"
                 and verdict.result != "pass"):
             domain = _safe(spf.value.rpartition("@")[2])
             self.log.info("refused mail from {sender}: SPF fail for {domain}",
-                          sender=envelope.sender, domain=domain)
+                          sender=printable(envelope.sender), domain=domain)
             return Reject(550, "5.7.1", f"Message refused: {domain} does not allow {ip} "
                           "to send its mail (SPF fail)")
         return None

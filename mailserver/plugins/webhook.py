@@ -78,6 +78,13 @@ class Webhook:
         body = json.dumps(summary(event)).encode("utf-8")
         d = defer.ensureDeferred(self._post(body, event.queue_id))
         self.pending.add(d)
+        # Nobody waits for this Deferred: a bug in _post is logged here,
+        # not dropped.
+        d.addErrback(
+            lambda failure: self.log.failure(
+                "webhook {url} failed for {id}", failure, url=self.url, id=event.queue_id
+            )
+        )
         d.addBoth(lambda _: self.pending.discard(d))
 
     async def _post(self, body: bytes, queue_id: str) -> None:

@@ -4,10 +4,12 @@ and delivery status notifications.
 
 Wiring (see L{mailserver.service})::
 
-    queue = QueueStore(config)                       # the intake's RelayQueue
-    intake = Intake(accounts=accounts, reactor=reactor, queue=queue)
-    runner = RelayRunner(config=config, queue=queue, intake=intake,
-                         reactor=reactor, accounts=accounts)
+    queue = QueueStore(config.queue_path)            # the intake's RelayQueue
+    intake = Intake(accounts=accounts, reactor=reactor, queue=queue, ...)
+    runner = RelayRunner(relay=config.relay, hostname=config.hostname,
+                         mta_sts_path=config.mta_sts_path,
+                         queue=queue, intake=intake, reactor=reactor,
+                         accounts=accounts)
     runner.setServiceParent(root)
     runner.flush(domain)                             # ETRN
 

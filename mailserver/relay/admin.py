@@ -42,7 +42,7 @@ PAGE = 100
 def _list(config, args: argparse.Namespace) -> str:
     if args.limit < 0:
         raise QueueError("--limit must be 0 (everything) or more")
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     now = time.time()
     ids = store.ids(ordered=False)
     later = [i for i in ids if i > args.after] if args.after else ids
@@ -100,7 +100,7 @@ def _table(messages, now: float) -> list[str]:
 
 
 def _show(config, args: argparse.Namespace) -> str:
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     m = store.load(args.id)
     now = time.time()
     out = [
@@ -135,7 +135,7 @@ def _show(config, args: argparse.Namespace) -> str:
 
 
 def _request(config, verb: str, target: str) -> str:
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     store.request(verb, target)
     running = (config.data_path / "mailserver.pid").exists()
     when = (f"the running server applies it within {config.relay.scan_interval:g}s" if running
@@ -147,7 +147,7 @@ def _flush(config, args: argparse.Namespace) -> str:
     if args.id and args.domain:
         raise QueueError("give a queue id or --domain, not both")
     if args.id:
-        QueueStore(config).load(args.id)
+        QueueStore(config.queue_path).load(args.id)
         return _request(config, "flush", args.id)
     if args.domain:
         domain = args.domain.lower().rstrip(".")
@@ -159,14 +159,14 @@ def _flush(config, args: argparse.Namespace) -> str:
 
 def _delete(config, args: argparse.Namespace) -> str:
     try:
-        QueueStore(config).load(args.id)
+        QueueStore(config.queue_path).load(args.id)
     except CorruptEntry:
         pass  # unusable, but it may still be deleted
     return _request(config, "delete", args.id)
 
 
 def _bounce(config, args: argparse.Namespace) -> str:
-    QueueStore(config).load(args.id)
+    QueueStore(config.queue_path).load(args.id)
     return _request(config, "bounce", args.id)
 
 

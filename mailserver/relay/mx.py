@@ -27,7 +27,8 @@ from twisted.names import client, dns
 from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 
-from mailserver.relay.client import Reply
+from mailserver.config import HostPort
+from mailserver.wire.reply import Reply
 
 _MAX_CNAME = 8
 
@@ -81,11 +82,11 @@ def _problem(e: BaseException) -> str:
 
 
 def _temporary(text: str) -> RoutingError:
-    return RoutingError(Reply(451, (f"4.4.3 {text}",), synthetic=True))
+    return RoutingError(Reply(451, "4.4.3", (text,), synthetic=True))
 
 
 def _permanent(code: int, status: str, text: str) -> RoutingError:
-    return RoutingError(Reply(code, (f"{status} {text}",), synthetic=True))
+    return RoutingError(Reply(code, status, (text,), synthetic=True))
 
 
 def query_timeouts(total: float) -> tuple[float, ...]:
@@ -129,17 +130,16 @@ class BoundedResolver(client.Resolver):
             d.errback(internet_error.ConnectionLost("the DNS server closed the connection"))
 
 
-def make_resolver(spec: str, reactor, timeout: float = 15.0) -> BoundedResolver:
+def make_resolver(server: HostPort | None, reactor, timeout: float = 15.0) -> BoundedResolver:
     """
-    A C{twisted.names} resolver: C{""} for the system's (from
-    C{/etc/resolv.conf}), else C{"host:port"} of one DNS server; C{timeout}
-    is the most one query may take, retransmissions included.
+    A C{twisted.names} resolver: C{None} for the system's (from
+    C{/etc/resolv.conf}), else the one DNS server C{server} (an IP address
+    and port, as C{relay.resolver} gives it); C{timeout} is the most one
+    query may take, retransmissions included.
     """
-    from mailserver.relay._settings import parse_host_port
-
-    if not spec:
+    if server is None:
         return BoundedResolver(resolv="/etc/resolv.conf", reactor=reactor, timeout=timeout)
-    return BoundedResolver(servers=[parse_host_port(spec, 53)], reactor=reactor,
+    return BoundedResolver(servers=[(server.host, server.port)], reactor=reactor,
                            timeout=timeout)
 
 
@@ -242,6 +242,13 @@ class MXRouter:
             detail = "; ".join(problems) or "no MX host has an address"
             raise _temporary(f"cannot find an address for the MX hosts of {domain}: {detail}")
         return hops
+
+    def addresses(self, name: str) -> defer.Deferred:
+        """
+        The addresses of a host name, as for an MX host: a Deferred firing
+        with C{(addresses, problem)} (see L{_addresses}).
+        """
+        return defer.Deferred.fromCoroutine(self._addresses(name.lower().rstrip(".")))
 
     async def _mx_records(self, domain: str) -> list[tuple[int, str]] | None:
         """

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -56,6 +57,7 @@ from mailserver.relay.delivery import (
 from mailserver.relay.dispatch import ConnectionSlots, Dispatcher
 from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
+from mailserver.relay.mta_sts import make_mta_sts
 from mailserver.relay.mx import MXRouter, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
@@ -68,10 +70,16 @@ from mailserver.relay.queue import (
     QueueStore,
 )
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
+from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
+from mailserver.safe_text import printable
 
 
 class RelayRunner(Service):
     """
+    @param relay: the C{[relay]} section (L{mailserver.config.Relay}).
+    @param hostname: ours, for EHLO and reports.
+    @param mta_sts_path: the folder MTA-STS policies are cached in
+        (L{mailserver.config.Config.mta_sts_path}).
     @param courier: an L{ICourier}; default: MX routing and the SMTP client.
     @param accounts: resolves local senders' addresses to their accounts
         for reports (without it, the sender address is used as is).
@@ -89,7 +97,9 @@ class RelayRunner(Service):
     def __init__(
         self,
         *,
-        config,
+        relay,
+        hostname: str,
+        mta_sts_path: Path,
         queue: QueueStore,
         intake,
         reactor,
@@ -110,8 +120,9 @@ class RelayRunner(Service):
         """
         self._metrics = metrics or unregistered_metrics()
         self._on_delivered = on_delivered
-        self._config = config
-        self._relay = config.relay
+        self._hostname = hostname
+        self._mta_sts_path = mta_sts_path
+        self._relay = relay
         self._queue = queue
         self._intake = intake
         self._reactor = reactor
@@ -121,7 +132,7 @@ class RelayRunner(Service):
         self._accounts = accounts
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
-        self.policy = RetryPolicy.from_config(config.relay)
+        self.policy = RetryPolicy.from_config(relay)
         self._slots = ConnectionSlots(self._relay.max_connections,
                                       self._relay.max_connections_per_destination)
         self.index = index if index is not None else QueueIndex()
@@ -151,15 +162,24 @@ class RelayRunner(Service):
             # queries (made at once); the deadline holds whatever happens.
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
                               deadline=3 * self._relay.dns_timeout)
+            tls = ClientTLS(ca_certificates(self._relay))
             self._courier = LoggingCourier(
                 RouteCourier(
                     reactor=self._reactor,
                     relay=self._relay,
-                    hostname=self._config.hostname,
+                    hostname=self._hostname,
                     store=self._queue,
                     router=router,
+                    tls=tls,
+                    mta_sts=make_mta_sts(self._relay, self._mta_sts_path, self._reactor, resolver,
+                                         router, tls, io=self._io),
+                    count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
                 )
             )
+            if not self._relay.smarthost_tls_verify:
+                self.log.warn("relay: smarthost_tls_verify = false: the certificates of the "
+                              "smarthost and transport hosts are not checked, so anyone on "
+                              "the way can read the mail and the smarthost password")
         # A crash's half-written files go before clients come (as the spool's
         # and the mailboxes' do); the orphans and the envelopes are read in
         # a thread.  Told of new messages from now on (kept in the index
@@ -510,7 +530,8 @@ class RelayRunner(Service):
                                    id=message.id, action=action, e=str(e))
                 except Exception as e:
                     self.log.error("relay: {id}: cannot send a {action} report to <{to}>: {e}",
-                                   id=message.id, action=action, to=message.sender, e=str(e))
+                                   id=message.id, action=action, to=printable(message.sender),
+                                   e=str(e))
                     if action == dsn_module.DELAYED:
                         message = replace(message, delay_warned=False)
                     continue
@@ -535,7 +556,7 @@ class RelayRunner(Service):
         original = await self._io(read)
         data = dsn_module.build_dsn(
             message, recipients, action,
-            hostname=self._config.hostname,
+            hostname=self._hostname,
             original=original,
             headers_only=headers_only,
             now=now,
@@ -556,11 +577,11 @@ class RelayRunner(Service):
             raise
         await receiver.finish()
         self.log.info("relay: {id}: {action} report sent to <{to}>", id=message.id,
-                      action=action, to=message.sender)
+                      action=action, to=printable(message.sender))
 
     def _report_destinations(self, sender: str) -> tuple[str, ...]:
         domain = sender.rpartition("@")[2]
-        if self._accounts is not None and self._config.is_local_domain(domain):
+        if self._accounts is not None and self._accounts.is_local_domain(domain):
             resolved = self._accounts.resolve(sender)
             if not resolved:
                 raise QueueError(f"local sender <{sender}> has no mailbox")

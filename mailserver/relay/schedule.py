@@ -11,8 +11,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailserver.relay._settings import parse_duration
-
 Jitter = Callable[[float], float]
 
 
@@ -51,11 +49,15 @@ class RetryPolicy:
 
     @classmethod
     def from_config(cls, relay) -> RetryPolicy:
+        """
+        The policy of a L{mailserver.config.Relay} section (durations in
+        seconds); an empty C{retry_schedule} is 5 minutes, doubling.
+        """
         return cls(
-            delays=tuple(parse_duration(d) for d in relay.retry_schedule) or (300.0,),
-            cap=parse_duration(relay.max_retry_interval),
-            max_age=parse_duration(relay.max_age),
-            delay_warning=parse_duration(relay.delay_warning) if relay.delay_warning else None,
+            delays=relay.retry_schedule or (300.0,),
+            cap=relay.max_retry_interval,
+            max_age=relay.max_age,
+            delay_warning=relay.delay_warning,
         )
 
 

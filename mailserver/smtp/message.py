@@ -1,11 +1,10 @@
 """
 The message text between DATA (or BDAT) and the final reply.
 
-L{DotReader} finds the end of DATA and undoes dot-stuffing in bulk, one
-C{find} and one C{replace} per chunk, never a Python call per line.
 L{MessageSink} checks what arrives (size, line length, bare CR or LF, mail
 loops) and streams it to the intake's receiver behind our C{Received:}
-header, so a large message is never held in memory.
+header, so a large message is never held in memory.  (DATA's end and its
+dot-stuffing are L{mailserver.wire.dots.DotReader}'s.)
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from functools import lru_cache
 
+from mailserver.safe_text import printable
 from mailserver.smtp.replies import (
     BARE_NEWLINE,
     DATA_LINE_TOO_LONG,
@@ -25,14 +25,6 @@ from mailserver.smtp.replies import (
     storage_failure,
 )
 
-# RFC 5321 4.1.1.4: only <CRLF>.<CRLF> ends the data.  Anything else
-# (<LF>.<LF>, <CR>.<CR>, <LF>.<CRLF>, ...) is content, which is what makes
-# SMTP smuggling impossible here.
-_END_OF_DATA = b"\r\n.\r\n"
-# Both the terminator and a stuffed dot start so; most chunks have neither,
-# and re tells that faster than bytes.find does for one of them (CPython
-# 3.11 searches short multi-octet needles at about 0.6 ns an octet).
-_CRLF_DOT = re.compile(rb"\r\n\.")
 _RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.IGNORECASE)
 # Header sections longer than this are not scanned for Received: fields.
 _MAX_HEADER_SCAN = 1024 * 1024
@@ -66,7 +58,12 @@ class MessageSink:
         self.problem: Reply | None = None
         self._held_cr = b""
         self._line_length = 0
-        self._header: bytearray | None = bytearray(b"\r\n")
+        # The header section is scanned as it passes, keeping only its last
+        # line (which may not have ended yet), after a CRLF that marks its
+        # start; None once its end is found or it is too long to scan.
+        self._header: bytes | None = b"\r\n"
+        self._header_scanned = 0
+        self._received = 0
 
     def write(self, data: bytes) -> None:
         if self.problem is not None:
@@ -116,7 +113,7 @@ class MessageSink:
         if self._held_cr and self.problem is None:
             self._refuse(BARE_NEWLINE)
         if self._header is not None and self.problem is None:
-            self._count_received(bytes(self._header))
+            self._count_received(self._header)
         if self.problem is None and self._trace_header:
             self._forward(self._trace_header)  # an empty message
         return self.problem
@@ -136,77 +133,30 @@ class MessageSink:
         return longest + 1 > self._max_line or self._line_length > self._max_line
 
     def _scan_header(self, text: bytes) -> None:
-        header = self._header
-        assert header is not None
-        # Search only what is new (and the 3 octets before it), so a header
-        # sent in many small pieces costs linear time, not quadratic.
-        start = max(0, len(header) - 3)
-        header += text
-        end = header.find(b"\r\n\r\n", start)
+        assert self._header is not None
+        header = self._header + text
+        end = header.find(b"\r\n\r\n")
         if end >= 0:
             self._header = None
-            self._count_received(bytes(header[:end]))
-        elif len(header) > _MAX_HEADER_SCAN:
+            self._count_received(header[:end])
+            return
+        self._header_scanned += len(text)
+        if self._header_scanned > _MAX_HEADER_SCAN:
             self._header = None
+            return
+        # Count the fields of the lines that have ended; keep the last line.
+        last = header.rfind(b"\r\n")
+        self._received += len(_RECEIVED.findall(header, 0, last))
+        self._header = header[last:]
 
     def _count_received(self, header: bytes) -> None:
-        if len(_RECEIVED.findall(header)) > self._max_received:
+        self._received += len(_RECEIVED.findall(header))
+        if self._received > self._max_received:
             self._refuse(LOOP_DETECTED)
 
     def _refuse(self, problem: Reply) -> None:
         self.problem = problem
         self._receiver.abort()
-
-
-class DotReader:
-    """
-    Finds C{<CRLF>.<CRLF>} in the DATA stream and passes the un-stuffed
-    text to a L{MessageSink}.
-
-    The text is kept as if a CRLF came just before it, so a message that
-    starts with C{.} or is empty needs no special case; what is kept between
-    chunks always starts at a CRLF, so a terminator or a stuffed dot split
-    across chunks is still seen.
-    """
-
-    def __init__(self, sink: MessageSink, max_line: int) -> None:
-        self._sink = sink
-        self._max_line = max_line
-        self._pending = b"\r\n"
-        self._first = True
-
-    def feed(self, data: bytes) -> bytes | None:
-        """
-        Take the next bytes; return C{None} while the message goes on, or
-        the bytes after the terminator once it is found.
-        """
-        text = self._pending + data
-        first_dot_line = _CRLF_DOT.search(text)
-        stuffed = first_dot_line is not None
-        end = text.find(_END_OF_DATA, first_dot_line.start()) if stuffed else -1
-        if end >= 0:
-            self._pending = b""
-            self._emit(text[: end + 2])
-            return text[end + len(_END_OF_DATA) :]
-        cut = text.rfind(b"\r\n")
-        if cut <= 0 and len(text) > self._max_line + 6:
-            # One line longer than allowed: the message is refused anyway,
-            # so keep only what could begin a terminator.
-            cut = len(text) - 4
-        if cut > 0:
-            self._emit(text[:cut], stuffed)
-            text = text[cut:]
-        self._pending = text
-        return None
-
-    def _emit(self, text: bytes, stuffed: bool = True) -> None:
-        if stuffed:
-            text = text.replace(b"\r\n..", b"\r\n.")
-        if self._first:
-            text = text[2:]
-            self._first = False
-        if text:
-            self._sink.write(text)
 
 
 def received_header(
@@ -226,15 +176,15 @@ def received_header(
     client is named by its address literal.
     """
     literal = f"[IPv6:{client_address}]" if ":" in client_address else f"[{client_address}]"
-    lines = [f"Received: from {_printable(helo)} ({literal})"]
+    lines = [f"Received: from {_in_comment(helo)} ({literal})"]
     if tls:
         lines.append(f"\t({tls})")
     if authenticated:
-        lines.append(f"\t(Authenticated sender: {_printable(authenticated)})")
+        lines.append(f"\t(Authenticated sender: {_in_comment(authenticated)})")
     lines.append(f"\tby {hostname} (mailserver) with {protocol} id {session_id}")
     date = _date(int(when))
     if recipient:
-        lines.append(f"\tfor <{recipient}>; {date}")
+        lines.append(f"\tfor <{printable(recipient)}>; {date}")
     else:
         lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
@@ -248,8 +198,12 @@ def _date(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)
+def _in_comment(text: str) -> str:
+    """
+    Client text for a comment (or the word before one): printable, and no
+    parenthesis to end it early.
+    """
+    return printable(text).replace("(", "?").replace(")", "?")
 
 
 def with_protocol(*, esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:

@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import hmac
 
-from twisted.web.server import Request
+from twisted.web.http_headers import Headers
 
 REALM = b"mailserver"
 
 
-def authorization_problem(request: Request, token: bytes) -> bytes | None:
+def authorization_problem(headers: Headers, token: bytes) -> bytes | None:
     """
-    Check C{Authorization: Bearer <token>} on C{request}; return C{None}
-    when it carries C{token}, else the C{WWW-Authenticate} value to send
-    with the 401.
+    Check C{Authorization: Bearer <token>} in a request's C{headers}; return
+    C{None} when they carry C{token}, else the C{WWW-Authenticate} value to
+    send with the 401.
 
     The token is compared with L{hmac.compare_digest}, so the time taken does
     not tell a guesser how much of the token was right.
     """
     challenge = b'Bearer realm="' + REALM + b'"'
-    header = request.getHeader(b"authorization") or b""
+    header = (headers.getRawHeaders(b"authorization") or [b""])[-1]
     scheme, _, credentials = header.strip().partition(b" ")
     if scheme.lower() != b"bearer":
         # No bearer credentials at all: RFC 6750 3.1 sends no error code.

@@ -10,17 +10,23 @@ The admin HTTP API: health, metrics and the relay queue, on C{twisted.web}.
 Everything it shows comes in as read-only views (a callable, a
 L{QueueView}, a L{Metrics}), so this module knows nothing of sockets, queue
 files or the services that own them.  With a token, every request must carry
-C{Authorization: Bearer <token>}, checked before the path is looked at.
+C{Authorization: Bearer <token>}.  The token is checked as soon as the
+request's headers are in, before the path is looked at and before a byte of
+the body is read: twisted.web would otherwise spool the whole body (to a
+temporary file when large) before any resource sees the request.  Bodies
+are capped at L{MAX_BODY} octets (413 beyond); no call needs more.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
+from io import BytesIO
 from typing import Callable, Protocol
 from urllib.parse import quote
 
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -37,6 +43,10 @@ when more follow, C{Link: </api/queue?after=<last id>&limit=N>; rel="next"}
 (RFC 8288).
 """
 QUEUE_PAGE_MAX = 1000
+
+# The largest request body taken: the API's calls carry none, so anything
+# near this is not a client of ours.
+MAX_BODY = 64 * 1024
 
 # Queue ids are upper-case hex; anything else in the path cannot name one,
 # and is never handed to the queue (path segments are already URL-decoded,
@@ -80,31 +90,22 @@ def _json(request: Request, code: int, value: object) -> bytes:
 
 class _AdminResource(Resource):
     """
-    The whole API as one leaf resource: authenticate, then route on the
-    path segments and the method, answering errors in JSON too.
+    The whole API as one leaf resource: route on the path segments and the
+    method, answering errors in JSON too.  Only requests that passed
+    L{_AdminChannel}'s check get here.
     """
 
     isLeaf = True
 
     def __init__(
-        self,
-        metrics: Metrics,
-        listener_states: ListenerStates,
-        queue_view: QueueView,
-        token: bytes | None,
+        self, metrics: Metrics, listener_states: ListenerStates, queue_view: QueueView
     ) -> None:
         super().__init__()
         self._metrics = metrics
         self._listener_states = listener_states
         self._queue_view = queue_view
-        self._token = token
 
     def render(self, request: Request) -> bytes:
-        if self._token is not None:
-            challenge = authorization_problem(request, self._token)
-            if challenge is not None:
-                request.setHeader(b"www-authenticate", challenge)
-                return _json(request, 401, {"error": "unauthorized"})
         handlers = self._route(request.postpath)
         if handlers is None:
             return _json(request, 404, {"error": "not found"})
@@ -171,11 +172,97 @@ def _argument(request: Request, name: bytes) -> str | None:
     return values[-1].decode("utf-8", "replace") if values else None
 
 
-class _QuietSite(Site):
+_REASONS = {401: b"Unauthorized", 413: b"Content Too Large"}
+
+
+class _AdminChannel(HTTPChannel):
     """
-    A site that writes no access log: monitoring polls /health and /metrics
-    every few seconds, which would drown the server's own log.
+    An HTTP/1.1 connection that decides on each request from its headers
+    alone: without the token, or with a declared body over L{MAX_BODY}, it
+    answers at once and closes, so the body is never read.  (twisted.web's
+    own answer to a malformed request works the same way.)
     """
+
+    refused = False
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        refusal = self.site.refusal(request.requestHeaders, self.length)
+        if refusal is None:
+            super().allHeadersReceived()
+        else:
+            self.refuse(*refusal)
+
+    def allContentReceived(self) -> None:
+        if not self.refused:  # a refused request is never served
+            super().allContentReceived()
+
+    def refuse(self, code: int, headers: dict[bytes, bytes], error: str) -> None:
+        """
+        Answer C{code} with C{{"error": error}} and close the connection
+        without reading further.
+        """
+        self.refused = True
+        body = b"" if self._command == b"HEAD" else json.dumps({"error": error}).encode() + b"\n"
+        lines = [b"HTTP/1.1 %d %s" % (code, _REASONS[code])]
+        headers = {
+            b"Connection": b"close",
+            b"Content-Type": b"application/json",
+            b"Content-Length": b"%d" % len(body),
+            **headers,
+        }
+        lines += [name + b": " + value for name, value in headers.items()]
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        self.loseConnection()
+
+
+class _AdminRequest(Request):
+    """
+    A request whose body (at most L{MAX_BODY} octets) is held in memory and
+    counted as it comes, so a chunked body cannot grow past the cap either.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.channel.refused:
+            return
+        if self.content.tell() + len(data) > MAX_BODY:
+            self.channel.refuse(413, {}, "request body too large")
+            return
+        self.content.write(data)
+
+
+class _AdminSite(Site):
+    """
+    The admin API's site: the token check and the body cap, applied by its
+    channels before a request is read further.  It writes no access log:
+    monitoring polls /health and /metrics every few seconds, which would
+    drown the server's own log.
+    """
+
+    protocol = _AdminChannel
+    requestFactory = _AdminRequest
+
+    def __init__(self, resource: Resource, token: bytes | None) -> None:
+        super().__init__(resource)
+        self._token = token
+
+    def refusal(
+        self, headers: Headers, length: int | None
+    ) -> tuple[int, dict[bytes, bytes], str] | None:
+        """
+        Why a request with these C{headers} and body C{length} (C{None}:
+        chunked, not known yet) must not be read, if it must not.
+        """
+        if self._token is not None:
+            challenge = authorization_problem(headers, self._token)
+            if challenge is not None:
+                return 401, {b"WWW-Authenticate": challenge}, "unauthorized"
+        if length is not None and length > MAX_BODY:
+            return 413, {}, "request body too large"
+        return None
 
     def log(self, request: Request) -> None:
         pass
@@ -190,45 +277,8 @@ def make_admin_site(
 ) -> Site:
     """
     The admin API as a site to listen on.  C{token} C{None} or empty means
-    no authentication, which only a loopback listener should have (see
-    L{admin_listener_needs_token}).
+    no authentication, which only a loopback listener may have (the
+    configuration refuses others: L{mailserver.config.endpoints}).
     """
-    root = _AdminResource(
-        metrics, listener_states, queue_view, token.encode("utf-8") if token else None
-    )
-    return _QuietSite(root)
-
-
-def admin_listener_needs_token(description: str) -> bool:
-    """
-    Whether a listener on endpoint string C{description} can be reached from
-    other hosts, so that the admin API must demand a token there.
-
-    Loopback TCP interfaces and UNIX sockets are local; every other address,
-    an unparseable string or an endpoint type this cannot see through
-    (C{systemd:}, plugins) needs a token.  The string is parsed by Twisted's
-    own parser and listened on in a L{MemoryReactor}, so positional forms
-    and defaults (C{tcp6} means C{::}) are read as the server would.
-    """
-    from twisted.internet.endpoints import serverFromString
-    from twisted.internet.protocol import Factory
-    from twisted.internet.testing import MemoryReactor
-
-    reactor = MemoryReactor()
-    try:
-        serverFromString(reactor, description).listen(Factory())
-    except Exception:  # the parsers raise many types; all mean "not local"
-        return True
-    if reactor.unixServers:
-        return False
-    interfaces = [server[-1] for server in reactor.tcpServers + reactor.sslServers]
-    return not interfaces or not all(_is_loopback(i) for i in interfaces)
-
-
-def _is_loopback(interface: str) -> bool:
-    if interface == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return False
+    root = _AdminResource(metrics, listener_states, queue_view)
+    return _AdminSite(root, token.encode("utf-8") if token else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -41,13 +42,38 @@ class MailServer:
         local_domains: tuple[str, ...] = ("localhost",),
         extra_toml: str = "",
         roles: tuple[str, ...] = ("smtp", "submission", "pop3", "admin"),
+        endpoints: dict[str, str] | None = None,
+        data_path: Path | None = None,
+        twistd: list[str] | None = None,
+        twistd_options: tuple[str, ...] = (),
+        cli: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        open_files: int | None = None,
     ) -> None:
+        """
+        @param endpoints: role to endpoint string, for roles that must not
+            listen on an OS-chosen loopback port (the others in C{roles} do).
+        @param twistd: the command that runs twistd (default: the venv's).
+        @param twistd_options: twistd's own options (C{--uid}...).
+        @param cli: the command that runs the console script.
+        @param env: the environment of both (default: L{environment}).
+        @param open_files: the server's C{RLIMIT_NOFILE} (soft and hard),
+            if not this process's.
+        """
+        self.open_files = open_files
         self.root = tmp_path
-        self.data_path = tmp_path / "data"
+        self.data_path = data_path or tmp_path / "data"
         self.config_path = tmp_path / "mailserver.toml"
         self.log_path = tmp_path / "twistd.log"
+        self.twistd = twistd or [str(BIN / "twistd")]
+        self.twistd_options = twistd_options
+        self.cli_command = cli or [str(BIN / "mailserver")]
+        self.env = env or environment()
+        endpoints = endpoints or {}
         listeners = "\n".join(
-            f'{role} = ["{LOOPBACK}"]' if role in roles else f"{role} = []"
+            f'{role} = ["{endpoints.get(role, LOOPBACK)}"]'
+            if role in roles or role in endpoints
+            else f"{role} = []"
             for role in ("smtp", "submission", "submissions", "pop3", "pop3s", "admin")
         )
         domains = ", ".join(f'"{d}"' for d in local_domains)
@@ -64,6 +90,7 @@ class MailServer:
         )
         self.process: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
+        self.output = ""  # what the process wrote on stdout and stderr, once stopped
 
     def start(self, timeout: float = 20.0) -> None:
         report = self.data_path / "listeners.json"
@@ -71,18 +98,20 @@ class MailServer:
             report.unlink()
         self.process = subprocess.Popen(
             [
-                str(BIN / "twistd"),
+                *self.twistd,
                 "--nodaemon",
                 "--pidfile=",
                 f"--logfile={self.log_path}",
+                *self.twistd_options,
                 "mailserver",
                 "--config",
                 str(self.config_path),
             ],
             cwd=self.root,
-            env=environment(),
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=self._limit_open_files if self.open_files else None,
         )
         deadline = time.monotonic() + timeout
         while not report.exists():
@@ -98,6 +127,9 @@ class MailServer:
             role: int(addresses[0].rsplit(":", 1)[1]) for role, addresses in listening.items()
         }
 
+    def _limit_open_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -112,6 +144,7 @@ class MailServer:
                 self.process.kill()
                 self.process.wait()
         code = self.process.returncode
+        self.output = self.process.stdout.read().decode(errors="replace")
         self.process.stdout.close()
         self.process = None
         return code
@@ -128,9 +161,9 @@ class MailServer:
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(BIN / "mailserver"), "--config", str(self.config_path), *args],
+            [*self.cli_command, "--config", str(self.config_path), *args],
             cwd=self.root,
-            env=environment(),
+            env=self.env,
             input=input,
             capture_output=True,
             text=True,

@@ -22,20 +22,23 @@ DRIVER = textwrap.dedent(
     from twisted.internet import reactor, task
     from twisted.logger import globalLogBeginner, textFileLogObserver
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    from mailserver.accounts import Accounts
     from mailserver.config import load
     from mailserver.envelope import Envelope, Recipient
+    from mailserver.from_config import accounts_for
     from mailserver.intake import Intake
     from mailserver.relay import QueueStore, RelayRunner
 
     config = load(sys.argv[1])
-    accounts = Accounts(config)
+    accounts = accounts_for(config)
     if "s@example.org" not in accounts.users():
         accounts.add_user("s@example.org", "pw")
-    queue = QueueStore(config)
-    intake = Intake(accounts=accounts, reactor=reactor, queue=queue)
-    runner = RelayRunner(config=config, queue=queue, intake=intake, reactor=reactor,
-                         accounts=accounts)
+    queue = QueueStore(config.queue_path)
+    intake = Intake(accounts=accounts, reactor=reactor, data_path=config.data_path,
+                    hostname=config.hostname, min_free_space=config.limits.min_free_space,
+                    queue=queue)
+    runner = RelayRunner(relay=config.relay, hostname=config.hostname,
+                         mta_sts_path=config.mta_sts_path, queue=queue,
+                         intake=intake, reactor=reactor, accounts=accounts)
     count, size = int(sys.argv[2]), int(sys.argv[3])
 
     def send():

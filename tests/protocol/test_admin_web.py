@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailserver.metrics import Metrics
-from mailserver.web import admin_listener_needs_token, make_admin_site
+from mailserver.web import make_admin_site
+from mailserver.web.admin import MAX_BODY
 
 
 class FakeQueue:
@@ -247,35 +249,107 @@ class AdminSiteTests(unittest.TestCase):
         self.assertEqual(response.code, 200)
 
 
-@pytest.mark.parametrize(
-    "description",
-    [
-        "tcp:2080:interface=127.0.0.1",
-        "tcp:2080:127.0.0.1",
-        "tcp:2080:interface=127.0.0.53",
-        "tcp:2080:interface=localhost",
-        r"tcp6:2080:interface=\:\:1",
-        "unix:/run/mailserver/admin.sock",
-        "unix:@mailserver-admin",
-    ],
-)
-def test_local_admin_listeners_need_no_token(description):
-    assert admin_listener_needs_token(description) is False
+class RequestBodyTests(unittest.TestCase):
+    """
+    What the admin site reads of a request body, driven octet by octet over
+    a L{StringTransport}: the answer must come before the body is sent.
+    """
 
+    def connect(self, token: str | None = "s3cret"):
+        self.queue = FakeQueue("A1")
+        site = make_admin_site(
+            metrics=Metrics(), listener_states=lambda: [SMTP_UP], queue_view=self.queue, token=token
+        )
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        return channel, transport
 
-@pytest.mark.parametrize(
-    "description",
-    [
-        "tcp:2080",
-        "tcp:2080:interface=0.0.0.0",
-        "tcp:2080:interface=192.0.2.1",
-        "tcp6:2080",
-        r"tcp6:2080:interface=\:\:",
-        "systemd:domain=INET:index=0",
-        "2080",
-        "nonsense:x",
-        "",
-    ],
-)
-def test_reachable_admin_listeners_need_a_token(description):
-    assert admin_listener_needs_token(description) is True
+    def post(self, *headers: bytes) -> bytes:
+        return b"\r\n".join(
+            [b"POST /api/queue/A1/flush HTTP/1.1", b"Host: admin.test", *headers, b"", b""]
+        )
+
+    def status(self, transport: StringTransport) -> bytes:
+        return transport.value().split(b"\r\n", 1)[0]
+
+    def assertNothingSpooled(self, channel) -> None:
+        for request in channel.requests:
+            self.assertIsNone(request.content)
+
+    def test_chunked_body_without_token_is_refused_before_it_is_read(self):
+        channel, transport = self.connect()
+        channel.dataReceived(self.post(b"Transfer-Encoding: chunked", b"Expect: 100-continue"))
+        self.assertEqual(self.status(transport), b"HTTP/1.1 401 Unauthorized")
+        self.assertNotIn(b"100 Continue", transport.value())
+        self.assertIn(b'WWW-Authenticate: Bearer realm="mailserver"', transport.value())
+        self.assertTrue(transport.disconnecting)  # no more is read
+        self.assertNothingSpooled(channel)
+        self.assertEqual(self.queue.flushed, [])
+
+    def test_large_declared_body_without_token_is_refused_before_it_is_read(self):
+        channel, transport = self.connect()
+        channel.dataReceived(self.post(b"Content-Length: 400000000"))
+        self.assertEqual(self.status(transport), b"HTTP/1.1 401 Unauthorized")
+        self.assertTrue(transport.disconnecting)
+        # What a client had already sent is thrown away, not kept.
+        channel.dataReceived(b"x" * 1_000_000)
+        self.assertNothingSpooled(channel)
+        self.assertEqual(self.queue.flushed, [])
+
+    def test_wrong_token_is_refused_before_the_body_too(self):
+        channel, transport = self.connect()
+        channel.dataReceived(self.post(b"Authorization: Bearer guess", b"Content-Length: 10"))
+        self.assertEqual(self.status(transport), b"HTTP/1.1 401 Unauthorized")
+        self.assertIn(b'error="invalid_token"', transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_declared_body_over_the_cap_is_413_with_the_token(self):
+        channel, transport = self.connect()
+        channel.dataReceived(
+            self.post(b"Authorization: Bearer s3cret", b"Content-Length: %d" % (MAX_BODY + 1))
+        )
+        self.assertEqual(self.status(transport), b"HTTP/1.1 413 Content Too Large")
+        self.assertEqual(transport.value().split(b"\r\n\r\n", 1)[1], b'{"error": "request body too large"}\n')
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.queue.flushed, [])
+
+    def test_chunked_body_over_the_cap_is_413_with_the_token(self):
+        channel, transport = self.connect()
+        channel.dataReceived(self.post(b"Authorization: Bearer s3cret", b"Transfer-Encoding: chunked"))
+        chunk = b"x" * 4096
+        sent = 0
+        while not transport.disconnecting and sent <= MAX_BODY:
+            channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+        self.assertEqual(sent, MAX_BODY + len(chunk))  # refused at the first octet over
+        self.assertEqual(self.status(transport), b"HTTP/1.1 413 Content Too Large")
+        channel.dataReceived(b"0\r\n\r\n")  # the end, in the same read: still not served
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertEqual(self.queue.flushed, [])
+
+    def test_body_within_the_cap_is_served_with_the_token(self):
+        channel, transport = self.connect()
+        channel.dataReceived(
+            self.post(b"Authorization: Bearer s3cret", b"Content-Length: %d" % MAX_BODY)
+            + b"x" * MAX_BODY
+        )
+        self.assertEqual(self.status(transport), b"HTTP/1.1 202 Accepted")
+        self.assertEqual(self.queue.flushed, ["A1"])
+
+    def test_without_a_token_only_the_cap_applies(self):
+        channel, transport = self.connect(token=None)
+        channel.dataReceived(self.post(b"Content-Length: %d" % (MAX_BODY + 1)))
+        self.assertEqual(self.status(transport), b"HTTP/1.1 413 Content Too Large")
+        channel, transport = self.connect(token=None)
+        channel.dataReceived(self.post(b"Content-Length: 0"))
+        self.assertEqual(self.status(transport), b"HTTP/1.1 202 Accepted")
+
+    def test_head_without_token_gets_headers_only(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"HEAD /health HTTP/1.1\r\nHost: admin.test\r\n\r\n")
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertEqual(head.split(b"\r\n", 1)[0], b"HTTP/1.1 401 Unauthorized")
+        self.assertIn(b"Content-Length: 0", head)
+        self.assertEqual(body, b"")

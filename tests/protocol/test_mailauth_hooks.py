@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import ipaddress
 import re
 import shutil
 import socket
@@ -24,7 +25,7 @@ from twisted.names import client
 from twisted.trial import unittest
 
 from tests.dns_zone import listen
-from mailserver.config import Checks, Config, DKIM, Relay
+from mailserver.config import DKIM, CheckAction, Checks, Config, DKIMKey
 from mailserver.envelope import Envelope, Recipient
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, MessageBody, MessageHeaders, MessageRejected, Reject
@@ -170,10 +171,18 @@ class DNSTests(LoopbackDNSTestCase):
         self.assertEqual(key, txt_record(RSA).encode())
 
 
+def owns(account: str, address: str) -> bool:
+    """
+    The ownership rule, reduced: an account owns its own address.
+    """
+    return account.lower() == address.lower()
+
+
 class SigningTests(LoopbackDNSTestCase):
-    def signer(self) -> DKIMSigner:
+    def signer(self, shared_domains=()) -> DKIMSigner:
         return DKIMSigner({"signed.test": [("rsa1", RSA), ("ed1", ED)]},
-                          DKIM().signed_headers, DKIM().oversigned_headers, reactor)
+                          DKIM().signed_headers, DKIM().oversigned_headers, reactor,
+                          owns=owns, shared_domains=shared_domains)
 
     @inline
     async def test_authenticated_mail_is_signed_with_rsa_and_ed25519(self):
@@ -221,10 +230,60 @@ class SigningTests(LoopbackDNSTestCase):
     @inline
     async def test_subdomains_sign_with_the_parent_domains_key(self):
         headers, body = message("a@news.signed.test")
-        await self.signer().message(envelope("bounce@elsewhere.test", authenticated="a"),
-                                    headers, body)
+        await self.signer().message(
+            envelope("bounce@elsewhere.test", authenticated="a@news.signed.test"), headers, body)
         [signature] = headers.get_all("DKIM-Signature")[:1]
         self.assertIn("d=signed.test", signature)
+
+
+    @inline
+    async def test_a_from_the_account_may_not_send_as_is_logged_and_not_signed(self):
+        # Issue 19: bob got d=other.example for From: CEO <ceo@other.example>.
+        for from_ in (b"CEO <ceo@signed.test>", b"<a@signed.test>, CEO <ceo@signed.test>",
+                      b"<a@signed.test>\r\nFrom: <ceo@signed.test>"):
+            headers = MessageHeaders(b"From: " + from_ + b"\r\nSubject: x\r\n")
+            body = MessageBody(io.BytesIO(b"Hello.\r\n"))
+            await self.signer().message(
+                envelope("a@signed.test", authenticated="a@signed.test"), headers, body)
+            self.assertEqual(headers.get_all("DKIM-Signature"), [])
+        # The envelope sender's domain does not sign for a foreign From either.
+        headers, body = message("ceo@signed.test")
+        await self.signer().message(
+            envelope("bob@signed.test", authenticated="bob@signed.test"), headers, body)
+        self.assertEqual(headers.get_all("DKIM-Signature"), [])
+
+    @inline
+    async def test_the_refusal_is_logged(self):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        headers, body = message("ceo@signed.test")
+        await self.signer().message(
+            envelope("bob@signed.test", authenticated="bob@signed.test"), headers, body)
+        [event] = [e for e in events if "not signed" in e.get("log_format", "")]
+        self.assertEqual((event["account"], event["address"]),
+                         ("bob@signed.test", "ceo@signed.test"))
+
+    @inline
+    async def test_a_shared_domain_is_signed_for_any_account(self):
+        headers, body = message("news@signed.test")
+        await self.signer(shared_domains=("signed.test",)).message(
+            envelope("bob@signed.test", authenticated="bob@signed.test"), headers, body)
+        self.assertEqual(len(headers.get_all("DKIM-Signature")), 2)
+
+    @inline
+    async def test_without_a_from_address_the_owned_envelope_sender_signs(self):
+        body = MessageBody(io.BytesIO(b"Hello.\r\n"))
+        headers = MessageHeaders(b"Subject: no from\r\n")
+        await self.signer().message(
+            envelope("a@signed.test", authenticated="a@signed.test"), headers, body)
+        self.assertIn("d=signed.test", headers.get_all("DKIM-Signature")[0])
+        headers = MessageHeaders(b"Subject: no from\r\n")
+        await self.signer().message(
+            envelope("a@signed.test", authenticated="bob@other.test"), headers, body)
+        self.assertEqual(headers.get_all("DKIM-Signature"), [])
 
 
 class InboundTests(LoopbackDNSTestCase):
@@ -298,20 +357,20 @@ class InboundTests(LoopbackDNSTestCase):
     @inline
     async def test_reject_policies(self):
         verdict, _ = await self.check("a@reject.test", message("a@reject.test"), ip=BAD_IP,
-                                      dmarc_reject="reject")
+                                      dmarc_reject=CheckAction.REJECT)
         self.assertEqual(verdict, Reject(550, "5.7.1",
                                          "Message refused: it fails the DMARC policy of reject.test"))
         verdict, _ = await self.check("a@fail.test", message("a@fail.test"), ip=BAD_IP,
-                                      spf_fail="reject")
+                                      spf_fail=CheckAction.REJECT)
         self.assertEqual((verdict.code, verdict.enhanced), (550, "5.7.1"))
         verdict, _ = await self.check("a@softfail.test", message("a@softfail.test"), ip=BAD_IP,
-                                      spf_fail="reject")
+                                      spf_fail=CheckAction.REJECT)
         self.assertIsNone(verdict)
         verdict, _ = await self.check("a@reject.test", message("a@reject.test"), ip=BAD_IP,
-                                      dmarc_reject="reject", exempt_domains=(".reject.test",))
+                                      dmarc_reject=CheckAction.REJECT, exempt_domains=(".reject.test",))
         self.assertIsNone(verdict)
         verdict, _ = await self.check("a@reject.test", message("a@reject.test"), ip=BAD_IP,
-                                      dmarc_reject="reject", exempt_networks=("198.51.100.0/24",))
+                                      dmarc_reject=CheckAction.REJECT, exempt_networks=(ipaddress.ip_network("198.51.100.0/24"),))
         self.assertIsNone(verdict)
 
     @inline
@@ -349,8 +408,7 @@ class WiringTests(LoopbackDNSTestCase):
         write_key(tmp / "dkim" / "signed.test.rsa1.key", RSA.private)
         return Config(
             hostname="mx.test", data_dir=str(tmp), local_domains=("signed.test",),
-            relay=Relay(resolver="127.0.0.1:53"),
-            dkim=DKIM(keys=("signed.test:rsa1",)),
+            dkim=DKIM(keys=(DKIMKey("signed.test", "rsa1"),)),
             checks=Checks(skip_networks=(), **checks),
         )
 
@@ -361,7 +419,11 @@ class WiringTests(LoopbackDNSTestCase):
 
     async def feed(self, config, env, raw: bytes):
         tmp = self.tmp()
-        first, last = mail_auth_hooks(config, reactor, resolver=self.resolver)
+        first, last = mail_auth_hooks(
+            checks=config.checks, dkim=config.dkim, hostname=config.hostname,
+            key_folder=config.dkim_key_path, resolver=self.resolver, reactor=reactor,
+            source=config.source, owns=owns,
+        )
         inner = MemoryIntake()
         intake = HookedIntake(inner, Hooks(first + last), tmp)
         receiver = intake.begin(env)
@@ -369,12 +431,12 @@ class WiringTests(LoopbackDNSTestCase):
         try:
             await receiver.finish()
         except MessageRejected as e:
-            return e.reject, inner.messages
-        return None, inner.messages
+            return e.reject, [m.data for m in inner.finished]
+        return None, [m.data for m in inner.finished]
 
     @inline
     async def test_dmarc_reject_is_refused_and_nothing_stored(self):
-        config = self.config(self.tmp(), dmarc_reject="reject")
+        config = self.config(self.tmp(), dmarc_reject=CheckAction.REJECT)
         raw = b"From: <a@reject.test>\r\nSubject: hi\r\n\r\nbody\r\n"
         verdict, stored = await self.feed(config, envelope("a@reject.test", ip=BAD_IP), raw)
         self.assertEqual((verdict.code, verdict.enhanced), (550, "5.7.1"))
@@ -384,7 +446,7 @@ class WiringTests(LoopbackDNSTestCase):
     async def test_submitted_mail_is_signed_and_stored(self):
         config = self.config(self.tmp())
         raw = b"From: <a@signed.test>\r\nSubject: hi\r\n\r\nbody\r\n\r\n"
-        verdict, [(_, data)] = await self.feed(
+        verdict, [data] = await self.feed(
             config, envelope("a@signed.test", authenticated="a@signed.test"), raw)
         self.assertIsNone(verdict)
         self.assertTrue(data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"))
@@ -393,6 +455,6 @@ class WiringTests(LoopbackDNSTestCase):
         verified = await deferToThread(dkim.verify, data, dnsfunc=dkim_txt(self.dns))
         self.assertTrue(verified)
         # ... and the MX role of a server checking it says so.
-        verdict, [(_, data)] = await self.feed(config, envelope("a@signed.test", ip=BAD_IP), data)
+        verdict, [data] = await self.feed(config, envelope("a@signed.test", ip=BAD_IP), data)
         self.assertIn(b"\tdkim=pass header.d=signed.test", data)
         self.assertIn(b"\tdmarc=pass", data)

@@ -19,9 +19,9 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mailserver.accounts import Accounts
-from mailserver.config import Config, Relay
+from mailserver.config import Config, HostPort, Relay
 from mailserver.envelope import Envelope, Recipient
+from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
 from mailserver.relay import QueueStore, RelayRunner
@@ -63,10 +63,10 @@ class RouteTests(unittest.TestCase):
         port, listening = listen(reactor, ZONE, tcp=tcp)
         for p in listening:
             self.addCleanup(p.stopListening)
-        return f"127.0.0.1:{port}"
+        return HostPort("127.0.0.1", port)
 
-    def router(self, spec: str, timeout: float = DNS_TIMEOUT) -> MXRouter:
-        resolver = make_resolver(spec, reactor, timeout=timeout)
+    def router(self, server: HostPort, timeout: float = DNS_TIMEOUT) -> MXRouter:
+        resolver = make_resolver(server, reactor, timeout=timeout)
         self.addCleanup(self.disconnect, resolver)
         return MXRouter(resolver, port=2525, clock=reactor, deadline=3 * timeout)
 
@@ -115,7 +115,7 @@ class RouteTests(unittest.TestCase):
     async def test_nothing_listening_is_a_time_out(self):
         # Nothing on the port: the ICMP "port unreachable" is not reported
         # to twisted.names' unconnected UDP socket, so it must time out.
-        e, took = await self.failure(self.router(f"127.0.0.1:{free_udp_port()}"),
+        e, took = await self.failure(self.router(HostPort("127.0.0.1", free_udp_port())),
                                      "remote.test")
         self.assertTemporary(e, "timed out")
         self.assertLess(took, 3 * DNS_TIMEOUT + 1)
@@ -167,16 +167,20 @@ class RunnerTests(unittest.TestCase):
         self.addCleanup(folder.cleanup)
         self.config = Config(
             hostname="mx.test", data_dir=folder.name, local_domains=("example.org",),
-            relay=Relay(resolver=f"127.0.0.1:{port}", dns_timeout=DNS_TIMEOUT,
-                        retry_schedule=("1h",), scan_interval=3600),
+            relay=Relay(resolver=HostPort("127.0.0.1", port), dns_timeout=DNS_TIMEOUT,
+                        retry_schedule=(3600.0,), scan_interval=3600),
         )
-        self.accounts = Accounts(self.config)
+        self.accounts = accounts_for(self.config)
         self.accounts.add_user("s@example.org", "pw")
-        self.queue = QueueStore(self.config)
-        self.intake = Intake(accounts=self.accounts, reactor=reactor, queue=self.queue,
-                             committer=InlineCommitter())
-        self.runner = RelayRunner(config=self.config, queue=self.queue, intake=self.intake,
-                                  reactor=reactor, accounts=self.accounts, jitter=lambda d: d)
+        self.queue = QueueStore(self.config.queue_path)
+        self.intake = Intake(accounts=self.accounts, reactor=reactor,
+                             data_path=self.config.data_path, hostname=self.config.hostname,
+                             min_free_space=0,
+                             queue=self.queue, committer=InlineCommitter())
+        self.runner = RelayRunner(relay=self.config.relay, hostname=self.config.hostname,
+                                  mta_sts_path=self.config.mta_sts_path,
+                                  queue=self.queue, intake=self.intake, reactor=reactor,
+                                  accounts=self.accounts, jitter=lambda d: d)
         self.runner.startService()
         self.addCleanup(self.runner.stopService)
 
@@ -196,7 +200,7 @@ class RunnerTests(unittest.TestCase):
         return [m for m in map(self.queue.load, self.queue.ids()) if m.attempts >= 1]
 
     def bounces(self) -> list:
-        box = Mailbox(self.accounts.mailbox_path("s@example.org"))
+        box = Mailbox(self.accounts.mailbox_path("s@example.org"), self.config.data_path)
         if not (box.path / "new").exists():
             return []
         out = []

@@ -17,9 +17,9 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from mailserver.accounts import Accounts
-from mailserver.config import Config, Relay
+from mailserver.config import Config, Relay, TLSLevel, TLSPolicyRule, Transport
 from mailserver.envelope import Envelope, Recipient
+from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.relay import QueueStore, RelayRunner
 from mailserver.testing import InlineCommitter
@@ -45,17 +45,21 @@ class PeerFaultTests(unittest.TestCase):
         self.addCleanup(folder.cleanup)
         config = Config(
             hostname="mx.test", data_dir=folder.name, local_domains=("example.org",),
-            relay=Relay(transports=(f"remote.test=127.0.0.1:{port}",), tls="none",
+            relay=Relay(transports=(Transport("remote.test", "127.0.0.1", port),),
+                        tls_policies=(TLSPolicyRule("remote.test", TLSLevel.NONE),),
                         connect_timeout=TIMEOUT, command_timeout=TIMEOUT,
-                        data_timeout=TIMEOUT, retry_schedule=("0.5s",), scan_interval=3600),
+                        data_timeout=TIMEOUT, retry_schedule=(0.5,), scan_interval=3600),
         )
-        accounts = Accounts(config)
+        accounts = accounts_for(config)
         accounts.add_user("s@example.org", "pw")
-        self.queue = QueueStore(config)
-        self.intake = Intake(accounts=accounts, reactor=reactor, queue=self.queue,
+        self.queue = QueueStore(config.queue_path)
+        self.intake = Intake(accounts=accounts, reactor=reactor, data_path=config.data_path,
+                             hostname=config.hostname, min_free_space=0, queue=self.queue,
                              committer=InlineCommitter())
-        runner = RelayRunner(config=config, queue=self.queue, intake=self.intake,
-                             reactor=reactor, accounts=accounts, jitter=lambda d: d)
+        runner = RelayRunner(relay=config.relay, hostname=config.hostname,
+                             mta_sts_path=config.mta_sts_path, queue=self.queue,
+                             intake=self.intake, reactor=reactor, accounts=accounts,
+                             jitter=lambda d: d)
         runner.startService()
         self.addCleanup(runner.stopService)
 

@@ -3,6 +3,7 @@ STARTTLS over a real loopback socket with a self-signed certificate, driven
 by smtplib and a raw socket in a thread while trial runs the reactor.
 """
 
+import re
 import smtplib
 import socket
 import ssl
@@ -13,10 +14,9 @@ from twisted.internet import reactor, ssl as twisted_ssl
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailserver.smtp import SMTPFactory
+from mailserver.smtp import SMTPDependencies, SMTPFactory
+from mailserver.testing import FakeAccounts, MemoryIntake, make_config, make_portal
 from mailserver.tls import ensure_self_signed
-
-from smtp_fakes import FakeAccounts, RecordingIntake, make_config, make_portal
 
 
 def client_context() -> ssl.SSLContext:
@@ -36,16 +36,18 @@ class STARTTLSLoopbackTests(unittest.TestCase):
             Path(cert).read_bytes() + b"\n" + Path(key).read_bytes()
         )
         config = make_config()
-        self.intake = RecordingIntake()
-        factory = SMTPFactory(
-            config=config,
+        self.intake = MemoryIntake()
+        factory = SMTPFactory(SMTPDependencies.for_listener(
             role="submission",
+            hostname=config.hostname,
+            smtp=config.smtp,
+            limits=config.limits,
             accounts=FakeAccounts(config, ["bob@example.org"]),
             portal=make_portal(**{"bob@example.org": "secret"}),
             intake=self.intake,
             tls_options=private.options(),
             reactor=reactor,
-        )
+        ))
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.address = ("127.0.0.1", self.port.getHost().port)
@@ -64,6 +66,14 @@ class STARTTLSLoopbackTests(unittest.TestCase):
             self.assertIn(b" with ESMTPSA id ", stored.data)
             self.assertIn(b"(using TLSv1.", stored.data)
             self.assertTrue(stored.data.endswith(b"over TLS\r\n"))
+            # The envelope tells plugins (Rspamd's Queue-Id, TLS-Version,
+            # TLS-Cipher) the Received field's id and the TLS in use.
+            envelope = stored.envelope
+            received_id = re.search(rb" with ESMTPSA id ([0-9A-F]{12})", stored.data).group(1)
+            self.assertEqual(envelope.trace_id, received_id.decode())
+            self.assertTrue(envelope.tls_version.startswith("TLSv1."))
+            self.assertIn(f"using {envelope.tls_version} with cipher {envelope.tls_cipher}".encode(),
+                          stored.data)
 
         return deferToThread(session).addCallback(check)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from twisted.internet import defer, reactor
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -81,10 +82,26 @@ class WebhookTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_gives_up_quietly_when_nobody_listens(self):
-        port = reactor.listenTCP(0, server.Site(Receiver()), interface="127.0.0.1")
+        """
+        Quietly: the delivery hook returns at once and never fails; each
+        refused attempt is a warning and giving up one error line, with no
+        traceback.
+        """
+        receiver = Receiver()
+        port = reactor.listenTCP(0, server.Site(receiver), interface="127.0.0.1")
         url = f"http://127.0.0.1:{port.getHost().port}/hook"
         yield port.stopListening()
         hook = self.build(url=url, retries=1, retry_delay=0.01, timeout=2)
-        hook.delivered(delivery(1))
-        yield defer.ensureDeferred(self.drain(hook))
-        self.flushLoggedErrors()
+        with capturedLogs() as events:
+            self.assertIsNone(hook.delivered(delivery(1)))
+            self.assertEqual(len(hook.pending), 1)  # the POST goes on in the background
+            yield defer.ensureDeferred(self.drain(hook))
+        ours = [e for e in events if e.get("log_namespace", "").startswith("mailserver.plugins.webhook")]
+        self.assertEqual([e for e in ours if "log_failure" in e], [])
+        warnings = [e for e in ours if e["log_level"] == LogLevel.warn]
+        self.assertEqual([(e["id"], e["n"]) for e in warnings], [("Q1", 1), ("Q1", 2)])
+        for event in warnings:
+            self.assertIn("refused", event["problem"].lower())
+        errors = [e for e in ours if e["log_level"] >= LogLevel.error]
+        self.assertEqual([(e["log_format"], e["id"]) for e in errors], [("webhook {url} gave up on {id}", "Q1")])
+        self.assertEqual(receiver.received, [])

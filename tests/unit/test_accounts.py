@@ -16,7 +16,6 @@ from twisted.cred.error import UnauthorizedLogin
 
 from mailserver.accounts import (
     AccountError,
-    Accounts,
     FastestScrypt,
     hash_password,
     make_portal,
@@ -25,7 +24,8 @@ from mailserver.accounts import (
     sodium_scrypt,
     verify_password,
 )
-from mailserver.config import SMTP, Config
+from mailserver.config import SMTP, CatchAll, Config
+from mailserver.from_config import accounts_for
 from mailserver.interfaces import IAccount
 
 
@@ -35,13 +35,13 @@ def config(tmp_path):
         hostname="mx.test",
         data_dir=str(tmp_path / "data"),
         local_domains=("example.org", "lists.example.org"),
-        smtp=SMTP(catch_all=("catchall.example.org=bob@example.org",)),
+        smtp=SMTP(catch_all=(CatchAll("catchall.example.org", "bob@example.org"),)),
     )
 
 
 @pytest.fixture
 def accounts(config):
-    accounts = Accounts(config)
+    accounts = accounts_for(config)
     accounts.add_user("alice@example.org", "alice-secret")
     accounts.add_user("bob@example.org", "bob-secret")
     config.aliases_path.write_text(
@@ -210,9 +210,9 @@ def test_catch_all(config, tmp_path):
         hostname="mx.test",
         data_dir=config.data_dir,
         local_domains=("example.org",),
-        smtp=SMTP(catch_all=("example.org=bob@example.org",)),
+        smtp=SMTP(catch_all=(CatchAll("example.org", "bob@example.org"),)),
     )
-    accounts = Accounts(config)
+    accounts = accounts_for(config)
     accounts.add_user("bob@example.org", "x")
     assert accounts.resolve("whoever@example.org") == ("bob@example.org",)
 
@@ -229,7 +229,7 @@ def test_expand_and_owns(accounts):
 
 
 def test_changes_are_seen_without_a_restart(accounts, config):
-    other = Accounts(config)  # as the running server holds it
+    other = accounts_for(config)  # as the running server holds it
     assert other.resolve("carol@example.org") is None
     accounts.add_user("carol@example.org", "c")
     assert other.resolve("carol@example.org") == ("carol@example.org",)
@@ -257,7 +257,7 @@ def test_portal_login(accounts):
 
 def test_strcred_file_checker_works_beside_the_users_file(accounts, config, tmp_path):
     from mailserver.accounts import strcred_checkers
-    from mailserver.config import Auth, ConfigError
+    from mailserver.config import Auth, ConfigError, load
 
     passwd = tmp_path / "passwd"
     passwd.write_text("frank:frank-pw\n")
@@ -267,7 +267,9 @@ def test_strcred_file_checker_works_beside_the_users_file(accounts, config, tmp_
         local_domains=config.local_domains,
         auth=Auth(checkers=(f"file:{passwd}",)),
     )
-    portal = make_portal(Accounts(with_file), extra_checkers=strcred_checkers(with_file))
+    portal = make_portal(
+        accounts_for(with_file), extra_checkers=strcred_checkers(with_file.auth.checkers)
+    )
     for user, password, address in (
         (b"frank", b"frank-pw", "frank@example.org"),
         (b"alice@example.org", b"alice-secret", "alice@example.org"),
@@ -278,12 +280,17 @@ def test_strcred_file_checker_works_beside_the_users_file(accounts, config, tmp_
     failures = []
     portal.login(UsernamePassword(b"frank", b"nope"), None, IAccount).addErrback(failures.append)
     assert failures[0].check(UnauthorizedLogin)
-    for description in ("nosuchchecker:x", f"file:{tmp_path / 'missing'}"):
-        bad = Config(auth=Auth(checkers=(description,)), source="c.toml")
+    # The configuration refuses a checker that cannot work.
+    bad = tmp_path / "bad.toml"
+    for description, problem in (
+        ("nosuchchecker:x", "nosuchchecker"),
+        (f"file:{tmp_path / 'missing'}", "No such file"),
+        ("anonymous", "cannot check passwords"),
+    ):
+        bad.write_text(f'[auth]\ncheckers = ["{description}"]\n')
         with pytest.raises(ConfigError) as caught:
-            strcred_checkers(bad)
-        assert caught.value.key == "auth.checkers"
-    assert "No such file" in str(caught.value)
+            load(bad)
+        assert (caught.value.key, problem in caught.value.problem) == ("auth.checkers", True)
 
 
 class _Triggers:

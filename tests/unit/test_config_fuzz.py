@@ -1,7 +1,7 @@
 """
 Hostile configuration files: random TOML documents built from the real key
-names (walked from the dataclasses) with values of every type, random bytes
-and mangled TOML.  C{load} either returns a L{Config} holding the file's
+names (walked from the model, each key's value of the TOML type its kind
+reads) with values of every type, random bytes and mangled TOML.  C{load} either returns a L{Config} holding the file's
 values or raises a L{ConfigError} of one line naming the file and a key,
 never anything else; and C{mailserver check-config} says so in one line.
 """
@@ -13,11 +13,11 @@ import dataclasses
 import datetime
 import functools
 import math
+import os
 import subprocess
 import sys
 import tempfile
 import tomllib
-import typing
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailserver.config import Config, ConfigError, load
+from mailserver.config.model import Setting
 
 MAILSERVER = Path(sys.executable).with_name("mailserver")
+REPO = Path(__file__).resolve().parents[2]  # this tree's code, not the installed one
 FUZZ_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -119,6 +121,10 @@ PLAUSIBLE = st.sampled_from(
         "implicit", "opportunistic", "required", "none", "+", "++", "10.0.0.0/8", "::1/128",
         "300.0.0.1", "example.org:sel", "example.org:sel:/nonexistent/key", "from", "x y",
         "file:/nonexistent", "headers", "mailserver-data", "héllo", "a\nb", "a\0b", "\u2028",
+        "NEVER", "30", "localhost=bob@localhost", "@localhost=x@example.org", "x=y",
+        "0123456789abcdef", "tcp:25:interface=::1", "tcp:25:backlog=-1", "tcp:-1", "1e-300s",
+        "127.0.0.1:53", "::1", "[::1]", "host:25:extra", "a" * 64 + ".example",
+        "example.org=verify", ".example.org=may", "example.org=dane", "ca.pem",
     ]
 )
 
@@ -126,23 +132,24 @@ PLAUSIBLE = st.sampled_from(
 WRONG = st.one_of(SCALARS, ANY)
 
 
-@functools.cache
-def strategy_for(hint: object) -> st.SearchStrategy:
+FILE_VALUES = {
+    list: st.lists(PLAUSIBLE | st.text(max_size=12), max_size=4),
+    bool: st.booleans(),
+    int: st.integers(-3, 10**6) | st.sampled_from([2**63 - 1, 2**63, 10**30]),
+    float: st.floats() | st.integers(-3, 10**6),
+    str: PLAUSIBLE | st.text(max_size=12),
+}
+
+
+def strategy_for(f: dataclasses.Field) -> st.SearchStrategy:
     """
-    Values of a field's own type (for a table, a table of its fields).
+    Values of the TOML type a field's kind reads (for a table, a table of
+    its fields).
     """
-    if dataclasses.is_dataclass(hint):
-        return table_for(hint)
-    if typing.get_origin(hint) is tuple:
-        return st.lists(PLAUSIBLE | st.text(max_size=12), max_size=4)
-    if hint is bool:
-        return st.booleans()
-    if hint is int:
-        return st.integers(-3, 10**6) | st.sampled_from([2**63 - 1, 2**63, 10**30])
-    if hint is float:
-        return st.floats() | st.integers(-3, 10**6)
-    if hint is str:
-        return PLAUSIBLE | st.text(max_size=12)
+    if "section" in f.metadata:
+        return table_for(f.metadata["section"])
+    if "setting" in f.metadata:
+        return FILE_VALUES[f.metadata["setting"].kind.file_type]
     return ANY  # plugins.options: tables by name, written as [plugins.NAME]
 
 
@@ -152,15 +159,15 @@ def table_for(cls: type) -> st.SearchStrategy[dict]:
     A few of the table's keys, each with a value of its type or (one time
     in eight) of any type, and now and then a key the table does not have.
     """
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    by_name = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = list(by_name)
 
     @st.composite
     def table(draw):
         document = {}
         for name in draw(st.lists(st.sampled_from(fields), unique=True, max_size=5)):
             wrong = draw(st.integers(0, 7)) == 0
-            document[name] = draw(WRONG if wrong else strategy_for(hints[name]))
+            document[name] = draw(WRONG if wrong else strategy_for(by_name[name]))
         if draw(st.integers(0, 7)) == 0:
             extra = draw(st.sampled_from(["headers", "webhook", "Hostname"]) | st.text(max_size=8))
             document.setdefault(extra, draw(ANY))
@@ -178,13 +185,12 @@ def leaf_paths(cls: type, prefix: str = "") -> set[str]:
     Every dotted key the file format has: tables and their fields.
     """
     paths = set()
-    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "source" or f.metadata.get("tables_by_name"):
-            continue
-        paths.add(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            paths |= leaf_paths(hints[f.name], prefix + f.name + ".")
+        if "section" in f.metadata:
+            paths.add(prefix + f.name)
+            paths |= leaf_paths(f.metadata["section"], prefix + f.name + ".")
+        elif "setting" in f.metadata:
+            paths.add(prefix + f.name)
     return paths
 
 
@@ -202,23 +208,23 @@ def document_paths(document: dict, prefix: str = "") -> set[str]:
 
 def check_loaded(cls: type, config: object, document: dict) -> None:
     """
-    Every known key in the file has its value in the configuration.
+    Every known key in the file has its value, parsed by its kind, in the
+    configuration.
     """
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in document.items():
-        if key not in names:
+        if key not in fields:
             assert key in getattr(config, "options")  # a [plugins.NAME] table
             assert config.options[key] == value
             continue
         loaded = getattr(config, key)
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            check_loaded(hint, loaded, value)
-        elif typing.get_origin(hint) is tuple:
-            assert loaded == tuple(value)
+        f = fields[key]
+        if "section" in f.metadata:
+            check_loaded(f.metadata["section"], loaded, value)
         else:
-            assert loaded == value and type(loaded) is hint
+            setting: Setting = f.metadata["setting"]
+            assert loaded == setting.kind.parse(value)
+            assert type(loaded) is type(setting.kind.parse(value))
 
 
 @contextlib.contextmanager
@@ -369,6 +375,8 @@ BAD_FILES = {
     "NUL in plugin path": b'[plugins]\npaths = ["/nonexistent\\u0000"]\nenabled = ["x"]\n',
     "huge float": b"[limits]\nshutdown_timeout = 1" + b"0" * 400 + b"\n",
     "wrong type": b'workers = "many"\n',
+    "newline in an interface": b'[listeners]\nsmtp = ["tcp:25:interface=127.0.0.1\\nevil"]\n',
+    "2 MB host name": b'hostname = "' + b"a." * 1_000_000 + b'a"\n',
 }
 
 
@@ -376,9 +384,11 @@ BAD_FILES = {
 def test_check_config_says_one_line(tmp_path, data):
     path = tmp_path / "bad.toml"
     path.write_bytes(data)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("MAILSERVER_CONFIG", None)
     result = subprocess.run(
         [str(MAILSERVER), "check-config", str(path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env,
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -5,9 +5,12 @@ message-hook wrapper around the intake, and plugin discovery and loading.
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -26,7 +29,9 @@ from mailserver.hooks import (
     Rewrite,
 )
 from mailserver.interfaces import IDeliveredHook, IEnvelopeHook, IMessageHook
+from mailserver.memory_budget import MemoryBudget
 from mailserver.plugin_loading import available_plugins, load_plugins
+from mailserver.testing import MemoryIntake
 
 CLIENT = Client(address="192.0.2.1", port=4000, role="smtp")
 ENVELOPE = Envelope(
@@ -114,6 +119,57 @@ def test_reject_values_are_checked():
             Reject(*bad)
 
 
+def test_reject_reasons_are_short_words():
+    assert Reject(450, "4.7.1", "x", reason="rate").reason == "rate"
+    for bad in ("Rate", "two words", "x" * 33, "-dash", "ünï"):
+        with pytest.raises(ValueError):
+            Reject(450, "4.7.1", "x", reason=bad)
+
+
+def test_refusals_are_logged_and_counted_by_reason_but_errors_are_not():
+    from twisted.logger import Logger, formatEvent
+
+    refusals, events = [], []
+    hooks = Hooks(
+        [("bouncer", Recorder(Reject(550, "5.7.1", "no"))),
+         ("limiter", Recorder(Reject(450, "4.7.1", "slow down", reason="rate")))],
+        on_refusal=refusals.append,
+    )
+    hooks.log = Logger(observer=events.append)
+    user = Client(address="192.0.2.1", port=4000, role="submission", helo="pc.example",
+                  authenticated="a@example.org")
+    assert result_of(hooks.sender(user, "a@example.org")).text == "no"
+    assert refusals == ["bouncer"]
+    assert formatEvent(events[0]) == (
+        "SMTP refused (bouncer) at MAIL: 550 5.7.1 client=192.0.2.1 helo=pc.example"
+        " user=a@example.org: no"
+    )
+    hooks = Hooks([("limiter", Recorder(Reject(450, "4.7.1", "slow down", reason="rate")))],
+                  on_refusal=refusals.append)
+    hooks.log = Logger(observer=events.append)
+    result_of(hooks.recipient(CLIENT, "a@example.com", "b@example.org"))
+    assert refusals == ["bouncer", "rate"]
+    assert "SMTP refused (rate) at RCPT: 450 4.7.1 client=192.0.2.1 helo=- user=-" in formatEvent(
+        events[1])
+    broken = Hooks([("broken", Broken())], on_error=lambda name: None, on_refusal=refusals.append)
+    assert result_of(broken.sender(CLIENT, "x@y")) == TEMPORARY_FAILURE
+    assert refusals == ["bouncer", "rate"]  # an error, counted as such, not a refusal
+
+
+def test_the_refusal_log_line_shows_client_text_on_one_line():
+    from twisted.logger import Logger, formatEvent
+
+    events = []
+    hooks = Hooks([("bouncer", Recorder(Reject(550, "5.7.1", "no \u202egnp.exe")))])
+    hooks.log = Logger(observer=events.append)
+    client = Client(address="192.0.2.1", port=4000, role="smtp", helo="evil\u2028line\x85two")
+    result_of(hooks.sender(client, "a@example.org"))
+    assert formatEvent(events[0]) == (
+        "SMTP refused (bouncer) at MAIL: 550 5.7.1 client=192.0.2.1 helo=evil?line?two"
+        " user=-: no ?gnp.exe"
+    )
+
+
 def test_delivered_errors_are_swallowed():
     @implementer(IDeliveredHook)
     class Fails:
@@ -152,29 +208,6 @@ def test_removing_from_untouched_headers_matches_any_case():
     assert headers.to_bytes() == raw
 
 
-class MemoryIntake:
-    def __init__(self):
-        self.stored = []
-
-    def begin(self, envelope):
-        intake = self
-
-        class Receiver:
-            data = b""
-
-            def write(self, piece):
-                self.data += piece
-
-            def finish(self):
-                intake.stored.append(self.data)
-                return defer.succeed("Q1")
-
-            def abort(self):
-                pass
-
-        return Receiver()
-
-
 @implementer(IMessageHook)
 class Tagger:
     def __init__(self, reject=None):
@@ -201,7 +234,7 @@ def test_hooked_intake_edits_headers_and_keeps_the_body(tmp_path):
     intake = HookedIntake(inner, Hooks([("tag", Tagger())]), tmp_path)
     message = [b"Subject: s\r\nX-Remove", b"-Me: 1\r\n", b"\r", b"\nbody\r\n", b".line\r\n" * 3]
     assert feed(intake, message) == "Q1"
-    assert inner.stored == [
+    assert [message.data for message in inner.finished] == [
         b"X-Tag: a@example.org\r\nSubject: s\r\n\r\nbody\r\n" + b".line\r\n" * 3
     ]
 
@@ -212,8 +245,34 @@ def test_hooked_intake_rejection_stores_nothing(tmp_path):
     failure = feed(intake, [b"Subject: s\r\n\r\nbody\r\n"])
     assert failure.check(MessageRejected)
     assert failure.value.reject == Reject(554, "5.7.0", "spam")
-    assert inner.stored == []
+    assert inner.finished == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hooked_intake_spills_through_no_symbolic_link(tmp_path):
+    """
+    Past the memory budget the header section and body go to spill files in
+    the spool's tmp/; a link left in its place must not take them elsewhere.
+    """
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data = tmp_path / "data"
+    (data / "spool").mkdir(parents=True)
+    (data / "spool" / "tmp").symlink_to(elsewhere)
+    intake = HookedIntake(
+        MemoryIntake(), Hooks([("tag", Tagger())]), data / "spool" / "tmp",
+        budget=MemoryBudget(0), base=data,
+    )
+    receiver = intake.begin(ENVELOPE)
+    with pytest.raises(OSError):
+        receiver.write(b"Subject: s\r\n\r\nbody\r\n")
+    receiver.abort()
+    assert os.listdir(elsewhere) == []
+    # Without the link, the spill file has no name: nothing is left behind.
+    (data / "spool" / "tmp").unlink()
+    (data / "spool" / "tmp").mkdir()
+    assert feed(intake, [b"Subject: s\r\n\r\n", b"body\r\n" * 1000]) == "Q1"
+    assert os.listdir(data / "spool" / "tmp") == []
 
 
 def test_hooked_intake_hands_a_large_message_on_a_chunk_per_turn(tmp_path):
@@ -235,7 +294,56 @@ def test_hooked_intake_hands_a_large_message_on_a_chunk_per_turn(tmp_path):
     assert results == [] and len(clock.getDelayedCalls()) == 1
     clock.advance(0)
     assert results == ["Q1"]
-    assert inner.stored == [b"X-Tag: a@example.org\r\nSubject: big\r\n\r\n" + body]
+    assert [message.data for message in inner.finished] == [
+        b"X-Tag: a@example.org\r\nSubject: big\r\n\r\n" + body
+    ]
+
+
+@implementer(IMessageHook)
+class Looker:
+    """
+    Records the header section and body each message hook call sees.
+    """
+
+    def __init__(self):
+        self.seen = []
+
+    def message(self, envelope, headers, body):
+        self.seen.append((headers.to_bytes(), body.read()))
+
+
+_message_parts = st.lists(
+    st.sampled_from([b"A: 1\r\n", b"Long: " + b"x" * 40 + b"\r\n", b" folded\r\n", b"\r\n",
+                     b"body\r\n", b"\r", b"\n", b"\r\n\r\n"]),
+    max_size=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=_message_parts, cuts=st.lists(st.integers(0, 500), max_size=6),
+       budget=st.sampled_from([0, 100, 10**6]), max_header=st.sampled_from([40, 10**6]))
+def test_hooked_intake_passes_any_message_on_whole_however_it_is_cut_and_held(
+    tmp_path_factory, parts, cuts, budget, max_header
+):
+    import mailserver.hooked_intake as hooked
+
+    message = b"".join(parts)
+    edges = sorted({0, len(message), *(c % (len(message) + 1) for c in cuts)})
+    inner, looker = MemoryIntake(), Looker()
+    memory = MemoryBudget(budget)
+    intake = HookedIntake(inner, Hooks([("look", looker)]), tmp_path_factory.mktemp("spool"),
+                          budget=memory)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hooked, "MAX_HEADER_BYTES", max_header)
+        assert feed(intake, [message[a:b] for a, b in zip(edges, edges[1:])]) == "Q1"
+    assert [m.data for m in inner.finished] == [message]
+    (head, body), = looker.seen
+    blank = message.find(b"\r\n\r\n")
+    if message.startswith(b"\r\n"):
+        assert (head, body) == (b"", message[2:])
+    elif 0 <= blank and blank + 4 <= max_header:
+        assert (head, body) == (message[: blank + 2], message[blank + 4:])
+    assert memory.held == 0
 
 
 THIRD_PARTY = textwrap.dedent(
@@ -286,11 +394,15 @@ def plugin_config(folder, enabled, options):
     )
 
 
+def load_configured(config, context):
+    return load_plugins(config.plugins, context, config.source)
+
+
 def test_a_dropped_in_plugin_file_is_found_and_built(tmp_path):
     (tmp_path / "nosales.py").write_text(THIRD_PARTY)
     assert {"nosales", "headers", "webhook"} <= set(available_plugins((str(tmp_path),)))
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
-    ((name, hook),) = load_plugins(plugin_config(tmp_path, ("nosales",), {"nosales": {"code": 553}}), context)
+    ((name, hook),) = load_configured(plugin_config(tmp_path, ("nosales",), {"nosales": {"code": 553}}), context)
     assert name == "nosales"
     assert hook.recipient(CLIENT, "", "sales@x") == Reject(553, "5.7.1", "sales@ takes no mail")
 
@@ -309,7 +421,7 @@ def test_plugin_problems_are_config_errors(tmp_path, enabled, options, key, prob
     (tmp_path / "nosales.py").write_text(THIRD_PARTY)
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
     with pytest.raises(ConfigError) as caught:
-        load_plugins(plugin_config(tmp_path, enabled, options), context)
+        load_configured(plugin_config(tmp_path, enabled, options), context)
     assert caught.value.key == key
     assert problem in caught.value.problem
 
@@ -328,7 +440,7 @@ def test_plugin_tables_parse_from_toml(tmp_path):
         "headers": {"remove": ["X-A"], "rules": [{"authenticated": True, "add": {"X-B": "1"}}]}
     }
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
-    ((_, hook),) = load_plugins(config, context)
+    ((_, hook),) = load_configured(config, context)
     headers = MessageHeaders(b"X-A: 1\r\nSubject: s\r\n")
     hook.message(ENVELOPE, headers, None)
     assert headers.to_bytes() == b"X-B: 1\r\nSubject: s\r\n"
@@ -344,9 +456,43 @@ def test_the_documented_example_plugin_loads_and_works(tmp_path):
     examples = Path(__file__).resolve().parents[2] / "docs" / "examples"
     context = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
     config = plugin_config(examples, ("blocklist",), {"blocklist": {"domains": ["Spam.example"]}})
-    ((_, hook),) = load_plugins(config, context)
+    ((_, hook),) = load_configured(config, context)
     assert hook.sender(CLIENT, "x@spam.example").code == 550
     assert hook.sender(CLIENT, "x@ham.example") is None
     headers = MessageHeaders(b"Subject: s\r\n")
     assert result_of(hook.message(ENVELOPE, headers, None)) is None
     assert headers.get("X-Blocklist") == "checked"
+
+
+CONTEXT_KEEPER = '''
+from twisted.plugin import IPlugin
+from zope.interface import provider
+
+from mailserver.interfaces import IPluginFactory
+
+
+@provider(IPlugin, IPluginFactory)
+class Keeper:
+    name = "keeper"
+    description = "Hands back the context it was built with."
+
+    @staticmethod
+    def build(options, context):
+        return context
+
+
+plugin = Keeper
+'''
+
+
+def test_each_plugin_gets_a_logger_in_its_own_namespace(tmp_path):
+    from twisted.logger import capturedLogs
+
+    (tmp_path / "keeper.py").write_text(CONTEXT_KEEPER)
+    shared = PluginContext(reactor=None, hostname="mx.test", data_path=tmp_path)
+    config = plugin_config(tmp_path, ("keeper",), {})
+    ((_, context),) = load_plugins(config.plugins, shared, config.source)
+    assert (context.reactor, context.hostname, context.data_path) == (None, "mx.test", tmp_path)
+    with capturedLogs() as events:
+        context.log.info("built with {n} options", n=0)
+    assert [(e["log_namespace"], e["n"]) for e in events] == [("mailserver.plugins.keeper", 0)]

@@ -234,6 +234,7 @@ def test_server_metrics_registers_every_family():
         "smtp_connections_active": "gauge",
         "smtp_messages_accepted_total": "counter",
         "smtp_messages_rejected_total": "counter",
+        "smtp_refusals_total": "counter",
         "smtp_bytes_received_total": "counter",
         "smtp_transaction_seconds": "histogram",
         "pop3_logins_total": "counter",
@@ -243,6 +244,7 @@ def test_server_metrics_registers_every_family():
         "relay_deliveries_total": "counter",
         "relay_queue_corrupt_total": "counter",
         "relay_queue_scan_seconds": "gauge",
+        "relay_tls_policy_total": "counter",
         "plugin_errors_total": "counter",
     }
     assert "\nrelay_queue_messages 4\n" in text

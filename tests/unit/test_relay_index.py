@@ -172,7 +172,7 @@ def test_pending_ids_and_take_over():
 def test_build_reads_every_envelope_and_reports_the_corrupt(tmp_path):
     from mailserver.config import Config
 
-    store = QueueStore(Config(hostname="mx.test", data_dir=str(tmp_path / "data")))
+    store = QueueStore(Config(hostname="mx.test", data_dir=str(tmp_path / "data")).queue_path)
     for n in (1, 2):
         store.save(message(n))
         (store.messages_path / message(n).id).write_bytes(b"Subject: x\n\nbody\n")

@@ -98,7 +98,7 @@ def test_first_mx_down_second_takes_it(tmp_path):
         tried.append((name, address, port))
         replies = {r.address: temporary("connection refused") for r in transaction.recipients}
         if address == "127.0.0.2":
-            replies = {r.address: Reply(250, ("2.0.0 ok",)) for r in transaction.recipients}
+            replies = {r.address: Reply.received(250, ("2.0.0 ok",)) for r in transaction.recipients}
             return defer.succeed(TransactionResult(replies, reached=True, host=name))
         return defer.succeed(TransactionResult(replies, reached=False, host=name))
 
@@ -115,7 +115,9 @@ def test_first_mx_down_second_takes_it(tmp_path):
 
 
 def test_smarthost_and_transport_override_mx(tmp_path):
-    from mailserver.config import Relay
+    from mailserver.config import (
+        HostPort, Relay, SmarthostTLS, TLSLevel, TLSPolicyRule, Transport,
+    )
     from mailserver.relay.client import Reply, TransactionResult
     from mailserver.relay.delivery import RouteCourier
     from mailserver.relay.queue import QueuedMessage, RecipientState
@@ -123,25 +125,46 @@ def test_smarthost_and_transport_override_mx(tmp_path):
     seen = []
 
     def send(reactor, address, port, transaction, timeouts, name=""):
-        seen.append((address, port, transaction.tls, transaction.username))
-        replies = {r.address: Reply(250, ("ok",)) for r in transaction.recipients}
-        return defer.succeed(TransactionResult(replies, reached=True, host=name))
+        session = transaction.tls_options
+        checked = None if session is None else (session.check, session.enforce, session.host)
+        seen.append((address, port, transaction.tls, transaction.username, checked))
+        replies = {r.address: Reply.received(250, ("ok",)) for r in transaction.recipients}
+        return defer.succeed(TransactionResult(replies, reached=True, host=name,
+                                               tls="established"))
 
     message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,
                             recipients=(RecipientState("r@remote.test"),))
+    verified = (True, True, "127.0.0.1")
     for relay, expected in (
-        (Relay(smarthost="127.0.0.1:587", smarthost_username="u", smarthost_password="p"),
-         ("127.0.0.1", 587, "required", "u")),
-        (Relay(smarthost="127.0.0.1:465", smarthost_tls="implicit"),
-         ("127.0.0.1", 465, "implicit", "")),
-        (Relay(transports=("remote.test=127.0.0.1:2626",)),
-         ("127.0.0.1", 2626, "opportunistic", "")),
+        (Relay(smarthost=HostPort("127.0.0.1", 587), smarthost_username="u",
+               smarthost_password="p"),
+         ("127.0.0.1", 587, "required", "u", verified)),
+        (Relay(smarthost=HostPort("127.0.0.1", 465), smarthost_tls=SmarthostTLS.IMPLICIT),
+         ("127.0.0.1", 465, "implicit", "", verified)),
+        (Relay(smarthost=HostPort("127.0.0.1", 465), smarthost_tls=SmarthostTLS.IMPLICIT,
+               smarthost_tls_verify=False),
+         ("127.0.0.1", 465, "implicit", "", (False, True, "127.0.0.1"))),
+        # A transport host is verified like the smarthost ...
+        (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),)),
+         ("127.0.0.1", 2626, "required", "", verified)),
+        (Relay(port=2727, transports=(Transport("remote.test", "127.0.0.1", None),)),
+         ("127.0.0.1", 2727, "required", "", verified)),
+        (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),),
+               smarthost_tls_verify=False),
+         ("127.0.0.1", 2626, "required", "", (False, True, "127.0.0.1"))),
+        # ... unless a policy for its domain says otherwise.
+        (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),),
+               tls_policies=(TLSPolicyRule("remote.test", TLSLevel.MAY),)),
+         ("127.0.0.1", 2626, "opportunistic", "", (False, True, "127.0.0.1"))),
+        (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),),
+               tls_policies=(TLSPolicyRule(".test", TLSLevel.NONE),)),
+         ("127.0.0.1", 2626, "none", "", None)),
     ):
         seen.clear()
         courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test", store=None,
                                router=MXRouter(ZoneResolver({}), port=25), send=send)
         courier.deliver(message, message.recipients)
-        assert seen == [expected]
+        assert seen == [expected], relay
 
 
 class Hanging:
@@ -192,10 +215,11 @@ def test_an_answer_before_the_deadline_leaves_no_timer():
 def test_resolver_timeouts_are_explicit_and_sum_to_the_setting():
     from twisted.internet.task import Clock
 
+    from mailserver.config import HostPort
     from mailserver.relay.mx import make_resolver, query_timeouts
 
     assert query_timeouts(15) == (1, 3, 11)
-    resolver = make_resolver("127.0.0.1:5353", Clock(), timeout=0.6)
+    resolver = make_resolver(HostPort("127.0.0.1", 5353), Clock(), timeout=0.6)
     assert resolver.servers == [("127.0.0.1", 5353)]
     assert abs(sum(resolver.timeout) - 0.6) < 1e-9 and len(resolver.timeout) == 3
 

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from mailserver.config import Config, ConfigError, load
+from mailserver.config import Config, ConfigError, HostPort, Transport, load
 from mailserver.envelope import Envelope, Recipient
 from mailserver.relay.index import build as build_index
 from mailserver.relay.queue import (
@@ -50,7 +50,7 @@ ENVELOPE = Envelope(
 
 def test_enqueue_links_the_spool_and_writes_a_versioned_envelope(config, tmp_path):
     spool = spool_file(tmp_path)
-    store = QueueStore(config, clock=lambda: 1000.0)
+    store = QueueStore(config.queue_path, clock=lambda: 1000.0)
     seen = []
     store.on_enqueued = seen.append
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test", "z@remote.test"), spool, 29)
@@ -76,7 +76,7 @@ def test_enqueue_links_the_spool_and_writes_a_versioned_envelope(config, tmp_pat
 
 
 def test_json_round_trip_and_unknown_version(config, tmp_path):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
     message = store.load(queue_id)
     assert QueuedMessage.from_json(message.to_json()) == message
@@ -89,7 +89,7 @@ def test_json_round_trip_and_unknown_version(config, tmp_path):
 
 
 def test_unknown_id_is_a_clear_error(config):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     with pytest.raises(QueueError, match="no queued message NOPE"):
         store.load("NOPE")
     with pytest.raises(QueueError):
@@ -97,7 +97,7 @@ def test_unknown_id_is_a_clear_error(config):
 
 
 def test_orphans_and_temporary_files_are_removed_at_start(config, tmp_path):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     kept = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
     os.link(store.messages_path / kept, store.messages_path / "ORPHAN")
     (store.tmp_path / "half.json.1234").write_text("{")
@@ -116,7 +116,7 @@ def test_orphans_and_temporary_files_are_removed_at_start(config, tmp_path):
 
 
 def test_requests_are_taken_once(config):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     store.request("flush", "domain:remote.test")
     store.request("delete", "ABC")
     assert sorted(store.take_requests()) == [("delete", "ABC"), ("flush", "domain:remote.test")]
@@ -143,15 +143,16 @@ def test_relay_config_is_validated(tmp_path):
         'transports = ["example.net=127.0.0.1:2525"]\nmax_age = "1h"\n'
     )
     relay = load(path).relay
-    assert relay.resolver == "127.0.0.1:5353" and relay.retry_schedule == ("1s", "2s")
-    assert relay.dns_timeout == 15.0
+    assert relay.resolver == HostPort("127.0.0.1", 5353) and relay.retry_schedule == (1.0, 2.0)
+    assert relay.transports == (Transport("example.net", "127.0.0.1", 2525),)
+    assert relay.max_age == 3600.0 and relay.dns_timeout == 15.0
 
 
 # Corrupt entries.
 
 
 def queued(config, tmp_path):
-    store = QueueStore(config)
+    store = QueueStore(config.queue_path)
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
     return store, queue_id, store.envelopes_path / f"{queue_id}.json"
 
@@ -256,7 +257,7 @@ def test_queue_list_pages_through_a_queue_reading_only_its_page(tmp_path, capsys
 
     config_path = tmp_path / "mailserver.toml"
     config_path.write_text(f'data_dir = "{tmp_path / "data"}"\n')
-    store = QueueStore(load(str(config_path)), clock=itertools.count(1000.0, 0.5).__next__)
+    store = QueueStore(load(str(config_path)).queue_path, clock=itertools.count(1000.0, 0.5).__next__)
     ids = [store.enqueue(ENVELOPE, ("z@remote.test",), spool_file(tmp_path), 29) for _ in range(7)]
     assert sorted(ids) == ids  # ids sort by arrival
     (store.envelopes_path / "ZZBROKEN.json").write_text("{")
@@ -285,3 +286,39 @@ def test_queue_list_pages_through_a_queue_reading_only_its_page(tmp_path, capsys
     assert "7 message(s)" in out and len([line for line in out if line.startswith(ids[0][:8])]) == 7
     assert cli.main(["--config", str(config_path), "queue", "list", "--limit", "-1"]) == 1
     assert "--limit must be 0" in capsys.readouterr().err
+
+
+def test_queue_folders_are_private_and_never_links(config, tmp_path):
+    import stat
+
+    from mailserver.safe_fs import SymlinkRefused
+
+    store = QueueStore(config.queue_path, clock=lambda: 1000.0)
+    queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
+    for folder in (store.path, store.messages_path, store.envelopes_path, store.tmp_path,
+                   store.incoming_path):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    # A message file replaced by a link to another file is not read.
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Return-Path: <x>\nnot mail\n" * 4)
+    os.unlink(store.messages_path / queue_id)
+    os.symlink(secret, store.messages_path / queue_id)
+    with pytest.raises(CorruptEntry):
+        store.load(queue_id)
+    with pytest.raises(SymlinkRefused):
+        store.open_body(QueuedMessage(id=queue_id, sender="", recipients=(), arrival=0))
+    # Nor is a queue folder that is a link.
+    other = QueueStore(tmp_path / "other" / "queue")
+    (tmp_path / "other" / "queue").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "other" / "queue" / "messages")
+    with pytest.raises(SymlinkRefused):
+        other.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_a_dangling_link_among_the_requests_does_not_stop_the_scan(config):
+    store = QueueStore(config.queue_path, clock=lambda: 1000.0)
+    store.request("flush", "*")
+    os.symlink("/nonexistent/target", store.requests_path / "ABC.flush")
+    assert sorted(store.take_requests()) == [("flush", "*"), ("flush", "ABC")]

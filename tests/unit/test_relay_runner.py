@@ -10,9 +10,9 @@ import email.policy
 
 from twisted.internet import defer
 
-from mailserver.accounts import Accounts
-from mailserver.config import Config, Relay
+from mailserver.config import Config, HostPort, Relay
 from mailserver.envelope import Envelope, Recipient
+from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
 from mailserver.relay import QueueStore, RelayRunner
@@ -49,7 +49,7 @@ class Courier:
         """
         text = {250: "2.0.0 ok", 451: "4.3.0 try later", 550: "5.1.1 no such user",
                 441: "4.4.1 cannot connect to mx.remote.test"}[code]
-        reply = Reply(451 if code == 441 else code, (text,))
+        reply = Reply.received(451 if code == 441 else code, (text,))
         return {r.address: Outcome(reply, "mx.remote.test") for r in recipients}
 
 
@@ -62,17 +62,20 @@ class World:
             relay=Relay(**relay),
         )
         self.reactor = InlineReactor()
-        self.accounts = Accounts(self.config)
+        self.accounts = accounts_for(self.config)
         if "s@example.org" not in self.accounts.users():
             self.accounts.add_user("s@example.org", "pw")
-        self.queue = QueueStore(self.config, clock=self.reactor.seconds)
+        self.queue = QueueStore(self.config.queue_path, clock=self.reactor.seconds)
         self.intake = Intake(
-            accounts=self.accounts, reactor=self.reactor, queue=self.queue,
+            accounts=self.accounts, reactor=self.reactor, data_path=self.config.data_path,
+            hostname=self.config.hostname, min_free_space=0, queue=self.queue,
             committer=InlineCommitter(),
         )
         self.courier = courier
         self.runner = RelayRunner(
-            config=self.config, queue=self.queue, intake=self.intake, reactor=self.reactor,
+            relay=self.config.relay, hostname=self.config.hostname,
+            mta_sts_path=self.config.mta_sts_path, queue=self.queue,
+            intake=self.intake, reactor=self.reactor,
             courier=courier, accounts=self.accounts, jitter=lambda d: d,
         )
 
@@ -94,7 +97,7 @@ class World:
         return results[0]
 
     def bounces(self):
-        box = Mailbox(self.accounts.mailbox_path("s@example.org"))
+        box = Mailbox(self.accounts.mailbox_path("s@example.org"), self.config.data_path)
         if not (box.path / "new").exists():
             return []
         out = []
@@ -178,7 +181,7 @@ def test_notify_never_and_success(tmp_path):
 
 
 def test_expired_message_bounces_with_the_last_error(tmp_path):
-    w = World(tmp_path, Courier(451), max_age="1h", retry_schedule=("10m",))
+    w = World(tmp_path, Courier(451), max_age=3600.0, retry_schedule=(600.0,))
     w.start()
     w.send()
     for _ in range(10):
@@ -193,7 +196,7 @@ def test_expired_message_bounces_with_the_last_error(tmp_path):
 
 
 def test_delay_warning_once_for_notify_delay(tmp_path):
-    w = World(tmp_path, Courier(451), delay_warning="15m", retry_schedule=("10m",))
+    w = World(tmp_path, Courier(451), delay_warning=900.0, retry_schedule=(600.0,))
     w.start()
     w.send(notify=("DELAY", "FAILURE"))
     w.reactor.advance(600)
@@ -431,9 +434,9 @@ class NoFolderReads(QueueStore):
     def _check(self):
         assert not self.forbid, "the queue folder was read"
 
-    def ids(self):
+    def ids(self, ordered=True):
         self._check()
-        return super().ids()
+        return super().ids(ordered)
 
     def load(self, queue_id):
         self._check()
@@ -442,7 +445,7 @@ class NoFolderReads(QueueStore):
 
 def test_views_metrics_etrn_and_scans_read_the_index_not_the_files(tmp_path):
     w = World(tmp_path, Courier(451), scan_interval=5)
-    w.queue = w.runner._queue = store = NoFolderReads(w.config, clock=w.reactor.seconds)
+    w.queue = w.runner._queue = store = NoFolderReads(w.config.queue_path, clock=w.reactor.seconds)
     w.intake._queue = store
     w.start()
     for n in range(30):
@@ -477,9 +480,11 @@ def test_views_metrics_etrn_and_scans_read_the_index_not_the_files(tmp_path):
 def test_messages_queued_by_another_process_are_taken_in_at_the_next_scan(tmp_path):
     w = World(tmp_path, Courier(451), scan_interval=5)
     w.start()
-    worker = QueueStore(w.config, clock=w.reactor.seconds)  # a worker's: nobody to tell
-    worker_intake = Intake(accounts=w.accounts, reactor=w.reactor, queue=worker,
-                           committer=InlineCommitter())
+    worker = QueueStore(w.config.queue_path, clock=w.reactor.seconds)  # a worker's: nobody to tell
+    worker_intake = Intake(
+        accounts=w.accounts, reactor=w.reactor, data_path=w.config.data_path,
+        hostname=w.config.hostname, min_free_space=0, queue=worker, committer=InlineCommitter(),
+    )
     receiver = worker_intake.begin(Envelope(
         sender="s@example.org", recipients=(Recipient(address="w@remote.test",
                                                       destinations=("w@remote.test",)),)))
@@ -548,20 +553,24 @@ def test_an_unreachable_domain_is_tried_a_few_times_per_rest_not_once_per_messag
     assert {m.next_attempt for m in on_disk} == {0.0}  # put off in memory only
     w.reactor.advance(300)
     assert len(courier_calls("@down.test")) == 2  # one probe (and the next rest is 600s)
+    # The probe is the first due by (time, id); ids of one millisecond order
+    # by their random part, so it may be the message tried at first or not.
+    never_tried = {e.id for e in waiting} - {c[0] for c in courier_calls("@down.test")}
+    assert len(never_tried) in (3, 4)
     w.courier.codes = [451]  # a server answers now, if only with 4.3.0
     assert w.runner.flush("down.test") == 5  # ETRN ends the rest
     w.reactor.advance(0)
     assert len(courier_calls("@down.test")) == 7
     # 4.3.0 was an answer: no rest; each goes on its own schedule (300s
-    # after a first attempt, 600s after a second).
-    first_tried = [e for e in w.runner.index.entries() if e.attempts == 1]
-    assert len(first_tried) == 3
+    # after a first attempt, 600s after a second or third).
+    first_tried = {e.id for e in w.runner.index.entries() if e.attempts == 1}
+    assert first_tried == never_tried
     w.reactor.advance(300)
-    assert len(courier_calls("@down.test")) == 7 + 3
+    assert len(courier_calls("@down.test")) == 7 + len(never_tried)
 
 
 def test_a_message_that_expires_while_its_domain_rests_is_bounced(tmp_path):
-    w = World(tmp_path, Courier(441), max_connections_per_destination=1, max_age="10m")
+    w = World(tmp_path, Courier(441), max_connections_per_destination=1, max_age=600.0)
     w.start()
     w.send(to=("a@down.test",))
     w.send(to=("b@down.test",))  # waits: the domain rests after the first
@@ -569,3 +578,20 @@ def test_a_message_that_expires_while_its_domain_rests_is_bounced(tmp_path):
         w.reactor.advance(300)
     assert w.queue.ids() == [] and len(w.runner.index) == 0
     assert len(w.bounces()) == 2
+
+
+def test_turning_off_next_hop_verification_is_warned_at_start(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        for verify in (True, False):
+            world = World(tmp_path / str(verify), None, resolver=HostPort("127.0.0.1", 53),
+                          smarthost=HostPort("127.0.0.1", 587), smarthost_tls_verify=verify)
+            world.start()
+            world.runner.stopService()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [formatEvent(e) for e in seen if "smarthost_tls_verify" in e.get("log_format", "")]
+    assert len(warnings) == 1 and "are not checked" in warnings[0]

@@ -27,7 +27,7 @@ def test_default_schedule_doubles_from_five_minutes_up_to_four_hours():
 
 def test_explicit_schedule_then_doubling():
     policy = RetryPolicy.from_config(
-        Relay(retry_schedule=("1m", "2m", "15m"), max_retry_interval="1h")
+        Relay(retry_schedule=(60.0, 120.0, 900.0), max_retry_interval=3600.0)
     )
     assert [retry_delay(policy, n) for n in range(1, 6)] == [60, 120, 900, 1800, 3600]
 

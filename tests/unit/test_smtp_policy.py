@@ -2,23 +2,18 @@
 The SMTP policy: relay rules, roles, VRFY/EXPN, without a connection.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
-from smtp_fakes import FakeAccounts, make_config  # noqa: E402
-
-from mailserver.smtp.grammar import Mailbox, parse_mailbox  # noqa: E402
-from mailserver.smtp.policy import Policy  # noqa: E402
-from mailserver.smtp.replies import Reply  # noqa: E402
+from mailserver.smtp.grammar import Mailbox, parse_mailbox
+from mailserver.smtp.policy import Policy
+from mailserver.smtp.replies import Reply
+from mailserver.testing import FakeAccounts, make_config
 
 
 def policy(role="smtp", **smtp):
     config = make_config(smtp=smtp)
     accounts = FakeAccounts(config, ["bob@example.org"], {"team@example.org": ("bob@example.org", "x@remote.net")})
-    return Policy(config, role, accounts)
+    return Policy(config.smtp, role, accounts)
 
 
 def test_local_recipient_resolves():
@@ -48,7 +43,7 @@ def test_postmaster_goes_to_the_first_local_domain():
     p = policy()
     config = make_config()
     accounts = FakeAccounts(config, ["postmaster@example.org"])
-    assert Policy(config, "smtp", accounts).recipient(Mailbox("postmaster", ""), None) == (
+    assert Policy(config.smtp, "smtp", accounts).recipient(Mailbox("postmaster", ""), None) == (
         "postmaster@example.org",
     )
     assert isinstance(p.recipient(Mailbox("postmaster", ""), None), Reply)
@@ -66,6 +61,21 @@ def test_submission_requires_auth_and_ownership():
 def test_mx_accepts_any_sender_including_null():
     assert policy().sender(None, None) is None
     assert policy().sender(Mailbox("x", "remote.net"), None) is None
+
+
+def test_authenticated_sessions_must_own_the_sender_on_every_role():
+    for role in ("smtp", "submission"):
+        p = policy(role)
+        refused = p.sender(Mailbox("ceo", "bigbank.example"), "bob@example.org")
+        assert (refused.code, refused.enhanced) == (553, "5.7.1")
+        assert p.sender(None, "bob@example.org").code == 553
+        assert p.sender(Mailbox("Bob", "example.org"), "bob@example.org") is None
+
+
+def test_auth_is_offered_on_submission_and_on_mx_only_when_configured():
+    assert policy("submission").offers_auth
+    assert not policy("smtp").offers_auth
+    assert policy("smtp", mx_auth=True).offers_auth
 
 
 def test_vrfy_and_expn_refused_to_strangers_by_default():
