@@ -348,8 +348,8 @@ class AiosmtpdPeer(Peer):
 
 class MailServerPeer(Peer):
     """
-    Our server: C{twistd --nodaemon mailserver --config ...} with SMTP and
-    POP3 on OS-chosen loopback ports.  The connection limits are raised so
+    Our server: C{twistd --nodaemon mailserver --config ...} with SMTP, POP3
+    and IMAP on OS-chosen loopback ports.  The connection limits are raised so
     that one client address (127.0.0.1) may open all the benchmark's
     connections; everything else is the default configuration.
     """
@@ -395,6 +395,8 @@ class MailServerPeer(Peer):
             f"submissions = []\n"
             f'pop3 = ["{LOOPBACK}"]\n'
             f"pop3s = []\n"
+            f'imap = ["{LOOPBACK}"]\n'
+            f"imaps = []\n"
             # Not the admin listener's default, the fixed port 2080, which
             # two servers (or a developer's own) cannot share.
             + (f'admin = ["{LOOPBACK}"]\n' if admin else "admin = []\n")
@@ -468,6 +470,7 @@ class MailServerPeer(Peer):
         ports = {role: int(addrs[0].rsplit(":", 1)[1]) for role, addrs in listening.items() if addrs}
         self.port = ports["smtp"]
         self.pop3_port = ports.get("pop3", 0)
+        self.imap_port = ports.get("imap", 0)
         self.admin_port = ports.get("admin", 0)
 
     def delivered(self) -> int:

@@ -37,6 +37,7 @@ from mailserver.config.loading import default, load, override
 from mailserver.config.model import (
     DATA_DIR_NAME,
     DKIM,
+    IMAP,
     POP3,
     SMTP,
     TLS,
@@ -67,7 +68,7 @@ from mailserver.config.values import (
 )
 
 __all__ = [
-    "DATA_DIR_NAME", "DKIM", "POP3", "SMTP", "TLS", "Admin", "Auth", "CatchAll", "CheckAction",
+    "DATA_DIR_NAME", "DKIM", "IMAP", "POP3", "SMTP", "TLS", "Admin", "Auth", "CatchAll", "CheckAction",
     "Checks", "Config", "ConfigError", "DKIMKey", "DNSBLSite", "Disclosure", "HostPort", "Invalid",
     "Limits", "ListedAction",
     "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "TLSLevel",
