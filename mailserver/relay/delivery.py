@@ -62,9 +62,14 @@ def destination_of(relay, address: str) -> str:
     The key that groups recipients into one transaction and one
     concurrency limit: the smarthost, or the recipient's domain.
     """
-    if relay.smarthost:
-        return f"smarthost:{relay.smarthost}"
-    return address.rpartition("@")[2].lower().rstrip(".")
+    return destination_of_domain(relay, address.rpartition("@")[2].lower().rstrip("."))
+
+
+def destination_of_domain(relay, domain: str) -> str:
+    """
+    L{destination_of} for a recipient in C{domain} (lower case).
+    """
+    return f"smarthost:{relay.smarthost}" if relay.smarthost else domain
 
 
 @dataclass(frozen=True)
