@@ -20,8 +20,8 @@ exactly one node whatever the moment of a crash:
   3. the other node's link to the message file is removed: an orphan there
      otherwise, removed by that node's start-up.
 
-The running server picks the messages up at its next scan (every
-C{relay.scan_interval}).  Blocking file work without Twisted, for the CLI.
+Each moved message is announced (C{incoming/}), so the running server
+takes it in at its next scan (every C{relay.scan_interval}).  Blocking file work without Twisted, for the CLI.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _move_all(base: Path, theirs: QueueStore, own: QueueStore) -> Adopted:
     # No link is followed below the data folder: both queues' folders are
     # checked on the way (and this one's made if missing).
     for folder, create in ((theirs.messages_path, False), (theirs.envelopes_path, False),
-                           (own.messages_path, True), (own.envelopes_path, True)):
+                           (own.messages_path, True), (own.envelopes_path, True),
+                           (own.incoming_path, True)):
         os.close(open_folder(base, folder, create=create))
     linked = []
     for queue_id in ids:
@@ -114,6 +115,8 @@ def _move_all(base: Path, theirs: QueueStore, own: QueueStore) -> Adopted:
         done.moved.append(queue_id)
     fsync_directory(own.envelopes_path)
     fsync_directory(theirs.envelopes_path)
+    for queue_id in done.moved:
+        own.announce(queue_id)
     for queue_id in done.moved:
         try:
             os.unlink(theirs.messages_path / queue_id)

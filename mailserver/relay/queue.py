@@ -359,11 +359,20 @@ class QueueStore:
         if self.on_enqueued is not None:
             self.on_enqueued(message)
         else:
-            try:
-                os.close(open_path(self.incoming_path / queue_id, os.O_WRONLY | os.O_CREAT))
-            except OSError:
-                pass  # it is queued all the same: the runner reads it when it next starts
+            self.announce(queue_id)
         return queue_id
+
+    def announce(self, queue_id: str) -> None:
+        """
+        Tell the running server's runner of a message queued by another
+        process (a worker, C{mailserver queue adopt}): its next scan takes
+        it in.  Best effort: a server that misses it reads it when it next
+        starts.
+        """
+        try:
+            os.close(open_path(self.incoming_path / queue_id, os.O_WRONLY | os.O_CREAT))
+        except OSError:
+            pass
 
     # The runner's and the CLI's side.
 

@@ -46,6 +46,8 @@ def test_a_stopped_nodes_queue_moves_whole_into_this_one(tmp_path):
     with own.open_body(own.load(ids[1])) as body:
         assert body.read() == b"Subject: 1\n\nbody\n"
     assert theirs.ids() == [] and os.listdir(theirs.messages_path) == []
+    # The running server is told, and takes them in at its next scan.
+    assert sorted(own.take_incoming()) == sorted(ids)
     # Nothing left to take the second time.
     assert adopt_queue(data, data / "nodes", own, "b").moved == []
 
