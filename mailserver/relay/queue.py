@@ -240,7 +240,11 @@ def _new_id(now: float) -> str:
     return f"{int(now * 1000):011x}{secrets.token_hex(3)}".upper()
 
 
-def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
+def _write_tmp(path: Path, tmp_dir: Path, text: str, durable: bool = True) -> Path:
+    """
+    C{text} into a new file of C{tmp_dir} named for C{path} (fsynced if
+    C{durable}); returns its path.
+    """
     # The writer's pid in the name lets start-up tell a crash's leftovers
     # from a live worker's file (see L{QueueStore.remove_orphans}).
     tmp = tmp_dir / (path.name + f".{os.getpid()}.{secrets.token_hex(4)}")
@@ -248,8 +252,21 @@ def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return tmp
+
+
+def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
+    tmp = _write_tmp(path, tmp_dir, text)
+    try:
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -258,6 +275,17 @@ def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
             pass
         raise
     fsync_directory(path.parent)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """
+    An envelope written into C{tmp/} by L{QueueStore.prepare}, not yet
+    queued.
+    """
+
+    message: QueuedMessage
+    tmp: Path
 
 
 def _writer_gone(tmp_name: str) -> bool:
@@ -312,55 +340,97 @@ class QueueStore:
         self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int
     ) -> str:
         """
-        Durably queue C{spool} for the remote C{recipients}; blocking.
+        Durably queue C{spool} for the remote C{recipients}; blocking.  (The
+        intake uses L{prepare} and L{commit} instead, inside group commit.)
 
         @raise OSError: when it could not be made durable (the client then
             hears 451 and keeps the message).
         """
+        prepared = self.prepare(envelope, recipients, spool, body_offset, durable=True)
+        return self.commit(prepared, spool, durable=True)
+
+    def prepare(
+        self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int,
+        durable: bool = False,
+    ) -> Prepared:
+        """
+        Group commit's first phase: the envelope of C{spool} (written, the
+        first C{body_offset} bytes local-delivery headers) for the remote
+        C{recipients}, into C{tmp/}; synced only if C{durable}, else by the
+        group's sync of the file system that follows.  Blocking.
+        """
         self._ensure()
         now = self._clock()
         queue_id = _new_id(now)
-        message_path = self.messages_path / queue_id
-        os.link(spool, message_path, follow_symlinks=False)
-        try:
-            fsync_directory(self.messages_path)
-            states = []
-            for address in recipients:
-                given = next(
-                    (r for r in envelope.recipients if address in r.destinations), None
+        states = []
+        for address in recipients:
+            given = next((r for r in envelope.recipients if address in r.destinations), None)
+            states.append(
+                RecipientState(
+                    address=address,
+                    original=given.address if given else address,
+                    orcpt=given.orcpt if given else None,
+                    notify=tuple(n.upper() for n in given.notify) if given else (),
                 )
-                states.append(
-                    RecipientState(
-                        address=address,
-                        original=given.address if given else address,
-                        orcpt=given.orcpt if given else None,
-                        notify=tuple(n.upper() for n in given.notify) if given else (),
-                    )
-                )
-            message = QueuedMessage(
-                id=queue_id,
-                sender=envelope.sender,
-                recipients=tuple(states),
-                arrival=now,
-                body_offset=body_offset,
-                size=os.stat(message_path).st_size - body_offset,
-                ret=envelope.ret.upper() if envelope.ret else None,
-                envid=envelope.envid,
-                body=envelope.body,
-                smtputf8=envelope.smtputf8,
-                client_address=envelope.client_address,
-                helo=envelope.helo,
-                next_attempt=now,
             )
-            self.save(message)
+        message = QueuedMessage(
+            id=queue_id,
+            sender=envelope.sender,
+            recipients=tuple(states),
+            arrival=now,
+            body_offset=body_offset,
+            size=os.stat(spool).st_size - body_offset,
+            ret=envelope.ret.upper() if envelope.ret else None,
+            envid=envelope.envid,
+            body=envelope.body,
+            smtputf8=envelope.smtputf8,
+            client_address=envelope.client_address,
+            helo=envelope.helo,
+            next_attempt=now,
+        )
+        tmp = _write_tmp(self._envelope_path(queue_id), self.tmp_path, message.to_json(), durable)
+        return Prepared(message, tmp)
+
+    def commit(self, prepared: Prepared, spool: Path, durable: bool = False) -> str:
+        """
+        Group commit's second phase: C{spool} hard-linked into C{messages/}
+        and the envelope renamed into C{envelopes/}, the commit point.
+        Without C{durable}, the caller syncs the file system afterwards
+        (both names are on stable storage before the client's 250); with
+        it, the message's folder is synced before the rename and the
+        envelopes' after.  On failure nothing of it is left.
+        """
+        message = prepared.message
+        message_path = self.messages_path / message.id
+        try:
+            os.link(spool, message_path, follow_symlinks=False)
+        except BaseException:
+            self.abandon(prepared)
+            raise
+        try:
+            if durable:
+                fsync_directory(self.messages_path)
+            os.rename(prepared.tmp, self._envelope_path(message.id))
+            if durable:
+                fsync_directory(self.envelopes_path)
         except BaseException:
             os.unlink(message_path)
+            self.abandon(prepared)
             raise
         if self.on_enqueued is not None:
             self.on_enqueued(message)
         else:
-            self.announce(queue_id)
-        return queue_id
+            self.announce(message.id)
+        return message.id
+
+    def abandon(self, prepared: Prepared) -> None:
+        """
+        Remove what L{prepare} wrote (the sync after it failed).
+        """
+        try:
+            os.unlink(prepared.tmp)
+        except FileNotFoundError:
+            pass
 
     def announce(self, queue_id: str) -> None:
         """

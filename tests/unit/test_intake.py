@@ -79,9 +79,16 @@ def test_remote_recipients_go_to_the_queue_without_return_path(accounts):
     queued = []
 
     class Queue:
-        def enqueue(self, env, recipients, spool, body_offset):
+        def prepare(self, env, recipients, spool, body_offset):
+            return recipients, body_offset
+
+        def commit(self, prepared, spool):
+            recipients, body_offset = prepared
             queued.append((recipients, spool.read_bytes()[body_offset:]))
             return "R1"
+
+        def abandon(self, prepared):
+            raise AssertionError("nothing failed")
 
     intake = make_intake(accounts, queue=Queue())
     run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
