@@ -404,9 +404,15 @@ class RelayRunner(Service):
                         keep_last=True)
                 else:
                     message = replace(message, next_attempt=when)
-        await self._io(self._queue.save, message)
-        message = await self._report(message, now)
-        if all(r.state != PENDING and r.notified for r in message.recipients):
+        if not _finished(message):
+            await self._io(self._queue.save, message)
+            message = await self._report(message, now)
+        # A message done with, nothing to report, is removed without saving
+        # its last state first: one fsync (of the envelope folder) instead
+        # of three while the attempt holds its destination's slot.  A crash
+        # before the removal is on disk sends it again, as a crash before
+        # the save did.
+        if _finished(message):
             await self._io(self._queue.remove, message.id)
             self.index.remove(message.id)
             self.log.info("relay: {id}: done", id=message.id)
@@ -587,3 +593,10 @@ class RelayRunner(Service):
                 raise QueueError(f"local sender <{sender}> has no mailbox")
             return tuple(resolved)
         return (sender,)
+
+
+def _finished(message: QueuedMessage) -> bool:
+    """
+    Every recipient delivered or failed, and every report owed sent.
+    """
+    return all(r.state != PENDING and r.notified for r in message.recipients)
