@@ -281,7 +281,8 @@ class Relay:
     C{delay_warning}: the age after which senders who asked for
     NOTIFY=DELAY get a delay notice (C{None}: never).
     C{max_connections}, C{max_connections_per_destination}: outbound
-    connections at once, in total and to one domain (or the smarthost).
+    connections at once, in total and to one domain (or the smarthost); a
+    destination starts at 5 and reaches its limit while it keeps answering.
     C{scan_interval}: between re-scans of the queue folder, which is how the
     running server picks up C{mailserver queue} commands.
     C{connect_timeout}, C{command_timeout}, C{data_timeout}: for a TCP
@@ -314,7 +315,7 @@ class Relay:
     max_age: float = setting("5d", duration())
     delay_warning: float | None = setting("", duration(optional=True))
     max_connections: int = setting(20, integer(1))
-    max_connections_per_destination: int = setting(4, integer(1))
+    max_connections_per_destination: int = setting(10, integer(1))
     scan_interval: float = setting(
         10.0, number(0.1, why="a shorter interval re-reads the queue folder without pause"))
     connect_timeout: float = setting(60.0, _NETWORK_SECONDS)

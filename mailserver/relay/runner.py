@@ -54,7 +54,7 @@ from mailserver.relay.delivery import (
     destination_of,
     destination_of_domain,
 )
-from mailserver.relay.dispatch import ConnectionSlots, Dispatcher
+from mailserver.relay.dispatch import Concurrency, ConnectionSlots, Dispatcher
 from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
 from mailserver.relay.mta_sts import make_mta_sts
@@ -133,8 +133,8 @@ class RelayRunner(Service):
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
         self.policy = RetryPolicy.from_config(relay)
-        self._slots = ConnectionSlots(self._relay.max_connections,
-                                      self._relay.max_connections_per_destination)
+        concurrency = Concurrency(self._relay.max_connections_per_destination)
+        self._slots = ConnectionSlots(self._relay.max_connections, concurrency)
         self.index = index if index is not None else QueueIndex()
         self._dispatcher = Dispatcher(
             index=self.index, clock=reactor, start=self._start_attempt,
@@ -142,6 +142,7 @@ class RelayRunner(Service):
             rest_for=lambda n: retry_delay(self.policy, n, self._jitter),
             total=self._relay.max_connections,
             per_destination=self._relay.max_connections_per_destination,
+            concurrency=concurrency,
         )
         self._active: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}
