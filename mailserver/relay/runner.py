@@ -58,7 +58,7 @@ from mailserver.relay.dispatch import Concurrency, ConnectionSlots, Dispatcher
 from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
 from mailserver.relay.mta_sts import make_mta_sts
-from mailserver.relay.mx import MXRouter, make_resolver
+from mailserver.relay.mx import RELAY_DNS_CACHE, MXRouter, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
     FAILED,
@@ -158,7 +158,8 @@ class RelayRunner(Service):
         super().startService()
         if self._own_courier:
             resolver = self._resolver = make_resolver(self._relay.resolver, self._reactor,
-                                                      timeout=self._relay.dns_timeout)
+                                                      timeout=self._relay.dns_timeout,
+                                                      cache=RELAY_DNS_CACHE)
             # A route takes at most an MX query, a CNAME hop and the address
             # queries (made at once); the deadline holds whatever happens.
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
