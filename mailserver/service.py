@@ -18,7 +18,7 @@ from pathlib import Path
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import Accounts, make_portal, password_threadpool, strcred_checkers
@@ -29,6 +29,7 @@ from mailserver.hooks import Hooks, PluginContext
 from mailserver.intake import Intake
 from mailserver.mailauth import mail_auth_hooks
 from mailserver.login_throttle import throttle_for
+from mailserver.logs import emit
 from mailserver.maildir import Mailbox, remove_stale_tmp
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Factory
@@ -117,12 +118,8 @@ class Listener(Service):
     def _listened(self, port) -> None:
         self.port = port
         address = port.getHost()
-        self.log.info(
-            "{role} listening on {host}:{port}",
-            role=self.role,
-            host=address.host,
-            port=address.port,
-        )
+        emit(self.log, LogLevel.info, "server.listening", "listening",
+             role=self.role, host=address.host, port=address.port)
         self.listening.callback(address)
 
     def stopService(self):
@@ -189,14 +186,16 @@ class ShutdownNotice(Service):
         failure.trap(defer.TimeoutError)
         for factory in self._factories:
             for session in list(factory.sessions):
-                self.log.warn("dropping a session still open at shutdown")
+                emit(self.log, LogLevel.warn, "server.session_dropped",
+                     "dropping a session still open at shutdown")
                 session.transport.abortConnection()
 
 
 class ReloadOnSignal(Service):
     """
-    SIGHUP re-reads the accounts and aliases files and the TLS certificate,
-    without dropping a connection, and is passed on to worker processes.
+    SIGHUP re-reads the accounts and aliases files (logging each line that
+    cannot be used) and the TLS certificate, without dropping a connection,
+    and is passed on to worker processes.
     The primary writes its process id into C{<data_dir>/mailserver.pid} so
     C{mailserver reload} can find it.
     """
@@ -218,20 +217,24 @@ class ReloadOnSignal(Service):
         if self._pid_path is not None:
             self._pid_path.write_text(f"{os.getpid()}\n")
         self._previous = signal.signal(signal.SIGHUP, self._signalled)
+        self._accounts.problems()  # read now: bad lines are logged at start
 
     def _signalled(self, signum, frame) -> None:
         self._reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
         self._accounts.forget()
+        problems = self._accounts.problems()
         if self._workers is not None:
             self._workers.signal_all(signal.SIGHUP)
         try:
             self._tls_options.reload()
         except ConfigError as e:
-            self.log.error("reload: keeping the old TLS certificate: {problem}", problem=str(e))
+            emit(self.log, LogLevel.error, "server.reload_failed",
+                 "keeping the old TLS certificate", problem=str(e))
         else:
-            self.log.info("reloaded accounts, aliases and the TLS certificate")
+            emit(self.log, LogLevel.info, "server.reloaded",
+                 "reloaded accounts, aliases and the TLS certificate", bad_lines=len(problems))
 
     def stopService(self):
         super().stopService()
@@ -303,10 +306,8 @@ class CrashCleanup(Service):
         folders += glob.glob(os.path.join(glob.escape(str(self._mail_path)), "*", "*", "tmp"))
         removed = sum(remove_stale_tmp(folder) for folder in folders)
         if removed:
-            self.log.info(
-                "removed {count} unfinished message files left by an earlier crash",
-                count=removed,
-            )
+            emit(self.log, LogLevel.info, "server.crash_cleanup",
+                 "removed unfinished message files left by an earlier crash", count=removed)
 
 
 def _raise_open_file_limit() -> None:

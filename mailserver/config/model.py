@@ -248,6 +248,12 @@ class Relay:
     C{dns_timeout}: one DNS query, retransmissions included.
     C{bounce_full_limit}: when the sender did not choose RET, bounces carry
     the whole message up to this many octets, else only its headers.
+    C{relay_domains}: domains whose mail is accepted from anyone and relayed
+    to their MX hosts (a backup MX, a gateway); C{relay_recipients}: a file
+    of their valid recipients (L{mailserver.relay_recipients}; empty: all).
+    C{own_names}, C{own_addresses}: host names (besides C{hostname}) and IP
+    addresses that are this server, so an MX list naming it is cut there
+    (RFC 5321 5.1) and mail never loops back to it.
 
     A new key is one field here (its default as the file writes it, and
     its kind), one line above and one row in the README's key reference.
@@ -275,6 +281,13 @@ class Relay:
     command_timeout: float = setting(300.0, _NETWORK_SECONDS)
     data_timeout: float = setting(600.0, _NETWORK_SECONDS)
     bounce_full_limit: int = setting(131072, integer())
+    relay_domains: tuple[str, ...] = setting([], listing(text(v.local_domain), unique=str))
+    relay_recipients: str = setting("", text())
+    own_names: tuple[str, ...] = setting([], listing(text(v.own_name), unique=str))
+    own_addresses: tuple[str, ...] = setting([], listing(text(v.ip_address), unique=str))
+
+    def is_relay_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.relay_domains
 
 
 @dataclass(frozen=True)
@@ -387,6 +400,10 @@ class Config:
         return (
             Path(self.aliases_file) if self.aliases_file else self.data_path / "aliases"
         )
+
+    @property
+    def relay_recipients_path(self) -> Path | None:
+        return Path(self.relay.relay_recipients) if self.relay.relay_recipients else None
 
     @property
     def certificate_path(self) -> Path:

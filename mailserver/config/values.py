@@ -143,6 +143,20 @@ def host_name(value: str) -> str:
     return value
 
 
+def own_name(value: str) -> str:
+    """
+    A host name of this server, compared without case or trailing dot.
+    """
+    return _name(value).lower().rstrip(".")
+
+
+def ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise Invalid(f"{shown(value)} is not an IP address") from None
+
+
 def local_domain(value: str) -> str:
     _name(value)
     if value != value.lower() or value.endswith("."):
