@@ -42,7 +42,7 @@ from mailserver.hooks import Delivery
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
-from mailserver.relay.mx import MXRouter, make_resolver
+from mailserver.relay.mx import MXRouter, Ourselves, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
     FAILED,
@@ -165,7 +165,8 @@ class RelayRunner(Service):
             # A route takes at most an MX query, a CNAME hop and the address
             # queries (made at once); the deadline holds whatever happens.
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
-                              deadline=3 * self._relay.dns_timeout)
+                              deadline=3 * self._relay.dns_timeout,
+                              ourselves=Ourselves.from_config(self._hostname, self._relay))
             self._courier = LoggingCourier(
                 RouteCourier(
                     reactor=self._reactor,

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from twisted.internet import defer
 from twisted.names import error as dns_error
 
 from tests.e2e.relay_fixtures import ZoneResolver
-from mailserver.relay.mx import Hop, MXRouter, RoutingError
+from mailserver.relay.mx import Hop, MXRouter, Ourselves, RoutingError
 
 ZONE = {
     "remote.test": {"MX": [[20, "mx2.remote.test"], [10, "mx1.remote.test"]]},
@@ -224,3 +226,61 @@ def test_mx_hosts_are_looked_up_at_once():
     resolver.lookupAddress = resolver.lookupIPV6Address = address
     MXRouter(resolver, rng=random.Random(1)).route("many.test")
     assert sorted(asked) == ["a.test", "a.test", "b.test", "b.test", "c.test", "c.test"]
+
+
+# A domain whose MX hosts include this server (RFC 5321 5.1).
+OURS = {
+    "backup.test": {"MX": [[10, "mx1.backup.test"], [20, "mx2.backup.test"],
+                           [20, "mx2b.backup.test"], [30, "mx3.backup.test"]]},
+    "mx1.backup.test": {"A": ["127.0.0.1"]},
+    "mx2.backup.test": {"A": ["127.0.0.2"]},
+    "mx2b.backup.test": {"A": ["127.0.0.3"]},
+    "mx3.backup.test": {"A": ["127.0.0.4"]},
+    "best.test": {"MX": [[10, "mx2.backup.test"], [20, "mx1.backup.test"]]},
+    "only.test": {"MX": [[5, "me.test"]]},
+    "me.test": {"A": ["192.0.2.1"]},
+    "itself.test": {"A": ["127.0.0.2"]},
+    "down.test": {"MX": [[10, "gone.down.test"], [20, "mx2.backup.test"]]},
+}
+
+
+def route_as(domain, ourselves):
+    router = MXRouter(ZoneResolver(OURS), port=25, rng=random.Random(1), ourselves=ourselves)
+    results = []
+    router.route(domain).addBoth(results.append)
+    [result] = results
+    return result
+
+
+@pytest.mark.parametrize("ourselves", [
+    Ourselves(addresses=frozenset({"127.0.0.2"})),
+    Ourselves(names=frozenset({"mx2.backup.test"})),
+], ids=["by address", "by name"])
+def test_a_backup_mx_routes_only_to_better_hosts(ourselves):
+    # We are mx2 (preference 20): mx1 stays, mx2b (also 20) and mx3 (30) go.
+    assert route_as("backup.test", ourselves) == [Hop("mx1.backup.test", ("127.0.0.1",), 25)]
+    # Without knowing ourselves, every host is tried, ourselves too.
+    names = [h.name for h in route_as("backup.test", Ourselves())]
+    assert names[0] == "mx1.backup.test" and names[3] == "mx3.backup.test"
+    assert sorted(names[1:3]) == ["mx2.backup.test", "mx2b.backup.test"]
+
+
+@pytest.mark.parametrize("domain, ourselves", [
+    ("best.test", Ourselves(addresses=frozenset({"127.0.0.2"}))),
+    ("only.test", Ourselves(names=frozenset({"me.test"}))),
+    ("itself.test", Ourselves(addresses=frozenset({"127.0.0.2"}))),
+    ("[127.0.0.2]", Ourselves(addresses=frozenset({"127.0.0.2"}))),
+])
+def test_mail_for_which_we_are_the_best_mx_loops_and_fails_for_good(domain, ourselves):
+    failure = route_as(domain, ourselves)
+    assert failure.check(RoutingError), failure
+    reply = failure.value.reply
+    assert (reply.code, reply.status) == (554, "5.4.6")
+    assert str(reply) == f"554 5.4.6 mail for {domain} loops back to myself"
+
+
+def test_a_better_host_without_an_address_is_a_temporary_failure_not_a_loop():
+    failure = route_as("down.test", Ourselves(addresses=frozenset({"127.0.0.2"})))
+    assert str(failure.value.reply) == (
+        "451 4.4.3 cannot find an address for the MX hosts of down.test: no MX host has an "
+        "address")
