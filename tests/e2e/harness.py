@@ -41,13 +41,20 @@ class MailServer:
         local_domains: tuple[str, ...] = ("localhost",),
         extra_toml: str = "",
         roles: tuple[str, ...] = ("smtp", "submission", "pop3", "admin"),
+        listen: dict[str, str] | None = None,
     ) -> None:
+        """
+        @param listen: an endpoint string for a role, instead of an
+            OS-chosen loopback port (a role listed here is served).
+        """
         self.root = tmp_path
         self.data_path = tmp_path / "data"
         self.config_path = tmp_path / "mailserver.toml"
         self.log_path = tmp_path / "twistd.log"
+        listen = listen or {}
         listeners = "\n".join(
-            f'{role} = ["{LOOPBACK}"]' if role in roles else f"{role} = []"
+            f'{role} = ["{listen.get(role, LOOPBACK)}"]' if role in roles or role in listen
+            else f"{role} = []"
             for role in ("smtp", "submission", "submissions", "pop3", "pop3s", "admin")
         )
         domains = ", ".join(f'"{d}"' for d in local_domains)
