@@ -8,6 +8,10 @@ envelope sender's domain, with relaxed/relaxed canonicalisation, and adds
 each C{DKIM-Signature} field at the top, folded as dkimpy folds it.  The
 hashing runs in a thread: a large body never holds up the reactor.  A message
 that cannot be signed is logged and delivered unsigned.
+
+A message with a line over 998 octets is stored as it came but sent
+re-encoded (L{mailserver.relay.line_length}): it is signed in that
+re-encoded form, which is what the peer receives and verifies.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mailserver.interfaces import IMessageHook
 from mailserver.mailauth._message import whole_message
 from mailserver.mailauth.dmarc import domain_of, from_domains
 from mailserver.mailauth.keys import SigningKey
+from mailserver.relay.line_length import fit, has_long_lines
 
 
 def include_headers(
@@ -108,6 +113,9 @@ class DKIMSigner:
         import dkim
 
         message = whole_message(head, body.read())
+        stored = message.replace(b"\r\n", b"\n")
+        if has_long_lines(stored):
+            message = fit(stored).replace(b"\n", b"\r\n")
         include = [n.encode("ascii") for n in include_headers(names, self._signed,
                                                                 self._oversigned)]
         fields = []

@@ -15,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver.config import SmarthostTLS
 from mailserver.interfaces import ICourier
 from mailserver.relay import client as smtp_client
+from mailserver.relay import line_length
 from mailserver.relay.client import OutboundRecipient, Reply, Timeouts, Transaction
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
 from mailserver.relay.queue import QueuedMessage, QueueStore
@@ -54,9 +55,12 @@ def destination_of(relay, address: str) -> str:
 class RouteCourier:
     """
     Finds the hosts for the destination and tries them in order until one
-    answers about the recipients.
+    answers about the recipients, sending the message with every line
+    fitting the 998-octet limit (L{line_length}).
 
     @param send: C{client.deliver}'s signature; replaced in tests.
+    @param io: runs a blocking call and returns a Deferred of its result
+        (default: the reactor's thread pool).
     """
 
     log = Logger()
@@ -71,6 +75,7 @@ class RouteCourier:
         router: MXRouter,
         send: Callable[..., defer.Deferred] = smtp_client.deliver,
         tls_options=None,
+        io: Callable[..., defer.Deferred] | None = None,
     ) -> None:
         self._reactor = reactor
         self._relay = relay
@@ -81,18 +86,21 @@ class RouteCourier:
         self._tls_options = tls_options
         self._timeouts = Timeouts.from_config(relay)
         self._transports = {route.domain: route for route in relay.transports}
+        self._io = io or (lambda f, *args: threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), f, *args))
 
     def deliver(self, message, recipients):
         return defer.Deferred.fromCoroutine(self._deliver(message, recipients))
 
-    def _transaction(self, message: QueuedMessage, recipients, tls: str, auth: bool) -> Transaction:
+    def _transaction(self, message: QueuedMessage, recipients, tls: str, auth: bool,
+                     open_body) -> Transaction:
         relay = self._relay
         return Transaction(
             sender=message.sender,
             recipients=tuple(
                 OutboundRecipient(r.address, r.notify, r.orcpt) for r in recipients
             ),
-            open_body=lambda: self._store.open_body(message),
+            open_body=open_body,
             size=message.size,
             body=message.body,
             smtputf8=message.smtputf8,
@@ -123,7 +131,8 @@ class RouteCourier:
             hops, tls, auth = await self._hops(domain)
         except RoutingError as e:
             return {r.address: Outcome(e.reply) for r in recipients}
-        transaction = self._transaction(message, recipients, tls, auth)
+        open_body = await self._io(line_length.fitted, lambda: self._store.open_body(message))
+        transaction = self._transaction(message, recipients, tls, auth, open_body)
         result = None
         for hop in hops:
             for address in hop.addresses:

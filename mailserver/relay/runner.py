@@ -174,6 +174,7 @@ class RelayRunner(Service):
                     hostname=self._hostname,
                     store=self._queue,
                     router=router,
+                    io=self._io,
                 )
             )
         removed = self._queue.remove_orphans()

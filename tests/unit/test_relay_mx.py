@@ -4,6 +4,7 @@ MX routing against in-memory twisted.names zones.
 
 from __future__ import annotations
 
+import io
 import random
 
 import pytest
@@ -88,6 +89,19 @@ def test_address_literal():
     assert route("[127.0.0.1]") == [Hop("127.0.0.1", ("127.0.0.1",), 2525)]
 
 
+class OneMessage:
+    """
+    A queue store whose every message is the same short one.
+    """
+
+    def open_body(self, message):
+        return io.BytesIO(b"Subject: hi\n\nHello.\n")
+
+
+def at_once(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
 def test_first_mx_down_second_takes_it(tmp_path):
     from mailserver.config import Relay
     from mailserver.relay.client import Reply, TransactionResult, temporary
@@ -104,8 +118,9 @@ def test_first_mx_down_second_takes_it(tmp_path):
             return defer.succeed(TransactionResult(replies, reached=True, host=name))
         return defer.succeed(TransactionResult(replies, reached=False, host=name))
 
-    courier = RouteCourier(reactor=None, relay=Relay(port=2525), hostname="mx.test", store=None,
-                           router=MXRouter(ZoneResolver(ZONE), port=2525), send=send)
+    courier = RouteCourier(reactor=None, relay=Relay(port=2525), hostname="mx.test",
+                           store=OneMessage(), router=MXRouter(ZoneResolver(ZONE), port=2525),
+                           send=send, io=at_once)
     message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,
                             recipients=(RecipientState("r@remote.test"),))
     results = []
@@ -143,8 +158,9 @@ def test_smarthost_and_transport_override_mx(tmp_path):
          ("127.0.0.1", 2727, "opportunistic", "")),
     ):
         seen.clear()
-        courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test", store=None,
-                               router=MXRouter(ZoneResolver({}), port=25), send=send)
+        courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test",
+                               store=OneMessage(), router=MXRouter(ZoneResolver({}), port=25),
+                               send=send, io=at_once)
         courier.deliver(message, message.recipients)
         assert seen == [expected]
 
