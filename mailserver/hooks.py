@@ -269,7 +269,8 @@ class Hooks:
 
     def _failed(self, name: str, hook: str, error: BaseException) -> Reject:
         self.log.failure(
-            "plugin {plugin} failed in {hook}", failure=_as_failure(error), plugin=name, hook=hook
+            "plugin {plugin} failed in {hook}", failure=_as_failure(error), plugin=name, hook=hook,
+            event="plugin.failed", log_system="plugin.failed#critical",
         )
         if self._on_error is not None:
             self._on_error(name)

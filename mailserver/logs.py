@@ -14,8 +14,9 @@ content as the JSON log::
 C{twistd --logger=mailserver.logs.json_stdout -n mailserver} writes each
 event as one flat JSON object per line (L{flatten}): C{time}, C{level},
 C{event}, C{message} and the fields.  Events from Twisted itself (and from
-plugins that give no name) get their logger's namespace as C{event}.  The
-README lists the names.
+plugins that give no name) get their logger's namespace as C{event}
+(C{twisted.legacy} through the old C{twisted.python.log} API); any log call
+names its event by passing C{event=NAME}.  The README lists the names.
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def _plain(value: object) -> object:
     return str(value)
 
 
+def _name(event: dict) -> str:
+    """
+    The event's own name, else its logger's namespace (C{twisted.legacy}
+    for what comes through the old C{twisted.python.log} API).
+    """
+    name = event.get("event")
+    if isinstance(name, str) and name:
+        return name
+    namespace = event.get("log_namespace") or "twisted.legacy"
+    return "twisted.legacy" if namespace == "log_legacy" else str(namespace)
+
+
 def flatten(event: dict) -> dict:
     """
     One event as a flat JSON-ready object: C{time} (UTC, ISO 8601),
@@ -101,7 +114,7 @@ def flatten(event: dict) -> dict:
     flat: dict = {
         "time": when.isoformat(timespec="microseconds").replace("+00:00", "Z"),
         "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
-        "event": str(event.get("event") or event.get("log_namespace") or "log"),
+        "event": _name(event),
         "message": formatEvent(event),
     }
     failure = event.get("log_failure")

@@ -255,7 +255,8 @@ class _CallbackGauge(_Instrument):
         try:
             value = self._fn()
         except Exception:
-            _log.failure("metric {name} could not be measured", name=self.name)
+            _log.failure("metric {name} could not be measured", name=self.name,
+                         event="metrics.failed", log_system="metrics.failed#critical")
             return
         yield "", (), value
 

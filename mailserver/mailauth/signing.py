@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailserver.interfaces import IMessageHook
+from mailserver.logs import emit
 from mailserver.mailauth._message import whole_message
 from mailserver.mailauth.dmarc import domain_of, from_domains
 from mailserver.mailauth.keys import SigningKey
@@ -100,10 +101,8 @@ class DKIMSigner:
                 self._reactor, threadpool, self._sign, domain, head, names, body
             )
         except Exception as e:
-            self.log.error(
-                "DKIM: cannot sign mail from {sender} with {domain}, sent unsigned: {error}",
-                sender=envelope.sender, domain=domain, error=f"{type(e).__name__}: {e}",
-            )
+            emit(self.log, LogLevel.error, "dkim.sign_failed", "cannot sign; sent unsigned",
+                 sender=envelope.sender, domain=domain, error=f"{type(e).__name__}: {e}")
             return None
         for field in reversed(fields):
             headers.add_raw(field)

@@ -31,13 +31,14 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Cooperator
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailserver.config import Config
 from mailserver.flow import BUSY, INPUT, ReadControl
 from mailserver.immediate_write import write_now
 from mailserver.login_throttle import LoginThrottle, throttle_for
+from mailserver.logs import emit, emit_failure
 from mailserver.interfaces import IAccount
 from mailserver.maildir import Mailbox, MessageInfo
 from mailserver.metrics import ServerMetrics, unregistered_metrics
@@ -156,15 +157,9 @@ class POP3Server(Protocol):
         if self._logout is not None:
             self._logout()
             self._logout = None
-        self._log.info(
-            "POP3 session ended: user={user} client={client} retrieved={retrieved}"
-            " octets={octets} deleted={deleted}",
-            user=self._account or "-",
-            client=self._client(),
-            retrieved=self._retrieved,
-            octets=self._retrieved_octets,
-            deleted=self._deleted,
-        )
+        emit(self._log, LogLevel.info, "pop3.session", "session ended",
+             user=self._account or "-", client=self._client(), retrieved=self._retrieved,
+             octets=self._retrieved_octets, deleted=self._deleted)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -298,8 +293,8 @@ class POP3Server(Protocol):
             self._idle_call.cancel()
 
     def _idle_timeout(self) -> None:
-        self._log.info("POP3 timeout: user={user} client={client}",
-                       user=self._account or "-", client=self._client())
+        emit(self._log, LogLevel.info, "pop3.timeout", "disconnected for inactivity",
+             user=self._account or "-", client=self._client())
         self._reply(err("Disconnected for inactivity."))
         self._close()
 
@@ -368,9 +363,8 @@ class POP3Server(Protocol):
         self._end_update(ok(f"Logging out, {count} messages deleted."))
 
     def _update_failed(self, failure: Failure) -> None:
-        self._log.failure(
-            "Removing deleted messages of {user} failed", failure, user=self._account
-        )
+        emit_failure(self._log, "pop3.update_failed", "removing deleted messages failed",
+                     failure, user=self._account)
         self._end_update(err("[SYS/TEMP] Some deleted messages could not be removed."))
 
     def _end_update(self, reply: bytes) -> None:
@@ -476,11 +470,9 @@ class POP3Server(Protocol):
 
     def _login(self, credentials: Credentials) -> None:
         if self.factory.login_throttle.refused(self._client_address()):
-            self._log.warn(
-                "POP3 login refused unchecked for {user!r} from {client}:"
-                " too many failed logins from there",
-                user=credentials.username.decode("utf-8", "replace"), client=self._client(),
-            )
+            emit(self._log, LogLevel.warn, "pop3.auth_throttled",
+                 "login refused unchecked: too many failed logins from there",
+                 user=credentials.username.decode("utf-8", "replace"), client=self._client())
             self._reply(err("[SYS/TEMP] Too many failed logins from your address, try again later."))
             return
         self._wait()
@@ -497,18 +489,16 @@ class POP3Server(Protocol):
 
     def _login_refused(self, failure: Failure, username: bytes) -> None:
         if not failure.check(LoginFailed):  # UnauthorizedLogin is a LoginFailed
-            self._log.failure("POP3 login check failed", failure)
+            emit_failure(self._log, "pop3.auth_error", "login check failed", failure,
+                         client=self._client())
             self._reply(err("[SYS/TEMP] Temporary authentication failure."))
             self._resume()
             return
         self._auth_failures += 1
         self.factory.metrics.pop3_login_failures_total.inc()
-        self._log.warn(
-            "POP3 authentication failed for {user!r} from {client} ({failures} failures)",
-            user=username.decode("utf-8", "replace"),
-            client=self._client(),
-            failures=self._auth_failures,
-        )
+        emit(self._log, LogLevel.warn, "pop3.auth_failed", "authentication failed",
+             user=username.decode("utf-8", "replace"), client=self._client(),
+             failures=self._auth_failures)
         delay = self.factory.login_throttle.failed(self._client_address())
         if self._connected:
             self._delayed_reply = self._clock.callLater(delay, self._answer_failed_login)
@@ -566,10 +556,11 @@ class POP3Server(Protocol):
     def _mailbox_failed(self, failure: Failure, address: str, logout) -> None:
         logout()
         if failure.check(OSError):
-            self._log.failure("Opening the mailbox of {user} failed", failure, user=address)
+            emit_failure(self._log, "pop3.mailbox_failed", "opening the mailbox failed",
+                         failure, user=address)
             self._reply(err("[SYS/TEMP] Mailbox is temporarily unavailable."))
         else:
-            self._log.failure("No mailbox for {user}", failure, user=address)
+            emit_failure(self._log, "pop3.mailbox_failed", "no mailbox", failure, user=address)
             self._reply(err("[SYS/PERM] Mailbox is unavailable."))
         self._resume()
 
@@ -599,7 +590,7 @@ class POP3Server(Protocol):
         self._resume()
 
     def _log_unexpected(self, failure: Failure) -> None:
-        self._log.failure("POP3 session error", failure)
+        emit_failure(self._log, "pop3.error", "session error", failure, client=self._client())
         self._close()
 
     # TRANSACTION state.
@@ -693,7 +684,8 @@ class POP3Server(Protocol):
             if whole is None:
                 source = self._mailbox.open(info)
         except OSError:
-            self._log.failure("Opening message {uid} failed", uid=info.uid)
+            emit_failure(self._log, "pop3.read_failed", "opening a message failed",
+                         user=self._account, uid=info.uid)
             return err("[SYS/TEMP] The message cannot be read now.")
         if whole is not None:
             wire = prefix + encoder.encode(whole) + encoder.terminator()
@@ -735,7 +727,8 @@ class POP3Server(Protocol):
         self._transfer = None
         if failure.check(TransferStopped):
             return  # the client went away; connectionLost cleans up
-        self._log.failure("Reading a message failed; closing the session", failure)
+        emit_failure(self._log, "pop3.read_failed", "reading a message failed; closing the "
+                     "session", failure, user=self._account)
         self._close()
 
 
@@ -784,7 +777,8 @@ def _update_steps(
         try:
             mailbox.mark_seen(info)
         except OSError as e:
-            POP3Server._log.error("Marking message {uid} seen failed: {e}", uid=info.uid, e=e)
+            emit(POP3Server._log, LogLevel.error, "pop3.seen_failed",
+                 "marking a message seen failed", uid=info.uid, problem=str(e))
         yield None
     for info in doomed:
         mailbox.remove(info)

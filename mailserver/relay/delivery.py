@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import defer, threads
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailserver.config import SmarthostTLS
 from mailserver.interfaces import ICourier
+from mailserver.logs import emit
 from mailserver.relay import client as smtp_client
 from mailserver.relay import line_length
 from mailserver.relay.client import OutboundRecipient, Reply, Timeouts, Transaction
@@ -144,11 +145,9 @@ class RouteCourier:
                         r.address: Outcome(result.replies[r.address], hop.name, result.dsn)
                         for r in recipients
                     }
-                self.log.info(
-                    "relay: {id}: {host} [{address}]:{port} did not take the message: {why}",
-                    id=message.id, host=hop.name, address=address, port=hop.port,
-                    why=str(next(iter(result.replies.values()))),
-                )
+                emit(self.log, LogLevel.info, "relay.host_failed", "did not take the message",
+                     host=hop.name, address=address, port=hop.port,
+                     reply=str(next(iter(result.replies.values()))), id=message.id)
         return {
             r.address: Outcome(result.replies[r.address], result.host if result else "")
             for r in recipients
@@ -158,25 +157,31 @@ class RouteCourier:
 @implementer(ICourier)
 class LoggingCourier:
     """
-    Logs each recipient's outcome.
+    Logs each recipient's outcome, as Postfix's C{status=sent}, C{deferred}
+    and C{bounced} lines: events C{relay.sent}, C{relay.deferred} and
+    C{relay.bounced}.
+
+    @param clock: for the time the attempt took (C{ms}).
     """
 
     log = Logger()
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, clock=None) -> None:
         self._inner = inner
+        self._clock = clock
 
     def deliver(self, message, recipients):
+        started = self._clock.seconds() if self._clock is not None else None
+
         def logged(outcomes):
+            ms = None if started is None else round((self._clock.seconds() - started) * 1000, 1)
             for address, outcome in outcomes.items():
-                self.log.info(
-                    "relay: {id}: <{sender}> -> <{address}> via {mta}: {reply}",
-                    id=message.id,
-                    sender=message.sender,
-                    address=address,
-                    mta=outcome.remote_mta or "-",
-                    reply=str(outcome.reply),
-                )
+                reply = outcome.reply
+                status = "sent" if reply.positive else "bounced" if reply.permanent else "deferred"
+                emit(self.log, LogLevel.info if reply.positive else LogLevel.warn,
+                     f"relay.{status}", status, recipient=address, sender=message.sender,
+                     relay=outcome.remote_mta or "-", code=reply.code, dsn=reply.status,
+                     reply=str(reply), ms=ms, id=message.id)
             return outcomes
 
         return self._inner.deliver(message, recipients).addCallback(logged)

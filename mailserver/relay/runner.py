@@ -35,10 +35,11 @@ from dataclasses import replace
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from mailserver.envelope import Envelope, Recipient
 from mailserver.hooks import Delivery
+from mailserver.logs import emit, emit_failure
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
@@ -168,7 +169,8 @@ class RelayRunner(Service):
                               deadline=3 * self._relay.dns_timeout,
                               ourselves=Ourselves.from_config(self._hostname, self._relay))
             self._courier = LoggingCourier(
-                RouteCourier(
+                clock=self._reactor,
+                inner=RouteCourier(
                     reactor=self._reactor,
                     relay=self._relay,
                     hostname=self._hostname,
@@ -179,7 +181,8 @@ class RelayRunner(Service):
             )
         removed = self._queue.remove_orphans()
         if removed:
-            self.log.info("relay: removed {n} unacknowledged queue files", n=len(removed))
+            emit(self.log, LogLevel.info, "relay.orphans_removed",
+                 "removed unacknowledged queue files", count=len(removed))
         self._queue.on_enqueued = self._enqueued_in_thread
         self._scanner = task.LoopingCall(self.scan)
         self._scanner.clock = self._reactor
@@ -214,8 +217,8 @@ class RelayRunner(Service):
             try:
                 self.request(verb, target)
             except QueueError as e:
-                self.log.warn("relay: queue request {verb} {target}: {e}", verb=verb,
-                              target=target, e=str(e))
+                emit(self.log, LogLevel.warn, "relay.request_refused", "queue request refused",
+                     verb=verb, target=target, problem=str(e))
         on_disk = set(self._queue.ids())
         for queue_id in list(self._timers):
             if queue_id not in on_disk:
@@ -241,14 +244,13 @@ class RelayRunner(Service):
             where = self._queue.set_aside(e.queue_id, e.problem)
         except OSError as error:
             self._unusable.add(e.queue_id)
-            self.log.error(
-                "relay: queue file {file} is corrupt ({problem}) and cannot be moved "
-                "aside ({error}); ignoring it", file=str(e.path), problem=e.problem,
-                error=error.strerror or str(error))
+            emit(self.log, LogLevel.error, "relay.corrupt",
+                 "queue file is corrupt and cannot be moved aside; ignoring it", file=str(e.path), problem=e.problem,
+                 error=error.strerror or str(error), id=e.queue_id)
             return
         self._metrics.relay_queue_corrupt_total.inc()
-        self.log.error("relay: queue file {file} is corrupt ({problem}); moved it to {where}",
-                       file=str(e.path), problem=e.problem, where=str(where))
+        emit(self.log, LogLevel.error, "relay.corrupt",
+             "queue file is corrupt; moved it aside", file=str(e.path), problem=e.problem, where=str(where), id=e.queue_id)
 
     def _cancel_timer(self, queue_id: str) -> None:
         timer = self._timers.pop(queue_id, None)
@@ -280,7 +282,7 @@ class RelayRunner(Service):
         self._cancel_timer(target)
         if verb == "delete":
             self._queue.remove(target)
-            self.log.info("relay: {id}: deleted on request", id=target)
+            emit(self.log, LogLevel.info, "relay.deleted", "deleted on request", id=target)
         else:
             self._timers[target] = self._reactor.callLater(
                 0, self._start_attempt, target, verb == "bounce"
@@ -327,7 +329,7 @@ class RelayRunner(Service):
         def failed(failure):
             # A bug or a full disk: back off, rather than let the next scan
             # retry it (and maybe deliver it again) every few seconds.
-            self.log.failure("relay: {id}: attempt failed", failure, id=queue_id)
+            emit_failure(self.log, "relay.attempt_failed", "attempt failed", failure, id=queue_id)
             if self.running and queue_id not in self._timers:
                 self._schedule(queue_id, self._reactor.seconds()
                                + retry_delay(self.policy, 1, self._jitter))
@@ -363,7 +365,7 @@ class RelayRunner(Service):
         message = await self._report(message, now)
         if all(r.state != PENDING and r.notified for r in message.recipients):
             await self._io(self._queue.remove, message.id)
-            self.log.info("relay: {id}: done", id=message.id)
+            emit(self.log, LogLevel.info, "relay.removed", "done", id=message.id)
         elif message.pending():
             self._schedule(message.id, message.next_attempt)
         else:
@@ -375,6 +377,8 @@ class RelayRunner(Service):
         for r in message.pending():
             self._metrics.relay_deliveries_total.inc(result="bounced")
             self._tell(message, r.address, "bounced", diagnostic)
+            emit(self.log, LogLevel.warn, "relay.bounced", "bounced", recipient=r.address,
+                 sender=message.sender, dsn=status, reason=diagnostic, id=message.id)
             message = message.with_recipient(
                 r.address,
                 state=FAILED,
@@ -468,11 +472,11 @@ class RelayRunner(Service):
                 try:
                     await self._send_report(message, wanted, action, now)
                 except QueueError as e:  # nowhere to send it: drop it
-                    self.log.error("relay: {id}: dropping a {action} report: {e}",
-                                   id=message.id, action=action, e=str(e))
+                    emit(self.log, LogLevel.error, "relay.dsn_dropped", "dropping a report",
+                         action=action, recipient=message.sender, problem=str(e), id=message.id)
                 except Exception as e:
-                    self.log.error("relay: {id}: cannot send a {action} report to <{to}>: {e}",
-                                   id=message.id, action=action, to=message.sender, e=str(e))
+                    emit(self.log, LogLevel.error, "relay.dsn_failed", "cannot send a report",
+                         action=action, recipient=message.sender, problem=str(e), id=message.id)
                     if action == dsn_module.DELAYED:
                         message = replace(message, delay_warned=False)
                     continue
@@ -516,9 +520,9 @@ class RelayRunner(Service):
         except Exception:
             receiver.abort()
             raise
-        await receiver.finish()
-        self.log.info("relay: {id}: {action} report sent to <{to}>", id=message.id,
-                      action=action, to=message.sender)
+        report_id = await receiver.finish()
+        emit(self.log, LogLevel.info, "relay.dsn_sent", f"{action} report sent", action=action,
+             recipient=message.sender, report=report_id, id=message.id)
 
     def _report_destinations(self, sender: str) -> tuple[str, ...]:
         domain = sender.rpartition("@")[2]

@@ -42,11 +42,15 @@ class MailServer:
         extra_toml: str = "",
         roles: tuple[str, ...] = ("smtp", "submission", "pop3", "admin"),
         listen: dict[str, str] | None = None,
+        json_log: bool = False,
     ) -> None:
         """
         @param listen: an endpoint string for a role, instead of an
             OS-chosen loopback port (a role listed here is served).
+        @param json_log: log through C{mailserver.logs.json_stdout} (into
+            C{log_path}) instead of twistd's text log.
         """
+        self.json_log = json_log
         self.root = tmp_path
         self.data_path = tmp_path / "data"
         self.config_path = tmp_path / "mailserver.toml"
@@ -76,25 +80,33 @@ class MailServer:
         report = self.data_path / "listeners.json"
         if report.exists():
             report.unlink()
+        logging = [f"--logfile={self.log_path}"]
+        stdout = subprocess.PIPE
+        if self.json_log:
+            logging = ["--logger=mailserver.logs.json_stdout"]
+            stdout = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
                 str(BIN / "twistd"),
                 "--nodaemon",
                 "--pidfile=",
-                f"--logfile={self.log_path}",
+                *logging,
                 "mailserver",
                 "--config",
                 str(self.config_path),
             ],
             cwd=self.root,
             env=environment(),
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.STDOUT,
         )
+        if stdout is not subprocess.PIPE:
+            stdout.close()  # the child has its own copy
         deadline = time.monotonic() + timeout
         while not report.exists():
             if self.process.poll() is not None:
-                output = self.process.stdout.read().decode(errors="replace")
+                output = self.process.stdout.read().decode(errors="replace") \
+                    if self.process.stdout else ""
                 raise RuntimeError(f"server exited {self.process.returncode}: {output}\n{self.log()}")
             if time.monotonic() > deadline:
                 self.kill()
@@ -119,7 +131,8 @@ class MailServer:
                 self.process.kill()
                 self.process.wait()
         code = self.process.returncode
-        self.process.stdout.close()
+        if self.process.stdout:
+            self.process.stdout.close()
         self.process = None
         return code
 
@@ -130,7 +143,8 @@ class MailServer:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
-            self.process.stdout.close()
+            if self.process.stdout:
+                self.process.stdout.close()
             self.process = None
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:

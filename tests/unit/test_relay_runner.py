@@ -289,8 +289,8 @@ def test_corrupt_entry_at_start_is_set_aside_once_and_the_rest_delivered(tmp_pat
     w2.runner._metrics = metrics = unregistered_metrics()
     w2.start()
     [line] = corrupt_lines(logged)
-    assert f"queue file {w2.queue.envelopes_path / bad}.json is corrupt (not valid JSON" in line
-    assert f"moved it to {w2.queue.corrupt_path / bad}.json" in line
+    assert f"file={w2.queue.envelopes_path / bad}.json, problem=not valid JSON" in line
+    assert f"where={w2.queue.corrupt_path / bad}.json" in line
     assert metrics.relay_queue_corrupt_total.value() == 1
     assert w2.queue.ids() == [good]
     assert (w2.queue.corrupt_path / bad).exists()  # the message kept beside it
@@ -330,7 +330,7 @@ def test_entry_that_cannot_be_moved_is_reported_once_and_ignored(tmp_path, logge
     for _ in range(5):
         w.reactor.advance(5)
     [line] = corrupt_lines(logged)
-    assert "cannot be moved aside (Permission denied); ignoring it" in line
+    assert "cannot be moved aside; ignoring it" in line and "error=Permission denied" in line
     assert w.courier.calls == []
     w.send()
     assert len(w.courier.calls) == 1  # the good ones still go
