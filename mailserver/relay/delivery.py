@@ -45,11 +45,13 @@ class Outcome:
 def destination_of(relay, address: str) -> str:
     """
     The key that groups recipients into one transaction and one
-    concurrency limit: the smarthost, or the recipient's domain.
+    concurrency limit: the smarthost, or the recipient's domain (always, for
+    a domain with a route of its own in C{relay.transports}).
     """
-    if relay.smarthost:
+    domain = address.rpartition("@")[2].lower().rstrip(".")
+    if relay.smarthost and all(route.domain != domain for route in relay.transports):
         return f"smarthost:{relay.smarthost}"
-    return address.rpartition("@")[2].lower().rstrip(".")
+    return domain
 
 
 @implementer(ICourier)
@@ -115,15 +117,20 @@ class RouteCourier:
         )
 
     async def _hops(self, domain: str) -> tuple[list[Hop], str, bool]:
+        """
+        A domain's own route first (as Postfix's transport table overrules
+        its relayhost: a gateway sends its relay domains inside, and the
+        rest through the smarthost), then the smarthost, then MX lookup.
+        """
         relay = self._relay
-        if relay.smarthost:
-            host, port = relay.smarthost.host, relay.smarthost.port
-            tls = "implicit" if relay.smarthost_tls == SmarthostTLS.IMPLICIT else "required"
-            return [Hop(host, (host,), port)], tls, True
         route = self._transports.get(domain)
         if route is not None:
             port = relay.port if route.port is None else route.port
             return [Hop(route.host, (route.host,), port)], relay.tls, False
+        if relay.smarthost:
+            host, port = relay.smarthost.host, relay.smarthost.port
+            tls = "implicit" if relay.smarthost_tls == SmarthostTLS.IMPLICIT else "required"
+            return [Hop(host, (host,), port)], tls, True
         return await self._router.route(domain), relay.tls, False
 
     async def _deliver(self, message, recipients) -> dict[str, Outcome]:

@@ -156,6 +156,10 @@ def test_smarthost_and_transport_override_mx(tmp_path):
          ("127.0.0.1", 2626, "opportunistic", "")),
         (Relay(port=2727, transports=(Transport("remote.test", "127.0.0.1", None),)),
          ("127.0.0.1", 2727, "opportunistic", "")),
+        # A domain's own route wins over the smarthost.
+        (Relay(smarthost=HostPort("127.0.0.1", 587), smarthost_username="u",
+               smarthost_password="p", transports=(Transport("remote.test", "10.0.0.5", 25),)),
+         ("10.0.0.5", 25, "opportunistic", "")),
     ):
         seen.clear()
         courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test",
@@ -163,6 +167,12 @@ def test_smarthost_and_transport_override_mx(tmp_path):
                                send=send, io=at_once)
         courier.deliver(message, message.recipients)
         assert seen == [expected]
+    from mailserver.relay.delivery import destination_of
+
+    both = Relay(smarthost=HostPort("127.0.0.1", 587),
+                 transports=(Transport("inside.test", "10.0.0.5", 25),))
+    assert destination_of(both, "a@Inside.Test") == "inside.test"
+    assert destination_of(both, "a@elsewhere.test") == "smarthost:127.0.0.1:587"
 
 
 class Hanging:
