@@ -241,6 +241,13 @@ class Accounts:
             return [address]
         return []
 
+    def is_relay_domain(self, domain: str) -> bool:
+        """
+        Is C{domain} one whose mail we take from anyone and relay
+        (C{relay.relay_domains}: a backup MX, a gateway)?
+        """
+        return domain.lower().rstrip(".") in self.relay_domains
+
     def is_relay_recipient(self, address: str) -> bool:
         """
         Is mail for C{address}, of a relay domain, accepted?  All of a

@@ -286,9 +286,6 @@ class Relay:
     own_names: tuple[str, ...] = setting([], listing(text(v.own_name), unique=str))
     own_addresses: tuple[str, ...] = setting([], listing(text(v.ip_address), unique=str))
 
-    def is_relay_domain(self, domain: str) -> bool:
-        return domain.lower().rstrip(".") in self.relay_domains
-
 
 @dataclass(frozen=True)
 class DKIM:

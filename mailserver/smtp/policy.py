@@ -77,7 +77,7 @@ class Policy:
             if not destinations:
                 return USER_UNKNOWN
             return tuple(destinations)
-        if not mailbox.is_address_literal and self._config.relay.is_relay_domain(mailbox.domain):
+        if not mailbox.is_address_literal and self._accounts.is_relay_domain(mailbox.domain):
             if not self._accounts.is_relay_recipient(mailbox.address):
                 return USER_UNKNOWN
             return (mailbox.address,)

@@ -38,6 +38,12 @@ class FakeAccounts:
         local, _, domain = address.rpartition("@")
         return local.lower(), domain.lower()
 
+    def is_relay_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.config.relay.relay_domains
+
+    def is_relay_recipient(self, address: str) -> bool:
+        return True
+
     def resolve(self, address: str):
         local, domain = self._canonical(address)
         if not self.config.is_local_domain(domain):

@@ -137,6 +137,8 @@ def test_bad_recipient_lines_are_logged_and_fail_check_config(tmp_path, capsys):
     assert main(["check-config", str(toml)]) == 0
 
 
-def test_the_relay_section_default_knows_no_relay_domain():
+def test_the_accounts_know_the_relay_domains(tmp_path):
     assert dataclasses.asdict(Relay())["relay_domains"] == ()
-    assert not Relay().is_relay_domain("example.org")
+    accounts = accounts_for(config_for(tmp_path, relay_domains=("primary.test",)))
+    assert accounts.is_relay_domain("Primary.Test.") and not accounts.is_relay_domain("x.test")
+    assert not accounts_for(config_for(tmp_path)).is_relay_domain("primary.test")
