@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 venv: $(BIN)/python
-	$(BIN)/pip install --quiet --editable '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet --editable '.[test]'
 
 run: venv
 	$(BIN)/twistd --nodaemon --pidfile= mailserver $(if $(CONFIG),--config $(CONFIG))

@@ -1,7 +1,8 @@
 """
-What the three harnesses share: the import paths, a log observer that turns
-a logged failure into a crash, and writing a libFuzzer dictionary and seed
-inputs so a run starts from real commands and real key names.
+What the three harnesses share: the repository on the import path (they
+run as scripts), a log observer that turns a logged failure into a crash,
+and writing a libFuzzer dictionary and seed inputs so a run starts from real
+commands and real key names.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The harnesses reuse the test suite's fakes and oracles.
-for folder in (ROOT / "tests" / "unit", ROOT / "tests" / "protocol", ROOT):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+# The harnesses use mailserver.testing's fakes and the test suite's oracles
+# (imported as tests.protocol..., tests.unit...).
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def _stop_log_buffering() -> None:

@@ -30,7 +30,12 @@ with atheris.instrument_imports(include=["mailserver", "tomllib"]):
     import mailserver.config.endpoints  # noqa: F401  (the endpoint checks import Twisted lazily)
     import mailserver.names  # noqa: F401
 
-from test_config_fuzz import KNOWN_KEYS, PLAUSIBLE, load_checked, toml_document  # noqa: E402
+from tests.unit.test_config_fuzz import (  # noqa: E402
+    KNOWN_KEYS,
+    PLAUSIBLE,
+    load_checked,
+    toml_document,
+)
 
 FOLDER = Path(tempfile.mkdtemp(prefix="config-fuzz-"))
 PATH = FOLDER / "mailserver.toml"

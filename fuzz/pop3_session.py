@@ -24,7 +24,7 @@ with atheris.instrument_imports(include=["mailserver"]):
     import mailserver.pop3  # noqa: F401  (the protocol, maildrop, wire, transfer)
     import mailserver.sasl  # noqa: F401
 
-from test_pop3_fuzz import FIXED, LOGIN, run_session  # noqa: E402
+from tests.protocol.test_pop3_fuzz import FIXED, LOGIN, run_session  # noqa: E402
 
 LIMITS = [512, 513, 6000]
 LOGINS = [b"", LOGIN, b"AUTH PLAIN AGJvYkBsb2NhbGhvc3QAc2VjcmV0\r\n"]

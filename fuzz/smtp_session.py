@@ -22,11 +22,11 @@ import atheris
 import _common
 
 with atheris.instrument_imports(include=["mailserver"]):
-    import mailserver.smtp  # noqa: F401  (protocol, grammar, policy, replies, message)
+    import mailserver.smtp  # noqa: F401  (session, transaction, glue, grammar, policy, wire room)
     import mailserver.sasl  # noqa: F401
 
-from smtp_fakes import LOOPBACK, REMOTE, Session  # noqa: E402
-from test_smtp_fuzz import COMMANDS  # noqa: E402
+from mailserver.testing import LOOPBACK, REMOTE, SMTPHarness  # noqa: E402
+from tests.protocol.test_smtp_fuzz import COMMANDS  # noqa: E402
 
 REPLY_LINE = re.compile(rb"^(\d{3})([ -])[^\r\n]*$")
 
@@ -59,7 +59,7 @@ def check_replies(output: bytes, pending: list[bytes]) -> None:
 
 def run(data: bytes, chunk_sizes: list[int], loopback: bool, role: str, pause: float) -> None:
     with _common.FailureLog() as failures:
-        session = Session(role=role, peer=LOOPBACK if loopback else REMOTE, tls_options=object())
+        session = SMTPHarness(role=role, peer=LOOPBACK if loopback else REMOTE, tls_options=object())
         pending: list[bytes] = []
         check_replies(session.greeting, pending)
         position = chunk = 0

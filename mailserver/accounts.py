@@ -37,7 +37,7 @@ from mailserver.address_files import (
 )
 from mailserver.aliases import parse_aliases
 from mailserver.config import CatchAll
-from mailserver.interfaces import IAccount
+from mailserver.interfaces import IAccount, IAccounts
 from mailserver.logs import emit
 from mailserver.passwords import (
     DUMMY_HASH,
@@ -86,6 +86,7 @@ def _parse_users(text: str, path: Path) -> Parsed[dict[str, str]]:
     return users, []
 
 
+@implementer(IAccounts)
 class Accounts:
     """
     Users and aliases of the local domains, where an address delivers, and

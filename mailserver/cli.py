@@ -2,7 +2,10 @@
 The C{mailserver} console script: accounts, aliases and configuration checks.
 
 It works on the same files as the running server, which notices changes by
-itself, so nothing here needs the server to be stopped or signalled.
+itself, so nothing here needs the server to be stopped or signalled.  Run
+as root on a data folder that belongs to another user (the server's), it
+does its work as that user, so every file it makes is the server's (see
+L{mailserver.ownership}); it says so when it makes the data folder itself.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import getpass
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from mailserver.accounts import AccountError
@@ -18,6 +22,7 @@ from mailserver.aliases import AliasError
 from mailserver.config import Config, ConfigError, load
 from mailserver.from_config import accounts_for, aliases_file_for, certificate_files
 from mailserver.hooks import PluginContext
+from mailserver.ownership import become_owner_of
 from mailserver.mailauth import add_dkim_commands, load_signing_keys
 from mailserver.plugin_loading import load_plugins
 from mailserver.relay.admin import add_queue_commands
@@ -33,28 +38,50 @@ class CommandError(Exception):
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    elif not sys.stdin.isatty():
+        # getpass would prompt on the terminal (or warn and read this input
+        # with echo), leaving what was piped in unused.
+        raise CommandError(
+            "standard input is not a terminal: give the password on it with --password-stdin"
+        )
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
+        password = _prompt("Password: ")
+        if _prompt("Again: ") != password:
             raise CommandError("the passwords differ")
     if not password:
         raise CommandError("the password is empty")
     return password
 
 
+def _prompt(text: str) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            return getpass.getpass(text)
+    except EOFError:
+        raise CommandError("no password given (end of input at the prompt)") from None
+    except getpass.GetPassWarning:
+        raise CommandError(
+            "cannot turn off echo to read the password: use --password-stdin"
+        ) from None
+
+
 def _user_add(config: Config, args: argparse.Namespace) -> str:
     accounts_for(config).add_user(args.address, _read_password(args))
-    return f"added {args.address}"
+    return f"added {args.address} to {config.users_path.resolve()}"
 
 
 def _user_passwd(config: Config, args: argparse.Namespace) -> str:
     accounts_for(config).set_password(args.address, _read_password(args))
-    return f"password changed for {args.address}"
+    return f"password changed for {args.address} in {config.users_path.resolve()}"
 
 
 def _user_del(config: Config, args: argparse.Namespace) -> str:
     accounts_for(config).remove_user(args.address)
-    return f"removed {args.address} (its mail stays in the Maildir)"
+    return (
+        f"removed {args.address} from {config.users_path.resolve()} "
+        "(its mail stays in the Maildir)"
+    )
 
 
 def _user_list(config: Config, args: argparse.Namespace) -> str:
@@ -173,7 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load(args.config)
-        output = args.handler(config, args)
+        data_path = config.data_path
+        existed = data_path.exists()
+        if args.handler is not _check_config:  # it reads as twistd would, and writes nothing
+            become_owner_of(data_path)
+        try:
+            output = args.handler(config, args)
+        finally:
+            if not existed and data_path.exists():
+                print(f"mailserver: made the data folder {data_path.resolve()}", file=sys.stderr)
     except (ConfigError, AccountError, AliasError, CommandError, QueueError) as e:
         for line in str(e).splitlines():
             print(f"mailserver: {line}", file=sys.stderr)

@@ -23,6 +23,7 @@ from mailserver.interfaces import (
     IEnvelopeHook,
     IMessageHook,
 )
+from mailserver.wire.reply import Reply
 
 
 class PluginOptionsError(ValueError):
@@ -73,25 +74,25 @@ class Client:
     tls: bool = False
 
 
-@dataclass(frozen=True)
-class Reject:
+class Reject(Reply):
     """
-    Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}.
+    Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}:
+    a L{Reply}, checked to be a refusal with an enhanced code of its class
+    and one line of text, which the SMTP server answers as it is.
     """
 
-    code: int
-    enhanced: str
-    text: str
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        if not (400 <= self.code < 600):
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        if not (400 <= code < 600):
             raise ValueError("a rejection needs a 4xx or 5xx code")
-        if not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", self.enhanced):
-            raise ValueError(f"{self.enhanced!r} is not an enhanced status code")
-        if self.enhanced[0] != str(self.code)[0]:
+        if not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", enhanced):
+            raise ValueError(f"{enhanced!r} is not an enhanced status code")
+        if enhanced[0] != str(code)[0]:
             raise ValueError("the enhanced code's class must match the reply code")
-        if "\r" in self.text or "\n" in self.text:
+        if "\r" in text or "\n" in text:
             raise ValueError("the text must be one line")
+        Reply.__init__(self, code, enhanced, (text,))
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class MessageRejected(Exception):
     """
 
     def __init__(self, reject: Reject) -> None:
-        super().__init__(f"{reject.code} {reject.enhanced} {reject.text}")
+        super().__init__(str(reject))
         self.reject = reject
 
 

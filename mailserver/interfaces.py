@@ -19,6 +19,57 @@ class IAccount(Interface):
     address = Attribute("The account's canonical address, C{str}, e.g. 'bob@example.org'.")
 
 
+class IAccounts(Interface):
+    """
+    The accounts as the SMTP policy sees them: which domains are local,
+    where an address delivers, and who may send as whom.
+    """
+
+    default_domain = Attribute(
+        "The domain of an address given without one (C{<Postmaster>}, RFC 5321 4.5.1): "
+        "the first local domain, C{str}."
+    )
+
+    def is_local_domain(domain: str) -> bool:
+        """
+        Is mail to C{domain} (any case, a trailing dot allowed) delivered here?
+        """
+
+    def is_relay_domain(domain: str) -> bool:
+        """
+        Is C{domain} one whose mail we take from anyone and relay
+        (C{relay.relay_domains}: a backup MX, a gateway)?
+        """
+
+    def is_relay_recipient(address: str) -> bool:
+        """
+        Is mail for C{address}, of a relay domain, accepted (C{relay.relay_recipients})?
+        """
+
+    def resolve(address: str) -> object:
+        """
+        Where mail to C{address} in a local domain goes (after aliases,
+        lists, subaddress and catch-all): a tuple of account addresses and,
+        for forwarding aliases, remote addresses; C{None} if there is no
+        such recipient or the domain is not local.
+        """
+
+    def exists(address: str) -> bool:
+        """
+        Is C{address} a recipient here (VRFY)?
+        """
+
+    def expand(address: str) -> object:
+        """
+        The members of an alias or list (EXPN), a tuple, or C{None}.
+        """
+
+    def owns(account: str, address: str) -> bool:
+        """
+        May the authenticated C{account} send as C{address}?
+        """
+
+
 class IMessageReceiver(Interface):
     """
     Takes one message's bytes as the SMTP server receives them and makes them

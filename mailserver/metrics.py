@@ -429,6 +429,9 @@ class ServerMetrics:
     C{submissions}); C{reason} a short fixed word chosen by the SMTP policy
     (e.g. C{size}, C{relay}, C{recipient}, C{plugin}); C{result} one of
     C{delivered}, C{deferred}, C{bounced}; C{plugin} the plugin's name.
+    C{relay_tls_policy_total}'s C{domain} is a policy domain (one with an
+    MTA-STS policy or a C{relay.tls_policies} entry; past 1000 of them,
+    C{"other"}: L{mailserver.relay.tls_policy.TLSPolicyCounter}).
     """
 
     smtp_connections_total: Counter
@@ -443,6 +446,7 @@ class ServerMetrics:
     pop3_bytes_sent_total: Counter
     relay_deliveries_total: Counter
     relay_queue_corrupt_total: Counter
+    relay_tls_policy_total: Counter
     plugin_errors_total: Counter
 
 
@@ -508,6 +512,12 @@ def server_metrics(
         relay_queue_corrupt_total=metrics.counter(
             "relay_queue_corrupt_total",
             "Corrupt relay queue entries moved into queue/corrupt/.",
+        ),
+        relay_tls_policy_total=metrics.counter(
+            "relay_tls_policy_total",
+            "Outbound TLS sessions under a per-domain policy (MTA-STS or relay.tls_policies), "
+            "by policy domain, mode and result (success or a TLS-RPT failure kind).",
+            ["domain", "mode", "result"],
         ),
         plugin_errors_total=metrics.counter(
             "plugin_errors_total", "Exceptions raised by plugins.", ["plugin"]

@@ -37,7 +37,7 @@ def openssl_scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, length:
     """
     scrypt as OpenSSL computes it (C{hashlib}); its buffer is an ordinary
     C{malloc}, returned to the system when the server has set the allocator
-    up (L{mailserver.service}).  L{scrypt} has bounded the memory already.
+    up (L{mailserver.process}).  L{scrypt} has bounded the memory already.
     """
     return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=2 * _SCRYPT_MAX_MEMORY, dklen=length)
 

@@ -11,6 +11,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from mailserver.config import ConfigError, load, override
+from mailserver.ownership import DataFolderError, Owner, server_owner
 
 
 class Options(usage.Options):
@@ -18,7 +19,9 @@ class Options(usage.Options):
     longdesc = (
         "Run the mail server: SMTP in, submission, Maildir, POP3 out. "
         "Without --config it serves on loopback (SMTP 2525, submission 2587, "
-        "POP3 2110) with its state in ./mailserver-data."
+        "POP3 2110, and the admin HTTP API on 127.0.0.1:2080) with its state "
+        "in ./mailserver-data. Started as root with twistd's --uid/--gid, it "
+        "binds its ports first, then runs as that user, who owns the data folder."
     )
     optParameters = [
         ["config", "c", None, "The TOML configuration file (default: embedded default)."],
@@ -35,8 +38,19 @@ def makeService(options: Options) -> IService:
         config = load(options["config"])
         if options["workers"] is not None:
             config = override(config, "workers", options["workers"], "--workers")
-        return make_service(config, reactor)
-    except ConfigError as e:
+        return make_service(config, reactor, _twistd_owner(options))
+    except (ConfigError, DataFolderError) as e:
         raise SystemExit(f"mailserver: {e}") from None
     except OSError as e:
         raise SystemExit(f"mailserver: cannot prepare {e.filename}: {e.strerror}") from None
+
+
+def _twistd_owner(options: Options) -> Owner | None:
+    """
+    The user twistd's own C{--uid}/C{--gid} (parsed by twistd, our parent
+    options) will make this process once the listeners are bound.
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return None
+    return server_owner(twistd.get("uid"), twistd.get("gid"))

@@ -10,11 +10,15 @@ production).
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from mailserver.config import ConfigError
 
@@ -36,6 +40,26 @@ class CertificateFiles:
     source: str
 
 
+def self_signed_names(hostname: str) -> list:
+    """
+    The subject alternative names of the self-signed certificate: the
+    hostname and the loopback names clients use in the README's examples,
+    each once, so C{curl --cacert <data>/tls/cert.pem smtps://127.0.0.1}
+    verifies.
+    """
+    from cryptography import x509
+
+    names: list = []
+    for value in (hostname, "localhost", "127.0.0.1", "::1"):
+        try:
+            entry = x509.IPAddress(ipaddress.ip_address(value))
+        except ValueError:
+            entry = x509.DNSName(value.lower())
+        if entry not in names:
+            names.append(entry)
+    return names
+
+
 def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     """
     Write a self-signed certificate and key unless both already exist.
@@ -50,7 +74,7 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
     now = datetime.datetime.now(datetime.timezone.utc)
-    names = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    names = self_signed_names(hostname)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -95,11 +119,15 @@ def server_options(files: CertificateFiles) -> ssl.CertificateOptions:
     return private.options()
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ReloadableServerOptions:
     """
     The TLS context every listener uses, swappable at run time so SIGHUP
     can bring in a renewed certificate without dropping connections: new
     handshakes use the new context, running sessions keep theirs.
+
+    It provides the connection-creator interface Twisted asks of server TLS
+    options (else each first use logs a C{LegacyContextFactoryWarning}).
     """
 
     def __init__(self, files: CertificateFiles) -> None:
@@ -108,6 +136,9 @@ class ReloadableServerOptions:
 
     def getContext(self):
         return self.current.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return SSL.Connection(self.current.getContext(), None)
 
     def reload(self) -> None:
         """

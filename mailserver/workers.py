@@ -2,9 +2,13 @@
 Several processes serving the same TCP listeners, to use every core.
 
 The first process (the primary) binds each C{tcp:}/C{tcp6:} listener with
-C{SO_REUSEPORT} and starts N-1 worker processes, which bind the same
-addresses (the ports the primary got, so port 0 works too); the kernel then
-spreads new connections evenly over the processes.  Maildir delivery and
+C{SO_REUSEPORT}, then one more socket on the same address (the port it
+got, so port 0 works too) for each of its N-1 worker processes, which
+inherit theirs; the kernel spreads new connections evenly over the
+sockets.  Every socket is bound in the primary before C{twistd} drops
+privileges: ports below 1024 need root, and the kernel lets only the user
+who bound an C{SO_REUSEPORT} port bind it again.  A worker that dies finds
+its socket (and the connections waiting on it) again when it is restarted.  Maildir delivery and
 mailbox locks are safe across processes; the relay queue is worked by the
 primary alone (workers only add to it), so no message is sent twice by two
 processes.  Other endpoint types, and the admin listeners, are served by the
@@ -40,7 +44,7 @@ from mailserver.logs import emit
 from mailserver.metrics import Metrics
 from mailserver.worker_link import TO_PRIMARY_FD, Lines, failure_line
 
-WORKER_ENV = "MAILSERVER_WORKER_ADDRESSES"
+WORKER_ENV = "MAILSERVER_WORKER_SOCKETS"
 PRIMARY_ENV = "MAILSERVER_PRIMARY_PID"
 _PR_SET_PDEATHSIG = 1
 _RESPAWN_DELAY = 1.0
@@ -75,15 +79,16 @@ def reuseport_socket(family: int, host: str, port: int, backlog: int) -> socket.
     return sock
 
 
-def inherited_addresses() -> list[tuple[int, str, int, int]] | None:
+def inherited_sockets() -> list[tuple[int, int]] | None:
     """
-    In a worker: the addresses to bind, in listener order; C{None} in the
+    In a worker: C{(file descriptor, address family)} of each listening
+    socket the primary bound for it, in listener order; C{None} in the
     primary.
     """
     value = os.environ.get(WORKER_ENV)
     if value is None:
         return None
-    return [tuple(address) for address in json.loads(value)]  # type: ignore[misc]
+    return [(int(fd), int(family)) for fd, family in json.loads(value)]
 
 
 def follow_primary() -> None:
@@ -105,8 +110,9 @@ def follow_primary() -> None:
 
 def worker_argv() -> list[str]:
     """
-    This process's twistd command line, for a worker: in the foreground and
-    without a pid file of its own.
+    This process's twistd command line, for a worker: in the foreground,
+    without a pid file of its own, and without C{--uid}/C{--gid} (it starts
+    as the user the primary has become).
     """
     argv = list(sys.argv)
     cleaned = [argv[0]]
@@ -115,10 +121,12 @@ def worker_argv() -> list[str]:
         if skip:
             skip = False
             continue
-        if arg in ("--pidfile", "--logfile", "-l"):
+        if arg in ("--pidfile", "--logfile", "-l", "--uid", "-u", "--gid", "-g"):
             skip = True
             continue
-        if arg.startswith(("--pidfile=", "--logfile=")) or arg in ("-n", "--nodaemon"):
+        if arg.startswith(("--pidfile=", "--logfile=", "--uid=", "--gid=")) or arg in (
+            "-n", "--nodaemon"
+        ):
             continue
         cleaned.append(arg)
     return [sys.executable, cleaned[0], "--nodaemon", "--pidfile=", *cleaned[1:]]
@@ -181,24 +189,42 @@ class WorkerPool(Service):
         self._metrics = metrics
         login_throttle.share_with(self._tell_workers)
         metrics.count_elsewhere(self._workers_metrics)
-        self._addresses: list = []
+        self._sockets: dict[int, list[socket.socket]] = {}  # per worker index
         self._workers: dict[int, _Worker] = {}
         self._argv = worker_argv()
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind every worker's sockets now, while the process may still be
+        root, on the addresses the primary's own listeners got (they bind
+        before this service: they come first in the parent service).
+        """
+        super().privilegedStartService()
+        addresses = [l.shared_address for l in self._listeners if l.shared_address]
+        for index in range(1, self._count):
+            self._sockets[index] = []
+            for address in addresses:
+                self._sockets[index].append(reuseport_socket(*address))
+
     def startService(self) -> None:
         super().startService()
-        self._addresses = [l.shared_address for l in self._listeners if l.shared_address]
+        if not self._sockets and self._count > 1:  # started without the privileged step
+            self.privilegedStartService()
         for index in range(1, self._count):
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
+        sockets = self._sockets[index]
+        child_fds = {TO_PRIMARY_FD + 1 + k: s.fileno() for k, s in enumerate(sockets)}
         env = dict(os.environ)
-        env[WORKER_ENV] = json.dumps(self._addresses)
+        env[WORKER_ENV] = json.dumps(
+            [[fd, s.family] for fd, s in zip(child_fds, sockets)]
+        )
         env[PRIMARY_ENV] = str(os.getpid())
         worker = _Worker(self, index)
         self._reactor.spawnProcess(
             worker, self._argv[0], self._argv, env=env,
-            childFDs={0: "w", 1: 1, 2: 2, TO_PRIMARY_FD: "r"},
+            childFDs={0: "w", 1: 1, 2: 2, TO_PRIMARY_FD: "r", **child_fds},
         )
         self._workers[index] = worker
         emit(self.log, LogLevel.info, "worker.started", "started a worker", index=index)
@@ -242,4 +268,10 @@ class WorkerPool(Service):
         super().stopService()
         ended = [worker.ended for worker in self._workers.values()]
         self.signal_all(signal.SIGTERM)
-        return defer.DeferredList(ended)
+        return defer.DeferredList(ended).addCallback(self._close_sockets)
+
+    def _close_sockets(self, _) -> None:
+        for sockets in self._sockets.values():
+            for sock in sockets:
+                sock.close()
+        self._sockets.clear()

@@ -59,12 +59,15 @@ from mailserver.config.values import (
     HostPort,
     RelayTLS,
     SmarthostTLS,
+    TLSLevel,
+    TLSPolicyRule,
     Transport,
 )
 
 __all__ = [
     "DATA_DIR_NAME", "DKIM", "POP3", "SMTP", "TLS", "Admin", "Auth", "CatchAll", "CheckAction",
     "Checks", "Config", "ConfigError", "DKIMKey", "Disclosure", "HostPort", "Invalid", "Limits",
-    "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "Transport",
+    "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "TLSLevel",
+    "TLSPolicyRule", "Transport",
     "default", "file_keys", "load", "override",
 ]

@@ -14,12 +14,15 @@ record tells whether an admin listener is reachable from other hosts.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 
 from mailserver.config.kinds import Kind, shown, text
 from mailserver.config.errors import Invalid
 from mailserver.names import host_name_problem
 
 MAX_BACKLOG = 65535
+_SYSTEMD_ENDPOINT = re.compile(r"systemd:domain=(INET|INET6|UNIX):(index=[0-9]+|name=[^:]+)")
 
 
 class _Recorder:
@@ -50,6 +53,16 @@ def _record(description: str) -> _Recorder:
     from twisted.internet.protocol import Factory
 
     recorder = _Recorder()
+    if description.startswith("systemd:") and "LISTEN_FDS" not in os.environ:
+        # The inherited sockets exist only in the socket-activated server
+        # (Twisted looks them up as it parses); elsewhere, as in the console
+        # script, the form alone is checked.
+        if _SYSTEMD_ENDPOINT.fullmatch(description):
+            return recorder
+        raise Invalid(
+            f"bad endpoint {shown(description)}: expected"
+            " systemd:domain=INET|INET6|UNIX:index=N or systemd:domain=...:name=NAME"
+        )
     try:
         endpoint = serverFromString(recorder, description)
     except Exception as e:  # the parsers raise many types; all mean "bad"

@@ -99,13 +99,10 @@ def _check_together(config: Config) -> None:
     if bool(tls.certificate) != bool(tls.key):
         raise ConfigError(source, "tls", "set both certificate and key, or neither")
     for key, path in (("tls.certificate", tls.certificate), ("tls.key", tls.key)):
-        if path:
-            try:
-                text = Path(path).read_bytes()
-            except OSError as e:
-                raise ConfigError(source, key, f"cannot read {path}: {e.strerror}") from None
-            if b"-----BEGIN " not in text:
-                raise ConfigError(source, key, f"{path} is not a PEM file")
+        if path and b"-----BEGIN " not in _read(source, key, path):
+            raise ConfigError(source, key, f"{path} is not a PEM file")
+    if config.relay.ca_file:
+        _check_certificates(source, "relay.ca_file", config.relay.ca_file)
     if not config.admin.token:
         for description in config.listeners.admin:
             if not is_loopback_only(description):
@@ -139,3 +136,24 @@ def _check_together(config: Config) -> None:
     dkim = config.dkim
     if dkim.keys and "from" not in {h.lower() for h in dkim.signed_headers}:
         raise ConfigError(source, "dkim.signed_headers", "must include From (RFC 6376 5.4)")
+
+
+def _read(source: str, key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(source, key, f"cannot read {path}: {e.strerror}") from None
+
+
+def _check_certificates(source: str, key: str, path: str) -> None:
+    """
+    The file at C{path} holds PEM certificates, every one of them readable
+    (they are added to a trust store when the relay starts).
+    """
+    from cryptography import x509  # lazily: only a configuration naming CAs needs it
+
+    try:
+        x509.load_pem_x509_certificates(_read(source, key, path))
+    except ValueError:
+        raise ConfigError(
+            source, key, f"{path} holds no PEM certificate, or a damaged one") from None

@@ -37,6 +37,7 @@ from mailserver.config.values import (
     Network,
     RelayTLS,
     SmarthostTLS,
+    TLSPolicyRule,
     Transport,
 )
 
@@ -233,7 +234,19 @@ class Relay:
     hosts), with C{smarthost_tls}, and AUTH PLAIN with
     C{smarthost_username} and C{smarthost_password} when set.
     C{transports}: per-domain routes overriding MX lookup.
-    C{tls}: STARTTLS towards MX hosts.
+    C{tls}: STARTTLS towards the MX hosts of domains without a policy of
+    their own (in C{tls_policies} or by MTA-STS).
+    C{tls_policies}: per-domain TLS levels (L{TLSLevel}); for a transport's
+    domain the entry replaces the transport's verified TLS.
+    C{ca_file}: a PEM file of CA certificates trusted for outbound TLS
+    besides the system's trust store (a private CA for a smarthost).
+    C{smarthost_tls_verify}: verify the smarthost's and transport hosts'
+    certificate chain and host name; C{False} still requires TLS but
+    accepts any certificate, with a warning at start.
+    C{mta_sts}: apply the MTA-STS policies (RFC 8461) recipient domains
+    publish, cached in C{<data_dir>/mta-sts/}.
+    C{mta_sts_port}: the HTTPS port policies are fetched from (443; another
+    value only serves tests).
     C{retry_schedule}: the first delays between attempts; after the last
     each delay doubles, up to C{max_retry_interval} (empty: 5m doubling).
     C{max_age}: how long a message is retried before it bounces.
@@ -268,6 +281,12 @@ class Relay:
     transports: tuple[Transport, ...] = setting(
         [], listing(text(v.transport), unique=lambda route: route.domain))
     tls: RelayTLS = setting("opportunistic", choice(RelayTLS))
+    tls_policies: tuple[TLSPolicyRule, ...] = setting(
+        [], listing(text(v.tls_policy), unique=lambda rule: rule.domain))
+    ca_file: str = setting("", text())
+    smarthost_tls_verify: bool = setting(True, flag())
+    mta_sts: bool = setting(True, flag())
+    mta_sts_port: int = setting(443, integer(1, 65535))
     retry_schedule: tuple[float, ...] = setting(["5m"], listing(text(seconds)))
     max_retry_interval: float = setting("4h", duration())
     max_age: float = setting("5d", duration())
@@ -387,6 +406,13 @@ class Config:
         entry without a path looks.
         """
         return self.data_path / "dkim"
+
+    @property
+    def mta_sts_path(self) -> Path:
+        """
+        Where the relay caches the MTA-STS policies it fetched.
+        """
+        return self.data_path / "mta-sts"
 
     @property
     def users_path(self) -> Path:

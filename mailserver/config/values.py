@@ -37,6 +37,20 @@ class RelayTLS(enum.StrEnum):
     NONE = "none"
 
 
+class TLSLevel(enum.StrEnum):
+    """
+    How one destination's TLS is held, as Postfix's
+    C{smtp_tls_security_level}: no STARTTLS; STARTTLS when offered with any
+    certificate, plaintext when the handshake fails; TLS required with any
+    certificate; TLS required with the chain and host name verified.
+    """
+
+    NONE = "none"
+    MAY = "may"
+    ENCRYPT = "encrypt"
+    VERIFY = "verify"
+
+
 class SmarthostTLS(enum.StrEnum):
     """
     STARTTLS (required) or TLS from the first byte towards the smarthost.
@@ -88,6 +102,17 @@ class Transport:
     domain: str
     host: str
     port: int | None
+
+
+@dataclass(frozen=True)
+class TLSPolicyRule:
+    """
+    Mail for C{domain} gets TLS at C{level}; a C{domain} with a leading dot
+    (C{".example.org"}) stands for the subdomains of C{example.org}.
+    """
+
+    domain: str
+    level: TLSLevel
 
 
 @dataclass(frozen=True)
@@ -229,6 +254,22 @@ def transport(value: str) -> Transport:
     _name(domain)
     host, port = parse_host_port(target, None)
     return Transport(domain, host, port)
+
+
+def tls_policy(value: str) -> TLSPolicyRule:
+    """
+    C{"example.org=verify"}, or C{".example.org=encrypt"} for the subdomains.
+    """
+    domain, sep, level = value.partition("=")
+    domain = domain.strip().lower().rstrip(".")
+    if not sep or not domain.removeprefix("."):
+        raise Invalid(f"{shown(value)} must be domain=level")
+    _name(domain.removeprefix("."))
+    try:
+        return TLSPolicyRule(domain, TLSLevel(level.strip().lower()))
+    except ValueError:
+        levels = ", ".join(member.value for member in TLSLevel)
+        raise Invalid(f"{shown(value)}: the level must be one of {levels}") from None
 
 
 _LOCAL_PART = re.compile(r"[^\x00-\x20\x7f-\x9f@\s]+")

@@ -35,7 +35,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailserver.config import Config
-from mailserver.flow import BUSY, INPUT, ReadControl
+from mailserver.wire.flow import BUSY, INPUT, ReadControl
 from mailserver.immediate_write import write_now
 from mailserver.login_throttle import LoginThrottle, throttle_for
 from mailserver.logs import emit, emit_failure

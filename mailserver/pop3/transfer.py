@@ -3,8 +3,9 @@ Streaming a stored message to a POP3 client.
 
 Maildir files use LF line endings; POP3 sends CRLF lines, doubles a leading
 C{.} on every line (RFC 1939 section 3) and ends the multi-line response with
-C{.CRLF}.  L{WireEncoder} does that transformation one chunk at a time, so a
-line start or a C{\\n} split across two chunks is handled, and
+C{.CRLF}.  L{WireEncoder} does that transformation one chunk at a time (with
+the wire room's L{DotStuffer}, which carries a line start or a C{\\n} split
+across two chunks) and cuts a C{TOP} response short, and
 L{MessageTransfer} pushes the chunks to the transport as a streaming
 producer, so memory stays bounded whatever the message size.
 
@@ -17,17 +18,15 @@ count.
 
 from __future__ import annotations
 
-import re
 from typing import BinaryIO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from zope.interface import implementer
 
+from mailserver.wire.dots import DotStuffer
+
 CHUNK_SIZE = 64 * 1024
-# Most messages have no line starting with a dot; re finds that out about
-# twice as fast as bytes.replace's own search for the two octets.
-_DOT_LINE = re.compile(rb"\n\.")
 
 
 class TransferStopped(Exception):
@@ -48,7 +47,7 @@ class WireEncoder:
     def __init__(self, body_lines: int | None = None) -> None:
         self._body_lines_left = body_lines
         self._in_headers = body_lines is not None
-        self._at_line_start = True
+        self._stuffer = DotStuffer()
         self.done = False
 
     def encode(self, chunk: bytes) -> bytes:
@@ -56,25 +55,19 @@ class WireEncoder:
             return b""
         if self._body_lines_left is not None:
             chunk = self._limit(chunk)
-        if not chunk:
-            return b""
-        stuffed = chunk.replace(b"\n.", b"\n..") if _DOT_LINE.search(chunk) else chunk
-        if self._at_line_start and stuffed.startswith(b"."):
-            stuffed = b"." + stuffed
-        self._at_line_start = chunk.endswith(b"\n")
-        return stuffed.replace(b"\n", b"\r\n")
+        return self._stuffer.feed(chunk)
 
     def terminator(self) -> bytes:
         """
         The end of the multi-line response, completing an unterminated last
         line first.
         """
-        return b".\r\n" if self._at_line_start else b"\r\n.\r\n"
+        return self._stuffer.end()
 
     def _limit(self, chunk: bytes) -> bytes:
         head = b""
         if self._in_headers:
-            if self._at_line_start and chunk.startswith(b"\n"):
+            if self._stuffer.at_line_start and chunk.startswith(b"\n"):
                 end = 1
             else:
                 found = chunk.find(b"\n\n")

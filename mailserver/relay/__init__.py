@@ -7,6 +7,7 @@ Wiring (see L{mailserver.service})::
     queue = QueueStore(config.queue_path)            # the intake's RelayQueue
     intake = Intake(accounts=accounts, reactor=reactor, queue=queue, ...)
     runner = RelayRunner(relay=config.relay, hostname=config.hostname,
+                         mta_sts_path=config.mta_sts_path,
                          queue=queue, intake=intake, reactor=reactor,
                          accounts=accounts)
     runner.setServiceParent(root)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,52 +34,12 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """
-    One SMTP reply.  C{synthetic} marks replies this client made up for a
-    failure that had no reply (refused connection, timeout, lost line).
-    """
-
-    code: int
-    lines: tuple[str, ...] = ("",)
-    synthetic: bool = False
-
-    @property
-    def text(self) -> str:
-        return " ".join(line for line in self.lines)
-
-    @property
-    def status(self) -> str:
-        """
-        The RFC 3463 enhanced status: given by the server, or derived from
-        the reply code.
-        """
-        match = _ENHANCED.match(self.lines[0] if self.lines else "")
-        if match and match.group(1) == str(self.code)[0]:
-            return ".".join(match.groups())
-        return f"{str(self.code)[0]}.0.0"
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
-
-    def diagnostic(self) -> str:
-        return f"smtp; {self.code} {self.text}".strip()
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}".strip()
+from mailserver.wire.dots import DotStuffer
+from mailserver.wire.reply import Reply
 
 
 def temporary(text: str, status: str = "4.4.1") -> Reply:
-    return Reply(451, (f"{status} {text}",), synthetic=True)
+    return Reply(451, status, (text,), synthetic=True)
 
 
 @dataclass(frozen=True)
@@ -152,39 +111,17 @@ class TransactionResult:
     @ivar reached: whether this host answered about the recipients (else
         the next MX host should be tried).
     @ivar dsn: whether the server offered DSN, so it took over NOTIFY.
+    @ivar tls: how TLS went: C{""} (not tried), C{"not-offered"} (no
+        STARTTLS in the EHLO reply), C{"refused"} (STARTTLS answered but not
+        with 220), C{"started"} (the handshake began and no reply came over
+        it: it failed, or the line broke) or C{"established"}.
     """
 
     replies: dict[str, Reply] = field(default_factory=dict)
     reached: bool = False
     dsn: bool = False
     host: str = ""
-
-
-class DotStuffer:
-    """
-    LF-ended stored text to CRLF wire form with RFC 5321 4.5.2 transparency.
-    The line-start state survives between chunks, so a C{"."} line split at
-    any chunk boundary is stuffed all the same.
-    """
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-
-    def feed(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return b""
-        if self.at_line_start and chunk[:1] == b".":
-            chunk = b"." + chunk
-        chunk = chunk.replace(b"\n.", b"\n..")
-        self.at_line_start = chunk.endswith(b"\n")
-        return chunk.replace(b"\n", b"\r\n")
-
-    def end(self) -> bytes:
-        """
-        The terminating C{CRLF.CRLF} (with a line end first if the text did
-        not end with one).
-        """
-        return b".\r\n" if self.at_line_start else b"\r\n.\r\n"
+    tls: str = ""
 
 
 class _BodySender(FileSender):
@@ -222,6 +159,8 @@ class ESMTPClient(LineReceiver):
     # Plumbing.
 
     def connectionMade(self) -> None:
+        if self._tls_started:
+            self._outcome.tls = "started"
         self._expect(self._greeting, self.timeouts.command)
 
     def _expect(self, handler, timeout: float) -> None:
@@ -250,8 +189,10 @@ class ESMTPClient(LineReceiver):
         self._lines.append(text[4:])
         if text[3:4] == "-":
             return
-        reply = Reply(int(text[:3]), tuple(self._lines))
+        reply = Reply.received(int(text[:3]), self._lines)
         self._lines = []
+        if self._outcome.tls == "started":
+            self._outcome.tls = "established"
         if not self._handlers:
             return  # an unsolicited reply, e.g. after QUIT
         handler, _ = self._handlers.popleft()
@@ -334,6 +275,7 @@ class ESMTPClient(LineReceiver):
             if "STARTTLS" in self._extensions:
                 self._send("STARTTLS", self._starttls_reply)
                 return
+            self._outcome.tls = "not-offered"
             if tls == "required":
                 self._fail(temporary("the server does not offer STARTTLS, which is required",
                                      "4.7.0"), close=False)
@@ -346,6 +288,7 @@ class ESMTPClient(LineReceiver):
 
     def _starttls_reply(self, reply: Reply) -> None:
         if reply.code != 220:
+            self._outcome.tls = "refused"
             if self.transaction.tls == "required":
                 self._fail(reply if not reply.positive else temporary("STARTTLS refused", "4.7.0"),
                            close=False)
@@ -354,14 +297,25 @@ class ESMTPClient(LineReceiver):
             self._tls_started = True  # do not ask again; go on in plaintext
             self._mail_or_auth()
             return
+        self._start_tls()
+        self._ehlo()
+
+    def _start_tls(self) -> None:
+        """
+        Switch to TLS, dropping whatever arrived in the clear after the 220:
+        a man in the middle could have put a made-up EHLO reply there, to be
+        taken as the one sent over TLS (issue 19, Postfix's CVE-2011-0411).
+        """
+        self.clearLineBuffer()
+        self._lines = []
         options = self.transaction.tls_options
         if options is None:
-            from twisted.internet.ssl import CertificateOptions
+            from mailserver.relay.tls_policy import unverified_client_tls
 
-            options = CertificateOptions()
+            options = unverified_client_tls(self._outcome.host)
         self.transport.startTLS(options)
         self._tls_started = True
-        self._ehlo()
+        self._outcome.tls = "started"
 
     def _mail_or_auth(self) -> None:
         if self.transaction.username:
@@ -370,6 +324,11 @@ class ESMTPClient(LineReceiver):
             self._mail()
 
     def _auth(self) -> None:
+        if self._outcome.tls != "established":
+            # The password goes over TLS or not at all.
+            self._fail(temporary("will not send AUTH without TLS", "4.7.0"), close=False)
+            self._quit()
+            return
         mechanisms = self._extensions.get("AUTH", "").upper().split()
         if "PLAIN" not in mechanisms:
             self._fail(temporary("the server does not offer AUTH PLAIN", "4.7.0"), close=False)
@@ -383,7 +342,7 @@ class ESMTPClient(LineReceiver):
     def _auth_reply(self, reply: Reply) -> None:
         if reply.code != 235:
             # Our credentials are wrong: not the recipients' fault, so retry.
-            self._fail(Reply(451, (f"4.7.0 authentication failed: {reply}",)), close=False)
+            self._fail(Reply(451, "4.7.0", (f"authentication failed: {reply}",)), close=False)
             self._quit()
             return
         self._mail()
@@ -392,14 +351,14 @@ class ESMTPClient(LineReceiver):
         t = self.transaction
         if t.smtputf8 and "SMTPUTF8" not in self._extensions:
             self._outcome.reached = True
-            self._fail(Reply(553, ("5.6.7 the server does not support SMTPUTF8",), synthetic=True),
-                       close=False)
+            self._fail(Reply(553, "5.6.7", ("the server does not support SMTPUTF8",),
+                             synthetic=True), close=False)
             self._quit()
             return
         limit = self._extensions.get("SIZE", "")
         if limit.isdigit() and int(limit) and t.size > int(limit):
             self._outcome.reached = True
-            self._fail(Reply(552, (f"5.3.4 message too big for the server (limit {limit})",),
+            self._fail(Reply(552, "5.3.4", (f"message too big for the server (limit {limit})",),
                              synthetic=True), close=False)
             self._quit()
             return
@@ -549,11 +508,12 @@ def deliver(reactor, host: str, port: int, transaction: Transaction, timeouts: T
     by_name = isinstance(endpoint, endpoints.HostnameEndpoint)
     deadline = timeouts.resolve + timeouts.connect
     if transaction.tls == "implicit":
-        if implicit_tls_options is None:
-            from twisted.internet.ssl import CertificateOptions
+        options = implicit_tls_options or transaction.tls_options
+        if options is None:
+            from mailserver.relay.tls_policy import unverified_client_tls
 
-            implicit_tls_options = CertificateOptions()
-        endpoint = endpoints.wrapClientTLS(implicit_tls_options, endpoint)
+            options = unverified_client_tls(name or host)
+        endpoint = endpoints.wrapClientTLS(options, endpoint)
     connecting = endpoints.connectProtocol(endpoint, protocol)
     if by_name:
         # HostnameEndpoint bounds each connection attempt, not the lookup

@@ -2,7 +2,8 @@
 Delivery of one message to the recipients of one destination, as a stack of
 same-interface couriers (STYLE.md habit 2)::
 
-    LoggingCourier -> RouteCourier (MX, smarthost or transport) -> client.deliver
+    LoggingCourier -> RouteCourier (MX, smarthost or transport; the TLS
+                      policy: tls_policy, mta_sts) -> client.deliver
 
 A courier's C{deliver(message, recipients)} returns a Deferred firing with
 C{{address: Outcome}} for every recipient given: it never fails, a failure is
@@ -13,20 +14,35 @@ mean for the queue (retry, bounce, done).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
-from mailserver.config import SmarthostTLS
+from mailserver.config import SmarthostTLS, TLSLevel
 from mailserver.interfaces import ICourier
 from mailserver.logs import emit
 from mailserver.relay import client as smtp_client
 from mailserver.relay import line_length
-from mailserver.relay.client import OutboundRecipient, Reply, Timeouts, Transaction
+from mailserver.relay.client import (
+    OutboundRecipient,
+    Reply,
+    Timeouts,
+    Transaction,
+    TransactionResult,
+    temporary,
+)
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
 from mailserver.relay.queue import QueuedMessage, QueueStore
+from mailserver.relay.tls_policy import (
+    ClientTLS,
+    PolicyTable,
+    SessionVerdict,
+    TLSPolicy,
+    ca_certificates,
+    judge,
+)
 
 
 @dataclass(frozen=True)
@@ -54,14 +70,32 @@ def destination_of(relay, address: str) -> str:
     return domain
 
 
+@dataclass(frozen=True)
+class Route:
+    """
+    Where a destination's mail goes and how: the hosts in order, the TLS
+    policy, whether to AUTH (the smarthost) and whether TLS starts at once.
+    """
+
+    hops: list[Hop]
+    policy: TLSPolicy
+    auth: bool = False
+    implicit: bool = False
+
+
 @implementer(ICourier)
 class RouteCourier:
     """
-    Finds the hosts for the destination and tries them in order until one
-    answers about the recipients, sending the message with every line
-    fitting the 998-octet limit (L{line_length}).
+    Finds the hosts and the TLS policy for the destination and tries the
+    hosts in order until one answers about the recipients, sending the
+    message with every line fitting the 998-octet limit (L{line_length}).
 
     @param send: C{client.deliver}'s signature; replaced in tests.
+    @param tls: the L{ClientTLS} (trust roots); default: the system's and
+        C{relay.ca_file}.
+    @param mta_sts: an L{mailserver.relay.mta_sts.MTASTS}, or C{None} to
+        apply no MTA-STS policies.
+    @param count: counts a TLS outcome, C{count(domain=, mode=, result=)}.
     @param io: runs a blocking call and returns a Deferred of its result
         (default: the reactor's thread pool).
     """
@@ -77,7 +111,9 @@ class RouteCourier:
         store: QueueStore,
         router: MXRouter,
         send: Callable[..., defer.Deferred] = smtp_client.deliver,
-        tls_options=None,
+        tls: ClientTLS | None = None,
+        mta_sts=None,
+        count: Callable[..., None] | None = None,
         io: Callable[..., defer.Deferred] | None = None,
     ) -> None:
         self._reactor = reactor
@@ -86,7 +122,10 @@ class RouteCourier:
         self._store = store
         self._router = router
         self._send = send
-        self._tls_options = tls_options
+        self._tls = tls or ClientTLS(ca_certificates(relay))
+        self._policies = PolicyTable(relay)
+        self._mta_sts = mta_sts
+        self._count = count or (lambda **labels: None)
         self._timeouts = Timeouts.from_config(relay)
         self._transports = {route.domain: route for route in relay.transports}
         self._io = io or (lambda f, *args: threads.deferToThreadPool(
@@ -95,7 +134,7 @@ class RouteCourier:
     def deliver(self, message, recipients):
         return defer.Deferred.fromCoroutine(self._deliver(message, recipients))
 
-    def _transaction(self, message: QueuedMessage, recipients, tls: str, auth: bool,
+    def _transaction(self, message: QueuedMessage, recipients, auth: bool,
                      open_body) -> Transaction:
         relay = self._relay
         return Transaction(
@@ -110,43 +149,51 @@ class RouteCourier:
             ret=message.ret,
             envid=message.envid,
             helo=self._hostname,
-            tls=tls,
-            tls_options=self._tls_options,
             username=relay.smarthost_username if auth else "",
             password=relay.smarthost_password if auth else "",
         )
 
-    async def _hops(self, domain: str) -> tuple[list[Hop], str, bool]:
+    async def _route(self, domain: str) -> Route:
         """
         A domain's own route first (as Postfix's transport table overrules
         its relayhost: a gateway sends its relay domains inside, and the
         rest through the smarthost), then the smarthost, then MX lookup.
         """
         relay = self._relay
-        route = self._transports.get(domain)
-        if route is not None:
-            port = relay.port if route.port is None else route.port
-            return [Hop(route.host, (route.host,), port)], relay.tls, False
-        if relay.smarthost:
+        transport = self._transports.get(domain)
+        if relay.smarthost and transport is None:
             host, port = relay.smarthost.host, relay.smarthost.port
-            tls = "implicit" if relay.smarthost_tls == SmarthostTLS.IMPLICIT else "required"
-            return [Hop(host, (host,), port)], tls, True
-        return await self._router.route(domain), relay.tls, False
+            return Route([Hop(host, (host,), port)], self._policies.smarthost(), auth=True,
+                         implicit=relay.smarthost_tls == SmarthostTLS.IMPLICIT)
+        configured = self._policies.configured(domain, transport is not None)
+        if transport is not None:
+            port = relay.port if transport.port is None else transport.port
+            return Route([Hop(transport.host, (transport.host,), port)], configured)
+        if configured is not None or self._mta_sts is None:
+            return Route(await self._router.route(domain), configured or self._policies.default())
+        routing = self._router.route(domain)  # both lookups at once
+        sts = await self._mta_sts.policy(domain)
+        hops = await routing
+        if sts is not None and sts.mode in ("enforce", "testing"):
+            return Route(hops, self._policies.from_mta_sts(sts.domain, sts.mode, sts.mx))
+        return Route(hops, self._policies.default())
 
     async def _deliver(self, message, recipients) -> dict[str, Outcome]:
         domain = recipients[0].domain
         try:
-            hops, tls, auth = await self._hops(domain)
+            route = await self._route(domain)
         except RoutingError as e:
             return {r.address: Outcome(e.reply) for r in recipients}
         open_body = await self._io(line_length.fitted, lambda: self._store.open_body(message))
-        transaction = self._transaction(message, recipients, tls, auth, open_body)
-        result = None
-        for hop in hops:
+        transaction = self._transaction(message, recipients, route.auth, open_body)
+        result = refusal = None
+        for hop in route.hops:
+            if not route.policy.allows_mx(hop.name):
+                refusal = self._mx_not_in_policy(message, route.policy, hop)
+                if refusal is not None:
+                    continue
             for address in hop.addresses:
-                result = await self._send(
-                    self._reactor, address, hop.port, transaction, self._timeouts, name=hop.name
-                )
+                result = await self._attempt(message, transaction, route, hop, address)
                 if result.reached:
                     return {
                         r.address: Outcome(result.replies[r.address], hop.name, result.dsn)
@@ -155,10 +202,78 @@ class RouteCourier:
                 emit(self.log, LogLevel.info, "relay.host_failed", "did not take the message",
                      host=hop.name, address=address, port=hop.port,
                      reply=str(next(iter(result.replies.values()))), id=message.id)
+        if result is None and refusal is not None:
+            return {r.address: Outcome(refusal) for r in recipients}
         return {
             r.address: Outcome(result.replies[r.address], result.host if result else "")
             for r in recipients
         }
+
+    async def _attempt(self, message, transaction: Transaction, route: Route, hop: Hop,
+                       address: str) -> TransactionResult:
+        """
+        One connection under the route's TLS policy, and a second one in
+        plaintext when the policy allows it and the TLS handshake failed.
+        """
+        policy = route.policy
+        session = self._tls.for_policy(policy, hop.name)
+        mode = "implicit" if route.implicit else policy.client_mode
+        result = await self._send(
+            self._reactor, address, hop.port, replace(transaction, tls=mode, tls_options=session),
+            self._timeouts, name=hop.name,
+        )
+        verdict = judge(policy, session, result.tls)
+        self._report(message, policy, hop, address, verdict)
+        if result.reached or not verdict.failed:
+            return result
+        if policy.level == TLSLevel.MAY:
+            if not verdict.handshake_failed:
+                return result  # TLS was optional: what failed was not TLS
+            emit(self.log, LogLevel.info, "relay.tls_fallback",
+                 "TLS failed; trying again without", host=hop.name, address=address,
+                 reason=verdict.problem or str(next(iter(result.replies.values()))),
+                 id=message.id)
+            return await self._send(
+                self._reactor, address, hop.port,
+                replace(transaction, tls="none", tls_options=None), self._timeouts,
+                name=hop.name,
+            )
+        original = next(iter(result.replies.values()))
+        prefix = "MTA-STS: " if policy.source == "MTA-STS" else ""
+        detail = verdict.problem or original.text.removeprefix(original.status).strip()
+        reply = temporary(
+            f"{prefix}TLS with {hop.name} [{address}]:{hop.port} failed: {detail}",
+            "4.7.5" if verdict.handshake_failed else original.status,
+        )
+        return TransactionResult(replies={a: reply for a in result.replies}, host=result.host,
+                                 tls=result.tls)
+
+    def _mx_not_in_policy(self, message, policy: TLSPolicy, hop: Hop) -> Reply | None:
+        """
+        Count and log an MX host outside an MTA-STS policy; in C{enforce}
+        mode, the reply that defers the message (C{None}: try it anyway).
+        """
+        self._count(domain=policy.domain, mode=policy.mode, result="mx-not-in-policy")
+        allowed = ", ".join(policy.mx or ())
+        if policy.testing:
+            emit(self.log, LogLevel.warn, "relay.mta_sts_testing",
+                 "MTA-STS testing: would have failed", domain=policy.domain, host=hop.name,
+                 reason=f"mx not in policy ({allowed})", id=message.id)
+            return None
+        emit(self.log, LogLevel.warn, "relay.mx_not_in_policy",
+             "MTA-STS: not an MX host the policy allows; not used", domain=policy.domain,
+             host=hop.name, allowed=allowed, id=message.id)
+        return temporary(f"MTA-STS: mx not in policy: {hop.name} (the policy of "
+                         f"{policy.domain} allows {allowed})", "4.7.5")
+
+    def _report(self, message, policy: TLSPolicy, hop: Hop, address: str,
+                verdict: SessionVerdict) -> None:
+        if policy.domain and policy.mode and verdict.result:
+            self._count(domain=policy.domain, mode=policy.mode, result=verdict.result)
+        if policy.testing and verdict.failed:
+            emit(self.log, LogLevel.warn, "relay.mta_sts_testing",
+                 "MTA-STS testing: would have failed", domain=policy.domain, host=hop.name,
+                 address=address, reason=verdict.problem or verdict.result, id=message.id)
 
 
 @implementer(ICourier)

@@ -35,7 +35,7 @@ from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 
 from mailserver.config import HostPort
-from mailserver.relay.client import Reply
+from mailserver.wire.reply import Reply
 
 _MAX_CNAME = 8
 
@@ -107,11 +107,11 @@ def _problem(e: BaseException) -> str:
 
 
 def _temporary(text: str) -> RoutingError:
-    return RoutingError(Reply(451, (f"4.4.3 {text}",), synthetic=True))
+    return RoutingError(Reply(451, "4.4.3", (text,), synthetic=True))
 
 
 def _permanent(code: int, status: str, text: str) -> RoutingError:
-    return RoutingError(Reply(code, (f"{status} {text}",), synthetic=True))
+    return RoutingError(Reply(code, status, (text,), synthetic=True))
 
 
 def query_timeouts(total: float) -> tuple[float, ...]:
@@ -282,6 +282,13 @@ class MXRouter:
             detail = "; ".join(problems) or "no MX host has an address"
             raise _temporary(f"cannot find an address for the MX hosts of {domain}: {detail}")
         return hops
+
+    def addresses(self, name: str) -> defer.Deferred:
+        """
+        The addresses of a host name, as for an MX host: a Deferred firing
+        with C{(addresses, problem)} (see L{_addresses}).
+        """
+        return defer.Deferred.fromCoroutine(self._addresses(name.lower().rstrip(".")))
 
     async def _mx_records(self, domain: str) -> list[tuple[int, str]] | None:
         """

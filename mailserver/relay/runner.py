@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import replace
+from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -43,6 +44,7 @@ from mailserver.logs import emit, emit_failure
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
+from mailserver.relay.mta_sts import make_mta_sts
 from mailserver.relay.mx import MXRouter, Ourselves, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
@@ -55,6 +57,7 @@ from mailserver.relay.queue import (
     QueueStore,
 )
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
+from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
 
 
 class _Slots:
@@ -100,6 +103,8 @@ class RelayRunner(Service):
     """
     @param relay: the C{[relay]} section (L{mailserver.config.Relay}).
     @param hostname: ours, for EHLO and reports.
+    @param mta_sts_path: the folder MTA-STS policies are cached in
+        (L{mailserver.config.Config.mta_sts_path}).
     @param courier: an L{ICourier}; default: MX routing and the SMTP client.
     @param accounts: resolves local senders' addresses to their accounts
         for reports (without it, the sender address is used as is).
@@ -116,6 +121,7 @@ class RelayRunner(Service):
         *,
         relay,
         hostname: str,
+        mta_sts_path: Path,
         queue: QueueStore,
         intake,
         reactor,
@@ -134,6 +140,7 @@ class RelayRunner(Service):
         self._metrics = metrics or unregistered_metrics()
         self._on_delivered = on_delivered
         self._hostname = hostname
+        self._mta_sts_path = mta_sts_path
         self._relay = relay
         self._queue = queue
         self._intake = intake
@@ -168,6 +175,7 @@ class RelayRunner(Service):
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
                               deadline=3 * self._relay.dns_timeout,
                               ourselves=Ourselves.from_config(self._hostname, self._relay))
+            tls = ClientTLS(ca_certificates(self._relay))
             self._courier = LoggingCourier(
                 clock=self._reactor,
                 inner=RouteCourier(
@@ -176,9 +184,18 @@ class RelayRunner(Service):
                     hostname=self._hostname,
                     store=self._queue,
                     router=router,
+                    tls=tls,
+                    mta_sts=make_mta_sts(self._relay, self._mta_sts_path, self._reactor, resolver,
+                                         router, tls, io=self._io),
+                    count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
                     io=self._io,
                 )
             )
+            if not self._relay.smarthost_tls_verify:
+                emit(self.log, LogLevel.warn, "relay.tls_unverified",
+                     "smarthost_tls_verify = false: the certificates of the smarthost and "
+                     "transport hosts are not checked, so anyone on the way can read the "
+                     "mail and the smarthost password")
         removed = self._queue.remove_orphans()
         if removed:
             emit(self.log, LogLevel.info, "relay.orphans_removed",

@@ -1,20 +1,15 @@
 """
 The SMTP listener's factory: one per listener role, counting its sessions
-against the connection caps and ending them all at shutdown.
+against the connection caps, building them, and ending them all at
+shutdown.
 """
 
 from __future__ import annotations
 
-import itertools
-import secrets
-
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
-from mailserver.config import Config
-from mailserver.login_throttle import LoginThrottle, throttle_for
-from mailserver.metrics import ServerMetrics, unregistered_metrics
-from mailserver.smtp.policy import Policy
+from mailserver.smtp.dependencies import SMTPDependencies
 from mailserver.smtp.protocol import SMTPServer
 from mailserver.smtp.replies import Reply, reply
 
@@ -23,68 +18,27 @@ class SMTPFactory(ServerFactory):
     """
     Builds sessions for one listener role and enforces the connection caps.
 
-    @param role: C{"smtp"} (MX) or C{"submission"} (RFC 6409).
-    @param tls_options: the context for STARTTLS, or C{None} to not offer it.
-    @param implicit_tls: the listener wraps every connection in TLS (465).
-    @param hooks: the plugins' L{mailserver.hooks.Hooks}, if any.
-    @param queue_runner: the relay runner, for ETRN; C{None} if there is none.
-    @param login_throttle: failed logins per client address, shared with the
-        other listeners; by default this listener's own.
+    @param dependencies: what every session of this listener is given.
     """
 
     protocol = SMTPServer
 
-    def __init__(
-        self,
-        *,
-        config: Config,
-        role: str,
-        accounts,
-        portal,
-        intake,
-        tls_options,
-        reactor,
-        implicit_tls: bool = False,
-        hooks=None,
-        queue_runner=None,
-        metrics: ServerMetrics | None = None,
-        login_throttle: LoginThrottle | None = None,
-    ) -> None:
-        self.config = config
-        self.role = role
-        self.policy = Policy(config, role, accounts)
-        self.portal = portal
-        self.intake = intake
-        self.tls_options = tls_options
-        self.reactor = reactor
-        self.implicit_tls = implicit_tls
-        self.hooks = hooks
-        self.queue_runner = queue_runner
-        self.metrics = metrics or unregistered_metrics()
-        self.metrics_role = "submissions" if implicit_tls else role
-        self.login_throttle = login_throttle or throttle_for(config.limits, reactor)
+    def __init__(self, dependencies: SMTPDependencies) -> None:
+        self.dependencies = dependencies
         self.sessions: set[SMTPServer] = set()
-        self._session_ids = itertools.count(secrets.randbits(40))
         self._per_client: dict[str, int] = {}
         self._stopping = False
 
-    def next_session_id(self) -> str:
-        """
-        The id our Received field gives a transaction, for matching it with
-        the log: a counter from a random start (no system call per message).
-        """
-        return f"{next(self._session_ids) & 0xFFFFFFFFFFFF:012X}"
-
     def buildProtocol(self, addr) -> SMTPServer:
-        return self.protocol(self)
+        return self.protocol(self.dependencies, self)
 
     def admit(self, session: SMTPServer) -> Reply | None:
         """
         Count a new session in, or say why not (RFC 5321 3.1: 421 at the
         greeting).
         """
-        limits = self.config.limits
-        hostname = self.config.hostname
+        limits = self.dependencies.limits
+        hostname = self.dependencies.hostname
         if self._stopping:
             return reply(421, "4.3.2", f"{hostname} Service shutting down")
         if len(self.sessions) >= limits.max_connections:

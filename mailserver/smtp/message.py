@@ -1,11 +1,10 @@
 """
 The message text between DATA (or BDAT) and the final reply.
 
-L{DotReader} finds the end of DATA and undoes dot-stuffing in bulk, one
-C{find} and one C{replace} per chunk, never a Python call per line.
 L{MessageSink} checks what arrives (size, line length, bare CR or LF, mail
 loops) and streams it to the intake's receiver behind our C{Received:}
-header, so a large message is never held in memory.
+header, so a large message is never held in memory.  (DATA's end and its
+dot-stuffing are L{mailserver.wire.dots.DotReader}'s.)
 """
 
 from __future__ import annotations
@@ -25,14 +24,6 @@ from mailserver.smtp.replies import (
     storage_failure,
 )
 
-# RFC 5321 4.1.1.4: only <CRLF>.<CRLF> ends the data.  Anything else
-# (<LF>.<LF>, <CR>.<CR>, <LF>.<CRLF>, ...) is content, which is what makes
-# SMTP smuggling impossible here.
-_END_OF_DATA = b"\r\n.\r\n"
-# Both the terminator and a stuffed dot start so; most chunks have neither,
-# and re tells that faster than bytes.find does for one of them (CPython
-# 3.11 searches short multi-octet needles at about 0.6 ns an octet).
-_CRLF_DOT = re.compile(rb"\r\n\.")
 _RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.IGNORECASE)
 # Header sections longer than this are not scanned for Received: fields.
 _MAX_HEADER_SCAN = 1024 * 1024
@@ -156,57 +147,6 @@ class MessageSink:
     def _refuse(self, problem: Reply) -> None:
         self.problem = problem
         self._receiver.abort()
-
-
-class DotReader:
-    """
-    Finds C{<CRLF>.<CRLF>} in the DATA stream and passes the un-stuffed
-    text to a L{MessageSink}.
-
-    The text is kept as if a CRLF came just before it, so a message that
-    starts with C{.} or is empty needs no special case; what is kept between
-    chunks always starts at a CRLF, so a terminator or a stuffed dot split
-    across chunks is still seen.
-    """
-
-    def __init__(self, sink: MessageSink, max_line: int) -> None:
-        self._sink = sink
-        self._max_line = max_line
-        self._pending = b"\r\n"
-        self._first = True
-
-    def feed(self, data: bytes) -> bytes | None:
-        """
-        Take the next bytes; return C{None} while the message goes on, or
-        the bytes after the terminator once it is found.
-        """
-        text = self._pending + data
-        first_dot_line = _CRLF_DOT.search(text)
-        stuffed = first_dot_line is not None
-        end = text.find(_END_OF_DATA, first_dot_line.start()) if stuffed else -1
-        if end >= 0:
-            self._pending = b""
-            self._emit(text[: end + 2])
-            return text[end + len(_END_OF_DATA) :]
-        cut = text.rfind(b"\r\n")
-        if cut <= 0 and len(text) > self._max_line + 6:
-            # One line longer than allowed: the message is refused anyway,
-            # so keep only what could begin a terminator.
-            cut = len(text) - 4
-        if cut > 0:
-            self._emit(text[:cut], stuffed)
-            text = text[cut:]
-        self._pending = text
-        return None
-
-    def _emit(self, text: bytes, stuffed: bool = True) -> None:
-        if stuffed:
-            text = text.replace(b"\r\n..", b"\r\n.")
-        if self._first:
-            text = text[2:]
-            self._first = False
-        if text:
-            self._sink.write(text)
 
 
 def received_header(

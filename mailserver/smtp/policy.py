@@ -14,7 +14,8 @@ dropped by the grammar before we get here.
 
 from __future__ import annotations
 
-from mailserver.config import Config, Disclosure
+from mailserver.config import SMTP, Disclosure
+from mailserver.interfaces import IAccounts
 from mailserver.smtp.grammar import Mailbox
 from mailserver.smtp.replies import (
     AUTH_REQUIRED,
@@ -34,12 +35,34 @@ class Policy:
     RFC 6409 message submission).
     """
 
-    def __init__(self, config: Config, role: str, accounts) -> None:
+    def __init__(self, smtp: SMTP, role: str, accounts: IAccounts) -> None:
+        """
+        @param smtp: the C{[smtp]} section (VRFY and EXPN disclosure).
+        @param accounts: which domains are local, and their addresses.
+        """
         if role not in (MX, SUBMISSION):
             raise ValueError(f"unknown SMTP role {role!r}")
-        self._config = config
+        self._smtp = smtp
         self._accounts = accounts
         self.role = role
+
+    def auth_required(self, authenticated: str | None) -> Reply | None:
+        """
+        Submission takes mail only from authenticated clients (RFC 6409
+        4.3); C{None} means go on.
+        """
+        if self.role == SUBMISSION and authenticated is None:
+            return AUTH_REQUIRED
+        return None
+
+    def qualify(self, mailbox: Mailbox) -> Mailbox:
+        """
+        A mailbox without a domain (C{<Postmaster>}, RFC 5321 4.5.1, or a
+        bare name given to VRFY) is in the first local domain.
+        """
+        if mailbox.domain:
+            return mailbox
+        return Mailbox(mailbox.local, self._accounts.default_domain)
 
     def sender(self, mailbox: Mailbox | None, authenticated: str | None) -> Reply | None:
         """
@@ -49,9 +72,10 @@ class Policy:
         owns, so one user cannot send as another; MX accepts any sender,
         including the null sender of bounces.
         """
+        refusal = self.auth_required(authenticated)
+        if refusal is not None:
+            return refusal
         if self.role == SUBMISSION:
-            if authenticated is None:
-                return AUTH_REQUIRED
             if mailbox is None or not self._accounts.owns(authenticated, mailbox.address):
                 return reply(
                     553, "5.7.1", f"Sender address rejected: not owned by user {authenticated}"
@@ -68,11 +92,11 @@ class Policy:
         any address literal, is relaying: allowed only to authenticated
         clients, whose recipient is kept as given for the relay queue.
         """
-        if self.role == SUBMISSION and authenticated is None:
-            return AUTH_REQUIRED
-        if not mailbox.domain:  # <Postmaster> (RFC 5321 4.5.1)
-            mailbox = Mailbox(mailbox.local, self._config.local_domains[0])
-        if not mailbox.is_address_literal and self._config.is_local_domain(mailbox.domain):
+        refusal = self.auth_required(authenticated)
+        if refusal is not None:
+            return refusal
+        mailbox = self.qualify(mailbox)
+        if not mailbox.is_address_literal and self._accounts.is_local_domain(mailbox.domain):
             destinations = self._accounts.resolve(mailbox.address)
             if not destinations:
                 return USER_UNKNOWN
@@ -89,31 +113,27 @@ class Policy:
         """
         RFC 5321 3.5.3: 252 when we will not say; 250 or 550 when we do.
         """
-        if authenticated is None and self._config.smtp.vrfy == Disclosure.REFUSE:
+        if authenticated is None and self._smtp.vrfy == Disclosure.REFUSE:
             return reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
         if mailbox is None or mailbox.is_address_literal or not self._is_local(mailbox):
             return reply(252, "2.5.0", "Cannot VRFY a non-local address")
-        if self._accounts.exists(self._full(mailbox).address):
-            return reply(250, "2.1.5", f"<{self._full(mailbox).address}>")
+        address = self.qualify(mailbox).address
+        if self._accounts.exists(address):
+            return reply(250, "2.1.5", f"<{address}>")
         return reply(550, "5.1.1", "User unknown")
 
     def expn(self, mailbox: Mailbox | None, authenticated: str | None) -> Reply:
         """
         RFC 5321 3.5.2: the members of a list, one per line.
         """
-        if authenticated is None and self._config.smtp.expn == Disclosure.REFUSE:
+        if authenticated is None and self._smtp.expn == Disclosure.REFUSE:
             return reply(502, "5.5.1", "EXPN is disabled")
         if mailbox is None or mailbox.is_address_literal or not self._is_local(mailbox):
             return reply(550, "5.1.1", "Not a local mailing list")
-        members = self._accounts.expand(self._full(mailbox).address)
+        members = self._accounts.expand(self.qualify(mailbox).address)
         if not members:
             return reply(550, "5.1.1", "Not a mailing list")
         return Reply(250, "2.1.5", tuple(f"<{member}>" for member in members))
 
     def _is_local(self, mailbox: Mailbox) -> bool:
-        return not mailbox.domain or self._config.is_local_domain(mailbox.domain)
-
-    def _full(self, mailbox: Mailbox) -> Mailbox:
-        if mailbox.domain:
-            return mailbox
-        return Mailbox(mailbox.local, self._config.local_domains[0])
+        return not mailbox.domain or self._accounts.is_local_domain(mailbox.domain)

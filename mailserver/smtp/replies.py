@@ -1,50 +1,13 @@
 """
-SMTP replies as values (RFC 5321 4.2, with RFC 3463 enhanced status codes).
-
-Handlers return a L{Reply}; only the protocol turns it into bytes, so a
-handler can be tested without a transport and a reply is always well formed.
+The SMTP server's fixed replies (RFC 5321 4.2, with RFC 3463 enhanced
+status codes), as L{mailserver.wire.reply.Reply} values made once.
 """
 
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Reply:
-    """
-    One SMTP reply.
-
-    @ivar code: the three-digit reply code.
-    @ivar enhanced: the RFC 3463 code (C{"2.1.0"}) or C{""} for replies that
-        carry none (greeting, EHLO, HELO, 334 challenges).
-    @ivar lines: the text, one item per line; rendered with C{250-} on every
-        line but the last.
-    """
-
-    code: int
-    enhanced: str
-    lines: tuple[str, ...]
-
-    def render(self) -> bytes:
-        """
-        The wire form: one CRLF-terminated line per text line, the enhanced
-        code repeated on each (RFC 2034 section 4).
-        """
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        lines = self.lines
-        if len(lines) <= 1:
-            return f"{self.code} {prefix}{lines[0] if lines else ''}\r\n".encode("utf-8")
-        last = len(lines) - 1
-        return "".join(
-            f"{self.code}{' ' if number == last else '-'}{prefix}{line}\r\n"
-            for number, line in enumerate(lines)
-        ).encode("utf-8")
-
-    @property
-    def is_error(self) -> bool:
-        return self.code >= 400
+from mailserver.wire.reply import Reply
 
 
 def reply(code: int, enhanced: str, *lines: str) -> Reply:
@@ -73,6 +36,24 @@ RELAY_DENIED = reply(554, "5.7.1", "Relay access denied")
 USER_UNKNOWN = reply(550, "5.1.1", "Recipient address rejected: User unknown")
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
 SMTPUTF8_REQUIRED = reply(553, "5.6.7", "Error: SMTPUTF8 is required for this address")
+SENDER_OK = reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = reply(250, "2.1.5", "Ok")
+START_MAIL_INPUT = reply(354, "", "End data with <CR><LF>.<CR><LF>")
+IN_TRANSACTION = reply(503, "5.5.1", "Error: MAIL transaction in progress")
+NEED_EHLO = reply(503, "5.5.1", "Error: send EHLO first")
+ALREADY_AUTHENTICATED = reply(503, "5.5.1", "Error: already authenticated")
+ENCRYPTION_REQUIRED = reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
+UNKNOWN_MECHANISM = reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_ABORTED = reply(501, "5.0.0", "Authentication aborted")
+AUTH_SUCCESSFUL = reply(235, "2.7.0", "Authentication successful")
+BAD_CREDENTIALS = reply(535, "5.7.8", "Authentication credentials invalid")
+LOGINS_REFUSED = reply(454, "4.7.0", "Too many failed logins from your address, try again later")
+AUTH_UNAVAILABLE = reply(454, "4.7.0", "Temporary authentication failure")
+READY_FOR_TLS = reply(220, "2.0.0", "Ready to start TLS")
+TLS_ACTIVE = reply(503, "5.5.1", "Error: TLS already active")
+BYE = reply(221, "2.0.0", "Bye")
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

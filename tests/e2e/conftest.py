@@ -4,12 +4,6 @@ from harness import MailServer
 from relay_fixtures import REMOTE_ZONE, DNSServer
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "/e2e/" in str(item.fspath):
-            item.add_marker(pytest.mark.e2e)
-
-
 @pytest.fixture
 def server(tmp_path):
     """

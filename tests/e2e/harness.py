@@ -41,23 +41,37 @@ class MailServer:
         local_domains: tuple[str, ...] = ("localhost",),
         extra_toml: str = "",
         roles: tuple[str, ...] = ("smtp", "submission", "pop3", "admin"),
-        listen: dict[str, str] | None = None,
+        endpoints: dict[str, str] | None = None,
+        data_path: Path | None = None,
+        twistd: list[str] | None = None,
+        twistd_options: tuple[str, ...] = (),
+        cli: list[str] | None = None,
+        env: dict[str, str] | None = None,
         json_log: bool = False,
     ) -> None:
         """
-        @param listen: an endpoint string for a role, instead of an
-            OS-chosen loopback port (a role listed here is served).
+        @param endpoints: role to endpoint string, for roles that must not
+            listen on an OS-chosen loopback port (the others in C{roles} do).
+        @param twistd: the command that runs twistd (default: the venv's).
+        @param twistd_options: twistd's own options (C{--uid}...).
+        @param cli: the command that runs the console script.
+        @param env: the environment of both (default: L{environment}).
         @param json_log: log through C{mailserver.logs.json_stdout} (into
             C{log_path}) instead of twistd's text log.
         """
         self.json_log = json_log
         self.root = tmp_path
-        self.data_path = tmp_path / "data"
+        self.data_path = data_path or tmp_path / "data"
         self.config_path = tmp_path / "mailserver.toml"
         self.log_path = tmp_path / "twistd.log"
-        listen = listen or {}
+        self.twistd = twistd or [str(BIN / "twistd")]
+        self.twistd_options = twistd_options
+        self.cli_command = cli or [str(BIN / "mailserver")]
+        self.env = env or environment()
+        endpoints = endpoints or {}
         listeners = "\n".join(
-            f'{role} = ["{listen.get(role, LOOPBACK)}"]' if role in roles or role in listen
+            f'{role} = ["{endpoints.get(role, LOOPBACK)}"]'
+            if role in roles or role in endpoints
             else f"{role} = []"
             for role in ("smtp", "submission", "submissions", "pop3", "pop3s", "admin")
         )
@@ -75,6 +89,7 @@ class MailServer:
         )
         self.process: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
+        self.output = ""  # what the process wrote on stdout and stderr, once stopped
 
     def start(self, timeout: float = 20.0) -> None:
         report = self.data_path / "listeners.json"
@@ -87,16 +102,17 @@ class MailServer:
             stdout = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
-                str(BIN / "twistd"),
+                *self.twistd,
                 "--nodaemon",
                 "--pidfile=",
                 *logging,
+                *self.twistd_options,
                 "mailserver",
                 "--config",
                 str(self.config_path),
             ],
             cwd=self.root,
-            env=environment(),
+            env=self.env,
             stdout=stdout,
             stderr=subprocess.STDOUT,
         )
@@ -131,7 +147,9 @@ class MailServer:
                 self.process.kill()
                 self.process.wait()
         code = self.process.returncode
+        self.output = ""
         if self.process.stdout:
+            self.output = self.process.stdout.read().decode(errors="replace")
             self.process.stdout.close()
         self.process = None
         return code
@@ -149,9 +167,9 @@ class MailServer:
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(BIN / "mailserver"), "--config", str(self.config_path), *args],
+            [*self.cli_command, "--config", str(self.config_path), *args],
             cwd=self.root,
-            env=environment(),
+            env=self.env,
             input=input,
             capture_output=True,
             text=True,

@@ -65,12 +65,12 @@ def mx_pair(tmp_path, dns_server):
              'connect_timeout = 2.0\n')
     backup = MailServer(
         tmp_path / "backup", local_domains=("backup.test",),
-        listen={"smtp": f"tcp:{port}:interface=127.0.0.2"},
+        endpoints={"smtp": f"tcp:{port}:interface=127.0.0.2"},
         extra_toml=relay + 'relay_domains = ["primary.test", "lonely.test"]\n'
                            'own_addresses = ["127.0.0.2"]\n')
     primary = MailServer(
         tmp_path / "primary", local_domains=("primary.test",),
-        listen={"smtp": f"tcp:{port}:interface=127.0.0.1"}, extra_toml=relay)
+        endpoints={"smtp": f"tcp:{port}:interface=127.0.0.1"}, extra_toml=relay)
     yield backup, primary, port
     for server in (backup, primary):
         server.stop()

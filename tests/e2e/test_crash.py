@@ -273,6 +273,7 @@ class Scenario:
                 f"workers = {workers}\n"
                 "[limits]\nmin_free_space = 0\nshutdown_timeout = 10.0\n"
                 f'[relay]\ntransports = ["remote.test=127.0.0.1:{self.peer.port}"]\n'
+                'tls_policies = ["remote.test=none"]\n'
                 'retry_schedule = ["1s"]\nmax_retry_interval = "1s"\nscan_interval = 0.5\n'
                 "connect_timeout = 2.0\n"
             ),

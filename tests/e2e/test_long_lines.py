@@ -61,6 +61,7 @@ def server(tmp_path, peer):
             "[limits]\nmax_text_line = 10000\n"
             "[smtp]\nauth_over_plaintext = true\n"
             f'[relay]\ntransports = ["remote.test=127.0.0.1:{peer.port}"]\n'
+            'tls_policies = ["remote.test=none"]\n'
             'retry_schedule = ["1s"]\nscan_interval = 0.5\nconnect_timeout = 2.0\n'
             '[dkim]\nkeys = ["example.org:e2e"]\n'
         ),

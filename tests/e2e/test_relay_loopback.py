@@ -36,7 +36,8 @@ DRIVER = textwrap.dedent(
     intake = Intake(accounts=accounts, reactor=reactor, data_path=config.data_path,
                     hostname=config.hostname, min_free_space=config.limits.min_free_space,
                     queue=queue)
-    runner = RelayRunner(relay=config.relay, hostname=config.hostname, queue=queue,
+    runner = RelayRunner(relay=config.relay, hostname=config.hostname,
+                         mta_sts_path=config.mta_sts_path, queue=queue,
                          intake=intake, reactor=reactor, accounts=accounts)
     count, size = int(sys.argv[2]), int(sys.argv[3])
 

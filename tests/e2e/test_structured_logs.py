@@ -67,6 +67,7 @@ def make_server(tmp_path, peer, json_log: bool) -> MailServer:
         tmp_path, local_domains=("localhost", "example.org"), json_log=json_log,
         extra_toml=("[smtp]\nauth_over_plaintext = true\n"
                     f'[relay]\ntransports = ["remote.test=127.0.0.1:{peer.port}"]\n'
+                    'tls_policies = ["remote.test=none"]\n'
                     "scan_interval = 0.2\n"))
     server.start()
     return server
@@ -94,8 +95,11 @@ def test_the_json_log_is_one_flat_object_per_event(tmp_path, peer):
     for event in events:
         named.setdefault(event["event"], []).append(event)
 
-    listening = {(e["role"], e["host"]) for e in named["server.listening"]}
-    assert {("smtp", "127.0.0.1"), ("pop3", "127.0.0.1")} <= listening
+    [started] = named["server.started"]
+    listening = {tuple(line.split()) for line in started["listeners"]}
+    assert {("smtp", f"127.0.0.1:{server.ports['smtp']}"),
+            ("pop3", f"127.0.0.1:{server.ports['pop3']}")} <= listening
+    assert "127.0.0.1" in started["message"]
     # Once when the server saw the file change, once more on the reload.
     for bad_line in named["accounts.bad_line"]:
         assert (bad_line["file"], bad_line["line"]) == (str(server.data_path / "aliases"), 2)

@@ -373,8 +373,8 @@ class WiringTests(LoopbackDNSTestCase):
         try:
             await receiver.finish()
         except MessageRejected as e:
-            return e.reject, inner.messages
-        return None, inner.messages
+            return e.reject, [m.data for m in inner.finished]
+        return None, [m.data for m in inner.finished]
 
     @inline
     async def test_dmarc_reject_is_refused_and_nothing_stored(self):
@@ -388,7 +388,7 @@ class WiringTests(LoopbackDNSTestCase):
     async def test_submitted_mail_is_signed_and_stored(self):
         config = self.config(self.tmp())
         raw = b"From: <a@signed.test>\r\nSubject: hi\r\n\r\nbody\r\n\r\n"
-        verdict, [(_, data)] = await self.feed(
+        verdict, [data] = await self.feed(
             config, envelope("a@signed.test", authenticated="a@signed.test"), raw)
         self.assertIsNone(verdict)
         self.assertTrue(data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"))
@@ -397,6 +397,6 @@ class WiringTests(LoopbackDNSTestCase):
         verified = await deferToThread(dkim.verify, data, dnsfunc=dkim_txt(self.dns))
         self.assertTrue(verified)
         # ... and the MX role of a server checking it says so.
-        verdict, [(_, data)] = await self.feed(config, envelope("a@signed.test", ip=BAD_IP), data)
+        verdict, [data] = await self.feed(config, envelope("a@signed.test", ip=BAD_IP), data)
         self.assertIn(b"\tdkim=pass header.d=signed.test", data)
         self.assertIn(b"\tdmarc=pass", data)

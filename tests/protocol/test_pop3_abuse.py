@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pop3_fakes import MemoryMaildirs, Session, make_config
+from tests.protocol.pop3_fakes import MemoryMaildirs, Session, make_config
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 from base64 import b64encode
 
 import pytest
-from pop3_fakes import REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
+from tests.protocol.pop3_fakes import REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher

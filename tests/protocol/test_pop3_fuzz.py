@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pop3_fakes import LOOPBACK, REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
+from tests.protocol.pop3_fakes import LOOPBACK, REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.logger import globalLogPublisher

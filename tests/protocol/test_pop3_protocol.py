@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from mailserver.pop3.transfer import MessageTransfer
-from pop3_fakes import MemoryMaildirs, Session, make_config
+from tests.protocol.pop3_fakes import MemoryMaildirs, Session, make_config
 from twisted.logger import globalLogPublisher
 
 FIRST = b"From: a@x\nSubject: one\n\nHello\n.\n..two\n.lead\n"

@@ -24,7 +24,7 @@ from mailserver.maildir import Mailbox
 from mailserver.pop3 import POP3Factory
 from mailserver.from_config import certificate_files
 from mailserver.tls import server_options
-from pop3_fakes import AccountRealm, make_config
+from tests.protocol.pop3_fakes import AccountRealm, make_config
 
 LINE = b".a line that starts with a dot and goes on for a while 0123456789\n"
 LINES = 50 * 1024 * 1024 // len(LINE)

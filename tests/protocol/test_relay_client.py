@@ -416,3 +416,60 @@ def test_an_address_gets_no_overall_deadline_beyond_the_connect_timeout():
     reactor = MemoryReactorClock()
     deliver(reactor, "127.0.0.1", 2525, one_recipient(), CONFIGURED)
     assert reactor.getDelayedCalls() == []
+
+
+def test_plaintext_after_the_starttls_220_is_discarded():
+    """
+    Issue 19 (the CVE-2011-0411 class): lines sent in the clear after the
+    STARTTLS 220, in the same write, must not be taken as the reply to the
+    EHLO sent over TLS.
+    """
+    c = Conversation(transaction(tls="required", username="u", password="p"))
+    c.server("220 hi")
+    assert c.server("250-mx", "250 STARTTLS") == b"STARTTLS\r\n"
+    c.transport.clear()
+    c.client.dataReceived(b"220 go ahead\r\n250-evil.invalid\r\n250 AUTH PLAIN\r\n")
+    assert c.transport.value() == b"EHLO mx.test\r\n"
+    assert c.transport.tls_options is not None
+    assert c.results == []
+    # Only the reply that comes after TLS started counts.
+    assert c.server("250-mx", "250 AUTH PLAIN") == b"AUTH PLAIN AHUAcA==\r\n"
+
+
+def test_auth_is_never_sent_without_tls():
+    # A server that refuses STARTTLS on an opportunistic connection.
+    c = Conversation(transaction(tls="opportunistic", username="u", password="p"))
+    c.server("220 hi")
+    assert c.server("250-mx", "250-STARTTLS", "250 AUTH PLAIN") == b"STARTTLS\r\n"
+    assert c.server("454 4.7.0 not now") == b"QUIT\r\n"
+    [result] = c.results
+    reply = result.replies["a@remote.test"]
+    assert reply.status == "4.7.0" and "without TLS" in reply.text
+    assert not reply.permanent and result.tls == "refused"
+
+
+def test_tls_outcome_is_reported():
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    broken = Conversation(transaction(tls="required"))
+    broken.server("220 hi")
+    broken.server("250-mx", "250 STARTTLS")
+    broken.server("220 go")
+    broken.client.connectionLost(Failure(ConnectionLost("handshake failed")))
+    assert [(r.tls, r.reached) for r in broken.results] == [("started", False)]
+
+    fine = Conversation(transaction(tls="required", recipients=(OutboundRecipient("a@remote.test"),)))
+    fine.server("220 hi")
+    fine.server("250-mx", "250 STARTTLS")
+    fine.server("220 go")
+    fine.server(*EHLO_PIPELINING)
+    fine.server("250 ok", "250 ok", "354 go")
+    fine.server("250 queued")
+    assert [(r.tls, r.reached) for r in fine.results] == [("established", True)]
+
+    plain = Conversation(transaction(tls="opportunistic"))
+    plain.server("220 hi")
+    plain.server(*EHLO_PIPELINING)
+    plain.client.connectionLost(Failure(ConnectionLost()))
+    assert [r.tls for r in plain.results] == ["not-offered"]

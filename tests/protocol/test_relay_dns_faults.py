@@ -178,6 +178,7 @@ class RunnerTests(unittest.TestCase):
                              min_free_space=0,
                              queue=self.queue, committer=InlineCommitter())
         self.runner = RelayRunner(relay=self.config.relay, hostname=self.config.hostname,
+                                  mta_sts_path=self.config.mta_sts_path,
                                   queue=self.queue, intake=self.intake, reactor=reactor,
                                   accounts=self.accounts, jitter=lambda d: d)
         self.runner.startService()

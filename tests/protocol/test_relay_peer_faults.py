@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from mailserver.config import Config, Relay, RelayTLS, Transport
+from mailserver.config import Config, Relay, TLSLevel, TLSPolicyRule, Transport
 from mailserver.envelope import Envelope, Recipient
 from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
@@ -46,7 +46,8 @@ class PeerFaultTests(unittest.TestCase):
         config = Config(
             hostname="mx.test", data_dir=folder.name, local_domains=("example.org",),
             relay=Relay(transports=(Transport("remote.test", "127.0.0.1", port),),
-                        tls=RelayTLS.NONE, connect_timeout=TIMEOUT, command_timeout=TIMEOUT,
+                        tls_policies=(TLSPolicyRule("remote.test", TLSLevel.NONE),),
+                        connect_timeout=TIMEOUT, command_timeout=TIMEOUT,
                         data_timeout=TIMEOUT, retry_schedule=(0.5,), scan_interval=3600),
         )
         accounts = accounts_for(config)
@@ -55,7 +56,8 @@ class PeerFaultTests(unittest.TestCase):
         self.intake = Intake(accounts=accounts, reactor=reactor, data_path=config.data_path,
                              hostname=config.hostname, min_free_space=0, queue=self.queue,
                              committer=InlineCommitter())
-        runner = RelayRunner(relay=config.relay, hostname=config.hostname, queue=self.queue,
+        runner = RelayRunner(relay=config.relay, hostname=config.hostname,
+                             mta_sts_path=config.mta_sts_path, queue=self.queue,
                              intake=self.intake, reactor=reactor, accounts=accounts,
                              jitter=lambda d: d)
         runner.startService()

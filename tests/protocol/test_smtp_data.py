@@ -5,26 +5,26 @@ length, loops, BDAT/CHUNKING, DSN and SMTPUTF8 envelopes, the Received field.
 
 import pytest
 
-from smtp_fakes import LOOPBACK, Session, codes, make_config
+from mailserver.testing import LOOPBACK, SMTPHarness, make_config, reply_codes
 
 
-def in_data(**kwargs) -> Session:
-    session = Session(**kwargs)
+def in_data(**kwargs) -> SMTPHarness:
+    session = SMTPHarness(**kwargs)
     session.ehlo()
     out = session.send("MAIL FROM:<a@remote.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
-    assert codes(out)[-1] == "354"
+    assert reply_codes(out)[-1] == "354"
     return session
 
 
 def test_dot_stuffing_is_undone_including_the_first_line():
     session = in_data()
-    assert codes(session.send("..first\r\nmiddle\r\n..\r\n...x\r\n.\r\n")) == ["250 2.0.0"]
+    assert reply_codes(session.send("..first\r\nmiddle\r\n..\r\n...x\r\n.\r\n")) == ["250 2.0.0"]
     assert session.intake.finished[0].body == b".first\r\nmiddle\r\n.\r\n..x\r\n"
 
 
 def test_empty_message():
     session = in_data()
-    assert codes(session.send(".\r\n")) == ["250 2.0.0"]
+    assert reply_codes(session.send(".\r\n")) == ["250 2.0.0"]
     assert session.intake.finished[0].body == b""
 
 
@@ -33,7 +33,7 @@ def test_terminator_and_stuffing_split_across_reads(size):
     session = in_data()
     data = b"Subject: s\r\n\r\n..a\r\nb\r\n.\r\nNOOP\r\n"
     out = b"".join(session.send(data[i : i + size]) for i in range(0, len(data), size))
-    assert codes(out) == ["250 2.0.0", "250 2.0.0"]
+    assert reply_codes(out) == ["250 2.0.0", "250 2.0.0"]
     assert session.intake.finished[0].body == b"Subject: s\r\n\r\n.a\r\nb\r\n"
 
 
@@ -50,7 +50,7 @@ def test_message_streams_in_pieces_not_held_whole():
 def test_pipelined_commands_after_the_terminator_are_answered():
     session = in_data()
     out = session.send("hi\r\n.\r\nMAIL FROM:<a@b.c>\r\nRSET\r\n")
-    assert codes(out) == ["250 2.0.0", "250 2.1.0", "250 2.0.0"]
+    assert reply_codes(out) == ["250 2.0.0", "250 2.1.0", "250 2.0.0"]
 
 
 SMUGGLING = [
@@ -65,10 +65,10 @@ def test_smuggling_sequences_never_end_data(sequence):
     out = session.send(b"Subject: a\r\n\r\nhello" + sequence + smuggled)
     assert out == b""
     out = session.send(b".\r\n")
-    assert codes(out) == ["550 5.5.2"]
+    assert reply_codes(out) == ["550 5.5.2"]
     (message,) = session.intake.messages
     assert message.aborted and not message.finished
-    assert codes(session.command("NOOP")) == ["250 2.0.0"]
+    assert reply_codes(session.command("NOOP")) == ["250 2.0.0"]
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,7 @@ def test_smuggling_sequences_never_end_data(sequence):
 )
 def test_bare_cr_or_lf_is_refused_at_the_real_end(bare):
     session = in_data()
-    assert codes(session.send(b"x\r\n" + bare + b"\r\n.\r\n")) == ["550 5.5.2"]
+    assert reply_codes(session.send(b"x\r\n" + bare + b"\r\n.\r\n")) == ["550 5.5.2"]
     assert session.intake.messages[0].aborted
 
 
@@ -84,47 +84,47 @@ def test_message_over_size_limit_is_552_after_the_end_and_nothing_stored():
     session = in_data(config=make_config(limits={"max_message_size": 100}))
     assert session.send(b"x" * 60 + b"\r\n") == b""
     assert session.send(b"y" * 60 + b"\r\n") == b""
-    assert codes(session.send(b".\r\n")) == ["552 5.3.4"]
+    assert reply_codes(session.send(b".\r\n")) == ["552 5.3.4"]
     assert session.intake.messages[0].aborted and not session.intake.finished
-    assert codes(session.command("MAIL FROM:<a@b.c>")) == ["250 2.1.0"]
+    assert reply_codes(session.command("MAIL FROM:<a@b.c>")) == ["250 2.1.0"]
 
 
 def test_declared_size_over_limit_is_552_at_mail():
-    session = Session(config=make_config(limits={"max_message_size": 100}))
+    session = SMTPHarness(config=make_config(limits={"max_message_size": 100}))
     session.ehlo()
-    assert codes(session.command("MAIL FROM:<a@b.c> SIZE=101")) == ["552 5.3.4"]
-    assert codes(session.command("MAIL FROM:<a@b.c> SIZE=100")) == ["250 2.1.0"]
+    assert reply_codes(session.command("MAIL FROM:<a@b.c> SIZE=101")) == ["552 5.3.4"]
+    assert reply_codes(session.command("MAIL FROM:<a@b.c> SIZE=100")) == ["250 2.1.0"]
 
 
 def test_long_data_line_is_500_and_session_goes_on():
     session = in_data()
     session.send(b"x" * 5000)
     session.send(b"y" * 5000 + b"\r\n")
-    assert codes(session.send(b".\r\n")) == ["500 5.5.2"]
-    assert codes(session.command("NOOP")) == ["250 2.0.0"]
+    assert reply_codes(session.send(b".\r\n")) == ["500 5.5.2"]
+    assert reply_codes(session.command("NOOP")) == ["250 2.0.0"]
 
 
 def test_line_of_exactly_the_limit_is_fine():
     session = in_data()
-    assert codes(session.send(b"x" * 998 + b"\r\n.\r\n")) == ["250 2.0.0"]
+    assert reply_codes(session.send(b"x" * 998 + b"\r\n.\r\n")) == ["250 2.0.0"]
     session = in_data()
-    assert codes(session.send(b"x" * 999 + b"\r\n.\r\n")) == ["500 5.5.2"]
+    assert reply_codes(session.send(b"x" * 999 + b"\r\n.\r\n")) == ["500 5.5.2"]
 
 
 def test_too_many_received_fields_is_a_loop():
     session = in_data(config=make_config(smtp={"max_received_headers": 3}))
     header = b"Received: from a by b; date\r\n" * 4
-    assert codes(session.send(header + b"\r\nbody\r\n.\r\n")) == ["554 5.4.6"]
+    assert reply_codes(session.send(header + b"\r\nbody\r\n.\r\n")) == ["554 5.4.6"]
     session = in_data(config=make_config(smtp={"max_received_headers": 3}))
     header = b"Received: from a by b; date\r\n" * 3
     body = b"Received: in the body does not count\r\n" * 5
-    assert codes(session.send(header + b"\r\n" + body + b".\r\n")) == ["250 2.0.0"]
+    assert reply_codes(session.send(header + b"\r\n" + body + b".\r\n")) == ["250 2.0.0"]
 
 
 def test_storage_failure_is_451():
     session = in_data()
     session.intake.fail = True
-    assert codes(session.send(b"x\r\n.\r\n")) == ["451 4.3.0"]
+    assert reply_codes(session.send(b"x\r\n.\r\n")) == ["451 4.3.0"]
 
 
 def test_reply_waits_for_durable_storage_and_input_pauses():
@@ -132,7 +132,7 @@ def test_reply_waits_for_durable_storage_and_input_pauses():
     session.intake.hold = True
     assert session.send(b"x\r\n.\r\nNOOP\r\n") == b""
     session.intake.pending[0].callback(None)
-    assert codes(session.read()) == ["250 2.0.0", "250 2.0.0"]
+    assert reply_codes(session.read()) == ["250 2.0.0", "250 2.0.0"]
 
 
 def test_client_leaving_mid_data_aborts():
@@ -153,7 +153,7 @@ def test_received_field():
 
 
 def test_received_field_names_the_authenticated_sender_and_utf8():
-    session = Session(peer=LOOPBACK)
+    session = SMTPHarness(peer=LOOPBACK)
     session.ehlo()
     session.login()
     session.send(
@@ -167,7 +167,7 @@ def test_received_field_names_the_authenticated_sender_and_utf8():
 
 
 def test_envelope_carries_dsn_body_and_size():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
     session.send(
         "MAIL FROM:<a@remote.net> RET=HDRS ENVID=QQ+2B1 BODY=8BITMIME SIZE=10\r\n"
@@ -183,14 +183,14 @@ def test_envelope_carries_dsn_body_and_size():
 
 
 def test_utf8_addresses_need_the_smtputf8_parameter():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
-    assert codes(session.command("MAIL FROM:<zoë@remote.net>")) == ["553 5.6.7"]
+    assert reply_codes(session.command("MAIL FROM:<zoë@remote.net>")) == ["553 5.6.7"]
     session.command("MAIL FROM:<a@remote.net>")
-    assert codes(session.command("RCPT TO:<jürgen@example.org>")) == ["553 5.6.7"]
+    assert reply_codes(session.command("RCPT TO:<jürgen@example.org>")) == ["553 5.6.7"]
     session.command("RSET")
-    assert codes(session.command("MAIL FROM:<zoë@remote.net> SMTPUTF8")) == ["250 2.1.0"]
-    assert codes(session.command("RCPT TO:<Jürgen@example.org>")) == ["250 2.1.5"]
+    assert reply_codes(session.command("MAIL FROM:<zoë@remote.net> SMTPUTF8")) == ["250 2.1.0"]
+    assert reply_codes(session.command("RCPT TO:<Jürgen@example.org>")) == ["250 2.1.5"]
     session.send("DATA\r\nx\r\n.\r\n")
     envelope = session.intake.finished[0].envelope
     assert envelope.smtputf8 and envelope.recipients[0].destinations == ("jürgen@example.org",)
@@ -199,8 +199,8 @@ def test_utf8_addresses_need_the_smtputf8_parameter():
 # BDAT / CHUNKING (RFC 3030)
 
 
-def in_transaction() -> Session:
-    session = Session()
+def in_transaction() -> SMTPHarness:
+    session = SMTPHarness()
     session.ehlo()
     session.send("MAIL FROM:<a@remote.net>\r\nRCPT TO:<bob@example.org>\r\n")
     return session
@@ -209,7 +209,7 @@ def in_transaction() -> Session:
 def test_bdat_chunks_and_last():
     session = in_transaction()
     out = session.send(b"BDAT 4\r\nab\r\nBDAT 7 LAST\r\n.cd\r\n\r\n")
-    assert codes(out) == ["250 2.0.0", "250 2.0.0"]
+    assert reply_codes(out) == ["250 2.0.0", "250 2.0.0"]
     assert out.split(b"\r\n")[1].startswith(b"250 2.0.0 Ok: queued as")
     assert session.intake.finished[0].body == b"ab\r\n.cd\r\n\r\n"
 
@@ -217,41 +217,41 @@ def test_bdat_chunks_and_last():
 def test_bdat_octets_split_across_reads_and_may_look_like_commands():
     session = in_transaction()
     assert session.send(b"BDAT 16 LAST\r\nQUIT\r\n") == b""
-    assert codes(session.send(b"RSET\r\n")) == []
-    assert codes(session.send(b"..\r\n")) == ["250 2.0.0"]
+    assert reply_codes(session.send(b"RSET\r\n")) == []
+    assert reply_codes(session.send(b"..\r\n")) == ["250 2.0.0"]
     assert session.intake.finished[0].body == b"QUIT\r\nRSET\r\n..\r\n"
 
 
 def test_bdat_zero_last_ends_the_message():
     session = in_transaction()
-    assert codes(session.send(b"BDAT 3\r\nx\r\nBDAT 0 LAST\r\n")) == ["250 2.0.0", "250 2.0.0"]
+    assert reply_codes(session.send(b"BDAT 3\r\nx\r\nBDAT 0 LAST\r\n")) == ["250 2.0.0", "250 2.0.0"]
     assert session.intake.finished[0].body == b"x\r\n"
 
 
 def test_bdat_without_transaction_reads_and_discards_the_chunk():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
-    assert codes(session.send(b"BDAT 4\r\nNOOP")) == ["503 5.5.1"]
-    assert codes(session.command("NOOP")) == ["250 2.0.0"]
+    assert reply_codes(session.send(b"BDAT 4\r\nNOOP")) == ["503 5.5.1"]
+    assert reply_codes(session.command("NOOP")) == ["250 2.0.0"]
 
 
 def test_bdat_bad_syntax_and_mixing_with_data():
     session = in_transaction()
-    assert codes(session.command("BDAT")) == ["501 5.5.4"]
-    assert codes(session.command("BDAT x")) == ["501 5.5.4"]
-    assert codes(session.command("BDAT 1 FIRST")) == ["501 5.5.4"]
-    assert codes(session.send(b"BDAT 1\r\nx")) == ["250 2.0.0"]
-    assert codes(session.command("DATA")) == ["503 5.5.1"]
-    assert codes(session.command("RSET")) == ["250 2.0.0"]
+    assert reply_codes(session.command("BDAT")) == ["501 5.5.4"]
+    assert reply_codes(session.command("BDAT x")) == ["501 5.5.4"]
+    assert reply_codes(session.command("BDAT 1 FIRST")) == ["501 5.5.4"]
+    assert reply_codes(session.send(b"BDAT 1\r\nx")) == ["250 2.0.0"]
+    assert reply_codes(session.command("DATA")) == ["503 5.5.1"]
+    assert reply_codes(session.command("RSET")) == ["250 2.0.0"]
     assert session.intake.messages[0].aborted
 
 
 def test_bdat_over_the_size_limit():
-    session = Session(config=make_config(limits={"max_message_size": 10}))
+    session = SMTPHarness(config=make_config(limits={"max_message_size": 10}))
     session.ehlo()
     session.send("MAIL FROM:<a@remote.net>\r\nRCPT TO:<bob@example.org>\r\n")
-    assert codes(session.send(b"BDAT 20\r\n" + b"x" * 18 + b"\r\n")) == ["552 5.3.4"]
-    assert codes(session.send(b"BDAT 2 LAST\r\nab")) == ["503 5.5.1"]
+    assert reply_codes(session.send(b"BDAT 20\r\n" + b"x" * 18 + b"\r\n")) == ["552 5.3.4"]
+    assert reply_codes(session.send(b"BDAT 2 LAST\r\nab")) == ["503 5.5.1"]
     assert not session.intake.finished
 
 
@@ -261,7 +261,7 @@ def test_one_log_line_per_transaction_and_rejections_counted():
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
-        session = Session()
+        session = SMTPHarness()
         session.send(b"EHLO client.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.org>\r\n")
         session.send(b"DATA\r\n")
         session.send(b"Subject: x\r\n\r\nbare\nline\r\n.\r\n")
@@ -275,6 +275,6 @@ def test_one_log_line_per_transaction_and_rejections_counted():
     for event in lines:
         assert event["client"] and event["helo"] == "client.test"
         assert event["sender"] == "a@remote.test" and event["recipients"] == "<bob@example.org>"
-    metrics = session.factory.metrics
+    metrics = session.factory.dependencies.metrics
     assert metrics.smtp_messages_rejected_total.value(role="smtp", reason="bare-newline") == 1
     assert metrics.smtp_messages_accepted_total.value(role="smtp") == 1

@@ -8,7 +8,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtp_fakes import LOOPBACK, REMOTE, Session
+from mailserver.testing import LOOPBACK, REMOTE, SMTPHarness
 
 REPLY_LINE = re.compile(rb"^\d{3}[ -]")
 
@@ -24,7 +24,7 @@ COMMANDS = st.sampled_from(
 ENDINGS = st.sampled_from([b"\r\n", b"\n", b"\r", b""])
 
 
-def check(session: Session, output: bytes) -> None:
+def check(session: SMTPHarness, output: bytes) -> None:
     if not output:
         return
     assert output.endswith(b"\r\n")
@@ -35,7 +35,7 @@ def check(session: Session, output: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=200), max_size=10), st.booleans())
 def test_random_bytes(chunks, loopback):
-    session = Session(peer=LOOPBACK if loopback else REMOTE, tls_options=object())
+    session = SMTPHarness(peer=LOOPBACK if loopback else REMOTE, tls_options=object())
     for chunk in chunks:
         if session.closed:
             break
@@ -48,7 +48,7 @@ def test_random_bytes(chunks, loopback):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(COMMANDS, ENDINGS), max_size=25), st.integers(1, 40))
 def test_random_command_sequences(commands, split):
-    session = Session(peer=LOOPBACK, tls_options=object())
+    session = SMTPHarness(peer=LOOPBACK, tls_options=object())
     stream = b"".join(command + ending for command, ending in commands)
     for start in range(0, len(stream), split):
         if session.closed:

@@ -5,7 +5,7 @@ refused, authenticated clients relay, the submission role needs AUTH.
 
 import pytest
 
-from smtp_fakes import LOOPBACK, Session, codes
+from mailserver.testing import LOOPBACK, SMTPHarness, reply_codes
 
 RELAY_TRICKS = [
     ("user%remote.net@example.org", "550 5.1.1"),
@@ -27,19 +27,19 @@ RELAY_TRICKS = [
 
 @pytest.mark.parametrize("address, expected", RELAY_TRICKS)
 def test_relay_tricks_are_refused(address, expected):
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
     session.command("MAIL FROM:<a@remote.net>")
     out = session.command(f"RCPT TO:<{address}>")
-    assert codes(out) == [expected]
-    assert codes(session.command("DATA")) == ["554 5.5.1"]
+    assert reply_codes(out) == [expected]
+    assert reply_codes(session.command("DATA")) == ["554 5.5.1"]
     assert not session.intake.messages
 
 
 def test_authenticated_client_may_relay_on_mx():
-    session = Session(peer=LOOPBACK)
+    session = SMTPHarness(peer=LOOPBACK)
     session.ehlo()
-    assert codes(session.login()) == ["235 2.7.0"]
+    assert reply_codes(session.login()) == ["235 2.7.0"]
     session.send("MAIL FROM:<bob@example.org>\r\nRCPT TO:<Someone@Remote.NET>\r\nDATA\r\nx\r\n.\r\n")
     (recipient,) = session.intake.finished[0].envelope.recipients
     assert recipient.destinations == ("Someone@remote.net",)
@@ -47,11 +47,11 @@ def test_authenticated_client_may_relay_on_mx():
 
 
 def test_subaddress_and_alias_resolution():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
     session.command("MAIL FROM:<a@remote.net>")
-    assert codes(session.command("RCPT TO:<bob+tag@example.org>")) == ["250 2.1.5"]
-    assert codes(session.command("RCPT TO:<list@EXAMPLE.org>")) == ["250 2.1.5"]
+    assert reply_codes(session.command("RCPT TO:<bob+tag@example.org>")) == ["250 2.1.5"]
+    assert reply_codes(session.command("RCPT TO:<list@EXAMPLE.org>")) == ["250 2.1.5"]
     session.send("DATA\r\nx\r\n.\r\n")
     recipients = session.intake.finished[0].envelope.recipients
     assert recipients[0].address == "bob+tag@example.org"
@@ -60,24 +60,24 @@ def test_subaddress_and_alias_resolution():
 
 
 def test_postmaster_is_accepted():
-    session = Session(users=("postmaster@example.org",))
+    session = SMTPHarness(users=("postmaster@example.org",))
     session.ehlo()
     session.command("MAIL FROM:<>")
-    assert codes(session.command("RCPT TO:<Postmaster>")) == ["250 2.1.5"]
+    assert reply_codes(session.command("RCPT TO:<Postmaster>")) == ["250 2.1.5"]
 
 
 def test_submission_requires_auth_before_mail():
-    session = Session(role="submission", peer=LOOPBACK)
+    session = SMTPHarness(role="submission", peer=LOOPBACK)
     session.ehlo()
-    assert codes(session.command("MAIL FROM:<bob@example.org>")) == ["530 5.7.0"]
+    assert reply_codes(session.command("MAIL FROM:<bob@example.org>")) == ["530 5.7.0"]
     session.login()
-    assert codes(session.command("MAIL FROM:<alice@example.org>")) == ["553 5.7.1"]
-    assert codes(session.command("MAIL FROM:<bob+x@example.org>")) == ["250 2.1.0"]
-    assert codes(session.command("RCPT TO:<friend@remote.net>")) == ["250 2.1.5"]
+    assert reply_codes(session.command("MAIL FROM:<alice@example.org>")) == ["553 5.7.1"]
+    assert reply_codes(session.command("MAIL FROM:<bob+x@example.org>")) == ["250 2.1.0"]
+    assert reply_codes(session.command("RCPT TO:<friend@remote.net>")) == ["250 2.1.5"]
 
 
 def test_submission_refuses_the_null_sender():
-    session = Session(role="submission", peer=LOOPBACK)
+    session = SMTPHarness(role="submission", peer=LOOPBACK)
     session.ehlo()
     session.login()
-    assert codes(session.command("MAIL FROM:<>")) == ["553 5.7.1"]
+    assert reply_codes(session.command("MAIL FROM:<>")) == ["553 5.7.1"]

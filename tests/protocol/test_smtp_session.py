@@ -3,11 +3,11 @@ The SMTP session over a StringTransport: greeting, EHLO, every command's
 reply codes, pipelining, limits, timeouts, connection caps and shutdown.
 """
 
-from smtp_fakes import LOOPBACK, REMOTE, Session, codes, make_config
+from mailserver.testing import LOOPBACK, REMOTE, SMTPHarness, make_config, reply_codes
 
 
 def test_greeting_and_ehlo_keywords():
-    session = Session(tls_options=object())
+    session = SMTPHarness(tls_options=object())
     assert session.greeting == b"220 mx.example.org ESMTP mailserver\r\n"
     lines = session.ehlo().decode().split("\r\n")[:-1]
     assert lines[0] == "250-mx.example.org"
@@ -20,57 +20,57 @@ def test_greeting_and_ehlo_keywords():
 
 
 def test_auth_advertised_on_loopback_or_when_allowed():
-    assert b"AUTH PLAIN LOGIN" in Session(peer=LOOPBACK).ehlo()
-    assert b"AUTH" not in Session().ehlo()
-    allowed = Session(config=make_config(smtp={"auth_over_plaintext": True}))
+    assert b"AUTH PLAIN LOGIN" in SMTPHarness(peer=LOOPBACK).ehlo()
+    assert b"AUTH" not in SMTPHarness().ehlo()
+    allowed = SMTPHarness(config=make_config(smtp={"auth_over_plaintext": True}))
     assert b"AUTH PLAIN LOGIN" in allowed.ehlo()
 
 
 def test_no_starttls_without_tls_options():
-    session = Session()
+    session = SMTPHarness()
     assert b"STARTTLS" not in session.ehlo()
-    assert codes(session.command("STARTTLS")) == ["502 5.5.1"]
+    assert reply_codes(session.command("STARTTLS")) == ["502 5.5.1"]
 
 
 def test_helo_is_plain_250():
-    assert Session().command("HELO client") == b"250 mx.example.org\r\n"
+    assert SMTPHarness().command("HELO client") == b"250 mx.example.org\r\n"
 
 
 def test_helo_and_ehlo_need_an_argument():
-    session = Session()
-    assert codes(session.command("EHLO")) == ["501 5.5.4"]
-    assert codes(session.command("HELO")) == ["501 5.5.4"]
+    session = SMTPHarness()
+    assert reply_codes(session.command("EHLO")) == ["501 5.5.4"]
+    assert reply_codes(session.command("HELO")) == ["501 5.5.4"]
 
 
 def test_mail_before_helo_is_503():
-    assert codes(Session().command("MAIL FROM:<a@b.c>")) == ["503 5.5.1"]
+    assert reply_codes(SMTPHarness().command("MAIL FROM:<a@b.c>")) == ["503 5.5.1"]
 
 
 def test_rcpt_before_mail_and_data_before_rcpt():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
-    assert codes(session.command("RCPT TO:<bob@example.org>")) == ["503 5.5.1"]
-    assert codes(session.command("DATA")) == ["503 5.5.1"]
+    assert reply_codes(session.command("RCPT TO:<bob@example.org>")) == ["503 5.5.1"]
+    assert reply_codes(session.command("DATA")) == ["503 5.5.1"]
     session.command("MAIL FROM:<a@b.c>")
-    assert codes(session.command("MAIL FROM:<a@b.c>")) == ["503 5.5.1"]
-    assert codes(session.command("DATA")) == ["554 5.5.1"]
+    assert reply_codes(session.command("MAIL FROM:<a@b.c>")) == ["503 5.5.1"]
+    assert reply_codes(session.command("DATA")) == ["554 5.5.1"]
 
 
 def test_full_transaction_codes():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
-    assert codes(session.command("MAIL FROM:<a@remote.net>")) == ["250 2.1.0"]
-    assert codes(session.command("RCPT TO:<bob@example.org>")) == ["250 2.1.5"]
+    assert reply_codes(session.command("MAIL FROM:<a@remote.net>")) == ["250 2.1.0"]
+    assert reply_codes(session.command("RCPT TO:<bob@example.org>")) == ["250 2.1.5"]
     assert session.command("DATA") == b"354 End data with <CR><LF>.<CR><LF>\r\n"
-    assert codes(session.send("Subject: x\r\n\r\nhello\r\n.\r\n")) == ["250 2.0.0"]
+    assert reply_codes(session.send("Subject: x\r\n\r\nhello\r\n.\r\n")) == ["250 2.0.0"]
     (stored,) = session.intake.finished
     assert stored.body == b"Subject: x\r\n\r\nhello\r\n"
 
 
 def test_null_sender_accepted_on_mx():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
-    assert codes(session.command("MAIL FROM:<>")) == ["250 2.1.0"]
+    assert reply_codes(session.command("MAIL FROM:<>")) == ["250 2.1.0"]
     session.command("RCPT TO:<bob@example.org>")
     session.command("DATA")
     session.send(".\r\n")
@@ -79,77 +79,77 @@ def test_null_sender_accepted_on_mx():
 
 def test_soml_and_saml_act_as_mail():
     for verb in ("SOML", "SAML"):
-        session = Session()
+        session = SMTPHarness()
         session.ehlo()
-        assert codes(session.command(f"{verb} FROM:<a@b.c>")) == ["250 2.1.0"]
+        assert reply_codes(session.command(f"{verb} FROM:<a@b.c>")) == ["250 2.1.0"]
 
 
 def test_turn_and_send_are_not_implemented():
-    session = Session()
-    assert codes(session.command("TURN")) == ["502 5.5.1"]
-    assert codes(session.command("SEND FROM:<a@b.c>")) == ["502 5.5.1"]
+    session = SMTPHarness()
+    assert reply_codes(session.command("TURN")) == ["502 5.5.1"]
+    assert reply_codes(session.command("SEND FROM:<a@b.c>")) == ["502 5.5.1"]
 
 
 def test_unknown_command_and_bad_syntax():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
-    assert codes(session.command("FROB")) == ["500 5.5.2"]
-    assert codes(session.command("MAIL TO:<a@b.c>")) == ["501 5.5.2"]
-    assert codes(session.command("MAIL FROM:<a@@b.c>")) == ["501 5.1.7"]
+    assert reply_codes(session.command("FROB")) == ["500 5.5.2"]
+    assert reply_codes(session.command("MAIL TO:<a@b.c>")) == ["501 5.5.2"]
+    assert reply_codes(session.command("MAIL FROM:<a@@b.c>")) == ["501 5.1.7"]
     session.command("MAIL FROM:<a@b.c>")
-    assert codes(session.command("RCPT TO:<bob@>")) == ["501 5.1.3"]
-    assert codes(session.command("RCPT TO:<bob@example.org> FOO=1")) == ["555 5.5.4"]
+    assert reply_codes(session.command("RCPT TO:<bob@>")) == ["501 5.1.3"]
+    assert reply_codes(session.command("RCPT TO:<bob@example.org> FOO=1")) == ["555 5.5.4"]
 
 
 def test_nul_and_invalid_utf8_in_commands_are_errors_not_crashes():
-    session = Session()
-    assert codes(session.send(b"NO\x00OP\r\n")) == ["500 5.5.2"]
-    assert codes(session.send(b"EHLO \xff\xfe\r\n")) == ["500 5.5.2"]
-    assert codes(session.send(b"MAIL FROM:<a\x00@b.c>\r\n")) == ["500 5.5.2"]
-    assert codes(session.command("NOOP")) == ["250 2.0.0"]
+    session = SMTPHarness()
+    assert reply_codes(session.send(b"NO\x00OP\r\n")) == ["500 5.5.2"]
+    assert reply_codes(session.send(b"EHLO \xff\xfe\r\n")) == ["500 5.5.2"]
+    assert reply_codes(session.send(b"MAIL FROM:<a\x00@b.c>\r\n")) == ["500 5.5.2"]
+    assert reply_codes(session.command("NOOP")) == ["250 2.0.0"]
 
 
 def test_rset_noop_quit():
-    session = Session()
+    session = SMTPHarness()
     session.ehlo()
     session.command("MAIL FROM:<a@b.c>")
-    assert codes(session.command("RSET")) == ["250 2.0.0"]
-    assert codes(session.command("MAIL FROM:<a@b.c>")) == ["250 2.1.0"]
-    assert codes(session.command("NOOP anything")) == ["250 2.0.0"]
-    assert codes(session.command("QUIT")) == ["221 2.0.0"]
+    assert reply_codes(session.command("RSET")) == ["250 2.0.0"]
+    assert reply_codes(session.command("MAIL FROM:<a@b.c>")) == ["250 2.1.0"]
+    assert reply_codes(session.command("NOOP anything")) == ["250 2.0.0"]
+    assert reply_codes(session.command("QUIT")) == ["221 2.0.0"]
     assert session.closed
 
 
 def test_help():
-    session = Session()
-    assert codes(session.command("HELP")) == ["214 2.0.0"]
+    session = SMTPHarness()
+    assert reply_codes(session.command("HELP")) == ["214 2.0.0"]
     assert session.command("HELP mail").startswith(b"214 2.0.0 MAIL FROM:<address>")
-    assert codes(session.command("HELP frob")) == ["504 5.5.4"]
+    assert reply_codes(session.command("HELP frob")) == ["504 5.5.4"]
 
 
 def test_vrfy_and_expn_policy():
-    session = Session()
-    assert codes(session.command("VRFY bob@example.org")) == ["252 2.5.0"]
-    assert codes(session.command("VRFY nobody@example.org")) == ["252 2.5.0"]
-    assert codes(session.command("EXPN list@example.org")) == ["502 5.5.1"]
-    assert codes(session.command("VRFY")) == ["501 5.5.4"]
+    session = SMTPHarness()
+    assert reply_codes(session.command("VRFY bob@example.org")) == ["252 2.5.0"]
+    assert reply_codes(session.command("VRFY nobody@example.org")) == ["252 2.5.0"]
+    assert reply_codes(session.command("EXPN list@example.org")) == ["502 5.5.1"]
+    assert reply_codes(session.command("VRFY")) == ["501 5.5.4"]
 
 
 def test_vrfy_and_expn_for_authenticated_clients():
-    session = Session(peer=LOOPBACK)
+    session = SMTPHarness(peer=LOOPBACK)
     session.ehlo()
     session.login()
     assert session.command("VRFY <bob@example.org>") == b"250 2.1.5 <bob@example.org>\r\n"
-    assert codes(session.command("VRFY nobody@example.org")) == ["550 5.1.1"]
+    assert reply_codes(session.command("VRFY nobody@example.org")) == ["550 5.1.1"]
     assert session.command("EXPN list") == (
         b"250-2.1.5 <bob@example.org>\r\n250 2.1.5 <alice@example.org>\r\n"
     )
 
 
 def test_vrfy_answered_when_configured():
-    session = Session(config=make_config(smtp={"vrfy": "answer", "expn": "answer"}))
-    assert codes(session.command("VRFY bob")) == ["250 2.1.5"]
-    assert codes(session.command("EXPN list@example.org")) == ["250 2.1.5"]
+    session = SMTPHarness(config=make_config(smtp={"vrfy": "answer", "expn": "answer"}))
+    assert reply_codes(session.command("VRFY bob")) == ["250 2.1.5"]
+    assert reply_codes(session.command("EXPN list@example.org")) == ["250 2.1.5"]
 
 
 class FakeRunner:
@@ -164,28 +164,28 @@ class FakeRunner:
 
 def test_etrn():
     runner = FakeRunner(3)
-    session = Session(peer=LOOPBACK, queue_runner=runner)
-    assert codes(session.command("ETRN remote.net")) == ["503 5.5.1"]
+    session = SMTPHarness(peer=LOOPBACK, queue_runner=runner)
+    assert reply_codes(session.command("ETRN remote.net")) == ["503 5.5.1"]
     session.ehlo()
-    assert codes(session.command("ETRN @remote.net")) == ["253 2.0.0"]
-    assert codes(session.command("ETRN #queue")) == ["458 4.3.0"]
-    assert codes(session.command("ETRN not..a.domain")) == ["501 5.5.4"]
+    assert reply_codes(session.command("ETRN @remote.net")) == ["253 2.0.0"]
+    assert reply_codes(session.command("ETRN #queue")) == ["458 4.3.0"]
+    assert reply_codes(session.command("ETRN not..a.domain")) == ["501 5.5.4"]
     runner.count = 0
-    assert codes(session.command("ETRN remote.net")) == ["251 2.0.0"]
+    assert reply_codes(session.command("ETRN remote.net")) == ["251 2.0.0"]
     assert runner.flushed == ["remote.net", "remote.net"]
 
 
 def test_etrn_refused_to_strangers_and_without_queue():
-    session = Session(queue_runner=FakeRunner(1))
+    session = SMTPHarness(queue_runner=FakeRunner(1))
     session.ehlo()
-    assert codes(session.command("ETRN remote.net")) == ["459 4.7.1"]
-    session = Session(peer=LOOPBACK)
+    assert reply_codes(session.command("ETRN remote.net")) == ["459 4.7.1"]
+    session = SMTPHarness(peer=LOOPBACK)
     session.ehlo()
-    assert codes(session.command("ETRN remote.net")) == ["458 4.3.0"]
+    assert reply_codes(session.command("ETRN remote.net")) == ["458 4.3.0"]
 
 
 def test_pipelined_replies_come_in_one_write():
-    session = Session()
+    session = SMTPHarness()
     writes = []
     original = session.transport.write
     session.transport.write = lambda data: (writes.append(data), original(data))
@@ -194,14 +194,14 @@ def test_pipelined_replies_come_in_one_write():
         "RCPT TO:<nobody@example.org>\r\nDATA\r\n"
     )
     assert len(writes) == 1
-    assert codes(writes[0])[1:] == ["250 2.1.0", "250 2.1.5", "550 5.1.1", "354"]
+    assert reply_codes(writes[0])[1:] == ["250 2.1.0", "250 2.1.5", "550 5.1.1", "354"]
 
 
 def test_pipelined_group_split_across_reads():
-    session = Session()
+    session = SMTPHarness()
     out = session.send("EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<bob@exa")
-    assert codes(out)[-1] == "250 2.1.0"
-    assert codes(session.send("mple.org>\r\n")) == ["250 2.1.5"]
+    assert reply_codes(out)[-1] == "250 2.1.0"
+    assert reply_codes(session.send("mple.org>\r\n")) == ["250 2.1.5"]
 
 
 def test_tcp_nodelay_is_set():
@@ -213,86 +213,86 @@ def test_tcp_nodelay_is_set():
         def setTcpNoDelay(self, enabled):
             self.no_delay = enabled
 
-    session = Session()
+    session = SMTPHarness()
     transport = TCPTransport(peerAddress=REMOTE)
     session.factory.buildProtocol(REMOTE).makeConnection(transport)
     assert transport.no_delay is True
 
 
 def test_command_line_too_long_is_500_and_session_goes_on():
-    session = Session()
-    assert codes(session.send(b"NOOP " + b"x" * 600 + b"\r\n")) == ["500 5.5.2"]
+    session = SMTPHarness()
+    assert reply_codes(session.send(b"NOOP " + b"x" * 600 + b"\r\n")) == ["500 5.5.2"]
     out = session.send(b"HELO " + b"y" * 2000)
-    assert codes(out) == ["500 5.5.2"]
+    assert reply_codes(out) == ["500 5.5.2"]
     assert session.send(b"y" * 2000 + b"\r\n") == b""
-    assert codes(session.command("NOOP")) == ["250 2.0.0"]
+    assert reply_codes(session.command("NOOP")) == ["250 2.0.0"]
 
 
 def test_too_many_errors_closes_with_421():
-    session = Session(config=make_config(limits={"max_errors": 3}))
+    session = SMTPHarness(config=make_config(limits={"max_errors": 3}))
     out = session.send("FROB\r\nFROB\r\nFROB\r\nNOOP\r\n")
-    assert codes(out) == ["500 5.5.2", "500 5.5.2", "500 5.5.2", "421 4.7.0"]
+    assert reply_codes(out) == ["500 5.5.2", "500 5.5.2", "500 5.5.2", "421 4.7.0"]
     assert session.closed
 
 
 def test_too_many_recipients_is_452():
-    session = Session(config=make_config(limits={"max_recipients": 2}))
+    session = SMTPHarness(config=make_config(limits={"max_recipients": 2}))
     session.ehlo()
     session.command("MAIL FROM:<a@b.c>")
     out = session.send("RCPT TO:<bob@example.org>\r\n" * 3)
-    assert codes(out) == ["250 2.1.5", "250 2.1.5", "452 4.5.3"]
+    assert reply_codes(out) == ["250 2.1.5", "250 2.1.5", "452 4.5.3"]
 
 
 def test_command_timeout_says_421_and_closes():
-    session = Session()
+    session = SMTPHarness()
     session.clock.advance(299)
     assert not session.closed
     session.command("NOOP")
     session.clock.advance(299)
     assert not session.closed
     session.clock.advance(1)
-    assert codes(session.read()) == ["421 4.4.2"]
+    assert reply_codes(session.read()) == ["421 4.4.2"]
     assert session.closed
 
 
 def test_data_timeout_is_the_data_limit():
-    session = Session(config=make_config(limits={"smtp_command_timeout": 10, "smtp_data_timeout": 100}))
+    session = SMTPHarness(config=make_config(limits={"smtp_command_timeout": 10, "smtp_data_timeout": 100}))
     session.ehlo()
     session.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
     session.clock.advance(50)
     assert not session.closed
     session.clock.advance(50)
-    assert codes(session.read()) == ["421 4.4.2"]
+    assert reply_codes(session.read()) == ["421 4.4.2"]
     assert session.intake.messages[0].aborted
 
 
 def test_connection_caps():
     config = make_config(limits={"max_connections_per_client": 2, "max_connections": 3})
-    first = Session(config=config)
+    first = SMTPHarness(config=config)
     factory = first.factory
-    Session(factory=factory)
-    third = Session(factory=factory)
-    assert codes(third.greeting) == ["421 4.7.0"] and third.closed
-    other = Session(factory=factory, peer=LOOPBACK)
-    assert codes(other.greeting) == ["220"]
-    fourth = Session(factory=factory, peer=LOOPBACK)
-    assert codes(fourth.greeting) == ["421 4.7.0"]
+    SMTPHarness(factory=factory)
+    third = SMTPHarness(factory=factory)
+    assert reply_codes(third.greeting) == ["421 4.7.0"] and third.closed
+    other = SMTPHarness(factory=factory, peer=LOOPBACK)
+    assert reply_codes(other.greeting) == ["220"]
+    fourth = SMTPHarness(factory=factory, peer=LOOPBACK)
+    assert reply_codes(fourth.greeting) == ["421 4.7.0"]
     first.lose()
-    assert codes(Session(factory=factory).greeting) == ["220"]
+    assert reply_codes(SMTPHarness(factory=factory).greeting) == ["220"]
 
 
 def test_shutdown_tells_idle_clients_421_and_waits_for_a_transfer():
-    idle = Session()
+    idle = SMTPHarness()
     factory = idle.factory
-    busy = Session(factory=factory)
+    busy = SMTPHarness(factory=factory)
     busy.ehlo()
     busy.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nSubject: x\r\n")
     done = factory.shutdown()
-    assert codes(idle.read()) == ["421 4.3.2"] and idle.closed
+    assert reply_codes(idle.read()) == ["421 4.3.2"] and idle.closed
     assert not busy.closed
-    assert codes(busy.send("\r\nbody\r\n.\r\n")) == ["250 2.0.0", "421 4.3.2"]
+    assert reply_codes(busy.send("\r\nbody\r\n.\r\n")) == ["250 2.0.0", "421 4.3.2"]
     assert busy.closed
-    assert codes(Session(factory=factory).greeting) == ["421 4.3.2"]
+    assert reply_codes(SMTPHarness(factory=factory).greeting) == ["421 4.3.2"]
     fired = []
     done.addCallback(fired.append)
     idle.lose()

@@ -13,10 +13,9 @@ from twisted.internet import reactor, ssl as twisted_ssl
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailserver.smtp import SMTPFactory
+from mailserver.smtp import SMTPDependencies, SMTPFactory
+from mailserver.testing import FakeAccounts, MemoryIntake, make_config, make_portal
 from mailserver.tls import ensure_self_signed
-
-from smtp_fakes import FakeAccounts, RecordingIntake, make_config, make_portal
 
 
 def client_context() -> ssl.SSLContext:
@@ -36,16 +35,18 @@ class STARTTLSLoopbackTests(unittest.TestCase):
             Path(cert).read_bytes() + b"\n" + Path(key).read_bytes()
         )
         config = make_config()
-        self.intake = RecordingIntake()
-        factory = SMTPFactory(
-            config=config,
+        self.intake = MemoryIntake()
+        factory = SMTPFactory(SMTPDependencies.for_listener(
             role="submission",
+            hostname=config.hostname,
+            smtp=config.smtp,
+            limits=config.limits,
             accounts=FakeAccounts(config, ["bob@example.org"]),
             portal=make_portal(**{"bob@example.org": "secret"}),
             intake=self.intake,
             tls_options=private.options(),
             reactor=reactor,
-        )
+        ))
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.address = ("127.0.0.1", self.port.getHost().port)

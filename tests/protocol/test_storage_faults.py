@@ -24,10 +24,8 @@ from mailserver.config import Config, Limits
 from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
-from mailserver.smtp import SMTPFactory
-from mailserver.testing import InlineCommitter
-
-from smtp_fakes import REMOTE, Session, codes, make_portal
+from mailserver.smtp import SMTPDependencies, SMTPFactory
+from mailserver.testing import REMOTE, InlineCommitter, SMTPHarness, make_portal, reply_codes
 
 
 class _FailingFile:
@@ -107,10 +105,12 @@ def server(tmp_path):
     accounts.add_user("bob@example.org", "x")
     accounts.add_user("carol@example.org", "x")
 
-    def session() -> Session:
-        factory = SMTPFactory(
-            config=config,
+    def session() -> SMTPHarness:
+        factory = SMTPFactory(SMTPDependencies.for_listener(
             role="smtp",
+            hostname=config.hostname,
+            smtp=config.smtp,
+            limits=config.limits,
             accounts=accounts,
             portal=make_portal(),
             intake=Intake(accounts=accounts, reactor=None, data_path=config.data_path,
@@ -118,8 +118,8 @@ def server(tmp_path):
                           committer=InlineCommitter()),
             tls_options=None,
             reactor=MemoryReactorClock(),
-        )
-        return Session(factory=factory, config=config, peer=REMOTE)
+        ))
+        return SMTPHarness(factory=factory, config=config, peer=REMOTE)
 
     session.accounts = accounts
     return session
@@ -137,12 +137,12 @@ def leftovers(accounts) -> list[str]:
     return [str(p) for p in root.rglob("tmp/*") if p.is_file()]
 
 
-def send(session: Session, body: bytes, to=("bob@example.org",)) -> list[str]:
+def send(session: SMTPHarness, body: bytes, to=("bob@example.org",)) -> list[str]:
     script = b"MAIL FROM:<a@remote.test>\r\n"
     script += b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in to)
     session.send(b"EHLO c.test\r\n")
-    answers = codes(session.send(script + b"DATA\r\n"))
-    return answers + codes(session.send(body + b".\r\n"))
+    answers = reply_codes(session.send(script + b"DATA\r\n"))
+    return answers + reply_codes(session.send(body + b".\r\n"))
 
 
 def test_a_disk_that_fills_mid_message_gets_452_and_keeps_what_was_stored(server, faults):
@@ -175,11 +175,11 @@ def test_a_full_disk_while_spooling_a_large_message_is_452_after_the_data(
     for n in range(100):
         out += s.send(b"line %d " % n + b"y" * 90 + b"\r\n")
     assert out == b""  # no early answer: the client is still sending
-    assert codes(s.send(b".\r\n")) == ["452 4.3.1"]
+    assert reply_codes(s.send(b".\r\n")) == ["452 4.3.1"]
     assert not s.closed
     assert mailbox(server.accounts, "bob@example.org") == []
     assert leftovers(server.accounts) == []
-    assert codes(s.send(b"NOOP\r\n")) == ["250 2.0.0"]
+    assert reply_codes(s.send(b"NOOP\r\n")) == ["250 2.0.0"]
 
 
 @pytest.mark.parametrize("call, code", [("open", errno.EROFS), ("open", errno.EACCES), ("rename", errno.EROFS)])
@@ -217,11 +217,10 @@ def test_mail_is_refused_with_452_when_the_reserve_is_not_free(tmp_path):
                     hostname=config.hostname, min_free_space=config.limits.min_free_space,
                     committer=InlineCommitter())
     assert not intake.has_room(0)
-    s = Session(config=config)
-    s.factory.intake = intake
+    s = SMTPHarness(config=config, intake=intake)
     s.ehlo()
-    assert codes(s.command("MAIL FROM:<a@remote.test> SIZE=1000")) == ["452 4.3.1"]
-    assert codes(s.command("NOOP")) == ["250 2.0.0"]
+    assert reply_codes(s.command("MAIL FROM:<a@remote.test> SIZE=1000")) == ["452 4.3.1"]
+    assert reply_codes(s.command("NOOP")) == ["250 2.0.0"]
 
 
 def test_a_size_larger_than_the_free_space_is_refused_at_mail(tmp_path):

@@ -124,6 +124,7 @@ PLAUSIBLE = st.sampled_from(
         "NEVER", "30", "localhost=bob@localhost", "@localhost=x@example.org", "x=y",
         "0123456789abcdef", "tcp:25:interface=::1", "tcp:25:backlog=-1", "tcp:-1", "1e-300s",
         "127.0.0.1:53", "::1", "[::1]", "host:25:extra", "a" * 64 + ".example",
+        "example.org=verify", ".example.org=may", "example.org=dane", "ca.pem",
     ]
 )
 

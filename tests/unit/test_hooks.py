@@ -27,6 +27,7 @@ from mailserver.hooks import (
 )
 from mailserver.interfaces import IDeliveredHook, IEnvelopeHook, IMessageHook
 from mailserver.plugin_loading import available_plugins, load_plugins
+from mailserver.testing import MemoryIntake
 
 CLIENT = Client(address="192.0.2.1", port=4000, role="smtp")
 ENVELOPE = Envelope(
@@ -152,29 +153,6 @@ def test_removing_from_untouched_headers_matches_any_case():
     assert headers.to_bytes() == raw
 
 
-class MemoryIntake:
-    def __init__(self):
-        self.stored = []
-
-    def begin(self, envelope):
-        intake = self
-
-        class Receiver:
-            data = b""
-
-            def write(self, piece):
-                self.data += piece
-
-            def finish(self):
-                intake.stored.append(self.data)
-                return defer.succeed("Q1")
-
-            def abort(self):
-                pass
-
-        return Receiver()
-
-
 @implementer(IMessageHook)
 class Tagger:
     def __init__(self, reject=None):
@@ -201,7 +179,7 @@ def test_hooked_intake_edits_headers_and_keeps_the_body(tmp_path):
     intake = HookedIntake(inner, Hooks([("tag", Tagger())]), tmp_path)
     message = [b"Subject: s\r\nX-Remove", b"-Me: 1\r\n", b"\r", b"\nbody\r\n", b".line\r\n" * 3]
     assert feed(intake, message) == "Q1"
-    assert inner.stored == [
+    assert [message.data for message in inner.finished] == [
         b"X-Tag: a@example.org\r\nSubject: s\r\n\r\nbody\r\n" + b".line\r\n" * 3
     ]
 
@@ -212,7 +190,7 @@ def test_hooked_intake_rejection_stores_nothing(tmp_path):
     failure = feed(intake, [b"Subject: s\r\n\r\nbody\r\n"])
     assert failure.check(MessageRejected)
     assert failure.value.reject == Reject(554, "5.7.0", "spam")
-    assert inner.stored == []
+    assert inner.finished == []
     assert list(tmp_path.iterdir()) == []
 
 
@@ -235,7 +213,9 @@ def test_hooked_intake_hands_a_large_message_on_a_chunk_per_turn(tmp_path):
     assert results == [] and len(clock.getDelayedCalls()) == 1
     clock.advance(0)
     assert results == ["Q1"]
-    assert inner.stored == [b"X-Tag: a@example.org\r\nSubject: big\r\n\r\n" + body]
+    assert [message.data for message in inner.finished] == [
+        b"X-Tag: a@example.org\r\nSubject: big\r\n\r\n" + body
+    ]
 
 
 THIRD_PARTY = textwrap.dedent(

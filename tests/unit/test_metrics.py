@@ -242,6 +242,7 @@ def test_server_metrics_registers_every_family():
         "pop3_bytes_sent_total": "counter",
         "relay_deliveries_total": "counter",
         "relay_queue_corrupt_total": "counter",
+        "relay_tls_policy_total": "counter",
         "plugin_errors_total": "counter",
     }
     assert "\nrelay_queue_messages 4\n" in text

@@ -114,7 +114,7 @@ def test_first_mx_down_second_takes_it(tmp_path):
         tried.append((name, address, port))
         replies = {r.address: temporary("connection refused") for r in transaction.recipients}
         if address == "127.0.0.2":
-            replies = {r.address: Reply(250, ("2.0.0 ok",)) for r in transaction.recipients}
+            replies = {r.address: Reply.received(250, ("2.0.0 ok",)) for r in transaction.recipients}
             return defer.succeed(TransactionResult(replies, reached=True, host=name))
         return defer.succeed(TransactionResult(replies, reached=False, host=name))
 
@@ -132,7 +132,9 @@ def test_first_mx_down_second_takes_it(tmp_path):
 
 
 def test_smarthost_and_transport_override_mx(tmp_path):
-    from mailserver.config import HostPort, Relay, SmarthostTLS, Transport
+    from mailserver.config import (
+        HostPort, Relay, SmarthostTLS, TLSLevel, TLSPolicyRule, Transport,
+    )
     from mailserver.relay.client import Reply, TransactionResult
     from mailserver.relay.delivery import RouteCourier
     from mailserver.relay.queue import QueuedMessage, RecipientState
@@ -140,33 +142,51 @@ def test_smarthost_and_transport_override_mx(tmp_path):
     seen = []
 
     def send(reactor, address, port, transaction, timeouts, name=""):
-        seen.append((address, port, transaction.tls, transaction.username))
-        replies = {r.address: Reply(250, ("ok",)) for r in transaction.recipients}
-        return defer.succeed(TransactionResult(replies, reached=True, host=name))
+        session = transaction.tls_options
+        checked = None if session is None else (session.check, session.enforce, session.host)
+        seen.append((address, port, transaction.tls, transaction.username, checked))
+        replies = {r.address: Reply.received(250, ("ok",)) for r in transaction.recipients}
+        return defer.succeed(TransactionResult(replies, reached=True, host=name,
+                                               tls="established"))
 
     message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,
                             recipients=(RecipientState("r@remote.test"),))
+    verified = (True, True, "127.0.0.1")
     for relay, expected in (
         (Relay(smarthost=HostPort("127.0.0.1", 587), smarthost_username="u",
                smarthost_password="p"),
-         ("127.0.0.1", 587, "required", "u")),
+         ("127.0.0.1", 587, "required", "u", verified)),
         (Relay(smarthost=HostPort("127.0.0.1", 465), smarthost_tls=SmarthostTLS.IMPLICIT),
-         ("127.0.0.1", 465, "implicit", "")),
+         ("127.0.0.1", 465, "implicit", "", verified)),
+        (Relay(smarthost=HostPort("127.0.0.1", 465), smarthost_tls=SmarthostTLS.IMPLICIT,
+               smarthost_tls_verify=False),
+         ("127.0.0.1", 465, "implicit", "", (False, True, "127.0.0.1"))),
+        # A transport host is verified like the smarthost ...
         (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),)),
-         ("127.0.0.1", 2626, "opportunistic", "")),
+         ("127.0.0.1", 2626, "required", "", verified)),
         (Relay(port=2727, transports=(Transport("remote.test", "127.0.0.1", None),)),
-         ("127.0.0.1", 2727, "opportunistic", "")),
-        # A domain's own route wins over the smarthost.
+         ("127.0.0.1", 2727, "required", "", verified)),
+        (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),),
+               smarthost_tls_verify=False),
+         ("127.0.0.1", 2626, "required", "", (False, True, "127.0.0.1"))),
+        # ... unless a policy for its domain says otherwise.
+        (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),),
+               tls_policies=(TLSPolicyRule("remote.test", TLSLevel.MAY),)),
+         ("127.0.0.1", 2626, "opportunistic", "", (False, True, "127.0.0.1"))),
+        (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),),
+               tls_policies=(TLSPolicyRule(".test", TLSLevel.NONE),)),
+         ("127.0.0.1", 2626, "none", "", None)),
+        # A domain's own route wins over the smarthost (verified, without AUTH).
         (Relay(smarthost=HostPort("127.0.0.1", 587), smarthost_username="u",
                smarthost_password="p", transports=(Transport("remote.test", "10.0.0.5", 25),)),
-         ("10.0.0.5", 25, "opportunistic", "")),
+         ("10.0.0.5", 25, "required", "", (True, True, "10.0.0.5"))),
     ):
         seen.clear()
         courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test",
                                store=OneMessage(), router=MXRouter(ZoneResolver({}), port=25),
                                send=send, io=at_once)
         courier.deliver(message, message.recipients)
-        assert seen == [expected]
+        assert seen == [expected], relay
     from mailserver.relay.delivery import destination_of
 
     both = Relay(smarthost=HostPort("127.0.0.1", 587),

@@ -10,7 +10,7 @@ import email.policy
 
 from twisted.internet import defer
 
-from mailserver.config import Config, Relay
+from mailserver.config import Config, HostPort, Relay
 from mailserver.envelope import Envelope, Recipient
 from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
@@ -45,7 +45,7 @@ class Courier:
     @staticmethod
     def outcomes(recipients, code):
         text = {250: "2.0.0 ok", 451: "4.3.0 try later", 550: "5.1.1 no such user"}[code]
-        return {r.address: Outcome(Reply(code, (text,)), "mx.remote.test") for r in recipients}
+        return {r.address: Outcome(Reply.received(code, (text,)), "mx.remote.test") for r in recipients}
 
 
 class World:
@@ -68,7 +68,8 @@ class World:
         )
         self.courier = courier
         self.runner = RelayRunner(
-            relay=self.config.relay, hostname=self.config.hostname, queue=self.queue,
+            relay=self.config.relay, hostname=self.config.hostname,
+            mta_sts_path=self.config.mta_sts_path, queue=self.queue,
             intake=self.intake, reactor=self.reactor,
             courier=courier, accounts=self.accounts, jitter=lambda d: d,
         )
@@ -353,3 +354,20 @@ def test_an_attempt_that_crashes_backs_off_instead_of_looping(tmp_path, logged):
     assert len(w.courier.calls) == 1  # not at every scan
     w.reactor.advance(5)
     assert len(w.courier.calls) == 2 and w.queue.ids() == []
+
+
+def test_turning_off_next_hop_verification_is_warned_at_start(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        for verify in (True, False):
+            world = World(tmp_path / str(verify), None, resolver=HostPort("127.0.0.1", 53),
+                          smarthost=HostPort("127.0.0.1", 587), smarthost_tls_verify=verify)
+            world.start()
+            world.runner.stopService()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [formatEvent(e) for e in seen if "smarthost_tls_verify" in e.get("log_format", "")]
+    assert len(warnings) == 1 and "are not checked" in warnings[0]

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 _SET_UP = textwrap.dedent(
     """
     import sys, threading
-    from mailserver.service import _return_large_buffers
+    from mailserver.process import return_large_buffers
 
     if sys.argv[1] == "set-up":
-        _return_large_buffers()
+        return_large_buffers()
 
     def resident_mib():
         with open("/proc/self/status") as f:

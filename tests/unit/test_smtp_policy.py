@@ -2,23 +2,18 @@
 The SMTP policy: relay rules, roles, VRFY/EXPN, without a connection.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
-from smtp_fakes import FakeAccounts, make_config  # noqa: E402
-
-from mailserver.smtp.grammar import Mailbox, parse_mailbox  # noqa: E402
-from mailserver.smtp.policy import Policy  # noqa: E402
-from mailserver.smtp.replies import Reply  # noqa: E402
+from mailserver.smtp.grammar import Mailbox, parse_mailbox
+from mailserver.smtp.policy import Policy
+from mailserver.smtp.replies import Reply
+from mailserver.testing import FakeAccounts, make_config
 
 
 def policy(role="smtp", **smtp):
     config = make_config(smtp=smtp)
     accounts = FakeAccounts(config, ["bob@example.org"], {"team@example.org": ("bob@example.org", "x@remote.net")})
-    return Policy(config, role, accounts)
+    return Policy(config.smtp, role, accounts)
 
 
 def test_local_recipient_resolves():
@@ -48,7 +43,7 @@ def test_postmaster_goes_to_the_first_local_domain():
     p = policy()
     config = make_config()
     accounts = FakeAccounts(config, ["postmaster@example.org"])
-    assert Policy(config, "smtp", accounts).recipient(Mailbox("postmaster", ""), None) == (
+    assert Policy(config.smtp, "smtp", accounts).recipient(Mailbox("postmaster", ""), None) == (
         "postmaster@example.org",
     )
     assert isinstance(p.recipient(Mailbox("postmaster", ""), None), Reply)

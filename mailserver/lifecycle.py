@@ -1,0 +1,132 @@
+"""
+The services that mark the server's start and stop: the crash clean-up
+before the first client, the reload on SIGHUP, the orderly goodbye on
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+from pathlib import Path
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
+
+from mailserver.accounts import Accounts
+from mailserver.config import ConfigError
+from mailserver.logs import emit
+from mailserver.maildir import remove_stale_tmp
+from mailserver.process import on_signal
+
+PID_FILE = "mailserver.pid"
+
+
+class CrashCleanup(Service):
+    """
+    At start, before any client is served: remove the files a crash left in
+    the spool's and every mailbox's C{tmp/} (see L{remove_stale_tmp}).
+    """
+
+    log = Logger()
+
+    def __init__(self, mail_path: Path, spool_tmp: Path) -> None:
+        self._mail_path = mail_path
+        self._spool_tmp = spool_tmp
+
+    def startService(self) -> None:
+        super().startService()
+        folders = [str(self._spool_tmp)]
+        folders += glob.glob(os.path.join(glob.escape(str(self._mail_path)), "*", "*", "tmp"))
+        removed = sum(remove_stale_tmp(folder) for folder in folders)
+        if removed:
+            emit(self.log, LogLevel.info, "server.crash_cleanup",
+                 "removed unfinished message files left by an earlier crash", count=removed)
+
+
+class ShutdownNotice(Service):
+    """
+    On stop, lets SMTP transactions in progress finish (up to
+    C{limits.shutdown_timeout} seconds), tells every client 421 (RFC 5321
+    3.8), then drops whoever is left: they never got a 250, so they keep
+    their message and try again.
+    """
+
+    log = Logger()
+
+    def __init__(self, factories, reactor, timeout: float) -> None:
+        self._factories = factories
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def stopService(self):
+        super().stopService()
+        d = defer.gatherResults([factory.shutdown() for factory in self._factories])
+        d.addTimeout(self._timeout, self._reactor)
+        d.addErrback(self._drop_the_rest)
+        return d
+
+    def _drop_the_rest(self, failure) -> None:
+        failure.trap(defer.TimeoutError)
+        for factory in self._factories:
+            for session in list(factory.sessions):
+                emit(self.log, LogLevel.warn, "server.session_dropped",
+                     "dropping a session still open at shutdown")
+                session.transport.abortConnection()
+
+
+class ReloadOnSignal(Service):
+    """
+    SIGHUP re-reads the accounts and aliases files (logging each line that
+    cannot be used) and the TLS certificate, without dropping a connection,
+    and is passed on to worker processes.
+    The primary writes its process id into C{<data_dir>/mailserver.pid} so
+    C{mailserver reload} can find it.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor, pid_path: Path | None, tls_options, accounts: Accounts, workers=None
+    ) -> None:
+        self._reactor = reactor
+        self._pid_path = pid_path
+        self._tls_options = tls_options
+        self._accounts = accounts
+        self._workers = workers
+        self._restore_handler = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self._pid_path is not None:
+            self._pid_path.write_text(f"{os.getpid()}\n")
+        self._restore_handler = on_signal(signal.SIGHUP, self.reload, self._reactor)
+        self._accounts.problems()  # read now: bad lines are logged at start
+
+    def reload(self) -> None:
+        self._accounts.forget()
+        problems = self._accounts.problems()
+        if self._workers is not None:
+            self._workers.signal_all(signal.SIGHUP)
+        try:
+            self._tls_options.reload()
+        except ConfigError as e:
+            emit(self.log, LogLevel.error, "server.reload_failed",
+                 "keeping the old TLS certificate", problem=str(e))
+        else:
+            emit(self.log, LogLevel.info, "server.reloaded",
+                 "reloaded accounts, aliases and the TLS certificate", bad_lines=len(problems))
+
+    def stopService(self):
+        super().stopService()
+        if self._restore_handler is not None:
+            self._restore_handler()
+        if self._pid_path is None:
+            return
+        try:
+            if self._pid_path.read_text().strip() == str(os.getpid()):
+                self._pid_path.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,397 @@
+"""
+The mail transaction's half of an SMTP session: MAIL, RCPT, DATA and BDAT,
+the message text, and the final reply once the intake has the message on
+stable storage.
+
+L{TransactionHandlers} is mixed into L{mailserver.smtp.session.SMTPSession},
+whose state it shares; like the rest of the session it returns replies and
+effects and never touches a transport.  The message text is checked by a
+L{MessageSink} and streamed to the intake behind our C{Received:} field, so
+a large message is never held in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+import mailserver.smtp.replies as R
+from mailserver.envelope import Envelope, Recipient
+from mailserver.smtp.grammar import (
+    GrammarError,
+    MailOptions,
+    Mailbox,
+    mail_options,
+    parse_mail,
+    parse_mailbox,
+    parse_rcpt,
+    recipient_options,
+)
+from mailserver.smtp.message import MessageSink, received_header, with_protocol
+from mailserver.smtp.replies import Reply, reply
+from mailserver.smtp.state import State
+from mailserver.wire.dots import DotReader
+from mailserver.wire.effects import Await
+
+# The rejection reason (a metrics label) of each refusal of a message.
+_REASONS = {
+    R.TOO_BIG: "size",
+    R.LOOP_DETECTED: "loop",
+    R.BARE_NEWLINE: "bare-newline",
+    R.DATA_LINE_TOO_LONG: "line-length",
+    R.INSUFFICIENT_STORAGE: "storage",
+    R.TEMPORARY_FAILURE: "storage",
+}
+_BDAT_SYNTAX = reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
+
+
+@dataclass(slots=True)
+class Transaction:
+    """
+    One mail transaction, from MAIL to the final reply.
+    """
+
+    sender: Mailbox | None
+    options: MailOptions
+    started: float
+    recipients: list[Recipient] = field(default_factory=list)
+    receiver: object = None
+    sink: MessageSink | None = None
+    reader: DotReader | None = None
+
+
+@dataclass(slots=True)
+class Chunk:
+    """
+    The BDAT chunk being read (RFC 3030).  A refused chunk is still read
+    (its size is on the command line), then answered, so the session stays
+    in step.
+
+    @ivar resume: the state a refused chunk returns to.
+    """
+
+    remaining: int
+    last: bool
+    refusal: Reply | None
+    resume: State
+
+
+class TransactionHandlers:
+    __slots__ = ()
+
+    # MAIL and RCPT.
+
+    def do_MAIL(self, argument: str):
+        refusal = self.deps.policy.auth_required(self.account)
+        if refusal is not None:
+            return refusal
+        try:
+            path = parse_mail(argument)
+            options = mail_options(path.parameters)
+        except GrammarError as e:
+            return _grammar_reply(e)
+        if options.smtputf8 and not self.esmtp:
+            return reply(503, "5.5.1", "Error: SMTPUTF8 needs EHLO")
+        if path.mailbox is not None and not path.mailbox.is_ascii and not options.smtputf8:
+            return R.SMTPUTF8_REQUIRED
+        limits = self.deps.limits
+        if options.size is not None and options.size > limits.max_message_size:
+            return reply(552, "5.3.4", "Message size exceeds fixed limit")
+        if not self.deps.intake.has_room(options.size or 0):
+            return R.INSUFFICIENT_STORAGE
+        refusal = self.deps.policy.sender(path.mailbox, self.account)
+        if refusal is not None:
+            return refusal
+
+        def accepted(verdict) -> Reply | None:
+            if verdict is not None:  # a plugin's Reject
+                return verdict
+            if self.state is not State.READY:
+                return None  # closed meanwhile
+            self.transaction = Transaction(path.mailbox, options, self.deps.clock.seconds())
+            self.state = State.MAIL
+            return R.SENDER_OK
+
+        hooks = self.deps.hooks
+        if hooks is not None and hooks.envelope_hooks:
+            address = path.mailbox.address if path.mailbox else ""
+            return defer.ensureDeferred(hooks.sender(self.client(), address)).addCallback(accepted)
+        return accepted(None)
+
+    def do_RCPT(self, argument: str):
+        transaction = self.transaction
+        try:
+            path = parse_rcpt(argument)
+            options = recipient_options(path.parameters)
+        except GrammarError as e:
+            return _grammar_reply(e)
+        policy = self.deps.policy
+        mailbox = policy.qualify(path.mailbox)
+        if not mailbox.is_ascii and not transaction.options.smtputf8:
+            return R.SMTPUTF8_REQUIRED
+        if len(transaction.recipients) >= self.deps.limits.max_recipients:
+            return R.TOO_MANY_RECIPIENTS
+
+        def check(address) -> Reply:
+            if not isinstance(address, str):  # a plugin's Reject
+                return address
+            try:
+                checked = parse_mailbox(address) if address != mailbox.address else mailbox
+            except GrammarError:
+                return R.TEMPORARY_FAILURE
+            verdict = policy.recipient(checked, self.account)
+            if isinstance(verdict, Reply):
+                return verdict
+            if self.transaction is not transaction:
+                return R.NEED_MAIL
+            transaction.recipients.append(
+                Recipient(checked.address, verdict, options.notify, options.orcpt)
+            )
+            return R.RECIPIENT_OK
+
+        hooks = self.deps.hooks
+        if hooks is not None and hooks.envelope_hooks:
+            sender = transaction.sender.address if transaction.sender else ""
+            verdict = hooks.recipient(self.client(), sender, mailbox.address)
+            return defer.ensureDeferred(verdict).addCallback(check)
+        return check(mailbox.address)
+
+    # DATA.
+
+    def do_DATA(self, argument: str) -> Reply:
+        if argument.strip():
+            return reply(501, "5.5.4", "Syntax: DATA")
+        transaction = self.transaction
+        if not transaction.recipients:
+            return R.NO_VALID_RECIPIENTS
+        problem = self._begin_message(transaction)
+        if problem is not None:
+            self.transaction = None
+            self.state = State.READY
+            return problem
+        transaction.reader = DotReader(transaction.sink.write, self.deps.limits.max_text_line)
+        self.state = State.DATA
+        return R.START_MAIL_INPUT
+
+    def data_without_mail(self, argument: str) -> Reply:
+        return reply(501, "5.5.4", "Syntax: DATA") if argument.strip() else R.NEED_MAIL
+
+    def data_after_bdat(self, argument: str) -> Reply:
+        return reply(501, "5.5.4", "Syntax: DATA") if argument.strip() else R.BAD_SEQUENCE
+
+    def message_text(self, data: bytes) -> bytes | None:
+        """
+        DATA's text as it comes; the bytes after C{<CRLF>.<CRLF>} once the
+        message has ended (then call L{end_of_message}), else C{None}.
+        """
+        return self.transaction.reader.feed(data)
+
+    # BDAT (RFC 3030 CHUNKING).
+
+    def _chunk_size(self, argument: str) -> tuple[int, bool] | Reply:
+        words = argument.split(" ")
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 20:
+            return _BDAT_SYNTAX
+        if len(words) == 2 and words[1].upper() != "LAST":
+            return _BDAT_SYNTAX
+        return int(words[0]), len(words) == 2
+
+    def _read_chunk(self, size: tuple[int, bool] | Reply, refusal: Reply | None):
+        if size.__class__ is not tuple:
+            return size
+        self.chunk = Chunk(size[0], size[1], refusal, self.state)
+        self.state = State.BDAT
+        if size[0] == 0:
+            return self.end_of_chunk()
+        return None
+
+    def bdat_without_mail(self, argument: str):
+        return self._read_chunk(self._chunk_size(argument), R.NEED_MAIL)
+
+    def do_BDAT(self, argument: str):
+        size = self._chunk_size(argument)
+        if size.__class__ is not tuple:
+            return size
+        transaction = self.transaction
+        if not transaction.recipients:
+            return self._read_chunk(size, R.NO_VALID_RECIPIENTS)
+        refusal = self._begin_message(transaction)
+        if refusal is not None:
+            self.transaction = None
+            self.state = State.READY
+        return self._read_chunk(size, refusal)
+
+    def next_bdat(self, argument: str):
+        return self._read_chunk(self._chunk_size(argument), None)
+
+    def chunk_text(self, data: bytes) -> None:
+        """
+        The next octets of the chunk (at most C{chunk.remaining}).
+        """
+        chunk = self.chunk
+        chunk.remaining -= len(data)
+        if chunk.refusal is None and self.transaction is not None:
+            self.transaction.sink.write(data)
+
+    def end_of_chunk(self):
+        chunk, self.chunk = self.chunk, None
+        if chunk.refusal is not None:
+            self.state = chunk.resume
+            return chunk.refusal
+        transaction = self.transaction
+        if chunk.last:
+            return self.end_of_message()
+        self.state = State.CHUNKING
+        if transaction.sink.problem is not None:
+            self.state = State.READY
+            return self._refuse_message(transaction, transaction.sink.problem)
+        return reply(250, "2.0.0", f"{transaction.sink.size} octets received")
+
+    # The end of a message.
+
+    def _begin_message(self, transaction: Transaction) -> Reply | None:
+        """
+        Open the intake's receiver behind our Received field.
+        """
+        deps = self.deps
+        connection = self.connection
+        options = transaction.options
+        envelope = Envelope(
+            sender=transaction.sender.address if transaction.sender else "",
+            recipients=tuple(transaction.recipients),
+            client_address=connection.address,
+            helo=self.helo or "",
+            authenticated=self.account,
+            ret=options.ret,
+            envid=options.envid,
+            body=options.body,
+            smtputf8=options.smtputf8,
+            size=options.size,
+        )
+        try:
+            receiver = deps.intake.begin(envelope)
+        except Exception:
+            self.log.failure("intake refused to begin a message")
+            return R.TEMPORARY_FAILURE
+        only = transaction.recipients[0].address if len(transaction.recipients) == 1 else None
+        trace = received_header(
+            helo=self.helo or "",
+            client_address=connection.address,
+            hostname=deps.hostname,
+            protocol=with_protocol(
+                esmtp=self.esmtp,
+                smtputf8=options.smtputf8,
+                tls=self.tls,
+                authenticated=self.account is not None,
+            ),
+            session_id=deps.next_session_id(),
+            tls=connection.describe_tls() if self.tls else None,
+            authenticated=self.account,
+            recipient=only,
+            when=deps.clock.seconds(),
+        )
+        transaction.receiver = receiver
+        transaction.sink = MessageSink(
+            receiver,
+            trace,
+            max_size=deps.limits.max_message_size,
+            max_line=deps.limits.max_text_line,
+            max_received=deps.smtp.max_received_headers,
+        )
+        return None
+
+    def end_of_message(self):
+        """
+        The client has sent the whole message: refuse it, or wait for the
+        intake to have it on stable storage before the 250.
+        """
+        transaction = self.transaction
+        self.state = State.READY
+        problem = transaction.sink.close()
+        if problem is not None:
+            return self._refuse_message(transaction, problem)
+        # From here the receiver is the intake's to finish: a client that
+        # goes away now must not abort it.
+        self.transaction = None
+        finished = defer.maybeDeferred(transaction.receiver.finish)
+        return Await(finished, partial(self._stored, transaction))
+
+    def _stored(self, transaction: Transaction, result) -> Reply:
+        if isinstance(result, Failure):
+            rejected = getattr(result.value, "reject", None)
+            if rejected is not None:  # a message hook said no
+                return self._refuse_message(transaction, rejected, "plugin")
+            if isinstance(result.value, OSError):  # the disk, not a bug: one line
+                self.log.error("storing a message failed: {problem}", problem=str(result.value))
+            else:
+                self.log.failure("storing a message failed", failure=result)
+            return self._refuse_message(transaction, R.storage_failure(result.value), "storage")
+        deps = self.deps
+        role = deps.metrics_role
+        metrics = deps.metrics
+        metrics.smtp_messages_accepted_total.inc(role=role)
+        metrics.smtp_bytes_received_total.inc(transaction.sink.size, role=role)
+        metrics.smtp_transaction_seconds.observe(deps.clock.seconds() - transaction.started)
+        answer = reply(250, "2.0.0", f"Ok: queued as {result}")
+        self._log_transaction(transaction, f"accepted {result}", answer)
+        return answer
+
+    def _refuse_message(
+        self, transaction: Transaction, problem: Reply, reason: str | None = None
+    ) -> Reply:
+        """
+        @param reason: a word from a fixed set (a metrics label, never
+            client input); by default read from the enhanced code.
+        """
+        if reason is None:
+            reason = _REASONS.get(problem, "policy")
+        self.deps.metrics.smtp_messages_rejected_total.inc(
+            role=self.deps.metrics_role, reason=reason
+        )
+        self.transaction = None
+        self._log_transaction(transaction, f"rejected ({reason})", problem)
+        return problem
+
+    def _log_transaction(self, transaction: Transaction, outcome: str, answer: Reply) -> None:
+        """
+        One greppable line per transaction, as Postfix writes them.
+        """
+        elapsed_ms = (self.deps.clock.seconds() - transaction.started) * 1000
+        fields = dict(
+            outcome=outcome,
+            code=answer.code,
+            enhanced=answer.enhanced,
+            client=self.connection.address,
+            helo=self.helo or "-",
+            user=self.account or "-",
+            sender=transaction.sender.log_safe() if transaction.sender else "",
+            recipients=",".join(f"<{r.address}>" for r in transaction.recipients),
+            size=transaction.sink.size if transaction.sink is not None else 0,
+            ms=elapsed_ms,
+        )
+        # Every field is in the event for structured observers; the text is
+        # put together here, as Twisted's formatter would take ten fields
+        # through string.Formatter once per message.
+        line = (
+            "{code} {enhanced} client={client} helo={helo} user={user}"
+            " from=<{sender}> to={recipients} size={size} time={ms:.1f}ms"
+        ).format(**fields)
+        self.log.info("SMTP {outcome}: {line}", line=line, **fields)
+
+    def abort_transaction(self) -> None:
+        transaction, self.transaction = self.transaction, None
+        if transaction is None or transaction.sink is None:
+            return
+        if transaction.sink.problem is None:  # else the sink has aborted it
+            transaction.receiver.abort()
+
+
+def _grammar_reply(error: GrammarError) -> Reply:
+    """
+    Bad parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
+    """
+    code = 555 if error.enhanced == "5.5.4" else 501
+    return reply(code, error.enhanced, str(error))
