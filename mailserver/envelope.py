@@ -40,6 +40,8 @@ class Envelope:
     @ivar envid: RFC 3461 ENVID or None.
     @ivar body: C{"7BIT"}, C{"8BITMIME"} or C{"BINARYMIME"} as declared.
     @ivar smtputf8: whether MAIL carried the SMTPUTF8 parameter.
+    @ivar id: the message's ID (L{mailserver.message_ids}); empty until the
+        SMTP server or the intake gives it one.
     """
 
     sender: str
@@ -52,3 +54,4 @@ class Envelope:
     body: str = "7BIT"
     smtputf8: bool = False
     size: int | None = field(default=None)
+    id: str = ""

@@ -20,50 +20,33 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import os
 import re
-import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from mailserver.message_ids import writer_pid
+
 _SUBDIRS = ("tmp", "new", "cur")
 _LOCK_NAME = "mailserver.lock"
 
 
-def _safe_hostname(hostname: str) -> str:
+def file_name_host(hostname: str) -> str:
     """
-    The host part of a unique name: Maildir forbids C{/} and C{:} there, and
-    UIDLs must stay short and printable, so keep a sanitised prefix.
+    The host part of a message file's name (C{<ID>.<host>}, after Maildir's
+    C{<unique>.<host>}): Maildir forbids C{/} and C{:} there, and UIDLs
+    must stay short and printable, so keep a sanitised prefix.
     """
     cleaned = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
     return cleaned[:24] or "localhost"
 
 
-class UniqueNames:
-    """
-    Maildir unique names: C{<seconds>.M<usec>P<pid>Q<n>.<host>}.
-
-    Unique across processes (the pid) and within one (the counter); the pid is
-    read at each call so a forked worker never repeats its parent's names.
-    """
-
-    def __init__(self, hostname: str | None = None) -> None:
-        self._host = _safe_hostname(hostname or socket.gethostname())
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        now = time.time()
-        seconds = int(now)
-        micros = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{self._host}"
-
-
-# The writer's process id in a unique name made by L{UniqueNames}.
-_WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
+# The writer's process id in a unique name of an earlier version,
+# C{<seconds>.M<usec>P<pid>Q<n>.<host>}.
+_OLD_WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
 # Maildir's rule for files in tmp/ of unknown origin (qmail's maildir(5)).
 STALE_TMP_SECONDS = 36 * 3600
 
@@ -102,8 +85,8 @@ def remove_stale_tmp(folder: str, now: float | None = None) -> int:
         try:
             if not entry.is_file(follow_symlinks=False):
                 continue
-            writer = _WRITER_PID.match(entry.name)
-            if (writer and not writer_alive(int(writer.group(1)))) or (
+            writer = _writer(entry.name)
+            if (writer is not None and not writer_alive(writer)) or (
                 entry.stat(follow_symlinks=False).st_mtime < cutoff
             ):
                 os.unlink(entry.path)
@@ -111,6 +94,18 @@ def remove_stale_tmp(folder: str, now: float | None = None) -> int:
         except FileNotFoundError:
             continue
     return removed
+
+
+def _writer(name: str) -> int | None:
+    """
+    The process id of the writer of a file named by L{Intake}'s rule (or by
+    an earlier version's), or C{None} when the name does not tell.
+    """
+    pid = writer_pid(name)
+    if pid is not None:
+        return pid
+    old = _OLD_WRITER_PID.match(name)
+    return int(old.group(1)) if old else None
 
 
 def ensure_maildir(path: Path) -> None:
@@ -153,13 +148,15 @@ class SpoolFile:
     of this is blocking file work, meant for a worker thread.
     """
 
-    def __init__(self, tmp_dir: Path, names: UniqueNames, data: bytes | None = None) -> None:
+    def __init__(self, tmp_dir: Path, name: str, data: bytes | None = None) -> None:
         """
+        @param name: the file's name, unique (it starts with the message's
+            ID), the same in C{tmp/} and C{new/} but for the sizes.
         @param data: the whole message (LF form), written at once and the
             file closed: one C{write} call, no buffered file object.
         """
         self._tmp_dir = tmp_dir
-        self.name = names.next()
+        self.name = name
         self.path = tmp_dir / self.name
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file: BinaryIO | None = None

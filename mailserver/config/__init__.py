@@ -52,6 +52,7 @@ from mailserver.config.model import (
     file_keys,
 )
 from mailserver.config.values import (
+    BareNewline,
     CatchAll,
     CheckAction,
     Disclosure,
@@ -65,8 +66,9 @@ from mailserver.config.values import (
 )
 
 __all__ = [
-    "DATA_DIR_NAME", "DKIM", "POP3", "SMTP", "TLS", "Admin", "Auth", "CatchAll", "CheckAction",
-    "Checks", "Config", "ConfigError", "DKIMKey", "Disclosure", "HostPort", "Invalid", "Limits",
+    "DATA_DIR_NAME", "DKIM", "POP3", "SMTP", "TLS", "Admin", "Auth", "BareNewline", "CatchAll",
+    "CheckAction", "Checks", "Config", "ConfigError", "DKIMKey", "Disclosure", "HostPort",
+    "Invalid", "Limits",
     "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "TLSLevel",
     "TLSPolicyRule", "Transport",
     "default", "file_keys", "load", "override",

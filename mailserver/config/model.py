@@ -29,6 +29,7 @@ from mailserver.config.kinds import (
     text,
 )
 from mailserver.config.values import (
+    BareNewline,
     CatchAll,
     CheckAction,
     DKIMKey,
@@ -133,7 +134,7 @@ class Limits:
     max_recipients: int = setting(100, integer(1))
     max_command_line: int = setting(
         512, integer(512, 1024 * 1024, why="RFC 5321 4.5.3.1.4"))
-    max_text_line: int = setting(1000, integer(1000, 1024 * 1024, why="RFC 5321 4.5.3.1.6"))
+    max_text_line: int = setting(1024 * 1024, integer(1000, why="RFC 5321 4.5.3.1.6"))
     max_errors: int = setting(20, integer(1))
     max_junk_commands: int = setting(100, integer())
     max_connections: int = setting(1000, integer(1))
@@ -160,6 +161,9 @@ class SMTP:
     EXPN 502), or L{Disclosure.ANSWER} (full answers, which lets strangers
     enumerate users).  Authenticated clients always get full answers.
     C{catch_all}: where mail to unknown users of a local domain goes.
+    C{bare_newline}: L{BareNewline.NORMALIZE} takes a bare LF in message
+    text as a line end and a bare CR as a space (Postfix 3.9's defaults),
+    L{BareNewline.REJECT} refuses the message.
     """
 
     auth_over_plaintext: bool = setting(False, flag())
@@ -168,6 +172,7 @@ class SMTP:
     subaddress_separator: str = setting("+", text(v.subaddress_separator))
     catch_all: tuple[CatchAll, ...] = setting([], listing(text(v.catch_all)))
     max_received_headers: int = setting(50, integer(1))
+    bare_newline: BareNewline = setting("normalize", choice(BareNewline))
 
 
 @dataclass(frozen=True)

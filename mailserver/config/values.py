@@ -27,6 +27,15 @@ class Disclosure(enum.StrEnum):
     ANSWER = "answer"
 
 
+class BareNewline(enum.StrEnum):
+    """
+    What the SMTP server does with a bare LF or CR in message text.
+    """
+
+    NORMALIZE = "normalize"
+    REJECT = "reject"
+
+
 class RelayTLS(enum.StrEnum):
     """
     STARTTLS towards MX hosts.

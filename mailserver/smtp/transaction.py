@@ -30,7 +30,13 @@ from mailserver.smtp.grammar import (
     parse_rcpt,
     recipient_options,
 )
-from mailserver.smtp.message import MessageSink, received_header, with_protocol
+from mailserver.config import BareNewline
+from mailserver.smtp.message import (
+    MessageSink,
+    completing_fields,
+    received_header,
+    with_protocol,
+)
 from mailserver.smtp.replies import Reply, reply
 from mailserver.smtp.state import State
 from mailserver.wire.dots import DotReader
@@ -61,6 +67,7 @@ class Transaction:
     receiver: object = None
     sink: MessageSink | None = None
     reader: DotReader | None = None
+    id: str = ""
 
 
 @dataclass(slots=True)
@@ -172,7 +179,7 @@ class TransactionHandlers:
             self.transaction = None
             self.state = State.READY
             return problem
-        transaction.reader = DotReader(transaction.sink.write, self.deps.limits.max_text_line)
+        transaction.reader = DotReader(transaction.sink.write)
         self.state = State.DATA
         return R.START_MAIL_INPUT
 
@@ -254,11 +261,13 @@ class TransactionHandlers:
 
     def _begin_message(self, transaction: Transaction) -> Reply | None:
         """
-        Open the intake's receiver behind our Received field.
+        Give the message its ID and open the intake's receiver behind our
+        Received field.
         """
         deps = self.deps
         connection = self.connection
         options = transaction.options
+        now = deps.clock.seconds()
         envelope = Envelope(
             sender=transaction.sender.address if transaction.sender else "",
             recipients=tuple(transaction.recipients),
@@ -270,6 +279,7 @@ class TransactionHandlers:
             body=options.body,
             smtputf8=options.smtputf8,
             size=options.size,
+            id=deps.new_message_id(),
         )
         try:
             receiver = deps.intake.begin(envelope)
@@ -287,12 +297,13 @@ class TransactionHandlers:
                 tls=self.tls,
                 authenticated=self.account is not None,
             ),
-            session_id=deps.next_session_id(),
+            message_id=envelope.id,
             tls=connection.describe_tls() if self.tls else None,
             authenticated=self.account,
             recipient=only,
-            when=deps.clock.seconds(),
+            when=now,
         )
+        transaction.id = envelope.id
         transaction.receiver = receiver
         transaction.sink = MessageSink(
             receiver,
@@ -300,6 +311,11 @@ class TransactionHandlers:
             max_size=deps.limits.max_message_size,
             max_line=deps.limits.max_text_line,
             max_received=deps.smtp.max_received_headers,
+            normalize=deps.smtp.bare_newline == BareNewline.NORMALIZE,
+            missing_fields=(
+                completing_fields(envelope.id, deps.hostname, now)
+                if deps.role == "submission" else ()
+            ),
         )
         return None
 

@@ -26,7 +26,7 @@ PACKAGE = "mailserver"
 # stands; a room not in the tree yet is listed in PLANNED.
 PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
 STORAGE = ("maildir", "relay.queue", "group_commit")
-VOCABULARY = ("interfaces", "envelope", "metrics", "names")
+VOCABULARY = ("interfaces", "envelope", "metrics", "names", "message_ids")
 PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply")  # wire.reply: the Reject a plugin returns
 COMPOSITION = (
     "service", "tap", "cli", "workers", "worker_link", "plugin_loading",
