@@ -79,11 +79,15 @@ class Reject(Reply):
     Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}:
     a L{Reply}, checked to be a refusal with an enhanced code of its class
     and one line of text, which the SMTP server answers as it is.
+
+    @ivar reason: the word the refusal is logged and counted under
+        (C{smtp.rejected}, C{smtp_refusals_total}); a plugin's refusals are
+        C{plugin:NAME} unless it gives one.
     """
 
-    __slots__ = ()
+    __slots__ = ("reason",)
 
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
+    def __init__(self, code: int, enhanced: str, text: str, reason: str = "") -> None:
         if not (400 <= code < 600):
             raise ValueError("a rejection needs a 4xx or 5xx code")
         if not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", enhanced):
@@ -92,7 +96,18 @@ class Reject(Reply):
             raise ValueError("the enhanced code's class must match the reply code")
         if "\r" in text or "\n" in text:
             raise ValueError("the text must be one line")
+        if reason and not re.fullmatch(r"[a-z0-9][a-z0-9:._-]{0,63}", reason):
+            raise ValueError(f"{reason!r} is not a reason: lower-case letters, digits, -._:")
         Reply.__init__(self, code, enhanced, (text,))
+        object.__setattr__(self, "reason", reason)
+
+    def because(self, reason: str) -> Reject:
+        """
+        This refusal under C{reason}, unless it has one already.
+        """
+        if self.reason:
+            return self
+        return Reject(self.code, self.enhanced, self.text, reason)
 
 
 @dataclass(frozen=True)
@@ -275,7 +290,7 @@ class Hooks:
         )
         if self._on_error is not None:
             self._on_error(name)
-        return TEMPORARY_FAILURE
+        return TEMPORARY_FAILURE.because(_plugin_reason(name))
 
     async def _call(self, name: str, hook: str, method, *args, answers: bool = True) -> object:
         try:
@@ -288,6 +303,8 @@ class Hooks:
             return self._failed(
                 name, hook, TypeError(f"{hook} returned {result!r}, not None/Reject/Rewrite")
             )
+        if isinstance(result, Reject):
+            return result.because(_plugin_reason(name))
         return result
 
     async def connection(self, client: Client) -> Reject | None:
@@ -330,6 +347,10 @@ class Hooks:
             defer.ensureDeferred(
                 self._call(name, "delivered", hook.delivered, event, answers=False)
             )
+
+
+def _plugin_reason(name: str) -> str:
+    return "plugin:" + re.sub(r"[^a-z0-9._-]", "_", name.lower())[:56]
 
 
 def _as_failure(error: BaseException):

@@ -426,8 +426,9 @@ class ServerMetrics:
     The server's instruments, named as they are exported.
 
     Label values: C{role} is the listener role (C{smtp}, C{submission},
-    C{submissions}); C{reason} a short fixed word chosen by the SMTP policy
-    (e.g. C{size}, C{relay}, C{recipient}, C{plugin}); C{result} one of
+    C{submissions}); C{reason} a word of L{mailserver.smtp.refusals} (e.g.
+    C{size}, C{relay-denied}, C{unknown-recipient}) or a plugin's
+    (C{plugin:NAME}, C{dmarc}, C{spf}); C{result} one of
     C{delivered}, C{deferred}, C{bounced}; C{plugin} the plugin's name.
     C{relay_tls_policy_total}'s C{domain} is a policy domain (one with an
     MTA-STS policy or a C{relay.tls_policies} entry; past 1000 of them,
@@ -438,6 +439,7 @@ class ServerMetrics:
     smtp_connections_active: Gauge
     smtp_messages_accepted_total: Counter
     smtp_messages_rejected_total: Counter
+    smtp_refusals_total: Counter
     smtp_bytes_received_total: Counter
     smtp_transaction_seconds: Histogram
     pop3_logins_total: Counter
@@ -483,7 +485,13 @@ def server_metrics(
         ),
         smtp_messages_rejected_total=metrics.counter(
             "smtp_messages_rejected_total",
-            "Transactions refused, by reason.",
+            "Messages refused once their data began (size, line ends, loops, storage, "
+            "message hooks), by reason.",
+            ["role", "reason"],
+        ),
+        smtp_refusals_total=metrics.counter(
+            "smtp_refusals_total",
+            "SMTP refusals (of a connection, a command or a message), by reason.",
             ["role", "reason"],
         ),
         smtp_bytes_received_total=metrics.counter(

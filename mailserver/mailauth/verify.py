@@ -283,7 +283,7 @@ class InboundChecks:
                  "refused: the DMARC policy of the domain is reject", sender=envelope.sender,
                  client=ip, domain=verdict.domain, reason="dmarc")
             return Reject(550, "5.7.1", f"Message refused: it fails the DMARC policy of "
-                          f"{_safe(verdict.domain)}")
+                          f"{_safe(verdict.domain)}", reason="dmarc")
         spf = report.spf_for_policy()
         if (self._checks.spf_fail == CheckAction.REJECT and spf is not None and spf.result == "fail"
                 and verdict.result != "pass"):
@@ -291,7 +291,7 @@ class InboundChecks:
             emit(self.log, LogLevel.info, "checks.refused", "refused: SPF fail",
                  sender=envelope.sender, client=ip, domain=domain, reason="spf")
             return Reject(550, "5.7.1", f"Message refused: {domain} does not allow {ip} "
-                          "to send its mail (SPF fail)")
+                          "to send its mail (SPF fail)", reason="spf")
         return None
 
 

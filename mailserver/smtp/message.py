@@ -66,7 +66,8 @@ class MessageSink:
     whether it starts with a header field: if it does not (a first line
     that starts with a space would continue our C{Received:} field; a line
     that is no field ends the header section), an empty line goes after our
-    fields, as Postfix puts one.  Given C{missing_fields}, the whole header
+    fields, as Postfix puts one; a Unix mailbox's C{From } line becomes an
+    C{X-Mailbox-Line:} field, as Postfix makes it.  Given C{missing_fields}, the whole header
     section is held (up to 1 MiB), and those fields the message lacks are
     added at its end.
 
@@ -152,15 +153,21 @@ class MessageSink:
         """
         newline = start.find(b"\n")
         first = start[: newline - 1] if newline > 0 else start
+        trace = self._trace_header
+        mailbox_line = b""
         if not start or not first:  # empty, or no header section at all
-            return self._trace_header + self._added(b"") + start
-        if first[:1] in b" \t" or not _FIELD.match(first):
+            return trace + self._added(b"") + start
+        if first.lstrip(b">").startswith(b"From "):
+            # A Unix mailbox's From_ line: a field of its own, as Postfix
+            # makes it, and the message's header follows.
+            mailbox_line = b"X-Mailbox-Line: "
+        elif first[:1] in b" \t" or not _FIELD.match(first):
             # Not a header field: the header section is ours alone.
-            return self._trace_header + self._added(b"") + b"\r\n" + start
+            return trace + self._added(b"") + b"\r\n" + start
         end = self._header_end
         if end is None or end > len(start):  # no end of the header in sight
-            return self._trace_header + self._added(start) + start
-        return self._trace_header + start[:end] + self._added(start[:end]) + start[end:]
+            return trace + self._added(start) + mailbox_line + start
+        return trace + mailbox_line + start[:end] + self._added(start[:end]) + start[end:]
 
     def _added(self, header: bytes) -> bytes:
         return b"".join(

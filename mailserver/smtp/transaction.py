@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from twisted.internet import defer
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 import mailserver.smtp.replies as R
 from mailserver.envelope import Envelope, Recipient
+from mailserver.logs import addresses, emit
 from mailserver.smtp.grammar import (
     GrammarError,
     MailOptions,
@@ -37,20 +39,12 @@ from mailserver.smtp.message import (
     received_header,
     with_protocol,
 )
+from mailserver.smtp.refusals import POLICY, STORAGE, reason_of
 from mailserver.smtp.replies import Reply, reply
 from mailserver.smtp.state import State
 from mailserver.wire.dots import DotReader
 from mailserver.wire.effects import Await
 
-# The rejection reason (a metrics label) of each refusal of a message.
-_REASONS = {
-    R.TOO_BIG: "size",
-    R.LOOP_DETECTED: "loop",
-    R.BARE_NEWLINE: "bare-newline",
-    R.DATA_LINE_TOO_LONG: "line-length",
-    R.INSUFFICIENT_STORAGE: "storage",
-    R.TEMPORARY_FAILURE: "storage",
-}
 _BDAT_SYNTAX = reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
 
 
@@ -94,7 +88,7 @@ class TransactionHandlers:
     def do_MAIL(self, argument: str):
         refusal = self.deps.policy.auth_required(self.account)
         if refusal is not None:
-            return refusal
+            return self.refuse("MAIL", refusal)
         try:
             path = parse_mail(argument)
             options = mail_options(path.parameters)
@@ -102,20 +96,22 @@ class TransactionHandlers:
             return _grammar_reply(e)
         if options.smtputf8 and not self.esmtp:
             return reply(503, "5.5.1", "Error: SMTPUTF8 needs EHLO")
+        sender = path.mailbox.log_safe() if path.mailbox else ""
         if path.mailbox is not None and not path.mailbox.is_ascii and not options.smtputf8:
-            return R.SMTPUTF8_REQUIRED
+            return self.refuse("MAIL", R.SMTPUTF8_REQUIRED, sender=sender)
         limits = self.deps.limits
         if options.size is not None and options.size > limits.max_message_size:
-            return reply(552, "5.3.4", "Message size exceeds fixed limit")
+            refusal = reply(552, "5.3.4", "Message size exceeds fixed limit")
+            return self.refuse("MAIL", refusal, sender=sender, size=options.size)
         if not self.deps.intake.has_room(options.size or 0):
-            return R.INSUFFICIENT_STORAGE
+            return self.refuse("MAIL", R.INSUFFICIENT_STORAGE, sender=sender)
         refusal = self.deps.policy.sender(path.mailbox, self.account)
         if refusal is not None:
-            return refusal
+            return self.refuse("MAIL", refusal, sender=sender)
 
         def accepted(verdict) -> Reply | None:
             if verdict is not None:  # a plugin's Reject
-                return verdict
+                return self.refuse("MAIL", verdict, sender=sender)
             if self.state is not State.READY:
                 return None  # closed meanwhile
             self.transaction = Transaction(path.mailbox, options, self.deps.clock.seconds())
@@ -137,21 +133,25 @@ class TransactionHandlers:
             return _grammar_reply(e)
         policy = self.deps.policy
         mailbox = policy.qualify(path.mailbox)
+        sender = transaction.sender.log_safe() if transaction.sender else ""
         if not mailbox.is_ascii and not transaction.options.smtputf8:
-            return R.SMTPUTF8_REQUIRED
+            return self.refuse("RCPT", R.SMTPUTF8_REQUIRED, sender=sender,
+                               recipient=mailbox.log_safe())
         if len(transaction.recipients) >= self.deps.limits.max_recipients:
-            return R.TOO_MANY_RECIPIENTS
+            return self.refuse("RCPT", R.TOO_MANY_RECIPIENTS, sender=sender,
+                               recipient=mailbox.log_safe())
 
         def check(address) -> Reply:
             if not isinstance(address, str):  # a plugin's Reject
-                return address
+                return self.refuse("RCPT", address, sender=sender, recipient=mailbox.log_safe())
             try:
                 checked = parse_mailbox(address) if address != mailbox.address else mailbox
-            except GrammarError:
-                return R.TEMPORARY_FAILURE
+            except GrammarError:  # a plugin's rewrite to no address
+                return self.refuse("RCPT", R.TEMPORARY_FAILURE, POLICY, sender=sender,
+                                   recipient=mailbox.log_safe())
             verdict = policy.recipient(checked, self.account)
             if isinstance(verdict, Reply):
-                return verdict
+                return self.refuse("RCPT", verdict, sender=sender, recipient=checked.log_safe())
             if self.transaction is not transaction:
                 return R.NEED_MAIL
             transaction.recipients.append(
@@ -178,7 +178,7 @@ class TransactionHandlers:
         if problem is not None:
             self.transaction = None
             self.state = State.READY
-            return problem
+            return self.refuse("DATA", problem, **_message_fields(transaction))
         transaction.reader = DotReader(transaction.sink.write)
         self.state = State.DATA
         return R.START_MAIL_INPUT
@@ -229,6 +229,7 @@ class TransactionHandlers:
         if refusal is not None:
             self.transaction = None
             self.state = State.READY
+            self.refuse("BDAT", refusal, **_message_fields(transaction))
         return self._read_chunk(size, refusal)
 
     def next_bdat(self, argument: str):
@@ -281,6 +282,7 @@ class TransactionHandlers:
             size=options.size,
             id=deps.new_message_id(),
         )
+        transaction.id = envelope.id
         try:
             receiver = deps.intake.begin(envelope)
         except Exception:
@@ -303,7 +305,6 @@ class TransactionHandlers:
             recipient=only,
             when=now,
         )
-        transaction.id = envelope.id
         transaction.receiver = receiver
         transaction.sink = MessageSink(
             receiver,
@@ -339,20 +340,23 @@ class TransactionHandlers:
         if isinstance(result, Failure):
             rejected = getattr(result.value, "reject", None)
             if rejected is not None:  # a message hook said no
-                return self._refuse_message(transaction, rejected, "plugin")
+                return self._refuse_message(transaction, rejected)
             if isinstance(result.value, OSError):  # the disk, not a bug: one line
                 self.log.error("storing a message failed: {problem}", problem=str(result.value))
             else:
                 self.log.failure("storing a message failed", failure=result)
-            return self._refuse_message(transaction, R.storage_failure(result.value), "storage")
+            return self._refuse_message(transaction, R.storage_failure(result.value), STORAGE)
         deps = self.deps
         role = deps.metrics_role
         metrics = deps.metrics
         metrics.smtp_messages_accepted_total.inc(role=role)
         metrics.smtp_bytes_received_total.inc(transaction.sink.size, role=role)
-        metrics.smtp_transaction_seconds.observe(deps.clock.seconds() - transaction.started)
+        elapsed = deps.clock.seconds() - transaction.started
+        metrics.smtp_transaction_seconds.observe(elapsed)
         answer = reply(250, "2.0.0", f"Ok: queued as {result}")
-        self._log_transaction(transaction, f"accepted {result}", answer)
+        emit(self.log, LogLevel.info, "smtp.accepted", "accepted", code=answer.code,
+             enhanced=answer.enhanced, client=self.connection.address, helo=self.helo or "",
+             user=self.account or "", **_message_fields(transaction), ms=round(elapsed * 1000, 1))
         return answer
 
     def _refuse_message(
@@ -360,42 +364,16 @@ class TransactionHandlers:
     ) -> Reply:
         """
         @param reason: a word from a fixed set (a metrics label, never
-            client input); by default read from the enhanced code.
+            client input); by default read from the reply.
         """
         if reason is None:
-            reason = _REASONS.get(problem, "policy")
+            reason = reason_of(problem)
         self.deps.metrics.smtp_messages_rejected_total.inc(
             role=self.deps.metrics_role, reason=reason
         )
         self.transaction = None
-        self._log_transaction(transaction, f"rejected ({reason})", problem)
-        return problem
-
-    def _log_transaction(self, transaction: Transaction, outcome: str, answer: Reply) -> None:
-        """
-        One greppable line per transaction, as Postfix writes them.
-        """
-        elapsed_ms = (self.deps.clock.seconds() - transaction.started) * 1000
-        fields = dict(
-            outcome=outcome,
-            code=answer.code,
-            enhanced=answer.enhanced,
-            client=self.connection.address,
-            helo=self.helo or "-",
-            user=self.account or "-",
-            sender=transaction.sender.log_safe() if transaction.sender else "",
-            recipients=",".join(f"<{r.address}>" for r in transaction.recipients),
-            size=transaction.sink.size if transaction.sink is not None else 0,
-            ms=elapsed_ms,
-        )
-        # Every field is in the event for structured observers; the text is
-        # put together here, as Twisted's formatter would take ten fields
-        # through string.Formatter once per message.
-        line = (
-            "{code} {enhanced} client={client} helo={helo} user={user}"
-            " from=<{sender}> to={recipients} size={size} time={ms:.1f}ms"
-        ).format(**fields)
-        self.log.info("SMTP {outcome}: {line}", line=line, **fields)
+        command = "DATA" if transaction.reader is not None else "BDAT"
+        return self.refuse(command, problem, reason, **_message_fields(transaction))
 
     def abort_transaction(self) -> None:
         transaction, self.transaction = self.transaction, None
@@ -403,6 +381,19 @@ class TransactionHandlers:
             return
         if transaction.sink.problem is None:  # else the sink has aborted it
             transaction.receiver.abort()
+
+
+def _message_fields(transaction: Transaction) -> dict:
+    """
+    What the log says about a message: its ID, sender, recipients, size.
+    """
+    sink = transaction.sink
+    return dict(
+        sender=transaction.sender.log_safe() if transaction.sender else "",
+        recipients=addresses(r.address for r in transaction.recipients),
+        size=sink.size if sink is not None else 0,
+        id=transaction.id,
+    )
 
 
 def _grammar_reply(error: GrammarError) -> Reply:

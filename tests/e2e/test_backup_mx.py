@@ -99,7 +99,7 @@ def test_the_backup_keeps_the_mail_while_the_primary_is_down_and_never_sends_it_
     # (mx2, preference 20, is 127.0.0.2 at the same port).
     assert len([line for line in listing.splitlines() if "bob@primary.test" in line]) == 1
     assert "mx2.primary.test" not in backup.log()
-    assert backup.log().count("SMTP accepted") == 1
+    assert backup.log().count("[smtp.accepted#info]") == 1
 
     primary.add_user("bob@primary.test", "pw")
     primary.start()
@@ -111,7 +111,7 @@ def test_the_backup_keeps_the_mail_while_the_primary_is_down_and_never_sends_it_
     assert message.get_content().strip() == "Kept for you."
     assert message["Return-Path"] == "<someone@sender.example>"
     assert wait_until(lambda: "empty" in backup.cli("queue", "list").stdout)
-    assert backup.log().count("SMTP accepted") == 1
+    assert backup.log().count("[smtp.accepted#info]") == 1
 
 
 def test_when_the_backup_is_the_best_mx_it_bounces_instead_of_looping(mx_pair):
@@ -128,5 +128,5 @@ def test_when_the_backup_is_the_best_mx_it_bounces_instead_of_looping(mx_pair):
     assert block["Final-Recipient"] == "rfc822; anyone@lonely.test"
     assert block["Status"] == "5.4.6"
     assert "mail for lonely.test loops back to myself" in block["Diagnostic-Code"]
-    assert backup.log().count("SMTP accepted") == 1  # no loop back into its own SMTP
+    assert backup.log().count("[smtp.accepted#info]") == 1  # no loop back into its own SMTP
     assert wait_until(lambda: "empty" in backup.cli("queue", "list").stdout)

@@ -39,6 +39,8 @@ def run_traffic(server: MailServer, peer: SMTPPeer) -> None:
     (server.data_path / "aliases").write_text("team@example.org: bob@example.org\nbroken\n")
     with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
         client.sendmail("alice@remote.test", ["team@example.org"], b"Subject: in\r\n\r\nHi.\r\n")
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("alice@remote.test", ["x@elsewhere.test"], b"Subject: no\r\n\r\n")
     with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as client:
         client.login("s@example.org", "secret")
         client.sendmail("s@example.org", ["ok@remote.test"], b"Subject: out\r\n\r\nHi.\r\n")
@@ -127,10 +129,19 @@ def test_the_json_log_is_one_flat_object_per_event(tmp_path, peer):
     sessions = named["pop3.session"]
     assert [(s["user"], s["retrieved"]) for s in sessions] == [("-", 0), ("bob@example.org", 1)]
     assert [e["bad_lines"] for e in named["server.reloaded"]] == [1]
-    # The SMTP session's own lines are not named yet, but flat all the same.
-    smtp = [e for e in events if e["message"].startswith("SMTP accepted")]
-    assert len(smtp) == 3
-    assert all(e["code"] == 250 and e["client"] == "127.0.0.1" for e in smtp)
+    accepted = named["smtp.accepted"]
+    assert len(accepted) == 3
+    assert all(e["code"] == 250 and e["client"] == "127.0.0.1" for e in accepted)
+    assert {sent["id"], bounced["id"]} < {e["id"] for e in accepted}
+    assert [e["recipients"] for e in accepted if e["id"] == sent["id"]] == [["ok@remote.test"]]
+    assert sorted(e["recipient"] for e in named["local.delivered"]) == [
+        "bob@example.org", "s@example.org"]  # team's member, and the report
+    [refused] = named["smtp.rejected"]
+    assert (refused["command"], refused["code"], refused["enhanced"], refused["reason"],
+            refused["recipient"], refused["client"], refused["helo"], refused["user"]) == (
+        "RCPT", 554, "5.7.1", "relay-denied", "x@elsewhere.test", "127.0.0.1",
+        refused["helo"], "")
+    assert refused["level"] == "warn" and refused["helo"]
 
 
 def test_the_text_log_has_the_same_content_one_line_per_event(tmp_path, peer):

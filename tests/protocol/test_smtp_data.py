@@ -112,7 +112,7 @@ NORMALIZED = [
 ]
 
 
-@pytest.mark.parametrize("bare, stored", zip(BARE, NORMALIZED))
+@pytest.mark.parametrize("bare, stored", list(zip(BARE, NORMALIZED)))
 def test_bare_lf_ends_a_line_and_bare_cr_is_a_space(bare, stored):
     session = in_data()
     assert reply_codes(session.send(b"S: x\r\n\r\n" + bare + b"\r\n.\r\n")) == ["250 2.0.0"]
@@ -329,15 +329,19 @@ def test_one_log_line_per_transaction_and_rejections_counted():
         session.send(b"DATA\r\n")
         session.send(b"Subject: x\r\n\r\nbare\nline\r\n.\r\n")
         session.send(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
-        session.send(b"Subject: y\r\n\r\nfine\r\n.\r\n")
+        out = session.send(b"Subject: y\r\n\r\nfine\r\n.\r\n")
     finally:
         globalLogPublisher.removeObserver(events.append)
-    lines = [e for e in events if e.get("log_format", "").startswith("SMTP {outcome}")]
-    assert [e["outcome"] for e in lines][0] == "rejected (bare-newline)"
-    assert lines[1]["outcome"].startswith("accepted ")
+    lines = [e for e in events if e.get("event") in ("smtp.accepted", "smtp.rejected")]
+    assert [e["event"] for e in lines] == ["smtp.rejected", "smtp.accepted"]
+    assert lines[0]["reason"] == "bare-newline"
+    refused, stored = session.intake.messages
+    assert lines[0]["id"] == refused.envelope.id and lines[1]["id"] == stored.envelope.id
+    assert f"queued as {stored.envelope.id}".encode() in out
     for event in lines:
         assert event["client"] and event["helo"] == "client.test"
-        assert event["sender"] == "a@remote.test" and event["recipients"] == "<bob@example.org>"
+        assert event["sender"] == "a@remote.test" and list(event["recipients"]) == ["bob@example.org"]
+    assert lines[1]["size"] == len(b"Subject: y\r\n\r\nfine\r\n") and lines[1]["ms"] >= 0
     metrics = session.factory.dependencies.metrics
     assert metrics.smtp_messages_rejected_total.value(role="smtp", reason="bare-newline") == 1
     assert metrics.smtp_messages_accepted_total.value(role="smtp") == 1

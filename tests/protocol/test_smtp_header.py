@@ -48,12 +48,21 @@ def test_a_message_that_starts_with_a_field_or_no_header_is_left_alone(text, pie
     b"   indented: would continue our Received field\r\nSubject: x\r\n\r\nbody\r\n",
     b"\tSubject: x\r\n\r\nbody\r\n",
     b"Just some text, no header at all\r\n",
-    b"From someone@example.net Mon Jan  1 00:00:00 2024\r\nSubject: x\r\n\r\n",
     b"no colon here\r\n",
     b"Bad name\x01: x\r\n\r\n",
 ])
 def test_an_empty_line_follows_our_field_when_the_message_starts_otherwise(text, pieces):
     assert sent(text, pieces=pieces)[0] == b"\r\n" + text
+
+
+@pytest.mark.parametrize("line", [b"From someone@example.net Mon Jan  1 00:00:00 2024",
+                                  b">From MAILER-DAEMON Fri Apr 06 16:46:09 2001"])
+def test_a_unix_from_line_becomes_a_field_of_its_own(line):
+    text = line + b"\r\nSubject: x\r\n\r\nbody\r\n"
+    assert sent(text, pieces=4)[0] == b"X-Mailbox-Line: " + text
+    body, message_id = sent(text, role="submission")
+    assert body == (b"X-Mailbox-Line: " + line + b"\r\nSubject: x\r\n" + DATE + b"Message-ID: <"
+                    + message_id.encode() + b"@mx.example.org>\r\n\r\nbody\r\n")
 
 
 def test_a_first_line_without_a_field_in_bdat_without_any_line_end():

@@ -234,6 +234,7 @@ def test_server_metrics_registers_every_family():
         "smtp_connections_active": "gauge",
         "smtp_messages_accepted_total": "counter",
         "smtp_messages_rejected_total": "counter",
+        "smtp_refusals_total": "counter",
         "smtp_bytes_received_total": "counter",
         "smtp_transaction_seconds": "histogram",
         "pop3_logins_total": "counter",

@@ -49,6 +49,8 @@ def test_failure_report_is_multipart_report_with_full_original():
     assert status.get_content_type() == "message/delivery-status"
     per_message, per_recipient = status.get_payload()
     assert per_message["Reporting-MTA"] == "dns; mx.test"
+    assert per_message["X-Mailserver-Queue-ID"] == "Q1"  # the message's ID, as in our log
+    assert "The message's ID here is Q1" in text.get_content()
     assert per_message["Original-Envelope-Id"] == "ENV+1"
     assert per_recipient["Final-Recipient"] == "rfc822; r@remote.test"
     assert per_recipient["Original-Recipient"] == "rfc822; r+x@remote.test"
