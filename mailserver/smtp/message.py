@@ -133,15 +133,19 @@ class MessageSink:
                 return
         start = self._start
         if start is not None:
-            start += text
-            if not self._start_complete(start):
+            if start:
+                start += text
+                text = bytes(start)
+            if not self._start_complete(text):
+                if not start:
+                    start += text
                 return
             self._start = None
-            text = self._opening(bytes(start))
+            text = self._opening(text)
         if text:
             self._forward(text)
 
-    def _start_complete(self, start: bytearray) -> bool:
+    def _start_complete(self, start: bytes) -> bool:
         if self._missing_fields:
             return self._header_end is not None or len(start) > _MAX_HEADER_SCAN
         return b"\n" in start
@@ -164,6 +168,8 @@ class MessageSink:
         elif first[:1] in b" \t" or not _FIELD.match(first):
             # Not a header field: the header section is ours alone.
             return trace + self._added(b"") + b"\r\n" + start
+        if not self._missing_fields:
+            return trace + mailbox_line + start
         end = self._header_end
         if end is None or end > len(start):  # no end of the header in sight
             return trace + self._added(start) + mailbox_line + start

@@ -115,6 +115,20 @@ def test_reject_values_are_checked():
             Reject(*bad)
 
 
+def test_a_refusal_is_named_by_its_plugin_unless_it_names_itself():
+    hooks = Hooks([("Block List", Recorder(Reject(550, "5.7.1", "no")))])
+    assert result_of(hooks.sender(CLIENT, "x@y")).reason == "plugin:block_list"
+    hooks = Hooks([("grey", Recorder(Reject(450, "4.7.1", "later", reason="greylisted")))])
+    assert result_of(hooks.sender(CLIENT, "x@y")).reason == "greylisted"
+    errors = []
+    hooks = Hooks([("broken", Broken())], on_error=errors.append)
+    assert result_of(hooks.sender(CLIENT, "x@y")).reason == "plugin:broken"
+    assert TEMPORARY_FAILURE.reason == ""  # the shared value is not changed
+    for bad in ("Upper", "with space", "x" * 65, "-lead"):
+        with pytest.raises(ValueError):
+            Reject(550, "5.7.1", "no", reason=bad)
+
+
 def test_delivered_errors_are_swallowed():
     @implementer(IDeliveredHook)
     class Fails:
