@@ -22,7 +22,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 import mailserver.smtp.replies as R
-from mailserver.logs import emit
+from mailserver.logs import emit, emit_failure
 from mailserver.sasl import is_loopback
 from mailserver.smtp.dependencies import SMTPDependencies
 from mailserver.smtp.grammar import GrammarError, parse_command
@@ -268,7 +268,8 @@ class SMTPServer(Protocol):
 
     def _perform_outcome(self, result) -> None:
         if isinstance(result, Failure):
-            self.log.failure("SMTP handler failed", failure=result)
+            emit_failure(self.log, "smtp.handler_failed", "a command's handler failed", result,
+                         client=self.client_address)
             result = R.TEMPORARY_FAILURE
         self._perform(result)
 
@@ -313,7 +314,8 @@ class SMTPServer(Protocol):
             self._perform(self.session.logged_in(outcome.avatar.address, outcome.logout))
             return
         if not isinstance(outcome, BadCredentials):
-            self.log.failure("AUTH failed unexpectedly", failure=outcome.failure)
+            emit_failure(self.log, "smtp.auth_error", "checking a login failed", outcome.failure,
+                         client=self.client_address)
             self._answer(R.AUTH_UNAVAILABLE)
             return
         self.session.refuse("AUTH", R.BAD_CREDENTIALS, AUTH_FAILED, event="smtp.auth_failed",

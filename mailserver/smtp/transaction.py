@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 import mailserver.smtp.replies as R
 from mailserver.envelope import Envelope, Recipient
-from mailserver.logs import addresses, emit
+from mailserver.logs import addresses, emit, emit_failure
 from mailserver.smtp.grammar import (
     GrammarError,
     MailOptions,
@@ -39,6 +39,7 @@ from mailserver.smtp.message import (
     received_header,
     with_protocol,
 )
+from mailserver.smtp.policy import SUBMISSION
 from mailserver.smtp.refusals import POLICY, STORAGE, reason_of
 from mailserver.smtp.replies import Reply, reply
 from mailserver.smtp.state import State
@@ -286,7 +287,8 @@ class TransactionHandlers:
         try:
             receiver = deps.intake.begin(envelope)
         except Exception:
-            self.log.failure("intake refused to begin a message")
+            emit_failure(self.log, "smtp.intake_failed", "the intake refused to begin a message",
+                         id=envelope.id)
             return R.TEMPORARY_FAILURE
         only = transaction.recipients[0].address if len(transaction.recipients) == 1 else None
         trace = received_header(
@@ -315,7 +317,7 @@ class TransactionHandlers:
             normalize=deps.smtp.bare_newline == BareNewline.NORMALIZE,
             missing_fields=(
                 completing_fields(envelope.id, deps.hostname, now)
-                if deps.role == "submission" else ()
+                if deps.role == SUBMISSION else ()
             ),
         )
         return None
@@ -342,9 +344,11 @@ class TransactionHandlers:
             if rejected is not None:  # a message hook said no
                 return self._refuse_message(transaction, rejected)
             if isinstance(result.value, OSError):  # the disk, not a bug: one line
-                self.log.error("storing a message failed: {problem}", problem=str(result.value))
+                emit(self.log, LogLevel.error, "smtp.storage_failed", "storing a message failed",
+                     problem=str(result.value), id=transaction.id)
             else:
-                self.log.failure("storing a message failed", failure=result)
+                emit_failure(self.log, "smtp.storage_failed", "storing a message failed", result,
+                             id=transaction.id)
             return self._refuse_message(transaction, R.storage_failure(result.value), STORAGE)
         deps = self.deps
         role = deps.metrics_role

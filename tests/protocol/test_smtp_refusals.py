@@ -271,3 +271,15 @@ def test_a_plugin_refusal_names_the_plugin(events, stage, command):
         assert "550 5.7.1" in reply_codes(out)
     check(events, session, command=command, code=550, enhanced="5.7.1",
           reason="plugin:block_list")
+
+
+def test_a_timeout_is_logged_with_the_message_it_cut_short(events):
+    session = in_transaction()
+    session.send(b"DATA\r\nSubject: x\r\n")
+    session.clock.advance(session.config.limits.smtp_data_timeout + 1)
+    assert reply_codes(session.read()) == ["421 4.4.2"]
+    [event] = refusals(events, "smtp.timeout")
+    (message,) = session.intake.messages
+    assert (event["client"], event["helo"], event["state"], event["id"]) == (
+        "203.0.113.9", CLIENT, "data", message.envelope.id)
+    assert refusals(events) == []  # no refusal: the client went quiet
