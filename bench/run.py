@@ -8,10 +8,11 @@ Parts (each can be skipped; a part that fails is reported and the rest go
 on):
 
  1. SMTP: for each message size, start every peer (ours, aiosmtpd, and
-    Postfix and smtp-sink where the postfix package is installed), warm
-    each up, then run the load (N clients, one connection per message) in
-    rounds, the peers taking turns; read each server's CPU time and peak
-    RSS from /proc.
+    Postfix and smtp-sink where the postfix package is installed; ours and
+    Postfix again with every message scanned by one Rspamd, where the
+    rspamd package is installed), warm each up, then run the load (N
+    clients, one connection per message) in rounds, the peers taking
+    turns; read each server's CPU time and peak RSS from /proc.
  2. POP3: ours and Dovecot (where installed), 4 clients, each fetching its
     own mailbox of 1,000 x 10 KiB with LIST + UIDL + RETR of every message.
  3. Big mailbox: PASS, STAT, LIST, UIDL timed on a 100,000-message mailbox,
@@ -47,6 +48,7 @@ from bench.peers import (
     reset_peak_rss,
 )
 from bench.pop3_load import fill_maildir, run_pop3_load, time_listing
+from bench.rspamd_peers import MailServerRspamdPeer, PostfixRspamdPeer, RspamdService
 from bench.settle import PROBE_FILES, SLOW_US, Leftovers, settle
 from bench.smtp_load import loop_kind, percentile, run_load
 from bench.system_peers import DovecotPeer, PostfixPeer, SmtpSinkPeer
@@ -62,7 +64,8 @@ PUBLISHED_DOVECOT_POP3 = 9200
 # Our msgs/s over a peer's, at least; smtp-sink stores nothing, so it has
 # no target (it is the ceiling).
 TARGETS = {"aiosmtpd": 2.0, "postfix": 1.0}
-SMTP_PEERS = ("aiosmtpd", "mailserver", "postfix", "smtp-sink")
+SMTP_PEERS = ("aiosmtpd", "mailserver", "postfix", "smtp-sink", "mailserver-rspamd", "postfix-rspamd")
+RSPAMD_PEERS = {"mailserver-rspamd": "mailserver", "postfix-rspamd": "postfix"}  # and without it
 POP3_PEERS = ("mailserver", "dovecot")
 DISPLAY = {"smtp-sink": "smtp-sink (ceiling, not durable)"}
 IDLE_TARGET_KIB = 4.0
@@ -111,7 +114,10 @@ def _packaged(cls, label: str, factory) -> list:
     return [(label, factory)]
 
 
-def peer_factories(args) -> list:
+def peer_factories(args, rspamd: RspamdService | None = None) -> list:
+    """
+    @param rspamd: the running Rspamd the C{*-rspamd} peers ask, if any.
+    """
     factories = []
     for name in args.peers:
         if name == "aiosmtpd":
@@ -124,7 +130,34 @@ def peer_factories(args) -> list:
             factories += _packaged(PostfixPeer, "postfix", lambda: PostfixPeer(keep=args.keep))
         elif name == "smtp-sink":
             factories += _packaged(SmtpSinkPeer, "smtp-sink", lambda: SmtpSinkPeer(keep=args.keep))
+        elif name in RSPAMD_PEERS and rspamd is None:
+            print(f"{name}: skipped: no Rspamd running", flush=True)
+        elif name == "mailserver-rspamd":
+            factories.append((name, lambda: MailServerRspamdPeer(rspamd, keep=args.keep)))
+        elif name == "postfix-rspamd":
+            factories += _packaged(PostfixRspamdPeer, name, lambda: PostfixRspamdPeer(rspamd, keep=args.keep))
     return factories
+
+
+def start_rspamd(args, stack: contextlib.ExitStack, leftovers: Leftovers) -> RspamdService | None:
+    """
+    One Rspamd for every size, if a C{*-rspamd} peer is asked for and it is
+    installed.
+    """
+    if not set(RSPAMD_PEERS) & set(args.peers):
+        return None
+    why = RspamdService.why_unavailable()
+    if why:
+        print(f"rspamd: skipped: {why}", flush=True)
+        return None
+    print("rspamd: starting", flush=True)
+    try:
+        service = RspamdService(keep=True)
+        leftovers.add(service.root)
+        return stack.enter_context(service)
+    except Exception as e:  # noqa: BLE001 - report it, go on without it
+        print(f"  rspamd: FAILED: {type(e).__name__}: {e}"[:2000], flush=True)
+        return None
 
 
 _BUSY_FIELDS = (0, 1, 2, 5, 6)  # user nice system irq softirq (not idle, iowait, steal)
@@ -139,6 +172,14 @@ def _system_ticks() -> tuple[int, int]:
     return sum(values[i] for i in _BUSY_FIELDS), values[7] if len(values) > 7 else 0
 
 
+def _cpu(peer) -> float:
+    """
+    The peer's CPU seconds so far, with those of the helpers it asks about
+    every message (Rspamd).
+    """
+    return cpu_seconds(peer.pid) + sum(cpu_seconds(pid) for pid in getattr(peer, "helper_pids", ()))
+
+
 def _measure(peer, args, size: int, messages: int) -> dict:
     """
     One measured load run against a started, warmed-up peer.
@@ -146,12 +187,12 @@ def _measure(peer, args, size: int, messages: int) -> dict:
     delivered_before = peer.delivered()
     reset_peak_rss(peer.pid)
     busy0, steal0 = _system_ticks()
-    cpu0 = cpu_seconds(peer.pid)
+    cpu0 = _cpu(peer)
     r = run_load(
         "127.0.0.1", peer.port, clients=args.clients, messages=messages, size=size,
         timeout=args.timeout,
     )
-    cpu_accepting = cpu_seconds(peer.pid)
+    cpu_accepting = _cpu(peer)
     busy1, steal1 = _system_ticks()
     pss = pss_kib(peer.pid)
     # A peer that queues (Postfix) delivers to the Maildir after its 250:
@@ -160,7 +201,7 @@ def _measure(peer, args, size: int, messages: int) -> dict:
     drain_s = 0.0
     if peer.delivery == "queued":
         drain_s = peer.wait_delivered(delivered_before + r.sent_ok, timeout=60 + messages * 0.1)
-    cpu1 = cpu_seconds(peer.pid)
+    cpu1 = _cpu(peer)
     tck = os.sysconf("SC_CLK_TCK")
     busy = (busy1 - busy0) / tck
     delivered = peer.delivered() - delivered_before
@@ -228,7 +269,12 @@ def smtp_part(args, results: dict, leftovers: Leftovers) -> None:
     (L{bench.settle}).
     """
     rows = results.setdefault("smtp", [])
-    factories = peer_factories(args)
+    with contextlib.ExitStack() as helpers:
+        factories = peer_factories(args, start_rspamd(args, helpers, leftovers))
+        _smtp_sizes(args, rows, factories, leftovers)
+
+
+def _smtp_sizes(args, rows: list[dict], factories: list, leftovers: Leftovers) -> None:
     for size in args.sizes:
         total = args.messages_1k if size <= 4096 else args.messages_100k
         per_round = max(1, total // args.repeat)
@@ -285,6 +331,9 @@ def smtp_part(args, results: dict, leftovers: Leftovers) -> None:
             for label, peer, row, runs in started:
                 if runs:
                     _summarise(row, runs)
+                if runs and hasattr(peer, "scanned") and not peer.scanned():
+                    note = "the last message stored has no X-Spamd-Result: not scanned?"
+                    row["note"] = f"{row['note']}; {note}" if "note" in row else note
 
 
 # Part 0: what durable Maildir storage alone costs on this machine
@@ -571,6 +620,14 @@ def smtp_report(smtp: list[dict], table, lines: list[str]) -> None:
     if body:
         lines.append("Ratios (our msgs/s over the peer's, same run):")
         table(["ours", "peer", "size", "ratio", "target", ""], body)
+    body = _rspamd_overhead(smtp)
+    if body:
+        lines.append(
+            "Rspamd (every message scanned by one Rspamd with no network rules; its CPU counted with "
+            "the server's): msgs/s with and without, same run; reported, not a target:"
+        )
+        table(["with Rspamd", "size", "msgs/s", "without", "msgs/s", "overhead", "CPU ms/msg (with / without)"],
+              body)
     measured = {r["peer"] for r in smtp if r.get("ok")}
     if measured & set(PUBLISHED):
         lines.append(
@@ -589,7 +646,8 @@ def _ratios(smtp: list[dict]) -> list[list[str]]:
     not measured (not installed), its published figure and that figure
     scaled by measured/published aiosmtpd stand in, marked as such.
     """
-    by = {(r["peer"], r["size"]): r for r in smtp if "failed" not in r and r.get("ok")}
+    by = {(r["peer"], r["size"]): r for r in smtp
+          if "failed" not in r and r.get("ok") and r["peer"] not in RSPAMD_PEERS}
     ours = sorted({p for p, _ in by if p.startswith("mailserver")})
     others = sorted({p for p, _ in by if not p.startswith("mailserver")})
     body = []
@@ -619,6 +677,25 @@ def _ratios(smtp: list[dict]) -> list[list[str]]:
                     ratio = mine / estimate
                     body.append([o, f"postfix (not measured: scaled est. {estimate:.0f}/s)", size_label(size),
                                  f"{ratio:.2f}x", ">= 1x", "met (est.)" if ratio >= 1 else "NOT met (est.)"])
+    return body
+
+
+def _rspamd_overhead(smtp: list[dict]) -> list[list[str]]:
+    """
+    Each C{*-rspamd} row beside the same server's row without Rspamd.
+    """
+    by = {(r["peer"], r["size"]): r for r in smtp if "failed" not in r and r.get("ok")}
+    body = []
+    for (peer, size), scanned in sorted(by.items()):
+        plain = by.get((RSPAMD_PEERS.get(peer, ""), size))
+        if peer not in RSPAMD_PEERS or plain is None:
+            continue
+        overhead = 1 - scanned["msgs_per_s"] / plain["msgs_per_s"]
+        body.append([
+            peer, size_label(size), _f(scanned["msgs_per_s"], ".0f"), RSPAMD_PEERS[peer],
+            _f(plain["msgs_per_s"], ".0f"), f"{overhead:.0%} fewer msgs/s",
+            f"{scanned['server_cpu_ms_per_msg']:.2f} / {plain['server_cpu_ms_per_msg']:.2f}",
+        ])
     return body
 
 
@@ -764,8 +841,8 @@ def parse_args(argv):
                    help="rounds per peer and size, peers interleaved; messages are split over them (3)")
     p.add_argument("--timeout", type=float, default=30.0, help="per SMTP reply, seconds")
     p.add_argument("--peers", default=",".join(dict.fromkeys(SMTP_PEERS + POP3_PEERS)),
-                   help="comma-separated: aiosmtpd, mailserver, postfix, smtp-sink (SMTP), dovecot "
-                        "(POP3; our server always runs there)")
+                   help="comma-separated: aiosmtpd, mailserver, postfix, smtp-sink, mailserver-rspamd, "
+                        "postfix-rspamd (SMTP), dovecot (POP3; our server always runs there)")
     p.add_argument("--workers", default=None,
                    help="our server's worker-process counts to run, comma-separated (1,2)")
     p.add_argument("--aiosmtpd-deliver", choices=["thread", "inline"], default="thread")

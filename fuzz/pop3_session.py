@@ -21,7 +21,7 @@ import atheris
 import _common
 
 with atheris.instrument_imports(include=["mailserver"]):
-    import mailserver.pop3  # noqa: F401  (the protocol, maildrop, wire, transfer)
+    import mailserver.pop3  # noqa: F401  (the session, its glue, responses, maildrop, transfer)
     import mailserver.sasl  # noqa: F401
 
 from tests.protocol.test_pop3_fuzz import FIXED, LOGIN, run_session  # noqa: E402

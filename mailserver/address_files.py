@@ -118,7 +118,7 @@ def write_atomically(path: Path, text: str) -> None:
     Replace C{path} with C{text}: written and synced under a temporary
     name, then renamed, so a reader sees the old file or the new one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the data folder, often
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

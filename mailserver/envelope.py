@@ -40,8 +40,12 @@ class Envelope:
     @ivar envid: RFC 3461 ENVID or None.
     @ivar body: C{"7BIT"}, C{"8BITMIME"} or C{"BINARYMIME"} as declared.
     @ivar smtputf8: whether MAIL carried the SMTPUTF8 parameter.
-    @ivar id: the message's ID (L{mailserver.message_ids}); empty until the
-        SMTP server or the intake gives it one.
+    @ivar size: the SIZE the client declared, if any.
+    @ivar id: the message's ID (L{mailserver.message_ids}), the one in our
+        C{Received} field; empty until the SMTP server or the intake gives
+        it one.
+    @ivar tls_version: the TLS protocol of the session (C{"TLSv1.3"}), or
+        C{None} in plaintext; C{tls_cipher} its cipher.
     """
 
     sender: str
@@ -55,3 +59,5 @@ class Envelope:
     smtputf8: bool = False
     size: int | None = field(default=None)
     id: str = ""
+    tls_version: str | None = None
+    tls_cipher: str | None = None

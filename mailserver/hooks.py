@@ -10,6 +10,7 @@ so no plugin can crash a session or lose a message.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,10 +61,16 @@ class PluginContext:
         return replace(self, log=Logger(namespace=f"mailserver.plugins.{name}"))
 
 
+def _nothing_unread() -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class Client:
     """
     The SMTP client a hook is asked about.
+
+    @ivar _unread: what L{pending_input} asks (given by the session).
     """
 
     address: str
@@ -72,20 +79,33 @@ class Client:
     helo: str = ""
     authenticated: str | None = None
     tls: bool = False
+    _unread: Callable[[], int] = field(default=_nothing_unread, repr=False, compare=False)
+
+    def pending_input(self) -> int:
+        """
+        Octets the client has sent that the server has not read yet.  Asked
+        by a connection hook that has waited, it tells an early talker: a
+        client that sent commands before the greeting (RFC 5321 4.3.1
+        forbids it; spam software does it to save time).
+        """
+        return self._unread()
 
 
+@dataclass(frozen=True, slots=True, init=False, repr=False, eq=False)
 class Reject(Reply):
     """
     Refuse with this reply, e.g. C{Reject(550, "5.7.1", "Not wanted here")}:
     a L{Reply}, checked to be a refusal with an enhanced code of its class
     and one line of text, which the SMTP server answers as it is.
 
-    @ivar reason: the word the refusal is logged and counted under
-        (C{smtp.rejected}, C{smtp_refusals_total}); a plugin's refusals are
-        C{plugin:NAME} unless it gives one.
+    @ivar reason: the word the refusal is logged and counted under (the
+        C{smtp.rejected} event, the C{smtp_refusals_total} metric), e.g.
+        C{"dnsbl"}; a plugin's refusals are C{plugin:NAME} unless it gives
+        one.  Never client input: it is a metric label.  Not part of the
+        reply (two rejects that answer the same are equal).
     """
 
-    __slots__ = ("reason",)
+    reason: str = ""
 
     def __init__(self, code: int, enhanced: str, text: str, reason: str = "") -> None:
         if not (400 <= code < 600):
@@ -268,11 +288,20 @@ class MessageBody:
 class Hooks:
     """
     The enabled plugins' hook objects, in configuration order.
+
+    A hook's refusal comes back under its reason (C{plugin:NAME} unless it
+    gives one); the SMTP session logs and counts it with every other
+    refusal (C{smtp.rejected}, C{smtp_refusals_total}), so each defence and
+    plugin gets that without code of its own.
     """
 
     log = Logger()
 
-    def __init__(self, plugins: list[tuple[str, object]], on_error=None) -> None:
+    def __init__(
+        self,
+        plugins: list[tuple[str, object]],
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
         self._plugins = plugins
         self._on_error = on_error
         self.connection_hooks = [(n, h) for n, h in plugins if IConnectionHook.providedBy(h)]

@@ -12,6 +12,7 @@ messages durable together.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,22 +23,24 @@ from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailserver.accounts import Accounts, split_address
+from mailserver.config import Limits
 from mailserver.envelope import Envelope
 from mailserver.group_commit import GroupCommitter
 from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
 from mailserver.logs import emit
 from mailserver.maildir import SpoolFile, ensure_maildir, file_name_host, free_space
+from mailserver.memory_budget import MemoryBudget
 from mailserver.message_ids import new_message_id
+from mailserver.safe_fs import open_folder
+from mailserver.safe_text import printable
 
 # How long a reading of the free disk space is trusted (a statvfs per MAIL
 # would be a system call per message for a figure that changes slowly).
 _FREE_SPACE_INTERVAL = 0.5
-# Messages up to this size are kept in memory until the end of DATA...
+# Messages up to this size are kept in memory until the end of DATA, while
+# the memory budget (limits.memory_budget) allows.
 SPILL_SIZE = 1024 * 1024
-# ...while all the messages being received hold less than this together, so
-# a thousand clients sending large messages at once cannot exhaust memory.
-MEMORY_BUDGET = 64 * 1024 * 1024
 
 
 class RelayQueue(Protocol):
@@ -77,6 +80,7 @@ class Intake:
         queue: RelayQueue | None = None,
         on_delivered: Callable[[Delivery], None] | None = None,
         committer=None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         """
         @param data_path: the data folder: the spool is in it, and its file
@@ -87,6 +91,9 @@ class Intake:
             delivered hooks).
         @param committer: makes messages durable; by default a
             L{GroupCommitter} on the data folder.
+        @param budget: the process's memory budget, which the messages being
+            received share with every other buffer; by default one of
+            C{limits.memory_budget}'s default size of its own.
         """
         self._accounts = accounts
         self._reactor = reactor
@@ -96,12 +103,12 @@ class Intake:
         self._queue = queue
         self._on_delivered = on_delivered
         self._host = file_name_host(hostname)
-        self.held_in_memory = 0  # octets of messages being received, all sessions
+        self.budget = budget or MemoryBudget(Limits().memory_budget)
         self._maildirs_seen: set[Path] = set()  # touched by the committer threads only
         self._free = 0
         self._free_checked = -_FREE_SPACE_INTERVAL
         self.spool_path = data_path / "spool"
-        (self.spool_path / "tmp").mkdir(parents=True, exist_ok=True)
+        os.close(open_folder(data_path, self.spool_path / "tmp", create=True))
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
         if not envelope.id:
@@ -166,7 +173,8 @@ class Intake:
         try:
             if maildirs:
                 self._ensure(maildirs[0])
-            return SpoolFile(tmp, self.file_name(envelope), message), maildirs, remote
+            return (SpoolFile(self._data_path, tmp, self.file_name(envelope), message),
+                    maildirs, remote)
         except OSError:
             self._maildirs_seen.clear()  # one was removed under us? look again next time
             raise
@@ -177,7 +185,7 @@ class Intake:
         three C{stat} calls per message.
         """
         if maildir not in self._maildirs_seen:
-            ensure_maildir(maildir)
+            ensure_maildir(self._data_path, maildir)
             self._maildirs_seen.add(maildir)
 
     def _publish(self, written, envelope: Envelope, body_offset: int) -> str:
@@ -211,7 +219,8 @@ class Intake:
                 if not self._accounts.is_local_domain(split_address(destination)[1]):
                     continue
                 emit(self.log, LogLevel.info, "local.delivered", "delivered to maildir",
-                     recipient=destination, sender=envelope.sender, size=size, id=message_id)
+                     recipient=printable(destination), sender=printable(envelope.sender), size=size,
+                     id=message_id)
                 if self._on_delivered is not None:
                     self._on_delivered(
                         Delivery(
@@ -227,7 +236,7 @@ class Intake:
 
 
 def _return_path(sender: str) -> bytes:
-    return b"Return-Path: <" + sender.encode("utf-8") + b">\n"
+    return b"Return-Path: <" + printable(sender, None).encode("utf-8") + b">\n"
 
 
 @implementer(IMessageReceiver)
@@ -235,21 +244,21 @@ class _Receiver:
     """
     Converts CRLF to LF as the pieces arrive (a CR at the end of one piece
     may pair with an LF at the start of the next) and keeps them in memory;
-    a message that grows past L{SPILL_SIZE}, or arrives while all messages
-    being received hold L{MEMORY_BUDGET}, is streamed into a spool file
-    instead, so memory stays bounded.  Nothing touches the disk on the
-    reactor thread for the common, small message.
+    a message that grows past L{SPILL_SIZE}, or arrives while the memory
+    budget is spent, is streamed into a spool file instead, so memory stays
+    bounded.  Nothing touches the disk on the reactor thread for the
+    common, small message.
     """
 
     def __init__(self, intake: Intake, envelope: Envelope) -> None:
         self._intake = intake
         self._envelope = envelope
-        header = _return_path(envelope.sender)
-        self._pieces: list[bytes] = [header]
-        self._buffered = len(header)
-        intake.held_in_memory += len(header)
+        self._pieces: list[bytes] = []
+        self._buffered = 0
         self._spool: SpoolFile | None = None
+        header = _return_path(envelope.sender)
         self._body_offset = len(header)
+        self._append(header)
 
     def write(self, data: bytes) -> None:
         # Every CR is in a CRLF (IMessageReceiver.write), so dropping them
@@ -261,19 +270,21 @@ class _Receiver:
         if self._spool is not None:
             self._spool.write(data)
             return
-        self._pieces.append(data)
-        self._buffered += len(data)
         intake = self._intake
-        intake.held_in_memory += len(data)
-        if self._buffered > SPILL_SIZE or intake.held_in_memory > MEMORY_BUDGET:
-            self._release_memory()
-            self._spool = SpoolFile(intake.spool_path / "tmp", intake.file_name(self._envelope))
-            for piece in self._pieces:
-                self._spool.write(piece)
-            self._pieces = []
+        if self._buffered + len(data) <= SPILL_SIZE and intake.budget.take(len(data)):
+            self._pieces.append(data)
+            self._buffered += len(data)
+            return
+        self._release_memory()
+        self._spool = SpoolFile(intake._data_path, intake.spool_path / "tmp",
+                                intake.file_name(self._envelope))
+        for piece in self._pieces:
+            self._spool.write(piece)
+        self._pieces = []
+        self._spool.write(data)
 
     def _release_memory(self) -> None:
-        self._intake.held_in_memory -= self._buffered
+        self._intake.budget.give_back(self._buffered)
         self._buffered = 0
 
     def finish(self):

@@ -121,6 +121,84 @@ class IIntake(Interface):
         """
 
 
+class IStoredMessage(Interface):
+    """
+    One message of a mailbox as POP3 lists it; handed back to the
+    L{IMailbox} that listed it to read, flag or remove the message.
+    """
+
+    uid = Attribute("A unique name, C{str}, stable across sessions: POP3's UIDL.")
+    size = Attribute("Octets as sent, C{int}: every stored LF counts as CRLF.")
+    seen = Attribute("Marked read, C{bool}.")
+
+
+class IMailbox(Interface):
+    """
+    One account's stored mail as a POP3 session uses it.  Every method may
+    block on the disk: the session calls them in a worker thread, or a few
+    at a time on the reactor thread for the quick ones (L{mark_seen},
+    L{remove}).
+    """
+
+    def lock() -> bool:
+        """
+        Take the exclusive lock without waiting; C{False} if another session
+        holds it.  Taking it again while holding it is C{True}.
+        """
+
+    def unlock() -> None:
+        """
+        Give up the lock (nothing if not held).
+        """
+
+    def messages() -> list:
+        """
+        Every message, oldest first, as L{IStoredMessage}s.
+        """
+
+    def read_whole(message: object, limit: int) -> object:
+        """
+        The message's stored bytes (LF line endings) if they are fewer than
+        C{limit} octets, else C{None} (then L{open} it and read it in
+        pieces).
+        """
+
+    def open(message: object) -> object:
+        """
+        The message's stored bytes as a binary file object.
+        """
+
+    def mark_seen(message: object) -> None:
+        """
+        Flag the message read, where other readers of the mailbox see it.
+        """
+
+    def remove(message: object) -> None:
+        """
+        Remove the message (made durable by L{sync_removals}).
+        """
+
+    def sync_removals(messages: object) -> None:
+        """
+        Make the removal of these messages durable.
+        """
+
+
+class IMailboxStore(Interface):
+    """
+    Every account's mailbox, as POP3 reaches them.
+    """
+
+    def mailbox(address: str) -> IMailbox:
+        """
+        The mailbox of the account with this canonical address (not locked
+        yet).
+
+        @raise LookupError: the account has no mailbox here.
+        @raise OSError: the storage failed.
+        """
+
+
 class ICourier(Interface):
     """
     One attempt at delivering a queued message onward; the relay's layers

@@ -6,7 +6,6 @@ SIGTERM.
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 from pathlib import Path
@@ -18,8 +17,9 @@ from twisted.logger import Logger, LogLevel
 from mailserver.accounts import Accounts
 from mailserver.config import ConfigError
 from mailserver.logs import emit
-from mailserver.maildir import remove_stale_tmp
+from mailserver.maildir import maildir_tmp_folders, remove_stale_tmp
 from mailserver.process import on_signal
+from mailserver.safe_fs import write_file
 
 PID_FILE = "mailserver.pid"
 
@@ -27,20 +27,33 @@ PID_FILE = "mailserver.pid"
 class CrashCleanup(Service):
     """
     At start, before any client is served: remove the files a crash left in
-    the spool's and every mailbox's C{tmp/} (see L{remove_stale_tmp}).
+    the spool's and every mailbox's C{tmp/} (see L{remove_stale_tmp}).  A
+    symbolic link on the way is not followed, and logged.
     """
 
     log = Logger()
 
-    def __init__(self, mail_path: Path, spool_tmp: Path) -> None:
+    def __init__(self, data_path: Path, mail_path: Path, spool_tmp: Path) -> None:
+        """
+        @param data_path: the data folder, below which no link is followed.
+        """
+        self._data_path = data_path
         self._mail_path = mail_path
         self._spool_tmp = spool_tmp
 
     def startService(self) -> None:
         super().startService()
-        folders = [str(self._spool_tmp)]
-        folders += glob.glob(os.path.join(glob.escape(str(self._mail_path)), "*", "*", "tmp"))
-        removed = sum(remove_stale_tmp(folder) for folder in folders)
+        folders, links = maildir_tmp_folders(self._mail_path)
+        for link in links:
+            emit(self.log, LogLevel.warn, "server.link_not_followed",
+                 "not following a symbolic link in the data folder", path=str(link))
+        removed = 0
+        for folder in [self._spool_tmp, *folders]:
+            try:
+                removed += remove_stale_tmp(self._data_path, folder)
+            except OSError as e:
+                emit(self.log, LogLevel.warn, "server.crash_cleanup_failed", "not cleaning up",
+                     folder=str(folder), problem=str(e))
         if removed:
             emit(self.log, LogLevel.info, "server.crash_cleanup",
                  "removed unfinished message files left by an earlier crash", count=removed)
@@ -101,7 +114,7 @@ class ReloadOnSignal(Service):
     def startService(self) -> None:
         super().startService()
         if self._pid_path is not None:
-            self._pid_path.write_text(f"{os.getpid()}\n")
+            write_file(self._pid_path, f"{os.getpid()}\n")
         self._restore_handler = on_signal(signal.SIGHUP, self.reload, self._reactor)
         self._accounts.problems()  # read now: bad lines are logged at start
 

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from mailserver.safe_fs import write_file
 from mailserver.workers import reuseport_socket, shared_address
 
 LISTENERS_FILE = "listeners.json"
@@ -158,7 +159,7 @@ class ListenerReport(Service):
         for listener, address in zip(self._listeners, addresses):
             report.setdefault(listener.role, []).append(f"{address.host}:{address.port}")
         tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        write_file(tmp, json.dumps(report, indent=2) + "\n")
         os.replace(tmp, self._path)
 
     def stopService(self):

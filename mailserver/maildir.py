@@ -12,6 +12,10 @@ file name carries both sizes, like Dovecot's: C{,S=} is the file size and
 C{,W=} the size in CRLF form (what POP3 counts), so listings never open or
 C{stat} a message.
 
+No symbolic link inside the data folder is followed (L{mailserver.safe_fs}):
+folders are reached from the data folder one name at a time, and files are
+made, moved and read relative to those descriptors.
+
 Everything here is blocking file I/O with no Twisted dependency; the intake
 runs it in a thread pool.
 """
@@ -23,12 +27,16 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from zope.interface import implementer
+
+from mailserver.interfaces import IMailbox, IMailboxStore, IStoredMessage
 from mailserver.message_ids import writer_pid
+from mailserver.safe_fs import open_file, open_folder, open_path, open_subfolder
 
 _SUBDIRS = ("tmp", "new", "cur")
 _LOCK_NAME = "mailserver.lock"
@@ -68,31 +76,38 @@ def writer_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(folder: str, now: float | None = None) -> int:
+def remove_stale_tmp(base: Path, folder: Path, now: float | None = None) -> int:
     """
-    Remove what a crash left in a C{tmp/} folder: files written by a
-    process that is gone (never acknowledged, so nobody is owed them), and
-    any file older than 36 hours.  Files of live processes (a worker still
-    writing) are kept.  Meant for start-up; returns how many went.
+    Remove what a crash left in a C{tmp/} folder inside C{base}: files
+    written by a process that is gone (never acknowledged, so nobody is owed
+    them), and any file older than 36 hours.  Files of live processes (a
+    worker still writing) are kept, and so is anything not a plain file.
+    Meant for start-up; returns how many went.
+
+    @raise mailserver.safe_fs.SymlinkRefused: when the folder, or one on
+        the way to it, is a symbolic link (nothing is removed then).
     """
     cutoff = (time.time() if now is None else now) - STALE_TMP_SECONDS
     removed = 0
     try:
-        entries = list(os.scandir(folder))
+        fd = open_folder(base, folder)
     except (FileNotFoundError, NotADirectoryError):
         return 0
-    for entry in entries:
-        try:
-            if not entry.is_file(follow_symlinks=False):
+    try:
+        with os.scandir(fd) as entries:
+            names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
+        for name in names:
+            try:
+                writer = _writer(name)
+                if (writer is not None and not writer_alive(writer)) or (
+                    os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < cutoff
+                ):
+                    os.unlink(name, dir_fd=fd)
+                    removed += 1
+            except FileNotFoundError:
                 continue
-            writer = _writer(entry.name)
-            if (writer is not None and not writer_alive(writer)) or (
-                entry.stat(follow_symlinks=False).st_mtime < cutoff
-            ):
-                os.unlink(entry.path)
-                removed += 1
-        except FileNotFoundError:
-            continue
+    finally:
+        os.close(fd)
     return removed
 
 
@@ -108,18 +123,44 @@ def _writer(name: str) -> int | None:
     return int(old.group(1)) if old else None
 
 
-def ensure_maildir(path: Path) -> None:
+def maildir_tmp_folders(mail_path: Path) -> tuple[list[Path], list[Path]]:
     """
-    Create C{path} and its C{tmp}, C{new} and C{cur} folders if missing, and
-    fsync the directories that gained entries.
+    The C{tmp/} folder of every Maildir under C{mail/<domain>/<user>/}, and
+    the symbolic links met on the way, which are not followed.
     """
-    if all((path / sub).is_dir() for sub in _SUBDIRS):
-        return
-    for sub in _SUBDIRS:
-        (path / sub).mkdir(parents=True, exist_ok=True)
-    # New directory entries must be durable too before any 250 relies on them.
-    for folder in (path, path.parent, path.parent.parent):
-        fsync_directory(folder)
+    folders: list[Path] = []
+    links: list[Path] = []
+    for domain in _folders(mail_path, links):
+        for user in _folders(domain, links):
+            folders.append(user / "tmp")
+    return folders, links
+
+
+def _folders(path: Path, links: list[Path]) -> list[Path]:
+    try:
+        with os.scandir(path) as entries:
+            found = [(Path(e.path), e.is_symlink(), e.is_dir(follow_symlinks=False))
+                     for e in entries]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    links.extend(p for p, link, _ in found if link)
+    return sorted(p for p, _, folder in found if folder)
+
+
+def ensure_maildir(base: Path, path: Path) -> None:
+    """
+    Create the Maildir C{path} (inside C{base}) and its C{tmp}, C{new} and
+    C{cur} folders if missing, each 0700, syncing the folders that gained
+    entries: a 250 may rely on them.
+
+    @raise mailserver.safe_fs.SymlinkRefused: for a symbolic link on the way.
+    """
+    fd = open_folder(base, path, create=True)
+    try:
+        for sub in _SUBDIRS:
+            os.close(open_folder(base, path / sub, create=True))
+    finally:
+        os.close(fd)
 
 
 def free_space(path: Path) -> int:
@@ -146,22 +187,42 @@ class SpoolFile:
     is no local recipient), it is renamed into that Maildir's C{new/} and
     hard-linked into the others', so one copy serves every recipient.  All
     of this is blocking file work, meant for a worker thread.
+
+    The folder holding C{tmp/} and C{tmp/} itself stay open from the start
+    to L{deliver} or L{discard} (one of which always ends a spool file), so
+    the file is made, renamed and removed where it was checked.
     """
 
-    def __init__(self, tmp_dir: Path, name: str, data: bytes | None = None) -> None:
+    def __init__(
+        self, base: Path, tmp_dir: Path, name: str, data: bytes | None = None
+    ) -> None:
         """
+        @param base: the data folder, below which no link is followed.
         @param name: the file's name, unique (it starts with the message's
             ID), the same in C{tmp/} and C{new/} but for the sizes.
         @param data: the whole message (LF form), written at once and the
             file closed: one C{write} call, no buffered file object.
         """
+        self._base = base
         self._tmp_dir = tmp_dir
         self.name = name
-        self.path = tmp_dir / self.name
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file: BinaryIO | None = None
         self.size = 0
         self.lines = 0
+        # Strings, not pathlib: this is every message's path.
+        parent, _, tmp_name = os.fspath(tmp_dir).rpartition("/")
+        self._parent_fd = open_folder(base, parent)
+        try:
+            self._tmp_fd = open_subfolder(self._parent_fd, tmp_name, tmp_dir)
+        except BaseException:
+            os.close(self._parent_fd)
+            raise
+        try:
+            fd = open_file(self._tmp_fd, self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                           path=f"{tmp_dir}/{self.name}")
+        except BaseException:
+            self._close_folders()
+            raise
         if data is None:
             self._file = os.fdopen(fd, "wb")
             return
@@ -176,6 +237,10 @@ class SpoolFile:
         os.close(fd)
         self.size = len(data)
         self.lines = data.count(b"\n")
+
+    @property
+    def path(self) -> Path:
+        return self._tmp_dir / self.name
 
     def write(self, data: bytes) -> None:
         """
@@ -205,7 +270,7 @@ class SpoolFile:
             os.fsync(self._file.fileno())
             self._file.close()
         else:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_file(self._tmp_fd, self.name, os.O_RDONLY, path=f"{self._tmp_dir}/{self.name}")
             try:
                 os.fsync(fd)
             finally:
@@ -231,23 +296,42 @@ class SpoolFile:
             self.close()
         delivered: list[Path] = []
         renamed = False
+        # The file everyone else links to: here, or in the first new/ once
+        # renamed there.
+        source_fd, source = self._tmp_fd, self.name
+        name = self.final_name
+        tmp_dir = os.fspath(self._tmp_dir)
         try:
             for maildir in maildirs:
                 if ensure:
-                    ensure_maildir(maildir)
-                target = maildir / "new" / self.final_name
-                if not delivered and maildir / "tmp" == self._tmp_dir:
-                    os.rename(self.path, target)
-                    renamed = True
+                    ensure_maildir(self._base, maildir)
+                new = f"{maildir}/new"
+                mine = not delivered and f"{maildir}/tmp" == tmp_dir
+                if mine:  # new/ beside our tmp/
+                    new_fd = open_subfolder(self._parent_fd, "new", new)
                 else:
-                    os.link(delivered[0] if delivered else self.path, target)
-                delivered.append(target)
-            if durable:
-                for target in delivered:
-                    fsync_directory(target.parent)
+                    new_fd = open_folder(self._base, new)
+                try:
+                    if mine:
+                        os.rename(source, name, src_dir_fd=source_fd, dst_dir_fd=new_fd)
+                        renamed = True
+                        source_fd, source = new_fd, name  # closed at the end
+                    else:
+                        os.link(source, name, src_dir_fd=source_fd, dst_dir_fd=new_fd,
+                                follow_symlinks=False)
+                    if durable:
+                        os.fsync(new_fd)
+                finally:
+                    if new_fd != source_fd:
+                        os.close(new_fd)
+                delivered.append(Path(new, name))
         finally:
+            if source_fd != self._tmp_fd:
+                os.close(source_fd)
             if not renamed:
                 self.discard()
+            else:
+                self._close_folders()
         return delivered
 
     def discard(self) -> None:
@@ -260,12 +344,21 @@ class SpoolFile:
                 self._file.close()
             except OSError:
                 pass
+        if self._tmp_fd < 0:
+            return  # delivered, or discarded already
         try:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self._tmp_fd)
         except OSError:
             pass
+        self._close_folders()
+
+    def _close_folders(self) -> None:
+        for fd in (self._tmp_fd, self._parent_fd):
+            os.close(fd)
+        self._tmp_fd = self._parent_fd = -1
 
 
+@implementer(IStoredMessage)
 @dataclass(frozen=True)
 class MessageInfo:
     """
@@ -310,18 +403,23 @@ def _crlf_size(path: str) -> int:
     What POP3 sends for a file whose name does not say: every stored LF
     becomes CRLF.
     """
-    with open(path, "rb") as f:
+    with os.fdopen(open_path(path), "rb") as f:
         data = f.read()
     return len(data) + data.count(b"\n")
 
 
+@implementer(IMailbox)
 class Mailbox:
     """
     A user's Maildir as POP3 sees it: locked, listed, read, flagged, pruned.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, base: Path) -> None:
+        """
+        @param base: the data folder, below which no link is followed.
+        """
         self.path = path
+        self._base = base
         self._lock_fd: int | None = None
         # new/ and cur/ as the folder strings that message paths start with.
         self._new = os.path.join(path, "new")
@@ -340,22 +438,29 @@ class Mailbox:
         """
         if self._lock_fd is not None:
             return True
-        ensure_maildir(self.path)
-        fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        ensure_maildir(self._base, self.path)
+        maildir = open_folder(self._base, self.path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
-        self._lock_fd = fd
-        try:
-            for folder in (self._new, self._cur):
-                self._folder_fds[folder] = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            self.unlock()
-            raise
+            fd = open_file(maildir, _LOCK_NAME, os.O_RDWR | os.O_CREAT,
+                           path=self.path / _LOCK_NAME)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return False
+                raise
+            self._lock_fd = fd
+            try:
+                for folder in (self._new, self._cur):
+                    self._folder_fds[folder] = open_subfolder(
+                        maildir, os.path.basename(folder), Path(folder)
+                    )
+            except OSError:
+                self.unlock()
+                raise
+        finally:
+            os.close(maildir)
         return True
 
     def unlock(self) -> None:
@@ -383,7 +488,7 @@ class Mailbox:
         found = []
         for folder in (self._new, self._cur):
             try:
-                names = os.listdir(folder)
+                names = os.listdir(self._folder_fds.get(folder, folder))
             except FileNotFoundError:
                 continue
             found.extend(_info(folder, name) for name in names if name[:1] != ".")
@@ -391,14 +496,23 @@ class Mailbox:
         return found
 
     def open(self, info: MessageInfo) -> BinaryIO:
-        return open(info.path, "rb")
+        return os.fdopen(self._open_message(info), "rb")
+
+    def _open_message(self, info: MessageInfo) -> int:
+        """
+        The message file, for reading; a link in its place is refused.
+        """
+        name, fd = self._relative(*info.path.rsplit("/", 1))
+        if fd is None:
+            return open_path(name)
+        return open_file(fd, name, os.O_RDONLY, path=info.path)
 
     def read_whole(self, info: MessageInfo, limit: int) -> bytes | None:
         """
         The whole file if it is smaller than C{limit} octets, else C{None}
         (stream it with L{open} instead): three system calls, no file object.
         """
-        fd = os.open(info.path, os.O_RDONLY)
+        fd = self._open_message(info)
         try:
             data = os.read(fd, limit)
         finally:
@@ -436,8 +550,30 @@ class Mailbox:
         Sync the folders L{remove} took C{infos} out of.
         """
         for folder in {os.path.dirname(info.path) for info in infos}:
-            fsync_directory(folder)
+            fd = self._folder_fds.get(folder)
+            if fd is None:
+                fsync_directory(folder)
+            else:
+                os.fsync(fd)
 
 
 def _by_uid(info: MessageInfo) -> str:
     return info.uid
+
+
+@implementer(IMailboxStore)
+class MaildirStore:
+    """
+    Every account's Maildir, found by C{path_for} (the account's canonical
+    address to its folder).
+    """
+
+    def __init__(self, path_for: Callable[[str], Path], base: Path) -> None:
+        """
+        @param base: the data folder, below which no link is followed.
+        """
+        self._path_for = path_for
+        self._base = base
+
+    def mailbox(self, address: str) -> Mailbox:
+        return Mailbox(self._path_for(address), self._base)

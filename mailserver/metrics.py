@@ -427,8 +427,9 @@ class ServerMetrics:
 
     Label values: C{role} is the listener role (C{smtp}, C{submission},
     C{submissions}); C{reason} a word of L{mailserver.smtp.refusals} (e.g.
-    C{size}, C{relay-denied}, C{unknown-recipient}) or a plugin's
-    (C{plugin:NAME}, C{dmarc}, C{spf}); C{result} one of
+    C{size}, C{relay-denied}, C{unknown-recipient}) or a hook's
+    L{mailserver.hooks.Reject} reason (C{dnsbl}, C{greylist}, C{dmarc},
+    C{plugin:NAME}...): fixed words, never client input; C{result} one of
     C{delivered}, C{deferred}, C{bounced}; C{plugin} the plugin's name.
     C{relay_tls_policy_total}'s C{domain} is a policy domain (one with an
     MTA-STS policy or a C{relay.tls_policies} entry; past 1000 of them,
@@ -438,7 +439,6 @@ class ServerMetrics:
     smtp_connections_total: Counter
     smtp_connections_active: Gauge
     smtp_messages_accepted_total: Counter
-    smtp_messages_rejected_total: Counter
     smtp_refusals_total: Counter
     smtp_bytes_received_total: Counter
     smtp_transaction_seconds: Histogram
@@ -483,15 +483,11 @@ def server_metrics(
         smtp_messages_accepted_total=metrics.counter(
             "smtp_messages_accepted_total", "Messages accepted with a 250 reply.", ["role"]
         ),
-        smtp_messages_rejected_total=metrics.counter(
-            "smtp_messages_rejected_total",
-            "Messages refused once their data began (size, line ends, loops, storage, "
-            "message hooks), by reason.",
-            ["role", "reason"],
-        ),
         smtp_refusals_total=metrics.counter(
             "smtp_refusals_total",
-            "SMTP refusals (of a connection, a command or a message), by reason.",
+            "SMTP refusals (of a connection, a command or a message), by reason: the "
+            "server's own, the defences' (dnsbl, pregreet, greylist, rate, rspamd) and "
+            "plugins' (plugin:NAME).",
             ["role", "reason"],
         ),
         smtp_bytes_received_total=metrics.counter(

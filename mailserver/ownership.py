@@ -7,7 +7,8 @@ itself (the data folder, the self-signed certificate, the queue and spool
 folders) is made with that user's effective ids (L{acting_as}): nothing in
 the folder is left to root.  The console script, run as root on a data
 folder that belongs to another user, becomes that user before it does
-anything (L{become_owner_of}), for the same reason.
+anything (L{become_owner_of}), for the same reason.  The folders the
+server keeps there are its own: private (0700) and never symbolic links.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from twisted.logger import Logger
+
+from mailserver.safe_fs import OTHERS, make_data_folder, tighten
+
+_log = Logger()
 
 
 class DataFolderError(Exception):
@@ -66,31 +73,49 @@ def server_owner(uid: int | None, gid: int | None) -> Owner | None:
 
 def prepare_data_folder(path: Path, owner: Owner | None) -> None:
     """
-    Make the data folder (for C{owner}, when given), or check that the
+    Make the data folder (0700, for C{owner} when given), or check that the
     existing one is C{owner}'s: a folder of root's or of another user would
     fail at the first file the server writes after dropping privileges.
+    Then see that its own folders are private (L{keep_private}).
 
     @raise DataFolderError: it belongs to someone else.
+    @raise mailserver.safe_fs.SymlinkRefused: one of its own folders is a
+        symbolic link.
     """
-    try:
-        path.mkdir()
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        path.mkdir(parents=True)  # parents belong to the starting user
-    else:
+    if make_data_folder(path):  # parents belong to the starting user
         if owner is not None:
             os.chown(path, owner.uid, owner.gid)
-        return
-    if owner is None:
-        return
-    found = Owner(path.stat().st_uid, path.stat().st_gid)
-    if found.uid != owner.uid:
-        folder = path.resolve()
-        raise DataFolderError(
-            f"the data folder {folder} belongs to {found.name}, but the server "
-            f"runs as {owner.name}: chown -R {owner.name}:{owner.group} {folder}"
-        )
+    elif owner is not None:
+        found = Owner(path.stat().st_uid, path.stat().st_gid)
+        if found.uid != owner.uid:
+            folder = path.resolve()
+            raise DataFolderError(
+                f"the data folder {folder} belongs to {found.name}, but the server "
+                f"runs as {owner.name}: chown -R {owner.name}:{owner.group} {folder}"
+            )
+    keep_private(path)
+
+
+# The data folder's own folders: never symbolic links, and private.
+OWN_FOLDERS = ("mail", "spool", "queue", "tls", "dkim", "mta-sts")
+
+
+def keep_private(path: Path) -> None:
+    """
+    Refuse to start when one of the data folder's own folders is a symbolic
+    link; take other users' access away from those that still grant it
+    (made before the server made its folders 0700), and log it.
+
+    @raise mailserver.safe_fs.SymlinkRefused: naming the link.
+    """
+    for name in OWN_FOLDERS:
+        old = tighten(path, path / name)
+        if old is not None:
+            _log.warn(
+                "{folder} was open to other users (mode {old:o}): now {new:o}",
+                folder=str(path / name), old=old, new=old & ~OTHERS,
+                event="server.folder_tightened", log_system="server.folder_tightened#warn",
+            )
 
 
 @contextmanager

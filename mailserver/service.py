@@ -17,6 +17,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import make_portal, password_threadpool, strcred_checkers
 from mailserver.config import Config, ConfigError
+from mailserver.connection_limits import ConnectionLimits
+from mailserver.defences import defence_hooks
 from mailserver.from_config import accounts_for, certificate_files
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
@@ -25,11 +27,12 @@ from mailserver.lifecycle import PID_FILE, CrashCleanup, ReloadOnSignal, Shutdow
 from mailserver.listeners import LISTENERS_FILE, Listener, ListenerReport
 from mailserver.login_throttle import throttle_for
 from mailserver.mailauth import mail_auth_hooks
-from mailserver.maildir import Mailbox
+from mailserver.maildir import MaildirStore
+from mailserver.memory_budget import MemoryBudget
 from mailserver.metrics import Metrics, server_metrics
 from mailserver.ownership import Owner, acting_as, prepare_data_folder
 from mailserver.plugin_loading import load_plugins
-from mailserver.pop3 import POP3Factory
+from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
 from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.relay.mx import make_resolver
@@ -38,7 +41,7 @@ from mailserver.startup import StartupReport
 from mailserver.tls import ReloadableServerOptions, ensure_self_signed
 from mailserver.web import make_admin_site
 from mailserver.worker_link import PrimaryLink
-from mailserver.workers import WorkerPool, follow_primary, inherited_sockets
+from mailserver.workers import WorkerPool, follow_primary, inherited_sockets, process_index
 
 # Roles whose plain listeners are wrapped in TLS (ports 465 and 995).
 IMPLICIT_TLS_ROLES = ("submissions", "pop3s")
@@ -103,24 +106,32 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         queue_oldest_seconds=lambda: _oldest(queue, reactor),
     )
 
-    # Plugins: authentication checks see the message as it arrived; DKIM
-    # signs it as the plugins left it.
+    # Plugins: the defences refuse before anything looks at a message;
+    # authentication checks see the message as it arrived; DKIM signs it as
+    # the plugins left it.
     context = PluginContext(reactor=reactor, hostname=config.hostname, data_path=config.data_path)
+    resolver = make_resolver(config.relay.resolver, reactor)
+    defences, defence_store = defence_hooks(
+        checks=config.checks, limits=config.limits, store_path=config.defences_path,
+        resolver=resolver, reactor=reactor,
+    )
     auth_first, auth_last = mail_auth_hooks(
         checks=config.checks, dkim=config.dkim, hostname=config.hostname,
-        key_folder=config.dkim_key_path, resolver=make_resolver(config.relay.resolver, reactor),
-        reactor=reactor, source=config.source,
+        key_folder=config.dkim_key_path, resolver=resolver,
+        reactor=reactor, source=config.source, owns=accounts.owns,
     )
     hooks = Hooks(
-        auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
+        defences + auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
         on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),
     )
 
-    # Where accepted mail goes: the intake, and the relay for other domains.
+    # Where accepted mail goes: the intake, and the relay for other domains;
+    # one memory budget for every message buffer of this process.
+    budget = MemoryBudget(config.limits.memory_budget)
     intake = Intake(
         accounts=accounts, reactor=reactor, data_path=config.data_path,
         hostname=config.hostname, min_free_space=config.limits.min_free_space,
-        queue=queue, on_delivered=hooks.delivered,
+        queue=queue, on_delivered=hooks.delivered, budget=budget,
     )
     runner = RelayRunner(
         relay=config.relay,
@@ -135,13 +146,21 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     )
     smtp_intake = intake
     if hooks.message_hooks:
-        smtp_intake = HookedIntake(intake, hooks, intake.spool_path / "tmp", clock=reactor)
+        smtp_intake = HookedIntake(
+            intake, hooks, intake.spool_path / "tmp", clock=reactor, budget=budget,
+            base=config.data_path,
+        )
 
-    # The protocols, sharing one count of failed logins per client address.
-    login_throttle = throttle_for(config.limits, reactor)
+    # The protocols, sharing one count of failed logins per client address
+    # and one set of connection caps; with workers, each process enforces
+    # its share of both.
+    login_throttle = throttle_for(config.limits, reactor, config.workers, process_index())
+    connection_limits = ConnectionLimits.for_process(
+        config.limits, relay_connections=config.relay.max_connections,
+        processes=config.workers, index=process_index(),
+    )
 
-    def mailbox_for(address: str) -> Mailbox:
-        return Mailbox(accounts.mailbox_path(address))
+    mailboxes = MaildirStore(accounts.mailbox_path, config.data_path)
 
     def smtp_factory(role: str, implicit_tls: bool) -> SMTPFactory:
         return SMTPFactory(SMTPDependencies.for_listener(
@@ -159,19 +178,21 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
             queue_runner=runner,
             metrics=instruments,
             login_throttle=login_throttle,
-        ))
+        ), connection_limits)
 
     def pop3_factory(implicit_tls: bool) -> POP3Factory:
-        return POP3Factory(
-            config=config,
+        return POP3Factory(POP3Dependencies.for_listener(
+            hostname=config.hostname,
+            pop3=config.pop3,
+            limits=config.limits,
             portal=portal,
-            mailbox_for=mailbox_for,
+            mailboxes=mailboxes,
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,
             metrics=instruments,
             login_throttle=login_throttle,
-        )
+        ), connection_limits)
 
     roles = {
         "smtp": lambda: smtp_factory("smtp", False),
@@ -223,8 +244,9 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         follow_primary()
         PrimaryLink(reactor, login_throttle, metrics).setServiceParent(root)
     else:
-        CrashCleanup(config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
+        CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
         runner.setServiceParent(root)
+    defence_store.setServiceParent(root)  # stops after the sessions that use it
     ShutdownNotice(smtp_factories, reactor, config.limits.shutdown_timeout).setServiceParent(root)
     for listener in listeners:
         listener.setServiceParent(root)

@@ -2,14 +2,16 @@
 Fakes of the server's collaborators, for the project's tests and for tests
 of code built on it (plugins): a reactor and thread pool that run inline,
 a group commit that does not sync, in-memory accounts and portal, an intake
-that records every message, and a harness that drives one SMTP session over
-a C{StringTransport} with a fake clock.
+that records every message, in-memory mailboxes, and harnesses that drive
+one SMTP or POP3 session over a C{StringTransport} with a fake clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 from base64 import b64encode
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -17,13 +19,24 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailserver.config import SMTP, Config, Limits
+from mailserver.config import POP3, SMTP, Config, Limits
 from mailserver.envelope import Envelope
-from mailserver.interfaces import IAccount, IAccounts, IIntake, IMessageReceiver
+from mailserver.interfaces import (
+    IAccount,
+    IAccounts,
+    IIntake,
+    IMailbox,
+    IMailboxStore,
+    IMessageReceiver,
+    IStoredMessage,
+)
+from mailserver.login_throttle import throttle_for
+from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.smtp import SMTPDependencies, SMTPFactory
 
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -159,18 +172,30 @@ class FakeAccount:
 
 @implementer(IRealm)
 class FakeRealm:
-    def requestAvatar(self, avatarId, mind, *interfaces):
-        return IAccount, FakeAccount(avatarId.decode()), lambda: None
-
-
-def make_portal(**passwords: str) -> Portal:
     """
-    A portal over these accounts' passwords (C{make_portal(**{"bob@x": "pw"})}).
+    A L{FakeAccount} for every login; counts the logouts.
+    """
+
+    def __init__(self) -> None:
+        self.logouts = 0
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        assert IAccount in interfaces
+        return IAccount, FakeAccount(avatarId.decode()), self._logout
+
+    def _logout(self) -> None:
+        self.logouts += 1
+
+
+def make_portal(realm: FakeRealm | None = None, /, **passwords: str) -> Portal:
+    """
+    A portal over these accounts' passwords (C{make_portal(**{"bob@x": "pw"})}),
+    through C{realm} (by default a new L{FakeRealm}).
     """
     checker = InMemoryUsernamePasswordDatabaseDontUse()
     for user, password in passwords.items():
         checker.addUser(user.encode(), password.encode())
-    return Portal(FakeRealm(), [checker])
+    return Portal(realm or FakeRealm(), [checker])
 
 
 # The intake.
@@ -281,7 +306,8 @@ class SMTPHarness:
     """
     One SMTP session over a L{TLSStringTransport} with a fake clock:
     C{send} bytes, get back what the server wrote since.  By default an MX
-    listener for C{example.org}, users bob, alice and jürgen, a list
+    listener (no AUTH unless C{smtp.mx_auth}: give C{role="submission"})
+    for C{example.org}, users bob, alice and jürgen, a list
     C{list@example.org}, and bob's password C{secret}; give C{factory} to
     open another session on the same listener.
     """
@@ -372,3 +398,209 @@ def reply_codes(replies: bytes) -> list[str]:
             else:
                 out.append(parts[0])
     return out
+
+
+# Mailboxes and a POP3 session.
+
+
+@implementer(IStoredMessage)
+@dataclass(frozen=True)
+class MemoryMessageInfo:
+    uid: str
+    size: int
+    seen: bool
+
+
+@dataclass
+class StoredMessage:
+    uid: str
+    data: bytes  # LF line endings, as in a real Maildir
+    seen: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + self.data.count(b"\n")
+
+
+@implementer(IMailboxStore)
+@dataclass
+class MemoryMaildirs:
+    """
+    Every account's messages, the locks held, the removals synced, and
+    switches that make the next storage call fail.
+    """
+
+    boxes: dict[str, list[StoredMessage]] = field(default_factory=dict)
+    locked: set[str] = field(default_factory=set)
+    deletions: list[tuple[str, list[str]]] = field(default_factory=list)
+    fail_lock: bool = False
+    fail_listing: bool = False
+    fail_open: bool = False
+    fail_delete: bool = False
+
+    def deliver(self, address: str, data: bytes, uid: str | None = None) -> None:
+        box = self.boxes.setdefault(address, [])
+        box.append(StoredMessage(uid or f"1700000000.M{len(box)}P1Q1.test", data))
+
+    def mailbox(self, address: str) -> MemoryMailbox:
+        return MemoryMailbox(self, address)
+
+    def message(self, address: str, uid: str) -> StoredMessage:
+        return next(m for m in self.boxes[address] if m.uid == uid)
+
+
+@implementer(IMailbox)
+class MemoryMailbox:
+    """
+    One account's messages in a L{MemoryMaildirs}, with the contract of
+    L{mailserver.maildir.Mailbox}.
+    """
+
+    def __init__(self, store: MemoryMaildirs, address: str) -> None:
+        self._store = store
+        self._address = address
+        self._holding = False
+
+    def lock(self) -> bool:
+        if self._store.fail_lock:
+            raise OSError("disk on fire")
+        if self._holding:
+            return True
+        if self._address in self._store.locked:
+            return False
+        self._store.locked.add(self._address)
+        self._holding = True
+        return True
+
+    def unlock(self) -> None:
+        if self._holding:
+            self._store.locked.discard(self._address)
+            self._holding = False
+
+    def messages(self) -> list[MemoryMessageInfo]:
+        if self._store.fail_listing:
+            raise OSError("cannot list")
+        return [
+            MemoryMessageInfo(uid=m.uid, size=m.size, seen=m.seen)
+            for m in self._store.boxes.get(self._address, [])
+        ]
+
+    def open(self, message: MemoryMessageInfo) -> io.BytesIO:
+        if self._store.fail_open:
+            raise FileNotFoundError(message.uid)
+        return io.BytesIO(self._store.message(self._address, message.uid).data)
+
+    def read_whole(self, message: MemoryMessageInfo, limit: int) -> bytes | None:
+        if self._store.fail_open:
+            raise FileNotFoundError(message.uid)
+        data = self._store.message(self._address, message.uid).data
+        return data if len(data) < limit else None
+
+    def mark_seen(self, message: MemoryMessageInfo) -> None:
+        self._store.message(self._address, message.uid).seen = True
+
+    def remove(self, message: MemoryMessageInfo) -> None:
+        if self._store.fail_delete:
+            raise OSError("read-only file system")
+        box = self._store.boxes.get(self._address, [])
+        box[:] = [m for m in box if m.uid != message.uid]
+
+    def sync_removals(self, messages: Iterable[MemoryMessageInfo]) -> None:
+        self._store.deletions.append((self._address, [m.uid for m in messages]))
+
+
+def make_pop3_config(limits: dict | None = None, **pop3) -> Config:
+    """
+    A configuration for POP3 tests: C{pop.test}, with these changes to the
+    C{limits} and C{pop3} sections' defaults.
+    """
+    return Config(hostname="pop.test", limits=Limits(**(limits or {})), pop3=POP3(**pop3))
+
+
+def _all_at_once(steps) -> defer.Deferred:
+    return defer.maybeDeferred(lambda: [None for _ in steps])
+
+
+class POP3Harness:
+    """
+    One POP3 session over a L{TLSStringTransport} with a fake clock: C{send}
+    bytes, get back what the server wrote since.  By default a loopback
+    client, the accounts C{bob@localhost} (password C{secret}) and
+    C{carol@localhost} (C{pass word}), and file work done at once.
+    """
+
+    def __init__(
+        self,
+        store: MemoryMaildirs,
+        config: Config | None = None,
+        peer=LOOPBACK,
+        tls_options: object = None,
+        implicit_tls: bool = False,
+        portal: Portal | None = None,
+        clock: Clock | None = None,
+        realm: FakeRealm | None = None,
+        factory: POP3Factory | None = None,
+        sliced: bool = False,
+        run_blocking=defer.maybeDeferred,
+    ) -> None:
+        """
+        @param factory: another session's factory, for a second connection
+            to the same server; the other arguments but C{peer} are then
+            ignored.
+        @param sliced: QUIT's file steps run a slice per C{clock} turn, as
+            in the server, instead of all at once.
+        @param run_blocking: runs the file work meant for a worker thread;
+            by default at once.
+        """
+        self.store = store
+        self.realm = realm or FakeRealm()
+        if factory is None:
+            config = config or make_pop3_config()
+            clock = clock or Clock()
+            factory = POP3Factory(POP3Dependencies.for_listener(
+                hostname=config.hostname,
+                pop3=config.pop3,
+                limits=config.limits,
+                portal=portal or make_portal(
+                    self.realm, **{"bob@localhost": "secret", "carol@localhost": "pass word"}
+                ),
+                mailboxes=store,
+                login_throttle=throttle_for(config.limits, clock),
+                tls_options=tls_options,
+                reactor=clock,
+                implicit_tls=implicit_tls,
+                run_blocking=run_blocking,
+                run_in_slices=None if sliced else _all_at_once,
+            ))
+        self.factory = factory
+        self.clock = factory.dependencies.clock
+        self.transport = TLSStringTransport(peerAddress=peer)
+        self.protocol = factory.buildProtocol(peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def take(self) -> bytes:
+        written = self.transport.value()
+        self.transport.clear()
+        return written
+
+    def send(self, data: bytes) -> bytes:
+        self.protocol.dataReceived(data)
+        return self.take()
+
+    def command(self, line: str | bytes) -> bytes:
+        if isinstance(line, str):
+            line = line.encode()
+        return self.send(line + b"\r\n")
+
+    def login(self, user: str = "bob@localhost", password: str = "secret") -> bytes:
+        assert self.command(f"USER {user}") == b"+OK\r\n"
+        return self.command(f"PASS {password}")
+
+    def drop(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+

@@ -86,16 +86,18 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    # Never written through a link left in their place.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    with os.fdopen(os.open(key_path, flags, 0o600), "wb") as f:
         f.write(key_bytes)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    with os.fdopen(os.open(cert_path, flags, 0o644), "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
 
 
 def server_options(files: CertificateFiles) -> ssl.CertificateOptions:

@@ -14,9 +14,11 @@ primary alone (workers only add to it), so no message is sent twice by two
 processes.  Other endpoint types, and the admin listeners, are served by the
 primary only.
 
-The processes talk over pipes (L{mailserver.worker_link}): each worker
-tells the primary of every failed login it counts, and the primary tells
-every other process, so the per-client login throttle holds across them;
+Each process enforces its share of the per-server limits on logins and
+connections (L{mailserver.login_throttle.share_of}), so they hold for the
+server as a whole.  The processes talk over pipes (L{mailserver.worker_link}):
+each worker tells the primary of every failed login it counts, and the
+primary tells every other process, so login delays grow with them all;
 each worker sends the primary its metric counts, which the primary's
 C{/metrics} adds to its own (and keeps those of a worker that ended).
 
@@ -46,6 +48,7 @@ from mailserver.worker_link import TO_PRIMARY_FD, Lines, failure_line
 
 WORKER_ENV = "MAILSERVER_WORKER_SOCKETS"
 PRIMARY_ENV = "MAILSERVER_PRIMARY_PID"
+INDEX_ENV = "MAILSERVER_WORKER_INDEX"
 _PR_SET_PDEATHSIG = 1
 _RESPAWN_DELAY = 1.0
 
@@ -89,6 +92,14 @@ def inherited_sockets() -> list[tuple[int, int]] | None:
     if value is None:
         return None
     return [(int(fd), int(family)) for fd, family in json.loads(value)]
+
+
+def process_index() -> int:
+    """
+    Which of the server's processes this is: 0 for the primary, 1 to N-1
+    for the workers (each enforces its share of the per-server limits).
+    """
+    return int(os.environ.get(INDEX_ENV, "0"))
 
 
 def follow_primary() -> None:
@@ -221,6 +232,7 @@ class WorkerPool(Service):
             [[fd, s.family] for fd, s in zip(child_fds, sockets)]
         )
         env[PRIMARY_ENV] = str(os.getpid())
+        env[INDEX_ENV] = str(index)
         worker = _Worker(self, index)
         self._reactor.spawnProcess(
             worker, self._argv[0], self._argv, env=env,

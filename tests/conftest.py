@@ -8,7 +8,7 @@ The test suite's layout, for every folder below:
 
 Fakes come from L{mailserver.testing} (the same ones plugin authors use);
 helpers shared between folders are imported by their package path from the
-repository root (C{tests.dns_zone}, C{tests.protocol.pop3_fakes}), which
+repository root (C{tests.dns_zone}, C{tests.flaky_peer}), which
 pytest puts on the import path (C{pythonpath} in C{pyproject.toml}): no test
 changes C{sys.path}.  Each test is marked with its folder's name, so
 C{-m "not e2e"} runs the fast part.

@@ -57,7 +57,9 @@ from mailserver.config.values import (
     CheckAction,
     Disclosure,
     DKIMKey,
+    DNSBLSite,
     HostPort,
+    ListedAction,
     RelayTLS,
     SmarthostTLS,
     TLSLevel,
@@ -67,8 +69,8 @@ from mailserver.config.values import (
 
 __all__ = [
     "DATA_DIR_NAME", "DKIM", "POP3", "SMTP", "TLS", "Admin", "Auth", "BareNewline", "CatchAll",
-    "CheckAction", "Checks", "Config", "ConfigError", "DKIMKey", "Disclosure", "HostPort",
-    "Invalid", "Limits",
+    "CheckAction", "Checks", "Config", "ConfigError", "DKIMKey", "DNSBLSite", "Disclosure",
+    "HostPort", "Invalid", "Limits", "ListedAction",
     "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "TLSLevel",
     "TLSPolicyRule", "Transport",
     "default", "file_keys", "load", "override",

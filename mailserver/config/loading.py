@@ -136,6 +136,12 @@ def _check_together(config: Config) -> None:
     dkim = config.dkim
     if dkim.keys and "from" not in {h.lower() for h in dkim.signed_headers}:
         raise ConfigError(source, "dkim.signed_headers", "must include From (RFC 6376 5.4)")
+    checks = config.checks
+    if checks.greylist and checks.greylist_retry_window <= checks.greylist_delay:
+        raise ConfigError(
+            source, "checks.greylist_retry_window",
+            "must be longer than greylist_delay, or no retry is ever accepted",
+        )
 
 
 def _read(source: str, key: str, path: str) -> bytes:

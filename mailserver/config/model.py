@@ -34,7 +34,9 @@ from mailserver.config.values import (
     CheckAction,
     DKIMKey,
     Disclosure,
+    DNSBLSite,
     HostPort,
+    ListedAction,
     Network,
     RelayTLS,
     SmarthostTLS,
@@ -128,6 +130,12 @@ _SECONDS = integer(1)
 class Limits:
     """
     Bounds on what one client may cost us.  Sizes in octets, times in seconds.
+
+    C{submission_messages_per_hour}, C{submission_recipients_per_hour}:
+    what one authenticated user may send (MAIL and RCPT commands counted)
+    in an hour, over every worker (0: no limit).
+    C{connection_rate_per_client}: connections one client address (IPv6: its
+    /64) may open to the MX role in a minute (0: no limit).
     """
 
     max_message_size: int = setting(36_700_160, integer(1))
@@ -149,6 +157,10 @@ class Limits:
     auth_failure_window: int = setting(900, _SECONDS)
     min_data_rate: int = setting(500, integer())
     min_free_space: int = setting(52_428_800, integer())
+    submission_messages_per_hour: int = setting(500, integer())
+    submission_recipients_per_hour: int = setting(2000, integer())
+    connection_rate_per_client: int = setting(0, integer())
+    memory_budget: int = setting(67_108_864, integer(1_048_576, why="1 MiB"))
 
 
 @dataclass(frozen=True)
@@ -164,9 +176,13 @@ class SMTP:
     C{bare_newline}: L{BareNewline.NORMALIZE} takes a bare LF in message
     text as a line end and a bare CR as a space (Postfix 3.9's defaults),
     L{BareNewline.REJECT} refuses the message.
+    C{mx_auth}: offer AUTH on the MX role (C{listeners.smtp}) too.  Off, as
+    in Postfix: port 25 is for other servers, users log in on submission,
+    and a password guessed there could not be used to relay through port 25.
     """
 
     auth_over_plaintext: bool = setting(False, flag())
+    mx_auth: bool = setting(False, flag())
     vrfy: Disclosure = setting("refuse", choice(Disclosure))
     expn: Disclosure = setting("refuse", choice(Disclosure))
     subaddress_separator: str = setting("+", text(v.subaddress_separator))
@@ -318,7 +334,10 @@ class DKIM:
 
     C{keys}: a key per domain and selector; RSA or Ed25519 PEM files.  Mail
     whose From domain (else envelope sender domain) has keys is signed with
-    each of them.
+    each of them, when every From address is one the authenticated account
+    may send as.
+    C{shared_domains}: domains whose From addresses any authenticated
+    account may have signed (lower case, like C{local_domains}).
     C{signed_headers}: header fields signed when present.
     C{oversigned_headers}: fields signed once more than present, so none can
     be added later without breaking the signature.
@@ -326,6 +345,7 @@ class DKIM:
 
     keys: tuple[DKIMKey, ...] = setting(
         [], listing(text(v.dkim_key), unique=lambda key: (key.domain, key.selector)))
+    shared_domains: tuple[str, ...] = setting([], listing(text(v.local_domain)))
     signed_headers: tuple[str, ...] = setting([
         "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
         "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
@@ -349,8 +369,21 @@ class Checks:
     only when DMARC does not pass).  C{exempt_domains}: envelope sender or
     From domains never rejected (C{".example.com"} also matches
     subdomains).  C{exempt_networks}: client networks never rejected.
-    C{skip_networks}: client networks not checked at all.  C{dns_timeout}:
-    seconds per DNS query.
+    C{skip_networks}: client networks not checked at all (nor screened,
+    greylisted or rate-limited).  C{dns_timeout}: seconds per DNS query.
+
+    Screening at connection (MX role only), as Postfix's postscreen:
+    C{dnsbl}: DNS block- and allowlists (L{DNSBLSite}), looked up in
+    parallel within C{dnsbl_timeout}; a client whose weights add up to
+    C{dnsbl_threshold} or more is refused (C{dnsbl_action}), one whose sum
+    is negative skips the greeting delay and greylisting.
+    C{greet_delay}: seconds the greeting waits; a client that talks before
+    it is refused (554).  Greylisting (C{greylist}): a new (client
+    network, sender, recipient) is told 451 until it retries after
+    C{greylist_delay} and within C{greylist_retry_window}; passed triplets
+    and networks are remembered for C{greylist_expiry} since last seen, a
+    network with C{greylist_auto_whitelist} passed triplets skips
+    greylisting, and at most C{greylist_max_entries} triplets are kept.
     """
 
     enabled: bool = setting(True, flag())
@@ -361,6 +394,18 @@ class Checks:
     skip_networks: tuple[Network, ...] = setting(
         ["127.0.0.0/8", "::1/128"], listing(text(v.network)))
     dns_timeout: float = setting(10.0, number(1.0, 60.0))
+    dnsbl: tuple[DNSBLSite, ...] = setting(
+        [], listing(text(v.dnsbl_site), unique=lambda site: (site.domain, site.replies)))
+    dnsbl_threshold: int = setting(1, integer(1))
+    dnsbl_action: ListedAction = setting("reject", choice(ListedAction))
+    dnsbl_timeout: float = setting(5.0, number(0.5, 60.0))
+    greet_delay: float = setting(0.0, number(0.0, 60.0))
+    greylist: bool = setting(False, flag())
+    greylist_delay: float = setting("5m", duration())
+    greylist_retry_window: float = setting("2d", duration())
+    greylist_expiry: float = setting("35d", duration())
+    greylist_auto_whitelist: int = setting(5, integer())
+    greylist_max_entries: int = setting(100_000, integer(100))
 
 
 @dataclass(frozen=True)
@@ -411,6 +456,14 @@ class Config:
         entry without a path looks.
         """
         return self.data_path / "dkim"
+
+    @property
+    def defences_path(self) -> Path:
+        """
+        The greylisting and rate-limit state, shared by the worker
+        processes: an SQLite database.
+        """
+        return self.data_path / "defences.sqlite"
 
     @property
     def mta_sts_path(self) -> Path:

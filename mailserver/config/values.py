@@ -78,6 +78,17 @@ class CheckAction(enum.StrEnum):
     REJECT = "reject"
 
 
+class ListedAction(enum.StrEnum):
+    """
+    What a client a DNS blocklist names hears at connection: 554 5.7.1 and
+    goodbye, or 450 4.7.1 (try later; mail is not lost if the listing was
+    wrong and goes away).
+    """
+
+    REJECT = "reject"
+    DEFER = "defer"
+
+
 @dataclass(frozen=True)
 class HostPort:
     """
@@ -408,3 +419,81 @@ def strcred_checker(value: str) -> str:
         except OSError as e:
             raise Invalid(f"{shown(value)}: {e.strerror}") from None
     return value
+
+
+_OCTET = r"(?:\d{1,3}|\[[0-9.;]+\])"
+_REPLY_FILTER = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+_OCTET_ITEM = re.compile(r"(\d{1,3})(?:\.\.(\d{1,3}))?")
+
+
+@dataclass(frozen=True)
+class DNSBLSite:
+    """
+    A DNS blocklist (positive C{weight}) or allowlist (negative), as
+    Postfix's C{postscreen_dnsbl_sites} writes them:
+    C{"zen.spamhaus.org=127.0.0.[2..11]*3"}.
+
+    @ivar replies: per octet of the A record, the values that count (a
+        tuple of C{(low, high)} ranges); C{None}: any reply counts.
+    """
+
+    domain: str
+    replies: tuple[tuple[tuple[int, int], ...], ...] | None
+    weight: int
+    spelled: str
+
+    def __str__(self) -> str:
+        return self.spelled
+
+    def matches(self, reply: str) -> bool:
+        """
+        Does the A record C{reply} (C{"127.0.0.2"}) count as a listing?
+        """
+        if self.replies is None:
+            return True
+        octets = reply.split(".")
+        if len(octets) != 4 or not all(o.isdigit() for o in octets):
+            return False
+        return all(
+            any(low <= int(octet) <= high for low, high in ranges)
+            for octet, ranges in zip(octets, self.replies)
+        )
+
+
+def _octet_ranges(text: str, value: str) -> tuple[tuple[int, int], ...]:
+    items = text[1:-1].split(";") if text.startswith("[") else [text]
+    ranges = []
+    for item in items:
+        match = _OCTET_ITEM.fullmatch(item)
+        low, high = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (1, 0)
+        if not 0 <= low <= high <= 255:
+            raise Invalid(f"{shown(value)}: {shown(text)} is not an octet, [n..m] or [a;b;c]")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def dnsbl_site(value: str) -> DNSBLSite:
+    """
+    C{"domain[=reply filter][*weight]"}: the filter is an IPv4 address
+    whose octets may be C{[n..m]} ranges or C{[a;b;c]} lists, the weight an
+    integer (default 1; negative for an allowlist).
+    """
+    rest, star, weight_text = value.partition("*")
+    weight = 1
+    if star:
+        if not re.fullmatch(r"-?\d{1,4}", weight_text) or int(weight_text) == 0:
+            raise Invalid(f"{shown(value)}: the weight after * must be a non-zero integer")
+        weight = int(weight_text)
+    domain, equals, reply_filter = rest.partition("=")
+    domain = domain.strip().lower().rstrip(".")
+    if not is_domain(domain):
+        raise Invalid(f"{shown(value)}: {shown(domain)} is not a domain name")
+    replies = None
+    if equals:
+        if not _REPLY_FILTER.fullmatch(reply_filter):
+            raise Invalid(
+                f"{shown(value)}: the reply filter must look like 127.0.0.2 or 127.0.0.[2..11]"
+            )
+        octets = re.findall(_OCTET, reply_filter)
+        replies = tuple(_octet_ranges(octet, value) for octet in octets)
+    return DNSBLSite(domain, replies, weight, value)

@@ -39,7 +39,7 @@ def load_signing_keys(dkim, key_folder: Path, source: str) -> dict:
 
 
 def mail_auth_hooks(
-    *, checks, dkim, hostname: str, key_folder: Path, resolver, reactor, source: str
+    *, checks, dkim, hostname: str, key_folder: Path, resolver, reactor, source: str, owns
 ) -> tuple[list, list]:
     """
     The message hooks for the C{[checks]} and C{[dkim]} sections, as
@@ -49,6 +49,9 @@ def mail_auth_hooks(
     @param hostname: ours, the authserv-id of C{Authentication-Results}.
     @param key_folder: and C{source}: see L{load_signing_keys}.
     @param resolver: a C{twisted.names} resolver for the checks.
+    @param owns: whether an account may send as an address
+        (L{mailserver.accounts.Accounts.owns}): only such From addresses
+        are signed.
     @return: C{(first, last)}: the hooks to run before the configured
         plugins (inbound checks) and after them (DKIM signing).
     @raise mailserver.config.ConfigError: when a DKIM key cannot be read.
@@ -66,7 +69,8 @@ def mail_auth_hooks(
     if keys:
         last.append((
             "mailauth-dkim",
-            DKIMSigner(keys, dkim.signed_headers, dkim.oversigned_headers, reactor),
+            DKIMSigner(keys, dkim.signed_headers, dkim.oversigned_headers, reactor,
+                       owns=owns, shared_domains=dkim.shared_domains),
         ))
     return first, last
 

@@ -92,11 +92,18 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
 
 
+def from_addresses(from_values: Iterable[str]) -> list[str]:
+    """
+    The addresses in the From fields, in order.
+    """
+    return [address for _, address in getaddresses(list(from_values)) if address]
+
+
 def from_domains(from_values: Iterable[str]) -> list[str]:
     """
     The domains of the addresses in the From fields, in order.
     """
-    return [domain_of(address) for _, address in getaddresses(list(from_values)) if address]
+    return [domain_of(address) for address in from_addresses(from_values)]
 
 
 @functools.lru_cache(maxsize=1)

@@ -148,7 +148,7 @@ def write_key(path: Path, pem: bytes, force: bool = False) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
     fd = os.open(path, flags, 0o600)
     try:
         os.fchmod(fd, 0o600)

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from mailserver.mailauth.dmarc import Verdict
+from mailserver.safe_text import printable
 
 FIELD = "Authentication-Results"
 _MAX_COMMENT = 200
@@ -89,7 +90,8 @@ def _resinfos(report: Report) -> list:
 
     out: list = []
     for spf in report.spf:
-        kwargs = {"smtp_mailfrom" if spf.identity == "mailfrom" else "smtp_helo": spf.value}
+        kwargs = {"smtp_mailfrom" if spf.identity == "mailfrom" else "smtp_helo":
+                  printable(spf.value)}
         out.append(SPFAuthenticationResult(
             result=spf.result, result_comment=_clean(spf.reason) or None, **kwargs))
     for dkim in report.dkim:
@@ -98,8 +100,8 @@ def _resinfos(report: Report) -> list:
             properties.append(AuthenticationResultProperty("header", "b", dkim.b))
         result = DKIMAuthenticationResult(
             result=dkim.result, result_comment=_clean(dkim.reason) or None,
-            header_d=dkim.domain or None, header_s=dkim.selector or None,
-            header_a=dkim.algorithm or None)
+            header_d=printable(dkim.domain) or None, header_s=printable(dkim.selector) or None,
+            header_a=printable(dkim.algorithm) or None)
         result.properties.extend(properties)
         out.append(result)
     if not report.dkim:
@@ -110,7 +112,7 @@ def _resinfos(report: Report) -> list:
         comment = f"p={verdict.record.p} sp={verdict.record.sp} dis={verdict.disposition}"
     out.append(DMARCAuthenticationResult(
         result=verdict.result, result_comment=_clean(comment) or None,
-        header_from=verdict.domain or None))
+        header_from=printable(verdict.domain) or None))
     return out
 
 

@@ -6,8 +6,17 @@ section as it will be stored and relayed.  It signs with every key configured
 for the domain of the From address (or a parent domain of it), else for the
 envelope sender's domain, with relaxed/relaxed canonicalisation, and adds
 each C{DKIM-Signature} field at the top, folded as dkimpy folds it.  The
-hashing runs in a thread: a large body never holds up the reactor.  A message
+hashing runs in a thread, a piece of the body at a time
+(L{mailserver.mailauth.bodyhash}): a large body never holds up the reactor
+or sits in memory whole.  A message
 that cannot be signed is logged and delivered unsigned.
+
+Our signature vouches for the From address, so it is given only when every
+From address is one the authenticated account may send as (the rule MAIL
+FROM is held to) or is in a shared domain (C{dkim.shared_domains}).  Other
+mail is logged and delivered unsigned rather than refused: it is what any
+other server would send for that From, and the receiver's DMARC check judges
+it on the From domain's own policy.
 
 A message with a line over 998 octets is stored as it came but sent
 re-encoded (L{mailserver.relay.line_length}): it is signed in that
@@ -16,7 +25,7 @@ re-encoded form, which is what the peer receives and verifies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
@@ -24,10 +33,11 @@ from zope.interface import implementer
 
 from mailserver.interfaces import IMessageHook
 from mailserver.logs import emit
-from mailserver.mailauth._message import whole_message
-from mailserver.mailauth.dmarc import domain_of, from_domains
+from mailserver.mailauth.bodyhash import BODY_CHUNK, sign
+from mailserver.mailauth.dmarc import domain_of, from_addresses
 from mailserver.mailauth.keys import SigningKey
-from mailserver.relay.line_length import fit, has_long_lines
+from mailserver.relay.line_length import any_long_line, fit
+from mailserver.safe_text import printable
 
 
 def include_headers(
@@ -54,6 +64,9 @@ def include_headers(
 class DKIMSigner:
     """
     @param keys: domain to its C{(selector, key)} pairs.
+    @param owns: whether an account may send as an address
+        (L{mailserver.accounts.Accounts.owns}).
+    @param shared_domains: domains whose addresses any account may sign.
     @param threadpool: where to hash and sign (default: the reactor's).
     """
 
@@ -65,21 +78,40 @@ class DKIMSigner:
         signed_headers: tuple[str, ...],
         oversigned_headers: tuple[str, ...],
         reactor,
+        *,
+        owns: Callable[[str, str], bool],
+        shared_domains: Iterable[str] = (),
         threadpool=None,
     ) -> None:
         self._keys = keys
+        self._owns = owns
+        self._shared = frozenset(shared_domains)
         self._signed = signed_headers
         self._oversigned = oversigned_headers
         self._reactor = reactor
         self._threadpool = threadpool
 
+    def may_sign_for(self, account: str, address: str) -> bool:
+        return domain_of(address) in self._shared or self._owns(account, address)
+
     def signing_domain(self, envelope, headers) -> str | None:
         """
         The domain whose keys sign: the From domain or its closest parent
-        with keys, else the envelope sender's.
+        with keys, else the envelope sender's; C{None} when a From address
+        is not one the account may sign for.
         """
-        candidates = from_domains(headers.get_all("From"))[:1] + [domain_of(envelope.sender)]
-        for domain in filter(None, candidates):
+        account = envelope.authenticated
+        senders = from_addresses(headers.get_all("From"))
+        foreign = [a for a in senders if not self.may_sign_for(account, a)]
+        if foreign:
+            emit(self.log, LogLevel.warn, "dkim.not_signed",
+                 "not signed: the From address is not one the account may send as",
+                 user=printable(account), address=printable(foreign[0]))
+            return None
+        candidates = senders[:1]
+        if self.may_sign_for(account, envelope.sender):
+            candidates.append(envelope.sender)
+        for domain in filter(None, map(domain_of, candidates)):
             labels = domain.split(".")
             for i in range(len(labels) - 1):
                 parent = ".".join(labels[i:])
@@ -102,26 +134,29 @@ class DKIMSigner:
             )
         except Exception as e:
             emit(self.log, LogLevel.error, "dkim.sign_failed", "cannot sign; sent unsigned",
-                 sender=envelope.sender, domain=domain, error=f"{type(e).__name__}: {e}")
+                 sender=printable(envelope.sender), domain=domain,
+                 error=f"{type(e).__name__}: {e}")
             return None
         for field in reversed(fields):
             headers.add_raw(field)
         return None
 
     def _sign(self, domain: str, head: bytes, names: list[str], body) -> list[bytes]:
-        import dkim
-
-        message = whole_message(head, body.read())
-        stored = message.replace(b"\r\n", b"\n")
-        if has_long_lines(stored):
-            message = fit(stored).replace(b"\n", b"\r\n")
         include = [n.encode("ascii") for n in include_headers(names, self._signed,
                                                                 self._oversigned)]
-        fields = []
-        for selector, key in self._keys[domain]:
-            signer = dkim.DKIM(message, signature_algorithm=key.algorithm, linesep=b"\r\n")
-            fields.append(signer.sign(
-                selector.encode("ascii"), domain.encode("ascii"), key.private,
-                canonicalize=(b"relaxed", b"relaxed"), include_headers=include,
-            ))
-        return fields
+        keys = [(selector.encode("ascii"), key.algorithm, key.private)
+                for selector, key in self._keys[domain]]
+        chunks = body.chunks(BODY_CHUNK)
+        if any_long_line([head]) or any_long_line(body.chunks(BODY_CHUNK)):
+            head, chunks = _fitted(head, body.read())
+        return sign(head, chunks, keys, domain.encode("ascii"), include)
+
+
+def _fitted(head: bytes, body: bytes) -> tuple[bytes, list[bytes]]:
+    """
+    The header section and body of the message as the relay will send it
+    (L{fit}): a message with a long line is read whole, here only.
+    """
+    message = fit((head + b"\r\n" + body).replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    end = message.find(b"\r\n\r\n")
+    return message[: end + 2], [message[end + 4:]]

@@ -7,7 +7,8 @@ removes C{Authentication-Results} fields that claim to come from this server
 (our authserv-id, RFC 8601 5); for unauthenticated sessions it then checks
 
   - SPF (RFC 7208, pyspf) for the MAIL FROM identity and the HELO identity,
-  - every DKIM signature (RFC 6376, dkimpy; at most L{MAX_SIGNATURES}),
+  - every DKIM signature (RFC 6376, dkimpy; at most L{MAX_SIGNATURES}; the
+    body hashed a piece at a time, L{mailserver.mailauth.bodyhash}),
   - DMARC (RFC 7489, L{mailserver.mailauth.dmarc}),
 
 and adds one C{Authentication-Results} field with the verdicts.  The checks
@@ -26,6 +27,7 @@ import functools
 import ipaddress
 import random
 import re
+from collections.abc import Iterable
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
@@ -37,7 +39,7 @@ from mailserver.hooks import Reject
 from mailserver.interfaces import IMessageHook
 from mailserver.logs import emit, emit_failure
 from mailserver.mailauth import dmarc
-from mailserver.mailauth._message import whole_message
+from mailserver.mailauth.bodyhash import BODY_CHUNK, HeaderVerifier, hash_key
 from mailserver.mailauth.dns import DNSTempError, SyncDNS, dkim_txt, spf_resolver
 from mailserver.mailauth.results import (
     FIELD,
@@ -48,6 +50,7 @@ from mailserver.mailauth.results import (
     render,
 )
 from mailserver.names import is_domain
+from mailserver.safe_text import printable
 
 MAX_SIGNATURES = 5
 # RFC 7208 4.6.4: at least 20 seconds for a whole SPF evaluation.
@@ -106,24 +109,35 @@ def check_spf(resolver: SyncDNS, ip: str | None, sender: str, helo: str,
     return tuple(out)
 
 
-def check_dkim(resolver: SyncDNS, message: bytes, timeout: float = 10.0) -> tuple[DKIMResult, ...]:
+def check_dkim(resolver: SyncDNS, head: bytes, body: Iterable[bytes],
+               timeout: float = 10.0) -> tuple[DKIMResult, ...]:
     """
-    A result for each of the first L{MAX_SIGNATURES} C{DKIM-Signature}s.
+    A result for each of the first L{MAX_SIGNATURES} C{DKIM-Signature}s of
+    the message with the header section C{head} and the body given in
+    pieces (read once, and only if there is a signature).
     """
     import dkim
     from dkim.util import InvalidTagValueList, parse_tag_value
 
     try:
-        verifier = dkim.DKIM(message, minkey=1024, timeout=int(timeout))
+        verifier = HeaderVerifier(head, minkey=1024, timeout=int(timeout))
     except dkim.DKIMException as e:
         return (DKIMResult("permerror", reason=f"cannot parse the message: {e}"),)
     signatures = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"]
-    out = []
-    for index, value in enumerate(signatures[:MAX_SIGNATURES]):
+    parsed = []
+    for value in signatures[:MAX_SIGNATURES]:
         try:
             tags = parse_tag_value(value)
         except InvalidTagValueList:
             tags = {}
+        parsed.append(tags)
+        try:
+            verifier.wanted.append(hash_key(tags))
+        except ValueError:
+            pass  # dkimpy says what is wrong with it
+    verifier.body = body
+    out = []
+    for index, tags in enumerate(parsed):
 
         def tag(name: bytes) -> str:
             return b"".join(tags.get(name, b"").split()).decode("ascii", "replace")
@@ -170,7 +184,8 @@ def check_message(
     ip: str | None,
     helo: str,
     sender: str,
-    message: bytes,
+    head: bytes,
+    body: Iterable[bytes],
     from_values: list[str],
     timeout: float = 10.0,
     rng: random.Random | None = None,
@@ -179,7 +194,7 @@ def check_message(
     All checks, synchronously (run it in a thread).
     """
     spf_results = check_spf(resolver, ip, sender, helo, timeout)
-    dkim_results = check_dkim(resolver, message, timeout)
+    dkim_results = check_dkim(resolver, head, body, timeout)
     for_policy = spf_results[0]
     spf_domain = (for_policy.value.rpartition("@")[2] if for_policy.identity == "mailfrom"
                   else for_policy.value)
@@ -243,7 +258,7 @@ class InboundChecks:
         if removed:
             emit(self.log, LogLevel.info, "checks.forged_removed",
                  "removed forged Authentication-Results fields", count=removed,
-                 sender=envelope.sender, client=envelope.client_address)
+                 sender=printable(envelope.sender), client=envelope.client_address)
         if not checked:
             return None
         threadpool = self._threadpool or self._reactor.getThreadPool()
@@ -252,7 +267,7 @@ class InboundChecks:
         def run() -> Report:
             return check_message(
                 self._resolver, ip=ip, helo=envelope.helo, sender=envelope.sender,
-                message=whole_message(received, body.read()), from_values=from_values,
+                head=received, body=body.chunks(BODY_CHUNK), from_values=from_values,
                 timeout=self._checks.dns_timeout, rng=self._rng,
             )
 
@@ -261,11 +276,11 @@ class InboundChecks:
         except Exception as e:
             # A bug in the checks must not hold mail back: deliver unmarked.
             emit_failure(self.log, "checks.failed", "the checks failed", Failure(e),
-                         sender=envelope.sender, client=envelope.client_address)
+                         sender=printable(envelope.sender), client=envelope.client_address)
             return None
         headers.add_raw(render(self._authserv, report))
-        emit(self.log, LogLevel.info, "checks.result", "checked", sender=envelope.sender,
-             client=ip, spf=report.spf[0].result,
+        emit(self.log, LogLevel.info, "checks.result", "checked",
+             sender=printable(envelope.sender), client=ip, spf=report.spf[0].result,
              dkim=",".join(r.result for r in report.dkim) or "none", dmarc=report.dmarc.result)
         return self._decide(envelope, ip, from_values, report)
 
@@ -280,8 +295,9 @@ class InboundChecks:
         if (self._checks.dmarc_reject == CheckAction.REJECT and verdict.result == "fail"
                 and verdict.disposition == "reject"):
             emit(self.log, LogLevel.info, "checks.refused",
-                 "refused: the DMARC policy of the domain is reject", sender=envelope.sender,
-                 client=ip, domain=verdict.domain, reason="dmarc")
+                 "refused: the DMARC policy of the domain is reject",
+                 sender=printable(envelope.sender), client=ip,
+                 domain=printable(verdict.domain), reason="dmarc")
             return Reject(550, "5.7.1", f"Message refused: it fails the DMARC policy of "
                           f"{_safe(verdict.domain)}", reason="dmarc")
         spf = report.spf_for_policy()
@@ -289,7 +305,7 @@ class InboundChecks:
                 and verdict.result != "pass"):
             domain = _safe(spf.value.rpartition("@")[2])
             emit(self.log, LogLevel.info, "checks.refused", "refused: SPF fail",
-                 sender=envelope.sender, client=ip, domain=domain, reason="spf")
+                 sender=printable(envelope.sender), client=ip, domain=domain, reason="spf")
             return Reject(550, "5.7.1", f"Message refused: {domain} does not allow {ip} "
                           "to send its mail (SPF fail)", reason="spf")
         return None

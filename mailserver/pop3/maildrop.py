@@ -3,14 +3,13 @@ The TRANSACTION state's view of a locked mailbox (RFC 1939 section 5).
 
 Message numbers are fixed when the session logs in; C{DELE} only marks a
 message, which every later command except C{RSET} then refuses; the marked
-messages are removed at C{QUIT}.
+messages are removed at C{QUIT}.  A message is an
+L{mailserver.interfaces.IStoredMessage} of the mailbox.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from mailserver.maildir import MessageInfo
+from collections.abc import Iterator, Sequence
 
 
 class NoSuchMessage(Exception):
@@ -21,14 +20,14 @@ class NoSuchMessage(Exception):
 
 
 class Maildrop:
-    def __init__(self, messages: Sequence[MessageInfo]) -> None:
+    def __init__(self, messages: Sequence) -> None:
         self._messages = list(messages)
         self._deleted: set[int] = set()
         # Running totals: STAT and LIST on 100,000 messages need no sum.
         self._octets = sum(info.size for info in self._messages)
         self._deleted_octets = 0
 
-    def lookup(self, argument: str) -> tuple[int, MessageInfo]:
+    def lookup(self, argument: str) -> tuple[int, object]:
         """
         The live message a command argument names.
 
@@ -52,7 +51,7 @@ class Maildrop:
             raise NoSuchMessage(f"Message {number} is deleted.")
         return number, self._messages[number - 1]
 
-    def live(self) -> list[tuple[int, MessageInfo]]:
+    def live(self) -> list[tuple[int, object]]:
         """
         Every message not marked deleted, with its number.
         """
@@ -61,6 +60,15 @@ class Maildrop:
             for number, info in enumerate(self._messages, 1)
             if number not in self._deleted
         ]
+
+    def following(self, number: int) -> Iterator[object]:
+        """
+        The live messages after message C{number}, in order.
+        """
+        messages, deleted = self._messages, self._deleted
+        for later in range(number + 1, len(messages) + 1):
+            if later not in deleted:
+                yield messages[later - 1]
 
     def count_and_octets(self) -> tuple[int, int]:
         return (
@@ -77,5 +85,5 @@ class Maildrop:
         self._deleted.clear()
         self._deleted_octets = 0
 
-    def marked_deleted(self) -> list[MessageInfo]:
+    def marked_deleted(self) -> list:
         return [self._messages[number - 1] for number in sorted(self._deleted)]

@@ -43,6 +43,7 @@ from mailserver.relay.tls_policy import (
     ca_certificates,
     judge,
 )
+from mailserver.safe_text import printable
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,8 @@ class RouteCourier:
                     }
                 emit(self.log, LogLevel.info, "relay.host_failed", "did not take the message",
                      host=hop.name, address=address, port=hop.port,
-                     reply=str(next(iter(result.replies.values()))), id=message.id)
+                     reply=printable(str(next(iter(result.replies.values()))), None),
+                     id=message.id)
         if result is None and refusal is not None:
             return {r.address: Outcome(refusal) for r in recipients}
         return {
@@ -231,7 +233,8 @@ class RouteCourier:
                 return result  # TLS was optional: what failed was not TLS
             emit(self.log, LogLevel.info, "relay.tls_fallback",
                  "TLS failed; trying again without", host=hop.name, address=address,
-                 reason=verdict.problem or str(next(iter(result.replies.values()))),
+                 reason=printable(verdict.problem or str(next(iter(result.replies.values()))),
+                                  None),
                  id=message.id)
             return await self._send(
                 self._reactor, address, hop.port,
@@ -273,7 +276,8 @@ class RouteCourier:
         if policy.testing and verdict.failed:
             emit(self.log, LogLevel.warn, "relay.mta_sts_testing",
                  "MTA-STS testing: would have failed", domain=policy.domain, host=hop.name,
-                 address=address, reason=verdict.problem or verdict.result, id=message.id)
+                 address=address, reason=printable(verdict.problem or verdict.result, None),
+                 id=message.id)
 
 
 @implementer(ICourier)
@@ -301,9 +305,10 @@ class LoggingCourier:
                 reply = outcome.reply
                 status = "sent" if reply.positive else "bounced" if reply.permanent else "deferred"
                 emit(self.log, LogLevel.info if reply.positive else LogLevel.warn,
-                     f"relay.{status}", status, recipient=address, sender=message.sender,
-                     relay=outcome.remote_mta or "-", code=reply.code, dsn=reply.status,
-                     reply=str(reply), ms=ms, id=message.id)
+                     f"relay.{status}", status, recipient=printable(address),
+                     sender=printable(message.sender),
+                     relay=printable(outcome.remote_mta or "-"), code=reply.code,
+                     dsn=reply.status, reply=printable(str(reply), None), ms=ms, id=message.id)
             return outcomes
 
         return self._inner.deliver(message, recipients).addCallback(logged)

@@ -9,7 +9,6 @@ endings, ready for the intake.
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Iterable
 from email.utils import format_datetime
@@ -17,6 +16,8 @@ from datetime import datetime, timezone
 from typing import BinaryIO
 
 from mailserver.relay.queue import QueuedMessage, RecipientState
+from mailserver.safe_text import printable
+from mailserver.smtp.grammar import decode_xtext
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -57,11 +58,13 @@ def wants(recipient: RecipientState, action: str, default_delay: bool = True) ->
     return "SUCCESS" in notify
 
 
-def decode_xtext(text: str) -> str:
+def _decoded(xtext: str) -> str:
     """
-    RFC 3461 4: C{+XX} is the byte with hex value XX.
+    An ENVID or ORCPT value as the report shows it: decoded (RFC 3461 4),
+    and one line whatever the queue entry holds (the grammar refuses
+    unprintable values; an entry queued before it did may have them).
     """
-    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    return printable(decode_xtext(xtext), None)
 
 
 def _date(timestamp: float) -> str:
@@ -69,7 +72,7 @@ def _date(timestamp: float) -> str:
 
 
 def _clean(text: str) -> str:
-    return " ".join(text.replace("\r", " ").replace("\n", " ").split())
+    return printable(" ".join(text.split()), None)
 
 
 def read_original(body: BinaryIO, headers_only: bool) -> bytes:
@@ -116,20 +119,21 @@ def build_dsn(
         "",
     ]
     for r in recipients:
-        human.append(f"<{r.address}>: {_clean(r.diagnostic) or r.status}")
+        human.append(printable(f"<{r.address}>: {_clean(r.diagnostic) or r.status}", None))
     human.append("")
     # The ID as Postfix gives its queue ID (X-Postfix-Queue-ID), an
     # extension field of RFC 3464 2.1.
     per_message = [f"Reporting-MTA: dns; {hostname}", f"X-Mailserver-Queue-ID: {message.id}"]
     if message.envid:
-        per_message.append(f"Original-Envelope-Id: {decode_xtext(message.envid)}")
+        per_message.append(f"Original-Envelope-Id: {_decoded(message.envid)}")
     per_message.append(f"Arrival-Date: {_date(message.arrival)}")
-    blocks = ["\n".join(per_message)]
+    # Every field one line, whatever the queue entry holds.
+    blocks = ["\n".join(printable(f, None) for f in per_message)]
     for r in recipients:
         fields = []
         if r.orcpt:
             kind, _, value = r.orcpt.partition(";")
-            fields.append(f"Original-Recipient: {kind.strip()}; {decode_xtext(value)}")
+            fields.append(f"Original-Recipient: {kind.strip()}; {_decoded(value)}")
         fields.append(f"Final-Recipient: rfc822; {r.address}")
         fields.append(f"Action: {action}")
         status = r.status or {FAILED: "5.0.0", DELAYED: "4.0.0"}.get(action, "2.0.0")
@@ -142,9 +146,9 @@ def build_dsn(
             fields.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
         if action == DELAYED and retry_until is not None:
             fields.append(f"Will-Retry-Until: {_date(retry_until)}")
-        blocks.append("\n".join(fields))
+        blocks.append("\n".join(printable(f, None) for f in fields))
     status_part = "\n\n".join(blocks) + "\n"
-    to = message.sender
+    to = printable(message.sender, None)
     header = "\n".join(
         [
             f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",

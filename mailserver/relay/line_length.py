@@ -33,7 +33,7 @@ from __future__ import annotations
 import binascii
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 LIMIT = 998  # octets of a line, not counting its CRLF
@@ -66,16 +66,20 @@ def fitted(open_body: Callable[[], BinaryIO]) -> Callable[[], BinaryIO]:
     from their file.
     """
     with open_body() as body:
-        if not _any_long_line(body):
+        if not any_long_line(iter(lambda: body.read(_CHUNK), b"")):
             return open_body
     with open_body() as body:
         data = fit(body.read())
     return lambda: io.BytesIO(data)
 
 
-def _any_long_line(body: BinaryIO) -> bool:
+def any_long_line(chunks: Iterable[bytes]) -> bool:
+    """
+    Has the text in C{chunks} (split anywhere) a line over L{LIMIT} octets
+    before its LF?  (A CR before the LF counts as an octet of the line.)
+    """
     run = 0  # octets since the last line end, across chunks
-    while chunk := body.read(_CHUNK):
+    for chunk in chunks:
         last = chunk.rfind(b"\n")
         if last < 0:
             run += len(chunk)

@@ -39,7 +39,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from mailserver.logs import emit, emit_failure
-from mailserver.maildir import fsync_directory
+from mailserver.safe_fs import open_file, open_folder, open_path
 
 MAX_POLICY_SIZE = 64 * 1024
 MAX_AGE_LIMIT = 31_557_600  # RFC 8461 3.2: about a year
@@ -176,7 +176,8 @@ class PolicyCache:
 
     def load(self, domain: str) -> STSPolicy | None:
         try:
-            data = json.loads(self._path(domain).read_text("utf-8"))
+            with os.fdopen(open_path(self._path(domain)), "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
             if data.pop("version") != CACHE_VERSION:
                 raise ValueError("unknown version")
             data["mx"] = tuple(data["mx"])
@@ -192,16 +193,25 @@ class PolicyCache:
             return None
 
     def save(self, policy: STSPolicy) -> None:
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """
+        @raise mailserver.safe_fs.SymlinkRefused: the folder, or the
+            temporary file, is a symbolic link (the cache is in the data
+            folder, where none is followed).
+        """
         data = {"version": CACHE_VERSION, **asdict(policy), "mx": list(policy.mx)}
-        tmp = self.folder / f".{policy.domain}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path(policy.domain))
-        fsync_directory(self.folder)
+        tmp, name = f".{policy.domain}.tmp", self._path(policy.domain).name
+        folder = open_folder(self.folder.parent, self.folder, create=True)
+        try:
+            fd = open_file(folder, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                           path=self.folder / tmp)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 @implementer(IAgentEndpointFactory)

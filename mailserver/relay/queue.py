@@ -38,6 +38,7 @@ from typing import BinaryIO
 from mailserver.envelope import Envelope
 from mailserver.maildir import fsync_directory, writer_alive
 from mailserver.message_ids import new_message_id
+from mailserver.safe_fs import open_folder, open_path
 
 FORMAT_VERSION = 1
 
@@ -237,7 +238,7 @@ def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
     # The writer's pid in the name lets start-up tell a crash's leftovers
     # from a live worker's file (see L{QueueStore.remove_orphans}).
     tmp = tmp_dir / (path.name + f".{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = open_path(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -272,9 +273,11 @@ class QueueStore:
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         """
-        @param path: the queue folder (C{<data_dir>/queue}).
+        @param path: the queue folder (C{<data_dir>/queue}); no link is
+            followed below its parent, the data folder.
         """
         self.path = Path(path)
+        self._base = self.path.parent
         self.messages_path = self.path / "messages"
         self.envelopes_path = self.path / "envelopes"
         self.tmp_path = self.path / "tmp"
@@ -287,11 +290,11 @@ class QueueStore:
     def _ensure(self) -> None:
         if self._made:
             return
+        # Made 0700 (and synced) if missing; a link for any is refused, and
+        # the files in them are opened without following one either.
         for folder in (self.messages_path, self.envelopes_path, self.tmp_path, self.requests_path,
                        self.corrupt_path):
-            folder.mkdir(parents=True, exist_ok=True)
-        for folder in (self.path, self.path.parent):
-            fsync_directory(folder)
+            os.close(open_folder(self._base, folder, create=True))
         self._made = True
 
     # The intake's side.
@@ -310,7 +313,7 @@ class QueueStore:
         now = self._clock()
         queue_id = envelope.id or new_message_id()
         message_path = self.messages_path / queue_id
-        os.link(spool, message_path)
+        os.link(spool, message_path, follow_symlinks=False)
         try:
             fsync_directory(self.messages_path)
             states = []
@@ -381,7 +384,8 @@ class QueueStore:
         """
         path = self._envelope_path(queue_id)
         try:
-            raw = path.read_bytes()
+            with os.fdopen(open_path(path), "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             raise QueueError(f"no queued message {queue_id}") from None
         except OSError as e:
@@ -395,7 +399,7 @@ class QueueStore:
         if message.id != queue_id:
             raise CorruptEntry(queue_id, path, f"it holds the id {message.id!r}")
         try:
-            info = os.stat(self.messages_path / queue_id)
+            info = os.stat(self.messages_path / queue_id, follow_symlinks=False)
         except FileNotFoundError:
             if not path.exists():  # removed meanwhile: not corrupt, just gone
                 raise QueueError(f"no queued message {queue_id}") from None
@@ -464,7 +468,8 @@ class QueueStore:
         out = []
         for note in notes:
             try:
-                problem = note.read_text(encoding="utf-8", errors="replace").strip()
+                with os.fdopen(open_path(note), "rb") as f:
+                    problem = f.read().decode("utf-8", "replace").strip()
             except OSError as e:
                 problem = f"(note unreadable: {e.strerror})"
             out.append((note.stem, problem))
@@ -475,7 +480,7 @@ class QueueStore:
         The stored message (LF line endings) positioned after the
         local-delivery C{Return-Path:} line.
         """
-        f = open(self.messages_path / message.id, "rb")
+        f = os.fdopen(open_path(self.messages_path / message.id), "rb")
         f.seek(message.body_offset)
         return f
 
@@ -515,7 +520,7 @@ class QueueStore:
                 try:
                     if folder == self.tmp_path and _writer_gone(entry.name):
                         os.unlink(entry.path)
-                    elif entry.stat().st_mtime < cutoff:
+                    elif entry.stat(follow_symlinks=False).st_mtime < cutoff:
                         os.unlink(entry.path)
                         if folder == self.messages_path:
                             removed.append(entry.name)
@@ -544,7 +549,7 @@ class QueueStore:
         except FileNotFoundError:
             return []
         requests = []
-        for entry in sorted(entries, key=lambda e: e.stat().st_mtime):
+        for entry in sorted(entries, key=lambda e: e.stat(follow_symlinks=False).st_mtime):
             target, _, verb = entry.name.rpartition(".")
             try:
                 os.unlink(entry.path)

@@ -58,6 +58,7 @@ from mailserver.relay.queue import (
 )
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
 from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
+from mailserver.safe_text import printable
 
 
 class _Slots:
@@ -394,8 +395,9 @@ class RelayRunner(Service):
         for r in message.pending():
             self._metrics.relay_deliveries_total.inc(result="bounced")
             self._tell(message, r.address, "bounced", diagnostic)
-            emit(self.log, LogLevel.warn, "relay.bounced", "bounced", recipient=r.address,
-                 sender=message.sender, dsn=status, reason=diagnostic, id=message.id)
+            emit(self.log, LogLevel.warn, "relay.bounced", "bounced",
+                 recipient=printable(r.address), sender=printable(message.sender), dsn=status,
+                 reason=printable(diagnostic, None), id=message.id)
             message = message.with_recipient(
                 r.address,
                 state=FAILED,
@@ -490,10 +492,12 @@ class RelayRunner(Service):
                     await self._send_report(message, wanted, action, now)
                 except QueueError as e:  # nowhere to send it: drop it
                     emit(self.log, LogLevel.error, "relay.dsn_dropped", "dropping a report",
-                         action=action, recipient=message.sender, problem=str(e), id=message.id)
+                         action=action, recipient=printable(message.sender), problem=str(e),
+                         id=message.id)
                 except Exception as e:
                     emit(self.log, LogLevel.error, "relay.dsn_failed", "cannot send a report",
-                         action=action, recipient=message.sender, problem=str(e), id=message.id)
+                         action=action, recipient=printable(message.sender), problem=str(e),
+                         id=message.id)
                     if action == dsn_module.DELAYED:
                         message = replace(message, delay_warned=False)
                     continue
@@ -539,7 +543,7 @@ class RelayRunner(Service):
             raise
         report_id = await receiver.finish()
         emit(self.log, LogLevel.info, "relay.dsn_sent", f"{action} report sent", action=action,
-             recipient=message.sender, report=report_id, id=message.id)
+             recipient=printable(message.sender), report=report_id, id=message.id)
 
     def _report_destinations(self, sender: str) -> tuple[str, ...]:
         domain = sender.rpartition("@")[2]

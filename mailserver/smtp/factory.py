@@ -1,7 +1,7 @@
 """
-The SMTP listener's factory: one per listener role, counting its sessions
-against the connection caps, building them, and ending them all at
-shutdown.
+The SMTP listener's factory: one per listener role, admitting its sessions
+under the connection caps (L{mailserver.connection_limits}), building them,
+and ending them all at shutdown.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
+from mailserver.config import Relay
+from mailserver.connection_limits import ConnectionLimits, Refusal
 from mailserver.smtp.dependencies import SMTPDependencies
 from mailserver.smtp.protocol import SMTPServer
 from mailserver.smtp.replies import Reply, reply
@@ -19,14 +21,21 @@ class SMTPFactory(ServerFactory):
     Builds sessions for one listener role and enforces the connection caps.
 
     @param dependencies: what every session of this listener is given.
+    @param connection_limits: the process's connection caps, shared with
+        the other listeners; by default this listener's own.
     """
 
     protocol = SMTPServer
 
-    def __init__(self, dependencies: SMTPDependencies) -> None:
+    def __init__(
+        self, dependencies: SMTPDependencies, connection_limits: ConnectionLimits | None = None
+    ) -> None:
         self.dependencies = dependencies
         self.sessions: set[SMTPServer] = set()
-        self._per_client: dict[str, int] = {}
+        connection_limits = connection_limits or ConnectionLimits.for_process(
+            dependencies.limits, relay_connections=Relay().max_connections
+        )
+        self._limits = connection_limits.listener(dependencies.metrics_role)
         self._stopping = False
 
     def buildProtocol(self, addr) -> SMTPServer:
@@ -37,26 +46,23 @@ class SMTPFactory(ServerFactory):
         Count a new session in, or say why not (RFC 5321 3.1: 421 at the
         greeting).
         """
-        limits = self.dependencies.limits
         hostname = self.dependencies.hostname
         if self._stopping:
             return reply(421, "4.3.2", f"{hostname} Service shutting down")
-        if len(self.sessions) >= limits.max_connections:
-            return reply(421, "4.7.0", f"{hostname} Error: too many connections")
         address = session.client_address
-        if self._per_client.get(address, 0) >= limits.max_connections_per_client:
+        refusal = self._limits.admit(session, address)
+        if refusal is None:
+            self.sessions.add(session)
+            return None
+        if refusal is Refusal.CLIENT_FULL:
             return reply(421, "4.7.0", f"{hostname} Error: too many connections from {address}")
-        self.sessions.add(session)
-        self._per_client[address] = self._per_client.get(address, 0) + 1
-        return None
+        if refusal is Refusal.LISTENER_FULL:
+            return reply(421, "4.7.0", f"{hostname} Error: too many connections")
+        return reply(421, "4.3.2", f"{hostname} Error: too busy, try again later")
 
     def release(self, session: SMTPServer) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            address = session.client_address
-            self._per_client[address] -= 1
-            if not self._per_client[address]:
-                del self._per_client[address]
+        self.sessions.discard(session)
+        self._limits.release(session)
 
     def shutdown(self) -> defer.Deferred:
         """

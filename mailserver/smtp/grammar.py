@@ -19,12 +19,14 @@ class GrammarError(ValueError):
     """
     The text does not match the grammar.  C{enhanced} is the RFC 3463 code
     that best says why (5.5.2 syntax, 5.5.4 bad parameter, 5.1.3/5.1.7 bad
-    address).
+    address); C{code} the reply code: 555 for a parameter we do not know or
+    cannot take (RFC 5321 4.1.1.11), else 501 (syntax).
     """
 
-    def __init__(self, message: str, enhanced: str = "5.5.2") -> None:
+    def __init__(self, message: str, enhanced: str = "5.5.2", code: int | None = None) -> None:
         super().__init__(message)
         self.enhanced = enhanced
+        self.code = code if code is not None else (555 if enhanced == "5.5.4" else 501)
 
 
 # RFC 5321 4.1.2 plus RFC 6531 3.3: UTF8-non-ascii may appear in atext,
@@ -37,6 +39,9 @@ _QUOTED_STRING = re.compile(f'"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e{_UTF8}]|\\\\
 _LET_DIG = f"[A-Za-z0-9{_UTF8}]"
 _SUB_DOMAIN = f"{_LET_DIG}(?:[A-Za-z0-9\\-{_UTF8}]*{_LET_DIG})?"
 _DOMAIN = re.compile(f"{_SUB_DOMAIN}(?:\\.{_SUB_DOMAIN})*")
+# A Domain with the trailing dot of an absolute name, which RFC 5321 does not
+# allow and Postfix accepts (and drops); so do we.
+_DOMAIN_OR_ABSOLUTE = re.compile(f"({_DOMAIN.pattern})\\.?")
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?:[\x21-\x5a\x5e-\x7e]+")
 _AT_DOMAIN_LIST = re.compile(
@@ -47,6 +52,7 @@ _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _ESMTP_VALUE = re.compile(f"[\\x21-\\x3c\\x3e-\\x7e{_UTF8}]+")
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 _VERB = re.compile(rb"[A-Za-z]{1,16}")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,6 @@ class Mailbox:
     @property
     def is_address_literal(self) -> bool:
         return self.domain.startswith("[")
-
-    def log_safe(self) -> str:
-        """
-        The address for logs: no control characters, bounded length.
-        """
-        return "".join(c if c.isprintable() else "?" for c in self.address[:320])
 
 
 @dataclass(frozen=True)
@@ -196,10 +196,10 @@ def _domain(text: str, start: int) -> tuple[str, int]:
             raise GrammarError("bad address literal")
         _check_address_literal(match.group())
         return match.group(), match.end()
-    match = _DOMAIN.match(text, start)
+    match = _DOMAIN_OR_ABSOLUTE.match(text, start)
     if match is None:
         raise GrammarError("bad domain")
-    return match.group().lower(), match.end()
+    return match.group(1).lower(), match.end()
 
 
 def parse_mailbox(text: str) -> Mailbox:
@@ -240,12 +240,29 @@ def _path(text: str, start: int, *, null_ok: bool, postmaster_ok: bool) -> tuple
     route = _AT_DOMAIN_LIST.match(text, position)
     if route is not None:
         position = route.end()
-    close = text.find(">", position)
-    while close >= 0 and text.count('"', position, close) % 2:
-        close = text.find(">", close + 1)
+    close = _closing_bracket(text, position)
     if close < 0:
         raise GrammarError("missing >")
     return _mailbox_or_postmaster(text[position:close], postmaster_ok), close + 1
+
+
+def _closing_bracket(text: str, start: int) -> int:
+    """
+    Where the path's C{>} is: the first one outside a quoted string, whose
+    C{\\"} does not end it; -1 when there is none.
+    """
+    quoted = False
+    position = start
+    while position < len(text):
+        c = text[position]
+        if quoted and c == "\\":
+            position += 1
+        elif c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return position
+        position += 1
+    return -1
 
 
 def _mailbox_or_postmaster(text: str, postmaster_ok: bool) -> Mailbox:
@@ -315,12 +332,26 @@ def parse_rcpt(argument: str) -> PathArgument:
         raise
 
 
+def decode_xtext(text: str) -> str:
+    """
+    RFC 3461 4: C{+XX} is the character with hex value XX.
+    """
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
 def _xtext(value: str, name: str) -> str:
     """
-    RFC 3461 4: C{xtext}, kept encoded as the client sent it.
+    RFC 3461 4: C{xtext}, kept encoded as the client sent it.  Decoded, it
+    must be printable US-ASCII (RFC 3461 4.2 and 4.4), since it is written
+    into delivery reports as it is: a CR or LF there would let the client
+    add lines of its own.  Refused with 501 5.5.4, as Postfix does.
     """
     if not _XTEXT.fullmatch(value):
-        raise GrammarError(f"{name} is not valid xtext", "5.5.4")
+        raise GrammarError(f"Bad {name} parameter syntax: not xtext", "5.5.4", 501)
+    if not _PRINTABLE_ASCII.fullmatch(decode_xtext(value)):
+        raise GrammarError(
+            f"Bad {name} parameter syntax: not printable US-ASCII", "5.5.4", 501
+        )
     return value
 
 
@@ -344,7 +375,7 @@ def mail_options(parameters: tuple[tuple[str, str | None], ...]) -> MailOptions:
             options["ret"] = value.upper()
         elif keyword == "ENVID":
             if value is None or len(value) > 100:
-                raise GrammarError("ENVID needs a value of at most 100 characters", "5.5.4")
+                raise GrammarError("ENVID needs a value of at most 100 characters", "5.5.4", 501)
             options["envid"] = _xtext(value, "ENVID")
         elif keyword == "SMTPUTF8":
             if value is not None:
@@ -381,7 +412,7 @@ def recipient_options(parameters: tuple[tuple[str, str | None], ...]) -> Recipie
         elif keyword == "ORCPT":
             address_type, semicolon, address = (value or "").partition(";")
             if not semicolon or not _ESMTP_KEYWORD.fullmatch(address_type) or not address:
-                raise GrammarError("ORCPT must be addr-type;xtext", "5.5.4")
+                raise GrammarError("Bad ORCPT parameter syntax: not addr-type;xtext", "5.5.4", 501)
             orcpt = f"{address_type};{_xtext(address, 'ORCPT')}"
         else:
             raise GrammarError(f"Unsupported parameter {keyword}", "5.5.4")

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from functools import lru_cache
 
+from mailserver.safe_text import printable
 from mailserver.smtp.replies import (
     BARE_NEWLINE,
     DATA_LINE_TOO_LONG,
@@ -100,7 +101,13 @@ class MessageSink:
         self.problem: Reply | None = None
         self._held_cr = b""
         self._line_length = 0
-        self._header: bytearray | None = bytearray(b"\r\n")
+        # The header section is scanned as it passes, keeping only its last
+        # line (which may not have ended yet), after a CRLF that marks its
+        # start; None once its end is found or it is too long to scan.
+        self._header: bytes | None = b"\r\n"
+        self._header_at = -2  # where _header starts in the message
+        self._header_scanned = 0
+        self._received = 0
         self._header_end: int | None = None  # where the empty line after the fields starts
         self._start: bytearray | None = bytearray()  # the start of the message, held
 
@@ -135,20 +142,26 @@ class MessageSink:
         if start is not None:
             if start:
                 start += text
+                if not self._start_complete(text):
+                    return
                 text = bytes(start)
-            if not self._start_complete(text):
-                if not start:
-                    start += text
+            elif not self._start_complete(text):
+                start += text
                 return
             self._start = None
             text = self._opening(text)
         if text:
             self._forward(text)
 
-    def _start_complete(self, start: bytes) -> bool:
+    def _start_complete(self, new: bytes) -> bool:
+        """
+        Is the held start complete with C{new}, its latest piece: its first
+        line, or (to add missing fields) its header section as far as it is
+        scanned?
+        """
         if self._missing_fields:
-            return self._header_end is not None or len(start) > _MAX_HEADER_SCAN
-        return b"\n" in start
+            return self._header is None
+        return b"\n" in new
 
     def _opening(self, start: bytes) -> bytes:
         """
@@ -202,7 +215,7 @@ class MessageSink:
             else:
                 self.write(b" ")  # a stray CR at the very end
         if self._header is not None and self.problem is None:
-            self._count_received(bytes(self._header))
+            self._count_received(self._header)
         if self.problem is None and self._start is not None:
             start, self._start = bytes(self._start), None
             self._forward(self._opening(start))
@@ -223,22 +236,27 @@ class MessageSink:
         return longest + 1 > self._max_line or self._line_length > self._max_line
 
     def _scan_header(self, text: bytes) -> None:
-        header = self._header
-        assert header is not None
-        # Search only what is new (and the 3 octets before it), so a header
-        # sent in many small pieces costs linear time, not quadratic.
-        start = max(0, len(header) - 3)
-        header += text
-        end = header.find(b"\r\n\r\n", start)
+        assert self._header is not None
+        header = self._header + text
+        end = header.find(b"\r\n\r\n")
         if end >= 0:
             self._header = None
-            self._header_end = end
-            self._count_received(bytes(header[:end]))
-        elif len(header) > _MAX_HEADER_SCAN:
+            self._header_end = self._header_at + end + 2
+            self._count_received(header[:end])
+            return
+        self._header_scanned += len(text)
+        if self._header_scanned > _MAX_HEADER_SCAN:
             self._header = None
+            return
+        # Count the fields of the lines that have ended; keep the last line.
+        last = header.rfind(b"\r\n")
+        self._received += len(_RECEIVED.findall(header, 0, last))
+        self._header = header[last:]
+        self._header_at += last
 
     def _count_received(self, header: bytes) -> None:
-        if len(_RECEIVED.findall(header)) > self._max_received:
+        self._received += len(_RECEIVED.findall(header))
+        if self._received > self._max_received:
             self._refuse(LOOP_DETECTED)
 
     def _refuse(self, problem: Reply) -> None:
@@ -264,15 +282,15 @@ def received_header(
     client is named by its address literal.
     """
     literal = f"[IPv6:{client_address}]" if ":" in client_address else f"[{client_address}]"
-    lines = [f"Received: from {_printable(helo)} ({literal})"]
+    lines = [f"Received: from {_in_comment(helo)} ({literal})"]
     if tls:
         lines.append(f"\t({tls})")
     if authenticated:
-        lines.append(f"\t(Authenticated sender: {_printable(authenticated)})")
+        lines.append(f"\t(Authenticated sender: {_in_comment(authenticated)})")
     lines.append(f"\tby {hostname} (mailserver) with {protocol} id {message_id}")
     date = _date(int(when))
     if recipient:
-        lines.append(f"\tfor <{recipient}>; {date}")
+        lines.append(f"\tfor <{printable(recipient)}>; {date}")
     else:
         lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
@@ -297,8 +315,12 @@ def _date(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)
+def _in_comment(text: str) -> str:
+    """
+    Client text for a comment (or the word before one): printable, and no
+    parenthesis to end it early.
+    """
+    return printable(text).replace("(", "?").replace(")", "?")
 
 
 def with_protocol(*, esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:

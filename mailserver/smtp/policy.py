@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from mailserver.config import SMTP, Disclosure
 from mailserver.interfaces import IAccounts
+from mailserver.safe_text import printable
 from mailserver.smtp.grammar import Mailbox
 from mailserver.smtp.replies import (
     AUTH_REQUIRED,
@@ -37,7 +38,7 @@ class Policy:
 
     def __init__(self, smtp: SMTP, role: str, accounts: IAccounts) -> None:
         """
-        @param smtp: the C{[smtp]} section (VRFY and EXPN disclosure).
+        @param smtp: the C{[smtp]} section (VRFY and EXPN disclosure, C{mx_auth}).
         @param accounts: which domains are local, and their addresses.
         """
         if role not in (MX, SUBMISSION):
@@ -45,6 +46,14 @@ class Policy:
         self._smtp = smtp
         self._accounts = accounts
         self.role = role
+
+    @property
+    def offers_auth(self) -> bool:
+        """
+        Whether this role offers AUTH at all: submission always, MX only
+        with C{smtp.mx_auth}.
+        """
+        return self.role == SUBMISSION or self._smtp.mx_auth
 
     def auth_required(self, authenticated: str | None) -> Reply | None:
         """
@@ -68,19 +77,20 @@ class Policy:
         """
         May this client use this reverse-path?  C{None} means yes.
 
-        Submission requires AUTH (RFC 6409 4.3) and a sender the account
-        owns, so one user cannot send as another; MX accepts any sender,
-        including the null sender of bounces.
+        An authenticated client, on any role, must use a sender its account
+        owns, so one user cannot send as another (AUTH lets it relay, and
+        its mail is DKIM-signed).  Submission requires AUTH (RFC 6409 4.3);
+        MX accepts any sender from other servers, including the null sender
+        of bounces.
         """
-        refusal = self.auth_required(authenticated)
-        if refusal is not None:
-            return refusal
-        if self.role == SUBMISSION:
+        if authenticated is not None:
             if mailbox is None or not self._accounts.owns(authenticated, mailbox.address):
                 return reply(
-                    553, "5.7.1", f"Sender address rejected: not owned by user {authenticated}"
+                    553, "5.7.1",
+                    f"Sender address rejected: not owned by user {printable(authenticated)}",
                 )
-        return None
+            return None
+        return self.auth_required(authenticated)
 
     def recipient(self, mailbox: Mailbox, authenticated: str | None) -> Reply | tuple[str, ...]:
         """

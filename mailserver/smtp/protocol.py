@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 import mailserver.smtp.replies as R
 from mailserver.logs import emit, emit_failure
+from mailserver.safe_text import printable
 from mailserver.sasl import is_loopback
 from mailserver.smtp.dependencies import SMTPDependencies
 from mailserver.smtp.grammar import GrammarError, parse_command
@@ -104,6 +105,8 @@ class SMTPServer(Protocol):
                 port=getattr(peer, "port", 0),
                 loopback=is_loopback(peer),
                 describe_tls=self._tls_description,
+                tls_parameters=self._tls_parameters,
+                unread=self._lines.unread,
             ),
             tls=deps.implicit_tls or ISSLTransport.providedBy(transport),
         )
@@ -154,7 +157,8 @@ class SMTPServer(Protocol):
     def _timed_out(self) -> None:
         session = self.session
         emit(self.log, LogLevel.info, "smtp.timeout", "timed out", client=self.client_address,
-             helo=session.helo or "", user=session.account or "", state=session.state.label,
+             helo=printable(session.helo or ""), user=printable(session.account or ""),
+             state=session.state.label,
              id=session.transaction.id if session.transaction is not None else "")
         self._answer(reply(421, "4.4.2", f"{self._deps.hostname} Error: timeout exceeded"))
         self._close()
@@ -299,7 +303,7 @@ class SMTPServer(Protocol):
         if checking is REFUSED:
             # Too many failed logins from there: refused unchecked.
             self._answer(self.session.refuse("AUTH", R.LOGINS_REFUSED, RATE,
-                                             event="smtp.auth_throttled", user=_printable(user)))
+                                             event="smtp.auth_throttled", user=printable(user)))
             return
         checking.addCallback(self._log_out_if_gone)
         self._lines.wait(checking, partial(self._checked, user))
@@ -319,7 +323,7 @@ class SMTPServer(Protocol):
             self._answer(R.AUTH_UNAVAILABLE)
             return
         self.session.refuse("AUTH", R.BAD_CREDENTIALS, AUTH_FAILED, event="smtp.auth_failed",
-                            user=_printable(user), failures=outcome.failures)
+                            user=printable(user), failures=outcome.failures)
         if outcome.final:
             self._answer(R.BAD_CREDENTIALS)
             hostname = self._deps.hostname
@@ -331,17 +335,19 @@ class SMTPServer(Protocol):
 
     # Connection facts.
 
-    def _tls_description(self) -> str | None:
+    def _tls_parameters(self) -> tuple[str | None, str | None]:
+        """
+        The TLS protocol and cipher names, C{(None, None)} when unknown.
+        """
         handle = getattr(self.transport, "getHandle", lambda: None)()
         version = getattr(handle, "get_protocol_version_name", None)
         cipher = getattr(handle, "get_cipher_name", None)
         if version is None or cipher is None:
+            return None, None
+        return version(), cipher()
+
+    def _tls_description(self) -> str | None:
+        version, cipher = self._tls_parameters()
+        if version is None:
             return "using TLS"
-        return f"using {version()} with cipher {cipher()}"
-
-
-def _printable(text: str) -> str:
-    """
-    A name a client gave, for the log: no control characters, bounded.
-    """
-    return "".join(c if c.isprintable() else "?" for c in text[:320])
+        return f"using {version} with cipher {cipher}"

@@ -41,6 +41,7 @@ RECIPIENT_OK = reply(250, "2.1.5", "Ok")
 START_MAIL_INPUT = reply(354, "", "End data with <CR><LF>.<CR><LF>")
 IN_TRANSACTION = reply(503, "5.5.1", "Error: MAIL transaction in progress")
 NEED_EHLO = reply(503, "5.5.1", "Error: send EHLO first")
+AUTH_NOT_OFFERED = reply(503, "5.5.1", "Error: authentication not enabled")
 ALREADY_AUTHENTICATED = reply(503, "5.5.1", "Error: already authenticated")
 ENCRYPTION_REQUIRED = reply(
     538, "5.7.11", "Encryption required for requested authentication mechanism"

@@ -32,6 +32,7 @@ from twisted.logger import Logger, LogLevel
 import mailserver.smtp.replies as R
 from mailserver.hooks import Client
 from mailserver.logs import emit
+from mailserver.safe_text import printable
 from mailserver.sasl import (
     MECHANISMS,
     Credentials,
@@ -136,8 +137,8 @@ class SMTPSession(TransactionHandlers):
         deps = self.deps
         deps.metrics.smtp_refusals_total.inc(role=deps.metrics_role, reason=reason)
         facts = dict(command=command, code=answer.code, enhanced=answer.enhanced, reason=reason,
-                     reply=answer.text, client=self.connection.address, helo=self.helo or "",
-                     user=self.account or "")
+                     reply=printable(answer.text, None), client=self.connection.address,
+                     helo=printable(self.helo or ""), user=printable(self.account or ""))
         facts.update(fields)
         emit(self.log, LogLevel.info if answer.temporary else LogLevel.warn, event, "refused",
              **facts)
@@ -175,6 +176,7 @@ class SMTPSession(TransactionHandlers):
             helo=self.helo or "",
             authenticated=self.account,
             tls=self.tls,
+            _unread=self.connection.unread,
         )
 
     # Lines.
@@ -222,7 +224,7 @@ class SMTPSession(TransactionHandlers):
         ]
         if self._starttls_offered():
             lines.append("STARTTLS")
-        if self._auth_allowed() and self.account is None:
+        if self.deps.policy.offers_auth and self._auth_allowed() and self.account is None:
             lines.append("AUTH " + " ".join(MECHANISMS))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         return Reply(250, "", tuple(lines))
@@ -335,6 +337,8 @@ class SMTPSession(TransactionHandlers):
         return self.tls or self.deps.smtp.auth_over_plaintext or self.connection.loopback
 
     def _auth_problem(self) -> Reply | None:
+        if not self.deps.policy.offers_auth:
+            return R.AUTH_NOT_OFFERED
         if not self.esmtp:
             return R.NEED_EHLO
         if self.account is not None:
@@ -359,6 +363,12 @@ class SMTPSession(TransactionHandlers):
 
     def auth_in_mail(self, argument: str) -> Reply:
         return self._auth_problem() or R.IN_TRANSACTION
+
+    def auth_before_ehlo(self, argument: str) -> Reply:
+        """
+        A listener that does not offer AUTH says so first, as Postfix does.
+        """
+        return self._auth_problem() or R.NEED_EHLO
 
     def sasl_response(self, line: bytes):
         """
@@ -404,7 +414,7 @@ _SEQUENCES = {
     "EXPN":     ("do_EXPN",           "do_EXPN",           "do_EXPN",           "do_EXPN"),
     "ETRN":     (R.NEED_HELO,         "do_ETRN",           R.IN_TRANSACTION,    R.IN_TRANSACTION),
     "STARTTLS": ("do_STARTTLS",       "do_STARTTLS",       "starttls_in_mail",  "starttls_in_mail"),
-    "AUTH":     (R.NEED_EHLO,         "do_AUTH",           "auth_in_mail",      "auth_in_mail"),
+    "AUTH":     ("auth_before_ehlo",  "do_AUTH",           "auth_in_mail",      "auth_in_mail"),
     # TURN is unsafe (RFC 2821 dropped it); RFC 5321 dropped SEND.
     "TURN":     (R.NOT_IMPLEMENTED,) * 4,
     "SEND":     (R.NOT_IMPLEMENTED,) * 4,

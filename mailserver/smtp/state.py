@@ -42,9 +42,17 @@ class Connection:
 
     @ivar describe_tls: the protocol and cipher in use, for the Received
         field (C{None} without TLS).
+    @ivar tls_parameters: the TLS protocol and cipher names
+        (C{("TLSv1.3", "TLS_AES_256_GCM_SHA384")}), C{(None, None)} when
+        unknown, for the envelope (plugins such as Rspamd are told them).
+    @ivar unread: octets the client has sent that the session has not
+        handled yet (what L{mailserver.hooks.Client.pending_input} asks:
+        the early-talker test).
     """
 
     address: str
     port: int
     loopback: bool
     describe_tls: Callable[[], str | None] = lambda: None
+    tls_parameters: Callable[[], tuple[str | None, str | None]] = lambda: (None, None)
+    unread: Callable[[], int] = lambda: 0

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 import mailserver.smtp.replies as R
 from mailserver.envelope import Envelope, Recipient
 from mailserver.logs import addresses, emit, emit_failure
+from mailserver.safe_text import printable
 from mailserver.smtp.grammar import (
     GrammarError,
     MailOptions,
@@ -97,7 +98,7 @@ class TransactionHandlers:
             return _grammar_reply(e)
         if options.smtputf8 and not self.esmtp:
             return reply(503, "5.5.1", "Error: SMTPUTF8 needs EHLO")
-        sender = path.mailbox.log_safe() if path.mailbox else ""
+        sender = printable(path.mailbox.address) if path.mailbox else ""
         if path.mailbox is not None and not path.mailbox.is_ascii and not options.smtputf8:
             return self.refuse("MAIL", R.SMTPUTF8_REQUIRED, sender=sender)
         limits = self.deps.limits
@@ -134,25 +135,27 @@ class TransactionHandlers:
             return _grammar_reply(e)
         policy = self.deps.policy
         mailbox = policy.qualify(path.mailbox)
-        sender = transaction.sender.log_safe() if transaction.sender else ""
+        sender = printable(transaction.sender.address) if transaction.sender else ""
         if not mailbox.is_ascii and not transaction.options.smtputf8:
             return self.refuse("RCPT", R.SMTPUTF8_REQUIRED, sender=sender,
-                               recipient=mailbox.log_safe())
+                               recipient=printable(mailbox.address))
         if len(transaction.recipients) >= self.deps.limits.max_recipients:
             return self.refuse("RCPT", R.TOO_MANY_RECIPIENTS, sender=sender,
-                               recipient=mailbox.log_safe())
+                               recipient=printable(mailbox.address))
 
         def check(address) -> Reply:
             if not isinstance(address, str):  # a plugin's Reject
-                return self.refuse("RCPT", address, sender=sender, recipient=mailbox.log_safe())
+                return self.refuse("RCPT", address, sender=sender,
+                                   recipient=printable(mailbox.address))
             try:
                 checked = parse_mailbox(address) if address != mailbox.address else mailbox
             except GrammarError:  # a plugin's rewrite to no address
                 return self.refuse("RCPT", R.TEMPORARY_FAILURE, POLICY, sender=sender,
-                                   recipient=mailbox.log_safe())
+                                   recipient=printable(mailbox.address))
             verdict = policy.recipient(checked, self.account)
             if isinstance(verdict, Reply):
-                return self.refuse("RCPT", verdict, sender=sender, recipient=checked.log_safe())
+                return self.refuse("RCPT", verdict, sender=sender,
+                                   recipient=printable(checked.address))
             if self.transaction is not transaction:
                 return R.NEED_MAIL
             transaction.recipients.append(
@@ -270,6 +273,9 @@ class TransactionHandlers:
         connection = self.connection
         options = transaction.options
         now = deps.clock.seconds()
+        tls_version, tls_cipher = connection.tls_parameters() if self.tls else (None, None)
+        if self.tls and tls_version is None:
+            tls_version = "TLS"
         envelope = Envelope(
             sender=transaction.sender.address if transaction.sender else "",
             recipients=tuple(transaction.recipients),
@@ -282,6 +288,8 @@ class TransactionHandlers:
             smtputf8=options.smtputf8,
             size=options.size,
             id=deps.new_message_id(),
+            tls_version=tls_version,
+            tls_cipher=tls_cipher,
         )
         transaction.id = envelope.id
         try:
@@ -359,8 +367,9 @@ class TransactionHandlers:
         metrics.smtp_transaction_seconds.observe(elapsed)
         answer = reply(250, "2.0.0", f"Ok: queued as {result}")
         emit(self.log, LogLevel.info, "smtp.accepted", "accepted", code=answer.code,
-             enhanced=answer.enhanced, client=self.connection.address, helo=self.helo or "",
-             user=self.account or "", **_message_fields(transaction), ms=round(elapsed * 1000, 1))
+             enhanced=answer.enhanced, client=self.connection.address,
+             helo=printable(self.helo or ""), user=printable(self.account or ""),
+             **_message_fields(transaction), ms=round(elapsed * 1000, 1))
         return answer
 
     def _refuse_message(
@@ -372,9 +381,6 @@ class TransactionHandlers:
         """
         if reason is None:
             reason = reason_of(problem)
-        self.deps.metrics.smtp_messages_rejected_total.inc(
-            role=self.deps.metrics_role, reason=reason
-        )
         self.transaction = None
         command = "DATA" if transaction.reader is not None else "BDAT"
         return self.refuse(command, problem, reason, **_message_fields(transaction))
@@ -393,8 +399,8 @@ def _message_fields(transaction: Transaction) -> dict:
     """
     sink = transaction.sink
     return dict(
-        sender=transaction.sender.log_safe() if transaction.sender else "",
-        recipients=addresses(r.address for r in transaction.recipients),
+        sender=printable(transaction.sender.address) if transaction.sender else "",
+        recipients=addresses(printable(r.address) for r in transaction.recipients),
         size=sink.size if sink is not None else 0,
         id=transaction.id,
     )
@@ -402,7 +408,6 @@ def _message_fields(transaction: Transaction) -> dict:
 
 def _grammar_reply(error: GrammarError) -> Reply:
     """
-    Bad parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
+    Unknown parameters are 555 (RFC 5321 4.1.1.11), anything else 501.
     """
-    code = 555 if error.enhanced == "5.5.4" else 501
-    return reply(code, error.enhanced, str(error))
+    return reply(error.code, error.enhanced, str(error))

@@ -3,9 +3,10 @@ A session's password checks, throttled per client address: the part of a
 login that is the same in every protocol (SMTP AUTH, POP3 USER/PASS and
 AUTH).
 
-L{Logins.attempt} asks the L{LoginThrottle} first (an address that failed
-too often lately is refused unchecked), runs the portal login, and counts a
-failure with the throttle and in the session.  What to answer, what to log
+L{Logins.attempt} runs the portal login through the L{LoginThrottle} (an
+address that failed too often lately, counting the checks of it still
+running, is refused unchecked: see L{LoginThrottle.check}), and counts a
+failure in the session.  What to answer, what to log
 and when to close are the protocol's: the outcome says how long the answer
 to a failure should be held back and whether the session has now failed
 too often.
@@ -93,11 +94,12 @@ class Logins:
         @return: L{REFUSED}, or a Deferred that fires (never fails) with a
             L{LoggedIn}, L{BadCredentials} or L{LoginBroken}.
         """
-        if self._throttle.refused(address):
-            return REFUSED
-        checking = defer.maybeDeferred(
-            self._portal.login, UsernamePassword(username, password), None, self._interface
+        checking = self._throttle.check(
+            address,
+            lambda: self._portal.login(UsernamePassword(username, password), None, self._interface),
         )
+        if checking is None:
+            return REFUSED
         return checking.addBoth(self._checked, address)
 
     def _checked(self, result, address: str) -> LoggedIn | BadCredentials | LoginBroken:
@@ -107,6 +109,6 @@ class Logins:
             return LoggedIn(avatar, logout)
         if not result.check(LoginFailed):  # UnauthorizedLogin is a LoginFailed
             return LoginBroken(result)
-        self.failures += 1
-        delay = self._throttle.failed(address)
+        self.failures += 1  # and counted by the throttle as it ended
+        delay = self._throttle.delay(address)
         return BadCredentials(self.failures, delay, self.failures >= self._max_failures)

@@ -52,6 +52,15 @@ class LineSession:
     @param max_errors: errors (L{note_error}) at which the glue should close.
     @param max_junk: junk commands (L{note_junk}) allowed before each counts
         as an error.
+    @param write: sends a batch of replies; by default C{transport.write}.
+    @param flush_octets: replies queued past this many octets are written
+        at once rather than at the end of the turn (a turn of large
+        replies is not held in memory whole); C{None}: no such limit.
+    @param max_pending_lines: complete lines held while they cannot be
+        handled, past which reading stops (besides L{MAX_PENDING_INPUT}).
+    @param refuse_long_lines_at_end: say L{TOO_LONG} when the over-long
+        line's end arrives, as an answer to that line, rather than as soon
+        as it passes the limit.
     """
 
     def __init__(
@@ -65,8 +74,17 @@ class LineSession:
         line_timeout: float,
         max_errors: int,
         max_junk: int = 0,
+        write: Callable[[bytes], None] | None = None,
+        flush_octets: int | None = None,
+        max_pending_lines: int | None = None,
+        refuse_long_lines_at_end: bool = False,
     ) -> None:
         self.transport = transport
+        self._write = write
+        self._flush_octets = flush_octets
+        self._outgoing_octets = 0
+        self._max_pending_lines = max_pending_lines
+        self._long_lines_at_end = refuse_long_lines_at_end
         self._clock = clock
         self._on_input = on_input
         self._on_timeout = on_timeout
@@ -83,6 +101,7 @@ class LineSession:
         self._turn = 0
         self._idle_call = None
         self._abort_call = None
+        self._pause_call = None
         self.errors = 0
         self.junk = 0
         self.closed = False
@@ -113,8 +132,12 @@ class LineSession:
             self._start = 0
         else:
             self._buffer += data
-        if len(self._buffer) > MAX_PENDING_INPUT and (
-            self._waiting is not None or not self.reads.writable
+        if (self._waiting is not None or not self.reads.writable) and (
+            len(self._buffer) > MAX_PENDING_INPUT
+            or (
+                self._max_pending_lines is not None
+                and self._buffer.count(b"\n") > self._max_pending_lines
+            )
         ):
             self.reads.hold(INPUT)
 
@@ -143,12 +166,15 @@ class LineSession:
                     self._start = len(buffer)
                     if not self._discarding:
                         self._discarding = True
-                        return TOO_LONG
+                        if not self._long_lines_at_end:
+                            return TOO_LONG
                 return None
             self._start = newline + 1
             self._turn += 1
-            if self._discarding:  # the end of a line already refused
+            if self._discarding:  # the end of a line already thrown away
                 self._discarding = False
+                if self._long_lines_at_end:
+                    return TOO_LONG
                 continue
             line = buffer[start:newline]
             if line[-1:] == b"\r":
@@ -179,6 +205,13 @@ class LineSession:
         """
         self._buffer = data + self._buffer[self._start :]
         self._start = 0
+
+    def unread(self) -> int:
+        """
+        Octets received and not yet taken: what a client sent while the
+        session was waiting (before the greeting, it is an early talker).
+        """
+        return len(self._buffer) - self._start
 
     def discard_input(self) -> None:
         self._buffer = b""
@@ -251,7 +284,7 @@ class LineSession:
         L{wait} C{seconds} (a failed login's answer is held back so).
         """
         paused: defer.Deferred = defer.Deferred()
-        self._clock.callLater(seconds, paused.callback, None)
+        self._pause_call = self._clock.callLater(seconds, paused.callback, None)
         self.wait(paused, then)
 
     @property
@@ -265,11 +298,20 @@ class LineSession:
         Queue a reply; it goes out with the rest of the turn's replies.
         """
         self._outgoing.append(data)
+        if self._flush_octets is not None:
+            self._outgoing_octets += len(data)
+            if self._outgoing_octets >= self._flush_octets:
+                self.flush()
 
     def flush(self) -> None:
         if self._outgoing:
-            self.transport.write(b"".join(self._outgoing))
+            data = b"".join(self._outgoing)
             self._outgoing = []
+            self._outgoing_octets = 0
+            if self._write is None:
+                self.transport.write(data)
+            else:
+                self._write(data)
 
     # Counting what a client should not do.
 
@@ -351,5 +393,6 @@ class LineSession:
         """
         self.closed = True
         self.stop_idle()
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
+        for call in (self._abort_call, self._pause_call):
+            if call is not None and call.active():
+                call.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ class MailServer:
         cli: list[str] | None = None,
         env: dict[str, str] | None = None,
         json_log: bool = False,
+        open_files: int | None = None,
     ) -> None:
         """
         @param endpoints: role to endpoint string, for roles that must not
@@ -58,8 +60,11 @@ class MailServer:
         @param env: the environment of both (default: L{environment}).
         @param json_log: log through C{mailserver.logs.json_stdout} (into
             C{log_path}) instead of twistd's text log.
+        @param open_files: the server's C{RLIMIT_NOFILE} (soft and hard),
+            if not this process's.
         """
         self.json_log = json_log
+        self.open_files = open_files
         self.root = tmp_path
         self.data_path = data_path or tmp_path / "data"
         self.config_path = tmp_path / "mailserver.toml"
@@ -115,6 +120,7 @@ class MailServer:
             env=self.env,
             stdout=stdout,
             stderr=subprocess.STDOUT,
+            preexec_fn=self._limit_open_files if self.open_files else None,
         )
         if stdout is not subprocess.PIPE:
             stdout.close()  # the child has its own copy
@@ -132,6 +138,9 @@ class MailServer:
         self.ports = {
             role: int(addresses[0].rsplit(":", 1)[1]) for role, addresses in listening.items()
         }
+
+    def _limit_open_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -114,6 +114,9 @@ class Moments:
     def wait(self, name: str, timeout: float) -> bool:
         return self._events[name].wait(timeout)
 
+    def clear(self, name: str) -> None:
+        self._events[name].clear()
+
 
 def smtp_client(port, name, rng: random.Random, ledger: Ledger, stop, moments: Moments):
     n = 0
@@ -221,7 +224,11 @@ def run_round(
         thread.start()
     try:
         moment = MOMENTS[number % len(MOMENTS)]
-        time.sleep(rng.uniform(0.2, 0.6))  # let the load build up first
+        # Let the load build up first: at least one message acknowledged in
+        # this round (however slow the machine is), then a little longer.
+        moments.wait("after-250", timeout=30)
+        moments.clear("after-250")  # a kill "after a 250" waits for the next one
+        time.sleep(rng.uniform(0.2, 0.6))
         if moment == "queue-run":
             wait_until(lambda: len(peer.messages) > relayed_before, timeout=3, interval=0.005)
         elif moment != "random":
@@ -310,7 +317,7 @@ class Scenario:
             f"({len(ledger.maybe_deleted)} maybe), {ledger.retrieved} retrieved, "
             f"{len(remote)} relayed; sessions ended by {dict(ledger.outcomes)}"
         )
-        assert len(ledger.acked) > 3 * self.rounds, note  # the rounds really sent mail
+        assert len(ledger.acked) >= self.rounds, note  # every round really sent mail
         assert ledger.retrieved > 0, note
         for address in LOCAL:
             copies = mail_copies(server, address)

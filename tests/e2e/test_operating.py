@@ -258,12 +258,13 @@ def _pop3_login(port: int, password: str) -> bytes:
         client.sock.close()
 
 
-def test_workers_share_the_count_of_failed_logins_from_an_address(tmp_path):
-    # With counts kept per process, the address would still get its checks
-    # in whichever process had seen fewer than three of its failures.
+def test_workers_divide_an_addresss_allowance_and_share_its_failures(tmp_path):
+    # Four failed logins allowed, two checked by each process; every
+    # process's delays count the failures seen by both.
+    delay = 0.5
     server = MailServer(
         tmp_path,
-        extra_toml="workers = 2\n[limits]\nmax_auth_failures_per_client = 3\nauth_failure_delay = 0.0\n",
+        extra_toml=f"workers = 2\n[limits]\nmax_auth_failures_per_client = 4\nauth_failure_delay = {delay}\n",
     )
     server.start()
     try:
@@ -271,9 +272,21 @@ def test_workers_share_the_count_of_failed_logins_from_an_address(tmp_path):
         _mail_until_both_processes_deliver(server)
         port = server.ports["pop3"]
         assert _pop3_login(port, "pw").startswith(b"+OK")
-        for _ in range(3):
-            assert _pop3_login(port, "wrong").startswith(b"-ERR")
+        failures = tries = 0
+        while failures < 3:  # two in one process, one in the other
+            answer = _pop3_login(port, "wrong")
+            failures += answer.startswith(b"-ERR [AUTH]")
+            tries += 1
+            assert tries < 60, "the kernel kept choosing the same process"
         time.sleep(0.5)  # the word goes from process to process
+        while True:  # the last check: in the process that has done one
+            started = time.monotonic()
+            answer = _pop3_login(port, "wrong")
+            if answer.startswith(b"-ERR [AUTH]"):
+                break
+            assert b"Too many failed logins" in answer
+        # Its answer waits for all four failures, not the two seen there.
+        assert time.monotonic() - started >= 4 * delay
         answers = [_pop3_login(port, "pw") for _ in range(16)]
         assert all(b"Too many failed logins" in a for a in answers), answers
     finally:

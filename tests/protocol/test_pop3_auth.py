@@ -8,12 +8,12 @@ from __future__ import annotations
 from base64 import b64encode
 
 import pytest
-from tests.protocol.pop3_fakes import REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from mailserver.interfaces import IAccount
+from mailserver.testing import REMOTE, FakeRealm, MemoryMaildirs, POP3Harness, make_pop3_config
 
 PLAINTEXT_REFUSED = (
     b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n"
@@ -33,36 +33,36 @@ def store() -> MemoryMaildirs:
 
 
 def test_user_pass_logs_in(store):
-    session = Session(store)
+    session = POP3Harness(store)
     assert session.login() == b"+OK Logged in: 1 messages (22 octets).\r\n"
     assert store.locked == {"bob@localhost"}
 
 
 def test_password_with_spaces(store):
-    session = Session(store)
+    session = POP3Harness(store)
     assert session.login("carol@localhost", "pass word").startswith(b"+OK Logged in")
 
 
 def test_pass_without_user(store):
-    assert Session(store).command("PASS secret") == b"-ERR No user name given.\r\n"
+    assert POP3Harness(store).command("PASS secret") == b"-ERR No user name given.\r\n"
 
 
 @pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".hidden", "a\\b", ""])
 def test_path_like_user_names_refused(store, name):
-    session = Session(store)
+    session = POP3Harness(store)
     assert session.command(f"USER {name}") == b"-ERR [AUTH] Invalid user name.\r\n"
     assert session.login().startswith(b"+OK Logged in")
 
 
 def test_path_like_name_through_sasl_is_a_failed_login(store):
-    session = Session(store)
+    session = POP3Harness(store)
     assert session.command("AUTH PLAIN " + b64(b"\0../../etc\0x")) == b""
     session.clock.advance(1)
     assert session.take() == b"-ERR [AUTH] Authentication failed.\r\n"
 
 
 def test_bad_password_is_answered_later_each_time_later(store):
-    session = Session(store)
+    session = POP3Harness(store)
     session.command("USER bob@localhost")
     assert session.command("PASS wrong") == b""
     session.clock.advance(0.99)
@@ -79,7 +79,7 @@ def test_bad_password_is_answered_later_each_time_later(store):
 
 
 def test_commands_wait_during_the_failure_delay(store):
-    session = Session(store)
+    session = POP3Harness(store)
     pipelined = b"USER bob@localhost\r\nPASS wrong\r\nUSER bob@localhost\r\nPASS secret\r\n"
     assert session.send(pipelined) == b"+OK\r\n"
     assert session.transport.producerState == "paused"
@@ -94,7 +94,7 @@ def test_disconnect_after_max_auth_failures_and_log_each(store):
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
-        session = Session(store, make_config(limits={"max_auth_failures": 3}))
+        session = POP3Harness(store, make_pop3_config(limits={"max_auth_failures": 3}))
         for attempt in range(3):
             session.command("USER bob@localhost")
             session.command("PASS wrong")
@@ -109,7 +109,7 @@ def test_disconnect_after_max_auth_failures_and_log_each(store):
 
 
 def test_drop_during_failure_delay_cancels_the_reply(store):
-    session = Session(store)
+    session = POP3Harness(store)
     session.command("USER bob@localhost")
     session.command("PASS wrong")
     session.drop()
@@ -117,9 +117,9 @@ def test_drop_during_failure_delay_cancels_the_reply(store):
 
 
 def test_second_session_gets_in_use(store):
-    first = Session(store)
+    first = POP3Harness(store)
     first.login()
-    second = Session(store, factory=first.factory)
+    second = POP3Harness(store, factory=first.factory)
     assert second.login() == b"-ERR [IN-USE] Mailbox is locked by another POP3 session.\r\n"
     assert first.realm.logouts == 1
     assert not second.closed
@@ -128,12 +128,12 @@ def test_second_session_gets_in_use(store):
 
 
 def test_login_delay(store):
-    config = make_config(login_delay=60)
-    first = Session(store, config)
+    config = make_pop3_config(login_delay=60)
+    first = POP3Harness(store, config)
     first.login()
     first.command("QUIT")
     first.drop()
-    second = Session(store, factory=first.factory)
+    second = POP3Harness(store, factory=first.factory)
     assert second.login() == b"-ERR [LOGIN-DELAY] Minimum time between logins is 60 seconds.\r\n"
     assert store.locked == set()
     second.clock.advance(60)
@@ -141,7 +141,7 @@ def test_login_delay(store):
 
 
 def test_storage_errors_are_sys_temp(store):
-    session = Session(store)
+    session = POP3Harness(store)
     store.fail_listing = True
     assert session.login() == b"-ERR [SYS/TEMP] Mailbox is temporarily unavailable.\r\n"
     assert store.locked == set()
@@ -151,12 +151,12 @@ def test_storage_errors_are_sys_temp(store):
 
 
 def test_no_mailbox_is_sys_perm(store):
-    session = Session(store)
+    session = POP3Harness(store)
 
     def no_mailbox(address):
         raise LookupError(address)
 
-    session.factory.mailbox_for = no_mailbox
+    store.mailbox = no_mailbox
     assert session.login() == b"-ERR [SYS/PERM] Mailbox is unavailable.\r\n"
 
 
@@ -167,7 +167,7 @@ def test_broken_credentials_checker_is_sys_temp(store):
             raise_later.errback(RuntimeError("database down"))
             return raise_later
 
-    session = Session(store, portal=BrokenPortal())
+    session = POP3Harness(store, portal=BrokenPortal())
     assert session.login() == b"-ERR [SYS/TEMP] Temporary authentication failure.\r\n"
 
 
@@ -179,11 +179,11 @@ def test_login_finishing_after_the_client_left_takes_no_lock(store):
             answers.append(Deferred())
             return answers[-1]
 
-    session = Session(store, portal=SlowPortal())
+    session = POP3Harness(store, portal=SlowPortal())
     session.command("USER bob@localhost")
     assert session.send(b"PASS secret\r\nSTAT\r\n") == b""
     session.drop()
-    realm = AccountRealm()
+    realm = FakeRealm()
     answers[0].callback(realm.requestAvatar(b"bob@localhost", None, IAccount))
     assert store.locked == set()
     assert realm.logouts == 1
@@ -193,39 +193,39 @@ def test_login_finishing_after_the_client_left_takes_no_lock(store):
 
 
 def test_auth_plain_with_initial_response(store):
-    session = Session(store)
+    session = POP3Harness(store)
     reply = session.command("AUTH PLAIN " + b64(b"\0bob@localhost\0secret"))
     assert reply.startswith(b"+OK Logged in")
 
 
 def test_auth_plain_with_matching_authzid_and_continuation(store):
-    session = Session(store)
+    session = POP3Harness(store)
     assert session.command("AUTH plain") == b"+ \r\n"
     assert session.command(b64(b"bob@localhost\0bob@localhost\0secret")).startswith(b"+OK Logged in")
 
 
 def test_auth_plain_other_authzid_refused(store):
-    session = Session(store)
+    session = POP3Harness(store)
     reply = session.command("AUTH PLAIN " + b64(b"carol@localhost\0bob@localhost\0secret"))
     assert reply == b"-ERR [AUTH] Authorization identity must match the user.\r\n"
 
 
 def test_auth_plain_bad_password(store):
-    session = Session(store)
+    session = POP3Harness(store)
     assert session.command("AUTH PLAIN " + b64(b"\0bob@localhost\0nope")) == b""
     session.clock.advance(1)
     assert session.take() == b"-ERR [AUTH] Authentication failed.\r\n"
 
 
 def test_auth_login(store):
-    session = Session(store)
+    session = POP3Harness(store)
     assert session.command("AUTH LOGIN") == b"+ " + b64encode(b"Username:") + b"\r\n"
     assert session.command(b64(b"bob@localhost")) == b"+ " + b64encode(b"Password:") + b"\r\n"
     assert session.command(b64(b"secret")).startswith(b"+OK Logged in")
 
 
 def test_auth_login_with_initial_response(store):
-    session = Session(store)
+    session = POP3Harness(store)
     reply = session.command("AUTH LOGIN " + b64(b"bob@localhost"))
     assert reply == b"+ " + b64encode(b"Password:") + b"\r\n"
     assert session.command(b64(b"secret")).startswith(b"+OK Logged in")
@@ -233,14 +233,14 @@ def test_auth_login_with_initial_response(store):
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_star_cancels(store, mechanism):
-    session = Session(store)
+    session = POP3Harness(store)
     session.command(f"AUTH {mechanism}")
     assert session.command("*") == b"-ERR Authentication aborted by client.\r\n"
     assert session.command("CAPA").startswith(b"+OK Capability list follows")
 
 
 def test_bad_base64_and_unknown_mechanism(store):
-    session = Session(store)
+    session = POP3Harness(store)
     session.command("AUTH PLAIN")
     assert session.command("not base64!") == b"-ERR Invalid base64 data in continued response.\r\n"
     assert session.command("AUTH CRAM-MD5") == b"-ERR Unsupported authentication mechanism.\r\n"
@@ -248,21 +248,21 @@ def test_bad_base64_and_unknown_mechanism(store):
 
 
 def test_overlong_sasl_response_cancels(store):
-    session = Session(store)
+    session = POP3Harness(store)
     session.command("AUTH PLAIN")
     assert session.send(b"A" * 1000 + b"\r\n") == b"-ERR Line too long.\r\n"
     assert session.command("NOOP") == b"-ERR NOOP is not valid in this state.\r\n"
 
 
 def test_bare_auth_lists_mechanisms(store):
-    assert Session(store).command("AUTH") == b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+    assert POP3Harness(store).command("AUTH") == b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
 
 
 # Plaintext rule (RFC 2595 section 2) and STLS
 
 
 def test_plaintext_refused_from_remote_peer_without_tls(store):
-    session = Session(store, peer=REMOTE, tls_options=TLS)
+    session = POP3Harness(store, peer=REMOTE, tls_options=TLS)
     assert session.command("USER bob@localhost") == PLAINTEXT_REFUSED
     assert session.command("PASS secret") == PLAINTEXT_REFUSED
     assert session.command("AUTH PLAIN " + b64(b"\0bob@localhost\0secret")) == PLAINTEXT_REFUSED
@@ -272,23 +272,23 @@ def test_plaintext_refused_from_remote_peer_without_tls(store):
 
 
 def test_plaintext_allowed_from_remote_when_configured(store):
-    session = Session(store, make_config(auth_over_plaintext=True), peer=REMOTE)
+    session = POP3Harness(store, make_pop3_config(auth_over_plaintext=True), peer=REMOTE)
     assert session.login().startswith(b"+OK Logged in")
 
 
 def test_implicit_tls_allows_plaintext_and_offers_no_stls(store):
-    session = Session(store, peer=REMOTE, tls_options=TLS, implicit_tls=True)
+    session = POP3Harness(store, peer=REMOTE, tls_options=TLS, implicit_tls=True)
     assert b"STLS" not in session.command("CAPA").split(b"\r\n")
     assert session.command("STLS") == b"-ERR TLS is already active.\r\n"
     assert session.login().startswith(b"+OK Logged in")
 
 
 def test_stls_discards_pipelined_bytes_and_then_allows_login(store):
-    session = Session(store, peer=REMOTE, tls_options=TLS)
+    session = POP3Harness(store, peer=REMOTE, tls_options=TLS)
     assert b"STLS" in session.command("CAPA").split(b"\r\n")
     reply = session.send(b"STLS\r\nUSER bob@localhost\r\nPASS secret\r\nQUI")
     assert reply == b"+OK Begin TLS negotiation.\r\n"
-    assert session.transport.tls_options is TLS
+    assert session.transport.tls_started_with is TLS
     assert store.locked == set()
     # Bytes after the handshake are acted upon (the partial "QUI" was dropped).
     assert session.command("T") == b"-ERR Unknown command.\r\n"
@@ -298,14 +298,14 @@ def test_stls_discards_pipelined_bytes_and_then_allows_login(store):
 
 
 def test_stls_forgets_a_user_given_in_clear(store):
-    session = Session(store, tls_options=TLS)
+    session = POP3Harness(store, tls_options=TLS)
     session.command("USER bob@localhost")
     session.command("STLS")
     assert session.command("PASS secret") == b"-ERR No user name given.\r\n"
 
 
 def test_no_stls_without_tls_options(store):
-    session = Session(store)
+    session = POP3Harness(store)
     assert b"STLS" not in session.command("CAPA").split(b"\r\n")
     assert session.command("STLS") == b"-ERR TLS is not available.\r\n"
 
@@ -314,26 +314,26 @@ def test_no_stls_without_tls_options(store):
 
 
 def test_capa_lists_what_is_there(store):
-    session = Session(store, make_config(login_delay=900, expire="30"), tls_options=TLS)
+    session = POP3Harness(store, make_pop3_config(login_delay=900, expire="30"), tls_options=TLS)
     assert session.command("CAPA") == (
         b"+OK Capability list follows\r\n"
         b"TOP\r\nUSER\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n"
         b"EXPIRE 30\r\nLOGIN-DELAY 900\r\nSASL PLAIN LOGIN\r\nSTLS\r\n"
         b"IMPLEMENTATION mailserver\r\n.\r\n"
     )
-    default = Session(store).command("CAPA").split(b"\r\n")
+    default = POP3Harness(store).command("CAPA").split(b"\r\n")
     assert b"EXPIRE NEVER" in default
     assert not any(c.startswith(b"LOGIN-DELAY") for c in default)
 
 
 def test_apop_is_never_offered(store):
-    session = Session(store, make_config(apop=True))
+    session = POP3Harness(store, make_pop3_config(apop=True))
     assert b"<" not in session.greeting
     assert session.command("APOP bob@localhost 0123456789abcdef") == b"-ERR APOP is not available.\r\n"
 
 
 def test_quit_before_login(store):
-    session = Session(store)
+    session = POP3Harness(store)
     assert session.command("QUIT") == b"+OK Logging out.\r\n"
     assert session.closed
     session.drop()
@@ -347,7 +347,7 @@ def test_tcp_nodelay_is_set(store):
         def setTcpNoDelay(self, enabled):
             self.no_delay = enabled
 
-    session = Session(store)
+    session = POP3Harness(store)
     transport = TCPTransport()
     protocol = session.factory.buildProtocol(None)
     protocol.makeConnection(transport)

@@ -19,10 +19,19 @@ from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.protocol.pop3_fakes import LOOPBACK, REMOTE, AccountRealm, MemoryMaildirs, Session, make_config
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import globalLogPublisher
+
+from mailserver.testing import (
+    LOOPBACK,
+    REMOTE,
+    FakeRealm,
+    MemoryMaildirs,
+    POP3Harness,
+    make_pop3_config,
+)
 
 USER = "bob@localhost"
 TLS = object()  # stands for the server's TLS options
@@ -392,26 +401,51 @@ def check_transcript(
     assert not out.more(), f"unexpected output {out.lines[out.position:][:3]!r}"
 
 
-def portal(realm: AccountRealm) -> Portal:
+def portal(realm: FakeRealm) -> Portal:
     checker = InMemoryUsernamePasswordDatabaseDontUse()
     checker.addUser(USER.encode(), b"secret")
     return Portal(realm, [checker])
 
 
+class Worker:
+    """
+    A worker thread that runs the file work it is given only when told, so
+    input arrives while the session waits for it.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+
+    def __call__(self, f, *args) -> Deferred:
+        self.jobs.append((f, args, Deferred()))
+        return self.jobs[-1][2]
+
+    def run(self) -> None:
+        while self.jobs:
+            f, args, d = self.jobs.pop(0)
+            maybeDeferred(f, *args).chainDeferred(d)
+
+
 def run_session(data: bytes, chunk_sizes: list[int], pauses: list[float], messages: list[bytes],
-                remote: bool, tls: bool, limit: int, idle: bool) -> None:
+                remote: bool, tls: bool, limit: int, idle: bool, threaded: bool = False) -> None:
+    """
+    @param threaded: the file work is done later, as by a worker thread:
+        after every other piece of input, and before time passes.
+    """
+    worker = Worker()
     store = MemoryMaildirs()
     for data_ in messages:
         store.deliver(USER, data_)
     before = [(m.uid, m.data) for m in store.boxes.get(USER, [])]
-    realm = AccountRealm()
-    session = Session(
+    realm = FakeRealm()
+    session = POP3Harness(
         store,
-        config=make_config(limits={"max_command_line": limit}),
+        config=make_pop3_config(limits={"max_command_line": limit}),
         peer=REMOTE if remote else LOOPBACK,
         tls_options=TLS if tls else None,
         portal=portal(realm),
         realm=realm,
+        run_blocking=worker if threaded else maybeDeferred,
     )
     assert session.greeting == b"+OK pop.test POP3 server ready.\r\n"
     failures = []
@@ -445,17 +479,24 @@ def run_session(data: bytes, chunk_sizes: list[int], pauses: list[float], messag
             delivered += len(piece)
             session.protocol.dataReceived(piece)
             note_close()
+            if chunk % 2:
+                worker.run()
+                note_close()
             if pauses and b"\n" in piece and not session.closed:
                 # Time passes only after whole lines, which restart the
                 # idle timer, so the session never times out mid-stream.
+                worker.run()
                 session.clock.advance(pauses[chunk % len(pauses)])
                 note_close()
             chunk += 1
+        worker.run()
+        note_close()
         if not session.closed:
             # Every delayed login answer is out: each one lets the next
             # command run, which may be a failed login answered later again.
             for _ in range(8):
                 session.clock.advance(31)
+                worker.run()
             note_close()
         idled = idle and not session.closed
         if idled:
@@ -534,14 +575,15 @@ def test_random_bytes(data, chunk_sizes, pauses, messages, login, remote, idle):
     st.booleans(),
     st.sampled_from([512, 6000]),
     st.booleans(),
+    st.booleans(),
 )
 def test_random_command_sequences(
-    commands, chunk_sizes, pauses, messages, login, remote, tls, limit, idle
+    commands, chunk_sizes, pauses, messages, login, remote, tls, limit, idle, threaded
 ):
     data = b"".join(command + ending for command, ending in commands)
     run_session(
         login + data,
-        chunk_sizes, pauses, messages, remote, tls, limit, idle,
+        chunk_sizes, pauses, messages, remote, tls, limit, idle, threaded,
     )
 
 
@@ -556,23 +598,26 @@ def test_random_command_sequences(
     ),
     st.lists(st.integers(1, 64), max_size=4),
     st.lists(MESSAGE, min_size=1, max_size=4),
+    st.booleans(),
 )
-def test_transaction_sequences(commands, chunk_sizes, messages):
+def test_transaction_sequences(commands, chunk_sizes, messages, threaded):
     """
     Mostly well-formed TRANSACTION commands on a mailbox with messages, so
-    the listings, the message bytes and the deletions are checked often.
+    the listings, the message bytes and the deletions are checked often
+    (also with the messages read later, as by a worker thread, while more
+    commands arrive).
     """
     data = b"".join(command + ending for command, ending in commands)
-    run_session(LOGIN + data, chunk_sizes, [], messages, False, False, 512, False)
+    run_session(LOGIN + data, chunk_sizes, [], messages, False, False, 512, False, threaded)
 
 
 # What the fuzzing found.
 
 
-def logged_in(limit: int = 512) -> Session:
+def logged_in(limit: int = 512) -> POP3Harness:
     store = MemoryMaildirs()
     store.deliver(USER, b"Subject: one\n\nbody 1\nbody 2\n")
-    session = Session(store, config=make_config(limits={"max_command_line": limit}))
+    session = POP3Harness(store, config=make_pop3_config(limits={"max_command_line": limit}))
     assert session.login().startswith(b"+OK Logged in")
     return session
 
@@ -609,6 +654,6 @@ def test_a_line_of_the_limit_whose_lf_comes_later():
 
 def test_a_long_line_cut_by_stls_is_forgotten():
     # The first command after the handshake was refused as too long.
-    session = Session(MemoryMaildirs(), peer=REMOTE, tls_options=TLS)
+    session = POP3Harness(MemoryMaildirs(), peer=REMOTE, tls_options=TLS)
     assert session.send(b"STLS\r\n" + b"x" * 600) == b"+OK Begin TLS negotiation.\r\n"
     assert session.send(b"CAPA\r\n").startswith(b"+OK Capability list follows\r\n")

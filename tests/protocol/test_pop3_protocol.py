@@ -6,10 +6,10 @@ driven through a StringTransport with exact bytes.
 from __future__ import annotations
 
 import pytest
+from twisted.logger import globalLogPublisher
 
 from mailserver.pop3.transfer import MessageTransfer
-from tests.protocol.pop3_fakes import MemoryMaildirs, Session, make_config
-from twisted.logger import globalLogPublisher
+from mailserver.testing import MemoryMaildirs, POP3Harness, make_pop3_config
 
 FIRST = b"From: a@x\nSubject: one\n\nHello\n.\n..two\n.lead\n"
 SECOND = b"Subject: two\n\nline 1\nline 2\nline 3\n"
@@ -27,14 +27,14 @@ def store() -> MemoryMaildirs:
 
 
 @pytest.fixture
-def session(store) -> Session:
-    session = Session(store)
+def session(store) -> POP3Harness:
+    session = POP3Harness(store)
     assert session.login() == b"+OK Logged in: 2 messages (91 octets).\r\n"
     return session
 
 
 def test_greeting_has_no_apop_timestamp():
-    session = Session(MemoryMaildirs())
+    session = POP3Harness(MemoryMaildirs())
     assert session.greeting == b"+OK pop.test POP3 server ready.\r\n"
 
 
@@ -163,7 +163,7 @@ def test_bad_input_in_transaction_is_refused_and_session_goes_on(session, comman
 
 @pytest.mark.parametrize("command", ["STAT", "LIST", "RETR 1", "DELE 1", "NOOP", "RSET", "UIDL", "TOP 1 1"])
 def test_transaction_commands_refused_before_login(store, command):
-    session = Session(store)
+    session = POP3Harness(store)
     name = command.split()[0]
     assert session.command(command) == f"-ERR {name} is not valid in this state.\r\n".encode()
 
@@ -186,7 +186,7 @@ def test_a_line_at_the_limit_is_accepted(session):
 
 
 def test_too_many_bad_commands_disconnect(store):
-    session = Session(store, make_config(limits={"max_errors": 3}))
+    session = POP3Harness(store, make_pop3_config(limits={"max_errors": 3}))
     session.command("XA")
     session.command("XB")
     assert session.command("XC") == b"-ERR Unknown command.\r\n-ERR Too many invalid commands.\r\n"
@@ -210,7 +210,7 @@ def test_bare_lf_line_endings_accepted(session):
 
 
 def test_idle_timeout_closes_and_activity_resets_it(store):
-    session = Session(store, make_config(limits={"pop3_idle_timeout": 60}))
+    session = POP3Harness(store, make_pop3_config(limits={"pop3_idle_timeout": 60}))
     session.clock.advance(50)
     session.command("CAPA")
     session.clock.advance(50)
@@ -237,7 +237,7 @@ def test_retr_when_file_vanished_is_sys_temp(session, store):
 def test_commands_wait_while_a_transfer_is_paused(store):
     big = b"Subject: big\n\n" + b"x" * 200_000 + b"\n"
     store.deliver("bob@localhost", big, "1700000002.M3P1Q1.test")
-    session = Session(store)
+    session = POP3Harness(store)
     session.login()
     transport = session.transport
     original_write = transport.write
@@ -263,7 +263,7 @@ def test_commands_wait_while_a_transfer_is_paused(store):
 
 def test_drop_during_transfer_stops_it_and_unlocks(store):
     store.deliver("bob@localhost", b"x" * 500_000, "1700000002.M3P1Q1.test")
-    session = Session(store)
+    session = POP3Harness(store)
     session.login()
     transport = session.transport
     transport.write = lambda data: transport.producer.pauseProducing()
@@ -308,7 +308,7 @@ def test_quit_renames_and_removes_a_slice_per_reactor_turn():
     uids = [f"17000{n:05d}.M{n}P1Q1.test" for n in range(300)]
     for uid in uids:
         store.deliver("bob@localhost", b"Subject: x\n\nbody\n", uid)
-    session = Session(store, sliced=True)
+    session = POP3Harness(store, sliced=True)
     session.login()
     for number in range(1, 201):
         assert session.command(f"RETR {number}").startswith(b"+OK")

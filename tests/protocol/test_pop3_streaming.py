@@ -20,11 +20,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from mailserver.config import Config
-from mailserver.maildir import Mailbox
-from mailserver.pop3 import POP3Factory
 from mailserver.from_config import certificate_files
+from mailserver.login_throttle import throttle_for
+from mailserver.maildir import MaildirStore
+from mailserver.pop3 import POP3Dependencies, POP3Factory
+from mailserver.testing import FakeRealm, make_pop3_config
 from mailserver.tls import server_options
-from tests.protocol.pop3_fakes import AccountRealm, make_config
 
 LINE = b".a line that starts with a dot and goes on for a while 0123456789\n"
 LINES = 50 * 1024 * 1024 // len(LINE)
@@ -111,18 +112,22 @@ class StreamingTests(unittest.TestCase):
         self.size, self.expected = write_message(self.tmp / "mail")
         checker = InMemoryUsernamePasswordDatabaseDontUse()
         checker.addUser(b"bob@localhost", b"secret")
-        self.portal = Portal(AccountRealm())
+        self.portal = Portal(FakeRealm())
         self.portal.registerChecker(checker)
 
     def serve(self, implicit_tls: bool, tls_options) -> int:
-        factory = POP3Factory(
-            config=make_config(),
+        config = make_pop3_config()
+        factory = POP3Factory(POP3Dependencies.for_listener(
+            hostname=config.hostname,
+            pop3=config.pop3,
+            limits=config.limits,
             portal=self.portal,
-            mailbox_for=lambda address: Mailbox(self.tmp / "mail"),
+            mailboxes=MaildirStore(lambda address: self.tmp / "mail", self.tmp),
+            login_throttle=throttle_for(config.limits, reactor),
             tls_options=tls_options,
             reactor=reactor,
             implicit_tls=implicit_tls,
-        )
+        ))
         served = TLSMemoryBIOFactory(tls_options, False, factory) if implicit_tls else factory
         port = reactor.listenTCP(0, served, interface="127.0.0.1")
         self.addCleanup(port.stopListening)

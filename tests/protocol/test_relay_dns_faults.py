@@ -200,7 +200,7 @@ class RunnerTests(unittest.TestCase):
         return [m for m in self.queue.all() if m.attempts >= 1]
 
     def bounces(self) -> list:
-        box = Mailbox(self.accounts.mailbox_path("s@example.org"))
+        box = Mailbox(self.accounts.mailbox_path("s@example.org"), self.config.data_path)
         if not (box.path / "new").exists():
             return []
         out = []

@@ -6,7 +6,17 @@ over many connections.
 
 from base64 import b64encode
 
-from mailserver.testing import LOOPBACK, SMTPHarness, make_config, reply_codes
+import dataclasses
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailserver.smtp import SMTPFactory
+from mailserver.testing import LOOPBACK, FakeRealm, SMTPHarness, make_config, reply_codes
 
 
 def plain(user: str, password: str) -> str:
@@ -153,7 +163,7 @@ def test_failed_logins_count_per_address_across_sessions():
     config = make_config(
         limits={"auth_failure_delay": 1.0, "max_auth_failures_per_client": 4, "max_auth_failures": 10}
     )
-    first = SMTPHarness(peer=LOOPBACK, config=config)
+    first = SMTPHarness(peer=LOOPBACK, config=config, role="submission")
     factory = first.factory
     delays = []
     for _ in range(4):
@@ -176,3 +186,45 @@ def test_failed_logins_count_per_address_across_sessions():
     session = SMTPHarness(peer=LOOPBACK, factory=factory)
     session.ehlo()
     assert reply_codes(session.send(plain("bob@example.org", "secret"))) == ["235 2.7.0"]
+
+
+@implementer(ICredentialsChecker)
+class HeldChecker:
+    """
+    A password checker whose answers the test gives, as a thread pool
+    checking slowly would.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.checks: list[defer.Deferred] = []
+
+    def requestAvatarId(self, credentials):
+        self.checks.append(defer.Deferred())
+        return self.checks[-1]
+
+
+def test_logins_sent_at_once_get_no_more_checks_than_the_limit():
+    config = make_config(
+        limits={"auth_failure_delay": 0.0, "max_auth_failures_per_client": 3}
+    )
+    checker = HeldChecker()
+    first = SMTPHarness(peer=LOOPBACK, config=config, role="submission")
+    factory = SMTPFactory(dataclasses.replace(
+        first.factory.dependencies, portal=Portal(FakeRealm(), [checker])
+    ))
+    sessions = [SMTPHarness(peer=LOOPBACK, factory=factory) for _ in range(10)]
+    answers = []
+    for session in sessions:
+        session.ehlo()
+        answers.append(reply_codes(session.send(plain("bob@example.org", "guess"))))
+    # Three checks run; the other seven are refused without one.
+    assert len(checker.checks) == 3
+    assert answers == [[]] * 3 + [["454 4.7.0"]] * 7
+    for check in checker.checks:
+        check.errback(UnauthorizedLogin())
+    first.clock.advance(0)
+    assert [reply_codes(s.read()) for s in sessions[:3]] == [["535 5.7.8"]] * 3
+    assert reply_codes(sessions[3].send(plain("bob@example.org", "secret"))) == ["454 4.7.0"]
+    assert len(checker.checks) == 3

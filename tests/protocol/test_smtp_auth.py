@@ -12,8 +12,12 @@ def b64(text: str) -> str:
     return b64encode(text.encode()).decode()
 
 
+# The MX role offers AUTH only with smtp.mx_auth.
+MX_AUTH = make_config(smtp={"mx_auth": True})
+
+
 def authenticating(**kwargs) -> SMTPHarness:
-    session = SMTPHarness(peer=LOOPBACK, **kwargs)
+    session = SMTPHarness(peer=LOOPBACK, role="submission", **kwargs)
     session.ehlo()
     return session
 
@@ -68,7 +72,7 @@ def test_bad_base64_and_unknown_mechanism():
 
 
 def test_auth_needs_ehlo_and_no_transaction():
-    session = SMTPHarness(peer=LOOPBACK)
+    session = SMTPHarness(peer=LOOPBACK, config=MX_AUTH)
     assert reply_codes(session.login()) == ["503 5.5.1"]
     session.ehlo()
     session.command("MAIL FROM:<a@b.c>")
@@ -76,10 +80,12 @@ def test_auth_needs_ehlo_and_no_transaction():
 
 
 def test_auth_refused_over_plaintext_from_afar():
-    session = SMTPHarness(peer=REMOTE)
+    session = SMTPHarness(peer=REMOTE, role="submission")
     session.ehlo()
     assert reply_codes(session.login()) == ["538 5.7.11"]
-    allowed = SMTPHarness(peer=REMOTE, config=make_config(smtp={"auth_over_plaintext": True}))
+    allowed = SMTPHarness(
+        peer=REMOTE, role="submission", config=make_config(smtp={"auth_over_plaintext": True})
+    )
     allowed.ehlo()
     assert reply_codes(allowed.login()) == ["235 2.7.0"]
 
@@ -113,7 +119,7 @@ def test_commands_sent_during_the_delay_wait_their_turn():
 
 def test_starttls_discards_pipelined_commands_and_resets_the_session():
     options = object()
-    session = SMTPHarness(tls_options=options)
+    session = SMTPHarness(tls_options=options, role="submission")
     session.ehlo()
     out = session.send("STARTTLS\r\nNOOP\r\n")
     assert out == b"220 2.0.0 Ready to start TLS\r\n"
@@ -127,7 +133,7 @@ def test_starttls_discards_pipelined_commands_and_resets_the_session():
 
 
 def test_after_starttls_auth_is_allowed_from_afar_and_received_says_esmtpsa():
-    session = SMTPHarness(tls_options=object(), peer=REMOTE)
+    session = SMTPHarness(tls_options=object(), peer=REMOTE, role="submission")
     session.ehlo()
     session.command("STARTTLS")
     session.ehlo()
@@ -146,7 +152,7 @@ def test_starttls_refused_in_a_transaction_or_with_argument():
 
 
 def test_implicit_tls_offers_no_starttls():
-    session = SMTPHarness(tls_options=object(), implicit_tls=True, peer=REMOTE)
+    session = SMTPHarness(tls_options=object(), implicit_tls=True, peer=REMOTE, role="submission")
     ehlo = session.ehlo()
     assert b"STARTTLS" not in ehlo and b"AUTH PLAIN LOGIN" in ehlo
 

@@ -216,7 +216,7 @@ def test_received_field():
 
 
 def test_received_field_names_the_authenticated_sender_and_utf8():
-    session = SMTPHarness(peer=LOOPBACK)
+    session = SMTPHarness(peer=LOOPBACK, role="submission")
     session.ehlo()
     session.login()
     session.send(
@@ -343,5 +343,36 @@ def test_one_log_line_per_transaction_and_rejections_counted():
         assert event["sender"] == "a@remote.test" and list(event["recipients"]) == ["bob@example.org"]
     assert lines[1]["size"] == len(b"Subject: y\r\n\r\nfine\r\n") and lines[1]["ms"] >= 0
     metrics = session.factory.dependencies.metrics
-    assert metrics.smtp_messages_rejected_total.value(role="smtp", reason="bare-newline") == 1
+    assert metrics.smtp_refusals_total.value(role="smtp", reason="bare-newline") == 1
     assert metrics.smtp_messages_accepted_total.value(role="smtp") == 1
+
+
+# C1 controls (NEL ends a line for many readers), the line separator and the
+# right-to-left override: valid UTF-8 the grammar lets through.
+HOSTILE = "\u0085\u2028\u202e\u009b"
+
+
+def test_client_text_is_escaped_in_the_log_line_and_the_received_field():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        session = SMTPHarness(aliases={f"to{HOSTILE}@example.org": ("bob@example.org",)})
+        session.command(f"EHLO helo{HOSTILE}.test")
+        session.send(
+            f"MAIL FROM:<from{HOSTILE}@remote.test> SMTPUTF8\r\n"
+            f"RCPT TO:<to{HOSTILE}@example.org>\r\nDATA\r\nx\r\n.\r\n"
+        )
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    (stored,) = session.intake.finished
+    assert stored.envelope.helo == f"helo{HOSTILE}.test"  # kept as given for the checks
+    [event] = [e for e in events if e.get("event") == "smtp.accepted"]
+    text = formatEvent(event)
+    assert text.isprintable(), text
+    assert "helo=helo????.test" in text and "from=<from????@remote.test>" in text
+    assert "to=<to????@example.org>" in text
+    received = stored.data.split(b"\r\n")[:3]
+    assert received[0] == b"Received: from helo????.test ([203.0.113.9])"
+    assert received[2].startswith(b"\tfor <to????@example.org>; ")

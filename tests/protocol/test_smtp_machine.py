@@ -102,6 +102,10 @@ def test_a_whole_session_without_a_transport():
     )
     assert message.envelope.authenticated == "bob@example.org"
     assert b"with ESMTPSA" in message.data and b"(using TLS)" not in message.data
+    # One id for the Received field and the envelope; TLS without a handle
+    # to ask is "TLS", its cipher unknown.
+    assert f"with ESMTPSA id {message.envelope.id}\r\n".encode() in message.data
+    assert (message.envelope.tls_version, message.envelope.tls_cipher) == ("TLS", None)
 
     assert command(session, "QUIT") == (R.BYE, CLOSE)
 
@@ -110,7 +114,8 @@ def test_the_sequence_table_refuses_what_is_out_of_order():
     session, _, _ = machine(role="smtp")
     assert command(session, "MAIL FROM:<a@b.c>") == R.NEED_HELO
     assert command(session, "RCPT TO:<bob@example.org>") == R.NEED_MAIL
-    assert command(session, "AUTH PLAIN") == R.NEED_EHLO
+    assert command(session, "AUTH PLAIN") == R.AUTH_NOT_OFFERED  # by the MX role, by default
+    assert command(machine()[0], "AUTH PLAIN") == R.NEED_EHLO
     command(session, "EHLO c")
     command(session, "MAIL FROM:<a@b.c>")
     assert command(session, "MAIL FROM:<a@b.c>") == R.NESTED_MAIL
@@ -203,7 +208,9 @@ class FakeRunner:
 
 
 def test_no_handler_calls_the_transport(tripwire):
-    session = SMTPHarness(peer=LOOPBACK, tls_options=object(), queue_runner=FakeRunner())
+    session = SMTPHarness(
+        peer=LOOPBACK, role="submission", tls_options=object(), queue_runner=FakeRunner()
+    )
     assert isinstance(session.transport, Tripwire)
     script = [
         ("EHLO c", "250"), ("HELP", "214 2.0.0"), ("NOOP", "250 2.0.0"), ("VRFY bob", "252 2.5.0"),

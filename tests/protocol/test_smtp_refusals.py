@@ -143,8 +143,6 @@ def message_refused(events, session, text: bytes, code: int, enhanced: str, reas
     event = check(events, session, command="DATA", code=code, enhanced=enhanced, reason=reason,
                   sender="a@remote.net", recipients=("bob@example.org",), id=message.envelope.id)
     assert message.envelope.id and event["size"] >= 0
-    metrics = session.factory.dependencies.metrics
-    assert metrics.smtp_messages_rejected_total.value(role="smtp", reason=reason) == 1
     assert f"{message.envelope.id}: refused " in formatEvent(event)
 
 
@@ -190,8 +188,12 @@ def test_etrn_denied(events):
           domain="remote.net")
 
 
+# AUTH on the MX role is off by default (smtp.mx_auth).
+MX_AUTH = {"mx_auth": True}
+
+
 def test_auth_failed(events):
-    session = SMTPHarness(peer=LOOPBACK)
+    session = SMTPHarness(peer=LOOPBACK, config=make_config(smtp=MX_AUTH))
     session.ehlo()
     session.send(plain("bob@example.org", "wrong"))
     session.clock.advance(60)
@@ -202,7 +204,7 @@ def test_auth_failed(events):
 
 
 def test_rate_of_failed_logins(events):
-    config = make_config(limits={"max_auth_failures_per_client": 1})
+    config = make_config(limits={"max_auth_failures_per_client": 1}, smtp=MX_AUTH)
     first = SMTPHarness(peer=LOOPBACK, config=config)
     first.ehlo()
     first.send(plain("bob@example.org", "wrong"))

@@ -5,7 +5,7 @@ refused, authenticated clients relay, the submission role needs AUTH.
 
 import pytest
 
-from mailserver.testing import LOOPBACK, SMTPHarness, reply_codes
+from mailserver.testing import LOOPBACK, SMTPHarness, make_config, reply_codes
 
 RELAY_TRICKS = [
     ("user%remote.net@example.org", "550 5.1.1"),
@@ -19,7 +19,7 @@ RELAY_TRICKS = [
     ("user@[IPv6:::1]", "554 5.7.1"),
     ("user@remote.net", "554 5.7.1"),
     ("user@example.org.remote.net", "554 5.7.1"),
-    ("user@remote.net.", "501 5.1.3"),
+    ("user@remote.net.", "554 5.7.1"),  # the absolute name is the same domain
     ('"user%remote.net"@example.org', "550 5.1.1"),
     ("bob%remote.net@example.org", "550 5.1.1"),
 ]
@@ -36,14 +36,26 @@ def test_relay_tricks_are_refused(address, expected):
     assert not session.intake.messages
 
 
-def test_authenticated_client_may_relay_on_mx():
-    session = SMTPHarness(peer=LOOPBACK)
+def test_authenticated_client_may_relay_on_mx_when_it_offers_auth():
+    session = SMTPHarness(peer=LOOPBACK, config=make_config(smtp={"mx_auth": True}))
     session.ehlo()
     assert reply_codes(session.login()) == ["235 2.7.0"]
     session.send("MAIL FROM:<bob@example.org>\r\nRCPT TO:<Someone@Remote.NET>\r\nDATA\r\nx\r\n.\r\n")
     (recipient,) = session.intake.finished[0].envelope.recipients
     assert recipient.destinations == ("Someone@remote.net",)
     assert session.intake.finished[0].envelope.authenticated == "bob@example.org"
+
+
+def test_authenticated_client_on_mx_must_own_the_sender():
+    # Issue 19: AUTH on the MX role skipped the sender check submission makes.
+    session = SMTPHarness(peer=LOOPBACK, config=make_config(smtp={"mx_auth": True}))
+    session.ehlo()
+    assert reply_codes(session.login()) == ["235 2.7.0"]
+    out = session.command("MAIL FROM:<ceo@bigbank.example>")
+    assert out == b"553 5.7.1 Sender address rejected: not owned by user bob@example.org\r\n"
+    assert reply_codes(session.command("MAIL FROM:<>")) == ["553 5.7.1"]
+    assert reply_codes(session.command("MAIL FROM:<bob+tag@example.org>")) == ["250 2.1.0"]
+    assert reply_codes(session.command("RCPT TO:<victim@remote.example>")) == ["250 2.1.5"]
 
 
 def test_subaddress_and_alias_resolution():

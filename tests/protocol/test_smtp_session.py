@@ -20,10 +20,22 @@ def test_greeting_and_ehlo_keywords():
 
 
 def test_auth_advertised_on_loopback_or_when_allowed():
-    assert b"AUTH PLAIN LOGIN" in SMTPHarness(peer=LOOPBACK).ehlo()
-    assert b"AUTH" not in SMTPHarness().ehlo()
-    allowed = SMTPHarness(config=make_config(smtp={"auth_over_plaintext": True}))
+    assert b"AUTH PLAIN LOGIN" in SMTPHarness(peer=LOOPBACK, role="submission").ehlo()
+    assert b"AUTH" not in SMTPHarness(role="submission").ehlo()
+    allowed = SMTPHarness(role="submission", config=make_config(smtp={"auth_over_plaintext": True}))
     assert b"AUTH PLAIN LOGIN" in allowed.ehlo()
+
+
+def test_mx_role_offers_no_auth_by_default():
+    # As Postfix on port 25: users log in on submission.
+    for peer in (LOOPBACK, REMOTE):
+        session = SMTPHarness(peer=peer, config=make_config(smtp={"auth_over_plaintext": True}))
+        assert b"AUTH" not in session.ehlo()
+        assert session.login() == b"503 5.5.1 Error: authentication not enabled\r\n"
+        assert reply_codes(session.command("MAIL FROM:<bob@example.org>")) == ["250 2.1.0"]
+    offered = SMTPHarness(peer=LOOPBACK, config=make_config(smtp={"mx_auth": True}))
+    assert b"AUTH PLAIN LOGIN" in offered.ehlo()
+    assert reply_codes(offered.login()) == ["235 2.7.0"]
 
 
 def test_no_starttls_without_tls_options():
@@ -136,7 +148,7 @@ def test_vrfy_and_expn_policy():
 
 
 def test_vrfy_and_expn_for_authenticated_clients():
-    session = SMTPHarness(peer=LOOPBACK)
+    session = SMTPHarness(peer=LOOPBACK, role="submission")
     session.ehlo()
     session.login()
     assert session.command("VRFY <bob@example.org>") == b"250 2.1.5 <bob@example.org>\r\n"
@@ -298,3 +310,22 @@ def test_shutdown_tells_idle_clients_421_and_waits_for_a_transfer():
     idle.lose()
     busy.lose()
     assert fired
+
+
+def test_a_role_out_of_descriptors_says_421_then_drops_connections_unanswered():
+    from mailserver.config import Limits
+    from mailserver.connection_limits import ConnectionLimits
+    from mailserver.smtp import SMTPFactory
+
+    # 6 descriptors: two sessions (each may hold a file, and one refused
+    # may be closing), four connections open at most.
+    limits = ConnectionLimits(Limits(), descriptors=6, reserve=0)
+    first = SMTPHarness(config=make_config())
+    factory = SMTPFactory(first.factory.dependencies, limits)
+    sessions = [SMTPHarness(factory=factory) for _ in range(5)]
+    assert [reply_codes(s.greeting) for s in sessions[:4]] == [["220"]] * 2 + [["421 4.3.2"]] * 2
+    assert sessions[4].transport.disconnected  # aborted: no room to answer
+    sessions[2].lose()  # a refused one closed: room to answer again
+    assert reply_codes(SMTPHarness(factory=factory).greeting) == ["421 4.3.2"]
+    sessions[0].lose()
+    assert reply_codes(SMTPHarness(factory=factory).greeting) == ["220"]

@@ -3,6 +3,7 @@ STARTTLS over a real loopback socket with a self-signed certificate, driven
 by smtplib and a raw socket in a thread while trial runs the reactor.
 """
 
+import re
 import smtplib
 import socket
 import ssl
@@ -65,6 +66,14 @@ class STARTTLSLoopbackTests(unittest.TestCase):
             self.assertIn(b" with ESMTPSA id ", stored.data)
             self.assertIn(b"(using TLSv1.", stored.data)
             self.assertTrue(stored.data.endswith(b"over TLS\r\n"))
+            # The envelope tells plugins (Rspamd's Queue-Id, TLS-Version,
+            # TLS-Cipher) the Received field's id and the TLS in use.
+            envelope = stored.envelope
+            received_id = re.search(rb" with ESMTPSA id ([0-9A-Z]{16})", stored.data).group(1)
+            self.assertEqual(envelope.id, received_id.decode())
+            self.assertTrue(envelope.tls_version.startswith("TLSv1."))
+            self.assertIn(f"using {envelope.tls_version} with cipher {envelope.tls_cipher}".encode(),
+                          stored.data)
 
         return deferToThread(session).addCallback(check)
 

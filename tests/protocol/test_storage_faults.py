@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 import mailserver.intake
 import mailserver.maildir
+import mailserver.safe_fs
 from mailserver.config import Config, Limits
 from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
@@ -90,6 +91,8 @@ class FaultyOS:
 def faults(monkeypatch):
     injected = FaultyOS()
     monkeypatch.setattr(mailserver.maildir, "os", injected)
+    # Files and folders are opened there (without following links).
+    monkeypatch.setattr(mailserver.safe_fs, "os", injected)
     return injected
 
 
@@ -126,7 +129,7 @@ def server(tmp_path):
 
 
 def mailbox(accounts, address) -> list[bytes]:
-    return [Path(i.path).read_bytes() for i in Mailbox(accounts.mailbox_path(address)).messages()]
+    return [Path(i.path).read_bytes() for i in Mailbox(accounts.mailbox_path(address), accounts.users_path.parent).messages()]
 
 
 def leftovers(accounts) -> list[str]:

@@ -75,6 +75,10 @@ REFUSED = {
     "zero connections": ("[limits]\nmax_connections = 0", "limits.max_connections", "at least"),
     "zero message size": ("[limits]\nmax_message_size = 0", "limits.max_message_size",
                           "at least"),
+    "memory budget under 1 MiB": (
+        "[limits]\nmemory_budget = 65536", "limits.memory_budget", "at least 1048576 (1 MiB)"),
+    "memory budget as a word": (
+        '[limits]\nmemory_budget = "64M"', "limits.memory_budget", "integer"),
     "hostname of 2 MB": (f'hostname = "{HUGE_NAME}"', "hostname", "253"),
     "hostname label of 64": (f'hostname = "{"a" * 64}.example"', "hostname", "63"),
     "hostname with a control character": ('hostname = "mx\\u0085.example"', "hostname", "name"),
@@ -85,6 +89,20 @@ REFUSED = {
     "separator @": ('[smtp]\nsubaddress_separator = "@"', "smtp.subaddress_separator", "@"),
     "separator newline": (
         '[smtp]\nsubaddress_separator = "\\n"', "smtp.subaddress_separator", "printable"),
+    "mx_auth not a flag": ('[smtp]\nmx_auth = "yes"', "smtp.mx_auth", "true or false"),
+    "shared domain in upper case": (
+        '[dkim]\nshared_domains = ["Example.org"]', "dkim.shared_domains", "lower-case"),
+    "shared domain with a trailing dot": (
+        '[dkim]\nshared_domains = ["example.org."]', "dkim.shared_domains", "trailing dot"),
+    "shared domain an address": (
+        '[dkim]\nshared_domains = ["@example.org"]', "dkim.shared_domains", "name"),
+    "shared domain with a space": (
+        '[dkim]\nshared_domains = ["a b.org"]', "dkim.shared_domains", "name"),
+    "shared domain with a line break": (
+        '[dkim]\nshared_domains = ["example.org\\nX-Injected: 1"]', "dkim.shared_domains",
+        "name"),
+    "shared domains not a list": (
+        '[dkim]\nshared_domains = "example.org"', "dkim.shared_domains", "list"),
 }
 
 

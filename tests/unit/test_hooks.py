@@ -5,9 +5,12 @@ message-hook wrapper around the intake, and plugin discovery and loading.
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -26,6 +29,7 @@ from mailserver.hooks import (
     Rewrite,
 )
 from mailserver.interfaces import IDeliveredHook, IEnvelopeHook, IMessageHook
+from mailserver.memory_budget import MemoryBudget
 from mailserver.plugin_loading import available_plugins, load_plugins
 from mailserver.testing import MemoryIntake
 
@@ -129,6 +133,14 @@ def test_a_refusal_is_named_by_its_plugin_unless_it_names_itself():
             Reject(550, "5.7.1", "no", reason=bad)
 
 
+def test_reject_reasons_are_short_words():
+    assert Reject(450, "4.7.1", "x", reason="rate").reason == "rate"
+    assert Reject(450, "4.7.1", "x", reason="plugin:my-list.v2").reason == "plugin:my-list.v2"
+    for bad in ("Rate", "two words", "x" * 65, "-dash", "ünï"):
+        with pytest.raises(ValueError):
+            Reject(450, "4.7.1", "x", reason=bad)
+
+
 def test_delivered_errors_are_swallowed():
     @implementer(IDeliveredHook)
     class Fails:
@@ -208,6 +220,32 @@ def test_hooked_intake_rejection_stores_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_hooked_intake_spills_through_no_symbolic_link(tmp_path):
+    """
+    Past the memory budget the header section and body go to spill files in
+    the spool's tmp/; a link left in its place must not take them elsewhere.
+    """
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data = tmp_path / "data"
+    (data / "spool").mkdir(parents=True)
+    (data / "spool" / "tmp").symlink_to(elsewhere)
+    intake = HookedIntake(
+        MemoryIntake(), Hooks([("tag", Tagger())]), data / "spool" / "tmp",
+        budget=MemoryBudget(0), base=data,
+    )
+    receiver = intake.begin(ENVELOPE)
+    with pytest.raises(OSError):
+        receiver.write(b"Subject: s\r\n\r\nbody\r\n")
+    receiver.abort()
+    assert os.listdir(elsewhere) == []
+    # Without the link, the spill file has no name: nothing is left behind.
+    (data / "spool" / "tmp").unlink()
+    (data / "spool" / "tmp").mkdir()
+    assert feed(intake, [b"Subject: s\r\n\r\n", b"body\r\n" * 1000]) == "Q1"
+    assert os.listdir(data / "spool" / "tmp") == []
+
+
 def test_hooked_intake_hands_a_large_message_on_a_chunk_per_turn(tmp_path):
     from twisted.internet.task import Clock
 
@@ -230,6 +268,53 @@ def test_hooked_intake_hands_a_large_message_on_a_chunk_per_turn(tmp_path):
     assert [message.data for message in inner.finished] == [
         b"X-Tag: a@example.org\r\nSubject: big\r\n\r\n" + body
     ]
+
+
+@implementer(IMessageHook)
+class Looker:
+    """
+    Records the header section and body each message hook call sees.
+    """
+
+    def __init__(self):
+        self.seen = []
+
+    def message(self, envelope, headers, body):
+        self.seen.append((headers.to_bytes(), body.read()))
+
+
+_message_parts = st.lists(
+    st.sampled_from([b"A: 1\r\n", b"Long: " + b"x" * 40 + b"\r\n", b" folded\r\n", b"\r\n",
+                     b"body\r\n", b"\r", b"\n", b"\r\n\r\n"]),
+    max_size=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=_message_parts, cuts=st.lists(st.integers(0, 500), max_size=6),
+       budget=st.sampled_from([0, 100, 10**6]), max_header=st.sampled_from([40, 10**6]))
+def test_hooked_intake_passes_any_message_on_whole_however_it_is_cut_and_held(
+    tmp_path_factory, parts, cuts, budget, max_header
+):
+    import mailserver.hooked_intake as hooked
+
+    message = b"".join(parts)
+    edges = sorted({0, len(message), *(c % (len(message) + 1) for c in cuts)})
+    inner, looker = MemoryIntake(), Looker()
+    memory = MemoryBudget(budget)
+    intake = HookedIntake(inner, Hooks([("look", looker)]), tmp_path_factory.mktemp("spool"),
+                          budget=memory)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hooked, "MAX_HEADER_BYTES", max_header)
+        assert feed(intake, [message[a:b] for a, b in zip(edges, edges[1:])]) == "Q1"
+    assert [m.data for m in inner.finished] == [message]
+    (head, body), = looker.seen
+    blank = message.find(b"\r\n\r\n")
+    if message.startswith(b"\r\n"):
+        assert (head, body) == (b"", message[2:])
+    elif 0 <= blank and blank + 4 <= max_header:
+        assert (head, body) == (message[: blank + 2], message[blank + 4:])
+    assert memory.held == 0
 
 
 THIRD_PARTY = textwrap.dedent(

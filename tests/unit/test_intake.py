@@ -4,6 +4,7 @@ The intake: one durable copy, routed to Maildirs (and the relay queue).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mailserver.envelope import Envelope, Recipient
 from mailserver.from_config import accounts_for
 from mailserver.intake import Intake, NoRelayQueue
 from mailserver.maildir import Mailbox
+from mailserver.memory_budget import MemoryBudget
 from mailserver.testing import InlineCommitter, InlineReactor
 
 
@@ -54,7 +56,7 @@ def test_local_delivery_to_several_mailboxes(accounts):
     queue_id = run(intake, envelope("a@example.org", "b@example.org"), pieces)
     assert isinstance(queue_id, str)
     for user in ("a", "b"):
-        (info,) = Mailbox(accounts.mailbox_path(f"{user}@example.org")).messages()
+        (info,) = Mailbox(accounts.mailbox_path(f"{user}@example.org"), accounts.users_path.parent).messages()
         data = Path(info.path).read_bytes()
         assert data == b"Return-Path: <s@remote.test>\nSubject: x\n\nline\n\nend\n"
         assert info.size == len(data.replace(b"\n", b"\r\n"))
@@ -69,7 +71,7 @@ def test_remote_recipient_without_a_queue_fails_and_stores_nothing(accounts):
     intake = make_intake(accounts)
     failure = run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
     assert failure.check(NoRelayQueue)
-    assert Mailbox(accounts.mailbox_path("a@example.org")).messages() == []
+    assert Mailbox(accounts.mailbox_path("a@example.org"), accounts.users_path.parent).messages() == []
     assert list((intake.spool_path / "tmp").iterdir()) == []
 
 
@@ -84,7 +86,7 @@ def test_remote_recipients_go_to_the_queue_without_return_path(accounts):
     intake = make_intake(accounts, queue=Queue())
     run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
     assert queued == [(("x@remote.test",), b"Subject: x\n\nhi\n")]
-    assert len(Mailbox(accounts.mailbox_path("a@example.org")).messages()) == 1
+    assert len(Mailbox(accounts.mailbox_path("a@example.org"), accounts.users_path.parent).messages()) == 1
 
 
 def test_abort_leaves_nothing(accounts):
@@ -112,16 +114,14 @@ def test_a_large_message_is_spooled_not_held_in_memory(accounts, monkeypatch):
         b"line %d\n" % n for n in range(50)
     )
     for user in ("a", "b"):
-        (info,) = Mailbox(accounts.mailbox_path(f"{user}@example.org")).messages()
+        (info,) = Mailbox(accounts.mailbox_path(f"{user}@example.org"), accounts.users_path.parent).messages()
         assert Path(info.path).read_bytes() == expected
     assert list((intake.spool_path / "tmp").iterdir()) == []
 
 
-def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(accounts, monkeypatch):
-    import mailserver.intake
-
-    monkeypatch.setattr(mailserver.intake, "MEMORY_BUDGET", 1000)
-    intake = make_intake(accounts)
+def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(accounts):
+    budget = MemoryBudget(1000)
+    intake = make_intake(accounts, budget=budget)
     first = intake.begin(envelope("a@example.org"))
     first.write(b"Subject: one\r\n\r\n" + b"x" * 900 + b"\r\n")
     assert first._spool is None  # alone under the budget: in memory
@@ -132,10 +132,35 @@ def test_messages_spill_to_disk_once_all_sessions_hold_the_memory_budget(account
         results = []
         receiver.finish().addBoth(results.append)
         assert isinstance(results[0], str)
-    assert intake.held_in_memory == 0
-    (info,) = Mailbox(accounts.mailbox_path("b@example.org")).messages()
+    assert budget.held == 0
+    (info,) = Mailbox(accounts.mailbox_path("b@example.org"), accounts.users_path.parent).messages()
     assert Path(info.path).read_bytes().endswith(b"y" * 200 + b"\n")
     aborted = intake.begin(envelope("a@example.org"))
     aborted.write(b"partial")
     aborted.abort()
-    assert intake.held_in_memory == 0
+    assert budget.held == 0
+
+
+def test_the_return_path_carries_no_control_or_format_characters(accounts):
+    intake = make_intake(accounts)
+    env = Envelope(sender="s\u0085\u2028\u202e@remote.test",
+                   recipients=(Recipient("a@example.org", ("a@example.org",)),))
+    run(intake, env, [b"Subject: x\r\n\r\nbody\r\n"])
+    (info,) = Mailbox(accounts.mailbox_path("a@example.org"), accounts.users_path.parent).messages()
+    data = Path(info.path).read_bytes()
+    assert data.startswith(b"Return-Path: <s???@remote.test>\nSubject: x\n")
+
+
+def test_delivery_through_a_linked_new_fails_and_writes_nothing_there(accounts, tmp_path):
+    from mailserver.safe_fs import SymlinkRefused
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    intake = make_intake(accounts)
+    maildir = accounts.mailbox_path("a@example.org")
+    for sub in ("tmp", "cur"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "new").symlink_to(outside)
+    failure = run(intake, envelope("a@example.org"), [b"Subject: x\r\n\r\nbody\r\n"])
+    assert failure.check(SymlinkRefused)
+    assert os.listdir(outside) == [] and os.listdir(maildir / "tmp") == []

@@ -163,7 +163,7 @@ def test_a_signature_over_the_fitted_form_verifies_on_what_the_relay_sends():
     head, body = MULTIPART.split(b"\n\n", 1)
 
     signer = DKIMSigner({"example.org": [("sel", key)]}, ("from", "subject", "x-token"),
-                        ("from",), reactor=None, threadpool=None)
+                        ("from",), reactor=None, threadpool=None, owns=lambda account, address: True)
     headers = MessageHeaders(head.replace(b"\n", b"\r\n") + b"\r\n")
 
     fields = signer._sign("example.org", headers.to_bytes(), headers.names(),

@@ -6,7 +6,6 @@ the keygen command, the configuration, and the checks over an in-memory DNS.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import random
 import stat
@@ -17,7 +16,7 @@ import pytest
 
 from mailserver import cli
 from mailserver.config import CheckAction, ConfigError, DKIMKey, load
-from mailserver.hooks import MessageBody, MessageHeaders
+from mailserver.hooks import MessageHeaders
 from mailserver.mailauth import load_signing_keys
 from mailserver.mailauth.dmarc import (
     Record,
@@ -142,6 +141,19 @@ def test_render_is_folded_one_result_a_line():
     assert headers.get("Authentication-Results").startswith("mx.test;")
 
 
+def test_render_escapes_client_text():
+    report = Report(
+        spf=(SPFResult("mailfrom", "a\u202e@x.test", "none"),
+             SPFResult("helo", "h\u0085\u2028x.test", "none")),
+        dkim=(DKIMResult("fail", "x\u2028.test", "s\u0085"),),
+    )
+    text = render("mx.test", report).decode()
+    assert text.replace("\r\n\t", "").endswith("\r\n")
+    assert text[:-2].replace("\r\n\t", "").isprintable(), text
+    assert "smtp.mailfrom=a?@x.test" in text and 'smtp.helo="h??x.test"' in text
+    assert 'header.d="x?.test"' in text and 'header.s="s?"' in text
+
+
 def test_headers_add_raw_and_selective_remove():
     headers = MessageHeaders(b"A: 1\r\nB: x\r\n y\r\nB: z\r\n")
     headers.add_raw(b"C: one\r\n\ttwo\r\n")
@@ -225,6 +237,7 @@ def write_config(tmp_path, text: str):
 def test_config_defaults_and_tables(tmp_path):
     config = load(write_config(tmp_path, (
         '[dkim]\nkeys = ["example.org:sel", "example.org:ed:/k/ed.key"]\n'
+        'shared_domains = ["lists.example.org"]\n'
         '[checks]\nspf_fail = "reject"\ndmarc_reject = "reject"\n'
         'exempt_domains = [".partner.test"]\nexempt_networks = ["10.0.0.0/8"]\n'
     )))
@@ -232,6 +245,7 @@ def test_config_defaults_and_tables(tmp_path):
         DKIMKey("example.org", "sel"), DKIMKey("example.org", "ed", Path("/k/ed.key")))
     assert [str(key) for key in config.dkim.keys] == ["example.org:sel", "example.org:ed:/k/ed.key"]
     assert config.dkim.keys[0].file(config.dkim_key_path) == tmp_path / "data/dkim/example.org.sel.key"
+    assert config.dkim.shared_domains == ("lists.example.org",)
     assert "from" in config.dkim.signed_headers
     assert (config.checks.spf_fail, config.checks.dmarc_reject) == (CheckAction.REJECT,) * 2
     assert config.checks.exempt_networks == (ipaddress.ip_network("10.0.0.0/8"),)
@@ -322,10 +336,10 @@ def test_check_message_mx_include_and_temperror():
         ("_spf.y.test", "TXT"): [[b"v=spf1 ip6:2001:db8::/32 -all"]],
         ("down.test", "TXT"): DNSTempError("timeout"),
     })
-    message = b"From: a@x.test\r\n\r\nhi\r\n"
+    head, body = b"From: a@x.test\r\n", b"hi\r\n"
 
     def spf_of(ip, sender):
-        report = check_message(dns, ip=ip, helo="h", sender=sender, message=message,
+        report = check_message(dns, ip=ip, helo="h", sender=sender, head=head, body=[body],
                                from_values=["a@x.test"])
         return report.spf[0].result
 
@@ -334,33 +348,23 @@ def test_check_message_mx_include_and_temperror():
     assert spf_of("192.0.2.2", "a@x.test") == "fail"
     assert spf_of("192.0.2.2", "a@down.test") == "temperror"
     report = check_message(dns, ip="192.0.2.1", helo="[192.0.2.1]", sender="a@x.test",
-                           message=message, from_values=["a@x.test"])
+                           head=head, body=[body], from_values=["a@x.test"])
     assert report.spf[1] == SPFResult("helo", "[192.0.2.1]", "none", "HELO is not a domain name")
     assert report.dkim == () and report.dmarc.result == "none"
 
 
 def test_check_message_dkim_ed25519_and_key_lookup_failure():
-    raw = b"From: <a@x.test>\r\nSubject: s\r\n\r\nbody\r\n"
-    signature = dkim.DKIM(raw, signature_algorithm=ED.algorithm).sign(
+    head, body = b"From: <a@x.test>\r\nSubject: s\r\n", b"body\r\n"
+    signature = dkim.DKIM(head + b"\r\n" + body, signature_algorithm=ED.algorithm).sign(
         b"ed", b"x.test", ED.private, include_headers=[b"from", b"subject"],
         canonicalize=(b"relaxed", b"relaxed"))
     good = DictDNS({("ed._domainkey.x.test", "TXT"): [[txt_record(ED).encode()]],
                     ("_dmarc.x.test", "TXT"): [[b"v=DMARC1; p=reject"]]})
     report = check_message(good, ip="192.0.2.1", helo="h.x.test", sender="a@x.test",
-                           message=signature + raw, from_values=["a@x.test"])
+                           head=signature + head, body=[body], from_values=["a@x.test"])
     assert [(r.result, r.algorithm) for r in report.dkim] == [("pass", "ed25519-sha256")]
     assert report.dmarc.result == "pass"
     down = DictDNS({("ed._domainkey.x.test", "TXT"): DNSTempError("timeout")})
     report = check_message(down, ip="192.0.2.1", helo="h.x.test", sender="a@x.test",
-                           message=signature + raw, from_values=["a@x.test"])
+                           head=signature + head, body=[body], from_values=["a@x.test"])
     assert report.dkim[0].result == "temperror"
-
-
-def test_whole_message():
-    from mailserver.mailauth._message import whole_message
-
-    body = MessageBody(io.BytesIO(b"\r\nbody starts with an empty line\r\n"))
-    assert whole_message(b"A: 1\r\n", body.read()) == (
-        b"A: 1\r\n\r\n\r\nbody starts with an empty line\r\n"
-    )
-    assert whole_message(b"A: 1\r\n", b"body\r\n") == b"A: 1\r\n\r\nbody\r\n"

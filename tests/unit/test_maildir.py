@@ -14,7 +14,7 @@ from mailserver.message_ids import MessageIDs, new_message_id
 def deliver(tmp_path, data, maildirs):
     spool = tmp_path / "spool" / "tmp"
     spool.mkdir(parents=True, exist_ok=True)
-    f = SpoolFile(spool, f"{new_message_id()}.{file_name_host('host/with:odd chars')}")
+    f = SpoolFile(tmp_path, spool, f"{new_message_id()}.{file_name_host('host/with:odd chars')}")
     f.write(data)
     return f.deliver(maildirs)
 
@@ -35,7 +35,7 @@ def test_listing_uses_names_and_marks_seen(tmp_path):
     box = tmp_path / "box"
     deliver(tmp_path, b"one\n", [box])
     deliver(tmp_path, b"two\nlines\n", [box])
-    mailbox = Mailbox(box)
+    mailbox = Mailbox(box, tmp_path)
     first, second = mailbox.messages()
     assert (first.size, second.size) == (5, 12)
     assert not first.seen
@@ -55,10 +55,10 @@ def test_listing_uses_names_and_marks_seen(tmp_path):
 
 def test_marking_seen_keeps_other_flags(tmp_path):
     box = tmp_path / "box"
-    ensure_maildir(box)
+    ensure_maildir(tmp_path, box)
     (box / "cur" / "12345.foreign:2,FR").write_bytes(b"a\n")
-    (info,) = Mailbox(box).messages()
-    Mailbox(box).mark_seen(info)
+    (info,) = Mailbox(box, tmp_path).messages()
+    Mailbox(box, tmp_path).mark_seen(info)
     assert os.listdir(box / "cur") == ["12345.foreign:2,FRS"]
 
 
@@ -66,7 +66,7 @@ def test_a_locked_mailbox_renames_and_unlinks_in_its_folders_and_unlock_closes_t
     box = tmp_path / "box"
     deliver(tmp_path, b"one\n", [box])
     deliver(tmp_path, b"two\n", [box])
-    mailbox = Mailbox(box)
+    mailbox = Mailbox(box, tmp_path)
     open_before = len(os.listdir("/proc/self/fd"))
     assert mailbox.lock()
     assert len(os.listdir("/proc/self/fd")) == open_before + 3  # the lock, new/, cur/
@@ -83,32 +83,32 @@ def test_a_locked_mailbox_renames_and_unlinks_in_its_folders_and_unlock_closes_t
 
 def test_foreign_files_without_sizes_are_measured(tmp_path):
     box = tmp_path / "box"
-    ensure_maildir(box)
+    ensure_maildir(tmp_path, box)
     (box / "cur" / "12345.foreign:2,S").write_bytes(b"a\nb\n")
-    (info,) = Mailbox(box).messages()
+    (info,) = Mailbox(box, tmp_path).messages()
     assert info.size == 6 and info.seen and info.uid == "12345.foreign"
 
 
 def test_lock_is_exclusive_across_processes_and_dies_with_them(tmp_path):
     box = tmp_path / "box"
-    first = Mailbox(box)
+    first = Mailbox(box, tmp_path)
     assert first.lock()
-    assert not Mailbox(box).lock()
+    assert not Mailbox(box, tmp_path).lock()
     first.unlock()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\n"
          "from pathlib import Path\nfrom mailserver.maildir import Mailbox\n"
-         f"assert Mailbox(Path({str(box)!r})).lock()\nprint('locked', flush=True)\ntime.sleep(60)"],
+         f"assert Mailbox(Path({str(box)!r}), Path({str(tmp_path)!r})).lock()\nprint('locked', flush=True)\ntime.sleep(60)"],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert not Mailbox(box).lock()
+        assert not Mailbox(box, tmp_path).lock()
     finally:
         holder.kill()
         holder.wait()
-    assert Mailbox(box).lock()
+    assert Mailbox(box, tmp_path).lock()
 
 
 def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
@@ -133,10 +133,122 @@ def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
             path.write_bytes(b"partial")
         old = time.time() - 37 * 3600
         os.utime(foreign_old, (old, old))
-        assert remove_stale_tmp(str(tmp)) == 3
+        assert remove_stale_tmp(tmp_path, tmp) == 3
         assert sorted(p.name for p in tmp.iterdir()) == sorted(
             [live_file.name, live_old_name.name, foreign_new.name])
     finally:
         live.kill()
         live.wait()
-    assert remove_stale_tmp(str(tmp_path / "missing")) == 0
+    assert remove_stale_tmp(tmp_path, tmp_path / "missing") == 0
+
+
+# Issue 19: links inside the data folder were followed.
+
+
+def test_delivery_does_not_write_through_a_linked_new(tmp_path):
+    import pytest
+
+    from mailserver.safe_fs import SymlinkRefused
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    box = tmp_path / "mail" / "bob"
+    ensure_maildir(tmp_path, box)
+    (box / "new").rmdir()
+    (box / "new").symlink_to(outside)
+    for maildirs in ([box], [tmp_path / "mail" / "alice", box]):
+        with pytest.raises(SymlinkRefused):
+            deliver(tmp_path, b"Subject: hi\n\nbody\n", maildirs)
+        assert os.listdir(outside) == []
+        assert os.listdir(tmp_path / "spool" / "tmp") == []
+
+
+def test_a_spool_file_is_not_made_through_a_linked_tmp(tmp_path):
+    import pytest
+
+    from mailserver.safe_fs import SymlinkRefused
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    box = tmp_path / "mail" / "bob"
+    ensure_maildir(tmp_path, box)
+    (box / "tmp").rmdir()
+    (box / "tmp").symlink_to(outside)
+    with pytest.raises(SymlinkRefused):
+        SpoolFile(tmp_path, box / "tmp", f"{new_message_id()}.h", b"x\n")
+    assert os.listdir(outside) == []
+
+
+def test_start_up_clean_up_does_not_follow_a_linked_tmp(tmp_path):
+    import pytest
+
+    from mailserver.maildir import maildir_tmp_folders, remove_stale_tmp
+    from mailserver.safe_fs import SymlinkRefused
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    old = outside / "1700000000.M000001P1Q1.mx"
+    old.write_bytes(b"precious")
+    os.utime(old, (0, 0))
+    mail = tmp_path / "mail"
+    ensure_maildir(tmp_path, mail / "example.org" / "bob")
+    (mail / "example.org" / "bob" / "tmp").rmdir()
+    (mail / "example.org" / "bob" / "tmp").symlink_to(outside)
+    (mail / "linked.example").symlink_to(mail / "example.org")
+    ensure_maildir(tmp_path, mail / "example.org" / "carol")
+    (mail / "example.org" / "dave").symlink_to(outside)
+    folders, links = maildir_tmp_folders(mail)
+    assert folders == [mail / "example.org" / "bob" / "tmp", mail / "example.org" / "carol" / "tmp"]
+    assert sorted(links) == [mail / "example.org" / "dave", mail / "linked.example"]
+    with pytest.raises(SymlinkRefused):
+        remove_stale_tmp(tmp_path, folders[0])
+    assert old.read_bytes() == b"precious"
+    assert remove_stale_tmp(tmp_path, folders[1]) == 0
+
+
+def test_a_mailbox_refuses_linked_folders_lock_file_and_messages(tmp_path):
+    import pytest
+
+    from mailserver.safe_fs import SymlinkRefused
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not mail\n")
+    box = tmp_path / "box"
+    deliver(tmp_path, b"one\n", [box])
+    (box / "new" / "1700000000.M1P1Q1.x,S=9,W=10").symlink_to(secret)
+    mailbox = Mailbox(box, tmp_path)
+    assert mailbox.lock()
+    planted, real = mailbox.messages()
+    with pytest.raises(SymlinkRefused):
+        mailbox.open(planted)
+    with pytest.raises(SymlinkRefused):
+        mailbox.read_whole(planted, 100)
+    assert mailbox.read_whole(real, 100) == b"one\n"
+    mailbox.unlock()
+    with pytest.raises(SymlinkRefused):
+        Mailbox(box, tmp_path).open(planted)
+    (box / "mailserver.lock").unlink()
+    (box / "mailserver.lock").symlink_to(tmp_path / "elsewhere.lock")
+    with pytest.raises(SymlinkRefused):
+        Mailbox(box, tmp_path).lock()
+    assert not (tmp_path / "elsewhere.lock").exists()
+    (box / "mailserver.lock").unlink()
+    (box / "cur").rename(tmp_path / "cur")
+    (box / "cur").symlink_to(tmp_path / "cur")
+    with pytest.raises(SymlinkRefused):
+        Mailbox(box, tmp_path).lock()
+
+
+def test_maildir_folders_are_private_whatever_the_umask(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        deliver(tmp_path, b"one\n", [tmp_path / "mail" / "example.org" / "bob"])
+    finally:
+        os.umask(old)
+    bob = tmp_path / "mail" / "example.org" / "bob"
+    for folder in (tmp_path / "mail", bob.parent, bob, bob / "tmp", bob / "new", bob / "cur"):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
+    (message,) = os.listdir(bob / "new")
+    assert stat.S_IMODE(os.stat(bob / "new" / message).st_mode) == 0o600

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from cryptography import x509
 
 from mailserver.config import Config
 from mailserver.ownership import DataFolderError, Owner, prepare_data_folder, server_owner
+from mailserver.safe_fs import SymlinkRefused
 from mailserver.startup import ListenerLine, add_account_command, startup_lines
 from mailserver.tls import ensure_self_signed, self_signed_names
 from mailserver.workers import worker_argv
@@ -115,3 +117,34 @@ def test_the_data_folder_is_made_for_the_server_user_and_another_users_refused(t
     theirs.mkdir()
     with pytest.raises(DataFolderError, match=r"belongs to root, but the server runs as .*: chown -R "):
         prepare_data_folder(theirs, Owner(65534, 65534))
+
+
+def test_the_data_folder_is_made_private_whatever_the_umask(tmp_path):
+    old_mask = os.umask(0o022)
+    try:
+        prepare_data_folder(tmp_path / "a" / "data", None)
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE((tmp_path / "a" / "data").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755  # a parent: the operator's
+
+
+def test_the_data_folders_own_folders_are_tightened_and_never_links(tmp_path):
+    data = tmp_path / "data"
+    (data / "queue").mkdir(parents=True)
+    (data / "queue").chmod(0o755)
+    prepare_data_folder(data, None)
+    assert stat.S_IMODE((data / "queue").stat().st_mode) == 0o750
+    (tmp_path / "elsewhere").mkdir()
+    (data / "mta-sts").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SymlinkRefused):
+        prepare_data_folder(data, None)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_data_folder_made_with_its_parents_is_the_server_users(tmp_path):
+    made = tmp_path / "parent" / "data"
+    prepare_data_folder(made, Owner(65534, 65534))
+    assert (made.stat().st_uid, made.stat().st_gid) == (65534, 65534)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    assert made.parent.stat().st_uid == os.geteuid()

@@ -103,6 +103,31 @@ def test_cache_round_trip_and_damage(tmp_path):
     assert cache.load("remote.test") is None
 
 
+def test_the_cache_follows_no_symbolic_link(tmp_path):
+    from mailserver.safe_fs import SymlinkRefused
+
+    policy = STSPolicy("remote.test", "id1", "enforce", ("mx1.remote.test",), 600, 1000.0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mta-sts").symlink_to(elsewhere)
+    with pytest.raises(SymlinkRefused):
+        PolicyCache(tmp_path / "data" / "mta-sts").save(policy)
+    assert list(elsewhere.iterdir()) == []
+    # A cached file replaced by a link is ignored, not read.
+    cache = PolicyCache(tmp_path / "mta-sts")
+    cache.save(policy)
+    (elsewhere / "remote.test.json").write_text((tmp_path / "mta-sts" / "remote.test.json").read_text())
+    (tmp_path / "mta-sts" / "remote.test.json").unlink()
+    (tmp_path / "mta-sts" / "remote.test.json").symlink_to(elsewhere / "remote.test.json")
+    assert cache.load("remote.test") is None
+    # Nor is the temporary file written through a link in its place.
+    (tmp_path / "mta-sts" / ".remote.test.tmp").symlink_to(elsewhere / "planted")
+    with pytest.raises(SymlinkRefused):
+        cache.save(policy)
+    assert not (elsewhere / "planted").exists()
+
+
 WAIT = object()
 
 

@@ -247,3 +247,38 @@ def test_names_that_are_not_ids_are_not_envelopes(config, tmp_path):
     (store.envelopes_path / f".{queue_id}.json").write_text("{}")
     (store.envelopes_path / "notes.txt").write_text("hi")
     assert store.ids() == [queue_id]
+
+
+def test_queue_folders_are_private_and_never_links(config, tmp_path):
+    import stat
+
+    from mailserver.safe_fs import SymlinkRefused
+
+    store = QueueStore(config.queue_path, clock=lambda: 1000.0)
+    queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
+    for folder in (store.path, store.messages_path, store.envelopes_path, store.tmp_path):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    # A message file replaced by a link to another file is not read.
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Return-Path: <x>\nnot mail\n" * 4)
+    os.unlink(store.messages_path / queue_id)
+    os.symlink(secret, store.messages_path / queue_id)
+    with pytest.raises(CorruptEntry):
+        store.load(queue_id)
+    with pytest.raises(SymlinkRefused):
+        store.open_body(QueuedMessage(id=queue_id, sender="", recipients=(), arrival=0))
+    # Nor is a queue folder that is a link.
+    other = QueueStore(tmp_path / "other" / "queue")
+    (tmp_path / "other" / "queue").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "other" / "queue" / "messages")
+    with pytest.raises(SymlinkRefused):
+        other.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_a_dangling_link_among_the_requests_does_not_stop_the_scan(config):
+    store = QueueStore(config.queue_path, clock=lambda: 1000.0)
+    store.request("flush", "*")
+    os.symlink("/nonexistent/target", store.requests_path / "ABC.flush")
+    assert sorted(store.take_requests()) == [("flush", "*"), ("flush", "ABC")]

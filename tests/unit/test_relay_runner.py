@@ -92,7 +92,7 @@ class World:
         return results[0]
 
     def bounces(self):
-        box = Mailbox(self.accounts.mailbox_path("s@example.org"))
+        box = Mailbox(self.accounts.mailbox_path("s@example.org"), self.config.data_path)
         if not (box.path / "new").exists():
             return []
         out = []

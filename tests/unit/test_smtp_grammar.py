@@ -128,3 +128,63 @@ def test_bad_recipient_options(parameters):
 def test_bad_mail_syntax(argument):
     with pytest.raises(GrammarError):
         parse_mail(argument)
+
+
+def test_trailing_dot_of_an_absolute_domain_is_accepted_and_dropped():
+    # RFC 5321's Domain has no trailing dot; Postfix accepts it and drops it.
+    assert parse_mail("FROM:<bob@test.example.>").mailbox == Mailbox("bob", "test.example")
+    assert parse_rcpt("TO:<bob@Test.Example.> NOTIFY=NEVER").mailbox == Mailbox("bob", "test.example")
+    assert parse_mailbox("bob@test.example.") == Mailbox("bob", "test.example")
+
+
+@pytest.mark.parametrize(
+    "address", ["bob@test.example..", "bob@.", "bob@test..example.", "bob.@test.example", "bob@[127.0.0.1]."]
+)
+def test_only_one_trailing_dot_after_a_whole_domain(address):
+    with pytest.raises(GrammarError):
+        parse_mailbox(address)
+
+
+def test_quoted_local_part_with_an_escaped_quote():
+    # RFC 5321 4.1.2: quoted-pairSMTP is a backslash and any printable ASCII.
+    assert parse_mail('FROM:<"bob\\""@test.example>').mailbox == Mailbox('"bob\\""', "test.example")
+    assert parse_rcpt('TO:<"a\\"b>c"@test.example> NOTIFY=NEVER').mailbox == Mailbox(
+        '"a\\"b>c"', "test.example"
+    )
+    with pytest.raises(GrammarError):
+        parse_mail('FROM:<"bob\\">')
+
+
+@pytest.mark.parametrize(
+    "envid",
+    [
+        "abc+0D+0AX-Injected:+20envid+0D+0A+0D+0A--fake-boundary",
+        "a+0Ab", "a+0Db", "a+09b", "a+00b", "a+7Fb", "a+C3+A9",
+    ],
+)
+def test_envid_must_decode_to_printable_ascii(envid):
+    with pytest.raises(GrammarError) as raised:
+        mail_options(parse_mail(f"FROM:<bob@test.example> ENVID={envid}").parameters)
+    assert (raised.value.code, raised.value.enhanced) == (501, "5.5.4")
+
+
+@pytest.mark.parametrize(
+    "orcpt", ["rfc822;x+0D+0AX-Orcpt-Injected:+20yes", "rfc822;a+0Ab", "rfc822;a+85b", "rfc822;a+00"]
+)
+def test_orcpt_must_decode_to_printable_ascii(orcpt):
+    with pytest.raises(GrammarError) as raised:
+        recipient_options(parse_rcpt(f"TO:<a@b.c> ORCPT={orcpt}").parameters)
+    assert (raised.value.code, raised.value.enhanced) == (501, "5.5.4")
+
+
+def test_printable_xtext_values_still_pass():
+    options = mail_options(parse_mail("FROM:<a@b.c> ENVID=a+20b+2B+3D~").parameters)
+    assert options.envid == "a+20b+2B+3D~"
+    options = recipient_options(parse_rcpt("TO:<a@b.c> ORCPT=rfc822;a+20b+40c.d").parameters)
+    assert options.orcpt == "rfc822;a+20b+40c.d"
+
+
+def test_unknown_parameters_stay_555():
+    with pytest.raises(GrammarError) as raised:
+        mail_options(parse_mail("FROM:<a@b.c> FOO=bar").parameters)
+    assert raised.value.code == 555

@@ -63,6 +63,21 @@ def test_mx_accepts_any_sender_including_null():
     assert policy().sender(Mailbox("x", "remote.net"), None) is None
 
 
+def test_authenticated_sessions_must_own_the_sender_on_every_role():
+    for role in ("smtp", "submission"):
+        p = policy(role)
+        refused = p.sender(Mailbox("ceo", "bigbank.example"), "bob@example.org")
+        assert (refused.code, refused.enhanced) == (553, "5.7.1")
+        assert p.sender(None, "bob@example.org").code == 553
+        assert p.sender(Mailbox("Bob", "example.org"), "bob@example.org") is None
+
+
+def test_auth_is_offered_on_submission_and_on_mx_only_when_configured():
+    assert policy("submission").offers_auth
+    assert not policy("smtp").offers_auth
+    assert policy("smtp", mx_auth=True).offers_auth
+
+
 def test_vrfy_and_expn_refused_to_strangers_by_default():
     p = policy()
     assert (p.vrfy(Mailbox("bob", "example.org"), None).code, p.vrfy(Mailbox("nobody", "example.org"), None).code) == (252, 252)

@@ -3,6 +3,7 @@ Throttled password checks: the outcomes a protocol answers from.
 """
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -76,3 +77,31 @@ def test_a_broken_check_is_not_a_failure():
     result = outcome(checks.attempt("192.0.2.1", b"bob", b"secret"))
     assert isinstance(result, LoginBroken) and result.failure.check(RuntimeError)
     assert checks.failures == 0
+
+
+def test_checks_still_running_count_against_the_address():
+    class Held:
+        credentialInterfaces = InMemoryUsernamePasswordDatabaseDontUse.credentialInterfaces
+
+        def __init__(self):
+            self.checks = []
+
+        def requestAvatarId(self, credentials):
+            self.checks.append((credentials.username, defer.Deferred()))
+            return self.checks[-1][1]
+
+    held = Held()
+    checks, _ = logins(max_failures=10, limit=2, checker=held)
+    first = checks.attempt("192.0.2.1", b"bob", b"guess")
+    second = checks.attempt("192.0.2.1", b"bob", b"secret")
+    # Two checks running: a third waits for neither, it is refused unchecked.
+    assert checks.attempt("192.0.2.1", b"bob", b"guess") is REFUSED
+    assert len(held.checks) == 2
+    held.checks[1][1].callback(b"bob")  # a success gives its place back
+    assert isinstance(outcome(second), LoggedIn)
+    third = checks.attempt("192.0.2.1", b"bob", b"guess")
+    assert len(held.checks) == 3
+    for _, check in (held.checks[0], held.checks[2]):
+        check.errback(UnauthorizedLogin())
+    assert [outcome(first).failures, outcome(third).failures] == [1, 2]
+    assert checks.attempt("192.0.2.1", b"bob", b"secret") is REFUSED  # two failures now

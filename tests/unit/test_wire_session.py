@@ -87,6 +87,34 @@ def test_a_turn_handles_a_share_of_the_lines_the_next_turn_the_rest():
     assert echo.transport.producerState == "producing"
 
 
+def test_a_long_line_can_be_refused_when_it_ends():
+    echo = Echo(limit=20, refuse_long_lines_at_end=True)
+    assert echo.send(b"y" * 30) == b""
+    assert echo.send(b"y" * 30) == b""
+    assert echo.send(b"y\r\nok\r\n") == b"too long\r\nlen=2\r\n"
+    assert echo.send(b"x" * 19 + b"\r\n") == b"too long\r\n"  # whole, at once
+
+
+def test_replies_can_go_out_in_pieces_through_another_writer():
+    writes = []
+    echo = Echo(write=writes.append, flush_octets=12)
+    echo.send(b"a\r\nbb\r\nccc\r\ndddd\r\n")
+    assert writes == [b"len=1\r\nlen=2\r\n", b"len=3\r\nlen=4\r\n"]
+    assert echo.transport.value() == b""
+
+
+def test_reading_stops_while_many_lines_wait_for_a_reader():
+    echo = Echo(max_pending_lines=3)
+    echo.lines.reads.pauseProducing()  # the client reads no replies
+    echo.send(b"a\r\n" * 3)
+    assert echo.transport.producerState == "producing"
+    echo.send(b"a\r\n")
+    assert echo.transport.producerState == "paused"
+    echo.lines.reads.resumeProducing()
+    assert echo.transport.value().count(b"len=1") == 4
+    assert echo.transport.producerState == "producing"
+
+
 def test_input_waits_for_a_pending_deferred():
     echo = Echo()
     echo.hold = defer.Deferred()
@@ -152,6 +180,13 @@ def test_close_sends_what_is_queued_and_cuts_off_a_client_that_does_not_read():
 def test_lost_leaves_no_timer_behind():
     echo = Echo()
     echo.lines.close()
+    echo.lines.lost()
+    assert echo.clock.getDelayedCalls() == []
+
+
+def test_lost_during_a_pause_leaves_no_timer_behind():
+    echo = Echo()
+    echo.lines.pause(2.0, lambda _: echo.lines.send(b"later\r\n"))
     echo.lines.lost()
     assert echo.clock.getDelayedCalls() == []
 

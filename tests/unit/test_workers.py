@@ -6,6 +6,8 @@ primary's metrics counting every process.
 
 import os
 
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from mailserver.login_throttle import LoginThrottle
@@ -19,6 +21,16 @@ from mailserver.worker_link import (
     metrics_line,
 )
 from mailserver.workers import WorkerPool, _Worker
+
+
+def _fail(throttle: LoginThrottle, address: str) -> float:
+    """
+    A failed password check counted here; the delay before its answer.
+    """
+    throttle.check(address, lambda: defer.fail(UnauthorizedLogin())).addErrback(
+        lambda failure: failure.trap(LoginFailed)
+    )
+    return throttle.delay(address)
 
 
 def test_only_ip_address_keys_make_failure_lines():
@@ -70,7 +82,7 @@ def test_the_primary_counts_a_workers_failure_and_tells_the_other_workers():
     first.childDataReceived(1, b"F 192.0.2.1\n")  # its log output is not a report
     assert first.transport.stdin == b""
     assert second.transport.stdin == third.transport.stdin == b"F 192.0.2.1\n"
-    throttle.failed("192.0.2.1")  # and the primary's own failure goes to all
+    _fail(throttle, "192.0.2.1")  # and the primary's own failure goes to all
     assert [w.transport.stdin for w in (first, second, third)] == [
         b"F 192.0.2.1\n", b"F 192.0.2.1\nF 192.0.2.1\n", b"F 192.0.2.1\nF 192.0.2.1\n"
     ]
@@ -150,7 +162,7 @@ def test_a_worker_reports_failures_and_changed_metrics_and_counts_the_primarys_f
         os.close(write_end)
     (stdio,) = opened
     assert stdio.opened == (0, write_end)
-    throttle.failed("192.0.2.5")
+    _fail(throttle, "192.0.2.5")
     assert stdio.written == b"F 192.0.2.5\n"
     stdio.protocol.dataReceived(b"F 192.0.2.5\n")
     assert throttle.refused("192.0.2.5")
@@ -176,5 +188,5 @@ def test_a_worker_without_the_pipe_keeps_everything_to_itself():
     link = PrimaryLink(Clock(), throttle, Metrics(), open_stdio=lambda *a, **k: opened.append(a), to_primary_fd=write_end)
     link.startService()
     assert opened == []
-    assert throttle.failed("192.0.2.5") == 1.0
+    assert _fail(throttle, "192.0.2.5") == 1.0
     link.stopService()
