@@ -2,8 +2,10 @@
 Every refusal is logged and counted (issue 21, must show 3): for each kind,
 one C{smtp.rejected} event (C{smtp.auth_failed}, C{smtp.auth_throttled}
 for logins) with the client, HELO, user, command, codes and reason, its
-text line, and C{smtp_refusals_total} by that reason.  The DMARC and SPF
-refusals of the inbound checks are in test_mailauth_hooks.py.
+text line, and C{smtp_refusals_total} by that reason: the server's own,
+the spam defences' (dnsbl, pregreet, greylist, rate, rspamd) and a plugin's.
+The DMARC and SPF refusals of the inbound checks are in
+test_mailauth_hooks.py (through a session with the real checks).
 """
 
 from __future__ import annotations
@@ -285,3 +287,124 @@ def test_a_timeout_is_logged_with_the_message_it_cut_short(events):
     assert (event["client"], event["helo"], event["state"], event["id"]) == (
         "203.0.113.9", CLIENT, "data", message.envelope.id)
     assert refusals(events) == []  # no refusal: the client went quiet
+
+
+# The spam defences' refusals (mailserver/defences/, the Rspamd plugin): the
+# same event and metric as the server's own.
+
+
+class OneListing:
+    """
+    A resolver that lists 203.0.113.9 (REMOTE) on bl.test.
+    """
+
+    def lookupAddress(self, name, timeout=None):
+        from twisted.internet import defer
+        from twisted.names import dns, error
+
+        if name != "9.113.0.203.bl.test":
+            return defer.fail(error.DNSNameError(name))
+        record = dns.RRHeader(name.encode(), dns.A, dns.IN, 60, dns.Record_A("127.0.0.2"))
+        return defer.succeed(([record], [], []))
+
+
+def defended(tmp_path, role="smtp", limits=None, peer=REMOTE, **checks) -> SMTPHarness:
+    """
+    A session of a listener with the defences C{checks} and C{limits} turn
+    on, on the harness's fake clock.
+    """
+    from twisted.internet import defer
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailserver.config import Checks
+    from mailserver.defences import defence_hooks
+    from mailserver.smtp import SMTPDependencies, SMTPFactory
+    from mailserver.testing import FakeAccounts, make_portal
+
+    checks.setdefault("skip_networks", ())
+    config = make_config(checks=Checks(**checks), limits=limits or {})
+    clock = MemoryReactorClock()
+    defences, _ = defence_hooks(
+        checks=config.checks, limits=config.limits, store_path=tmp_path / "defences.sqlite",
+        resolver=OneListing(), reactor=clock,
+        run=lambda operation, *args: defer.maybeDeferred(operation, *args),
+    )
+    factory = SMTPFactory(SMTPDependencies.for_listener(
+        role=role, hostname=config.hostname, smtp=config.smtp, limits=config.limits,
+        accounts=FakeAccounts(config, ["bob@example.org"]),
+        portal=make_portal(**{"bob@example.org": "secret"}), intake=MemoryIntake(),
+        tls_options=None, reactor=clock, hooks=Hooks(defences),
+    ))
+    session = SMTPHarness(factory=factory, peer=peer)
+    session.clock = clock
+    return session
+
+
+def test_dnsbl(events, tmp_path):
+    from mailserver.config.values import dnsbl_site
+
+    session = defended(tmp_path, dnsbl=(dnsbl_site("bl.test"),))
+    assert reply_codes(session.greeting) == ["554 5.7.1"] and session.closed
+    event = check(events, session, command="CONNECT", code=554, enhanced="5.7.1", reason="dnsbl")
+    assert "blocked using bl.test" in event["reply"]
+
+
+def test_pregreet(events, tmp_path):
+    session = defended(tmp_path, greet_delay=2.0)
+    session.send(b"EHLO early.example\r\n")
+    session.clock.advance(2.0)
+    assert reply_codes(session.read()) == ["554 5.5.0"] and session.closed
+    check(events, session, command="CONNECT", code=554, enhanced="5.5.0", reason="pregreet")
+
+
+def test_greylist(events, tmp_path):
+    session = defended(tmp_path, greylist=True, greylist_delay=60.0)
+    session.ehlo()
+    out = session.send("MAIL FROM:<a@remote.net>\r\nRCPT TO:<bob@example.org>\r\n")
+    assert reply_codes(out) == ["250 2.1.0", "451 4.7.1"]
+    check(events, session, command="RCPT", code=451, enhanced="4.7.1", reason="greylist",
+          sender="a@remote.net", recipient="bob@example.org")
+
+
+def test_rate_of_submissions(events, tmp_path):
+    session = defended(tmp_path, role="submission", peer=LOOPBACK,
+                       limits={"submission_messages_per_hour": 1})
+    session.ehlo()
+    session.send(plain("bob@example.org", "secret"))
+    out = session.send("MAIL FROM:<bob@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+                       "Subject: one\r\n\r\nx\r\n.\r\n")
+    assert reply_codes(out)[-1] == "250 2.0.0"
+    assert reply_codes(session.command("MAIL FROM:<bob@example.org>")) == ["450 4.7.1"]
+    check(events, session, command="MAIL", code=450, enhanced="4.7.1", reason="rate",
+          role="submission", user="bob@example.org", sender="bob@example.org")
+
+
+@implementer(IMessageHook)
+class SpamScanner:
+    """
+    Refuses as the Rspamd plugin refuses GTUBE.
+    """
+
+    def message(self, envelope, headers, body):
+        return Reject(550, "5.7.1", "Gtube pattern", reason="rspamd")
+
+
+def test_rspamd(events):
+    hooks = Hooks([("rspamd", SpamScanner())])
+    session = in_transaction(hooks=hooks,
+                             intake=HookedIntake(MemoryIntake(), hooks, Path(tempfile.mkdtemp())))
+    out = session.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    assert reply_codes(out) == ["354", "550 5.7.1"]
+    check(events, session, command="DATA", code=550, enhanced="5.7.1", reason="rspamd",
+          reply="Gtube pattern", sender="a@remote.net", recipients=("bob@example.org",))
+
+
+def test_client_text_is_one_printable_line_in_the_event(events):
+    session = SMTPHarness()
+    session.command("EHLO evil\u2028line\x85two")
+    out = session.send("MAIL FROM:<a@remote.net> SMTPUTF8\r\n"
+                       "RCPT TO:<x\u202egnp.exe@elsewhere.example>\r\n")
+    assert reply_codes(out)[-1] == "554 5.7.1"
+    [event] = refusals(events)
+    assert (event["helo"], event["recipient"]) == ("evil?line?two", "x?gnp.exe@elsewhere.example")
+    assert formatEvent(event).isprintable()
