@@ -348,8 +348,8 @@ class AiosmtpdPeer(Peer):
 
 class MailServerPeer(Peer):
     """
-    Our server: C{twistd --nodaemon mailserver --config ...} with SMTP and
-    POP3 on OS-chosen loopback ports.  The connection limits are raised so
+    Our server: C{twistd --nodaemon mailserver --config ...} with SMTP, POP3
+    and IMAP on OS-chosen loopback ports.  The connection limits are raised so
     that one client address (127.0.0.1) may open all the benchmark's
     connections; everything else is the default configuration.
     """
@@ -392,6 +392,8 @@ class MailServerPeer(Peer):
             f"submissions = []\n"
             f'pop3 = ["{LOOPBACK}"]\n'
             f"pop3s = []\n"
+            f'imap = ["{LOOPBACK}"]\n'
+            f"imaps = []\n"
             # No admin HTTP listener: its default is the fixed port 2080,
             # which two servers (or a developer's own) cannot share.
             f"admin = []\n"
@@ -465,6 +467,7 @@ class MailServerPeer(Peer):
         ports = {role: int(addrs[0].rsplit(":", 1)[1]) for role, addrs in listening.items() if addrs}
         self.port = ports["smtp"]
         self.pop3_port = ports.get("pop3", 0)
+        self.imap_port = ports.get("imap", 0)
 
     def delivered(self) -> int:
         path = self.maildir(self.rcpt) / "new"

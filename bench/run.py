@@ -17,7 +17,10 @@ on):
     own mailbox of 1,000 x 10 KiB with LIST + UIDL + RETR of every message.
  3. Big mailbox: PASS, STAT, LIST, UIDL timed on a 100,000-message mailbox,
     on each POP3 server.
- 4. Idle connections: RSS growth per idle SMTP connection with 1,000 open.
+ 4. IMAP: ours and Dovecot's IMAP, 4 clients each fetching (UID FETCH
+    BODY[]) its own mailbox of 1,000 x 10 KiB; then LOGIN, SELECT, STATUS
+    and a FLAGS fetch on a 100,000-message folder (bench/imap_part.py).
+ 5. Idle connections: RSS growth per idle SMTP connection with 1,000 open.
 
 See bench/README.md for what each figure means.
 """
@@ -39,6 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.idle import idle_memory
+from bench.imap_part import imap_part, imap_report
 from bench.peers import (
     AiosmtpdPeer,
     MailServerPeer,
@@ -812,6 +816,8 @@ def report(results: dict, markdown: bool) -> str:
         pop3_report(pop3["fetch"], table, lines)
     if pop3.get("big_mailbox"):
         big_mailbox_report(pop3["big_mailbox"], table, lines)
+    if results.get("imap"):
+        imap_report(results["imap"], table, lines)
     idle = results.get("idle") or []
     for r in idle:
         if "failed_run" in r:
@@ -850,9 +856,13 @@ def parse_args(argv):
     p.add_argument("--pop3-messages", type=int, default=None, help="messages per mailbox (1000)")
     p.add_argument("--pop3-size", type=int, default=10240)
     p.add_argument("--pop3-window", type=int, default=8, help="RETRs in flight when PIPELINING")
+    p.add_argument("--imap-clients", type=int, default=4)
+    p.add_argument("--imap-messages", type=int, default=None, help="messages per IMAP mailbox (1000)")
+    p.add_argument("--imap-size", type=int, default=10240)
+    p.add_argument("--imap-window", type=int, default=8, help="UID FETCH commands in flight")
     p.add_argument("--big-mailbox", type=int, default=None, help="messages in the big mailbox (100000)")
     p.add_argument("--idle", type=int, default=None, help="idle SMTP connections (1000)")
-    for part in ("smtp", "pop3", "big", "idle"):
+    for part in ("smtp", "pop3", "imap", "big", "idle"):
         p.add_argument(f"--skip-{part}", action="store_true")
     p.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables in Markdown")
@@ -866,6 +876,7 @@ def parse_args(argv):
         "messages_100k": (200, 1000),
         "warmup": (50, 200),
         "pop3_messages": (200, 1000),
+        "imap_messages": (200, 1000),
         "big_mailbox": (10000, 100000),
         "idle": (1000, 1000),
         "repeat": (2, 3),
@@ -912,6 +923,8 @@ def main(argv: list[str] | None = None) -> int:
             storage_floor(results, leftovers, key="storage_floor_after")
         if not (args.skip_pop3 and args.skip_big):
             pop3_part(args, results)
+        if not (args.skip_imap and args.skip_big):
+            imap_part(args, results, pop3_peer_factories, _fill)
         if not args.skip_idle:
             idle_part(args, results)
     except KeyboardInterrupt:

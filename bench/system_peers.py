@@ -1,6 +1,6 @@
 """
 The peers that come from Debian packages (C{apt-get install postfix
-dovecot-pop3d}), each run from a configuration written into its own
+dovecot-pop3d dovecot-imapd}), each run from a configuration written into its own
 temporary folder, with its queue, state and mail there too, on a free
 127.0.0.1 port.  The system's own setup (C{/etc/postfix}, C{/etc/dovecot},
 ports 25 and 110) is neither used nor changed.
@@ -9,7 +9,8 @@ ports 25 and 110) is neither used nor changed.
    agent writing one Maildir; 250 once the queue file is fsynced.
  - L{SmtpSinkPeer}: Postfix's C{smtp-sink} test server, which throws mail
    away: what the SMTP exchange alone costs, a ceiling.
- - L{DovecotPeer}: Dovecot's POP3 server on Maildirs the runner fills.
+ - L{DovecotPeer}: Dovecot's POP3 and IMAP servers on Maildirs the
+   runner fills.
 
 All three must start as root (Postfix's master and Dovecot drop to their
 own users; smtp-sink insists on C{-u} when root).  Why each setting is there
@@ -285,8 +286,8 @@ class SmtpSinkPeer(Peer):
 
 class DovecotPeer(Peer):
     """
-    Dovecot 2.3 (C{dovecot -F -c <folder>/dovecot.conf}), POP3 only, on
-    127.0.0.1:<free port>, for the given users (a passwd-file with one
+    Dovecot 2.3 (C{dovecot -F -c <folder>/dovecot.conf}), POP3 and IMAP, on
+    127.0.0.1:<free ports>, for the given users (a passwd-file with one
     SHA512-CRYPT hash each, all mapped to L{MAIL_USER}), Maildirs at
     C{mail/<domain>/<local part>/} as our server lays them out.  Everything
     else is Dovecot's default (C{mail_fsync = optimized}, the default UIDL
@@ -318,6 +319,14 @@ class DovecotPeer(Peer):
         owner = pwd.getpwnam(MAIL_USER)
         _chown_tree(path, owner.pw_uid, owner.pw_gid)
 
+    @staticmethod
+    def protocols() -> list[str]:
+        """
+        The protocols whose Debian package is installed (dovecot-pop3d,
+        dovecot-imapd).
+        """
+        return [p for p in ("pop3", "imap") if Path(f"/usr/lib/dovecot/{p}").exists()]
+
     def config(self) -> str:
         owner = pwd.getpwnam(MAIL_USER)
         return f"""\
@@ -326,7 +335,7 @@ instance_name = bench-dovecot-{self.pop3_port}
 base_dir = {self.root}/run
 state_dir = {self.root}/state
 log_path = {self.log_path}
-protocols = pop3
+protocols = {" ".join(self.protocols())}
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
@@ -347,6 +356,15 @@ service pop3-login {{
   inet_listener pop3 {{
     address = 127.0.0.1
     port = {self.pop3_port}
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
   }}
 }}
 """
@@ -375,11 +393,18 @@ service pop3-login {{
         owner = pwd.getpwnam(MAIL_USER)
         os.chown(self.mail_base, owner.pw_uid, owner.pw_gid)
         self.pop3_port = free_port()
+        self.imap_port = free_port()
         self.config_path.write_text(self.config())
         self.passwd_path.write_text(self._passwd_file())
         self._popen([str(self.DOVECOT), "-F", "-c", str(self.config_path)])
         assert self.process is not None
-        wait_for(lambda: accepting(self.pop3_port), timeout, "dovecot", self.process, self.log)
+        for protocol, port in (("pop3", self.pop3_port), ("imap", self.imap_port)):
+            if protocol in self.protocols():
+                wait_for(lambda port=port: accepting(port), timeout, "dovecot", self.process, self.log)
+            elif protocol == "pop3":
+                self.pop3_port = 0
+            else:
+                self.imap_port = 0
 
 
 __all__ = ["MAIL_USER", "DovecotPeer", "PostfixPeer", "SmtpSinkPeer"]

@@ -1,7 +1,7 @@
 """
 Every extension point and every seam between the rooms of the server.
 
-Protocols (C{smtp/}, C{pop3/}) talk to storage only through these interfaces,
+Protocols (C{smtp/}, C{pop3/}, C{imap/}) talk to storage only through these interfaces,
 so each side can be replaced by an in-memory fake in tests
 (see L{mailserver.testing}).
 """
@@ -196,6 +196,200 @@ class IMailboxStore(Interface):
 
         @raise LookupError: the account has no mailbox here.
         @raise OSError: the storage failed.
+        """
+
+
+class FolderError(Exception):
+    """
+    A folder operation that cannot be done: C{code} is the IMAP response
+    code that says why (RFC 5530: C{NONEXISTENT}, C{ALREADYEXISTS},
+    C{CANNOT}, C{TRYCREATE}...) and C{str()} the text for the client.
+    """
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+class IFolderStore(Interface):
+    """
+    Every account's folders, as the IMAP server reaches them.
+    """
+
+    def account(address: str) -> IMailAccount:
+        """
+        The folders of the account with this canonical address.
+        """
+
+
+class IMailAccount(Interface):
+    """
+    One account's folder tree (INBOX and the folders under it).  Names are
+    Unicode text with C{/} between levels; C{INBOX} in any case is INBOX.
+    Every method that touches the disk returns a Deferred and does its
+    work off the reactor thread; failures are L{FolderError}s (with an
+    IMAP response code) or C{OSError}s.
+    """
+
+    def prepare() -> object:
+        """
+        Create INBOX and the special-use folders where missing (at login).
+        """
+
+    def names() -> object:
+        """
+        A Deferred list of every folder's name.
+        """
+
+    def subscriptions() -> object:
+        """
+        A Deferred list of the subscribed names (which may not exist).
+        """
+
+    def special_use(name: str) -> object:
+        """
+        The folder's SPECIAL-USE attribute (RFC 6154, C{"\\Sent"}), or
+        C{None}.
+        """
+
+    def create(name: str) -> object:
+        """
+        Make a folder (and any missing parent).
+        """
+
+    def delete(name: str) -> object:
+        """
+        Remove a folder and its messages.
+        """
+
+    def rename(old: str, new: str) -> object:
+        """
+        Rename a folder and its children (INBOX: move its messages).
+        """
+
+    def subscribe(name: str, subscribed: bool) -> object:
+        """
+        Add the name to, or take it off, the subscriptions.
+        """
+
+    def open(name: str) -> object:
+        """
+        A Deferred L{IMailFolder}, up to date with the disk; the caller
+        calls its C{release} when done with it.
+        """
+
+
+class IMailFolder(Interface):
+    """
+    One folder as sessions share it in a process: the messages' UIDs and
+    flags are read at once on the reactor thread; changes go to disk in a
+    worker thread, one at a time per folder, and every session watching
+    the folder is told of each change (its own, another session's, a
+    delivery's or another process's), on the reactor thread.
+
+    Flags are IMAP's: system flags (C{"\\Seen"}) and keywords.
+    """
+
+    name = Attribute("The folder's name, C{str}.")
+    uidvalidity = Attribute("UIDVALIDITY, C{int}.")
+    uidnext = Attribute("The next UID to be given, C{int}.")
+    uids = Attribute("The messages' UIDs, ascending (a sequence to keep, not change).")
+    keywords = Attribute("The keywords the folder knows, C{list[str]}.")
+    can_add_keywords = Attribute("Room for another keyword, C{bool}.")
+
+    def flags(uid: int) -> list:
+        """
+        The message's flags (without \\Recent); empty if it is gone.
+        """
+
+    def unseen() -> list:
+        """
+        UIDs of the messages without \\Seen, ascending.
+        """
+
+    def size(uid: int) -> int:
+        """
+        Octets in CRLF form, or -1 until L{describe} or L{read} learnt it.
+        """
+
+    def internaldate(uid: int) -> float:
+        """
+        When it was stored (seconds since the epoch), or 0 until known.
+        """
+
+    def in_new() -> list:
+        """
+        UIDs of messages no session has taken as \\Recent yet.
+        """
+
+    def key(uid: int) -> object:
+        """
+        A name no other message has, C{str} (what a cache of parsed
+        messages may key on), or C{None} if the message is gone.
+        """
+
+    def refresh() -> object:
+        """
+        Catch up with the disk now (a Deferred of nothing).
+        """
+
+    def claim_recent() -> object:
+        """
+        Take every message no session took yet: a Deferred list of the
+        UIDs that are \\Recent for the caller.
+        """
+
+    def store(uids: object, mode: str, flags: object, origin: object) -> object:
+        """
+        Set (C{mode} C{""}), add (C{"+"}) or remove (C{"-"}) flags; a
+        Deferred list of the UIDs whose flags changed.  Watchers are told
+        of the change with C{origin}.
+        """
+
+    def expunge(uids: object, origin: object) -> object:
+        """
+        Remove these messages durably: a Deferred list of the UIDs gone.
+        """
+
+    def transfer(uids: object, target: str, move: bool, origin: object) -> object:
+        """
+        COPY (or MOVE) messages into the folder named C{target}: a Deferred
+        (target UIDVALIDITY, [(source UID, target UID)]).
+        """
+
+    def append(source: object, flags: object, internaldate: object) -> object:
+        """
+        Store a message (CRLF bytes, or a binary file of them) durably: a
+        Deferred of its UID.
+        """
+
+    def read(uids: object, whole_limit: int) -> object:
+        """
+        A Deferred list of (UID, content): the stored bytes (LF line
+        endings) when smaller than C{whole_limit}, else an open binary
+        file (the caller closes it), or C{None} for a message gone.
+        """
+
+    def describe(uids: object) -> object:
+        """
+        Learn sizes and dates not known yet (a Deferred of nothing).
+        """
+
+    def watch(listener: object) -> None:
+        """
+        Call C{listener(change)} after each change: C{change.added},
+        C{change.removed} and C{change.changed} (flags) are tuples of UIDs,
+        C{change.origin} is whoever asked for it (C{None}: someone else).
+        """
+
+    def unwatch(listener: object) -> None:
+        """
+        Stop telling C{listener}.
+        """
+
+    def release() -> None:
+        """
+        The caller is done with the folder (from L{IMailAccount.open}).
         """
 
 

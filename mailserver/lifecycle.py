@@ -27,7 +27,8 @@ PID_FILE = "mailserver.pid"
 class CrashCleanup(Service):
     """
     At start, before any client is served: remove the files a crash left in
-    the spool's and every mailbox's C{tmp/} (see L{remove_stale_tmp}).  A
+    the spool's and every mailbox's and IMAP folder's C{tmp/} (see
+    L{remove_stale_tmp}).  A
     symbolic link on the way is not followed, and logged.
     """
 
@@ -63,8 +64,8 @@ class ShutdownNotice(Service):
     """
     On stop, lets SMTP transactions in progress finish (up to
     C{limits.shutdown_timeout} seconds), tells every client 421 (RFC 5321
-    3.8), then drops whoever is left: they never got a 250, so they keep
-    their message and try again.
+    3.8; IMAP clients BYE), then drops whoever is left: they never got a
+    250, so they keep their message and try again.
     """
 
     log = Logger()

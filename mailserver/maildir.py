@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import BinaryIO
 from zope.interface import implementer
 
 from mailserver.interfaces import IMailbox, IMailboxStore, IStoredMessage
-from mailserver.message_ids import writer_pid
+from mailserver.message_ids import new_message_id, writer_pid
 from mailserver.safe_fs import open_file, open_folder, open_path, open_subfolder
 
 _SUBDIRS = ("tmp", "new", "cur")
@@ -50,6 +51,21 @@ def file_name_host(hostname: str) -> str:
     """
     cleaned = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
     return cleaned[:24] or "localhost"
+
+
+class UniqueNames:
+    """
+    Unique names for files that are not an accepted message of their own
+    (IMAP's APPEND, COPY, MOVE): C{<ID>.<host>}, with a new message ID
+    (L{mailserver.message_ids}), so every file in a Maildir is named alike
+    and tells its writer's pid.
+    """
+
+    def __init__(self, hostname: str | None = None) -> None:
+        self._host = file_name_host(hostname or socket.gethostname())
+
+    def next(self) -> str:
+        return f"{new_message_id()}.{self._host}"
 
 
 # The writer's process id in a unique name of an earlier version,
@@ -125,22 +141,24 @@ def _writer(name: str) -> int | None:
 
 def maildir_tmp_folders(mail_path: Path) -> tuple[list[Path], list[Path]]:
     """
-    The C{tmp/} folder of every Maildir under C{mail/<domain>/<user>/}, and
-    the symbolic links met on the way, which are not followed.
+    The C{tmp/} folder of every Maildir under C{mail/<domain>/<user>/} and
+    of its Maildir++ folders (C{<user>/.Sent/}...: IMAP's), and the symbolic
+    links met on the way, which are not followed.
     """
     folders: list[Path] = []
     links: list[Path] = []
     for domain in _folders(mail_path, links):
         for user in _folders(domain, links):
             folders.append(user / "tmp")
+            folders.extend(sub / "tmp" for sub in _folders(user, links, prefix="."))
     return folders, links
 
 
-def _folders(path: Path, links: list[Path]) -> list[Path]:
+def _folders(path: Path, links: list[Path], prefix: str = "") -> list[Path]:
     try:
         with os.scandir(path) as entries:
             found = [(Path(e.path), e.is_symlink(), e.is_dir(follow_symlinks=False))
-                     for e in entries]
+                     for e in entries if e.name.startswith(prefix)]
     except (FileNotFoundError, NotADirectoryError):
         return []
     links.extend(p for p, link, _ in found if link)
@@ -428,6 +446,8 @@ class Mailbox:
         # relative to one skips resolving the whole path again, a third of a
         # rename's cost here.
         self._folder_fds: dict[str, int] = {}
+        # Folders of messages removed after an IMAP session renamed them.
+        self._moved_removals: set[str] = set()
 
     def lock(self) -> bool:
         """
@@ -500,12 +520,38 @@ class Mailbox:
 
     def _open_message(self, info: MessageInfo) -> int:
         """
-        The message file, for reading; a link in its place is refused.
+        The message file, for reading; a link in its place is refused.  An
+        IMAP session may have renamed it since it was listed: then it is
+        found again by its unique name.
         """
+        try:
+            return self._open_listed(info)
+        except FileNotFoundError:
+            return self._open_listed(self.current(info))
+
+    def _open_listed(self, info: MessageInfo) -> int:
         name, fd = self._relative(*info.path.rsplit("/", 1))
         if fd is None:
             return open_path(name)
         return open_file(fd, name, os.O_RDONLY, path=info.path)
+
+    def current(self, info: MessageInfo) -> MessageInfo:
+        """
+        Where a listed message is now: an IMAP session may have renamed it
+        since (new flags, or moved from C{new/} to C{cur/}); its unique
+        name stays.
+
+        @raise FileNotFoundError: it is gone (expunged).
+        """
+        for folder in (self._cur, self._new):
+            try:
+                names = os.listdir(self._folder_fds.get(folder, folder))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith(info.uid) and name[len(info.uid) : len(info.uid) + 1] in (",", ":", ""):
+                    return _info(folder, name)
+        raise FileNotFoundError(info.path)
 
     def read_whole(self, info: MessageInfo, limit: int) -> bytes | None:
         """
@@ -527,6 +573,14 @@ class Mailbox:
         """
         if info.seen:
             return
+        try:
+            self._rename_seen(info)
+        except FileNotFoundError:
+            current = self.current(info)
+            if not current.seen:
+                self._rename_seen(current)
+
+    def _rename_seen(self, info: MessageInfo) -> None:
         folder, _, name = info.path.rpartition("/")
         base, _, old_flags = name.partition(":2,")
         flags = "".join(sorted(set(old_flags) | {"S"})) if old_flags else "S"
@@ -543,13 +597,21 @@ class Mailbox:
         try:
             os.unlink(target, dir_fd=fd)
         except FileNotFoundError:
-            pass
+            try:  # renamed by an IMAP session since it was listed?
+                current = self.current(info)
+                target, fd = self._relative(*current.path.rsplit("/", 1))
+                os.unlink(target, dir_fd=fd)
+                self._moved_removals.add(os.path.dirname(current.path))
+            except FileNotFoundError:
+                pass
 
     def sync_removals(self, infos: Iterable[MessageInfo]) -> None:
         """
         Sync the folders L{remove} took C{infos} out of.
         """
-        for folder in {os.path.dirname(info.path) for info in infos}:
+        folders = {os.path.dirname(info.path) for info in infos} | self._moved_removals
+        self._moved_removals = set()
+        for folder in folders:
             fd = self._folder_fds.get(folder)
             if fd is None:
                 fsync_directory(folder)

@@ -446,6 +446,8 @@ class ServerMetrics:
     pop3_login_failures_total: Counter
     pop3_messages_retrieved_total: Counter
     pop3_bytes_sent_total: Counter
+    imap_logins_total: Counter
+    imap_login_failures_total: Counter
     relay_deliveries_total: Counter
     relay_queue_corrupt_total: Counter
     relay_tls_policy_total: Counter
@@ -507,6 +509,10 @@ def server_metrics(
         ),
         pop3_bytes_sent_total=metrics.counter(
             "pop3_bytes_sent_total", "Octets of message data sent by RETR and TOP."
+        ),
+        imap_logins_total=metrics.counter("imap_logins_total", "Successful IMAP logins."),
+        imap_login_failures_total=metrics.counter(
+            "imap_login_failures_total", "Failed IMAP login attempts."
         ),
         relay_deliveries_total=metrics.counter(
             "relay_deliveries_total",

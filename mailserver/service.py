@@ -13,15 +13,20 @@ but L{mailserver.tap}.
 from __future__ import annotations
 
 from twisted.application.service import MultiService
+from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailserver.accounts import make_portal, password_threadpool, strcred_checkers
 from mailserver.config import Config, ConfigError
 from mailserver.connection_limits import ConnectionLimits
 from mailserver.defences import defence_hooks
+from mailserver.folders.store import MailStore
+from mailserver.folders.watch import watcher_for
 from mailserver.from_config import accounts_for, certificate_files
 from mailserver.hooked_intake import HookedIntake
 from mailserver.hooks import Hooks, PluginContext
+from mailserver.imap import IMAPDependencies, IMAPFactory
+from mailserver.imap.cache import StructureCache
 from mailserver.intake import Intake
 from mailserver.lifecycle import PID_FILE, CrashCleanup, ReloadOnSignal, ShutdownNotice
 from mailserver.listeners import LISTENERS_FILE, Listener, ListenerReport
@@ -36,6 +41,7 @@ from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
 from mailserver.relay import QueueError, QueueStore, RelayRunner
 from mailserver.relay.mx import make_resolver
+from mailserver.safe_fs import anonymous_file
 from mailserver.smtp import SMTPDependencies, SMTPFactory
 from mailserver.startup import StartupReport
 from mailserver.tls import ReloadableServerOptions, ensure_self_signed
@@ -43,8 +49,8 @@ from mailserver.web import make_admin_site
 from mailserver.worker_link import PrimaryLink
 from mailserver.workers import WorkerPool, follow_primary, inherited_sockets, process_index
 
-# Roles whose plain listeners are wrapped in TLS (ports 465 and 995).
-IMPLICIT_TLS_ROLES = ("submissions", "pop3s")
+# Roles whose plain listeners are wrapped in TLS (ports 465, 995 and 993).
+IMPLICIT_TLS_ROLES = ("submissions", "pop3s", "imaps")
 
 
 def make_service(config: Config, reactor, owner: Owner | None = None) -> MultiService:
@@ -194,24 +200,55 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
             login_throttle=login_throttle,
         ), connection_limits)
 
+    def run_blocking(f, *args):
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    # One store of shared folders and one cache of parsed messages for
+    # every IMAP listener of the process.
+    folder_store = MailStore(
+        accounts.mailbox_path, config.data_path, run_blocking, reactor, watcher_for(reactor), config.hostname
+    )
+    structures = StructureCache()
+
+    def imap_factory(implicit_tls: bool) -> IMAPFactory:
+        return IMAPFactory(IMAPDependencies.for_listener(
+            hostname=config.hostname,
+            imap=config.imap,
+            limits=config.limits,
+            portal=portal,
+            store=folder_store,
+            login_throttle=login_throttle,
+            open_spill=lambda: anonymous_file(config.data_path, intake.spool_path / "tmp"),
+            tls_options=tls_options,
+            reactor=reactor,
+            implicit_tls=implicit_tls,
+            metrics=instruments,
+            budget=budget,
+            run_blocking=run_blocking,
+            structures=structures,
+        ), connection_limits)
+
     roles = {
         "smtp": lambda: smtp_factory("smtp", False),
         "submission": lambda: smtp_factory("submission", False),
         "submissions": lambda: smtp_factory("submission", True),
         "pop3": lambda: pop3_factory(False),
         "pop3s": lambda: pop3_factory(True),
+        "imap": lambda: imap_factory(False),
+        "imaps": lambda: imap_factory(True),
     }
 
     # One listener per endpoint string; with workers, the TCP ones are
     # shared (a worker serves only those, on sockets the primary bound).
     share = is_worker or config.workers > 1
     listeners = []
-    smtp_factories = []
+    # Factories whose clients are told at shutdown (SMTP 421, IMAP BYE).
+    announcing = []
     for role, make_factory in roles.items():
         for description in getattr(config.listeners, role):
             factory = make_factory()
-            if isinstance(factory, SMTPFactory):
-                smtp_factories.append(factory)
+            if isinstance(factory, (SMTPFactory, IMAPFactory)):
+                announcing.append(factory)
             served = factory
             if role in IMPLICIT_TLS_ROLES:
                 served = TLSMemoryBIOFactory(tls_options, False, factory)
@@ -238,7 +275,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     # they stop).  The crash clean-up and the relay start before any client
     # is served (the listeners bind earlier, in the privileged step, but
     # nothing is accepted until the reactor runs); on stop the ports close
-    # first, then connected clients hear 421.
+    # first, then connected clients hear 421 (IMAP: BYE).
     root = MultiService()
     if is_worker:
         follow_primary()
@@ -247,7 +284,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
         runner.setServiceParent(root)
     defence_store.setServiceParent(root)  # stops after the sessions that use it
-    ShutdownNotice(smtp_factories, reactor, config.limits.shutdown_timeout).setServiceParent(root)
+    ShutdownNotice(announcing, reactor, config.limits.shutdown_timeout).setServiceParent(root)
     for listener in listeners:
         listener.setServiceParent(root)
     pool = None

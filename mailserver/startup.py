@@ -31,6 +31,8 @@ _ROLES = {
     "submissions": ("submission: AUTH required, then relays", "implicit TLS"),
     "pop3": ("POP3", "STLS"),
     "pop3s": ("POP3", "implicit TLS"),
+    "imap": ("IMAP", "STARTTLS"),
+    "imaps": ("IMAP", "implicit TLS"),
 }
 
 

@@ -37,6 +37,7 @@ from mailserver.config.loading import default, load, override
 from mailserver.config.model import (
     DATA_DIR_NAME,
     DKIM,
+    IMAP,
     POP3,
     SMTP,
     TLS,
@@ -68,9 +69,9 @@ from mailserver.config.values import (
 )
 
 __all__ = [
-    "DATA_DIR_NAME", "DKIM", "POP3", "SMTP", "TLS", "Admin", "Auth", "BareNewline", "CatchAll",
-    "CheckAction", "Checks", "Config", "ConfigError", "DKIMKey", "DNSBLSite", "Disclosure",
-    "HostPort", "Invalid", "Limits", "ListedAction",
+    "DATA_DIR_NAME", "DKIM", "IMAP", "POP3", "SMTP", "TLS", "Admin", "Auth", "BareNewline",
+    "CatchAll", "CheckAction", "Checks", "Config", "ConfigError", "DKIMKey", "DNSBLSite",
+    "Disclosure", "HostPort", "Invalid", "Limits", "ListedAction",
     "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "TLSLevel",
     "TLSPolicyRule", "Transport",
     "default", "file_keys", "load", "override",

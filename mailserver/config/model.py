@@ -99,8 +99,8 @@ class Listeners:
     """
     Twisted server endpoint strings per role; an empty list disables a role.
 
-    C{submissions} and C{pop3s} are implicit-TLS roles (ports 465 and 995):
-    their plain C{tcp:} endpoints are wrapped in TLS with the configured
+    C{submissions}, C{pop3s} and C{imaps} are implicit-TLS roles (ports 465,
+    995 and 993): their plain C{tcp:} endpoints are wrapped in TLS with the configured
     certificate.  An C{ssl:} endpoint in any role is also treated as TLS.
     """
 
@@ -109,6 +109,8 @@ class Listeners:
     submissions: tuple[str, ...] = _listeners()
     pop3: tuple[str, ...] = _listeners("tcp:2110:interface=127.0.0.1")
     pop3s: tuple[str, ...] = _listeners()
+    imap: tuple[str, ...] = _listeners("tcp:2143:interface=127.0.0.1")
+    imaps: tuple[str, ...] = _listeners()
     admin: tuple[str, ...] = _listeners("tcp:2080:interface=127.0.0.1")
 
 
@@ -150,6 +152,7 @@ class Limits:
     smtp_command_timeout: int = setting(300, _SECONDS)
     smtp_data_timeout: int = setting(600, _SECONDS)
     pop3_idle_timeout: int = setting(600, _SECONDS)
+    imap_idle_timeout: int = setting(1800, _SECONDS)
     shutdown_timeout: float = setting(30.0, number())
     auth_failure_delay: float = setting(1.0, number())
     max_auth_failures: int = setting(5, integer(1))
@@ -203,6 +206,15 @@ class POP3:
     apop: bool = setting(False, flag())
     login_delay: int = setting(0, integer())
     expire: str = setting("NEVER", text(v.pop3_expire))
+
+
+@dataclass(frozen=True)
+class IMAP:
+    """
+    IMAP policy knobs.
+    """
+
+    auth_over_plaintext: bool = setting(False, flag())
 
 
 @dataclass(frozen=True)
@@ -429,6 +441,7 @@ class Config:
     limits: Limits = section(Limits)
     smtp: SMTP = section(SMTP)
     pop3: POP3 = section(POP3)
+    imap: IMAP = section(IMAP)
     plugins: Plugins = section(Plugins)
     auth: Auth = section(Auth)
     admin: Admin = section(Admin)

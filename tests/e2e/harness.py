@@ -78,7 +78,7 @@ class MailServer:
             f'{role} = ["{endpoints.get(role, LOOPBACK)}"]'
             if role in roles or role in endpoints
             else f"{role} = []"
-            for role in ("smtp", "submission", "submissions", "pop3", "pop3s", "admin")
+            for role in ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps", "admin")
         )
         domains = ", ".join(f'"{d}"' for d in local_domains)
         # Top-level keys of extra_toml must come before any table.

@@ -25,8 +25,9 @@ PACKAGE = "mailserver"
 # everything in it, "relay.queue" one module.  Derived from the tree as it
 # stands; a room not in the tree yet is listed in PLANNED.
 PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
-STORAGE = ("maildir", "relay.queue", "group_commit", "safe_fs")
-VOCABULARY = ("interfaces", "envelope", "metrics", "names", "safe_text", "message_ids", "logs")
+STORAGE = ("maildir", "folders", "relay.queue", "group_commit", "safe_fs")
+VOCABULARY = ("interfaces", "envelope", "metrics", "names", "mailbox_names", "safe_text",
+              "message_ids", "logs")
 # wire.reply: the Reject a plugin returns; safe_text: client text in a log
 # line (the hook runner's refusal line, a plugin's own).
 PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply", "safe_text")
@@ -36,7 +37,7 @@ COMPOSITION = (
     "service", "tap", "cli", "workers", "worker_link", "plugin_loading",
     "listeners", "lifecycle", "process", "startup", "ownership",
 )
-PLANNED = {"imap"}
+PLANNED: set[str] = set()
 
 # (rooms, "never" or "only", rooms, why): what the first rooms may reach.
 RULES = [

@@ -252,3 +252,41 @@ def test_maildir_folders_are_private_whatever_the_umask(tmp_path):
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
     (message,) = os.listdir(bob / "new")
     assert stat.S_IMODE(os.stat(bob / "new" / message).st_mode) == 0o600
+
+
+def test_a_message_renamed_after_listing_is_still_read_flagged_and_removed(tmp_path):
+    """
+    An IMAP session may rename a message a POP3 session listed (new flags,
+    or moved to cur/ as \\Recent): POP3 finds it by its unique name.
+    """
+    mailbox = Mailbox(tmp_path / "bob", tmp_path)
+    mailbox.lock()
+    (tmp_path / "bob" / "new" / "1.M1P1Q1.h,S=5,W=6").write_bytes(b"body\n")
+    (tmp_path / "bob" / "new" / "2.M1P1Q1.h,S=5,W=6").write_bytes(b"two!\n")
+    first, second = mailbox.messages()
+    os.rename(tmp_path / "bob" / "new" / "1.M1P1Q1.h,S=5,W=6", tmp_path / "bob" / "cur" / "1.M1P1Q1.h,S=5,W=6:2,F")
+    os.rename(tmp_path / "bob" / "new" / "2.M1P1Q1.h,S=5,W=6", tmp_path / "bob" / "cur" / "2.M1P1Q1.h,S=5,W=6:2,")
+    assert mailbox.read_whole(first, 1000) == b"body\n"
+    with mailbox.open(first) as f:
+        assert f.read() == b"body\n"
+    mailbox.mark_seen(first)
+    assert sorted(os.listdir(tmp_path / "bob" / "cur")) == ["1.M1P1Q1.h,S=5,W=6:2,FS", "2.M1P1Q1.h,S=5,W=6:2,"]
+    mailbox.remove(second)
+    mailbox.sync_removals([second])
+    assert os.listdir(tmp_path / "bob" / "cur") == ["1.M1P1Q1.h,S=5,W=6:2,FS"]
+    mailbox.unlock()
+
+
+def test_start_up_clean_up_covers_imap_folders_and_follows_no_link(tmp_path):
+    from mailserver.maildir import maildir_tmp_folders
+
+    mail = tmp_path / "mail"
+    bob = mail / "example.org" / "bob"
+    for folder in (bob, bob / ".Sent", bob / ".Archive.2024"):
+        ensure_maildir(tmp_path, folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (bob / ".Linked").symlink_to(outside)
+    folders, links = maildir_tmp_folders(mail)
+    assert folders == [bob / "tmp", bob / ".Archive.2024" / "tmp", bob / ".Sent" / "tmp"]
+    assert links == [bob / ".Linked"]

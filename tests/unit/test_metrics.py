@@ -240,6 +240,8 @@ def test_server_metrics_registers_every_family():
         "pop3_login_failures_total": "counter",
         "pop3_messages_retrieved_total": "counter",
         "pop3_bytes_sent_total": "counter",
+        "imap_logins_total": "counter",
+        "imap_login_failures_total": "counter",
         "relay_deliveries_total": "counter",
         "relay_queue_corrupt_total": "counter",
         "relay_tls_policy_total": "counter",

@@ -369,5 +369,5 @@ def test_turning_off_next_hop_verification_is_warned_at_start(tmp_path):
             world.runner.stopService()
     finally:
         globalLogPublisher.removeObserver(seen.append)
-    warnings = [formatEvent(e) for e in seen if "smarthost_tls_verify" in e.get("log_format", "")]
+    warnings = [formatEvent(e) for e in seen if e.get("event") == "relay.tls_unverified"]
     assert len(warnings) == 1 and "are not checked" in warnings[0]
