@@ -121,3 +121,21 @@ def test_bdat_with_bare_line_ends_is_refused_when_they_are():
     session.send("MAIL FROM:<a@remote.net>\r\nRCPT TO:<bob@example.org>\r\n")
     assert reply_codes(session.send(b"BDAT 8 LAST\r\nS: x\n\nb\n")) == ["550 5.5.2"]
     assert session.intake.messages[0].aborted
+
+
+@pytest.mark.parametrize("pieces", [2, 7, 29, 10_000])
+@pytest.mark.parametrize("lf", [False, True])
+def test_submission_finds_the_end_of_the_header_however_it_is_cut(pieces, lf):
+    """
+    The header section's end is tracked as it passes (only its last line
+    kept), wherever the pieces are cut; bare LFs are line ends there too.
+    """
+    text = (b"From: bob@example.org\r\nTo: alice@example.org\r\n"
+            b"Subject: a subject long enough to be cut in the middle\r\n"
+            b"X-Folded: one\r\n\ttwo\r\n\r\nbody\r\nDate: not a field here\r\n")
+    head, rest = text.split(b"\r\n\r\n", 1)
+    # (The text must still end with CRLF for <CRLF>.<CRLF> to end it.)
+    given = head.replace(b"\r\n", b"\n") + b"\n\n" + rest if lf else text
+    body, message_id = sent(given, role="submission", pieces=pieces)
+    assert body == (head + b"\r\n" + DATE + b"Message-ID: <" + message_id.encode()
+                    + b"@mx.example.org>\r\n\r\n" + rest)
