@@ -365,10 +365,13 @@ class MailServerPeer(Peer):
         workers: int = 1,
         keep: bool = False,
         code: Path = REPO,
+        admin: bool = False,
     ) -> None:
         """
         @param code: the checkout whose C{mailserver} package runs (put
             first on C{PYTHONPATH}); L{bench.ab} passes another revision's.
+        @param admin: serve the admin HTTP API too, on a loopback port the
+            OS chooses (C{admin_port} once started).
         """
         if workers != 1:
             self.name = f"mailserver-w{workers}"
@@ -394,10 +397,10 @@ class MailServerPeer(Peer):
             f"pop3s = []\n"
             f'imap = ["{LOOPBACK}"]\n'
             f"imaps = []\n"
-            # No admin HTTP listener: its default is the fixed port 2080,
-            # which two servers (or a developer's own) cannot share.
-            f"admin = []\n"
-            f"[limits]\n"
+            # Not the admin listener's default, the fixed port 2080, which
+            # two servers (or a developer's own) cannot share.
+            + (f'admin = ["{LOOPBACK}"]\n' if admin else "admin = []\n")
+            + f"[limits]\n"
             f"max_connections = {max_connections}\n"
             f"max_connections_per_client = {max_connections}\n"
         )
@@ -468,6 +471,7 @@ class MailServerPeer(Peer):
         self.port = ports["smtp"]
         self.pop3_port = ports.get("pop3", 0)
         self.imap_port = ports.get("imap", 0)
+        self.admin_port = ports.get("admin", 0)
 
     def delivered(self) -> int:
         path = self.maildir(self.rcpt) / "new"

@@ -450,6 +450,7 @@ class ServerMetrics:
     imap_login_failures_total: Counter
     relay_deliveries_total: Counter
     relay_queue_corrupt_total: Counter
+    relay_queue_scan_seconds: Gauge
     relay_tls_policy_total: Counter
     plugin_errors_total: Counter
 
@@ -522,6 +523,11 @@ def server_metrics(
         relay_queue_corrupt_total=metrics.counter(
             "relay_queue_corrupt_total",
             "Corrupt relay queue entries moved into queue/corrupt/.",
+        ),
+        relay_queue_scan_seconds=metrics.gauge(
+            "relay_queue_scan_seconds",
+            "Seconds the last look at the relay queue's requests and other processes' "
+            "messages took.",
         ),
         relay_tls_policy_total=metrics.counter(
             "relay_tls_policy_total",

@@ -39,8 +39,10 @@ from mailserver.ownership import Owner, acting_as, prepare_data_folder
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
-from mailserver.relay import QueueError, QueueStore, RelayRunner
+from mailserver.relay import QueueStore, RelayRunner
+from mailserver.relay.index import QueueIndex
 from mailserver.relay.mx import make_resolver
+from mailserver.relay.view import QueueAdminView, queue_gauges
 from mailserver.safe_fs import anonymous_file
 from mailserver.smtp import SMTPDependencies, SMTPFactory
 from mailserver.startup import StartupReport
@@ -105,12 +107,9 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         threadpool=password_threadpool(reactor),
     )
     queue = QueueStore(config.queue_path)
+    queue_index = QueueIndex()
     metrics = Metrics()
-    instruments = server_metrics(
-        metrics,
-        queue_messages=lambda: len(queue.ids()),
-        queue_oldest_seconds=lambda: _oldest(queue, reactor),
-    )
+    instruments = server_metrics(metrics, **queue_gauges(queue_index, reactor))
 
     # Plugins: the defences refuse before anything looks at a message;
     # authentication checks see the message as it arrived; DKIM signs it as
@@ -144,6 +143,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         hostname=config.hostname,
         mta_sts_path=config.mta_sts_path,
         queue=queue,
+        index=queue_index,
         intake=intake,
         reactor=reactor,
         accounts=accounts,
@@ -263,7 +263,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
             listener_states=lambda: [
                 listener.state() for listener in listeners if listener.role != "admin"
             ],
-            queue_view=QueueAdminView(queue, runner, reactor),
+            queue_view=QueueAdminView(runner, reactor),
             token=config.admin.token or None,
         )
         listeners += [
@@ -297,42 +297,3 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     pid_path = None if is_worker else config.data_path / PID_FILE
     ReloadOnSignal(reactor, pid_path, tls_options, accounts, pool).setServiceParent(root)
     return root
-
-
-def _oldest(queue: QueueStore, reactor) -> float:
-    arrivals = [message.arrival for message in queue.all()]
-    return reactor.seconds() - min(arrivals) if arrivals else 0.0
-
-
-class QueueAdminView:
-    """
-    The relay queue as the admin API shows it.
-    """
-
-    def __init__(self, queue: QueueStore, runner: RelayRunner, reactor) -> None:
-        self._queue = queue
-        self._runner = runner
-        self._reactor = reactor
-
-    def list(self) -> list[dict]:
-        now = self._reactor.seconds()
-        return [
-            {
-                "id": m.id,
-                "sender": m.sender,
-                "recipients": [r.address for r in m.pending()],
-                "size": m.size,
-                "age_seconds": round(now - m.arrival, 3),
-                "attempts": m.attempts,
-                "next_attempt_in_seconds": round(max(0.0, m.next_attempt - now), 3),
-                "last_error": m.last_error,
-            }
-            for m in self._queue.all()
-        ]
-
-    def flush(self, queue_id: str) -> bool:
-        try:
-            self._runner.request("flush", queue_id)
-        except QueueError:
-            return False
-        return True

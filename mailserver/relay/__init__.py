@@ -14,9 +14,19 @@ Wiring (see L{mailserver.service})::
     runner.flush(domain)                             # ETRN
 
 The queue commands of the console script are in L{mailserver.relay.admin}.
+The names below are imported when first used, so that the console script's
+queue commands (which need only L{mailserver.relay.queue}) do not load the
+runner, the SMTP client and the DNS resolver.
 """
 
-from mailserver.relay.queue import QueueError, QueueStore
-from mailserver.relay.runner import RelayRunner
+from importlib import import_module
 
 __all__ = ["QueueError", "QueueStore", "RelayRunner"]
+
+_HOMES = {"QueueError": "queue", "QueueStore": "queue", "RelayRunner": "runner"}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)

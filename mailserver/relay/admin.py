@@ -1,7 +1,10 @@
 """
 The C{mailserver queue} commands: list, show, flush, delete, bounce.
 
-Listing reads the queue folder.  Changes are requests: a file in
+Listing reads the queue folder, whether the server runs or not: the names
+in C{envelopes/} (one directory listing; ids sort by arrival, and only the
+page's are sorted) and the envelopes of one page only, so a page costs
+little more with 100,000 messages queued than with ten.  Changes are requests: a file in
 C{<data_dir>/queue/requests/} that the running server applies on its next
 scan (every C{relay.scan_interval} seconds), so they never race an attempt
 in progress; a stopped server applies them when it starts.
@@ -10,6 +13,7 @@ in progress; a stopped server applies them when it starts.
 from __future__ import annotations
 
 import argparse
+import heapq
 import time
 
 from mailserver.relay.queue import PENDING, CorruptEntry, QueueError, QueueStore
@@ -32,13 +36,41 @@ def _when(timestamp: float, now: float) -> str:
     return "in " + _age(timestamp - now)
 
 
+PAGE = 100
+
+
 def _list(config, args: argparse.Namespace) -> str:
+    if args.limit < 0:
+        raise QueueError("--limit must be 0 (everything) or more")
     store = QueueStore(config.queue_path)
     now = time.time()
-    messages, unusable = store.survey()
-    lines = _table(messages, now) if messages else ["the queue is empty"]
+    ids = store.ids(ordered=False)
+    later = [i for i in ids if i > args.after] if args.after else ids
+    start = len(ids) - len(later)
+    page = heapq.nsmallest(args.limit + 1, later) if args.limit else sorted(later)
+    end = start + len(page)
+    more = len(page) > args.limit > 0
+    if more:
+        page.pop()
+        end -= 1
+    messages, unusable = [], []
+    for queue_id in page:
+        try:
+            messages.append(store.load(queue_id))
+        except CorruptEntry as e:
+            unusable.append(e)
+        except QueueError:
+            continue  # removed meanwhile
+    lines = _table(messages, now) if messages else [
+        "the queue is empty" if not ids else "no queued message on this page"]
+    if not page and ids:
+        lines.append(f"nothing after {args.after}; {len(ids)} in the queue")
+    elif start or more:
+        lines.append(f"entries {start + 1}-{end} of {len(ids)} in the queue, oldest first"
+                     + (f"; next page: --after {page[-1]}" if more else ""))
     if unusable:
-        lines.append(f"{len(unusable)} corrupt envelope(s), set aside at the server's next scan:")
+        lines.append(f"{len(unusable)} corrupt envelope(s), set aside by the server when it "
+                     "next starts or tries them:")
         lines.extend(f"  {e.queue_id}: {e.problem}" for e in unusable)
     aside = store.corrupt_entries()
     if aside:
@@ -145,7 +177,11 @@ def add_queue_commands(subparsers) -> None:
     """
     queue = subparsers.add_parser("queue", help="inspect and manage the outbound queue")
     actions = queue.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="list queued messages").set_defaults(handler=_list)
+    listing = actions.add_parser("list", help="list queued messages, oldest first")
+    listing.add_argument("--limit", type=int, default=PAGE,
+                         help=f"at most this many (default {PAGE}; 0: all)")
+    listing.add_argument("--after", metavar="ID", help="start after this queue id")
+    listing.set_defaults(handler=_list)
     show = actions.add_parser("show", help="show one queued message")
     show.add_argument("id")
     show.set_defaults(handler=_show)

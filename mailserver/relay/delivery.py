@@ -65,7 +65,13 @@ def destination_of(relay, address: str) -> str:
     concurrency limit: the smarthost, or the recipient's domain (always, for
     a domain with a route of its own in C{relay.transports}).
     """
-    domain = address.rpartition("@")[2].lower().rstrip(".")
+    return destination_of_domain(relay, address.rpartition("@")[2].lower().rstrip("."))
+
+
+def destination_of_domain(relay, domain: str) -> str:
+    """
+    L{destination_of} for a recipient in C{domain} (lower case).
+    """
     if relay.smarthost and all(route.domain != domain for route in relay.transports):
         return f"smarthost:{relay.smarthost}"
     return domain

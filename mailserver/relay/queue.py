@@ -7,6 +7,9 @@ Layout under C{<data_dir>/queue/}::
     envelopes/<id>.json  the envelope and per-recipient state (version 1)
     tmp/                 envelope JSON being written
     requests/<id>.<verb> requests from the C{mailserver queue} command
+    incoming/<id>        messages queued by another process (a worker), not
+                         yet seen by the runner: empty and not synced, since
+                         the runner reads every envelope when it starts
     corrupt/             entries set aside: <id>.json, <id> and <id>.problem
 
 An envelope is the commit point: it is written to C{tmp/}, fsynced, renamed
@@ -267,8 +270,10 @@ class QueueStore:
     """
     The queue folder; implements L{mailserver.intake.RelayQueue}.
 
-    @ivar on_enqueued: called (in the worker thread!) with each new id; the
-        runner sets it to hand the id over to the reactor thread.
+    @ivar on_enqueued: called (in the worker thread!) with each new
+        L{QueuedMessage}; the runner sets it to hand the message over to the
+        reactor thread.  Without it (in a worker process) the id is left in
+        C{incoming/} for the runner's next scan.
     """
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
@@ -283,8 +288,9 @@ class QueueStore:
         self.tmp_path = self.path / "tmp"
         self.requests_path = self.path / "requests"
         self.corrupt_path = self.path / "corrupt"
+        self.incoming_path = self.path / "incoming"
         self._clock = clock
-        self.on_enqueued: Callable[[str], None] | None = None
+        self.on_enqueued: Callable[[QueuedMessage], None] | None = None
         self._made = False
 
     def _ensure(self) -> None:
@@ -293,7 +299,7 @@ class QueueStore:
         # Made 0700 (and synced) if missing; a link for any is refused, and
         # the files in them are opened without following one either.
         for folder in (self.messages_path, self.envelopes_path, self.tmp_path, self.requests_path,
-                       self.corrupt_path):
+                       self.corrupt_path, self.incoming_path):
             os.close(open_folder(self._base, folder, create=True))
         self._made = True
 
@@ -349,7 +355,12 @@ class QueueStore:
             os.unlink(message_path)
             raise
         if self.on_enqueued is not None:
-            self.on_enqueued(queue_id)
+            self.on_enqueued(message)
+        else:
+            try:
+                os.close(open_path(self.incoming_path / queue_id, os.O_WRONLY | os.O_CREAT))
+            except OSError:
+                pass  # it is queued all the same: the runner reads it when it next starts
         return queue_id
 
     # The runner's and the CLI's side.
@@ -363,17 +374,20 @@ class QueueStore:
             raise QueueError(f"{queue_id!r} is not a queue id")
         return self.envelopes_path / f"{queue_id}.json"
 
-    def ids(self) -> list[str]:
+    def ids(self, ordered: bool = True) -> list[str]:
         """
-        The ids of the envelopes on disk (names that cannot be queue ids,
-        such as an editor's hidden files, are not envelopes).
+        The ids of the envelopes on disk, in id (arrival) order unless
+        C{ordered} is false (names that cannot be queue ids, such as an
+        editor's hidden files, are not envelopes).
         """
         try:
             names = os.listdir(self.envelopes_path)
         except FileNotFoundError:
             return []
-        ids = (n[: -len(".json")] for n in names if n.endswith(".json"))
-        return sorted(i for i in ids if i and not i.startswith("."))
+        ids = [n[:-5] for n in names if n.endswith(".json") and len(n) > 5 and n[0] != "."]
+        if ordered:
+            ids.sort()
+        return ids
 
     def load(self, queue_id: str) -> QueuedMessage:
         """
@@ -410,23 +424,6 @@ class QueueStore:
         if not stat.S_ISREG(info.st_mode) or info.st_size < message.body_offset:
             raise CorruptEntry(queue_id, path, "its message file is not the message it holds")
         return message
-
-    def survey(self) -> tuple[list[QueuedMessage], list[CorruptEntry]]:
-        """
-        The usable messages, oldest first, and the unusable entries.
-        """
-        messages, corrupt = [], []
-        for queue_id in self.ids():
-            try:
-                messages.append(self.load(queue_id))
-            except CorruptEntry as e:
-                corrupt.append(e)
-            except QueueError:
-                continue
-        return sorted(messages, key=lambda m: (m.arrival, m.id)), corrupt
-
-    def all(self) -> list[QueuedMessage]:
-        return self.survey()[0]
 
     def set_aside(self, queue_id: str, problem: str) -> Path:
         """
@@ -506,27 +503,54 @@ class QueueStore:
         At start: remove message files that have no envelope (a crash
         between the link and the envelope, before the 250) when older than
         C{min_age} seconds, so an enqueue running meanwhile in a worker is
-        never disturbed, and temporary files whose writer is gone (or, with
-        no writer in the name, older than C{min_age}).
+        never disturbed, and stale temporary files (L{remove_stale_tmp}).
         """
         self._ensure()
         cutoff = time.time() - min_age
         known = set(self.ids())
         removed = []
-        for folder, keep in ((self.messages_path, known), (self.tmp_path, set())):
-            for entry in os.scandir(folder):
-                if entry.name in keep:
-                    continue
-                try:
-                    if folder == self.tmp_path and _writer_gone(entry.name):
-                        os.unlink(entry.path)
-                    elif entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        if folder == self.messages_path:
-                            removed.append(entry.name)
-                except FileNotFoundError:
-                    continue
+        for entry in os.scandir(self.messages_path):
+            if entry.name in known:
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except FileNotFoundError:
+                continue
+        self.remove_stale_tmp(min_age)
         return removed
+
+    def remove_stale_tmp(self, min_age: float = 3600.0) -> None:
+        """
+        Remove the temporary files whose writer is gone (or, with no writer
+        in the name, older than C{min_age} seconds).  Quick: C{tmp/} holds
+        only the writes in progress.
+        """
+        self._ensure()
+        cutoff = time.time() - min_age
+        for entry in os.scandir(self.tmp_path):
+            try:
+                if _writer_gone(entry.name) or entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+
+    def take_incoming(self) -> list[str]:
+        """
+        The ids other processes queued since the last call, removed from
+        C{incoming/}.
+        """
+        try:
+            names = os.listdir(self.incoming_path)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            try:
+                os.unlink(self.incoming_path / name)
+            except FileNotFoundError:
+                continue
+        return [name for name in names if name and not name.startswith(".")]
 
     # Requests from the CLI to the running server.
 

@@ -1,21 +1,26 @@
 """
 The relay runner: the service that works the queue.
 
-It keeps (L{QueueStore}), decides (L{schedule}) and delivers (an
-L{mailserver.interfaces.ICourier}) through three separate pieces:
+It keeps (L{QueueStore}), knows (L{QueueIndex}), decides (L{schedule},
+L{Dispatcher}) and delivers (an L{mailserver.interfaces.ICourier}) through
+separate pieces:
 
-  - at start, every queued message is scheduled again (a restart or a
-    C{kill -9} loses nothing that got its 250);
-  - each message gets one timer (C{reactor.callLater}) for its next attempt;
+  - at start, every envelope is read, in a thread, into the in-memory index
+    (a restart or a C{kill -9} loses nothing that got its 250); from then on
+    the runner puts every change it makes into the index, and nothing on the
+    reactor thread reads the queue folder to learn what is queued;
+  - the dispatcher starts each message when it comes due, within the
+    connection limits, and lets a destination that no server answers at
+    rest (its messages wait in memory: a few attempts per rest);
   - an attempt groups the pending recipients by destination and sends each
     group in one transaction, within the connection limits (in total and
     per destination);
   - 2xx: done; 5xx: failed at once; 4xx or no answer: retried on the back-off
     schedule until C{max_age}, then failed; failures are reported to the
     sender in one RFC 3464 report per attempt, injected through the intake;
-  - every C{scan_interval} the queue folder is re-read for messages it does
-    not know and for requests from C{mailserver queue} (flush, delete,
-    bounce);
+  - every C{scan_interval} it takes in the messages worker processes
+    queued (C{queue/incoming/}) and the requests from C{mailserver queue}
+    (flush, delete, bounce; C{queue/requests/}), two small folders;
   - an entry that cannot be used (a corrupt envelope, a missing message
     file) is moved into C{queue/corrupt/} with one log line, at start, at a
     scan or at its attempt, and the others go on.
@@ -29,7 +34,7 @@ that it was sent.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,7 +48,16 @@ from mailserver.hooks import Delivery
 from mailserver.logs import emit, emit_failure
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
-from mailserver.relay.delivery import LoggingCourier, Outcome, RouteCourier, destination_of
+from mailserver.relay.delivery import (
+    LoggingCourier,
+    Outcome,
+    RouteCourier,
+    destination_of,
+    destination_of_domain,
+)
+from mailserver.relay.dispatch import ConnectionSlots, Dispatcher
+from mailserver.relay.index import IndexEntry, QueueIndex
+from mailserver.relay.index import build as build_index
 from mailserver.relay.mta_sts import make_mta_sts
 from mailserver.relay.mx import MXRouter, Ourselves, make_resolver
 from mailserver.relay.queue import (
@@ -61,45 +75,6 @@ from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certific
 from mailserver.safe_text import printable
 
 
-class _Slots:
-    """
-    Connection limits: at most C{total} at once, and C{per_key} per
-    destination.  L{acquire} fires when a slot is free.
-    """
-
-    def __init__(self, total: int, per_key: int) -> None:
-        self.total = total
-        self.per_key = per_key
-        self.used = 0
-        self.by_key: Counter = Counter()
-        self._waiting: deque = deque()
-
-    def _free(self, key: str) -> bool:
-        return self.used < self.total and self.by_key[key] < self.per_key
-
-    def acquire(self, key: str) -> defer.Deferred:
-        if self._free(key) and all(k != key for k, _ in self._waiting):
-            self._take(key)
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiting.append((key, d))
-        return d
-
-    def _take(self, key: str) -> None:
-        self.used += 1
-        self.by_key[key] += 1
-
-    def release(self, key: str) -> None:
-        self.used -= 1
-        self.by_key[key] -= 1
-        for entry in list(self._waiting):
-            waiting_key, d = entry
-            if self._free(waiting_key):
-                self._waiting.remove(entry)
-                self._take(waiting_key)
-                d.callback(None)
-
-
 class RelayRunner(Service):
     """
     @param relay: the C{[relay]} section (L{mailserver.config.Relay}).
@@ -112,6 +87,9 @@ class RelayRunner(Service):
     @param jitter: spreads retry delays (L{schedule.Jitter}).
     @param io: runs a blocking call and returns a Deferred of its result;
         default: the reactor's thread pool.
+
+    @ivar index: what is queued (L{QueueIndex}), complete once the start-up
+        read of the queue is done.
     """
 
     log = Logger()
@@ -126,6 +104,7 @@ class RelayRunner(Service):
         queue: QueueStore,
         intake,
         reactor,
+        index: QueueIndex | None = None,
         courier=None,
         accounts=None,
         jitter=None,
@@ -134,6 +113,8 @@ class RelayRunner(Service):
         on_delivered=None,
     ) -> None:
         """
+        @param index: the index to keep (default: a new one); the server
+            makes it first, for the gauges.
         @param metrics: the server's L{ServerMetrics}, counting attempts.
         @param on_delivered: told of each recipient's final outcome (the
             plugins' delivered hooks).
@@ -153,13 +134,20 @@ class RelayRunner(Service):
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
         self.policy = RetryPolicy.from_config(relay)
-        self._slots = _Slots(self._relay.max_connections, self._relay.max_connections_per_destination)
-        self._timers: dict = {}
+        self._slots = ConnectionSlots(self._relay.max_connections,
+                                      self._relay.max_connections_per_destination)
+        self.index = index if index is not None else QueueIndex()
+        self._dispatcher = Dispatcher(
+            index=self.index, clock=reactor, start=self._start_attempt,
+            destinations=self._destinations, wait=self._wait,
+            rest_for=lambda n: retry_delay(self.policy, n, self._jitter),
+            total=self._relay.max_connections,
+            per_destination=self._relay.max_connections_per_destination,
+        )
         self._active: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}
-        # Corrupt entries that could not be moved aside: not tried again.
-        self._unusable: set[str] = set()
         self._scanner: task.LoopingCall | None = None
+        self._destination_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # Service.
 
@@ -197,90 +185,138 @@ class RelayRunner(Service):
                      "smarthost_tls_verify = false: the certificates of the smarthost and "
                      "transport hosts are not checked, so anyone on the way can read the "
                      "mail and the smarthost password")
+        # A crash's half-written files go before clients come (as the spool's
+        # and the mailboxes' do); the orphans and the envelopes are read in
+        # a thread.  Told of new messages from now on (kept in the index
+        # until the start-up read is done).
+        self._queue.remove_stale_tmp()
+        self._queue.on_enqueued = self._enqueued_in_thread
+        began = time.monotonic()
+        d = self._io(self._read_queue)
+        d.addCallback(self._read, began)
+        d.addErrback(lambda f: emit_failure(self.log, "relay.read_failed", "cannot read the queue",
+                                            f))
+
+    def _read_queue(self) -> tuple[list[str], QueueIndex, list[CorruptEntry]]:
         removed = self._queue.remove_orphans()
+        self._queue.take_incoming()  # read below with the rest
+        return (removed, *build_index(self._queue))
+
+    def _read(self, result, began: float) -> None:
+        if not self.running:
+            return
+        removed, index, corrupt = result
         if removed:
             emit(self.log, LogLevel.info, "relay.orphans_removed",
                  "removed unacknowledged queue files", count=len(removed))
-        self._queue.on_enqueued = self._enqueued_in_thread
+        self.index.take_over(index)
+        emit(self.log, LogLevel.info, "relay.queue_read", "queued messages read",
+             count=len(self.index), seconds=round(time.monotonic() - began, 2))
+        for e in corrupt:
+            self._set_aside(e)
         self._scanner = task.LoopingCall(self.scan)
         self._scanner.clock = self._reactor
         self._scanner.start(self._relay.scan_interval, now=True)
+        self._dispatcher.start()
 
     def stopService(self):
         super().stopService()
         self._queue.on_enqueued = None
         if self._scanner is not None and self._scanner.running:
             self._scanner.stop()
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        self._dispatcher.stop()
         if self._resolver is not None:
             self._resolver.stop()
 
-    def _enqueued_in_thread(self, queue_id: str) -> None:
-        self._reactor.callFromThread(self._enqueued, queue_id)
+    def _enqueued_in_thread(self, message: QueuedMessage) -> None:
+        self._reactor.callFromThread(self._enqueued, message)
 
-    def _enqueued(self, queue_id: str) -> None:
-        if self.running and queue_id not in self._timers and queue_id not in self._active:
-            self._timers[queue_id] = self._reactor.callLater(0, self._start_attempt, queue_id)
+    def _enqueued(self, message: QueuedMessage) -> None:
+        if self.running and message.id not in self.index:
+            self.index.put(self.index.entry_for(message))
+            self._dispatcher.resume()
+
+    def _destinations(self, entry) -> tuple[str, ...]:
+        # The index shares its tuples of domains among the messages.
+        found = self._destination_cache.get(entry.domains)
+        if found is None:
+            if len(self._destination_cache) > 4096:
+                self._destination_cache.clear()
+            found = self._destination_cache[entry.domains] = tuple(dict.fromkeys(
+                destination_of_domain(self._relay, d) for d in entry.domains))
+        return found
+
+    def _wait(self, entry: IndexEntry, until: float) -> bool:
+        """
+        Put off a due message whose destinations rest until C{until}, in the
+        index only (its envelope keeps its time: a restart tries it), unless
+        it must be tried now: it expires, or a delay notice is due.
+        """
+        latest = entry.arrival + self.policy.max_age
+        if self.policy.delay_warning is not None and not entry.delay_warned:
+            latest = min(latest, entry.arrival + self.policy.delay_warning)
+        if latest <= self._reactor.seconds():
+            return False
+        self.index.reschedule(entry.id, min(until, latest))
+        return True
 
     # Scanning and requests.
 
-    def scan(self) -> None:
+    def scan(self) -> defer.Deferred:
         """
-        Apply the CLI's requests and schedule messages not yet known.
+        Take in what other processes queued (workers) and what
+        C{mailserver queue} asked for.
         """
-        for verb, target in self._queue.take_requests():
+        began = time.monotonic()
+        d = self._io(self._take_news)
+        d.addCallback(self._apply_news)
+        d.addErrback(lambda f: emit_failure(self.log, "relay.scan_failed", "queue scan failed", f))
+        d.addBoth(lambda _: self._metrics.relay_queue_scan_seconds.set(time.monotonic() - began))
+        return d
+
+    def _take_news(self):
+        loaded, corrupt = [], []
+        for queue_id in self._queue.take_incoming():
+            try:
+                loaded.append(self._queue.load(queue_id))
+            except CorruptEntry as e:
+                corrupt.append(e)
+            except QueueError:
+                continue  # gone already
+        return loaded, corrupt, self._queue.take_requests()
+
+    def _apply_news(self, news) -> None:
+        loaded, corrupt, requests = news
+        for message in loaded:
+            self._enqueued(message)
+        for e in corrupt:
+            self._set_aside(e)
+        for verb, target in requests:
             try:
                 self.request(verb, target)
             except QueueError as e:
                 emit(self.log, LogLevel.warn, "relay.request_refused", "queue request refused",
                      verb=verb, target=target, problem=str(e))
-        on_disk = set(self._queue.ids())
-        for queue_id in list(self._timers):
-            if queue_id not in on_disk:
-                self._cancel_timer(queue_id)
-        for queue_id in on_disk:
-            if queue_id in self._timers or queue_id in self._active or queue_id in self._unusable:
-                continue
-            try:
-                message = self._queue.load(queue_id)
-            except CorruptEntry as e:
-                self._set_aside(e)
-                continue
-            except QueueError:
-                continue  # removed meanwhile
-            self._schedule(message.id, message.next_attempt)
 
-    def _set_aside(self, e: CorruptEntry) -> None:
+    def _set_aside(self, e: CorruptEntry) -> defer.Deferred:
         """
         Move a corrupt entry out of the way, saying so once.
         """
-        self._cancel_timer(e.queue_id)
-        try:
-            where = self._queue.set_aside(e.queue_id, e.problem)
-        except OSError as error:
-            self._unusable.add(e.queue_id)
+        self.index.remove(e.queue_id)
+
+        def moved(where):
+            self._metrics.relay_queue_corrupt_total.inc()
+            emit(self.log, LogLevel.error, "relay.corrupt", "queue file is corrupt; moved it aside",
+                 file=str(e.path), problem=e.problem, where=str(where), id=e.queue_id)
+
+        def stuck(failure):
+            error = failure.trap(OSError) and failure.value
             emit(self.log, LogLevel.error, "relay.corrupt",
-                 "queue file is corrupt and cannot be moved aside; ignoring it", file=str(e.path), problem=e.problem,
-                 error=error.strerror or str(error), id=e.queue_id)
-            return
-        self._metrics.relay_queue_corrupt_total.inc()
-        emit(self.log, LogLevel.error, "relay.corrupt",
-             "queue file is corrupt; moved it aside", file=str(e.path), problem=e.problem, where=str(where), id=e.queue_id)
+                 "queue file is corrupt and cannot be moved aside; ignoring it",
+                 file=str(e.path), problem=e.problem, error=error.strerror or str(error),
+                 id=e.queue_id)
 
-    def _cancel_timer(self, queue_id: str) -> None:
-        timer = self._timers.pop(queue_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _schedule(self, queue_id: str, when: float) -> None:
-        self._cancel_timer(queue_id)
-        if not self.running:
-            return  # an attempt that ends after the stop leaves no timer behind
-        delay = max(0.0, when - self._reactor.seconds())
-        self._timers[queue_id] = self._reactor.callLater(delay, self._start_attempt, queue_id)
+        return self._io(self._queue.set_aside, e.queue_id, e.problem).addCallbacks(moved, stuck)
 
     def request(self, verb: str, target: str) -> int:
         """
@@ -290,21 +326,25 @@ class RelayRunner(Service):
         """
         if verb == "flush" and (target == "*" or target.startswith("domain:")):
             return self.flush(None if target == "*" else target[len("domain:"):])
-        ids = self._queue.ids()
-        if target not in ids:
+        if target not in self.index:
             raise QueueError(f"no queued message {target}")
         if target in self._active:
             if verb != "flush":
                 self._after[target] = verb
             return 1
-        self._cancel_timer(target)
         if verb == "delete":
-            self._queue.remove(target)
-            emit(self.log, LogLevel.info, "relay.deleted", "deleted on request", id=target)
+            self.index.remove(target)
+            self._io(self._queue.remove, target).addCallbacks(
+                lambda _: emit(self.log, LogLevel.info, "relay.deleted", "deleted on request",
+                               id=target),
+                lambda f: emit_failure(self.log, "relay.delete_failed", "cannot delete it", f,
+                                       id=target))
+        elif verb == "bounce":
+            self._start_attempt(target, bounce=True)
         else:
-            self._timers[target] = self._reactor.callLater(
-                0, self._start_attempt, target, verb == "bounce"
-            )
+            self._dispatcher.wake(list(self._destinations(self.index.get(target))))
+            self.index.reschedule(target, self._reactor.seconds())
+            self._dispatcher.resume()
         return 1
 
     def flush(self, domain: str | None = None) -> int:
@@ -313,55 +353,49 @@ class RelayRunner(Service):
         if given).  Returns how many were scheduled.  ETRN calls this.
         """
         domain = domain.lower().rstrip(".") if domain else None
-        count = 0
-        for queue_id in self._queue.ids():
-            if queue_id in self._active:
-                continue
-            try:
-                message = self._queue.load(queue_id)
-            except QueueError:
-                continue
-            pending = message.pending()
-            if not pending or (domain and all(r.domain != domain for r in pending)):
-                continue
-            self._schedule(queue_id, 0)
-            count += 1
-        return count
+        due = [i for i in self.index.pending_ids(domain) if i not in self._active]
+        self._dispatcher.wake([destination_of_domain(self._relay, domain)] if domain else None)
+        self.index.due_now(due, self._reactor.seconds())
+        self._dispatcher.resume()
+        return len(due)
 
     # Attempts.
 
-    def _start_attempt(self, queue_id: str, bounce: bool = False) -> None:
-        self._timers.pop(queue_id, None)
+    def _start_attempt(self, queue_id: str, bounce: bool = False) -> bool:
         if queue_id in self._active or not self.running:
-            return
+            return False
         d = defer.Deferred.fromCoroutine(self._attempt(queue_id, bounce))
         self._active[queue_id] = d
 
         def done(result):
             self._active.pop(queue_id, None)
+            self._dispatcher.finished(queue_id)
             verb = self._after.pop(queue_id, None)
-            if verb and queue_id in self._queue.ids():
+            if verb and queue_id in self.index:
                 self.request(verb, queue_id)
             return result
 
         def failed(failure):
-            # A bug or a full disk: back off, rather than let the next scan
-            # retry it (and maybe deliver it again) every few seconds.
+            # A bug or a full disk: back off, rather than retry it (and
+            # maybe deliver it again) at once.
             emit_failure(self.log, "relay.attempt_failed", "attempt failed", failure, id=queue_id)
-            if self.running and queue_id not in self._timers:
-                self._schedule(queue_id, self._reactor.seconds()
-                               + retry_delay(self.policy, 1, self._jitter))
+            if self.running and queue_id in self.index:
+                self.index.reschedule(queue_id, self._reactor.seconds()
+                                      + retry_delay(self.policy, 1, self._jitter))
+                self._dispatcher.resume()
 
         d.addBoth(done)
         d.addErrback(failed)
+        return True
 
     async def _attempt(self, queue_id: str, bounce: bool) -> None:
         try:
             message = await self._io(self._queue.load, queue_id)
         except CorruptEntry as e:
-            self._set_aside(e)
+            await self._set_aside(e)
             return
         except QueueError:
+            self.index.remove(queue_id)  # removed by hand
             return
         now = self._reactor.seconds()
         if bounce:
@@ -383,12 +417,17 @@ class RelayRunner(Service):
         message = await self._report(message, now)
         if all(r.state != PENDING and r.notified for r in message.recipients):
             await self._io(self._queue.remove, message.id)
+            self.index.remove(message.id)
             emit(self.log, LogLevel.info, "relay.removed", "done", id=message.id)
         elif message.pending():
-            self._schedule(message.id, message.next_attempt)
+            self._requeue(message, message.next_attempt)
         else:
             # Only reports are owed (the intake failed): try again later.
-            self._schedule(message.id, now + self.policy.delays[0])
+            self._requeue(message, now + self.policy.delays[0])
+
+    def _requeue(self, message: QueuedMessage, when: float) -> None:
+        self.index.put(self.index.entry_for(message, next_attempt=when))
+        self._dispatcher.resume()
 
     def _fail_pending(self, message: QueuedMessage, status: str, diagnostic: str,
                       now: float, keep_last: bool = False) -> QueuedMessage:
@@ -429,9 +468,18 @@ class RelayRunner(Service):
     async def _deliver_group(self, message, key, group) -> dict[str, Outcome]:
         await self._slots.acquire(key)
         try:
-            return await self._courier.deliver(message, group)
+            outcomes = await self._courier.deliver(message, group)
         finally:
             self._slots.release(key)
+        # RFC 3463 X.4.X: network and routing, so no server answered.
+        unreachable = [o.reply for o in outcomes.values() if o.reply.status.startswith("4.4.")]
+        until = self._dispatcher.reached(key, len(unreachable) < len(outcomes))
+        if until is not None:
+            emit(self.log, LogLevel.info, "relay.unreachable",
+                 "not reachable; its messages wait", destination=key,
+                 reply=printable(str(unreachable[0]), None),
+                 seconds=round(until - self._reactor.seconds()), id=message.id)
+        return outcomes
 
     def _apply(self, message: QueuedMessage, address: str, outcome: Outcome,
                now: float) -> QueuedMessage:

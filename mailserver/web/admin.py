@@ -3,7 +3,8 @@ The admin HTTP API: health, metrics and the relay queue, on C{twisted.web}.
 
     GET  /health                  200 when every listener serves, else 503
     GET  /metrics                 Prometheus text format 0.0.4
-    GET  /api/queue               the queued messages, as a JSON list
+    GET  /api/queue               a page of the queued messages, as a JSON list
+                                  (?limit=N, ?after=ID; see L{QUEUE_PAGE})
     POST /api/queue/{id}/flush    202, or 404 for an unknown id
 
 Everything it shows comes in as read-only views (a callable, a
@@ -22,6 +23,7 @@ import json
 import re
 from io import BytesIO
 from typing import Callable, Protocol
+from urllib.parse import quote
 
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
@@ -32,6 +34,15 @@ from mailserver.metrics import Metrics
 from mailserver.web._bearer import authorization_problem
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+QUEUE_PAGE = 100
+"""
+Messages on one page of C{/api/queue} unless C{?limit=} says otherwise (at
+most L{QUEUE_PAGE_MAX}).  The answer says C{X-Total-Count: <queued>} and,
+when more follow, C{Link: </api/queue?after=<last id>&limit=N>; rel="next"}
+(RFC 8288).
+"""
+QUEUE_PAGE_MAX = 1000
 
 # The largest request body taken: the API's calls carry none, so anything
 # near this is not a client of ours.
@@ -48,10 +59,13 @@ class QueueView(Protocol):
     What the admin API may see and do of the relay queue.
     """
 
-    def list(self) -> list[dict]:
+    def page(self, after: str | None, limit: int) -> tuple[list[dict], int, str | None]:
         """
-        The queued messages, each a JSON-serialisable dict (id, sender,
-        recipients and their state, next attempt...), in the order to show.
+        Up to C{limit} queued messages in the order to show, from the first
+        after the one with id C{after} (from the start when C{None}), each
+        a JSON-serialisable dict (id, sender, pending recipients, next
+        attempt...); the number of messages queued; and the C{after} of the
+        next page, C{None} when this is the last.
         """
 
     def flush(self, queue_id: str) -> bool:
@@ -130,12 +144,32 @@ class _AdminResource(Resource):
         return self._metrics.render()
 
     def _queue(self, request: Request) -> bytes:
-        return _json(request, 200, self._queue_view.list())
+        after = _argument(request, b"after")
+        limit_text = _argument(request, b"limit")
+        if after is not None and not _QUEUE_ID.match(after):
+            return _json(request, 400, {"error": "after must be a queue id"})
+        if limit_text is None:
+            limit = QUEUE_PAGE
+        elif limit_text.isdigit() and 1 <= int(limit_text) <= QUEUE_PAGE_MAX:
+            limit = int(limit_text)
+        else:
+            return _json(request, 400, {"error": f"limit must be from 1 to {QUEUE_PAGE_MAX}"})
+        messages, total, next_after = self._queue_view.page(after, limit)
+        request.setHeader(b"x-total-count", str(total).encode("ascii"))
+        if next_after is not None:
+            link = f'</api/queue?after={quote(next_after, safe="")}&limit={limit}>; rel="next"'
+            request.setHeader(b"link", link.encode("ascii"))
+        return _json(request, 200, messages)
 
     def _flush(self, request: Request, queue_id: str) -> bytes:
         if not _QUEUE_ID.match(queue_id) or not self._queue_view.flush(queue_id):
             return _json(request, 404, {"error": "unknown queue id", "id": queue_id})
         return _json(request, 202, {"id": queue_id, "status": "flush requested"})
+
+
+def _argument(request: Request, name: bytes) -> str | None:
+    values = request.args.get(name)
+    return values[-1].decode("utf-8", "replace") if values else None
 
 
 _REASONS = {401: b"Unauthorized", 413: b"Content Too Large"}

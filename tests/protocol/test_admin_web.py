@@ -28,8 +28,12 @@ class FakeQueue:
         self.messages = [{"id": i, "sender": "a@x.test", "recipients": ["b@y.test"]} for i in ids]
         self.flushed: list[str] = []
 
-    def list(self) -> list[dict]:
-        return self.messages
+    def page(self, after, limit):
+        ids = [m["id"] for m in self.messages]
+        start = ids.index(after) + 1 if after in ids else 0
+        chosen = self.messages[start:start + limit]
+        more = start + limit < len(self.messages)
+        return chosen, len(self.messages), chosen[-1]["id"] if more else None
 
     def flush(self, queue_id: str) -> bool:
         self.flushed.append(queue_id)
@@ -126,6 +130,34 @@ class AdminSiteTests(unittest.TestCase):
         response, body = yield defer.ensureDeferred(self.call("GET", "/api/queue"))
         self.assertEqual(response.code, 200)
         self.assertEqual([m["id"] for m in json.loads(body)], ["0190A1B2C3D4E5F6A7", "0190A1B2C3D4E5F6A8"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-total-count"), [b"2"])
+        self.assertFalse(response.headers.hasHeader(b"link"))
+
+    @defer.inlineCallbacks
+    def test_queue_pages_follow_the_link_header(self):
+        ids = [f"0190A1B2C3D4E5F6{n:02X}" for n in range(5)]
+        self.serve(queue=FakeQueue(*ids))
+        seen, path = [], "/api/queue?limit=2"
+        while path:
+            response, body = yield defer.ensureDeferred(self.call("GET", path))
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.headers.getRawHeaders(b"x-total-count"), [b"5"])
+            page = [m["id"] for m in json.loads(body)]
+            self.assertLessEqual(len(page), 2)
+            seen += page
+            [link] = response.headers.getRawHeaders(b"link", [None])
+            path = link and re.fullmatch(r'<([^>]+)>; rel="next"', link.decode()).group(1)
+        self.assertEqual(seen, ids)
+
+    @defer.inlineCallbacks
+    def test_queue_page_arguments_are_checked(self):
+        self.serve(queue=FakeQueue("0190A1B2C3D4E5F6A7"))
+        for query in ("limit=0", "limit=1001", "limit=x", "limit=-1", "after=..%2Fetc"):
+            response, body = yield defer.ensureDeferred(self.call("GET", "/api/queue?" + query))
+            self.assertEqual(response.code, 400, query)
+            self.assertIn("error", json.loads(body))
+        response, body = yield defer.ensureDeferred(self.call("GET", "/api/queue?limit=1000"))
+        self.assertEqual(response.code, 200)
 
     @defer.inlineCallbacks
     def test_flush_known_id_is_accepted(self):

@@ -197,7 +197,7 @@ class RunnerTests(unittest.TestCase):
         return value
 
     def tried(self) -> list:
-        return [m for m in self.queue.all() if m.attempts >= 1]
+        return [m for m in map(self.queue.load, self.queue.ids()) if m.attempts >= 1]
 
     def bounces(self) -> list:
         box = Mailbox(self.accounts.mailbox_path("s@example.org"), self.config.data_path)

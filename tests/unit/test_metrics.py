@@ -244,6 +244,7 @@ def test_server_metrics_registers_every_family():
         "imap_login_failures_total": "counter",
         "relay_deliveries_total": "counter",
         "relay_queue_corrupt_total": "counter",
+        "relay_queue_scan_seconds": "gauge",
         "relay_tls_policy_total": "counter",
         "plugin_errors_total": "counter",
     }

@@ -4,6 +4,7 @@ The durable queue store: hard link, versioned JSON envelope, recovery, requests.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from mailserver.config import Config, ConfigError, HostPort, Transport, load
 from mailserver.envelope import Envelope, Recipient
+from mailserver.relay.index import build as build_index
 from mailserver.relay.queue import (
     FORMAT_VERSION,
     CorruptEntry,
@@ -52,7 +54,8 @@ def test_enqueue_links_the_spool_and_writes_a_versioned_envelope(config, tmp_pat
     seen = []
     store.on_enqueued = seen.append
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test", "z@remote.test"), spool, 29)
-    assert seen == [queue_id]
+    assert seen == [store.load(queue_id)]
+    assert os.listdir(store.incoming_path) == []  # told directly, not left for a scan
     message_path = store.messages_path / queue_id
     assert os.stat(message_path).st_ino == os.stat(spool).st_ino
     raw = json.loads((store.envelopes_path / f"{queue_id}.json").read_text())
@@ -193,8 +196,8 @@ def test_a_bad_envelope_is_a_corrupt_entry_with_its_problem(config, tmp_path, na
         store.load(queue_id)
     assert problem in caught.value.problem
     assert caught.value.queue_id == queue_id and caught.value.path == path
-    messages, corrupt = store.survey()
-    assert messages == [] and [e.queue_id for e in corrupt] == [queue_id]
+    index, corrupt = build_index(store)
+    assert len(index) == 0 and [e.queue_id for e in corrupt] == [queue_id]
 
 
 def test_missing_or_wrong_message_file_is_corrupt(config, tmp_path):
@@ -230,7 +233,7 @@ def test_set_aside_moves_both_files_and_notes_the_problem(config, tmp_path):
     assert where.read_text() == "{trunc"
     assert (store.corrupt_path / bad).read_bytes().endswith(b"body\n")
     assert (store.corrupt_path / f"{bad}.problem").read_text() == "not valid JSON\n"
-    assert store.ids() == [good] and [m.id for m in store.all()] == [good]
+    assert store.ids() == [good] and store.load(good).id == good
     assert sorted(os.listdir(store.messages_path)) == [good]
     assert store.corrupt_entries() == [(bad, "not valid JSON")]
     assert store.remove_orphans(min_age=-1) == []  # nothing of it left to remove
@@ -249,6 +252,42 @@ def test_names_that_are_not_ids_are_not_envelopes(config, tmp_path):
     assert store.ids() == [queue_id]
 
 
+def test_queue_list_pages_through_a_queue_reading_only_its_page(tmp_path, capsys, monkeypatch):
+    from mailserver import cli
+
+    config_path = tmp_path / "mailserver.toml"
+    config_path.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    store = QueueStore(load(str(config_path)).queue_path, clock=itertools.count(1000.0, 0.5).__next__)
+    ids = [store.enqueue(ENVELOPE, ("z@remote.test",), spool_file(tmp_path), 29) for _ in range(7)]
+    assert sorted(ids) == ids  # ids sort by arrival
+    (store.envelopes_path / "ZZBROKEN.json").write_text("{")
+
+    loaded = []
+    real_load = QueueStore.load
+    monkeypatch.setattr(QueueStore, "load",
+                        lambda self, queue_id: loaded.append(queue_id) or real_load(self, queue_id))
+
+    def listing(*args):
+        assert cli.main(["--config", str(config_path), "queue", "list", *args]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    out = listing("--limit", "3")
+    assert [line.split()[0] for line in out[1:4]] == ids[:3] and loaded == ids[:3]
+    assert out[4:] == ["3 message(s)", f"entries 1-3 of 8 in the queue, oldest first; "
+                                       f"next page: --after {ids[2]}"]
+    loaded.clear()
+    out = listing("--after", ids[5])
+    assert [line.split()[0] for line in out[1:2]] == ids[6:] and loaded == [ids[6], "ZZBROKEN"]
+    assert out[2:4] == ["1 message(s)", "entries 7-8 of 8 in the queue, oldest first"]
+    assert out[4].startswith("1 corrupt envelope(s)") and "ZZBROKEN: not valid JSON" in out[5]
+    out = listing("--after", "ZZBROKEN")
+    assert out == ["no queued message on this page", "nothing after ZZBROKEN; 8 in the queue"]
+    out = listing("--limit", "0")
+    assert "7 message(s)" in out and len([line for line in out if line.startswith(ids[0][:8])]) == 7
+    assert cli.main(["--config", str(config_path), "queue", "list", "--limit", "-1"]) == 1
+    assert "--limit must be 0" in capsys.readouterr().err
+
+
 def test_queue_folders_are_private_and_never_links(config, tmp_path):
     import stat
 
@@ -256,7 +295,8 @@ def test_queue_folders_are_private_and_never_links(config, tmp_path):
 
     store = QueueStore(config.queue_path, clock=lambda: 1000.0)
     queue_id = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
-    for folder in (store.path, store.messages_path, store.envelopes_path, store.tmp_path):
+    for folder in (store.path, store.messages_path, store.envelopes_path, store.tmp_path,
+                   store.incoming_path):
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     # A message file replaced by a link to another file is not read.
     secret = tmp_path / "secret"

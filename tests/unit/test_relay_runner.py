@@ -44,8 +44,13 @@ class Courier:
 
     @staticmethod
     def outcomes(recipients, code):
-        text = {250: "2.0.0 ok", 451: "4.3.0 try later", 550: "5.1.1 no such user"}[code]
-        return {r.address: Outcome(Reply.received(code, (text,)), "mx.remote.test") for r in recipients}
+        """
+        C{code} 441 stands for a 451 4.4.1: no server could be reached.
+        """
+        text = {250: "2.0.0 ok", 451: "4.3.0 try later", 550: "5.1.1 no such user",
+                441: "4.4.1 cannot connect to mx.remote.test"}[code]
+        reply = Reply.received(451 if code == 441 else code, (text,))
+        return {r.address: Outcome(reply, "mx.remote.test") for r in recipients}
 
 
 class World:
@@ -226,7 +231,8 @@ def test_flush_and_cli_requests(tmp_path):
     assert w.runner.flush("two.test") == 1
     w.reactor.advance(0)
     assert w.courier.calls[-1][1] == ("b@two.test",)
-    one, two = sorted(w.queue.all(), key=lambda m: m.recipients[0].address)
+    one, two = sorted((w.queue.load(i) for i in w.queue.ids()),
+                      key=lambda m: m.recipients[0].address)
     w.queue.request("delete", two.id)
     w.queue.request("bounce", one.id)
     w.reactor.advance(5)
@@ -247,9 +253,11 @@ def test_connection_limit_per_destination(tmp_path):
     assert [c[1] for c in courier.calls] == [("a@one.test",), ("c@two.test",)]
     d, recipients = courier.held.pop(0)
     d.callback(Courier.outcomes(recipients, 250))
+    w.reactor.advance(0)
     assert [c[1] for c in courier.calls][2:] == [("b@one.test",)]
     d, recipients = courier.held.pop(0)
     d.callback(Courier.outcomes(recipients, 250))
+    w.reactor.advance(0)
     assert [c[1] for c in courier.calls][3:] == [("d@three.test",)]
 
 
@@ -354,6 +362,222 @@ def test_an_attempt_that_crashes_backs_off_instead_of_looping(tmp_path, logged):
     assert len(w.courier.calls) == 1  # not at every scan
     w.reactor.advance(5)
     assert len(w.courier.calls) == 2 and w.queue.ids() == []
+
+
+# The in-memory index: kept right by every change, and all the views read.
+
+from mailserver.metrics import Metrics, server_metrics  # noqa: E402
+from mailserver.relay.queue import QueueError as _QueueError  # noqa: E402
+from mailserver.relay.view import QueueAdminView, queue_gauges  # noqa: E402
+
+
+def assert_index_matches_disk(w):
+    """
+    The runner's index says what the envelopes on disk say.
+    """
+    on_disk = {m.id: m for m in (w.queue.load(i) for i in w.queue.ids())}
+    index = w.runner.index
+    assert sorted(e.id for e in index.entries()) == sorted(on_disk)
+    for queue_id, m in on_disk.items():
+        e = index.get(queue_id)
+        assert (e.sender, e.pending, e.size, e.arrival, e.attempts, e.last_error) == (
+            m.sender, tuple(r.address for r in m.pending()), m.size, m.arrival, m.attempts,
+            m.last_error)
+        if m.pending():
+            assert e.next_attempt == m.next_attempt
+
+
+def test_the_index_follows_enqueue_attempts_deferrals_and_requests(tmp_path):
+    w = World(tmp_path, Courier(451), scan_interval=5)
+    w.start()
+    assert len(w.runner.index) == 0
+    for to in ("a@one.test", "b@two.test", "c@two.test", "d@three.test"):
+        w.send(to=(to,))
+    assert_index_matches_disk(w)  # tried once, deferred
+    assert {e.attempts for e in w.runner.index.entries()} == {1}
+    w.reactor.advance(300)  # tried again
+    assert_index_matches_disk(w)
+    assert {e.attempts for e in w.runner.index.entries()} == {2}
+    by_rcpt = {e.pending[0]: e.id for e in w.runner.index.entries()}
+    w.queue.request("delete", by_rcpt["a@one.test"])
+    w.queue.request("bounce", by_rcpt["b@two.test"])
+    w.queue.request("flush", "domain:three.test")
+    w.courier.codes = [250]
+    w.reactor.advance(5)  # the scan applies them
+    assert_index_matches_disk(w)
+    assert [e.pending for e in w.runner.index.entries()] == [("c@two.test",)]
+    assert len(w.bounces()) == 1
+    assert w.runner.request("flush", by_rcpt["c@two.test"]) == 1
+    w.reactor.advance(0)
+    assert len(w.runner.index) == 0 and w.queue.ids() == []
+
+
+def test_a_message_deleted_behind_the_runners_back_leaves_the_index_at_its_attempt(tmp_path):
+    w = World(tmp_path, Courier(451), scan_interval=1000)
+    w.start()
+    w.send()
+    [queue_id] = w.queue.ids()
+    w.queue.remove(queue_id)
+    assert queue_id in w.runner.index
+    w.reactor.advance(300)
+    assert len(w.runner.index) == 0
+
+
+class NoFolderReads(QueueStore):
+    """
+    A queue store that fails the test when asked what is queued, once
+    told to (the index must answer instead).
+    """
+
+    forbid = False
+
+    def _check(self):
+        assert not self.forbid, "the queue folder was read"
+
+    def ids(self, ordered=True):
+        self._check()
+        return super().ids(ordered)
+
+    def load(self, queue_id):
+        self._check()
+        return super().load(queue_id)
+
+
+def test_views_metrics_etrn_and_scans_read_the_index_not_the_files(tmp_path):
+    w = World(tmp_path, Courier(451), scan_interval=5)
+    w.queue = w.runner._queue = store = NoFolderReads(w.config.queue_path, clock=w.reactor.seconds)
+    w.intake._queue = store
+    w.start()
+    for n in range(30):
+        w.send(to=(f"r{n}@{'one' if n % 3 else 'two'}.test",))
+    ids = w.queue.ids()
+    first_rcpt = w.queue.load(ids[0]).recipients[0].address
+    in_one = next(i for i in ids if w.queue.load(i).recipients[0].address.endswith("@one.test"))
+    store.forbid = True
+    view = QueueAdminView(w.runner, w.reactor)
+    metrics = Metrics()
+    server_metrics(metrics, **queue_gauges(w.runner.index, w.reactor))
+    w.reactor.advance(60)
+
+    first, total, after = view.page(None, 20)
+    rest, _, end = view.page(after, 20)
+    assert [m["id"] for m in first + rest] == ids and total == 30 and end is None
+    assert first[0] == {
+        "id": ids[0], "sender": "s@example.org", "recipients": [first_rcpt],
+        "size": first[0]["size"], "age_seconds": 60.0, "attempts": 1,
+        "next_attempt_in_seconds": 240.0, "last_error": "451 4.3.0 try later",
+    }
+    text = metrics.render().decode()
+    assert "\nrelay_queue_messages 30\n" in text and "\nrelay_queue_oldest_seconds 60.0\n" in text
+    w.reactor.advance(5)  # one more scan, with nothing to take in
+    assert w.runner.flush("two.test") == 10  # ETRN
+    assert view.flush(in_one) and not view.flush("NOSUCHID")
+    store.forbid = False
+    w.reactor.advance(0)  # the flushed ones are tried (their attempts read them)
+    assert len(w.courier.calls) == 30 + 10 + 1
+
+
+def test_messages_queued_by_another_process_are_taken_in_at_the_next_scan(tmp_path):
+    w = World(tmp_path, Courier(451), scan_interval=5)
+    w.start()
+    worker = QueueStore(w.config.queue_path, clock=w.reactor.seconds)  # a worker's: nobody to tell
+    worker_intake = Intake(
+        accounts=w.accounts, reactor=w.reactor, data_path=w.config.data_path,
+        hostname=w.config.hostname, min_free_space=0, queue=worker, committer=InlineCommitter(),
+    )
+    receiver = worker_intake.begin(Envelope(
+        sender="s@example.org", recipients=(Recipient(address="w@remote.test",
+                                                      destinations=("w@remote.test",)),)))
+    receiver.write(b"Subject: from a worker\r\n\r\nbody\r\n")
+    receiver.finish()
+    [queue_id] = w.queue.ids()
+    assert queue_id not in w.runner.index and w.courier.calls == []
+    assert (w.queue.incoming_path / queue_id).exists()
+    w.reactor.advance(5)
+    assert queue_id in w.runner.index and w.courier.calls == [(queue_id, ("w@remote.test",))]
+    assert not (w.queue.incoming_path / queue_id).exists()
+    assert_index_matches_disk(w)
+
+
+def test_messages_queued_while_the_queue_is_read_at_start_are_kept(tmp_path):
+    w = World(tmp_path, Courier(451))
+    w.start()
+    w.send(to=("old@remote.test",))
+    w.runner.stopService()
+
+    reads = []
+
+    def io(f, *args):
+        if not reads:  # the start-up read: held until the test lets it go
+            d = defer.Deferred()
+            reads.append((d, f))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    w2 = World(tmp_path, Courier(250))
+    w2.runner._io = io
+    w2.start()
+    w2.send(to=("new@remote.test",))
+    w2.reactor.advance(0)
+    assert w2.courier.calls == []  # nothing is tried before the queue is read
+    assert [e.pending for e in w2.runner.index.entries()] == [("new@remote.test",)]
+    d, read = reads[0]
+    d.callback(read())
+    w2.reactor.advance(300)
+    assert sorted(c[1] for c in w2.courier.calls) == [("new@remote.test",), ("old@remote.test",)]
+    assert w2.queue.ids() == [] and len(w2.runner.index) == 0
+
+
+def test_a_request_for_an_unknown_id_is_refused(tmp_path):
+    w = World(tmp_path, Courier(451))
+    w.start()
+    with pytest.raises(_QueueError, match="no queued message NOPE"):
+        w.runner.request("delete", "NOPE")
+
+
+def test_an_unreachable_domain_is_tried_a_few_times_per_rest_not_once_per_message(tmp_path, logged):
+    w = World(tmp_path, Courier(441), max_connections_per_destination=1)
+    w.start()
+    courier_calls = lambda domain: [c for c in w.courier.calls if c[1][0].endswith(domain)]  # noqa: E731
+    for n in range(5):
+        w.send(to=(f"r{n}@down.test",))
+    w.send(to=("a@other.test",))
+    w.reactor.advance(0)
+    assert len(courier_calls("@down.test")) == 1  # then it rests 300s
+    assert len(courier_calls("@other.test")) == 1  # unreachable too: rests on its own
+    [line] = [line for line in logged if "not reachable" in line and "destination=down.test" in line]
+    assert "reply=451 4.4.1 cannot connect to mx.remote.test, seconds=300" in line
+    waiting = [e for e in w.runner.index.entries() if e.pending[0].endswith("@down.test")]
+    assert {e.next_attempt for e in waiting} == {300.0} and {e.attempts for e in waiting} == {0, 1}
+    on_disk = [w.queue.load(e.id) for e in waiting if e.attempts == 0]
+    assert {m.next_attempt for m in on_disk} == {0.0}  # put off in memory only
+    w.reactor.advance(300)
+    assert len(courier_calls("@down.test")) == 2  # one probe (and the next rest is 600s)
+    # The probe is the first due by (time, id); ids of one millisecond order
+    # by their random part, so it may be the message tried at first or not.
+    never_tried = {e.id for e in waiting} - {c[0] for c in courier_calls("@down.test")}
+    assert len(never_tried) in (3, 4)
+    w.courier.codes = [451]  # a server answers now, if only with 4.3.0
+    assert w.runner.flush("down.test") == 5  # ETRN ends the rest
+    w.reactor.advance(0)
+    assert len(courier_calls("@down.test")) == 7
+    # 4.3.0 was an answer: no rest; each goes on its own schedule (300s
+    # after a first attempt, 600s after a second or third).
+    first_tried = {e.id for e in w.runner.index.entries() if e.attempts == 1}
+    assert first_tried == never_tried
+    w.reactor.advance(300)
+    assert len(courier_calls("@down.test")) == 7 + len(never_tried)
+
+
+def test_a_message_that_expires_while_its_domain_rests_is_bounced(tmp_path):
+    w = World(tmp_path, Courier(441), max_connections_per_destination=1, max_age=600.0)
+    w.start()
+    w.send(to=("a@down.test",))
+    w.send(to=("b@down.test",))  # waits: the domain rests after the first
+    for _ in range(4):
+        w.reactor.advance(300)
+    assert w.queue.ids() == [] and len(w.runner.index) == 0
+    assert len(w.bounces()) == 2
 
 
 def test_turning_off_next_hop_verification_is_warned_at_start(tmp_path):
