@@ -40,6 +40,7 @@ from typing import BinaryIO
 
 from mailserver.envelope import Envelope
 from mailserver.maildir import fsync_directory, writer_alive
+from mailserver.message_ids import new_message_id
 from mailserver.safe_fs import open_folder, open_path
 
 FORMAT_VERSION = 1
@@ -236,10 +237,6 @@ class QueuedMessage:
         )
 
 
-def _new_id(now: float) -> str:
-    return f"{int(now * 1000):011x}{secrets.token_hex(3)}".upper()
-
-
 def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
     # The writer's pid in the name lets start-up tell a crash's leftovers
     # from a live worker's file (see L{QueueStore.remove_orphans}).
@@ -312,14 +309,15 @@ class QueueStore:
         self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int
     ) -> str:
         """
-        Durably queue C{spool} for the remote C{recipients}; blocking.
+        Durably queue C{spool} for the remote C{recipients}, under the
+        message's ID; blocking.
 
         @raise OSError: when it could not be made durable (the client then
             hears 451 and keeps the message).
         """
         self._ensure()
         now = self._clock()
-        queue_id = _new_id(now)
+        queue_id = envelope.id or new_message_id()
         message_path = self.messages_path / queue_id
         os.link(spool, message_path, follow_symlinks=False)
         try:
