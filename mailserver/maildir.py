@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import os
 import re
 import socket
@@ -37,16 +36,18 @@ from typing import BinaryIO
 from zope.interface import implementer
 
 from mailserver.interfaces import IMailbox, IMailboxStore, IStoredMessage
+from mailserver.message_ids import new_message_id, writer_pid
 from mailserver.safe_fs import open_file, open_folder, open_path, open_subfolder
 
 _SUBDIRS = ("tmp", "new", "cur")
 _LOCK_NAME = "mailserver.lock"
 
 
-def _safe_hostname(hostname: str) -> str:
+def file_name_host(hostname: str) -> str:
     """
-    The host part of a unique name: Maildir forbids C{/} and C{:} there, and
-    UIDLs must stay short and printable, so keep a sanitised prefix.
+    The host part of a message file's name (C{<ID>.<host>}, after Maildir's
+    C{<unique>.<host>}): Maildir forbids C{/} and C{:} there, and UIDLs
+    must stay short and printable, so keep a sanitised prefix.
     """
     cleaned = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
     return cleaned[:24] or "localhost"
@@ -54,26 +55,22 @@ def _safe_hostname(hostname: str) -> str:
 
 class UniqueNames:
     """
-    Maildir unique names: C{<seconds>.M<usec>P<pid>Q<n>.<host>}.
-
-    Unique across processes (the pid) and within one (the counter); the pid is
-    read at each call so a forked worker never repeats its parent's names.
+    Unique names for files that are not an accepted message of their own
+    (IMAP's APPEND, COPY, MOVE): C{<ID>.<host>}, with a new message ID
+    (L{mailserver.message_ids}), so every file in a Maildir is named alike
+    and tells its writer's pid.
     """
 
     def __init__(self, hostname: str | None = None) -> None:
-        self.host = _safe_hostname(hostname or socket.gethostname())
-        self._counter = itertools.count(1)
+        self.host = file_name_host(hostname or socket.gethostname())
 
     def next(self) -> str:
-        now = time.time()
-        seconds = int(now)
-        micros = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{self.host}"
+        return f"{new_message_id()}.{self.host}"
 
 
-# The writer's process id and host part in a unique name made by
-# L{UniqueNames} (a ",S=" size may follow).
-_WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.([^,:]+)")
+# The writer's process id in a unique name of an earlier version,
+# C{<seconds>.M<usec>P<pid>Q<n>.<host>}.
+_OLD_WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
 # Maildir's rule for files in tmp/ of unknown origin (qmail's maildir(5)).
 STALE_TMP_SECONDS = 36 * 3600
 
@@ -120,9 +117,8 @@ def remove_stale_tmp(base: Path, folder: Path, host: str, now: float | None = No
             names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
         for name in names:
             try:
-                writer = _WRITER_PID.match(name)
-                mine = writer is not None and writer.group(2) == host
-                if (mine and not writer_alive(int(writer.group(1)))) or (
+                writer = _writer(name, host)
+                if (writer is not None and not writer_alive(writer)) or (
                     os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < cutoff
                 ):
                     os.unlink(name, dir_fd=fd)
@@ -132,6 +128,24 @@ def remove_stale_tmp(base: Path, folder: Path, host: str, now: float | None = No
     finally:
         os.close(fd)
     return removed
+
+
+def _writer(name: str, host: str) -> int | None:
+    """
+    The process id of the writer of a file named by L{Intake}'s rule (or by
+    an earlier version's) on this node (C{host}, the host part of its
+    names), or C{None} when the name does not tell or another node wrote
+    it: that node's process ids mean nothing here.
+    """
+    pid = writer_pid(name)
+    if pid is None:
+        old = _OLD_WRITER_PID.match(name)
+        if old is None:
+            return None
+        pid, rest = int(old.group(1)), name[old.end():]
+    else:
+        rest = name.split(".", 1)[1] if "." in name else ""
+    return pid if re.split(r"[,:]", rest, maxsplit=1)[0] == host else None
 
 
 def maildir_tmp_folders(mail_path: Path) -> tuple[list[Path], list[Path]]:
@@ -207,16 +221,18 @@ class SpoolFile:
     """
 
     def __init__(
-        self, base: Path, tmp_dir: Path, names: UniqueNames, data: bytes | None = None
+        self, base: Path, tmp_dir: Path, name: str, data: bytes | None = None
     ) -> None:
         """
         @param base: the data folder, below which no link is followed.
+        @param name: the file's name, unique (it starts with the message's
+            ID), the same in C{tmp/} and C{new/} but for the sizes.
         @param data: the whole message (LF form), written at once and the
             file closed: one C{write} call, no buffered file object.
         """
         self._base = base
         self._tmp_dir = tmp_dir
-        self.name = names.next()
+        self.name = name
         self._file: BinaryIO | None = None
         self.size = 0
         self.lines = 0

@@ -114,6 +114,7 @@ def keep_private(path: Path) -> None:
             _log.warn(
                 "{folder} was open to other users (mode {old:o}): now {new:o}",
                 folder=str(path / name), old=old, new=old & ~OTHERS,
+                event="server.folder_tightened", log_system="server.folder_tightened#warn",
             )
 
 

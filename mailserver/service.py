@@ -133,7 +133,6 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     hooks = Hooks(
         defences + auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
         on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),
-        on_refusal=lambda reason: instruments.smtp_refusals_total.inc(reason=reason),
     )
 
     # Where accepted mail goes: the intake, and the relay for other domains;

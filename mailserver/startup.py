@@ -174,4 +174,5 @@ class StartupReport(Service):
             user=_user(),
             add_command=add_account_command(self._config, cli_command(), Path.cwd()),
         )
-        self.log.info("{block}", block="\n".join(lines))
+        self.log.info("{block}", block="\n".join(lines), event="server.started",
+                      listeners=[f"{l.role} {l.address()}" for l in self._listeners])

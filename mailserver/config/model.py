@@ -29,6 +29,7 @@ from mailserver.config.kinds import (
     text,
 )
 from mailserver.config.values import (
+    BareNewline,
     CatchAll,
     CheckAction,
     DKIMKey,
@@ -143,7 +144,7 @@ class Limits:
     max_recipients: int = setting(100, integer(1))
     max_command_line: int = setting(
         512, integer(512, 1024 * 1024, why="RFC 5321 4.5.3.1.4"))
-    max_text_line: int = setting(1000, integer(1000, 1024 * 1024, why="RFC 5321 4.5.3.1.6"))
+    max_text_line: int = setting(1024 * 1024, integer(1000, why="RFC 5321 4.5.3.1.6"))
     max_errors: int = setting(20, integer(1))
     max_junk_commands: int = setting(100, integer())
     max_connections: int = setting(1000, integer(1))
@@ -175,6 +176,9 @@ class SMTP:
     EXPN 502), or L{Disclosure.ANSWER} (full answers, which lets strangers
     enumerate users).  Authenticated clients always get full answers.
     C{catch_all}: where mail to unknown users of a local domain goes.
+    C{bare_newline}: L{BareNewline.NORMALIZE} takes a bare LF in message
+    text as a line end and a bare CR as a space (Postfix 3.9's defaults),
+    L{BareNewline.REJECT} refuses the message.
     C{mx_auth}: offer AUTH on the MX role (C{listeners.smtp}) too.  Off, as
     in Postfix: port 25 is for other servers, users log in on submission,
     and a password guessed there could not be used to relay through port 25.
@@ -187,6 +191,7 @@ class SMTP:
     subaddress_separator: str = setting("+", text(v.subaddress_separator))
     catch_all: tuple[CatchAll, ...] = setting([], listing(text(v.catch_all)))
     max_received_headers: int = setting(50, integer(1))
+    bare_newline: BareNewline = setting("normalize", choice(BareNewline))
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,12 @@ class Relay:
     C{dns_timeout}: one DNS query, retransmissions included.
     C{bounce_full_limit}: when the sender did not choose RET, bounces carry
     the whole message up to this many octets, else only its headers.
+    C{relay_domains}: domains whose mail is accepted from anyone and relayed
+    to their MX hosts (a backup MX, a gateway); C{relay_recipients}: a file
+    of their valid recipients (L{mailserver.relay_recipients}; empty: all).
+    C{own_names}, C{own_addresses}: host names (besides C{hostname}) and IP
+    addresses that are this server, so an MX list naming it is cut there
+    (RFC 5321 5.1) and mail never loops back to it.
 
     A new key is one field here (its default as the file writes it, and
     its kind), one line above and one row in the README's key reference.
@@ -323,6 +334,10 @@ class Relay:
     command_timeout: float = setting(300.0, _NETWORK_SECONDS)
     data_timeout: float = setting(600.0, _NETWORK_SECONDS)
     bounce_full_limit: int = setting(131072, integer())
+    relay_domains: tuple[str, ...] = setting([], listing(text(v.local_domain), unique=str))
+    relay_recipients: str = setting("", text())
+    own_names: tuple[str, ...] = setting([], listing(text(v.own_name), unique=str))
+    own_addresses: tuple[str, ...] = setting([], listing(text(v.ip_address), unique=str))
 
 
 @dataclass(frozen=True)
@@ -514,6 +529,10 @@ class Config:
         return (
             Path(self.aliases_file) if self.aliases_file else self.data_path / "aliases"
         )
+
+    @property
+    def relay_recipients_path(self) -> Path | None:
+        return Path(self.relay.relay_recipients) if self.relay.relay_recipients else None
 
     @property
     def certificate_path(self) -> Path:

@@ -28,6 +28,15 @@ class Disclosure(enum.StrEnum):
     ANSWER = "answer"
 
 
+class BareNewline(enum.StrEnum):
+    """
+    What the SMTP server does with a bare LF or CR in message text.
+    """
+
+    NORMALIZE = "normalize"
+    REJECT = "reject"
+
+
 class RelayTLS(enum.StrEnum):
     """
     STARTTLS towards MX hosts.
@@ -178,6 +187,20 @@ def host_name(value: str) -> str:
     if problem:
         raise Invalid(problem)
     return value
+
+
+def own_name(value: str) -> str:
+    """
+    A host name of this server, compared without case or trailing dot.
+    """
+    return _name(value).lower().rstrip(".")
+
+
+def ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise Invalid(f"{shown(value)} is not an IP address") from None
 
 
 def local_domain(value: str) -> str:

@@ -294,7 +294,9 @@ class SharedFolder:
         events, self._events = self._events, []
         if any(self._foreign(*event) for event in events):
             self.refresh().addErrback(
-                lambda f: self.log.failure("Refreshing {path} failed", f, path=self.path)
+                lambda f: self.log.failure("Refreshing {path} failed", f, path=self.path,
+                                           event="folders.refresh_failed",
+                                           log_system="folders.refresh_failed#critical")
             )
 
     def _foreign(self, subdir: str | None, name: bytes | None, mask: int) -> bool:

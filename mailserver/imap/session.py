@@ -30,7 +30,7 @@ from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailserver.imap import responses as R
@@ -40,6 +40,7 @@ from mailserver.imap.selected import SelectedHandlers
 from mailserver.imap.state import Connection, State
 from mailserver.imap.view import SelectedView
 from mailserver.interfaces import FolderError
+from mailserver.logs import emit, emit_failure
 from mailserver.sasl import (
     MECHANISMS,
     Credentials,
@@ -171,9 +172,11 @@ class IMAPSession(MailboxHandlers, SelectedHandlers):
         if isinstance(error, OSError):
             # A storage fault (a full disk, a link refused inside the data
             # folder): its text names the file, a traceback adds nothing.
-            self.log.error("IMAP command failed for {user}: {error}", user=self.address, error=error)
+            emit(self.log, LogLevel.error, "imap.command_failed", "a command failed",
+                 user=self.address, error=str(error))
         else:
-            self.log.failure("IMAP command failed for {user}", failure, user=self.address)
+            emit_failure(self.log, "imap.command_failed", "a command failed", failure,
+                         user=self.address)
         return R.no(tag, "Internal error occurred. Refer to server log for more information.", "SERVERBUG")
 
     def after(self, tag: str, deferred, then: Callable[[object], object]) -> Await:

@@ -8,6 +8,13 @@ domain that does not exist fails for good.  RFC 7505: a single MX of C{"."}
 lookup that times out, gets SERVFAIL or REFUSED, or cannot reach the DNS
 server is a temporary failure (4.4.3), retried later.
 
+RFC 5321 5.1: an MX host that is this server (L{Ourselves}: one of its
+names, or an address of it) is dropped from the list with every host of the
+same preference or worse, so a backup MX hands mail only to better ones and
+never to itself; when this server is the best MX (or the implicit one) the
+mail would loop, and fails for good as Postfix fails it ("mail for DOMAIN
+loops back to myself", 5.4.6).
+
 Every lookup is bounded: the resolver gets explicit per-query timeouts
 (twisted.names' own default is 60 seconds a query, and 10 more for its TCP
 retry, whatever the configuration says) and L{MXRouter} gives up on a whole
@@ -36,6 +43,24 @@ _MAX_CNAME = 8
 MAX_CACHE_SECONDS = 3600.0
 # How many answers the relay's resolver keeps.
 RELAY_DNS_CACHE = 10_000
+
+
+@dataclass(frozen=True)
+class Ourselves:
+    """
+    The names and addresses by which other hosts reach this server.
+    """
+
+    names: frozenset[str] = frozenset()
+    addresses: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, hostname: str, relay) -> Ourselves:
+        names = {hostname.lower().rstrip("."), *relay.own_names}
+        return cls(frozenset(names), frozenset(relay.own_addresses))
+
+    def is_us(self, name: str, addresses: tuple[str, ...]) -> bool:
+        return name in self.names or any(a in self.addresses for a in addresses)
 
 
 @dataclass(frozen=True)
@@ -201,12 +226,15 @@ class MXRouter:
     @param clock: and C{deadline}: a route still unknown after C{deadline}
         seconds is a temporary failure, so a resolver that never answers
         cannot hold a delivery forever (C{None}: no deadline).
+    @param ourselves: this server, cut out of every route.
     """
 
     def __init__(self, resolver, port: int = 25, rng: random.Random | None = None,
-                 clock=None, deadline: float | None = None) -> None:
+                 clock=None, deadline: float | None = None,
+                 ourselves: Ourselves = Ourselves()) -> None:
         self._resolver = resolver
         self._port = port
+        self._ourselves = ourselves
         self._rng = rng or random.Random()
         self._clock = clock
         self._deadline = deadline if clock is not None else None
@@ -242,9 +270,14 @@ class MXRouter:
         d.addBoth(settled)
         return result
 
+    def _loop(self, domain: str) -> RoutingError:
+        return _permanent(554, "5.4.6", f"mail for {domain} loops back to myself")
+
     async def _route(self, domain: str) -> list[Hop]:
         literal = _literal(domain)
         if literal is not None:
+            if self._ourselves.is_us(literal, (literal,)):
+                raise self._loop(domain)
             return [Hop(literal, (literal,), self._port)]
         records = await self._mx_records(domain)
         if records is None:
@@ -254,6 +287,8 @@ class MXRouter:
                 if problem:
                     raise _temporary(f"cannot find an address for {domain}: {problem}")
                 raise _permanent(550, "5.1.2", f"{domain} has no mail server (no MX, A or AAAA)")
+            if self._ourselves.is_us(domain, addresses):
+                raise self._loop(domain)
             return [Hop(domain, addresses, self._port)]
         if any(name in ("", ".") for _, name in records):
             raise _permanent(556, "5.1.10", f"{domain} accepts no mail (null MX, RFC 7505)")
@@ -265,16 +300,21 @@ class MXRouter:
         for preference in sorted(by_preference):
             names = by_preference[preference]
             self._rng.shuffle(names)
-            ordered.extend(names)
+            ordered.extend((preference, name) for name in names)
         # All hosts at once, so the route takes one lookup's time, not n.
-        lookups = [defer.Deferred.fromCoroutine(self._addresses(name)) for name in ordered]
-        hops, problems = [], []
-        for name, lookup in zip(ordered, lookups):
-            addresses, problem = await lookup
-            if addresses:
-                hops.append(Hop(name, addresses, self._port))
-            elif problem:
-                problems.append(f"{name}: {problem}")
+        lookups = [defer.Deferred.fromCoroutine(self._addresses(name)) for _, name in ordered]
+        found = [(preference, name, await lookup) for (preference, name), lookup
+                 in zip(ordered, lookups)]
+        # RFC 5321 5.1: we, and every host no better than us, are out.
+        ours = [preference for preference, name, (addresses, _) in found
+                if self._ourselves.is_us(name, addresses)]
+        if ours:
+            found = [entry for entry in found if entry[0] < min(ours)]
+            if not found:
+                raise self._loop(domain)
+        hops = [Hop(name, addresses, self._port) for _, name, (addresses, _) in found if addresses]
+        problems = [f"{name}: {problem}" for _, name, (addresses, problem) in found
+                    if not addresses and problem]
         if not hops:
             detail = "; ".join(problems) or "no MX host has an address"
             raise _temporary(f"cannot find an address for the MX hosts of {domain}: {detail}")

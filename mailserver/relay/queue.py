@@ -43,6 +43,7 @@ from typing import BinaryIO
 
 from mailserver.envelope import Envelope
 from mailserver.maildir import fsync_directory, writer_alive
+from mailserver.message_ids import new_message_id
 from mailserver.relay.queued import (  # the queue's vocabulary: its callers import it from here
     DELIVERED,
     FAILED,
@@ -57,10 +58,6 @@ from mailserver.relay.queued import (  # the queue's vocabulary: its callers imp
 from mailserver.safe_fs import open_folder, open_path
 
 VERBS = ("flush", "delete", "bounce")
-
-
-def _new_id(now: float) -> str:
-    return f"{int(now * 1000):011x}{secrets.token_hex(3)}".upper()
 
 
 def _write_tmp(path: Path, tmp_dir: Path, text: str, durable: bool = True) -> Path:
@@ -163,7 +160,8 @@ class QueueStore:
         self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int
     ) -> str:
         """
-        Durably queue C{spool} for the remote C{recipients}; blocking.  (The
+        Durably queue C{spool} for the remote C{recipients}, under the
+        message's ID; blocking.  (The
         intake uses L{prepare} and L{commit} instead, inside group commit.)
 
         @raise OSError: when it could not be made durable (the client then
@@ -184,7 +182,7 @@ class QueueStore:
         """
         self._ensure()
         now = self._clock()
-        queue_id = _new_id(now)
+        queue_id = envelope.id or new_message_id()
         states = []
         for address in recipients:
             given = next((r for r in envelope.recipients if address in r.destinations), None)

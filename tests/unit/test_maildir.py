@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailserver.maildir import Mailbox, SpoolFile, UniqueNames, ensure_maildir
+from mailserver.maildir import Mailbox, SpoolFile, ensure_maildir, file_name_host
+from mailserver.message_ids import MessageIDs, new_message_id
 
 
 def deliver(tmp_path, data, maildirs):
     spool = tmp_path / "spool" / "tmp"
     spool.mkdir(parents=True, exist_ok=True)
-    f = SpoolFile(tmp_path, spool, UniqueNames("host/with:odd chars"))
+    f = SpoolFile(tmp_path, spool, f"{new_message_id()}.{file_name_host('host/with:odd chars')}")
     f.write(data)
     return f.deliver(maildirs)
 
@@ -121,16 +122,20 @@ def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
     try:
         tmp = tmp_path / "tmp"
         tmp.mkdir()
-        dead_file = tmp / f"1700000000.M000001P{gone.pid}Q1.mx"
-        live_file = tmp / f"1700000000.M000002P{live.pid}Q1.mx"
+        dead_file = tmp / f"{MessageIDs(pid=lambda: gone.pid).next()}.mx"
+        live_file = tmp / f"{MessageIDs(pid=lambda: live.pid).next()}.mx"
+        # Names of the version before message IDs.
+        dead_old_name = tmp / f"1700000000.M000001P{gone.pid}Q1.mx"
+        live_old_name = tmp / f"1700000000.M000002P{live.pid}Q1.mx"
         foreign_new = tmp / "written-by-another-mda"
         foreign_old = tmp / "old-foreign-file"
-        for path in (dead_file, live_file, foreign_new, foreign_old):
+        for path in (dead_file, live_file, dead_old_name, live_old_name, foreign_new, foreign_old):
             path.write_bytes(b"partial")
         old = time.time() - 37 * 3600
         os.utime(foreign_old, (old, old))
-        assert remove_stale_tmp(tmp_path, tmp, "mx") == 2
-        assert sorted(p.name for p in tmp.iterdir()) == sorted([live_file.name, foreign_new.name])
+        assert remove_stale_tmp(tmp_path, tmp, "mx") == 3
+        assert sorted(p.name for p in tmp.iterdir()) == sorted(
+            [live_file.name, live_old_name.name, foreign_new.name])
     finally:
         live.kill()
         live.wait()
@@ -151,16 +156,21 @@ def test_start_up_keeps_another_nodes_files_in_a_shared_tmp(tmp_path):
     gone.wait()
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    ours = tmp / f"1700000000.M000001P{gone.pid}Q1.mx1"
-    theirs = tmp / f"1700000000.M000001P{gone.pid}Q2.mx2"
-    theirs_with_size = tmp / f"1700000000.M000001P{gone.pid}Q3.mx2,S=7"
+    ids = MessageIDs(pid=lambda: gone.pid)
+    ours = tmp / f"{ids.next()}.mx1"
+    theirs = tmp / f"{ids.next()}.mx2"
+    theirs_with_size = tmp / f"{ids.next()}.mx2,S=7"
+    # Names of the version before message IDs.
+    ours_before = tmp / f"1700000000.M000001P{gone.pid}Q1.mx1"
+    theirs_before = tmp / f"1700000000.M000001P{gone.pid}Q2.mx2"
     theirs_old = tmp / f"1700000000.M000001P{gone.pid}Q4.mx2"
-    for path in (ours, theirs, theirs_with_size, theirs_old):
+    for path in (ours, theirs, theirs_with_size, ours_before, theirs_before, theirs_old):
         path.write_bytes(b"partial")
     old = time.time() - 37 * 3600
     os.utime(theirs_old, (old, old))
-    assert remove_stale_tmp(tmp_path, tmp, "mx1") == 2
-    assert sorted(p.name for p in tmp.iterdir()) == sorted([theirs.name, theirs_with_size.name])
+    assert remove_stale_tmp(tmp_path, tmp, "mx1") == 3
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(
+        [theirs.name, theirs_with_size.name, theirs_before.name])
 
 
 # Issue 19: links inside the data folder were followed.
@@ -196,7 +206,7 @@ def test_a_spool_file_is_not_made_through_a_linked_tmp(tmp_path):
     (box / "tmp").rmdir()
     (box / "tmp").symlink_to(outside)
     with pytest.raises(SymlinkRefused):
-        SpoolFile(tmp_path, box / "tmp", UniqueNames("h"), b"x\n")
+        SpoolFile(tmp_path, box / "tmp", f"{new_message_id()}.h", b"x\n")
     assert os.listdir(outside) == []
 
 
