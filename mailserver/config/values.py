@@ -390,7 +390,9 @@ def pop3_expire(value: str) -> str:
     return value
 
 
-_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+# At most 24 characters, those file names keep whole in their host part
+# (maildir.file_name_host): two nodes must never share it.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,23}")
 
 
 def node_name(value: str) -> str:
@@ -399,7 +401,7 @@ def node_name(value: str) -> str:
     (C{nodes/<name>/}) and the host part of its Maildir file names.
     """
     if not _NODE_NAME.fullmatch(value):
-        raise Invalid(f"{shown(value)} must be 1-32 letters, digits, dots, hyphens or "
+        raise Invalid(f"{shown(value)} must be 1-24 letters, digits, dots, hyphens or "
                       "underscores, starting with a letter or digit")
     return value
 
@@ -409,7 +411,7 @@ def default_node_name() -> str:
     The machine's host name (its first label), made into a node name.
     """
     name = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname().split(".")[0])
-    name = name.lstrip("._-")[:32]
+    name = name.lstrip("._-")[:24]
     return name or "localhost"
 
 

@@ -19,10 +19,15 @@ from mailserver.nodes import NodeInUse, adopt_single_node_layout, claim, node_na
 
 def test_a_node_name_is_checked():
     assert node_name("mx1.example_a-b") == "mx1.example_a-b"
-    for bad in ("", ".hidden", "a/b", "a b", "x" * 33, "é"):
+    for bad in ("", ".hidden", "a/b", "a b", "x" * 25, "é"):
         with pytest.raises(Invalid):
             node_name(bad)
     assert node_name(default_node_name()) == default_node_name()
+    # All of a node name goes into file names: two nodes never share a host part.
+    from mailserver.maildir import file_name_host
+
+    longest = "n_" + "x" * 21 + "1"
+    assert node_name(longest) == longest and file_name_host(longest) == longest
 
 
 def test_the_node_folder_holds_what_is_the_nodes_own(tmp_path):
