@@ -126,7 +126,7 @@ def _check_config(config: Config, args: argparse.Namespace) -> str:
 def _reload(config: Config, args: argparse.Namespace) -> str:
     import signal
 
-    pid_path = config.data_path / "mailserver.pid"
+    pid_path = config.pid_path
     try:
         pid = int(pid_path.read_text().strip())
     except (OSError, ValueError):

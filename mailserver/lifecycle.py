@@ -21,8 +21,6 @@ from mailserver.maildir import maildir_tmp_folders, remove_stale_tmp
 from mailserver.process import on_signal
 from mailserver.safe_fs import write_file
 
-PID_FILE = "mailserver.pid"
-
 
 class CrashCleanup(Service):
     """
@@ -34,13 +32,16 @@ class CrashCleanup(Service):
 
     log = Logger()
 
-    def __init__(self, data_path: Path, mail_path: Path, spool_tmp: Path) -> None:
+    def __init__(self, data_path: Path, mail_path: Path, spool_tmp: Path, host: str) -> None:
         """
         @param data_path: the data folder, below which no link is followed.
+        @param host: the host part of this node's file names: only its own
+            files are judged by their writer's process id.
         """
         self._data_path = data_path
         self._mail_path = mail_path
         self._spool_tmp = spool_tmp
+        self._host = host
 
     def startService(self) -> None:
         super().startService()
@@ -51,7 +52,7 @@ class CrashCleanup(Service):
         removed = 0
         for folder in [self._spool_tmp, *folders]:
             try:
-                removed += remove_stale_tmp(self._data_path, folder)
+                removed += remove_stale_tmp(self._data_path, folder, self._host)
             except OSError as e:
                 emit(self.log, LogLevel.warn, "server.crash_cleanup_failed", "not cleaning up",
                      folder=str(folder), problem=str(e))
@@ -96,7 +97,7 @@ class ReloadOnSignal(Service):
     SIGHUP re-reads the accounts and aliases files (logging each line that
     cannot be used) and the TLS certificate, without dropping a connection,
     and is passed on to worker processes.
-    The primary writes its process id into C{<data_dir>/mailserver.pid} so
+    The primary writes its process id into C{<data_dir>/nodes/<node>/mailserver.pid} so
     C{mailserver reload} can find it.
     """
 

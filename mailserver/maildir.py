@@ -62,10 +62,10 @@ class UniqueNames:
     """
 
     def __init__(self, hostname: str | None = None) -> None:
-        self._host = file_name_host(hostname or socket.gethostname())
+        self.host = file_name_host(hostname or socket.gethostname())
 
     def next(self) -> str:
-        return f"{new_message_id()}.{self._host}"
+        return f"{new_message_id()}.{self.host}"
 
 
 # The writer's process id in a unique name of an earlier version,
@@ -92,13 +92,16 @@ def writer_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(base: Path, folder: Path, now: float | None = None) -> int:
+def remove_stale_tmp(base: Path, folder: Path, host: str, now: float | None = None) -> int:
     """
     Remove what a crash left in a C{tmp/} folder inside C{base}: files
-    written by a process that is gone (never acknowledged, so nobody is owed
-    them), and any file older than 36 hours.  Files of live processes (a
-    worker still writing) are kept, and so is anything not a plain file.
-    Meant for start-up; returns how many went.
+    written by a process of this node (C{host}, the host part of its names,
+    L{UniqueNames.host}) that is gone (never acknowledged, so nobody is
+    owed them), and any file older than 36 hours.  Files of live processes
+    (a worker still writing) are kept, and so is anything not a plain file;
+    so are other nodes' files younger than that, whose process ids mean
+    nothing here (another machine sharing the folder).  Meant for start-up;
+    returns how many went.
 
     @raise mailserver.safe_fs.SymlinkRefused: when the folder, or one on
         the way to it, is a symbolic link (nothing is removed then).
@@ -114,7 +117,7 @@ def remove_stale_tmp(base: Path, folder: Path, now: float | None = None) -> int:
             names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
         for name in names:
             try:
-                writer = _writer(name)
+                writer = _writer(name, host)
                 if (writer is not None and not writer_alive(writer)) or (
                     os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < cutoff
                 ):
@@ -127,16 +130,22 @@ def remove_stale_tmp(base: Path, folder: Path, now: float | None = None) -> int:
     return removed
 
 
-def _writer(name: str) -> int | None:
+def _writer(name: str, host: str) -> int | None:
     """
     The process id of the writer of a file named by L{Intake}'s rule (or by
-    an earlier version's), or C{None} when the name does not tell.
+    an earlier version's) on this node (C{host}, the host part of its
+    names), or C{None} when the name does not tell or another node wrote
+    it: that node's process ids mean nothing here.
     """
     pid = writer_pid(name)
-    if pid is not None:
-        return pid
-    old = _OLD_WRITER_PID.match(name)
-    return int(old.group(1)) if old else None
+    if pid is None:
+        old = _OLD_WRITER_PID.match(name)
+        if old is None:
+            return None
+        pid, rest = int(old.group(1)), name[old.end():]
+    else:
+        rest = name.split(".", 1)[1] if "." in name else ""
+    return pid if re.split(r"[,:]", rest, maxsplit=1)[0] == host else None
 
 
 def maildir_tmp_folders(mail_path: Path) -> tuple[list[Path], list[Path]]:

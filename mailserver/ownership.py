@@ -97,7 +97,7 @@ def prepare_data_folder(path: Path, owner: Owner | None) -> None:
 
 
 # The data folder's own folders: never symbolic links, and private.
-OWN_FOLDERS = ("mail", "spool", "queue", "tls", "dkim", "mta-sts")
+OWN_FOLDERS = ("mail", "spool", "nodes", "queue", "tls", "dkim", "mta-sts")
 
 
 def keep_private(path: Path) -> None:

@@ -99,6 +99,7 @@ def startup_lines(
         f"Python {platform.python_version()})",
         f"  configuration:   {source}",
         f"  data folder:     {config.data_path.resolve()}",
+        f"  node:            {config.node_name} ({config.node_path.resolve()})",
         f"  local domains:   {', '.join(config.local_domains)}",
         f"  TLS certificate: {certificate}",
         "  listeners:",

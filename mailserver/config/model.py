@@ -286,7 +286,8 @@ class Relay:
     C{delay_warning}: the age after which senders who asked for
     NOTIFY=DELAY get a delay notice (C{None}: never).
     C{max_connections}, C{max_connections_per_destination}: outbound
-    connections at once, in total and to one domain (or the smarthost).
+    connections at once, in total and to one domain (or the smarthost); a
+    destination starts at 5 and reaches its limit while it keeps answering.
     C{scan_interval}: between re-scans of the queue folder, which is how the
     running server picks up C{mailserver queue} commands.
     C{connect_timeout}, C{command_timeout}, C{data_timeout}: for a TCP
@@ -325,7 +326,7 @@ class Relay:
     max_age: float = setting("5d", duration())
     delay_warning: float | None = setting("", duration(optional=True))
     max_connections: int = setting(20, integer(1))
-    max_connections_per_destination: int = setting(4, integer(1))
+    max_connections_per_destination: int = setting(10, integer(1))
     scan_interval: float = setting(
         10.0, number(0.1, why="a shorter interval re-reads the queue folder without pause"))
     connect_timeout: float = setting(60.0, _NETWORK_SECONDS)
@@ -431,6 +432,8 @@ class Config:
     hostname: str = setting(
         kind=text(v.host_name), factory=socket.getfqdn, shown="the machine's FQDN")
     data_dir: str = setting(DATA_DIR_NAME, text(v.not_empty))
+    node_name: str = setting(
+        kind=text(v.node_name), factory=v.default_node_name, shown="the machine's host name")
     workers: int = setting(1, integer(1, 256))
     local_domains: tuple[str, ...] = setting(
         ["localhost"], listing(text(v.local_domain), at_least_one="must name at least one domain"))
@@ -459,8 +462,39 @@ class Config:
         return self.data_path / "mail"
 
     @property
+    def nodes_path(self) -> Path:
+        """
+        Where each server sharing the data folder keeps what is its own
+        (L{node_path}).
+        """
+        return self.data_path / "nodes"
+
+    @property
+    def node_path(self) -> Path:
+        """
+        This server's own folder: its relay queue, its defences database,
+        its lock, its process id and listener report.  Everything else in
+        the data folder is shared by every server that uses it.
+        """
+        return self.nodes_path / self.node_name
+
+    @property
     def queue_path(self) -> Path:
-        return self.data_path / "queue"
+        return self.node_path / "queue"
+
+    @property
+    def pid_path(self) -> Path:
+        """
+        The primary process's id, for C{mailserver reload}.
+        """
+        return self.node_path / "mailserver.pid"
+
+    @property
+    def listeners_report_path(self) -> Path:
+        """
+        The addresses the listeners got (C{listeners.json}).
+        """
+        return self.node_path / "listeners.json"
 
     @property
     def dkim_key_path(self) -> Path:
@@ -474,9 +508,10 @@ class Config:
     def defences_path(self) -> Path:
         """
         The greylisting and rate-limit state, shared by the worker
-        processes: an SQLite database.
+        processes: an SQLite database, one per node (SQLite's locks do not
+        hold across the machines of a network file system).
         """
-        return self.data_path / "defences.sqlite"
+        return self.node_path / "defences.sqlite"
 
     @property
     def mta_sts_path(self) -> Path:

@@ -28,6 +28,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,6 +161,13 @@ def parse_policy(body: bytes) -> tuple[str, tuple[str, ...], int]:
     return mode, tuple(mx), min(int(max_age), MAX_AGE_LIMIT)
 
 
+def writer_tag() -> str:
+    """
+    This process among those that may share the cache: host and process id.
+    """
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
 class PolicyCache:
     """
     Policies on disk, one JSON file per domain in C{folder}, each written
@@ -199,7 +207,11 @@ class PolicyCache:
             folder, where none is followed).
         """
         data = {"version": CACHE_VERSION, **asdict(policy), "mx": list(policy.mx)}
-        tmp, name = f".{policy.domain}.tmp", self._path(policy.domain).name
+        # The writer's own temporary name: servers sharing the data folder
+        # (README, "Several servers, one data folder") may save the same
+        # domain at once, and must not write into each other's file.
+        tmp = f".{policy.domain}.{writer_tag()}.tmp"
+        name = self._path(policy.domain).name
         folder = open_folder(self.folder.parent, self.folder, create=True)
         try:
             fd = open_file(folder, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,

@@ -55,11 +55,11 @@ from mailserver.relay.delivery import (
     destination_of,
     destination_of_domain,
 )
-from mailserver.relay.dispatch import ConnectionSlots, Dispatcher
+from mailserver.relay.dispatch import Concurrency, ConnectionSlots, Dispatcher
 from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
 from mailserver.relay.mta_sts import make_mta_sts
-from mailserver.relay.mx import MXRouter, Ourselves, make_resolver
+from mailserver.relay.mx import RELAY_DNS_CACHE, MXRouter, Ourselves, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
     FAILED,
@@ -134,8 +134,8 @@ class RelayRunner(Service):
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
         self.policy = RetryPolicy.from_config(relay)
-        self._slots = ConnectionSlots(self._relay.max_connections,
-                                      self._relay.max_connections_per_destination)
+        concurrency = Concurrency(self._relay.max_connections_per_destination)
+        self._slots = ConnectionSlots(self._relay.max_connections, concurrency)
         self.index = index if index is not None else QueueIndex()
         self._dispatcher = Dispatcher(
             index=self.index, clock=reactor, start=self._start_attempt,
@@ -143,6 +143,7 @@ class RelayRunner(Service):
             rest_for=lambda n: retry_delay(self.policy, n, self._jitter),
             total=self._relay.max_connections,
             per_destination=self._relay.max_connections_per_destination,
+            concurrency=concurrency,
         )
         self._active: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}
@@ -158,7 +159,8 @@ class RelayRunner(Service):
         super().startService()
         if self._own_courier:
             resolver = self._resolver = make_resolver(self._relay.resolver, self._reactor,
-                                                      timeout=self._relay.dns_timeout)
+                                                      timeout=self._relay.dns_timeout,
+                                                      cache=RELAY_DNS_CACHE)
             # A route takes at most an MX query, a CNAME hop and the address
             # queries (made at once); the deadline holds whatever happens.
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
@@ -413,9 +415,15 @@ class RelayRunner(Service):
                         keep_last=True)
                 else:
                     message = replace(message, next_attempt=when)
-        await self._io(self._queue.save, message)
-        message = await self._report(message, now)
-        if all(r.state != PENDING and r.notified for r in message.recipients):
+        if not _finished(message):
+            await self._io(self._queue.save, message)
+            message = await self._report(message, now)
+        # A message done with, nothing to report, is removed without saving
+        # its last state first: one fsync (of the envelope folder) instead
+        # of three while the attempt holds its destination's slot.  A crash
+        # before the removal is on disk sends it again, as a crash before
+        # the save did.
+        if _finished(message):
             await self._io(self._queue.remove, message.id)
             self.index.remove(message.id)
             emit(self.log, LogLevel.info, "relay.removed", "done", id=message.id)
@@ -601,3 +609,10 @@ class RelayRunner(Service):
                 raise QueueError(f"local sender <{sender}> has no mailbox")
             return tuple(resolved)
         return (sender,)
+
+
+def _finished(message: QueuedMessage) -> bool:
+    """
+    Every recipient delivered or failed, and every report owed sent.
+    """
+    return all(r.state != PENDING and r.notified for r in message.recipients)

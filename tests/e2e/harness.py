@@ -2,8 +2,8 @@
 The real C{twistd mailserver} process as a test fixture.
 
 Every listener asks the OS for a free loopback port (C{tcp:0}); the server
-writes the ports it got into C{listeners.json} in its data folder, which is
-how the harness learns them.
+writes the ports it got into C{listeners.json} in its node's folder
+(C{<data_dir>/nodes/<node_name>/}), which is how the harness learns them.
 """
 
 from __future__ import annotations
@@ -96,8 +96,24 @@ class MailServer:
         self.ports: dict[str, int] = {}
         self.output = ""  # what the process wrote on stdout and stderr, once stopped
 
+    def _config(self):
+        from mailserver.config import load
+
+        return load(self.config_path)
+
+    @property
+    def node_path(self) -> Path:
+        """
+        The server's own folder in the data folder (its queue, its lock...).
+        """
+        return self._config().node_path
+
+    @property
+    def queue_path(self) -> Path:
+        return self._config().queue_path
+
     def start(self, timeout: float = 20.0) -> None:
-        report = self.data_path / "listeners.json"
+        report = self.node_path / "listeners.json"
         if report.exists():
             report.unlink()
         logging = [f"--logfile={self.log_path}"]

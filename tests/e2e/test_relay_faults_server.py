@@ -55,7 +55,7 @@ def test_corrupt_queue_files_are_set_aside_and_the_good_ones_delivered(mail_serv
     server = mail_server(dns_server, port)
     server.add_user("s@example.org", "secret")
     submit(server, "user@remote.test", count=2)
-    queue = server.data_path / "queue"
+    queue = server.queue_path
     assert wait_until(lambda: "4.4.1" in server.cli("queue", "list").stdout)
     server.stop()
 

@@ -59,7 +59,7 @@ def envelopes(server: MailServer) -> dict[str, dict]:
     (cheaper to poll than the CLI).
     """
     found = {}
-    for path in (server.data_path / "queue" / "envelopes").glob("*.json"):
+    for path in (server.queue_path / "envelopes").glob("*.json"):
         try:
             envelope = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -184,7 +184,8 @@ def test_folders_are_private_and_old_ones_are_tightened(tmp_path):
         data = server.data_path
         assert mode(data / "mail") == 0o750 and mode(data / "spool") == 0o770
         bob = server.maildir("bob@localhost")
-        made = [data / "queue", data / "queue" / "messages", data / "tls", data / "spool" / "tmp",
+        made = [data / "nodes", server.node_path, server.queue_path, server.queue_path / "messages",
+                data / "tls", data / "spool" / "tmp",
                 bob.parent, bob, bob / "tmp", bob / "new", bob / "cur"]
         assert {str(p): mode(p) for p in made} == {str(p): 0o700 for p in made}
         log = server.log()

@@ -133,13 +133,44 @@ def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
             path.write_bytes(b"partial")
         old = time.time() - 37 * 3600
         os.utime(foreign_old, (old, old))
-        assert remove_stale_tmp(tmp_path, tmp) == 3
+        assert remove_stale_tmp(tmp_path, tmp, "mx") == 3
         assert sorted(p.name for p in tmp.iterdir()) == sorted(
             [live_file.name, live_old_name.name, foreign_new.name])
     finally:
         live.kill()
         live.wait()
-    assert remove_stale_tmp(tmp_path, tmp_path / "missing") == 0
+    assert remove_stale_tmp(tmp_path, tmp_path / "missing", "mx") == 0
+
+
+def test_start_up_keeps_another_nodes_files_in_a_shared_tmp(tmp_path):
+    """
+    Issue 22: servers on two machines share the data folder.  A file that
+    another node is writing carries a process id of that machine, which
+    says nothing here: it is left alone until it is 36 hours old.
+    """
+    import time
+
+    from mailserver.maildir import remove_stale_tmp
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    ids = MessageIDs(pid=lambda: gone.pid)
+    ours = tmp / f"{ids.next()}.mx1"
+    theirs = tmp / f"{ids.next()}.mx2"
+    theirs_with_size = tmp / f"{ids.next()}.mx2,S=7"
+    # Names of the version before message IDs.
+    ours_before = tmp / f"1700000000.M000001P{gone.pid}Q1.mx1"
+    theirs_before = tmp / f"1700000000.M000001P{gone.pid}Q2.mx2"
+    theirs_old = tmp / f"1700000000.M000001P{gone.pid}Q4.mx2"
+    for path in (ours, theirs, theirs_with_size, ours_before, theirs_before, theirs_old):
+        path.write_bytes(b"partial")
+    old = time.time() - 37 * 3600
+    os.utime(theirs_old, (old, old))
+    assert remove_stale_tmp(tmp_path, tmp, "mx1") == 3
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(
+        [theirs.name, theirs_with_size.name, theirs_before.name])
 
 
 # Issue 19: links inside the data folder were followed.
@@ -201,9 +232,9 @@ def test_start_up_clean_up_does_not_follow_a_linked_tmp(tmp_path):
     assert folders == [mail / "example.org" / "bob" / "tmp", mail / "example.org" / "carol" / "tmp"]
     assert sorted(links) == [mail / "example.org" / "dave", mail / "linked.example"]
     with pytest.raises(SymlinkRefused):
-        remove_stale_tmp(tmp_path, folders[0])
+        remove_stale_tmp(tmp_path, folders[0], "mx")
     assert old.read_bytes() == b"precious"
-    assert remove_stale_tmp(tmp_path, folders[1]) == 0
+    assert remove_stale_tmp(tmp_path, folders[1], "mx") == 0
 
 
 def test_a_mailbox_refuses_linked_folders_lock_file_and_messages(tmp_path):

@@ -274,6 +274,63 @@ def test_mx_hosts_are_looked_up_at_once():
     assert sorted(asked) == ["a.test", "a.test", "b.test", "b.test", "c.test", "c.test"]
 
 
+def test_the_relays_resolver_keeps_answers_for_their_ttl(monkeypatch):
+    """
+    Issue 22: the relay asks the same questions for every message to a
+    domain; answers with records are kept for their TTL (and a bounded
+    number of them), failures and empty answers are asked again.
+    """
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+    from twisted.names import client, dns
+    from twisted.names import error as dns_error
+
+    from mailserver.relay.mx import BoundedResolver
+
+    asked = []
+    replies = {}
+
+    def upstream(self, name, cls, type, timeout):
+        asked.append(name)
+        reply = replies[name]
+        if isinstance(reply, Exception):
+            return defer.fail(reply)
+        return defer.succeed(reply)
+
+    monkeypatch.setattr(client.Resolver, "_lookup", upstream)
+    clock = Clock()
+    resolver = BoundedResolver(servers=[("127.0.0.1", 53)], reactor=clock, timeout=5, cache=2)
+
+    def answer(name, ttl):
+        record = dns.RRHeader(name, dns.A, dns.IN, ttl, dns.Record_A("127.0.0.2", ttl))
+        return [record], [], []
+
+    def ask(name):
+        results = []
+        resolver.lookupAddress(name).addBoth(results.append)
+        return results[0]
+
+    replies.update({b"a.test": answer(b"a.test", 60), b"b.test": answer(b"b.test", 60),
+                    b"c.test": answer(b"c.test", 60), b"empty.test": ([], [], []),
+                    b"bad.test": dns_error.DNSServerError()})
+    assert ask("a.test")[0][0].payload.dottedQuad() == "127.0.0.2"
+    assert ask("a.test") == replies[b"a.test"]
+    assert asked == [b"a.test"]
+    clock.advance(61)
+    ask("a.test")
+    assert asked == [b"a.test"] * 2
+    for name in ("bad.test", "bad.test", "empty.test", "empty.test"):
+        ask(name)
+    assert asked[2:] == [b"bad.test", b"bad.test", b"empty.test", b"empty.test"]
+    # At most two kept: b and c push a out.
+    ask("b.test"), ask("c.test"), ask("a.test")
+    assert asked[-3:] == [b"b.test", b"c.test", b"a.test"]
+    # Without a cache (every other resolver of the server), each is asked.
+    plain = BoundedResolver(servers=[("127.0.0.1", 53)], reactor=clock, timeout=5)
+    plain.lookupAddress("c.test"), plain.lookupAddress("c.test")
+    assert asked[-2:] == [b"c.test", b"c.test"]
+
+
 # A domain whose MX hosts include this server (RFC 5321 5.1).
 OURS = {
     "backup.test": {"MX": [[10, "mx1.backup.test"], [20, "mx2.backup.test"],

@@ -116,6 +116,26 @@ def test_success_removes_the_message(tmp_path):
     assert w.bounces() == []
 
 
+def test_a_message_done_with_is_removed_without_saving_its_last_state(tmp_path, monkeypatch):
+    """
+    Issue 22: the envelope of a message whose recipients all got their
+    250, with no report owed, is not written once more just before it is
+    removed (two fsyncs while the attempt holds its destination's slot).
+    """
+    w = World(tmp_path, Courier(250))
+    saved = []
+    original = w.queue.save
+    monkeypatch.setattr(w.queue, "save", lambda message: (saved.append(message.id),
+                                                          original(message)))
+    w.start()
+    w.send()
+    assert w.courier.calls and w.queue.ids() == []
+    assert saved == []
+    # A message with a report owed (NOTIFY=SUCCESS) is saved as before.
+    w.send(notify=("SUCCESS",))
+    assert len(saved) >= 1 and w.queue.ids() == []
+
+
 def test_temporary_failure_is_retried_on_the_schedule(tmp_path):
     w = World(tmp_path, Courier(451, 451, 250))
     w.start()
