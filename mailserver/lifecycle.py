@@ -17,7 +17,7 @@ from twisted.logger import Logger, LogLevel
 from mailserver.accounts import Accounts
 from mailserver.config import ConfigError
 from mailserver.logs import emit
-from mailserver.maildir import maildir_tmp_folders, remove_stale_tmp
+from mailserver.stale_tmp import maildir_tmp_folders, remove_stale_tmp
 from mailserver.process import on_signal
 from mailserver.safe_fs import write_file
 

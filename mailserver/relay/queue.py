@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailserver.envelope import Envelope
-from mailserver.maildir import fsync_directory, writer_alive
+from mailserver.maildir import fsync_directory
+from mailserver.stale_tmp import writer_alive
 from mailserver.message_ids import new_message_id
 from mailserver.relay.queued import (  # the queue's vocabulary: its callers import it from here
     DELIVERED,

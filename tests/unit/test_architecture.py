@@ -25,7 +25,7 @@ PACKAGE = "mailserver"
 # everything in it, "relay.queue" one module.  Derived from the tree as it
 # stands; a room not in the tree yet is listed in PLANNED.
 PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
-STORAGE = ("maildir", "folders", "relay.queue", "group_commit", "safe_fs", "nodes")
+STORAGE = ("maildir", "folders", "relay.queue", "group_commit", "safe_fs", "stale_tmp", "nodes")
 VOCABULARY = ("interfaces", "envelope", "metrics", "names", "mailbox_names", "safe_text",
               "message_ids", "logs")
 # wire.reply: the Reject a plugin returns; safe_text: client text in a log

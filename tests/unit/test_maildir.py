@@ -114,7 +114,7 @@ def test_lock_is_exclusive_across_processes_and_dies_with_them(tmp_path):
 def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
     import time
 
-    from mailserver.maildir import remove_stale_tmp
+    from mailserver.stale_tmp import remove_stale_tmp
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer runs
@@ -150,7 +150,7 @@ def test_start_up_keeps_another_nodes_files_in_a_shared_tmp(tmp_path):
     """
     import time
 
-    from mailserver.maildir import remove_stale_tmp
+    from mailserver.stale_tmp import remove_stale_tmp
 
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -213,7 +213,7 @@ def test_a_spool_file_is_not_made_through_a_linked_tmp(tmp_path):
 def test_start_up_clean_up_does_not_follow_a_linked_tmp(tmp_path):
     import pytest
 
-    from mailserver.maildir import maildir_tmp_folders, remove_stale_tmp
+    from mailserver.stale_tmp import maildir_tmp_folders, remove_stale_tmp
     from mailserver.safe_fs import SymlinkRefused
 
     outside = tmp_path / "outside"
@@ -309,7 +309,7 @@ def test_a_message_renamed_after_listing_is_still_read_flagged_and_removed(tmp_p
 
 
 def test_start_up_clean_up_covers_imap_folders_and_follows_no_link(tmp_path):
-    from mailserver.maildir import maildir_tmp_folders
+    from mailserver.stale_tmp import maildir_tmp_folders
 
     mail = tmp_path / "mail"
     bob = mail / "example.org" / "bob"
