@@ -395,8 +395,9 @@ class MailServerPeer(Peer):
             f"submissions = []\n"
             f'pop3 = ["{LOOPBACK}"]\n'
             f"pop3s = []\n"
-            f'imap = ["{LOOPBACK}"]\n'
-            f"imaps = []\n"
+            # (A revision from before IMAP knows no such keys.)
+            + (f'imap = ["{LOOPBACK}"]\nimaps = []\n'
+               if (code / "mailserver" / "imap").is_dir() else "")
             # Not the admin listener's default, the fixed port 2080, which
             # two servers (or a developer's own) cannot share.
             + (f'admin = ["{LOOPBACK}"]\n' if admin else "admin = []\n")
