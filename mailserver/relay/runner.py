@@ -55,6 +55,7 @@ from mailserver.relay.delivery import (
     destination_of,
     destination_of_domain,
 )
+from mailserver.relay.connections import ConnectionCache, ReuseLimits
 from mailserver.relay.dispatch import Concurrency, ConnectionSlots, Dispatcher
 from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
@@ -130,6 +131,7 @@ class RelayRunner(Service):
         self._courier = courier
         self._own_courier = courier is None
         self._resolver = None
+        self._connections: ConnectionCache | None = None
         self._accounts = accounts
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
@@ -167,6 +169,10 @@ class RelayRunner(Service):
                               deadline=3 * self._relay.dns_timeout,
                               ourselves=Ourselves.from_config(self._hostname, self._relay))
             tls = ClientTLS(ca_certificates(self._relay))
+            self._connections = ConnectionCache(
+                self._reactor, ReuseLimits.from_config(self._relay),
+                per_key=self._relay.max_connections_per_destination,
+                total=self._relay.max_connections)
             self._courier = LoggingCourier(
                 clock=self._reactor,
                 inner=RouteCourier(
@@ -180,6 +186,7 @@ class RelayRunner(Service):
                                          router, tls, io=self._io),
                     count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
                     io=self._io,
+                    connections=self._connections,
                 )
             )
             if not self._relay.smarthost_tls_verify:
@@ -229,6 +236,9 @@ class RelayRunner(Service):
         self._dispatcher.stop()
         if self._resolver is not None:
             self._resolver.stop()
+        if self._connections is not None:
+            return self._connections.close()
+        return None
 
     def _enqueued_in_thread(self, message: QueuedMessage) -> None:
         self._reactor.callFromThread(self._enqueued, message)
