@@ -173,6 +173,15 @@ class ESMTPClient(LineReceiver):
     # Plumbing.
 
     def connectionMade(self) -> None:
+        # Each step's commands go out in one write; Nagle's algorithm would
+        # hold a small write (the final dot after the body, RSET) until
+        # the server's delayed ACK, tens of milliseconds.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket after all
+                pass
         if self._tls_started:
             self._outcome.tls = "started"
         self._expect(self._greeting, self.timeouts.command)
