@@ -12,8 +12,8 @@ for another.
 
 Limits (L{ReuseLimits}, the C{relay.connection_reuse_*} keys): a connection
 carries at most C{messages} messages and is used for at most C{age}
-seconds after it was opened, and waits at most C{idle} seconds for the
-next message; then it is closed with QUIT.  The server closing an idle
+seconds after its first message, and waits at most C{idle} seconds for
+the next message; then it is closed with QUIT.  The server closing an idle
 connection takes it out of the cache at once.
 """
 
@@ -32,7 +32,8 @@ class ReuseLimits:
     """
     @ivar messages: messages one connection carries at most (1: no reuse).
     @ivar idle: seconds a connection waits for the next message.
-    @ivar age: seconds after its opening a connection is not used again.
+    @ivar age: seconds after its first message a connection is not used
+        again.
     """
 
     messages: int = 100

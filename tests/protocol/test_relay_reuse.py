@@ -359,3 +359,18 @@ class ClientReuseTests(unittest.TestCase):
                 transport.producer.resumeProducing()
         self.assertIsNone(results[0].connection)
         self.assertIn(b"QUIT", transport.value())
+
+
+class NoDelayTransport(StringTransport):
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+
+def test_the_client_turns_nagle_off():
+    # A kept connection's small writes (RSET, the final dot) must not wait
+    # for the server's delayed ACK.
+    transport = NoDelayTransport()
+    ESMTPClient(transaction(), Clock(), Timeouts()).makeConnection(transport)
+    assert transport.no_delay
