@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from twisted.internet import defer, endpoints, error
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
@@ -549,14 +548,6 @@ class ESMTPClient(LineReceiver):
         for address in self._accepted:
             self._outcome.replies[address] = reply
         self._done(reply)
-
-
-class _OneShotFactory(Factory):
-    def __init__(self, protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr):
-        return self._protocol
 
 
 def _endpoint(reactor, host: str, port: int, timeout: float):
