@@ -43,16 +43,22 @@ class SMTPSink(Factory):
     @ivar broken_tls: answer STARTTLS with 220 and the client's TLS hello
         with bytes that are not TLS, so the handshake fails.
     @ivar offer_starttls: whether EHLO offers STARTTLS.
+    @ivar connections: connections accepted so far.
+    @ivar rset_reply: the reply to RSET (C{None}: close the connection
+        without one).
     """
 
     broken_tls = False
     offer_starttls = True
+    rset_reply: str | None = "250 2.0.0 ok"
 
     def __init__(self, options, implicit: bool = False, folder: Path | None = None) -> None:
         self.options = options
         self.implicit = implicit
         self.folder = folder
         self.open = 0
+        self.connections = 0
+        self.protocols: list = []
         self.lines: list[tuple[str, str]] = []
         self.messages: list[tuple[str, list[str], bytes]] = []
 
@@ -89,6 +95,8 @@ class _SinkSMTP(LineReceiver):
 
     def connectionMade(self) -> None:
         self.sink.open += 1
+        self.sink.connections += 1
+        self.sink.protocols.append(self)
         self.reply("220 sink.test ESMTP")
 
     def connectionLost(self, reason) -> None:
@@ -131,6 +139,12 @@ class _SinkSMTP(LineReceiver):
         elif verb == "DATA":
             self.data = []
             self.reply("354 go ahead")
+        elif verb == "RSET" and self.sink.rset_reply is None:
+            self.transport.loseConnection()
+        elif verb == "RSET":
+            self.reply(self.sink.rset_reply)
+            if self.sink.rset_reply.startswith("421"):
+                self.transport.loseConnection()
         elif verb == "QUIT":
             self.reply("221 bye")
             self.transport.loseConnection()

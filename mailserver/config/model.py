@@ -288,6 +288,10 @@ class Relay:
     C{max_connections}, C{max_connections_per_destination}: outbound
     connections at once, in total and to one domain (or the smarthost); a
     destination starts at 5 and reaches its limit while it keeps answering.
+    C{connection_reuse_count}, C{connection_idle_time},
+    C{connection_reuse_time}: a connection carries at most so many messages,
+    waits so long for the next, and is not used again after so long (as
+    Postfix's connection cache; 1 message: no reuse).
     C{scan_interval}: between re-scans of the queue folder, which is how the
     running server picks up C{mailserver queue} commands.
     C{connect_timeout}, C{command_timeout}, C{data_timeout}: for a TCP
@@ -327,6 +331,9 @@ class Relay:
     delay_warning: float | None = setting("", duration(optional=True))
     max_connections: int = setting(20, integer(1))
     max_connections_per_destination: int = setting(10, integer(1))
+    connection_reuse_count: int = setting(100, integer(1, 10000))
+    connection_idle_time: float = setting(2.0, number(0.0, 60.0))
+    connection_reuse_time: float = setting(300.0, number(1.0, 3600.0))
     scan_interval: float = setting(
         10.0, number(0.1, why="a shorter interval re-reads the queue folder without pause"))
     connect_timeout: float = setting(60.0, _NETWORK_SECONDS)

@@ -11,6 +11,9 @@ The conversation (RFC 5321, 3207, 2920, 1870, 6152, 3461, 4954)::
     greeting -> EHLO (HELO when refused) -> [STARTTLS -> EHLO] -> [AUTH]
     -> MAIL -> RCPT... -> DATA -> body -> "." -> QUIT
 
+or, on a connection kept open for more (C{keep_open}), instead of QUIT:
+it waits, and L{ESMTPClient.reuse} sends RSET -> MAIL -> ... for the next.
+
 MAIL, every RCPT and DATA go in one write when the server offers PIPELINING.
 Every wait has the RFC 5321 4.5.3.2 timeout given in L{Timeouts}.
 
@@ -29,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from twisted.internet import defer, endpoints, error
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
@@ -122,6 +124,12 @@ class TransactionResult:
     dsn: bool = False
     host: str = ""
     tls: str = ""
+    # Kept open after the transaction (C{keep_open}): the client, waiting
+    # for L{ESMTPClient.reuse} or L{ESMTPClient.quit}.
+    connection: ESMTPClient | None = field(default=None, compare=False, repr=False)
+    # On a reused connection: it was lost, or RSET refused, before any
+    # reply about this message, so nothing of it was sent or taken.
+    stale: bool = False
 
 
 class _BodySender(FileSender):
@@ -139,8 +147,13 @@ class ESMTPClient(LineReceiver):
     log = Logger()
     chunk_size = 2**16
 
-    def __init__(self, transaction: Transaction, clock, timeouts: Timeouts, host: str = "") -> None:
+    def __init__(self, transaction: Transaction, clock, timeouts: Timeouts, host: str = "",
+                 keep_open: bool = False) -> None:
         self.transaction = transaction
+        self.keep_open = keep_open
+        self.lost = False
+        self.on_lost: Callable[[], None] | None = None
+        self._unanswered = False
         self.clock = clock
         self.timeouts = timeouts
         self.result: defer.Deferred = defer.Deferred()
@@ -159,6 +172,15 @@ class ESMTPClient(LineReceiver):
     # Plumbing.
 
     def connectionMade(self) -> None:
+        # Each step's commands go out in one write; Nagle's algorithm would
+        # hold a small write (the final dot after the body, RSET) until
+        # the server's delayed ACK, tens of milliseconds.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket after all
+                pass
         if self._tls_started:
             self._outcome.tls = "started"
         self._expect(self._greeting, self.timeouts.command)
@@ -210,13 +232,17 @@ class ESMTPClient(LineReceiver):
 
     def connectionLost(self, reason) -> None:
         self._disarm()
+        self.lost = True
         self._fail(temporary(f"connection lost: {reason.getErrorMessage()}", "4.4.2"), close=False)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def _fail(self, reply: Reply, close: bool = True) -> None:
         """
         Give every recipient without a final reply C{reply} and stop.
         """
         if not self._decided:
+            self._outcome.stale = self._unanswered
             for recipient in self.transaction.recipients:
                 current = self._outcome.replies.get(recipient.address)
                 if current is None or current.positive:
@@ -235,6 +261,56 @@ class ESMTPClient(LineReceiver):
     def _quit(self) -> None:
         self._handlers.clear()
         self._send("QUIT", lambda reply: self.transport.loseConnection())
+
+    def _done(self, last: Reply | None = None) -> None:
+        """
+        The transaction is over and the session in a clean state: keep the
+        connection for the next message (unless the server is closing it,
+        421), or say QUIT.
+        """
+        if self.keep_open and not self.lost and not (last and last.code == 421):
+            self._outcome.connection = self
+            self._decide()
+            return
+        self._decide()
+        self._quit()
+
+    def quit(self) -> None:
+        """
+        End a kept connection.
+        """
+        self.on_lost = None
+        if not self.lost:
+            self._quit()
+
+    def reuse(self, transaction: Transaction) -> defer.Deferred:
+        """
+        Send C{transaction} over this kept connection, after RSET.  Fires
+        with its L{TransactionResult}; C{stale} when the connection turns
+        out to be unusable before anything of the message was sent.
+        """
+        self.transaction = transaction
+        self.on_lost = None
+        self.result = defer.Deferred()
+        self._outcome = TransactionResult(host=self._outcome.host, tls=self._outcome.tls)
+        self._mail_reply = None
+        self._accepted = []
+        self._sequential = deque()
+        self._decided = False
+        if self.lost:
+            self._unanswered = True
+            self._fail(temporary("connection lost", "4.4.2"), close=False)
+            return self.result
+        self._unanswered = True
+        self._send("RSET", self._rset_reply)
+        return self.result
+
+    def _rset_reply(self, reply: Reply) -> None:
+        if reply.code != 250:
+            self._fail(reply, close=False)
+            self._quit()
+            return
+        self._mail()
 
     # The conversation.
 
@@ -351,6 +427,7 @@ class ESMTPClient(LineReceiver):
         t = self.transaction
         if t.smtputf8 and "SMTPUTF8" not in self._extensions:
             self._outcome.reached = True
+            self._unanswered = False  # refused here, for good
             self._fail(Reply(553, "5.6.7", ("the server does not support SMTPUTF8",),
                              synthetic=True), close=False)
             self._quit()
@@ -358,6 +435,7 @@ class ESMTPClient(LineReceiver):
         limit = self._extensions.get("SIZE", "")
         if limit.isdigit() and int(limit) and t.size > int(limit):
             self._outcome.reached = True
+            self._unanswered = False
             self._fail(Reply(552, "5.3.4", (f"message too big for the server (limit {limit})",),
                              synthetic=True), close=False)
             self._quit()
@@ -399,6 +477,7 @@ class ESMTPClient(LineReceiver):
         self._send(line, handler, timeout)
 
     def _mail_reply_received(self, reply: Reply) -> None:
+        self._unanswered = False
         self._outcome.reached = True
         if reply.code != 250:
             self._mail_reply = reply
@@ -406,8 +485,7 @@ class ESMTPClient(LineReceiver):
                 self._outcome.replies[recipient.address] = reply
             if self._sequential:
                 self._sequential.clear()
-                self._decide()
-                self._quit()
+                self._done(reply)
             return
         if self._sequential:
             self._next_command()
@@ -421,8 +499,7 @@ class ESMTPClient(LineReceiver):
             if self._sequential:
                 if not self._accepted and len(self._sequential) == 1:
                     self._sequential.clear()  # nobody to send DATA for
-                    self._decide()
-                    self._quit()
+                    self._done(reply)
                 else:
                     self._next_command()
 
@@ -433,8 +510,7 @@ class ESMTPClient(LineReceiver):
             if self._mail_reply is None:
                 for address in self._accepted:
                     self._outcome.replies[address] = reply
-            self._decide()
-            self._quit()
+            self._done(reply)
             return
         if self._mail_reply is not None or not self._accepted:
             # RFC 2920 3.1: DATA was accepted although nobody was; send an
@@ -471,16 +547,7 @@ class ESMTPClient(LineReceiver):
     def _end_reply(self, reply: Reply) -> None:
         for address in self._accepted:
             self._outcome.replies[address] = reply
-        self._decide()
-        self._quit()
-
-
-class _OneShotFactory(Factory):
-    def __init__(self, protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr):
-        return self._protocol
+        self._done(reply)
 
 
 def _endpoint(reactor, host: str, port: int, timeout: float):
@@ -494,16 +561,19 @@ def _endpoint(reactor, host: str, port: int, timeout: float):
 
 
 def deliver(reactor, host: str, port: int, transaction: Transaction, timeouts: Timeouts,
-            name: str = "", implicit_tls_options=None) -> defer.Deferred:
+            name: str = "", implicit_tls_options=None, keep_open: bool = False) -> defer.Deferred:
     """
     Connect to C{host} (an IP address or a name) and run C{transaction}.
 
     @param name: the host's DNS name, for reports (C{Remote-MTA}).
     @param implicit_tls_options: TLS client options when the connection is
         TLS from the start (C{transaction.tls == "implicit"}).
+    @param keep_open: leave the connection open after a transaction that
+        ends cleanly (C{TransactionResult.connection}).
     @return: a Deferred that fires with a L{TransactionResult}, never fails.
     """
-    protocol = ESMTPClient(transaction, reactor, timeouts, host=name or host)
+    protocol = ESMTPClient(transaction, reactor, timeouts, host=name or host,
+                           keep_open=keep_open)
     endpoint = _endpoint(reactor, host, port, timeouts.connect)
     by_name = isinstance(endpoint, endpoints.HostnameEndpoint)
     deadline = timeouts.resolve + timeouts.connect

@@ -3,7 +3,8 @@ Delivery of one message to the recipients of one destination, as a stack of
 same-interface couriers (STYLE.md habit 2)::
 
     LoggingCourier -> RouteCourier (MX, smarthost or transport; the TLS
-                      policy: tls_policy, mta_sts) -> client.deliver
+                      policy: tls_policy, mta_sts) -> a kept connection
+                      (connections) or client.deliver
 
 A courier's C{deliver(message, recipients)} returns a Deferred firing with
 C{{address: Outcome}} for every recipient given: it never fails, a failure is
@@ -26,6 +27,7 @@ from mailserver.logs import emit
 from mailserver.relay import client as smtp_client
 from mailserver.relay import line_length
 from mailserver.relay.client import (
+    ESMTPClient,
     OutboundRecipient,
     Reply,
     Timeouts,
@@ -33,6 +35,7 @@ from mailserver.relay.client import (
     TransactionResult,
     temporary,
 )
+from mailserver.relay.connections import ConnectionCache, ConnectionKey, KeptConnection
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
 from mailserver.relay.queue import QueuedMessage, QueueStore
 from mailserver.relay.tls_policy import (
@@ -105,6 +108,8 @@ class RouteCourier:
     @param count: counts a TLS outcome, C{count(domain=, mode=, result=)}.
     @param io: runs a blocking call and returns a Deferred of its result
         (default: the reactor's thread pool).
+    @param connections: where connections are kept between messages
+        (C{None}: one connection per message).
     """
 
     log = Logger()
@@ -122,8 +127,10 @@ class RouteCourier:
         mta_sts=None,
         count: Callable[..., None] | None = None,
         io: Callable[..., defer.Deferred] | None = None,
+        connections: ConnectionCache | None = None,
     ) -> None:
         self._reactor = reactor
+        self._connections = connections
         self._relay = relay
         self._hostname = hostname
         self._store = store
@@ -200,7 +207,8 @@ class RouteCourier:
                 if refusal is not None:
                     continue
             for address in hop.addresses:
-                result = await self._attempt(message, transaction, route, hop, address)
+                result = await self._attempt(message, transaction, route, hop, address,
+                                             destination_of_domain(self._relay, domain))
                 if result.reached:
                     return {
                         r.address: Outcome(result.replies[r.address], hop.name, result.dsn)
@@ -218,18 +226,16 @@ class RouteCourier:
         }
 
     async def _attempt(self, message, transaction: Transaction, route: Route, hop: Hop,
-                       address: str) -> TransactionResult:
+                       address: str, destination: str) -> TransactionResult:
         """
         One connection under the route's TLS policy, and a second one in
         plaintext when the policy allows it and the TLS handshake failed.
         """
         policy = route.policy
-        session = self._tls.for_policy(policy, hop.name)
         mode = "implicit" if route.implicit else policy.client_mode
-        result = await self._send(
-            self._reactor, address, hop.port, replace(transaction, tls=mode, tls_options=session),
-            self._timeouts, name=hop.name,
-        )
+        key = ConnectionKey(destination, hop.name, address, hop.port, mode, policy,
+                            transaction.username)
+        result, session = await self._send_to(message, key, transaction)
         verdict = judge(policy, session, result.tls)
         self._report(message, policy, hop, address, verdict)
         if result.reached or not verdict.failed:
@@ -242,11 +248,8 @@ class RouteCourier:
                  reason=printable(verdict.problem or str(next(iter(result.replies.values()))),
                                   None),
                  id=message.id)
-            return await self._send(
-                self._reactor, address, hop.port,
-                replace(transaction, tls="none", tls_options=None), self._timeouts,
-                name=hop.name,
-            )
+            result, _ = await self._send_to(message, replace(key, tls="none"), transaction)
+            return result
         original = next(iter(result.replies.values()))
         prefix = "MTA-STS: " if policy.source == "MTA-STS" else ""
         detail = verdict.problem or original.text.removeprefix(original.status).strip()
@@ -256,6 +259,45 @@ class RouteCourier:
         )
         return TransactionResult(replies={a: reply for a in result.replies}, host=result.host,
                                  tls=result.tls)
+
+    async def _send_to(self, message, key: ConnectionKey,
+                       transaction: Transaction) -> tuple[TransactionResult, object]:
+        """
+        Send over a connection kept under C{key}, else over a new one (also
+        when a kept one turns out to be closed or refuses RSET: that try
+        sent nothing, so it is no attempt).  Returns the result and the TLS
+        session checker of the connection used.
+        """
+        cache = self._connections
+        while cache is not None and (kept := cache.take(key)) is not None:
+            result = await kept.client.reuse(
+                replace(transaction, tls=key.tls, tls_options=kept.session))
+            if not result.stale:
+                self._keep(key, kept, result.connection)
+                result.connection = None
+                return result, kept.session
+            emit(self.log, LogLevel.info, "relay.reuse_failed",
+                 "kept connection unusable; opening a new one", host=key.host,
+                 address=key.address, port=key.port, messages=kept.messages - 1,
+                 reply=printable(str(next(iter(result.replies.values()))), None), id=message.id)
+        session = None if key.tls == "none" else self._tls.for_policy(key.policy, key.host)
+        keep_open = {} if cache is None else {"keep_open": True}
+        result = await self._send(
+            self._reactor, key.address, key.port,
+            replace(transaction, tls=key.tls, tls_options=session), self._timeouts,
+            name=key.host, **keep_open,
+        )
+        if result.connection is not None:
+            self._keep(key, KeptConnection(result.connection, session),
+                       result.connection)
+            result.connection = None
+        return result, session
+
+    def _keep(self, key: ConnectionKey, kept: KeptConnection, client: ESMTPClient | None) -> None:
+        if client is not None and self._connections is not None:
+            self._connections.keep(key, kept)
+        elif client is not None:
+            client.quit()
 
     def _mx_not_in_policy(self, message, policy: TLSPolicy, hop: Hop) -> Reply | None:
         """

@@ -14,10 +14,12 @@ separate pieces:
     rest (its messages wait in memory: a few attempts per rest);
   - an attempt groups the pending recipients by destination and sends each
     group in one transaction, within the connection limits (in total and
-    per destination);
+    per destination), over a connection kept from an earlier message to the
+    same destination when there is one (L{ConnectionCache}; closed at stop);
   - 2xx: done; 5xx: failed at once; 4xx or no answer: retried on the back-off
     schedule until C{max_age}, then failed; failures are reported to the
-    sender in one RFC 3464 report per attempt, injected through the intake;
+    sender in one RFC 3464 report per attempt, injected through the intake
+    (L{ReportSender});
   - every C{scan_interval} it takes in the messages worker processes
     queued (C{queue/incoming/}) and the requests from C{mailserver queue}
     (flush, delete, bounce; C{queue/requests/}), two small folders;
@@ -43,7 +45,6 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 
-from mailserver.envelope import Envelope, Recipient
 from mailserver.hooks import Delivery
 from mailserver.logs import emit, emit_failure
 from mailserver.metrics import unregistered_metrics
@@ -55,6 +56,7 @@ from mailserver.relay.delivery import (
     destination_of,
     destination_of_domain,
 )
+from mailserver.relay.connections import ConnectionCache, ReuseLimits
 from mailserver.relay.dispatch import Concurrency, ConnectionSlots, Dispatcher
 from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
@@ -70,6 +72,7 @@ from mailserver.relay.queue import (
     QueueError,
     QueueStore,
 )
+from mailserver.relay.reports import ReportSender
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
 from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
 from mailserver.safe_text import printable
@@ -130,10 +133,13 @@ class RelayRunner(Service):
         self._courier = courier
         self._own_courier = courier is None
         self._resolver = None
+        self._connections: ConnectionCache | None = None
         self._accounts = accounts
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
         self.policy = RetryPolicy.from_config(relay)
+        self._reports = ReportSender(relay=relay, hostname=hostname, queue=queue, intake=intake,
+                                     accounts=accounts, policy=self.policy, io=self._io)
         concurrency = Concurrency(self._relay.max_connections_per_destination)
         self._slots = ConnectionSlots(self._relay.max_connections, concurrency)
         self.index = index if index is not None else QueueIndex()
@@ -167,6 +173,10 @@ class RelayRunner(Service):
                               deadline=3 * self._relay.dns_timeout,
                               ourselves=Ourselves.from_config(self._hostname, self._relay))
             tls = ClientTLS(ca_certificates(self._relay))
+            self._connections = ConnectionCache(
+                self._reactor, ReuseLimits.from_config(self._relay),
+                per_key=self._relay.max_connections_per_destination,
+                total=self._relay.max_connections)
             self._courier = LoggingCourier(
                 clock=self._reactor,
                 inner=RouteCourier(
@@ -180,6 +190,7 @@ class RelayRunner(Service):
                                          router, tls, io=self._io),
                     count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
                     io=self._io,
+                    connections=self._connections,
                 )
             )
             if not self._relay.smarthost_tls_verify:
@@ -229,6 +240,9 @@ class RelayRunner(Service):
         self._dispatcher.stop()
         if self._resolver is not None:
             self._resolver.stop()
+        if self._connections is not None:
+            return self._connections.close()
+        return None
 
     def _enqueued_in_thread(self, message: QueuedMessage) -> None:
         self._reactor.callFromThread(self._enqueued, message)
@@ -417,7 +431,7 @@ class RelayRunner(Service):
                     message = replace(message, next_attempt=when)
         if not _finished(message):
             await self._io(self._queue.save, message)
-            message = await self._report(message, now)
+            message = await self._reports.send_owed(message, now)
         # A message done with, nothing to report, is removed without saving
         # its last state first: one fsync (of the envelope folder) instead
         # of three while the attempt holds its destination's slot.  A crash
@@ -515,100 +529,6 @@ class RelayRunner(Service):
             self._on_delivered(Delivery(queue_id=message.id, sender=message.sender,
                                         recipient=address, status=status, size=message.size,
                                         detail=detail))
-
-    # Reports.
-
-    async def _report(self, message: QueuedMessage, now: float) -> QueuedMessage:
-        """
-        Send the reports the recipients' states call for; mark them sent.
-        """
-        failed = [r for r in message.recipients if r.state == FAILED and not r.notified]
-        relayed = [r for r in message.recipients
-                   if r.state in (RELAYED, DELIVERED) and not r.notified]
-        reports = []
-        if failed:
-            reports.append((dsn_module.FAILED, failed))
-        if relayed:
-            reports.append((dsn_module.RELAYED, relayed))
-        delay_due = (
-            self.policy.delay_warning is not None
-            and not message.delay_warned
-            and message.pending()
-            and now - message.arrival >= self.policy.delay_warning
-        )
-        if delay_due:
-            delayed = [r for r in message.pending() if dsn_module.wants(r, dsn_module.DELAYED)]
-            if delayed and message.sender:
-                reports.append((dsn_module.DELAYED, delayed))
-            message = replace(message, delay_warned=True)
-        for action, recipients in reports:
-            wanted = [r for r in recipients if dsn_module.wants(r, action)]
-            if wanted and message.sender:
-                try:
-                    await self._send_report(message, wanted, action, now)
-                except QueueError as e:  # nowhere to send it: drop it
-                    emit(self.log, LogLevel.error, "relay.dsn_dropped", "dropping a report",
-                         action=action, recipient=printable(message.sender), problem=str(e),
-                         id=message.id)
-                except Exception as e:
-                    emit(self.log, LogLevel.error, "relay.dsn_failed", "cannot send a report",
-                         action=action, recipient=printable(message.sender), problem=str(e),
-                         id=message.id)
-                    if action == dsn_module.DELAYED:
-                        message = replace(message, delay_warned=False)
-                    continue
-            if action != dsn_module.DELAYED:
-                for r in recipients:
-                    message = message.with_recipient(r.address, notified=True)
-        if reports:
-            await self._io(self._queue.save, message)
-        return message
-
-    async def _send_report(self, message, recipients, action, now) -> None:
-        headers_only = message.ret == "HDRS" or (
-            message.ret is None and message.size > self._relay.bounce_full_limit
-        )
-        if action != dsn_module.FAILED:
-            headers_only = True
-
-        def read() -> bytes:
-            with self._queue.open_body(message) as body:
-                return dsn_module.read_original(body, headers_only)
-
-        original = await self._io(read)
-        data = dsn_module.build_dsn(
-            message, recipients, action,
-            hostname=self._hostname,
-            original=original,
-            headers_only=headers_only,
-            now=now,
-            retry_until=message.arrival + self.policy.max_age,
-        )
-        receiver = self._intake.begin(
-            Envelope(
-                sender="",
-                recipients=(Recipient(address=message.sender,
-                                      destinations=self._report_destinations(message.sender)),),
-                body="8BITMIME" if any(b > 127 for b in data) else "7BIT",
-            )
-        )
-        try:
-            receiver.write(data)
-        except Exception:
-            receiver.abort()
-            raise
-        report_id = await receiver.finish()
-        emit(self.log, LogLevel.info, "relay.dsn_sent", f"{action} report sent", action=action,
-             recipient=printable(message.sender), report=report_id, id=message.id)
-
-    def _report_destinations(self, sender: str) -> tuple[str, ...]:
-        domain = sender.rpartition("@")[2]
-        if self._accounts is not None and self._accounts.is_local_domain(domain):
-            resolved = self._accounts.resolve(sender)
-            if not resolved:
-                raise QueueError(f"local sender <{sender}> has no mailbox")
-            return tuple(resolved)
-        return (sender,)
 
 
 def _finished(message: QueuedMessage) -> bool:
