@@ -1,0 +1,40 @@
+"""
+What a hostile or broken client sends that the first IMAP tests did not
+try: deeply nested lists and search keys, and the like.  Each gets its
+RFC 3501 answer (BAD or NO) and the session goes on.
+"""
+
+import pytest
+
+from tests.protocol.imap_harness import IMAPHarness, tagged
+
+
+@pytest.fixture
+def imap(tmp_path):
+    harness = IMAPHarness(tmp_path)
+    harness.deliver("1000.M1P1Q1.h", b"Subject: one\n\nbody\n")
+    harness.select()
+    return harness
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a SEARCH " + "NOT " * 5000 + "ALL",
+        "a SEARCH " + "OR ALL " * 5000 + "ALL",
+        "a SEARCH " + "(" * 5000 + "ALL" + ")" * 5000,
+        "a FETCH 1 " + "(" * 5000 + "FLAGS" + ")" * 5000,
+        "a ID " + "(" * 5000 + ")" * 5000,
+    ],
+    ids=["not", "or", "parentheses", "fetch-lists", "id-lists"],
+)
+def test_deep_nesting_is_bad_and_the_session_goes_on(imap, line):
+    assert tagged(imap.command(line), "a").startswith("a BAD Error in IMAP command")
+    assert not imap.closed
+    assert tagged(imap.command("b NOOP"), "b") == "b OK NOOP completed."
+
+
+def test_nesting_a_client_may_use_still_works(imap):
+    out = imap.command("a SEARCH " + "NOT " * 20 + "(((OR SEEN (NOT DELETED))))")
+    assert b"* SEARCH 1\r\n" in out
+    assert tagged(out, "a") == "a OK Search completed."
