@@ -255,7 +255,11 @@ class IMAPServer(Protocol):
             self._command(pieces)
             return
         tag, name = peek_tag_and_name(self._pieces[0])
-        limit = self._deps.limits.max_message_size if name == "APPEND" else MAX_COMMAND
+        # Only a logged-in APPEND may bring a message; before login no
+        # command needs more than MAX_COMMAND, and a larger "+ OK" would
+        # let anyone make the server store megabytes.
+        logged_in = self.session.state in (State.AUTHENTICATED, State.SELECTED)
+        limit = self._deps.limits.max_message_size if name == "APPEND" and logged_in else MAX_COMMAND
         self._octets += spec.size
         too_large = self._octets > limit + len(line)
         if too_large and spec.synchronizing:

@@ -38,3 +38,23 @@ def test_nesting_a_client_may_use_still_works(imap):
     out = imap.command("a SEARCH " + "NOT " * 20 + "(((OR SEEN (NOT DELETED))))")
     assert b"* SEARCH 1\r\n" in out
     assert tagged(out, "a") == "a OK Search completed."
+
+
+def test_a_large_literal_before_login_is_refused_before_it_is_sent(tmp_path):
+    # An APPEND's message may be as large as limits.max_message_size, but
+    # only once logged in: before that, no command needs more than a
+    # command's 64 KiB, and "+ OK" would invite anyone to send megabytes.
+    imap = IMAPHarness(tmp_path)
+    out = imap.command("a APPEND INBOX {10000000}")
+    assert b"+ " not in out
+    assert tagged(out, "a") == "a NO [TOOBIG] Literal too large."
+    imap.login()
+    out = imap.command("b APPEND INBOX {100000}")
+    assert out.startswith(b"+ ")
+
+
+def test_a_large_nonsynchronizing_literal_before_login_is_not_kept(tmp_path):
+    imap = IMAPHarness(tmp_path)
+    out = imap.send(b"a APPEND INBOX {200000+}\r\n" + b"x" * 200000 + b"\r\n")
+    assert tagged(out, "a") == "a NO [TOOBIG] Literal too large."
+    assert tagged(imap.command("b NOOP"), "b") == "b OK NOOP completed."
