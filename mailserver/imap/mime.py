@@ -96,10 +96,12 @@ class Part:
         The part a section's numbers name (RFC 3501 6.4.5): in a
         non-multipart part, 1 is the part itself; through a
         message/rfc822 part the numbers go on in the enclosed message.
+        A message that is itself message/rfc822 has that message as its
+        part 1 (the first number does not go through it).
         """
         part = self
-        for number in numbers:
-            if part.is_message and part.message is not None:
+        for index, number in enumerate(numbers):
+            if index and part.is_message and part.message is not None:
                 part = part.message
             if part.is_multipart:
                 if not 1 <= number <= len(part.children):

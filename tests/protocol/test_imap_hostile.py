@@ -58,3 +58,39 @@ def test_a_large_nonsynchronizing_literal_before_login_is_not_kept(tmp_path):
     out = imap.send(b"a APPEND INBOX {200000+}\r\n" + b"x" * 200000 + b"\r\n")
     assert tagged(out, "a") == "a NO [TOOBIG] Literal too large."
     assert tagged(imap.command("b NOOP"), "b") == "b OK NOOP completed."
+
+
+FORWARDED = (
+    b"Subject: outer\n"
+    b"Content-Type: message/rfc822\n"
+    b"\n"
+    b"Subject: inner\n"
+    b"Content-Type: multipart/mixed; boundary=b\n"
+    b"\n"
+    b"--b\n"
+    b"\n"
+    b"first\n"
+    b"--b\n"
+    b"\n"
+    b"second\n"
+    b"--b--\n"
+)
+
+
+def test_a_message_that_is_a_message_rfc822_has_it_as_part_one(tmp_path):
+    # RFC 3501 6.4.5: a non-multipart message with an encapsulated message
+    # has that message as its part 1 (header and body, as Dovecot and
+    # Cyrus answer); 1.MIME is the outer header, 1.HEADER the inner one and
+    # 1.1 the inner message's first part.
+    imap = IMAPHarness(tmp_path)
+    imap.deliver("1000.M1P1Q1.h", FORWARDED)
+    imap.select()
+    inner = FORWARDED.split(b"\n\n", 1)[1].replace(b"\n", b"\r\n")
+    out = imap.command("a FETCH 1 (BODY.PEEK[1])")
+    assert b"BODY[1] {%d}\r\n%s)" % (len(inner), inner) in out
+    out = imap.command("b FETCH 1 (BODY.PEEK[1.MIME])")
+    assert b"BODY[1.MIME] {48}\r\nSubject: outer\r\nContent-Type: message/rfc822\r\n\r\n)" in out
+    out = imap.command("c FETCH 1 (BODY.PEEK[1.HEADER.FIELDS (SUBJECT)])")
+    assert b"Subject: inner\r\n\r\n)" in out
+    out = imap.command("d FETCH 1 (BODY.PEEK[1.1] BODY.PEEK[1.2])")
+    assert b"BODY[1.1] {5}\r\nfirst BODY[1.2] {6}\r\nsecond)" in out
