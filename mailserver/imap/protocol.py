@@ -51,6 +51,11 @@ SPILL = 1024 * 1024
 # FETCH commands answered together (their files read by one job).
 FETCHES_PER_BATCH = 32
 _BATCHED = frozenset({"FETCH", "UID FETCH"})
+# Seconds a client that has not logged in gets for each line (as
+# Dovecot's 3 minutes): limits.imap_idle_timeout's 30 minutes (RFC 3501
+# 5.4) are for logged-in sessions, and would let idle strangers hold the
+# connection caps.
+LOGIN_IDLE_TIMEOUT = 180.0
 # Seconds between the "still here" lines sent during IDLE (NAT boxes drop
 # connections silent for a few minutes).
 IDLE_KEEPALIVE = 120.0
@@ -140,7 +145,7 @@ class IMAPServer(Protocol):
             deps.clock,
             on_input=self._input,
             on_timeout=self._timed_out,
-            line_timeout=deps.limits.imap_idle_timeout,
+            line_timeout=min(LOGIN_IDLE_TIMEOUT, deps.limits.imap_idle_timeout),
             max_errors=deps.limits.max_errors,
         )
         self._fetcher = Fetcher(self._lines, deps.run_blocking, deps.structures)
@@ -459,6 +464,7 @@ class IMAPServer(Protocol):
         session = self.session
         if isinstance(outcome, LoggedIn):
             self._deps.metrics.imap_logins_total.inc()
+            self._lines.set_line_timeout(self._deps.limits.imap_idle_timeout)
             self._perform(session.logged_in(outcome.avatar.address, outcome.logout))
             return
         if not isinstance(outcome, BadCredentials):

@@ -94,3 +94,27 @@ def test_a_message_that_is_a_message_rfc822_has_it_as_part_one(tmp_path):
     assert b"Subject: inner\r\n\r\n)" in out
     out = imap.command("d FETCH 1 (BODY.PEEK[1.1] BODY.PEEK[1.2])")
     assert b"BODY[1.1] {5}\r\nfirst BODY[1.2] {6}\r\nsecond)" in out
+
+
+def test_a_client_that_does_not_log_in_is_timed_out_after_three_minutes(tmp_path):
+    # limits.imap_idle_timeout (30 minutes, RFC 3501 5.4) is for logged-in
+    # sessions; strangers holding connections idle would fill the caps.
+    imap = IMAPHarness(tmp_path)
+    imap.clock.advance(179)
+    assert not imap.closed
+    imap.command("a CAPABILITY")
+    imap.clock.advance(179)
+    assert not imap.closed
+    imap.clock.advance(2)
+    assert imap.read() == b"* BYE Disconnected for inactivity.\r\n"
+    assert imap.closed
+
+
+def test_a_logged_in_client_keeps_limits_imap_idle_timeout(tmp_path):
+    imap = IMAPHarness(tmp_path)
+    assert tagged(imap.login(), "L").startswith("L OK")
+    timeout = imap.config.limits.imap_idle_timeout
+    imap.clock.advance(timeout - 1)
+    assert not imap.closed
+    imap.clock.advance(2)
+    assert imap.closed
