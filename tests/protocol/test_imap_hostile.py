@@ -118,3 +118,17 @@ def test_a_logged_in_client_keeps_limits_imap_idle_timeout(tmp_path):
     assert not imap.closed
     imap.clock.advance(2)
     assert imap.closed
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["{5+}\r\na\nb\rc", "{3+}\r\nx\x00y", '"' + "z" * 3000 + '"', '"a/../b"', '"a//b"'],
+    ids=["line-breaks", "nul", "long", "dots", "empty-level"],
+)
+def test_subscribe_takes_only_names_a_folder_could_have(imap, name):
+    before = (imap.maildir / "subscriptions").read_bytes()
+    out = imap.command(f"a SUBSCRIBE {name}")
+    assert tagged(out, "a").startswith("a NO [CANNOT]")
+    assert (imap.maildir / "subscriptions").read_bytes() == before
+    assert tagged(imap.command('b SUBSCRIBE "Not/Yet/There"'), "b") == "b OK Subscribe completed."
+    assert b'"Not/Yet/There"' in imap.command('c LSUB "" Not/*')
