@@ -228,7 +228,7 @@ def header_fields(header: bytes, section: Section) -> bytes:
         if taking:
             out.append(line.rstrip(b"\r") + b"\r\n")
     out.append(b"\r\n")
-    return b"".join(out)
+    return b"".join(out).replace(b"\x00", b"\x80")
 
 
 def implied_seen(items) -> bool:

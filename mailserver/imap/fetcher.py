@@ -69,6 +69,15 @@ class Gone(Exception):
     """
 
 
+def wire_form(data: bytes) -> bytes:
+    """
+    Stored text as it is sent: CRLF line ends, and NUL (which RFC 3501's
+    literals cannot hold) as 0x80, as Dovecot sends it; sizes do not change
+    but for the CRs.
+    """
+    return data.replace(b"\n", b"\r\n").replace(b"\x00", b"\x80")
+
+
 def _prepare(contents: list, cached: dict, want_structure: bool) -> list:
     """
     In a worker thread: each message's CRLF text (if small) and structure.
@@ -81,7 +90,7 @@ def _prepare(contents: list, cached: dict, want_structure: bool) -> list:
         elif isinstance(content, bytes):
             if want_structure and structure is None:
                 structure = mime.parse_bytes(content)
-            out.append((uid, content.replace(b"\n", b"\r\n"), None, structure))
+            out.append((uid, wire_form(content), None, structure))
         else:
             if want_structure and structure is None:
                 structure = mime.parse(content)
@@ -92,7 +101,7 @@ def _prepare(contents: list, cached: dict, want_structure: bool) -> list:
 def _read_piece(source, start_lf: int | None, size: int) -> bytes:
     if start_lf is not None:
         source.seek(start_lf)
-    return source.read(size).replace(b"\n", b"\r\n")
+    return wire_form(source.read(size))
 
 
 @implementer(IPushProducer)

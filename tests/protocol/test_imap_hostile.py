@@ -132,3 +132,23 @@ def test_subscribe_takes_only_names_a_folder_could_have(imap, name):
     assert (imap.maildir / "subscriptions").read_bytes() == before
     assert tagged(imap.command('b SUBSCRIBE "Not/Yet/There"'), "b") == "b OK Subscribe completed."
     assert b'"Not/Yet/There"' in imap.command('c LSUB "" Not/*')
+
+
+@pytest.mark.parametrize("filler", [0, 300 * 1024], ids=["small", "streamed"])
+def test_nul_octets_in_a_message_go_out_as_0x80(tmp_path, filler):
+    # RFC 3501 9: a literal's CHAR8 excludes NUL; as Dovecot does, a NUL
+    # a message holds is sent as 0x80, so sizes and offsets stay.
+    imap = IMAPHarness(tmp_path)
+    data = b"Subject: a\x00b\nX-A: c\x00d\n\n" + b"x" * filler + b"e\x00f\n"
+    imap.deliver("1000.M1P1Q1.h", data)
+    imap.select()
+    out = imap.command(
+        "a FETCH 1 (RFC822.SIZE BODY.PEEK[] BODY.PEEK[TEXT] BODY.PEEK[HEADER.FIELDS (X-A)] ENVELOPE)"
+    )
+    out += imap.read()
+    assert tagged(out, "a") == "a OK Fetch completed."
+    assert b"\x00" not in out
+    wire = data.replace(b"\n", b"\r\n").replace(b"\x00", b"\x80")
+    assert b"RFC822.SIZE %d BODY[] {%d}\r\n%s" % (len(wire), len(wire), wire) in out
+    assert b"X-A: c\x80d\r\n\r\n" in out
+    assert b"e\x80f\r\n BODY[HEADER.FIELDS (X-A)]" in out
