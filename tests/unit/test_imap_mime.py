@@ -154,3 +154,19 @@ def test_a_comment_after_an_address_is_its_name():
 def test_addresses_follow_each_other_without_a_space():
     # RFC 3501 9: env-to = "(" 1*address ")"
     assert address_list(b"a@x, b@y") == b'((NIL NIL "a" "x")(NIL NIL "b" "y"))'
+
+
+def test_an_empty_part_has_no_lines():
+    # The CRLF before a boundary is the boundary's: an empty line there is
+    # not the part's: a part of 0 octets has 0 lines, "a" and "a\r\n" 1.
+    root = mime.parse_bytes(
+        b"Content-Type: multipart/mixed; boundary=B\n\n"
+        b"--B\nContent-Type: text/plain\n\n\n"
+        b"--B\nContent-Type: text/plain\n\n\n\n"
+        b"--B\nContent-Type: text/plain\n\na\n"
+        b"--B\nContent-Type: text/plain\n\na\n\n"
+        b"--B\nContent-Type: text/plain\n\n"
+        b"--B--\n"
+    )
+    sizes = [(part.body_end - part.body_start, part.body_lines) for part in root.children]
+    assert sizes == [(0, 0), (2, 1), (1, 1), (3, 1), (0, 0)]
