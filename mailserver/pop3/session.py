@@ -401,6 +401,10 @@ class POP3Session:
         retrieved one is flagged seen at QUIT, with the deletions.
         """
         if isinstance(outcome, Failure):
+            if outcome.check(FileNotFoundError):
+                # IMAP (or another program) expunged it since the listing.
+                self.log.info("POP3: message {uid} was removed meanwhile", uid=message.uid)
+                return R.REMOVED
             self.log.failure("Opening message {uid} failed", outcome, uid=message.uid)
             return R.UNREADABLE
         if retrieve:
