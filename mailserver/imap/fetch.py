@@ -82,8 +82,14 @@ def needs_structure(items) -> bool:
     return False
 
 
+# INTERNALDATE's years have 4 digits (RFC 3501 9): a file time another
+# program set outside them is given as the nearest one that has.
+_FIRST_MOMENT = -62135596800  # 1-Jan-0001 00:00:00 UTC
+_LAST_MOMENT = 253402300799  # 31-Dec-9999 23:59:59 UTC
+
+
 def internal_date(timestamp: float) -> str:
-    moment = time.gmtime(timestamp)
+    moment = time.gmtime(min(max(timestamp, _FIRST_MOMENT), _LAST_MOMENT))
     return (
         f"{moment.tm_mday:2d}-{_MONTHS[moment.tm_mon - 1]}-{moment.tm_year:04d} "
         f"{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d} +0000"

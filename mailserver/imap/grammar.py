@@ -406,9 +406,19 @@ def date_time(value) -> float:
     if match.group(7) == "-":
         offset = -offset
     try:
-        return calendar.timegm((year, month, day, hour, minute, second)) - offset
+        if day > calendar.monthrange(year, month)[1]:
+            raise ValueError("no such day")
+        moment = calendar.timegm((year, month, day, hour, minute, second)) - offset
     except (ValueError, OverflowError):
         raise ParseError("Invalid date-time") from None
+    # INTERNALDATE gives it back in UTC with a 4-digit year (RFC 3501 9).
+    if not _FIRST_MOMENT <= moment <= _LAST_MOMENT:
+        raise ParseError("Invalid date-time")
+    return moment
+
+
+_FIRST_MOMENT = calendar.timegm((1, 1, 1, 0, 0, 0))
+_LAST_MOMENT = calendar.timegm((9999, 12, 31, 23, 59, 59))
 
 
 class SequenceSet:
