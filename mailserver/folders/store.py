@@ -31,7 +31,7 @@ from mailserver.folders import names as N
 from mailserver.folders import ops, tree
 from mailserver.folders.state import Delta, FolderState, refresh
 from mailserver.folders.watch import APPEARED, GONE
-from mailserver.interfaces import FolderError, IFolderStore, IMailAccount, IMailFolder
+from mailserver.interfaces import FolderError, FolderGone, IFolderStore, IMailAccount, IMailFolder
 from mailserver.maildir import UniqueNames
 from mailserver.safe_fs import SymlinkRefused
 
@@ -293,9 +293,13 @@ class SharedFolder:
             return
         events, self._events = self._events, []
         if any(self._foreign(*event) for event in events):
-            self.refresh().addErrback(
-                lambda f: self.log.failure("Refreshing {path} failed", f, path=self.path)
-            )
+            self.refresh().addErrback(self._refresh_failed)
+
+    def _refresh_failed(self, failure: Failure) -> None:
+        if failure.check(FolderGone):  # its sessions hear of it at their next command
+            self.log.info("Folder {path} was deleted or renamed", path=self.path)
+            return
+        self.log.failure("Refreshing {path} failed", failure, path=self.path)
 
     def _foreign(self, subdir: str | None, name: bytes | None, mask: int) -> bool:
         """
@@ -423,7 +427,7 @@ class MailStore:
         def failed(failure):
             folder.release()
             linked = failure.check(SymlinkRefused) and failure.value.filename == path
-            if failure.check(FileNotFoundError) or linked:
+            if failure.check(FileNotFoundError, FolderGone) or linked:
                 # A link in a folder's place is not followed: no folder.
                 self.forget(path)
                 raise FolderError("NONEXISTENT", "Mailbox doesn't exist")

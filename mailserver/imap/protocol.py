@@ -399,6 +399,10 @@ class IMAPServer(Protocol):
             self._lines.reads.release(BUSY)
 
     def _unexpected(self, failure: Failure) -> None:
+        gone = self.session.selected_gone(failure)
+        if gone is not None:
+            self._perform(gone)
+            return
         self.log.failure("IMAP session error", failure)
         self._send(R.untagged("BYE Internal error occurred."))
         self._close()

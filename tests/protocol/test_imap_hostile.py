@@ -152,3 +152,39 @@ def test_nul_octets_in_a_message_go_out_as_0x80(tmp_path, filler):
     assert b"RFC822.SIZE %d BODY[] {%d}\r\n%s" % (len(wire), len(wire), wire) in out
     assert b"X-A: c\x80d\r\n\r\n" in out
     assert b"e\x80f\r\n BODY[HEADER.FIELDS (X-A)]" in out
+
+
+def _two_sessions_on(tmp_path, folder: str):
+    first = IMAPHarness(tmp_path)
+    first.login()
+    first.command(f"c CREATE {folder}")
+    first.command(f"a APPEND {folder} {{5+}}\r\nhello")
+    second = IMAPHarness(tmp_path, store=first.store, clock=first.clock)
+    assert tagged(second.select(folder), "S").startswith("S OK")
+    return first, second
+
+
+@pytest.mark.parametrize("command", ["n NOOP", "n FETCH 1 (BODY.PEEK[])", "n STORE 1 +FLAGS (\\Seen)",
+                                     "n EXPUNGE", "n UID SEARCH TEXT hello", "n COPY 1 INBOX"])
+@pytest.mark.parametrize("how", ["DELETE Doomed", "RENAME Doomed Elsewhere"])
+def test_a_session_whose_mailbox_another_deletes_hears_bye(tmp_path, command, how):
+    # As Dovecot: "* BYE Selected mailbox was deleted" and the connection
+    # closes; no traceback, no "internal error", the other session goes on.
+    first, second = _two_sessions_on(tmp_path, "Doomed")
+    assert tagged(first.command(f"d {how}"), "d").startswith("d OK")
+    out = second.command(command)
+    assert b"* BYE Selected mailbox was deleted, have to disconnect.\r\n" in out
+    assert b"SERVERBUG" not in out and b"Internal error" not in out
+    assert second.closed
+    assert tagged(first.command("e NOOP"), "e") == "e OK NOOP completed."
+
+
+def test_a_mailbox_removed_on_disk_is_bye_too(tmp_path):
+    import shutil
+
+    first, second = _two_sessions_on(tmp_path, "Doomed")
+    shutil.rmtree(second.maildir / ".Doomed")
+    out = second.command("n FETCH 1 (BODY.PEEK[])")
+    out += second.command("o NOOP")
+    assert b"* BYE Selected mailbox was deleted, have to disconnect.\r\n" in out
+    assert second.closed
