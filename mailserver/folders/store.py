@@ -228,7 +228,10 @@ class SharedFolder:
         return self._run(ops.expunge, present, origin=origin).addCallback(lambda _: present)
 
     def transfer(self, uids, target: str, move: bool, origin) -> defer.Deferred:
-        target = N.normalize(target)
+        try:
+            target = N.check(target)  # "" or "a.b" name no folder (a.b is not a/b)
+        except N.BadName as e:
+            return defer.fail(FolderError("CANNOT", str(e)))
         path = tree.folder_path(self.root, target)
         d = self._store.run_blocking(tree.exists, self._store.base, self.root, target)
 

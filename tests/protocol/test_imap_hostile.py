@@ -188,3 +188,16 @@ def test_a_mailbox_removed_on_disk_is_bye_too(tmp_path):
     out += second.command("o NOOP")
     assert b"* BYE Selected mailbox was deleted, have to disconnect.\r\n" in out
     assert second.closed
+
+
+@pytest.mark.parametrize("command", ["COPY", "MOVE", "UID COPY", "UID MOVE"])
+@pytest.mark.parametrize("name", ['""', '"a.b"', "INBOX/x", '"a//b"'])
+def test_copy_to_a_name_no_folder_can_have_is_no_cannot(tmp_path, command, name):
+    imap = IMAPHarness(tmp_path)
+    imap.deliver("1000.M1P1Q1.h", b"Subject: one\n\nbody\n")
+    imap.select()
+    imap.command("c CREATE a/b")
+    out = imap.command(f"a {command} 1 {name}")
+    assert tagged(out, "a").startswith("a NO [CANNOT]")
+    assert list((imap.maildir / ".a.b" / "cur").iterdir()) == []
+    assert b"* 1 EXPUNGE" not in out
