@@ -201,3 +201,15 @@ def test_copy_to_a_name_no_folder_can_have_is_no_cannot(tmp_path, command, name)
     assert tagged(out, "a").startswith("a NO [CANNOT]")
     assert list((imap.maildir / ".a.b" / "cur").iterdir()) == []
     assert b"* 1 EXPUNGE" not in out
+
+
+def test_idle_without_done_ends_at_limits_imap_idle_timeout(imap):
+    # RFC 2177: clients renew IDLE within 29 minutes; the keepalives the
+    # server sends meanwhile do not count as the client's.
+    assert imap.command("i IDLE") == b"+ idling\r\n"
+    timeout = imap.config.limits.imap_idle_timeout
+    imap.clock.advance(timeout - 1)
+    assert b"* OK Still here" in imap.read() and not imap.closed
+    imap.clock.advance(2)
+    assert b"* BYE Disconnected for inactivity.\r\n" in imap.read()
+    assert imap.closed
