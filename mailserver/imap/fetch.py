@@ -19,6 +19,10 @@ from mailserver.imap.structure import body_structure, envelope
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 STRUCTURE_ITEMS = frozenset({"ENVELOPE", "BODY", "BODYSTRUCTURE"})
+# A section of a message held in memory at least this large is its own
+# piece of the response (a view of the message, not a copy), sent as the
+# client reads: one FETCH may name BODY[] hundreds of times.
+SEPARATE = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +100,12 @@ def internal_date(timestamp: float) -> str:
     )
 
 
-def render(message: Message, items) -> list[bytes | Stream]:
+def render(message: Message, items) -> list[bytes | memoryview | Stream]:
     """
     The untagged FETCH response: bytes, with L{Stream}s where a large
-    message's text goes.
+    message's text goes and views of a small one's large sections.
     """
-    out: list[bytes | Stream] = []
+    out: list[bytes | memoryview | Stream] = []
     pieces = [b"* %d FETCH (" % message.seq]
     for number, item in enumerate(items):
         if number:
@@ -111,8 +115,8 @@ def render(message: Message, items) -> list[bytes | Stream]:
             continue
         value = _body(message, item)
         name = item.name.encode("ascii")
-        if isinstance(value, Stream):
-            pieces.append(name + b" {%d}\r\n" % value.length)
+        if isinstance(value, Stream) or len(value) >= SEPARATE:
+            pieces.append(name + b" {%d}\r\n" % (value.length if isinstance(value, Stream) else len(value)))
             out.append(b"".join(pieces))
             out.append(value)
             pieces = []
@@ -144,7 +148,7 @@ def _simple(message: Message, item: str) -> bytes:
     raise ValueError(item)
 
 
-def _body(message: Message, item: BodyItem) -> bytes | Stream:
+def _body(message: Message, item: BodyItem) -> bytes | memoryview | Stream:
     section = item.section
     structure = message.structure
     if section.kind.startswith("HEADER.FIELDS"):
@@ -165,7 +169,7 @@ def _body(message: Message, item: BodyItem) -> bytes | Stream:
         skip = min(first, length)
         length = max(0, min(most, length - skip))
     if message.wire is not None:
-        return message.wire[start + skip : start + skip + length]
+        return memoryview(message.wire)[start + skip : start + skip + length]
     return Stream(start_lf, skip, length)
 
 

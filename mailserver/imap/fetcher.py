@@ -234,6 +234,8 @@ class Fetcher:
                 for piece in render(message, with_flags[index] if uid in seen_now else items[index]):
                     if isinstance(piece, Stream):
                         await self._stream(source, piece)
+                    elif isinstance(piece, memoryview):
+                        await self._send_view(piece)
                     else:
                         self._lines.send(piece)
             self._close_open()
@@ -306,6 +308,17 @@ class Fetcher:
                 lines.transport.write(piece)
         if left > 0:  # the file was shorter than its name said: keep the count right
             lines.transport.write(b" " * left)
+
+    async def _send_view(self, view: memoryview) -> None:
+        """
+        Send a large section of a message held in memory, a chunk at a
+        time as the client takes them.
+        """
+        lines = self._lines
+        lines.flush()
+        for start in range(0, len(view), CHUNK):
+            await self._writable()
+            lines.transport.write(bytes(view[start : start + CHUNK]))
 
     def _close_open(self) -> None:
         for source in self._open:
