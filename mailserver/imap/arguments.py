@@ -172,7 +172,9 @@ def _fetch_items(value) -> list[str | BodyItem]:
             if body is None:
                 raise ParseError(f"Unknown fetch item {str(item)[:40]}")
             items.append(body)
-    return items
+    # An item named twice is answered once: a line of "BODYSTRUCTURE ..."
+    # would otherwise ask for thousands of copies of a large structure.
+    return list(dict.fromkeys(items))
 
 
 # STORE.

@@ -213,3 +213,13 @@ def test_idle_without_done_ends_at_limits_imap_idle_timeout(imap):
     imap.clock.advance(2)
     assert b"* BYE Disconnected for inactivity.\r\n" in imap.read()
     assert imap.closed
+
+
+def test_an_item_named_twice_in_a_fetch_is_answered_once(imap):
+    # 64 KiB of "BODYSTRUCTURE " is 4,600 copies of a structure that may
+    # be hundreds of KB (as Dovecot, each item is answered once).
+    out = imap.command("a FETCH 1 (" + " ".join(["BODYSTRUCTURE", "UID", "BODY.PEEK[TEXT]"] * 1000) + ")")
+    assert out.count(b"BODYSTRUCTURE (") == 1
+    assert out.count(b"UID 1") == 1
+    assert out.count(b"BODY[TEXT] {") == 1
+    assert tagged(out, "a") == "a OK Fetch completed."
