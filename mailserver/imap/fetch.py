@@ -10,6 +10,7 @@ as the transport takes them, so its text is never held whole.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mailserver.imap.arguments import BodyItem, Section
@@ -100,13 +101,14 @@ def internal_date(timestamp: float) -> str:
     )
 
 
-def render(message: Message, items) -> list[bytes | memoryview | Stream]:
+def render(message: Message, items) -> Iterator[bytes | memoryview | Stream]:
     """
     The untagged FETCH response: bytes, with L{Stream}s where a large
-    message's text goes and views of a small one's large sections.
+    message's text goes and large sections of a small one on their own
+    (L{SEPARATE}), each made only when the one before is sent.
     """
-    out: list[bytes | memoryview | Stream] = []
     pieces = [b"* %d FETCH (" % message.seq]
+    held = 0
     for number, item in enumerate(items):
         if number:
             pieces.append(b" ")
@@ -117,14 +119,17 @@ def render(message: Message, items) -> list[bytes | memoryview | Stream]:
         name = item.name.encode("ascii")
         if isinstance(value, Stream) or len(value) >= SEPARATE:
             pieces.append(name + b" {%d}\r\n" % (value.length if isinstance(value, Stream) else len(value)))
-            out.append(b"".join(pieces))
-            out.append(value)
+            yield b"".join(pieces)
+            yield value
             pieces = []
         else:
             pieces.append(name + b" {%d}\r\n" % len(value) + value)
+            held += len(pieces[-1])
+            if held >= SEPARATE:  # many small sections add up
+                yield b"".join(pieces)
+                pieces, held = [], 0
     pieces.append(b")\r\n")
-    out.append(b"".join(pieces))
-    return out
+    yield b"".join(pieces)
 
 
 def _simple(message: Message, item: str) -> bytes:

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from mailserver.imap import mime
 from mailserver.imap.fetch import (
+    SEPARATE,
     Message,
     Stream,
     needs_structure,
@@ -234,8 +235,8 @@ class Fetcher:
                 for piece in render(message, with_flags[index] if uid in seen_now else items[index]):
                     if isinstance(piece, Stream):
                         await self._stream(source, piece)
-                    elif isinstance(piece, memoryview):
-                        await self._send_view(piece)
+                    elif isinstance(piece, memoryview) or len(piece) >= SEPARATE:
+                        await self._send_view(memoryview(piece))
                     else:
                         self._lines.send(piece)
             self._close_open()
