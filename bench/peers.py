@@ -443,9 +443,12 @@ class MailServerPeer(Peer):
         self.data_path.mkdir(parents=True, exist_ok=True)
         for user in self.users:
             self.add_user(user)
-        report = self.data_path / "listeners.json"
-        if report.exists():
-            report.unlink()
+        # In the node's folder (a revision before nodes: the data folder).
+        reports = [*self.data_path.glob("nodes/*/listeners.json"),
+                   self.data_path / "listeners.json"]
+        for report in reports:
+            if report.exists():
+                report.unlink()
         self._popen(
             [
                 str(BIN / "twistd"),
@@ -461,10 +464,13 @@ class MailServerPeer(Peer):
         assert self.process is not None
 
         def ready():
-            try:
-                return json.loads(report.read_text())
-            except (FileNotFoundError, ValueError):
-                return None
+            for report in [*self.data_path.glob("nodes/*/listeners.json"),
+                           self.data_path / "listeners.json"]:
+                try:
+                    return json.loads(report.read_text())
+                except (FileNotFoundError, ValueError):
+                    continue
+            return None
 
         listening = wait_for(ready, timeout, "mailserver", self.process, self.log)
         ports = {role: int(addrs[0].rsplit(":", 1)[1]) for role, addrs in listening.items() if addrs}

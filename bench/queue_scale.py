@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             full["fill_s"] = fill(peer.config_path, args.messages, args.queued_size)
             full["index"] = index_memory(peer.config_path)
             print(f"  {full['fill_s']:.0f} s; {json.dumps(full['index'])}", flush=True)
-            ids = sorted(n[:-5] for n in os.listdir(peer.data_path / "queue" / "envelopes"))
+            ids = sorted(n[:-5] for n in os.listdir(load_config(str(peer.config_path)).queue_path / "envelopes"))
             middle = ids[len(ids) // 2]
             del ids
 

@@ -21,6 +21,10 @@ on):
     BODY[]) its own mailbox of 1,000 x 10 KiB; then LOGIN, SELECT, STATUS
     and a FLAGS fetch on a 100,000-message folder (bench/imap_part.py).
  5. Idle connections: RSS growth per idle SMTP connection with 1,000 open.
+ 6. Relay: ours and Postfix each relaying N messages (1 KiB, 100 KiB) to a
+    remote domain whose MX, found through a loopback DNS zone, is a sink
+    (L{bench.relay_load}): msgs/s from the first MAIL to the last remote
+    250, CPU per message, connections opened, and the ratio.
 
 See bench/README.md for what each figure means.
 """
@@ -52,6 +56,9 @@ from bench.peers import (
     reset_peak_rss,
 )
 from bench.pop3_load import fill_maildir, run_pop3_load, time_listing
+from bench.relay_load import add_arguments as add_relay_arguments
+from bench.relay_load import finish_arguments as finish_relay_arguments
+from bench.relay_load import relay_part, relay_report
 from bench.rspamd_peers import MailServerRspamdPeer, PostfixRspamdPeer, RspamdService
 from bench.settle import PROBE_FILES, SLOW_US, Leftovers, settle
 from bench.smtp_load import loop_kind, percentile, run_load
@@ -811,6 +818,8 @@ def report(results: dict, markdown: bool) -> str:
     smtp = results.get("smtp") or []
     if smtp:
         smtp_report(smtp, table, lines)
+    if results.get("relay"):
+        relay_report(results["relay"], results.get("relay_setup", {}), table, lines)
     pop3 = results.get("pop3") or {}
     if pop3.get("fetch"):
         pop3_report(pop3["fetch"], table, lines)
@@ -862,7 +871,8 @@ def parse_args(argv):
     p.add_argument("--imap-window", type=int, default=8, help="UID FETCH commands in flight")
     p.add_argument("--big-mailbox", type=int, default=None, help="messages in the big mailbox (100000)")
     p.add_argument("--idle", type=int, default=None, help="idle SMTP connections (1000)")
-    for part in ("smtp", "pop3", "imap", "big", "idle"):
+    add_relay_arguments(p)
+    for part in ("smtp", "relay", "pop3", "imap", "big", "idle"):
         p.add_argument(f"--skip-{part}", action="store_true")
     p.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables in Markdown")
@@ -891,6 +901,7 @@ def parse_args(argv):
     if unknown:
         p.error(f"unknown peers: {', '.join(sorted(unknown))}")
     args.workers = [int(w) for w in args.workers.split(",") if w]
+    finish_relay_arguments(p, args)
     # Bounds, whatever is asked.
     args.clients = max(1, min(args.clients, 1000))
     args.repeat = max(1, min(args.repeat, 20))
@@ -921,6 +932,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_smtp:
             smtp_part(args, results, leftovers)
             storage_floor(results, leftovers, key="storage_floor_after")
+        if not args.skip_relay:
+            try:
+                relay_part(args, results, leftovers)
+            except Exception as e:  # noqa: BLE001 - the sink or the DNS did not start: go on
+                print(f"relay: FAILED: {type(e).__name__}: {e}"[:2000], flush=True)
         if not (args.skip_pop3 and args.skip_big):
             pop3_part(args, results)
         if not (args.skip_imap and args.skip_big):

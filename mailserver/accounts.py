@@ -3,46 +3,52 @@ Accounts: the users file, the aliases file, address resolution, and the
 C{twisted.cred} checker and realm that authenticate against them.
 
 The users file holds one C{address:hash} per line, the hash being scrypt
-(C{scrypt$n$r$p$salt$digest}, base64), so no plaintext password is ever on
-disk.  The aliases file holds C{alias: target[, target]}
-lines; an alias with several targets is a mailing list.  Both files are
-re-read whenever their modification time or size changes, so the running
-server sees C{mailserver user add} at once.
+(L{mailserver.passwords}), so no plaintext password is ever on disk.  The
+aliases file holds C{alias: target[, target]} lines (L{mailserver.aliases});
+an alias with several targets is a mailing list.  The files are re-read
+whenever their modification time or size changes
+(L{mailserver.address_files}), so the running server sees C{mailserver
+user add} at once.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
+import functools
 import os
 import re
-import secrets
-import tempfile
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nacl.bindings import crypto_pwhash_scryptsalsa208sha256_ll
-from nacl.exceptions import CryptoError
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from mailserver.address_files import (
+    LineProblem,
+    Parsed,
+    WatchedFile,
+    content_lines,
+    write_atomically,
+)
+from mailserver.aliases import parse_aliases
 from mailserver.config import CatchAll
 from mailserver.interfaces import IAccount, IAccounts
+from mailserver.logs import emit
+from mailserver.passwords import (
+    DUMMY_HASH,
+    FastestScrypt,
+    hash_password,
+    openssl_scrypt,
+    sodium_scrypt,
+    verify_password,
+)
+from mailserver.relay_recipients import parse_relay_recipients
 
-_SCRYPT_N = 2**14
-_SCRYPT_R = 8
-_SCRYPT_P = 1
-# What a stored hash may ask of one check, as hashlib's scrypt allows by
-# default: a damaged users file cannot make a login take gigabytes.
-_SCRYPT_MAX_MEMORY = 32 * 1024 * 1024
 _MAX_ALIAS_DEPTH = 10
 
 # A local part we are willing to turn into a directory name: no path
@@ -54,123 +60,6 @@ class AccountError(ValueError):
     """
     A bad address or a missing account, with a message for the user.
     """
-
-
-def sodium_scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
-    """
-    scrypt as libsodium computes it; it maps its buffer itself, so none is
-    left in a thread's malloc arena.
-    """
-    return crypto_pwhash_scryptsalsa208sha256_ll(password, salt, n, r, p, dklen=length)
-
-
-def openssl_scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
-    """
-    scrypt as OpenSSL computes it (C{hashlib}); its buffer is an ordinary
-    C{malloc}, returned to the system when the server has set the allocator
-    up (L{mailserver.process}).  L{scrypt} has bounded the memory already.
-    """
-    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=2 * _SCRYPT_MAX_MEMORY, dklen=length)
-
-
-ScryptFunction = Callable[[bytes, bytes, int, int, int, int], bytes]
-
-
-class FastestScrypt:
-    """
-    Whichever of several implementations of the same scrypt runs faster on
-    this machine: it depends on the CPU (libsodium's took a third less time
-    than OpenSSL's on an Intel Xeon, OpenSSL's 20% less than libsodium's on
-    an AMD EPYC), and every login pays it.  The first C{trials} checks run
-    each implementation in turn, timing it (one such check at a time: the
-    others meanwhile run the first implementation, so logins that arrive
-    together do not all pay double); later checks run the one with the
-    shortest time.  Safe to call from several threads at once.
-    """
-
-    def __init__(
-        self, implementations: tuple[ScryptFunction, ...], trials: int = 2, clock=time.perf_counter
-    ) -> None:
-        self._implementations = implementations
-        self._trials = trials
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._best: dict[ScryptFunction, float] = {}
-        self._runs = 0
-        self._timing = False
-        self.chosen: ScryptFunction | None = None
-
-    def __call__(self, password: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
-        chosen = self.chosen
-        if chosen is not None:
-            return chosen(password, salt, n, r, p, length)
-        with self._lock:
-            timing, self._timing = not self._timing, True
-        if not timing:
-            return self._implementations[0](password, salt, n, r, p, length)
-        times = []
-        try:
-            for implementation in self._implementations:
-                started = self._clock()
-                digest = implementation(password, salt, n, r, p, length)
-                times.append((implementation, self._clock() - started))
-        finally:
-            with self._lock:
-                self._timing = False
-                for implementation, elapsed in times:
-                    self._best[implementation] = min(elapsed, self._best.get(implementation, elapsed))
-                if len(times) == len(self._implementations):
-                    self._runs += 1
-                if self._runs >= self._trials and self.chosen is None:
-                    self.chosen = min(self._implementations, key=self._best.__getitem__)
-        return digest
-
-
-def scrypt(
-    password: bytes, salt: bytes, n: int, r: int, p: int, length: int,
-    implementation: ScryptFunction = sodium_scrypt,
-) -> bytes:
-    """
-    scrypt (RFC 7914), computed by C{implementation}: libsodium's and
-    OpenSSL's compute the same function (the tests check it).
-
-    @raise ValueError: parameters that are not scrypt's, or that need more
-        than L{_SCRYPT_MAX_MEMORY}.
-    """
-    if n < 2 or n & (n - 1) or r < 1 or not 1 <= p <= 16 or not 1 <= length <= 1024:
-        raise ValueError("not scrypt parameters")
-    if 128 * r * (n + p) > _SCRYPT_MAX_MEMORY:
-        raise ValueError("scrypt parameters need too much memory")
-    return implementation(password, salt, n, r, p, length)
-
-
-def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = scrypt(password.encode("utf-8"), salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, 64)
-    b64 = base64.b64encode
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-# Checked against when the user does not exist: a well-formed entry that no
-# password matches, so checking it costs what checking a real one does.
-_DUMMY_HASH = f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${base64.b64encode(bytes(16)).decode()}$" + (
-    base64.b64encode(bytes(64)).decode()
-)
-
-
-def verify_password(password: str, stored: str, implementation: ScryptFunction = sodium_scrypt) -> bool:
-    try:
-        scheme, n, r, p, salt, digest = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        expected = base64.b64decode(digest)
-        actual = scrypt(
-            password.encode("utf-8"), base64.b64decode(salt), int(n), int(r), int(p), len(expected),
-            implementation,
-        )
-    except (ValueError, TypeError, CryptoError):
-        return False
-    return hmac.compare_digest(actual, expected)
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -188,79 +77,23 @@ def canonical(address: str) -> str:
     return f"{local.lower()}@{domain}"
 
 
-class _WatchedFile:
-    """
-    A file parsed again whenever its mtime or size changes.
-    """
-
-    def __init__(self, path: Path, parse) -> None:
-        self.path = path
-        self._parse = parse
-        self._stamp: tuple[int, int] | None = None
-        self._value = parse("")
-
-    def forget(self) -> None:
-        self._stamp = None
-        self._value = self._parse("")
-
-    def get(self):
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = None
-        if stamp != self._stamp:
-            text = self.path.read_text("utf-8") if stamp else ""
-            self._value = self._parse(text)
-            self._stamp = stamp
-        return self._value
-
-
-def _parse_users(text: str) -> dict[str, str]:
+def _parse_users(text: str, path: Path) -> Parsed[dict[str, str]]:
     users = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for _, line in content_lines(text):
         address, _, hashed = line.rpartition(":")
         if address:
             users[address.lower()] = hashed
-    return users
-
-
-def _parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
-    aliases = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or ":" not in line:
-            continue
-        alias, _, targets = line.partition(":")
-        members = tuple(t.strip().lower() for t in targets.split(",") if t.strip())
-        if members:
-            aliases[alias.strip().lower()] = members
-    return aliases
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the data folder, often
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    return users, []
 
 
 @implementer(IAccounts)
 class Accounts:
     """
-    Users and aliases of the local domains, and where an address delivers.
+    Users and aliases of the local domains, where an address delivers, and
+    which recipients of the relay domains are accepted.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -271,22 +104,53 @@ class Accounts:
         local_domains: tuple[str, ...],
         subaddress_separator: str = "+",
         catch_all: tuple[CatchAll, ...] = (),
+        relay_domains: tuple[str, ...] = (),
+        relay_recipients_path: Path | None = None,
     ) -> None:
         """
         @param mail_path: the folder of the Maildirs, one per domain and user.
         @param local_domains: lower case; the first is the default domain.
         @param catch_all: where mail to unknown users of a domain goes.
+        @param relay_domains: domains we take mail for and relay.
+        @param relay_recipients_path: the valid recipients of the relay
+            domains (L{mailserver.relay_recipients}); C{None}: all are.
         """
         self.users_path = users_path
         self.local_domains = local_domains
+        self.relay_domains = relay_domains
         self._mail_path = mail_path
         self._separator = subaddress_separator
         self._catch_all = catch_all
-        self._users = _WatchedFile(users_path, _parse_users)
-        self._aliases = _WatchedFile(aliases_path, _parse_aliases)
+        self._users = WatchedFile(users_path, _parse_users)
+        self._aliases = WatchedFile(
+            aliases_path, functools.partial(parse_aliases, local_domains=local_domains),
+            self._report)
+        self._relay_recipients = None
+        if relay_recipients_path is not None:
+            self._relay_recipients = WatchedFile(
+                relay_recipients_path,
+                functools.partial(parse_relay_recipients, relay_domains=relay_domains),
+                self._report)
         # Account address -> Maildir; one Path (and its cached hash) per
         # account instead of three new ones per message.
         self._mailbox_paths: dict[str, Path] = {}
+
+    def _report(self, path: Path, problems: list[LineProblem]) -> None:
+        for problem in problems:
+            emit(self.log, LogLevel.warn, "accounts.bad_line", "line skipped",
+                 file=str(path), line=problem.line, problem=problem.problem)
+
+    def problems(self) -> list[LineProblem]:
+        """
+        The lines of the aliases and relay recipients files that cannot be
+        used, as the files are now.
+        """
+        found = []
+        for watched in (self._aliases, self._relay_recipients):
+            if watched is not None:
+                watched.get()
+                found += watched.problems
+        return found
 
     @property
     def default_domain(self) -> str:
@@ -303,8 +167,9 @@ class Accounts:
         Drop what was read, so the next lookup reads the files again (for a
         reload, in case a change kept the same mtime and size).
         """
-        self._users.forget()
-        self._aliases.forget()
+        for watched in (self._users, self._aliases, self._relay_recipients):
+            if watched is not None:
+                watched.forget()
 
     # Lookups
 
@@ -376,6 +241,22 @@ class Accounts:
         if address in self._users.get():
             return [address]
         return []
+
+    def is_relay_domain(self, domain: str) -> bool:
+        """
+        Is C{domain} one whose mail we take from anyone and relay
+        (C{relay.relay_domains}: a backup MX, a gateway)?
+        """
+        return domain.lower().rstrip(".") in self.relay_domains
+
+    def is_relay_recipient(self, address: str) -> bool:
+        """
+        Is mail for C{address}, of a relay domain, accepted?  All of a
+        domain's are, unless C{relay.relay_recipients} lists some.
+        """
+        if self._relay_recipients is None:
+            return True
+        return self._relay_recipients.get().accepts(address, self._separator)
 
     def exists(self, address: str) -> bool:
         return self.resolve(address) is not None
@@ -451,7 +332,7 @@ class Accounts:
 
     def _save_users(self, users: dict[str, str]) -> None:
         text = "".join(f"{a}:{h}\n" for a, h in sorted(users.items()))
-        _write_atomically(self.users_path, text)
+        write_atomically(self.users_path, text)
 
 
 @implementer(IAccount)
@@ -504,7 +385,7 @@ class AccountsChecker:
             stored = None
 
         def check() -> str:
-            if verify_password(password, stored or _DUMMY_HASH, self._scrypt) and stored is not None:
+            if verify_password(password, stored or DUMMY_HASH, self._scrypt) and stored is not None:
                 return address
             raise UnauthorizedLogin()
 

@@ -1,5 +1,5 @@
 """
-The C{mailserver} console script: accounts and configuration checks.
+The C{mailserver} console script: accounts, aliases and configuration checks.
 
 It works on the same files as the running server, which notices changes by
 itself, so nothing here needs the server to be stopped or signalled.  Run
@@ -18,8 +18,9 @@ import warnings
 from collections.abc import Sequence
 
 from mailserver.accounts import AccountError
+from mailserver.aliases import AliasError
 from mailserver.config import Config, ConfigError, load
-from mailserver.from_config import accounts_for, certificate_files
+from mailserver.from_config import accounts_for, aliases_file_for, certificate_files
 from mailserver.hooks import PluginContext
 from mailserver.ownership import become_owner_of
 from mailserver.mailauth import add_dkim_commands, load_signing_keys
@@ -87,6 +88,22 @@ def _user_list(config: Config, args: argparse.Namespace) -> str:
     return "\n".join(accounts_for(config).users())
 
 
+def _alias_add(config: Config, args: argparse.Namespace) -> str:
+    targets = aliases_file_for(config).add(args.alias, args.targets)
+    return f"{args.alias.lower()}: {', '.join(targets)}"
+
+
+def _alias_del(config: Config, args: argparse.Namespace) -> str:
+    left = aliases_file_for(config).remove(args.alias, args.targets)
+    if left:
+        return f"{args.alias.lower()}: {', '.join(left)}"
+    return f"removed {args.alias.lower()}"
+
+
+def _alias_list(config: Config, args: argparse.Namespace) -> str:
+    return "\n".join(aliases_file_for(config).listing())
+
+
 def _check_config(config: Config, args: argparse.Namespace) -> str:
     from mailserver.tls import server_options
 
@@ -100,13 +117,16 @@ def _check_config(config: Config, args: argparse.Namespace) -> str:
         reactor=reactor, hostname=checked.hostname, data_path=checked.data_path
     )
     load_plugins(checked.plugins, context, checked.source)
+    problems = accounts_for(checked).problems()
+    if problems:
+        raise CommandError("\n".join(map(str, problems)))
     return f"{checked.source}: OK"
 
 
 def _reload(config: Config, args: argparse.Namespace) -> str:
     import signal
 
-    pid_path = config.data_path / "mailserver.pid"
+    pid_path = config.pid_path
     try:
         pid = int(pid_path.read_text().strip())
     except (OSError, ValueError):
@@ -151,6 +171,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=_user_del)
     user.add_parser("list", help="list the accounts").set_defaults(handler=_user_list)
 
+    alias = commands.add_parser("alias", help="manage aliases and mailing lists").add_subparsers(
+        dest="action", required=True
+    )
+    sub = alias.add_parser("add", help="make an alias deliver to these targets (too)")
+    sub.add_argument("alias")
+    sub.add_argument("targets", nargs="+", metavar="target")
+    sub.set_defaults(handler=_alias_add)
+    sub = alias.add_parser("del", help="remove an alias, or only some of its targets")
+    sub.add_argument("alias")
+    sub.add_argument("targets", nargs="*", metavar="target")
+    sub.set_defaults(handler=_alias_del)
+    alias.add_parser("list", help="list the aliases").set_defaults(handler=_alias_list)
+
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", nargs="?", help="the file (default: --config)")
     check.set_defaults(handler=_check_config)
@@ -176,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if not existed and data_path.exists():
                 print(f"mailserver: made the data folder {data_path.resolve()}", file=sys.stderr)
-    except (ConfigError, AccountError, CommandError, QueueError) as e:
-        print(f"mailserver: {e}", file=sys.stderr)
+    except (ConfigError, AccountError, AliasError, CommandError, QueueError) as e:
+        for line in str(e).splitlines():
+            print(f"mailserver: {line}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"mailserver: {e.filename}: {e.strerror}", file=sys.stderr)

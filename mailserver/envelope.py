@@ -41,8 +41,9 @@ class Envelope:
     @ivar body: C{"7BIT"}, C{"8BITMIME"} or C{"BINARYMIME"} as declared.
     @ivar smtputf8: whether MAIL carried the SMTPUTF8 parameter.
     @ivar size: the SIZE the client declared, if any.
-    @ivar trace_id: the id our C{Received} field gives the transaction
-        (C{""} when the message did not come over SMTP).
+    @ivar id: the message's ID (L{mailserver.message_ids}), the one in our
+        C{Received} field; empty until the SMTP server or the intake gives
+        it one.
     @ivar tls_version: the TLS protocol of the session (C{"TLSv1.3"}), or
         C{None} in plaintext; C{tls_cipher} its cipher.
     """
@@ -57,6 +58,6 @@ class Envelope:
     body: str = "7BIT"
     smtputf8: bool = False
     size: int | None = field(default=None)
-    trace_id: str = ""
+    id: str = ""
     tls_version: str | None = None
     tls_cipher: str | None = None

@@ -7,6 +7,7 @@ where a L{Config} is taken apart for the rooms both of them use.
 from __future__ import annotations
 
 from mailserver.accounts import Accounts
+from mailserver.aliases import AliasesFile
 from mailserver.config import Config
 from mailserver.tls import CertificateFiles
 
@@ -19,7 +20,13 @@ def accounts_for(config: Config) -> Accounts:
         local_domains=config.local_domains,
         subaddress_separator=config.smtp.subaddress_separator,
         catch_all=config.smtp.catch_all,
+        relay_domains=config.relay.relay_domains,
+        relay_recipients_path=config.relay_recipients_path,
     )
+
+
+def aliases_file_for(config: Config) -> AliasesFile:
+    return AliasesFile(config.aliases_path, config.local_domains)
 
 
 def certificate_files(config: Config) -> CertificateFiles:

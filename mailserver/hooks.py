@@ -24,7 +24,6 @@ from mailserver.interfaces import (
     IEnvelopeHook,
     IMessageHook,
 )
-from mailserver.safe_text import printable
 from mailserver.wire.reply import Reply
 
 
@@ -99,11 +98,11 @@ class Reject(Reply):
     a L{Reply}, checked to be a refusal with an enhanced code of its class
     and one line of text, which the SMTP server answers as it is.
 
-    @ivar reason: a short fixed word for the log line and the
-        C{smtp_refusals_total} metric (e.g. C{"dnsbl"}); by default the
-        name of the plugin that refused.  Never client input: it is a
-        metric label.  Not part of the reply (two rejects that answer the
-        same are equal).
+    @ivar reason: the word the refusal is logged and counted under (the
+        C{smtp.rejected} event, the C{smtp_refusals_total} metric), e.g.
+        C{"dnsbl"}; a plugin's refusals are C{plugin:NAME} unless it gives
+        one.  Never client input: it is a metric label.  Not part of the
+        reply (two rejects that answer the same are equal).
     """
 
     reason: str = ""
@@ -117,10 +116,18 @@ class Reject(Reply):
             raise ValueError("the enhanced code's class must match the reply code")
         if "\r" in text or "\n" in text:
             raise ValueError("the text must be one line")
-        if reason and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", reason):
-            raise ValueError("the reason must be a short lower-case word")
+        if reason and not re.fullmatch(r"[a-z0-9][a-z0-9:._-]{0,63}", reason):
+            raise ValueError(f"{reason!r} is not a reason: lower-case letters, digits, -._:")
         Reply.__init__(self, code, enhanced, (text,))
         object.__setattr__(self, "reason", reason)
+
+    def because(self, reason: str) -> Reject:
+        """
+        This refusal under C{reason}, unless it has one already.
+        """
+        if self.reason:
+            return self
+        return Reject(self.code, self.enhanced, self.text, reason)
 
 
 @dataclass(frozen=True)
@@ -282,10 +289,10 @@ class Hooks:
     """
     The enabled plugins' hook objects, in configuration order.
 
-    Every refusal a hook answers is logged here, one line with the client,
-    its HELO, the user, the reason and the reply, and reported to
-    C{on_refusal(reason)} (the C{smtp_refusals_total} metric), so each
-    defence and plugin gets that without code of its own.
+    A hook's refusal comes back under its reason (C{plugin:NAME} unless it
+    gives one); the SMTP session logs and counts it with every other
+    refusal (C{smtp.rejected}, C{smtp_refusals_total}), so each defence and
+    plugin gets that without code of its own.
     """
 
     log = Logger()
@@ -294,11 +301,9 @@ class Hooks:
         self,
         plugins: list[tuple[str, object]],
         on_error: Callable[[str], None] | None = None,
-        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self._plugins = plugins
         self._on_error = on_error
-        self._on_refusal = on_refusal
         self.connection_hooks = [(n, h) for n, h in plugins if IConnectionHook.providedBy(h)]
         self.envelope_hooks = [(n, h) for n, h in plugins if IEnvelopeHook.providedBy(h)]
         self.message_hooks = [(n, h) for n, h in plugins if IMessageHook.providedBy(h)]
@@ -309,11 +314,12 @@ class Hooks:
 
     def _failed(self, name: str, hook: str, error: BaseException) -> Reject:
         self.log.failure(
-            "plugin {plugin} failed in {hook}", failure=_as_failure(error), plugin=name, hook=hook
+            "plugin {plugin} failed in {hook}", failure=_as_failure(error), plugin=name, hook=hook,
+            event="plugin.failed", log_system="plugin.failed#critical",
         )
         if self._on_error is not None:
             self._on_error(name)
-        return TEMPORARY_FAILURE
+        return TEMPORARY_FAILURE.because(_plugin_reason(name))
 
     async def _call(self, name: str, hook: str, method, *args, answers: bool = True) -> object:
         try:
@@ -326,39 +332,22 @@ class Hooks:
             return self._failed(
                 name, hook, TypeError(f"{hook} returned {result!r}, not None/Reject/Rewrite")
             )
+        if isinstance(result, Reject):
+            return result.because(_plugin_reason(name))
         return result
-
-    def _refused(self, name: str, hook: str, who: Client | Envelope, reject: Reject) -> Reject:
-        if reject is TEMPORARY_FAILURE:  # a broken plugin: logged as such already
-            return reject
-        reason = reject.reason or name
-        if isinstance(who, Client):
-            client, user = who.address, who.authenticated
-        else:
-            client, user = who.client_address, who.authenticated
-        self.log.info(
-            "SMTP refused ({reason}) at {hook}: {code} {enhanced} client={client} helo={helo}"
-            " user={user}: {text}",
-            reason=reason, hook=hook, code=reject.code, enhanced=reject.enhanced,
-            client=client or "-", helo=printable(who.helo or "-"), user=printable(user or "-"),
-            text=printable(reject.text),
-        )
-        if self._on_refusal is not None:
-            self._on_refusal(reason)
-        return reject
 
     async def connection(self, client: Client) -> Reject | None:
         for name, hook in self.connection_hooks:
             result = await self._call(name, "connection", hook.connection, client)
             if isinstance(result, Reject):
-                return self._refused(name, "connection", client, result)
+                return result
         return None
 
     async def sender(self, client: Client, address: str) -> Reject | None:
         for name, hook in self.envelope_hooks:
             result = await self._call(name, "sender", hook.sender, client, address)
             if isinstance(result, Reject):
-                return self._refused(name, "MAIL", client, result)
+                return result
         return None
 
     async def recipient(self, client: Client, sender: str, address: str) -> Reject | str:
@@ -368,7 +357,7 @@ class Hooks:
         for name, hook in self.envelope_hooks:
             result = await self._call(name, "recipient", hook.recipient, client, sender, address)
             if isinstance(result, Reject):
-                return self._refused(name, "RCPT", client, result)
+                return result
             if isinstance(result, Rewrite):
                 address = result.address
         return address
@@ -379,7 +368,7 @@ class Hooks:
         for name, hook in self.message_hooks:
             result = await self._call(name, "message", hook.message, envelope, headers, body)
             if isinstance(result, Reject):
-                return self._refused(name, "end of DATA", envelope, result)
+                return result
         return None
 
     def delivered(self, event: Delivery) -> None:
@@ -387,6 +376,10 @@ class Hooks:
             defer.ensureDeferred(
                 self._call(name, "delivered", hook.delivered, event, answers=False)
             )
+
+
+def _plugin_reason(name: str) -> str:
+    return "plugin:" + re.sub(r"[^a-z0-9._-]", "_", name.lower())[:56]
 
 
 def _as_failure(error: BaseException):

@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailserver.accounts import Accounts, split_address
@@ -26,8 +28,10 @@ from mailserver.envelope import Envelope
 from mailserver.group_commit import GroupCommitter
 from mailserver.hooks import Delivery
 from mailserver.interfaces import IIntake, IMessageReceiver
-from mailserver.maildir import SpoolFile, UniqueNames, ensure_maildir, free_space
+from mailserver.logs import emit
+from mailserver.maildir import SpoolFile, ensure_maildir, file_name_host, free_space
 from mailserver.memory_budget import MemoryBudget
+from mailserver.message_ids import new_message_id
 from mailserver.safe_fs import open_folder
 from mailserver.safe_text import printable
 
@@ -44,13 +48,26 @@ class RelayQueue(Protocol):
     What the intake needs of the relay queue.
     """
 
-    def enqueue(
+    def prepare(
         self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int
-    ) -> str:
+    ):
         """
-        Durably queue the spool file (by hard link) for C{recipients};
-        blocking, called in a worker thread.  The first C{body_offset} bytes
-        of the file are local-delivery headers, not to be relayed.
+        Group commit's first phase, in its thread: write the envelope of the
+        spool file (not synced) for C{recipients}, under the message's ID.
+        The first C{body_offset} bytes of the file are local-delivery
+        headers, not to be relayed.
+        """
+
+    def commit(self, prepared, spool: Path) -> str:
+        """
+        The second phase: queue the spool file by hard link with the
+        prepared envelope (not synced: the group's sync follows); the
+        queue id.  On failure nothing of it is left.
+        """
+
+    def abandon(self, prepared) -> None:
+        """
+        Remove what L{prepare} wrote (the sync after it failed).
         """
 
 
@@ -62,6 +79,8 @@ class NoRelayQueue(Exception):
 
 @implementer(IIntake)
 class Intake:
+
+    log = Logger()
 
     def __init__(
         self,
@@ -79,7 +98,10 @@ class Intake:
         """
         @param data_path: the data folder: the spool is in it, and its file
             system must keep C{min_free_space} octets free.
-        @param hostname: goes into the names of message files.
+        @param hostname: goes into the names of message files (after the
+            message's ID): the node's name (C{node_name}), so servers
+            sharing the data folder never make the same name and each knows
+            its own files after a crash (C{file_host}).
         @param on_delivered: told of each local final delivery (the plugins'
             delivered hooks).
         @param committer: makes messages durable; by default a
@@ -95,7 +117,7 @@ class Intake:
         self._committer = committer or GroupCommitter(reactor, data_path)
         self._queue = queue
         self._on_delivered = on_delivered
-        self._names = UniqueNames(hostname)
+        self.file_host = file_name_host(hostname)
         self.budget = budget or MemoryBudget(Limits().memory_budget)
         self._maildirs_seen: set[Path] = set()  # touched by the committer threads only
         self._free = 0
@@ -104,7 +126,15 @@ class Intake:
         os.close(open_folder(data_path, self.spool_path / "tmp", create=True))
 
     def begin(self, envelope: Envelope) -> IMessageReceiver:
+        if not envelope.id:
+            envelope = replace(envelope, id=new_message_id())
         return _Receiver(self, envelope)
+
+    def file_name(self, envelope: Envelope) -> str:
+        """
+        The name of the message's file, in the Maildirs as in the spool.
+        """
+        return f"{envelope.id}.{self.file_host}"
 
     def has_room(self, size: int) -> bool:
         now = time.monotonic()
@@ -131,10 +161,11 @@ class Intake:
                     remote[destination] = None
         return list(local), tuple(remote)
 
-    def _write(self, message: bytes | SpoolFile, envelope: Envelope):
+    def _write(self, message: bytes | SpoolFile, envelope: Envelope, body_offset: int):
         """
         Group commit's first phase: the message's bytes into a C{tmp/} file,
-        not yet synced.
+        and its relay queue envelope if it has remote recipients, not yet
+        synced.
 
         @param message: the whole message, or the spool file a large one
             was streamed into.
@@ -151,17 +182,31 @@ class Intake:
             except BaseException:
                 spool.discard()
                 raise
-            return spool, maildirs, remote
-        # Written straight into the first recipient's tmp/, so delivery
-        # there is one rename.
-        tmp = maildirs[0] / "tmp" if maildirs else self.spool_path / "tmp"
-        try:
-            if maildirs:
-                self._ensure(maildirs[0])
-            return SpoolFile(self._data_path, tmp, self._names, message), maildirs, remote
-        except OSError:
-            self._maildirs_seen.clear()  # one was removed under us? look again next time
-            raise
+        else:
+            # Written straight into the first recipient's tmp/, so delivery
+            # there is one rename.
+            tmp = maildirs[0] / "tmp" if maildirs else self.spool_path / "tmp"
+            try:
+                if maildirs:
+                    self._ensure(maildirs[0])
+                spool = SpoolFile(self._data_path, tmp, self.file_name(envelope), message)
+            except OSError:
+                self._maildirs_seen.clear()  # one was removed under us? look again next time
+                raise
+        prepared = None
+        if remote:
+            try:
+                prepared = self._queue.prepare(envelope, remote, spool.path, body_offset)
+            except BaseException:
+                spool.discard()
+                raise
+        return spool, maildirs, prepared
+
+    def _abandon(self, written) -> None:
+        spool, _, prepared = written
+        spool.discard()
+        if prepared is not None:
+            self._queue.abandon(prepared)
 
     def _ensure(self, maildir: Path) -> None:
         """
@@ -172,15 +217,16 @@ class Intake:
             ensure_maildir(self._data_path, maildir)
             self._maildirs_seen.add(maildir)
 
-    def _publish(self, written, envelope: Envelope, body_offset: int) -> str:
+    def _publish(self, written, envelope: Envelope) -> str:
         """
         Group commit's second phase, once the data is on disk: into the
-        relay queue and every recipient's C{new/}.
+        relay queue and every recipient's C{new/} (the group's second sync
+        makes those names durable).
         """
-        spool, maildirs, remote = written
+        spool, maildirs, prepared = written
         try:
-            if remote:
-                self._queue.enqueue(envelope, remote, spool.path, body_offset)
+            if prepared is not None:
+                self._queue.commit(prepared, spool.path)
         except BaseException:
             spool.discard()
             raise
@@ -191,24 +237,32 @@ class Intake:
         except OSError:
             self._maildirs_seen.clear()
             raise
-        return spool.name
+        return envelope.id
 
-    def _delivered(self, queue_id: str, envelope: Envelope, size: int) -> str:
-        if self._on_delivered is not None:
-            for recipient in envelope.recipients:
-                for destination in recipient.destinations:
-                    if self._accounts.is_local_domain(split_address(destination)[1]):
-                        self._on_delivered(
-                            Delivery(
-                                queue_id=queue_id,
-                                sender=envelope.sender,
-                                recipient=destination,
-                                status="delivered",
-                                size=size,
-                                envelope=envelope,
-                            )
+    def _delivered(self, message_id: str, envelope: Envelope, size: int) -> str:
+        """
+        Log each local final delivery (Postfix's C{status=sent} line of its
+        local agent) and tell the plugins.
+        """
+        for recipient in envelope.recipients:
+            for destination in recipient.destinations:
+                if not self._accounts.is_local_domain(split_address(destination)[1]):
+                    continue
+                emit(self.log, LogLevel.info, "local.delivered", "delivered to maildir",
+                     recipient=printable(destination), sender=printable(envelope.sender), size=size,
+                     id=message_id)
+                if self._on_delivered is not None:
+                    self._on_delivered(
+                        Delivery(
+                            queue_id=message_id,
+                            sender=envelope.sender,
+                            recipient=destination,
+                            status="delivered",
+                            size=size,
+                            envelope=envelope,
                         )
-        return queue_id
+                    )
+        return message_id
 
 
 def _return_path(sender: str) -> bytes:
@@ -252,7 +306,8 @@ class _Receiver:
             self._buffered += len(data)
             return
         self._release_memory()
-        self._spool = SpoolFile(intake._data_path, intake.spool_path / "tmp", intake._names)
+        self._spool = SpoolFile(intake._data_path, intake.spool_path / "tmp",
+                                intake.file_name(self._envelope))
         for piece in self._pieces:
             self._spool.write(piece)
         self._pieces = []
@@ -274,9 +329,9 @@ class _Receiver:
             self._release_memory()  # the committer holds it from here
         envelope, body_offset = self._envelope, self._body_offset
         d = intake._committer.submit(
-            lambda: intake._write(message, envelope),
-            lambda written: intake._publish(written, envelope, body_offset),
-            lambda written: written[0].discard(),
+            lambda: intake._write(message, envelope, body_offset),
+            lambda written: intake._publish(written, envelope),
+            intake._abandon,
         )
         # A failure is the caller's to log: it knows the client and the reply.
         return d.addCallback(intake._delivered, self._envelope, size - self._body_offset)

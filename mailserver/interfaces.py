@@ -35,6 +35,17 @@ class IAccounts(Interface):
         Is mail to C{domain} (any case, a trailing dot allowed) delivered here?
         """
 
+    def is_relay_domain(domain: str) -> bool:
+        """
+        Is C{domain} one whose mail we take from anyone and relay
+        (C{relay.relay_domains}: a backup MX, a gateway)?
+        """
+
+    def is_relay_recipient(address: str) -> bool:
+        """
+        Is mail for C{address}, of a relay domain, accepted (C{relay.relay_recipients})?
+        """
+
     def resolve(address: str) -> object:
         """
         Where mail to C{address} in a local domain goes (after aliases,
@@ -69,15 +80,16 @@ class IMessageReceiver(Interface):
         """
         Add the next piece of the message: CRLF line endings, already
         un-dot-stuffed, without the terminating C{.}.  Every CR is in a CRLF
-        (the SMTP server refuses bare CRs and LFs), though a piece may end
-        between the two.  The first piece starts with the trace headers the
+        (the SMTP server makes a bare LF a line end and a bare CR a space,
+        or refuses them), though a piece may end between the two.  The first piece starts with the trace headers the
         SMTP server adds.
         """
 
     def finish() -> object:
         """
         The message is complete.  Return a Deferred that fires with the
-        queue id (C{str}) once every copy is on stable storage, or fails
+        message's ID (C{str}: the envelope's, or one the intake gave it)
+        once every copy is on stable storage, or fails
         (the SMTP server then answers 451 and the client keeps the message).
         """
 
@@ -96,7 +108,8 @@ class IIntake(Interface):
     def begin(envelope: object) -> IMessageReceiver:
         """
         Start receiving one message for C{envelope}, an
-        L{mailserver.envelope.Envelope}.
+        L{mailserver.envelope.Envelope}, under its ID (a new one when it has
+        none).
         """
 
     def has_room(size: int) -> bool:

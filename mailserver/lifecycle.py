@@ -12,15 +12,14 @@ from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from mailserver.accounts import Accounts
 from mailserver.config import ConfigError
-from mailserver.maildir import maildir_tmp_folders, remove_stale_tmp
+from mailserver.logs import emit
+from mailserver.stale_tmp import maildir_tmp_folders, remove_stale_tmp
 from mailserver.process import on_signal
 from mailserver.safe_fs import write_file
-
-PID_FILE = "mailserver.pid"
 
 
 class CrashCleanup(Service):
@@ -33,32 +32,33 @@ class CrashCleanup(Service):
 
     log = Logger()
 
-    def __init__(self, data_path: Path, mail_path: Path, spool_tmp: Path) -> None:
+    def __init__(self, data_path: Path, mail_path: Path, spool_tmp: Path, host: str) -> None:
         """
         @param data_path: the data folder, below which no link is followed.
+        @param host: the host part of this node's file names: only its own
+            files are judged by their writer's process id.
         """
         self._data_path = data_path
         self._mail_path = mail_path
         self._spool_tmp = spool_tmp
+        self._host = host
 
     def startService(self) -> None:
         super().startService()
         folders, links = maildir_tmp_folders(self._mail_path)
         for link in links:
-            self.log.warn("not following the symbolic link {path} in the data folder",
-                          path=str(link))
+            emit(self.log, LogLevel.warn, "server.link_not_followed",
+                 "not following a symbolic link in the data folder", path=str(link))
         removed = 0
         for folder in [self._spool_tmp, *folders]:
             try:
-                removed += remove_stale_tmp(self._data_path, folder)
+                removed += remove_stale_tmp(self._data_path, folder, self._host)
             except OSError as e:
-                self.log.warn("not cleaning up {folder}: {problem}", folder=str(folder),
-                              problem=str(e))
+                emit(self.log, LogLevel.warn, "server.crash_cleanup_failed", "not cleaning up",
+                     folder=str(folder), problem=str(e))
         if removed:
-            self.log.info(
-                "removed {count} unfinished message files left by an earlier crash",
-                count=removed,
-            )
+            emit(self.log, LogLevel.info, "server.crash_cleanup",
+                 "removed unfinished message files left by an earlier crash", count=removed)
 
 
 class ShutdownNotice(Service):
@@ -87,15 +87,17 @@ class ShutdownNotice(Service):
         failure.trap(defer.TimeoutError)
         for factory in self._factories:
             for session in list(factory.sessions):
-                self.log.warn("dropping a session still open at shutdown")
+                emit(self.log, LogLevel.warn, "server.session_dropped",
+                     "dropping a session still open at shutdown")
                 session.transport.abortConnection()
 
 
 class ReloadOnSignal(Service):
     """
-    SIGHUP re-reads the accounts and aliases files and the TLS certificate,
-    without dropping a connection, and is passed on to worker processes.
-    The primary writes its process id into C{<data_dir>/mailserver.pid} so
+    SIGHUP re-reads the accounts and aliases files (logging each line that
+    cannot be used) and the TLS certificate, without dropping a connection,
+    and is passed on to worker processes.
+    The primary writes its process id into C{<data_dir>/nodes/<node>/mailserver.pid} so
     C{mailserver reload} can find it.
     """
 
@@ -116,17 +118,21 @@ class ReloadOnSignal(Service):
         if self._pid_path is not None:
             write_file(self._pid_path, f"{os.getpid()}\n")
         self._restore_handler = on_signal(signal.SIGHUP, self.reload, self._reactor)
+        self._accounts.problems()  # read now: bad lines are logged at start
 
     def reload(self) -> None:
         self._accounts.forget()
+        problems = self._accounts.problems()
         if self._workers is not None:
             self._workers.signal_all(signal.SIGHUP)
         try:
             self._tls_options.reload()
         except ConfigError as e:
-            self.log.error("reload: keeping the old TLS certificate: {problem}", problem=str(e))
+            emit(self.log, LogLevel.error, "server.reload_failed",
+                 "keeping the old TLS certificate", problem=str(e))
         else:
-            self.log.info("reloaded accounts, aliases and the TLS certificate")
+            emit(self.log, LogLevel.info, "server.reloaded",
+                 "reloaded accounts, aliases and the TLS certificate", bad_lines=len(problems))
 
     def stopService(self):
         super().stopService()

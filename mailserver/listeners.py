@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from mailserver.safe_fs import write_file
 from mailserver.workers import reuseport_socket, shared_address
 
-LISTENERS_FILE = "listeners.json"
 
 
 class Listener(Service):
@@ -140,7 +139,7 @@ class Listener(Service):
 
 class ListenerReport(Service):
     """
-    Writes C{<data_dir>/listeners.json} (role to C{"host:port"} list) once
+    Writes C{<data_dir>/nodes/<node>/listeners.json} (role to C{"host:port"} list) once
     every listener is up, so scripts and tests that asked for port 0 can find
     the ports the OS chose.
     """

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import os
 import re
 import socket
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +35,18 @@ from typing import BinaryIO
 from zope.interface import implementer
 
 from mailserver.interfaces import IMailbox, IMailboxStore, IStoredMessage
+from mailserver.message_ids import new_message_id
 from mailserver.safe_fs import open_file, open_folder, open_path, open_subfolder
 
 _SUBDIRS = ("tmp", "new", "cur")
 _LOCK_NAME = "mailserver.lock"
 
 
-def _safe_hostname(hostname: str) -> str:
+def file_name_host(hostname: str) -> str:
     """
-    The host part of a unique name: Maildir forbids C{/} and C{:} there, and
-    UIDLs must stay short and printable, so keep a sanitised prefix.
+    The host part of a message file's name (C{<ID>.<host>}, after Maildir's
+    C{<unique>.<host>}): Maildir forbids C{/} and C{:} there, and UIDLs
+    must stay short and printable, so keep a sanitised prefix.
     """
     cleaned = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
     return cleaned[:24] or "localhost"
@@ -54,105 +54,17 @@ def _safe_hostname(hostname: str) -> str:
 
 class UniqueNames:
     """
-    Maildir unique names: C{<seconds>.M<usec>P<pid>Q<n>.<host>}.
-
-    Unique across processes (the pid) and within one (the counter); the pid is
-    read at each call so a forked worker never repeats its parent's names.
+    Unique names for files that are not an accepted message of their own
+    (IMAP's APPEND, COPY, MOVE): C{<ID>.<host>}, with a new message ID
+    (L{mailserver.message_ids}), so every file in a Maildir is named alike
+    and tells its writer's pid.
     """
 
     def __init__(self, hostname: str | None = None) -> None:
-        self._host = _safe_hostname(hostname or socket.gethostname())
-        self._counter = itertools.count(1)
+        self.host = file_name_host(hostname or socket.gethostname())
 
     def next(self) -> str:
-        now = time.time()
-        seconds = int(now)
-        micros = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{self._host}"
-
-
-# The writer's process id in a unique name made by L{UniqueNames}.
-_WRITER_PID = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
-# Maildir's rule for files in tmp/ of unknown origin (qmail's maildir(5)).
-STALE_TMP_SECONDS = 36 * 3600
-
-
-def writer_alive(pid: int) -> bool:
-    """
-    At start-up: may the process that wrote a temporary file still be
-    writing it?  Not if it is gone, nor if it has our pid (an earlier
-    process's, since this one has written nothing yet).
-    """
-    if pid == os.getpid():
-        return False  # at start-up this process has written nothing yet
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_tmp(base: Path, folder: Path, now: float | None = None) -> int:
-    """
-    Remove what a crash left in a C{tmp/} folder inside C{base}: files
-    written by a process that is gone (never acknowledged, so nobody is owed
-    them), and any file older than 36 hours.  Files of live processes (a
-    worker still writing) are kept, and so is anything not a plain file.
-    Meant for start-up; returns how many went.
-
-    @raise mailserver.safe_fs.SymlinkRefused: when the folder, or one on
-        the way to it, is a symbolic link (nothing is removed then).
-    """
-    cutoff = (time.time() if now is None else now) - STALE_TMP_SECONDS
-    removed = 0
-    try:
-        fd = open_folder(base, folder)
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    try:
-        with os.scandir(fd) as entries:
-            names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
-        for name in names:
-            try:
-                writer = _WRITER_PID.match(name)
-                if (writer and not writer_alive(int(writer.group(1)))) or (
-                    os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < cutoff
-                ):
-                    os.unlink(name, dir_fd=fd)
-                    removed += 1
-            except FileNotFoundError:
-                continue
-    finally:
-        os.close(fd)
-    return removed
-
-
-def maildir_tmp_folders(mail_path: Path) -> tuple[list[Path], list[Path]]:
-    """
-    The C{tmp/} folder of every Maildir under C{mail/<domain>/<user>/} and
-    of its Maildir++ folders (C{<user>/.Sent/}...: IMAP's), and the symbolic
-    links met on the way, which are not followed.
-    """
-    folders: list[Path] = []
-    links: list[Path] = []
-    for domain in _folders(mail_path, links):
-        for user in _folders(domain, links):
-            folders.append(user / "tmp")
-            folders.extend(sub / "tmp" for sub in _folders(user, links, prefix="."))
-    return folders, links
-
-
-def _folders(path: Path, links: list[Path], prefix: str = "") -> list[Path]:
-    try:
-        with os.scandir(path) as entries:
-            found = [(Path(e.path), e.is_symlink(), e.is_dir(follow_symlinks=False))
-                     for e in entries if e.name.startswith(prefix)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    links.extend(p for p, link, _ in found if link)
-    return sorted(p for p, _, folder in found if folder)
+        return f"{new_message_id()}.{self.host}"
 
 
 def ensure_maildir(base: Path, path: Path) -> None:
@@ -202,16 +114,18 @@ class SpoolFile:
     """
 
     def __init__(
-        self, base: Path, tmp_dir: Path, names: UniqueNames, data: bytes | None = None
+        self, base: Path, tmp_dir: Path, name: str, data: bytes | None = None
     ) -> None:
         """
         @param base: the data folder, below which no link is followed.
+        @param name: the file's name, unique (it starts with the message's
+            ID), the same in C{tmp/} and C{new/} but for the sizes.
         @param data: the whole message (LF form), written at once and the
             file closed: one C{write} call, no buffered file object.
         """
         self._base = base
         self._tmp_dir = tmp_dir
-        self.name = names.next()
+        self.name = name
         self._file: BinaryIO | None = None
         self.size = 0
         self.lines = 0

@@ -255,7 +255,8 @@ class _CallbackGauge(_Instrument):
         try:
             value = self._fn()
         except Exception:
-            _log.failure("metric {name} could not be measured", name=self.name)
+            _log.failure("metric {name} could not be measured", name=self.name,
+                         event="metrics.failed", log_system="metrics.failed#critical")
             return
         yield "", (), value
 
@@ -425,11 +426,11 @@ class ServerMetrics:
     The server's instruments, named as they are exported.
 
     Label values: C{role} is the listener role (C{smtp}, C{submission},
-    C{submissions}); C{reason} a short fixed word chosen by the SMTP policy
-    (e.g. C{size}, C{relay}, C{recipient}, C{plugin}); C{result} one of
+    C{submissions}); C{reason} a word of L{mailserver.smtp.refusals} (e.g.
+    C{size}, C{relay-denied}, C{unknown-recipient}) or a hook's
+    L{mailserver.hooks.Reject} reason (C{dnsbl}, C{greylist}, C{dmarc},
+    C{plugin:NAME}...): fixed words, never client input; C{result} one of
     C{delivered}, C{deferred}, C{bounced}; C{plugin} the plugin's name.
-    C{smtp_refusals_total}'s C{reason} is a L{mailserver.hooks.Reject}'s
-    reason or the refusing plugin's name: fixed words, never client input.
     C{relay_tls_policy_total}'s C{domain} is a policy domain (one with an
     MTA-STS policy or a C{relay.tls_policies} entry; past 1000 of them,
     C{"other"}: L{mailserver.relay.tls_policy.TLSPolicyCounter}).
@@ -438,7 +439,6 @@ class ServerMetrics:
     smtp_connections_total: Counter
     smtp_connections_active: Gauge
     smtp_messages_accepted_total: Counter
-    smtp_messages_rejected_total: Counter
     smtp_refusals_total: Counter
     smtp_bytes_received_total: Counter
     smtp_transaction_seconds: Histogram
@@ -486,16 +486,12 @@ def server_metrics(
         smtp_messages_accepted_total=metrics.counter(
             "smtp_messages_accepted_total", "Messages accepted with a 250 reply.", ["role"]
         ),
-        smtp_messages_rejected_total=metrics.counter(
-            "smtp_messages_rejected_total",
-            "Transactions refused, by reason.",
-            ["role", "reason"],
-        ),
         smtp_refusals_total=metrics.counter(
             "smtp_refusals_total",
-            "Refusals answered by a defence or plugin hook, by reason (dnsbl, pregreet, "
-            "greylist, rate, rspamd, or the plugin's name).",
-            ["reason"],
+            "SMTP refusals (of a connection, a command or a message), by reason: the "
+            "server's own, the defences' (dnsbl, pregreet, greylist, rate, rspamd) and "
+            "plugins' (plugin:NAME).",
+            ["role", "reason"],
         ),
         smtp_bytes_received_total=metrics.counter(
             "smtp_bytes_received_total", "Octets of message data accepted.", ["role"]

@@ -97,7 +97,7 @@ def prepare_data_folder(path: Path, owner: Owner | None) -> None:
 
 
 # The data folder's own folders: never symbolic links, and private.
-OWN_FOLDERS = ("mail", "spool", "queue", "tls", "dkim", "mta-sts")
+OWN_FOLDERS = ("mail", "spool", "nodes", "queue", "tls", "dkim", "mta-sts")
 
 
 def keep_private(path: Path) -> None:
@@ -114,6 +114,7 @@ def keep_private(path: Path) -> None:
             _log.warn(
                 "{folder} was open to other users (mode {old:o}): now {new:o}",
                 folder=str(path / name), old=old, new=old & ~OTHERS,
+                event="server.folder_tightened", log_system="server.folder_tightened#warn",
             )
 
 

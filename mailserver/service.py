@@ -28,13 +28,14 @@ from mailserver.hooks import Hooks, PluginContext
 from mailserver.imap import IMAPDependencies, IMAPFactory
 from mailserver.imap.cache import StructureCache
 from mailserver.intake import Intake
-from mailserver.lifecycle import PID_FILE, CrashCleanup, ReloadOnSignal, ShutdownNotice
-from mailserver.listeners import LISTENERS_FILE, Listener, ListenerReport
+from mailserver.lifecycle import CrashCleanup, ReloadOnSignal, ShutdownNotice
+from mailserver.listeners import Listener, ListenerReport
 from mailserver.login_throttle import throttle_for
 from mailserver.mailauth import mail_auth_hooks
 from mailserver.maildir import MaildirStore
 from mailserver.memory_budget import MemoryBudget
 from mailserver.metrics import Metrics, server_metrics
+from mailserver.nodes import claim as claim_node
 from mailserver.ownership import Owner, acting_as, prepare_data_folder
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Dependencies, POP3Factory
@@ -67,6 +68,10 @@ def make_service(config: Config, reactor, owner: Owner | None = None) -> MultiSe
     return_large_buffers()
     prepare_data_folder(config.data_path, owner)
     with acting_as(owner):
+        if inherited_sockets() is None:
+            # The primary holds the node's lock until it exits (a worker's
+            # primary holds it for it).
+            claim_node(config.data_path, config.node_path)
         if owner is not None and config.workers > 1:
             _check_workers_can_read(config, owner)
         if not config.tls.certificate:
@@ -128,7 +133,6 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     hooks = Hooks(
         defences + auth_first + load_plugins(config.plugins, context, config.source) + auth_last,
         on_error=lambda name: instruments.plugin_errors_total.inc(plugin=name),
-        on_refusal=lambda reason: instruments.smtp_refusals_total.inc(reason=reason),
     )
 
     # Where accepted mail goes: the intake, and the relay for other domains;
@@ -136,7 +140,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     budget = MemoryBudget(config.limits.memory_budget)
     intake = Intake(
         accounts=accounts, reactor=reactor, data_path=config.data_path,
-        hostname=config.hostname, min_free_space=config.limits.min_free_space,
+        hostname=config.node_name, min_free_space=config.limits.min_free_space,
         queue=queue, on_delivered=hooks.delivered, budget=budget,
     )
     runner = RelayRunner(
@@ -207,7 +211,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     # One store of shared folders and one cache of parsed messages for
     # every IMAP listener of the process.
     folder_store = MailStore(
-        accounts.mailbox_path, config.data_path, run_blocking, reactor, watcher_for(reactor), config.hostname
+        accounts.mailbox_path, config.data_path, run_blocking, reactor, watcher_for(reactor), config.node_name
     )
     structures = StructureCache()
 
@@ -282,7 +286,8 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         follow_primary()
         PrimaryLink(reactor, login_throttle, metrics).setServiceParent(root)
     else:
-        CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp").setServiceParent(root)
+        CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp",
+                     intake.file_host).setServiceParent(root)
         runner.setServiceParent(root)
     defence_store.setServiceParent(root)  # stops after the sessions that use it
     ShutdownNotice(announcing, reactor, config.limits.shutdown_timeout).setServiceParent(root)
@@ -290,11 +295,11 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         listener.setServiceParent(root)
     pool = None
     if not is_worker:
-        ListenerReport(config.data_path / LISTENERS_FILE, listeners).setServiceParent(root)
+        ListenerReport(config.listeners_report_path, listeners).setServiceParent(root)
         StartupReport(config, listeners, lambda: len(accounts.users())).setServiceParent(root)
         if config.workers > 1:
             pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics)
             pool.setServiceParent(root)
-    pid_path = None if is_worker else config.data_path / PID_FILE
+    pid_path = None if is_worker else config.pid_path
     ReloadOnSignal(reactor, pid_path, tls_options, accounts, pool).setServiceParent(root)
     return root

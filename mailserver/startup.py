@@ -99,6 +99,7 @@ def startup_lines(
         f"Python {platform.python_version()})",
         f"  configuration:   {source}",
         f"  data folder:     {config.data_path.resolve()}",
+        f"  node:            {config.node_name} ({config.node_path.resolve()})",
         f"  local domains:   {', '.join(config.local_domains)}",
         f"  TLS certificate: {certificate}",
         "  listeners:",
@@ -173,4 +174,5 @@ class StartupReport(Service):
             user=_user(),
             add_command=add_account_command(self._config, cli_command(), Path.cwd()),
         )
-        self.log.info("{block}", block="\n".join(lines))
+        self.log.info("{block}", block="\n".join(lines), event="server.started",
+                      listeners=[f"{l.role} {l.address()}" for l in self._listeners])

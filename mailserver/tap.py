@@ -11,6 +11,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from mailserver.config import ConfigError, load, override
+from mailserver.nodes import NodeInUse
 from mailserver.ownership import DataFolderError, Owner, server_owner
 
 
@@ -39,7 +40,7 @@ def makeService(options: Options) -> IService:
         if options["workers"] is not None:
             config = override(config, "workers", options["workers"], "--workers")
         return make_service(config, reactor, _twistd_owner(options))
-    except (ConfigError, DataFolderError) as e:
+    except (ConfigError, DataFolderError, NodeInUse) as e:
         raise SystemExit(f"mailserver: {e}") from None
     except OSError as e:
         raise SystemExit(f"mailserver: cannot prepare {e.filename}: {e.strerror}") from None

@@ -130,6 +130,12 @@ class FakeAccounts:
         local, _, domain = address.rpartition("@")
         return local.lower(), domain.lower()
 
+    def is_relay_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.config.relay.relay_domains
+
+    def is_relay_recipient(self, address: str) -> bool:
+        return True
+
     def resolve(self, address: str):
         local, domain = self._canonical(address)
         if not self.is_local_domain(domain):
@@ -228,7 +234,7 @@ class ReceivedMessage:
 class MemoryIntake:
     """
     Records every message begun, its pieces, and whether it was finished
-    (queue ids C{Q1}, C{Q2}...) or aborted.  C{fail} makes C{finish} fail
+    (under the envelope's ID, or C{Q1}, C{Q2}... without one) or aborted.  C{fail} makes C{finish} fail
     as a full disk would; C{hold} keeps its Deferred pending in C{pending};
     C{room} is what C{has_room} says.
     """
@@ -268,7 +274,7 @@ class _MemoryReceiver:
         if self._intake.fail:
             return defer.fail(OSError("disk full"))
         self._message.finished = True
-        queue_id = f"Q{len(self._intake.finished)}"
+        queue_id = self._message.envelope.id or f"Q{len(self._intake.finished)}"
         if self._intake.hold:
             d: defer.Deferred = defer.Deferred()
             self._intake.pending.append(d)

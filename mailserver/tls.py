@@ -10,6 +10,7 @@ production).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -63,9 +64,25 @@ def self_signed_names(hostname: str) -> list:
 def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     """
     Write a self-signed certificate and key unless both already exist.
+
+    Servers sharing a data folder (L{mailserver.nodes}) may start together:
+    an exclusive C{flock} beside the files makes one write the pair and the
+    others find it, so none serves a certificate whose key another replaced.
     """
     if cert_path.exists() and key_path.exists():
         return
+    cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+    lock = os.open(cert_path.parent / ".self-signed.lock", flags, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cert_path.exists() and key_path.exists()):
+            _write_self_signed(cert_path, key_path, hostname)
+    finally:
+        os.close(lock)
+
+
+def _write_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -86,18 +103,22 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # Never written through a link left in their place.
+    # Each whole or not at all (renamed into place), the key first: a
+    # server that finds the certificate finds its key.  Never written
+    # through a link left in their place.
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-    with os.fdopen(os.open(key_path, flags, 0o600), "wb") as f:
-        f.write(key_bytes)
-    with os.fdopen(os.open(cert_path, flags, 0o644), "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    for path, content, mode in ((key_path, key_bytes, 0o600),
+                                (cert_path, certificate.public_bytes(serialization.Encoding.PEM),
+                                 0o644)):
+        partial = path.with_name(path.name + ".partial")
+        with os.fdopen(os.open(partial, flags, mode), "wb") as f:
+            f.write(content)
+        os.rename(partial, path)
 
 
 def server_options(files: CertificateFiles) -> ssl.CertificateOptions:

@@ -27,9 +27,10 @@ from twisted.application.service import Service
 from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from mailserver.login_throttle import LoginThrottle
+from mailserver.logs import emit
 from mailserver.metrics import Metrics
 
 # A worker's end of the pipe to the primary.
@@ -120,7 +121,8 @@ class PrimaryLink(Service):
         try:
             os.fstat(self._to_primary_fd)
         except OSError:
-            self.log.warn("no pipe to the primary: failed logins and metrics stay in this process")
+            emit(self.log, LogLevel.warn, "worker.no_pipe",
+                 "no pipe to the primary: failed logins and metrics stay in this process")
             return
         self._protocol = _FromPrimary(self._login_throttle)
         self._open_stdio(self._protocol, stdin=0, stdout=self._to_primary_fd, reactor=self._reactor)

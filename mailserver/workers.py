@@ -39,9 +39,10 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from mailserver.login_throttle import LoginThrottle
+from mailserver.logs import emit
 from mailserver.metrics import Metrics
 from mailserver.worker_link import TO_PRIMARY_FD, Lines, failure_line
 
@@ -238,7 +239,7 @@ class WorkerPool(Service):
             childFDs={0: "w", 1: 1, 2: 2, TO_PRIMARY_FD: "r", **child_fds},
         )
         self._workers[index] = worker
-        self.log.info("started worker {index}", index=index)
+        emit(self.log, LogLevel.info, "worker.started", "started a worker", index=index)
 
     def _failed_in(self, worker: _Worker, key: str) -> None:
         self._login_throttle.record(key)
@@ -260,7 +261,8 @@ class WorkerPool(Service):
         del self._workers[worker.index]
         self._metrics.absorb(worker.metrics)
         if self.running:
-            self.log.warn("worker {index} ended; starting it again", index=worker.index)
+            emit(self.log, LogLevel.warn, "worker.ended", "a worker ended; starting it again",
+                 index=worker.index)
             self._reactor.callLater(_RESPAWN_DELAY, self._respawn, worker.index)
 
     def _respawn(self, index: int) -> None:

@@ -13,8 +13,8 @@ resets the TCP connection that asks for it.
 
 L{listen} runs it in the calling process's reactor (trial tests);
 L{DNSProcess} runs it as a child process (end-to-end tests), and running this
-file as a script (C{python dns_zone.py '<zone json>'}) is that child: it
-prints its port and serves until killed.
+file as a script (C{python dns_zone.py '<zone json>' [address port]}) is
+that child: it prints its port and serves until killed.
 """
 
 from __future__ import annotations
@@ -108,27 +108,32 @@ class FaultyServerFactory(server.DNSServerFactory):
         return super().handleQuery(message, protocol, address)
 
 
-def listen(reactor, zone: dict, tcp: bool = True) -> tuple[int, list]:
+def listen(reactor, zone: dict, tcp: bool = True, interface: str = "127.0.0.1",
+           port: int = 0) -> tuple[int, list]:
     """
-    Serve C{zone} over UDP and TCP on one free port of 127.0.0.1 (over UDP
-    only when not C{tcp}: TCP connections are then refused).
+    Serve C{zone} over UDP and TCP on one free port of C{interface} (over
+    UDP only when not C{tcp}: TCP connections are then refused), or on
+    C{port} when given (the benchmarks' DNS for a system resolver, which
+    only asks port 53).
 
     @return: C{(port, listening ports to stop)}.
     """
     factory = FaultyServerFactory(zone)
     protocol = dns.DNSDatagramProtocol(factory)
     if not tcp:
-        udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        udp = reactor.listenUDP(port, protocol, interface=interface)
         return udp.getHost().port, [udp]
-    for _ in range(50):
-        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        port = tcp.getHost().port
+    for _ in range(1 if port else 50):
+        tcp = reactor.listenTCP(port, factory, interface=interface)
+        chosen = tcp.getHost().port
         try:
-            udp = reactor.listenUDP(port, protocol, interface="127.0.0.1")
+            udp = reactor.listenUDP(chosen, protocol, interface=interface)
         except Exception:
             tcp.stopListening()
+            if port:
+                raise
             continue
-        return port, [tcp, udp]
+        return chosen, [tcp, udp]
     raise RuntimeError("no free port for the DNS server")
 
 
@@ -137,9 +142,11 @@ class DNSProcess:
     The DNS server as a child process; C{resolver} is its C{"host:port"}.
     """
 
-    def __init__(self, zone: dict) -> None:
+    def __init__(self, zone: dict, interface: str = "127.0.0.1", port: int = 0) -> None:
+        self.interface = interface
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), json.dumps(zone)],
+            [sys.executable, str(Path(__file__).resolve()), json.dumps(zone), interface,
+             str(port)],
             stdout=subprocess.PIPE, text=True,
         )
         line = self.process.stdout.readline()
@@ -150,7 +157,7 @@ class DNSProcess:
 
     @property
     def resolver(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.interface}:{self.port}"
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -162,6 +169,7 @@ class DNSProcess:
 if __name__ == "__main__":
     from twisted.internet import reactor
 
-    port, _ = listen(reactor, json.loads(sys.argv[1]))
+    interface, port = (sys.argv[2], int(sys.argv[3])) if len(sys.argv) > 3 else ("127.0.0.1", 0)
+    port, _ = listen(reactor, json.loads(sys.argv[1]), interface=interface, port=port)
     print(port, flush=True)
     reactor.run()

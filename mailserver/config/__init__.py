@@ -53,6 +53,7 @@ from mailserver.config.model import (
     file_keys,
 )
 from mailserver.config.values import (
+    BareNewline,
     CatchAll,
     CheckAction,
     Disclosure,
@@ -68,9 +69,9 @@ from mailserver.config.values import (
 )
 
 __all__ = [
-    "DATA_DIR_NAME", "DKIM", "IMAP", "POP3", "SMTP", "TLS", "Admin", "Auth", "CatchAll", "CheckAction",
-    "Checks", "Config", "ConfigError", "DKIMKey", "DNSBLSite", "Disclosure", "HostPort", "Invalid",
-    "Limits", "ListedAction",
+    "DATA_DIR_NAME", "DKIM", "IMAP", "POP3", "SMTP", "TLS", "Admin", "Auth", "BareNewline",
+    "CatchAll", "CheckAction", "Checks", "Config", "ConfigError", "DKIMKey", "DNSBLSite",
+    "Disclosure", "HostPort", "Invalid", "Limits", "ListedAction",
     "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "TLSLevel",
     "TLSPolicyRule", "Transport",
     "default", "file_keys", "load", "override",

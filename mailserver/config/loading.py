@@ -117,6 +117,16 @@ def _check_together(config: Config) -> None:
                 source, "smtp.catch_all", f"{rule.domain!r} is not one of local_domains"
             )
     relay = config.relay
+    for domain in relay.relay_domains:
+        if config.is_local_domain(domain):
+            raise ConfigError(
+                source, "relay.relay_domains", f"{domain!r} is one of local_domains too")
+    if relay.relay_recipients:
+        try:
+            Path(relay.relay_recipients).read_bytes()
+        except OSError as e:
+            raise ConfigError(source, "relay.relay_recipients",
+                              f"cannot read {relay.relay_recipients}: {e.strerror}") from None
     if bool(relay.smarthost_username) != bool(relay.smarthost_password):
         raise ConfigError(
             source,

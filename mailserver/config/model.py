@@ -29,6 +29,7 @@ from mailserver.config.kinds import (
     text,
 )
 from mailserver.config.values import (
+    BareNewline,
     CatchAll,
     CheckAction,
     DKIMKey,
@@ -143,7 +144,7 @@ class Limits:
     max_recipients: int = setting(100, integer(1))
     max_command_line: int = setting(
         512, integer(512, 1024 * 1024, why="RFC 5321 4.5.3.1.4"))
-    max_text_line: int = setting(1000, integer(1000, 1024 * 1024, why="RFC 5321 4.5.3.1.6"))
+    max_text_line: int = setting(1024 * 1024, integer(1000, why="RFC 5321 4.5.3.1.6"))
     max_errors: int = setting(20, integer(1))
     max_junk_commands: int = setting(100, integer())
     max_connections: int = setting(1000, integer(1))
@@ -175,6 +176,9 @@ class SMTP:
     EXPN 502), or L{Disclosure.ANSWER} (full answers, which lets strangers
     enumerate users).  Authenticated clients always get full answers.
     C{catch_all}: where mail to unknown users of a local domain goes.
+    C{bare_newline}: L{BareNewline.NORMALIZE} takes a bare LF in message
+    text as a line end and a bare CR as a space (Postfix 3.9's defaults),
+    L{BareNewline.REJECT} refuses the message.
     C{mx_auth}: offer AUTH on the MX role (C{listeners.smtp}) too.  Off, as
     in Postfix: port 25 is for other servers, users log in on submission,
     and a password guessed there could not be used to relay through port 25.
@@ -187,6 +191,7 @@ class SMTP:
     subaddress_separator: str = setting("+", text(v.subaddress_separator))
     catch_all: tuple[CatchAll, ...] = setting([], listing(text(v.catch_all)))
     max_received_headers: int = setting(50, integer(1))
+    bare_newline: BareNewline = setting("normalize", choice(BareNewline))
 
 
 @dataclass(frozen=True)
@@ -281,7 +286,8 @@ class Relay:
     C{delay_warning}: the age after which senders who asked for
     NOTIFY=DELAY get a delay notice (C{None}: never).
     C{max_connections}, C{max_connections_per_destination}: outbound
-    connections at once, in total and to one domain (or the smarthost).
+    connections at once, in total and to one domain (or the smarthost); a
+    destination starts at 5 and reaches its limit while it keeps answering.
     C{scan_interval}: between re-scans of the queue folder, which is how the
     running server picks up C{mailserver queue} commands.
     C{connect_timeout}, C{command_timeout}, C{data_timeout}: for a TCP
@@ -289,6 +295,12 @@ class Relay:
     C{dns_timeout}: one DNS query, retransmissions included.
     C{bounce_full_limit}: when the sender did not choose RET, bounces carry
     the whole message up to this many octets, else only its headers.
+    C{relay_domains}: domains whose mail is accepted from anyone and relayed
+    to their MX hosts (a backup MX, a gateway); C{relay_recipients}: a file
+    of their valid recipients (L{mailserver.relay_recipients}; empty: all).
+    C{own_names}, C{own_addresses}: host names (besides C{hostname}) and IP
+    addresses that are this server, so an MX list naming it is cut there
+    (RFC 5321 5.1) and mail never loops back to it.
 
     A new key is one field here (its default as the file writes it, and
     its kind), one line above and one row in the README's key reference.
@@ -314,7 +326,7 @@ class Relay:
     max_age: float = setting("5d", duration())
     delay_warning: float | None = setting("", duration(optional=True))
     max_connections: int = setting(20, integer(1))
-    max_connections_per_destination: int = setting(4, integer(1))
+    max_connections_per_destination: int = setting(10, integer(1))
     scan_interval: float = setting(
         10.0, number(0.1, why="a shorter interval re-reads the queue folder without pause"))
     connect_timeout: float = setting(60.0, _NETWORK_SECONDS)
@@ -322,6 +334,10 @@ class Relay:
     command_timeout: float = setting(300.0, _NETWORK_SECONDS)
     data_timeout: float = setting(600.0, _NETWORK_SECONDS)
     bounce_full_limit: int = setting(131072, integer())
+    relay_domains: tuple[str, ...] = setting([], listing(text(v.local_domain), unique=str))
+    relay_recipients: str = setting("", text())
+    own_names: tuple[str, ...] = setting([], listing(text(v.own_name), unique=str))
+    own_addresses: tuple[str, ...] = setting([], listing(text(v.ip_address), unique=str))
 
 
 @dataclass(frozen=True)
@@ -416,6 +432,8 @@ class Config:
     hostname: str = setting(
         kind=text(v.host_name), factory=socket.getfqdn, shown="the machine's FQDN")
     data_dir: str = setting(DATA_DIR_NAME, text(v.not_empty))
+    node_name: str = setting(
+        kind=text(v.node_name), factory=v.default_node_name, shown="the machine's host name")
     workers: int = setting(1, integer(1, 256))
     local_domains: tuple[str, ...] = setting(
         ["localhost"], listing(text(v.local_domain), at_least_one="must name at least one domain"))
@@ -444,8 +462,39 @@ class Config:
         return self.data_path / "mail"
 
     @property
+    def nodes_path(self) -> Path:
+        """
+        Where each server sharing the data folder keeps what is its own
+        (L{node_path}).
+        """
+        return self.data_path / "nodes"
+
+    @property
+    def node_path(self) -> Path:
+        """
+        This server's own folder: its relay queue, its defences database,
+        its lock, its process id and listener report.  Everything else in
+        the data folder is shared by every server that uses it.
+        """
+        return self.nodes_path / self.node_name
+
+    @property
     def queue_path(self) -> Path:
-        return self.data_path / "queue"
+        return self.node_path / "queue"
+
+    @property
+    def pid_path(self) -> Path:
+        """
+        The primary process's id, for C{mailserver reload}.
+        """
+        return self.node_path / "mailserver.pid"
+
+    @property
+    def listeners_report_path(self) -> Path:
+        """
+        The addresses the listeners got (C{listeners.json}).
+        """
+        return self.node_path / "listeners.json"
 
     @property
     def dkim_key_path(self) -> Path:
@@ -459,9 +508,10 @@ class Config:
     def defences_path(self) -> Path:
         """
         The greylisting and rate-limit state, shared by the worker
-        processes: an SQLite database.
+        processes: an SQLite database, one per node (SQLite's locks do not
+        hold across the machines of a network file system).
         """
-        return self.data_path / "defences.sqlite"
+        return self.node_path / "defences.sqlite"
 
     @property
     def mta_sts_path(self) -> Path:
@@ -479,6 +529,10 @@ class Config:
         return (
             Path(self.aliases_file) if self.aliases_file else self.data_path / "aliases"
         )
+
+    @property
+    def relay_recipients_path(self) -> Path | None:
+        return Path(self.relay.relay_recipients) if self.relay.relay_recipients else None
 
     @property
     def certificate_path(self) -> Path:

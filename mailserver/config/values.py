@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,15 @@ class Disclosure(enum.StrEnum):
 
     REFUSE = "refuse"
     ANSWER = "answer"
+
+
+class BareNewline(enum.StrEnum):
+    """
+    What the SMTP server does with a bare LF or CR in message text.
+    """
+
+    NORMALIZE = "normalize"
+    REJECT = "reject"
 
 
 class RelayTLS(enum.StrEnum):
@@ -177,6 +187,20 @@ def host_name(value: str) -> str:
     if problem:
         raise Invalid(problem)
     return value
+
+
+def own_name(value: str) -> str:
+    """
+    A host name of this server, compared without case or trailing dot.
+    """
+    return _name(value).lower().rstrip(".")
+
+
+def ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise Invalid(f"{shown(value)} is not an IP address") from None
 
 
 def local_domain(value: str) -> str:
@@ -364,6 +388,31 @@ def pop3_expire(value: str) -> str:
     if not _EXPIRE.fullmatch(value):
         raise Invalid('must be "NEVER" or a number of days (RFC 2449)')
     return value
+
+
+# At most 24 characters, those file names keep whole in their host part
+# (maildir.file_name_host): two nodes must never share it.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,23}")
+
+
+def node_name(value: str) -> str:
+    """
+    One server's name among those sharing a data folder: a folder name
+    (C{nodes/<name>/}) and the host part of its Maildir file names.
+    """
+    if not _NODE_NAME.fullmatch(value):
+        raise Invalid(f"{shown(value)} must be 1-24 letters, digits, dots, hyphens or "
+                      "underscores, starting with a letter or digit")
+    return value
+
+
+def default_node_name() -> str:
+    """
+    The machine's host name (its first label), made into a node name.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname().split(".")[0])
+    name = name.lstrip("._-")[:24]
+    return name or "localhost"
 
 
 def not_empty(value: str) -> str:

@@ -123,5 +123,6 @@ class DNSBL:
             return await asking
         except (DNSTempError, defer.TimeoutError) as e:
             self.log.info("DNSBL {site} did not answer for {address}: {problem}",
-                          site=domain, address=address, problem=str(e) or type(e).__name__)
+                          site=domain, address=address, problem=str(e) or type(e).__name__,
+                          event="dnsbl.no_answer", log_system="dnsbl.no_answer#info")
             return []

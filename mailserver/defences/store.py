@@ -296,4 +296,6 @@ class DefenceStore(Service):
             return None
         pruning = self._do(prune, self._reactor.seconds(), self.greylist_policy)
         return pruning.addErrback(
-            lambda failure: self.log.failure("pruning {path} failed", failure, path=self._path))
+            lambda failure: self.log.failure("pruning {path} failed", failure, path=self._path,
+                                             event="defences.prune_failed",
+                                             log_system="defences.prune_failed#critical"))

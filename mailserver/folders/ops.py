@@ -388,7 +388,8 @@ def read(
         try:
             fd = files.open(entry.name, sub=entry.subdir)
         except SymlinkRefused as e:
-            log.warn("not reading {path}: {problem}", path=e.filename, problem=e.strerror)
+            log.warn("not reading {path}: {problem}", path=e.filename, problem=e.strerror,
+                     event="folders.unreadable", log_system="folders.unreadable#warn")
             return
         try:
             st = os.fstat(fd)

@@ -300,9 +300,11 @@ class SharedFolder:
 
     def _refresh_failed(self, failure: Failure) -> None:
         if failure.check(FolderGone):  # its sessions hear of it at their next command
-            self.log.info("Folder {path} was deleted or renamed", path=self.path)
+            self.log.info("Folder {path} was deleted or renamed", path=self.path,
+                          event="folders.deleted", log_system="folders.deleted#info")
             return
-        self.log.failure("Refreshing {path} failed", failure, path=self.path)
+        self.log.failure("Refreshing {path} failed", failure, path=self.path,
+                         event="folders.refresh_failed", log_system="folders.refresh_failed#critical")
 
     def _foreign(self, subdir: str | None, name: bytes | None, mask: int) -> bool:
         """

@@ -83,7 +83,8 @@ class InotifyWatcher:
             wd = self._add(self._fd, os.fsencode(f"{path}/{sub}"), _WATCH)
             if wd < 0:  # gone, or out of watches: the folder is still scanned at each command
                 self.log.warn("cannot watch {path}: {e}", path=f"{path}/{sub}",
-                              e=os.strerror(ctypes.get_errno()))
+                              e=os.strerror(ctypes.get_errno()), event="folders.watch_failed",
+                              log_system="folders.watch_failed#warn")
                 continue
             self._watches[wd] = (sub, changed)
             wds.append(wd)

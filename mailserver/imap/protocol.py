@@ -26,7 +26,7 @@ from functools import partial
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailserver.imap import responses as R
@@ -35,7 +35,9 @@ from mailserver.imap.fetcher import Fetcher, FetchRequest
 from mailserver.imap.grammar import Literal, ParseError, literal_at_end, parse, peek_tag_and_name
 from mailserver.imap.session import IMAPSession
 from mailserver.imap.state import Connection, State
+from mailserver.logs import emit, emit_failure
 from mailserver.memory_budget import SpooledBuffer
+from mailserver.safe_text import printable
 from mailserver.sasl import is_loopback
 from mailserver.wire.effects import CLOSE, START_TLS, Await, Login
 from mailserver.wire.flow import BUSY
@@ -93,7 +95,8 @@ class _Reading:
         try:
             self._buffer.write(data)
         except OSError as e:
-            IMAPServer.log.error("IMAP: cannot spool a literal: {problem}", problem=str(e))
+            emit(IMAPServer.log, LogLevel.error, "imap.spool_failed", "cannot spool a literal",
+                 problem=str(e))
             self.abandon()
             self.discard = self.failed = True
 
@@ -177,10 +180,8 @@ class IMAPServer(Protocol):
             self._reading.abandon()
         self._abandon_pieces()
         if self._counted:
-            self.log.info(
-                "IMAP session ended: user={user} client={client}",
-                user=self.session.address or "-", client=self.session.connection.client,
-            )
+            emit(self.log, LogLevel.info, "imap.session", "session ended",
+                 user=self.session.address or "-", client=self.session.connection.client)
         self.session.end()
         self._admission.release(self)
         self.closed.callback(None)
@@ -199,10 +200,8 @@ class IMAPServer(Protocol):
         self.session.close()
 
     def _timed_out(self) -> None:
-        self.log.info(
-            "IMAP timeout: user={user} client={client}",
-            user=self.session.address or "-", client=self.session.connection.client,
-        )
+        emit(self.log, LogLevel.info, "imap.timeout", "disconnected for inactivity",
+             user=self.session.address or "-", client=self.session.connection.client)
         self._send(R.untagged("BYE Disconnected for inactivity."))
         self._close()
 
@@ -403,7 +402,8 @@ class IMAPServer(Protocol):
         if gone is not None:
             self._perform(gone)
             return
-        self.log.failure("IMAP session error", failure)
+        emit_failure(self.log, "imap.error", "session error", failure,
+                     client=self.session.connection.client)
         self._send(R.untagged("BYE Internal error occurred."))
         self._close()
 
@@ -449,11 +449,9 @@ class IMAPServer(Protocol):
             )
         checking = self._logins.attempt(session.connection.address, login.username, login.password)
         if checking is REFUSED:
-            self.log.warn(
-                "IMAP login refused unchecked for {user!r} from {client}:"
-                " too many failed logins from there",
-                user=user, client=session.connection.client,
-            )
+            emit(self.log, LogLevel.warn, "imap.auth_throttled",
+                 "login refused unchecked: too many failed logins from there",
+                 user=printable(user), client=session.connection.client)
             self._answer(session.logins_refused())
             return
         checking.addCallback(self._log_out_if_gone)
@@ -472,14 +470,13 @@ class IMAPServer(Protocol):
             self._perform(session.logged_in(outcome.avatar.address, outcome.logout))
             return
         if not isinstance(outcome, BadCredentials):
-            self.log.failure("IMAP login check failed", outcome.failure)
+            emit_failure(self.log, "imap.auth_error", "login check failed", outcome.failure,
+                         client=session.connection.client)
             self._answer(session.login_unavailable())
             return
         self._deps.metrics.imap_login_failures_total.inc()
-        self.log.warn(
-            "IMAP authentication failed for {user!r} from {client} ({failures} failures)",
-            user=user, client=session.connection.client, failures=outcome.failures,
-        )
+        emit(self.log, LogLevel.warn, "imap.auth_failed", "authentication failed",
+             user=printable(user), client=session.connection.client, failures=outcome.failures)
         # Each failure from this address waits longer before the answer.
         lines = self._lines
         lines.reads.hold(BUSY)

@@ -30,7 +30,7 @@ from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailserver.imap import responses as R
@@ -40,6 +40,7 @@ from mailserver.imap.selected import SelectedHandlers
 from mailserver.imap.state import Connection, State
 from mailserver.imap.view import SelectedView
 from mailserver.interfaces import FolderError, FolderGone
+from mailserver.logs import emit, emit_failure
 from mailserver.sasl import (
     MECHANISMS,
     Credentials,
@@ -174,9 +175,11 @@ class IMAPSession(MailboxHandlers, SelectedHandlers):
         if isinstance(error, OSError):
             # A storage fault (a full disk, a link refused inside the data
             # folder): its text names the file, a traceback adds nothing.
-            self.log.error("IMAP command failed for {user}: {error}", user=self.address, error=error)
+            emit(self.log, LogLevel.error, "imap.command_failed", "a command failed",
+                 user=self.address, error=str(error))
         else:
-            self.log.failure("IMAP command failed for {user}", failure, user=self.address)
+            emit_failure(self.log, "imap.command_failed", "a command failed", failure,
+                         user=self.address)
         return R.no(tag, "Internal error occurred. Refer to server log for more information.", "SERVERBUG")
 
     def selected_gone(self, failure: Failure):
@@ -189,7 +192,8 @@ class IMAPSession(MailboxHandlers, SelectedHandlers):
         error = failure.value
         if not isinstance(error, FolderGone) or self.view is None or error.path != self.view.folder.path:
             return None
-        self.log.info("IMAP: the mailbox {user} had selected was deleted", user=self.address)
+        emit(self.log, LogLevel.info, "imap.selected_deleted", "the selected mailbox was deleted",
+             user=self.address)
         return (R.untagged("BYE Selected mailbox was deleted, have to disconnect."), CLOSE)
 
     def after(self, tag: str, deferred, then: Callable[[object], object]) -> Await:

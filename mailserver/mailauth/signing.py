@@ -17,6 +17,10 @@ FROM is held to) or is in a shared domain (C{dkim.shared_domains}).  Other
 mail is logged and delivered unsigned rather than refused: it is what any
 other server would send for that From, and the receiver's DMARC check judges
 it on the From domain's own policy.
+
+A message with a line over 998 octets is stored as it came but sent
+re-encoded (L{mailserver.relay.line_length}): it is signed in that
+re-encoded form, which is what the peer receives and verifies.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailserver.interfaces import IMessageHook
+from mailserver.logs import emit
 from mailserver.mailauth.bodyhash import BODY_CHUNK, sign
 from mailserver.mailauth.dmarc import domain_of, from_addresses
 from mailserver.mailauth.keys import SigningKey
+from mailserver.relay.line_length import any_long_line, fit
 from mailserver.safe_text import printable
 
 
@@ -98,11 +104,9 @@ class DKIMSigner:
         senders = from_addresses(headers.get_all("From"))
         foreign = [a for a in senders if not self.may_sign_for(account, a)]
         if foreign:
-            self.log.warn(
-                "DKIM: mail of {account} not signed: From <{address}> is not an address"
-                " it may send as",
-                account=printable(account), address=printable(foreign[0]),
-            )
+            emit(self.log, LogLevel.warn, "dkim.not_signed",
+                 "not signed: the From address is not one the account may send as",
+                 user=printable(account), address=printable(foreign[0]))
             return None
         candidates = senders[:1]
         if self.may_sign_for(account, envelope.sender):
@@ -129,11 +133,9 @@ class DKIMSigner:
                 self._reactor, threadpool, self._sign, domain, head, names, body
             )
         except Exception as e:
-            self.log.error(
-                "DKIM: cannot sign mail from {sender} with {domain}, sent unsigned: {error}",
-                sender=printable(envelope.sender), domain=domain,
-                error=f"{type(e).__name__}: {e}",
-            )
+            emit(self.log, LogLevel.error, "dkim.sign_failed", "cannot sign; sent unsigned",
+                 sender=printable(envelope.sender), domain=domain,
+                 error=f"{type(e).__name__}: {e}")
             return None
         for field in reversed(fields):
             headers.add_raw(field)
@@ -144,4 +146,17 @@ class DKIMSigner:
                                                                 self._oversigned)]
         keys = [(selector.encode("ascii"), key.algorithm, key.private)
                 for selector, key in self._keys[domain]]
-        return sign(head, body.chunks(BODY_CHUNK), keys, domain.encode("ascii"), include)
+        chunks = body.chunks(BODY_CHUNK)
+        if any_long_line([head]) or any_long_line(body.chunks(BODY_CHUNK)):
+            head, chunks = _fitted(head, body.read())
+        return sign(head, chunks, keys, domain.encode("ascii"), include)
+
+
+def _fitted(head: bytes, body: bytes) -> tuple[bytes, list[bytes]]:
+    """
+    The header section and body of the message as the relay will send it
+    (L{fit}): a message with a long line is read whole, here only.
+    """
+    message = fit((head + b"\r\n" + body).replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    end = message.find(b"\r\n\r\n")
+    return message[: end + 2], [message[end + 4:]]

@@ -30,13 +30,14 @@ import re
 from collections.abc import Iterable
 
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserver.config import CheckAction
 from mailserver.hooks import Reject
 from mailserver.interfaces import IMessageHook
+from mailserver.logs import emit, emit_failure
 from mailserver.mailauth import dmarc
 from mailserver.mailauth.bodyhash import BODY_CHUNK, HeaderVerifier, hash_key
 from mailserver.mailauth.dns import DNSTempError, SyncDNS, dkim_txt, spf_resolver
@@ -255,8 +256,9 @@ class InboundChecks:
         received = headers.to_bytes() if checked else b""
         removed = headers.remove(FIELD, where=lambda v: authserv_id(v) == self._authserv)
         if removed:
-            self.log.info("removed {count} forged Authentication-Results field(s) from {sender}",
-                          count=removed, sender=printable(envelope.sender))
+            emit(self.log, LogLevel.info, "checks.forged_removed",
+                 "removed forged Authentication-Results fields", count=removed,
+                 sender=printable(envelope.sender), client=envelope.client_address)
         if not checked:
             return None
         threadpool = self._threadpool or self._reactor.getThreadPool()
@@ -273,17 +275,13 @@ class InboundChecks:
             report = await deferToThreadPool(self._reactor, threadpool, run)
         except Exception as e:
             # A bug in the checks must not hold mail back: deliver unmarked.
-            self.log.failure("checks of mail from {sender} failed",
-                             sender=printable(envelope.sender),
-                             failure=Failure(e))
+            emit_failure(self.log, "checks.failed", "the checks failed", Failure(e),
+                         sender=printable(envelope.sender), client=envelope.client_address)
             return None
         headers.add_raw(render(self._authserv, report))
-        self.log.info(
-            "checked mail from {sender} via {ip}: spf={spf} dkim={dkim} dmarc={dmarc}",
-            sender=printable(envelope.sender), ip=ip,
-            spf=report.spf[0].result, dkim=",".join(r.result for r in report.dkim) or "none",
-            dmarc=report.dmarc.result,
-        )
+        emit(self.log, LogLevel.info, "checks.result", "checked",
+             sender=printable(envelope.sender), client=ip, spf=report.spf[0].result,
+             dkim=",".join(r.result for r in report.dkim) or "none", dmarc=report.dmarc.result)
         return self._decide(envelope, ip, from_values, report)
 
     def _decide(self, envelope, ip, from_values, report: Report) -> Reject | None:
@@ -296,18 +294,20 @@ class InboundChecks:
         verdict = report.dmarc
         if (self._checks.dmarc_reject == CheckAction.REJECT and verdict.result == "fail"
                 and verdict.disposition == "reject"):
-            self.log.info("refused mail from {sender}: DMARC policy of {domain} is reject",
-                          sender=printable(envelope.sender), domain=printable(verdict.domain))
+            emit(self.log, LogLevel.info, "checks.refused",
+                 "refused: the DMARC policy of the domain is reject",
+                 sender=printable(envelope.sender), client=ip,
+                 domain=printable(verdict.domain), reason="dmarc")
             return Reject(550, "5.7.1", f"Message refused: it fails the DMARC policy of "
-                          f"{_safe(verdict.domain)}")
+                          f"{_safe(verdict.domain)}", reason="dmarc")
         spf = report.spf_for_policy()
         if (self._checks.spf_fail == CheckAction.REJECT and spf is not None and spf.result == "fail"
                 and verdict.result != "pass"):
             domain = _safe(spf.value.rpartition("@")[2])
-            self.log.info("refused mail from {sender}: SPF fail for {domain}",
-                          sender=printable(envelope.sender), domain=domain)
+            emit(self.log, LogLevel.info, "checks.refused", "refused: SPF fail",
+                 sender=printable(envelope.sender), client=ip, domain=domain, reason="spf")
             return Reject(550, "5.7.1", f"Message refused: {domain} does not allow {ip} "
-                          "to send its mail (SPF fail)")
+                          "to send its mail (SPF fail)", reason="spf")
         return None
 
 

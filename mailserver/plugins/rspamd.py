@@ -193,7 +193,7 @@ def request_headers(envelope: Envelope, hostname: str, password: str) -> Headers
         b"IP": envelope.client_address,
         b"Helo": envelope.helo,
         b"User": envelope.authenticated,
-        b"Queue-Id": envelope.trace_id,
+        b"Queue-Id": envelope.id,
         b"TLS-Version": envelope.tls_version,
         b"TLS-Cipher": envelope.tls_cipher,
         b"Password": password,
@@ -308,7 +308,8 @@ class RspamdScanner:
         size = len(head) + 2 + body.size
         if self._max_size and size > self._max_size:
             self.log.info("rspamd: not scanning {id}: {size} octets is over max_size",
-                          id=envelope.trace_id or "-", size=size)
+                          id=envelope.id or "-", size=size, event="rspamd.not_scanned",
+                          log_system="rspamd.not_scanned#info")
             return None
         scanning = defer.ensureDeferred(self._scan(envelope, head, body))
         late = self._reactor.callLater(self._timeout, scanning.cancel)
@@ -351,15 +352,15 @@ class RspamdScanner:
         if self._fallback == "tempfail":
             self.log.warn(
                 "rspamd at {url} failed for {id} from {client}: {problem}; answering 451",
-                url=self.url, id=envelope.trace_id or "-", client=envelope.client_address or "-",
-                problem=problem,
+                url=self.url, id=envelope.id or "-", client=envelope.client_address or "-",
+                problem=problem, event="rspamd.failed", log_system="rspamd.failed#warn",
             )
             return Reject(451, "4.7.1", "Content filter unavailable, please try again later",
                           reason="rspamd")
         self.log.warn(
             "rspamd at {url} failed for {id} from {client}: {problem}; delivering unscanned",
-            url=self.url, id=envelope.trace_id or "-", client=envelope.client_address or "-",
-            problem=problem,
+            url=self.url, id=envelope.id or "-", client=envelope.client_address or "-",
+            problem=problem, event="rspamd.failed", log_system="rspamd.failed#warn",
         )
         return None
 
@@ -373,7 +374,8 @@ class RspamdScanner:
             return Reject(451, "4.7.1", smtp_message or "Try again later", reason="rspamd")
         if action not in ("no action", *SPAM_ACTIONS):
             self.log.warn("rspamd answered the unknown action {action!r}: delivering",
-                          action=_one_line(action, 40))
+                          action=_one_line(action, 40), event="rspamd.unknown_action",
+                          log_system="rspamd.unknown_action#warn")
         for name in _VERDICT_FIELDS:
             headers.remove(name)
         milter = answer.get("milter")
@@ -404,13 +406,15 @@ class RspamdScanner:
         field = _field(name, value)
         if field is None:
             self.log.warn("rspamd asked for a header field we cannot write: {name!r}",
-                          name=_one_line(name, 60))
+                          name=_one_line(name, 60), event="rspamd.bad_field",
+                          log_system="rspamd.bad_field#warn")
             return False
         try:
             headers.add_raw(field)
         except ValueError:
             self.log.warn("rspamd asked for a header field we cannot write: {name!r}",
-                          name=_one_line(name, 60))
+                          name=_one_line(name, 60), event="rspamd.bad_field",
+                          log_system="rspamd.bad_field#warn")
             return False
         return True
 

@@ -82,7 +82,8 @@ class Webhook:
         # not dropped.
         d.addErrback(
             lambda failure: self.log.failure(
-                "webhook {url} failed for {id}", failure, url=self.url, id=event.queue_id
+                "webhook {url} failed for {id}", failure, url=self.url, id=event.queue_id,
+                event="webhook.failed", log_system="webhook.failed#critical",
             )
         )
         d.addBoth(lambda _: self.pending.discard(d))
@@ -109,7 +110,8 @@ class Webhook:
                 problem = f"HTTP {response.code}"
                 if 400 <= response.code < 500 and response.code not in (408, 429):
                     self.log.warn(
-                        "webhook {url} refused {id}: {problem}", url=self.url, id=queue_id, problem=problem
+                        "webhook {url} refused {id}: {problem}", url=self.url, id=queue_id,
+                        problem=problem, event="webhook.refused", log_system="webhook.refused#warn",
                     )
                     return
             self.log.warn(
@@ -118,8 +120,11 @@ class Webhook:
                 id=queue_id,
                 n=attempt + 1,
                 problem=problem,
+                event="webhook.retry",
+                log_system="webhook.retry#warn",
             )
-        self.log.error("webhook {url} gave up on {id}", url=self.url, id=queue_id)
+        self.log.error("webhook {url} gave up on {id}", url=self.url, id=queue_id,
+                       event="webhook.gave_up", log_system="webhook.gave_up#error")
 
 
 def _number(options: Mapping[str, object], key: str, default: float) -> float:

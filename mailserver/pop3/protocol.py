@@ -27,10 +27,11 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailserver.immediate_write import write_now
+from mailserver.logs import emit, emit_failure
 from mailserver.pop3 import responses as R
 from mailserver.pop3.dependencies import POP3Dependencies
 from mailserver.pop3.responses import Response
@@ -42,6 +43,7 @@ from mailserver.pop3.session import (
     parse_command,
 )
 from mailserver.pop3.state import Connection, State
+from mailserver.safe_text import printable
 from mailserver.sasl import is_loopback
 from mailserver.wire.effects import CLOSE, START_TLS, Await, Login
 from mailserver.wire.flow import BUSY
@@ -145,10 +147,8 @@ class POP3Server(Protocol):
 
     def _timed_out(self) -> None:
         session = self.session
-        self.log.info(
-            "POP3 timeout: user={user} client={client}",
-            user=session.account or "-", client=session.connection.client,
-        )
+        emit(self.log, LogLevel.info, "pop3.timeout", "disconnected for inactivity",
+             user=printable(session.account or "-"), client=session.connection.client)
         self._answer(R.TIMEOUT)
         self._close()
 
@@ -268,11 +268,9 @@ class POP3Server(Protocol):
             session.connection.address, login.username, login.password
         )
         if checking is REFUSED:
-            self.log.warn(
-                "POP3 login refused unchecked for {user!r} from {client}:"
-                " too many failed logins from there",
-                user=user, client=session.connection.client,
-            )
+            emit(self.log, LogLevel.warn, "pop3.auth_throttled",
+                 "login refused unchecked: too many failed logins from there",
+                 user=printable(user), client=session.connection.client)
             self._answer(R.LOGINS_REFUSED)
             return
         checking.addCallback(self._log_out_if_gone)
@@ -288,14 +286,14 @@ class POP3Server(Protocol):
             self._perform(self.session.logged_in(outcome.avatar.address, outcome.logout))
             return
         if not isinstance(outcome, BadCredentials):
-            self.log.failure("POP3 login check failed", outcome.failure)
+            emit_failure(self.log, "pop3.auth_error", "login check failed", outcome.failure,
+                         client=self.session.connection.client)
             self._answer(R.AUTH_UNAVAILABLE)
             return
         self._deps.metrics.pop3_login_failures_total.inc()
-        self.log.warn(
-            "POP3 authentication failed for {user!r} from {client} ({failures} failures)",
-            user=user, client=self.session.connection.client, failures=outcome.failures,
-        )
+        emit(self.log, LogLevel.warn, "pop3.auth_failed", "authentication failed",
+             user=printable(user), client=self.session.connection.client,
+             failures=outcome.failures)
         # Each failure from this address waits longer before the answer.
         self._pause(outcome.delay, partial(self._answer_failed_login, outcome.final))
 

@@ -25,6 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailserver.logs import emit_failure
 from mailserver.pop3.responses import Response
 from mailserver.pop3.storage import WHOLE_MESSAGE, read_messages
 from mailserver.pop3.transfer import MessageTransfer, TransferStopped, WireEncoder
@@ -190,7 +191,8 @@ class Retriever:
         self._send(iter(queue), sent)
 
     def _failed(self, failure: Failure) -> None:
-        self.log.failure("Reading messages failed; closing the session", failure)
+        emit_failure(self.log, "pop3.read_failed", "reading messages failed; closing the session",
+                     failure)
         self._perform(CLOSE)
 
     def _send(self, queue, sent: defer.Deferred) -> None:
@@ -249,5 +251,6 @@ class Retriever:
         self._close_unsent()
         if failure.check(TransferStopped):
             return  # the client went away
-        self.log.failure("Reading a message failed; closing the session", failure)
+        emit_failure(self.log, "pop3.read_failed", "reading a message failed; closing the session",
+                     failure)
         self._perform(CLOSE)

@@ -35,10 +35,11 @@ from functools import partial
 from operator import attrgetter
 from typing import NamedTuple
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailserver.interfaces import IMailbox
+from mailserver.logs import emit, emit_failure
 from mailserver.pop3 import responses as R
 from mailserver.pop3.dependencies import POP3Dependencies
 from mailserver.pop3.maildrop import Maildrop, NoSuchMessage
@@ -150,15 +151,9 @@ class POP3Session:
         if self.logout is not None:
             self.logout()
             self.logout = None
-        self.log.info(
-            "POP3 session ended: user={user} client={client} retrieved={retrieved}"
-            " octets={octets} deleted={deleted}",
-            user=self.account or "-",
-            client=self.connection.client,
-            retrieved=self.retrieved,
-            octets=self.retrieved_octets,
-            deleted=self.deleted,
-        )
+        emit(self.log, LogLevel.info, "pop3.session", "session ended",
+             user=self.account or "-", client=self.connection.client, retrieved=self.retrieved,
+             octets=self.retrieved_octets, deleted=self.deleted)
 
     # Lines.
 
@@ -303,9 +298,10 @@ class POP3Session:
         if isinstance(opened, Failure):
             logout()
             if opened.check(OSError):
-                self.log.failure("Opening the mailbox of {user} failed", opened, user=address)
+                emit_failure(self.log, "pop3.mailbox_failed", "opening the mailbox failed",
+                             opened, user=address)
                 return R.MAILBOX_BROKEN
-            self.log.failure("No mailbox for {user}", opened, user=address)
+            emit_failure(self.log, "pop3.mailbox_failed", "no mailbox", opened, user=address)
             return R.NO_MAILBOX
         if opened is None:
             logout()
@@ -403,9 +399,11 @@ class POP3Session:
         if isinstance(outcome, Failure):
             if outcome.check(FileNotFoundError):
                 # IMAP (or another program) expunged it since the listing.
-                self.log.info("POP3: message {uid} was removed meanwhile", uid=message.uid)
+                emit(self.log, LogLevel.info, "pop3.message_removed", "message removed meanwhile",
+                     user=self.account, uid=message.uid)
                 return R.REMOVED
-            self.log.failure("Opening message {uid} failed", outcome, uid=message.uid)
+            emit_failure(self.log, "pop3.read_failed", "opening a message failed", outcome,
+                         user=self.account, uid=message.uid)
             return R.UNREADABLE
         if retrieve:
             self.retrieved += 1
@@ -439,9 +437,8 @@ class POP3Session:
 
     def _updated(self, count: int, outcome):
         if isinstance(outcome, Failure):
-            self.log.failure(
-                "Removing deleted messages of {user} failed", outcome, user=self.account
-            )
+            emit_failure(self.log, "pop3.update_failed", "removing deleted messages failed",
+                         outcome, user=self.account)
             return (R.NOT_REMOVED, CLOSE)
         self.deleted = count
         return (ok(f"Logging out, {count} messages deleted."), CLOSE)

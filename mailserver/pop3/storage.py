@@ -14,10 +14,11 @@ from typing import BinaryIO
 
 from twisted.internet import defer
 from twisted.internet.task import Cooperator
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailserver.interfaces import IMailbox, IMailboxStore
+from mailserver.logs import emit
 
 # Messages under this size are read whole and sent with their response in
 # one piece; larger ones are streamed.
@@ -100,7 +101,8 @@ def _update_steps(mailbox: IMailbox, doomed: list, seen: list) -> Iterator[None]
         try:
             mailbox.mark_seen(message)
         except OSError as e:
-            _log.error("Marking message {uid} seen failed: {e}", uid=message.uid, e=e)
+            emit(_log, LogLevel.error, "pop3.seen_failed", "marking a message seen failed",
+                 uid=message.uid, problem=str(e))
         yield None
     for message in doomed:
         mailbox.remove(message)

@@ -1,5 +1,6 @@
 """
-The C{mailserver queue} commands: list, show, flush, delete, bounce.
+The C{mailserver queue} commands: list, show, flush, delete, bounce, and
+adopt (another node's queue, L{mailserver.relay.adoption}).
 
 Listing reads the queue folder, whether the server runs or not: the names
 in C{envelopes/} (one directory listing; ids sort by arrival, and only the
@@ -16,6 +17,7 @@ import argparse
 import heapq
 import time
 
+from mailserver.relay.adoption import adopt_queue
 from mailserver.relay.queue import PENDING, CorruptEntry, QueueError, QueueStore
 
 
@@ -137,7 +139,7 @@ def _show(config, args: argparse.Namespace) -> str:
 def _request(config, verb: str, target: str) -> str:
     store = QueueStore(config.queue_path)
     store.request(verb, target)
-    running = (config.data_path / "mailserver.pid").exists()
+    running = config.pid_path.exists()
     when = (f"the running server applies it within {config.relay.scan_interval:g}s" if running
             else "it is applied when the server starts")
     return f"{verb} of {target} requested; {when}"
@@ -170,6 +172,19 @@ def _bounce(config, args: argparse.Namespace) -> str:
     return _request(config, "bounce", args.id)
 
 
+def _adopt(config, args: argparse.Namespace) -> str:
+    done = adopt_queue(config.data_path, config.nodes_path, QueueStore(config.queue_path),
+                       args.node)
+    lines = [f"adopted {len(done.moved)} message(s) from node {args.node!r} into node "
+             f"{config.node_name!r}"]
+    if done.moved:
+        running = config.pid_path.exists()
+        lines.append(f"the running server takes them up within {config.relay.scan_interval:g}s"
+                     if running else "they are taken up when this node's server starts")
+    lines.extend(f"  left {queue_id}: {why}" for queue_id, why in done.left)
+    return "\n".join(lines)
+
+
 def add_queue_commands(subparsers) -> None:
     """
     Register C{queue list|show|flush|delete|bounce} on the console script's
@@ -195,3 +210,7 @@ def add_queue_commands(subparsers) -> None:
     bounce = actions.add_parser("bounce", help="fail a message and notify its sender")
     bounce.add_argument("id")
     bounce.set_defaults(handler=_bounce)
+    adopt = actions.add_parser(
+        "adopt", help="move a stopped node's queue into this node's (the data folder is shared)")
+    adopt.add_argument("node", help="the other node's node_name")
+    adopt.set_defaults(handler=_adopt)

@@ -16,13 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.internet import defer, threads
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailserver.config import SmarthostTLS, TLSLevel
 from mailserver.interfaces import ICourier
+from mailserver.logs import emit
 from mailserver.relay import client as smtp_client
+from mailserver.relay import line_length
 from mailserver.relay.client import (
     OutboundRecipient,
     Reply,
@@ -60,7 +62,8 @@ class Outcome:
 def destination_of(relay, address: str) -> str:
     """
     The key that groups recipients into one transaction and one
-    concurrency limit: the smarthost, or the recipient's domain.
+    concurrency limit: the smarthost, or the recipient's domain (always, for
+    a domain with a route of its own in C{relay.transports}).
     """
     return destination_of_domain(relay, address.rpartition("@")[2].lower().rstrip("."))
 
@@ -69,7 +72,9 @@ def destination_of_domain(relay, domain: str) -> str:
     """
     L{destination_of} for a recipient in C{domain} (lower case).
     """
-    return f"smarthost:{relay.smarthost}" if relay.smarthost else domain
+    if relay.smarthost and all(route.domain != domain for route in relay.transports):
+        return f"smarthost:{relay.smarthost}"
+    return domain
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ class Route:
 class RouteCourier:
     """
     Finds the hosts and the TLS policy for the destination and tries the
-    hosts in order until one answers about the recipients.
+    hosts in order until one answers about the recipients, sending the
+    message with every line fitting the 998-octet limit (L{line_length}).
 
     @param send: C{client.deliver}'s signature; replaced in tests.
     @param tls: the L{ClientTLS} (trust roots); default: the system's and
@@ -97,6 +103,8 @@ class RouteCourier:
     @param mta_sts: an L{mailserver.relay.mta_sts.MTASTS}, or C{None} to
         apply no MTA-STS policies.
     @param count: counts a TLS outcome, C{count(domain=, mode=, result=)}.
+    @param io: runs a blocking call and returns a Deferred of its result
+        (default: the reactor's thread pool).
     """
 
     log = Logger()
@@ -113,6 +121,7 @@ class RouteCourier:
         tls: ClientTLS | None = None,
         mta_sts=None,
         count: Callable[..., None] | None = None,
+        io: Callable[..., defer.Deferred] | None = None,
     ) -> None:
         self._reactor = reactor
         self._relay = relay
@@ -126,18 +135,21 @@ class RouteCourier:
         self._count = count or (lambda **labels: None)
         self._timeouts = Timeouts.from_config(relay)
         self._transports = {route.domain: route for route in relay.transports}
+        self._io = io or (lambda f, *args: threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), f, *args))
 
     def deliver(self, message, recipients):
         return defer.Deferred.fromCoroutine(self._deliver(message, recipients))
 
-    def _transaction(self, message: QueuedMessage, recipients, auth: bool) -> Transaction:
+    def _transaction(self, message: QueuedMessage, recipients, auth: bool,
+                     open_body) -> Transaction:
         relay = self._relay
         return Transaction(
             sender=message.sender,
             recipients=tuple(
                 OutboundRecipient(r.address, r.notify, r.orcpt) for r in recipients
             ),
-            open_body=lambda: self._store.open_body(message),
+            open_body=open_body,
             size=message.size,
             body=message.body,
             smtputf8=message.smtputf8,
@@ -149,12 +161,17 @@ class RouteCourier:
         )
 
     async def _route(self, domain: str) -> Route:
+        """
+        A domain's own route first (as Postfix's transport table overrules
+        its relayhost: a gateway sends its relay domains inside, and the
+        rest through the smarthost), then the smarthost, then MX lookup.
+        """
         relay = self._relay
-        if relay.smarthost:
+        transport = self._transports.get(domain)
+        if relay.smarthost and transport is None:
             host, port = relay.smarthost.host, relay.smarthost.port
             return Route([Hop(host, (host,), port)], self._policies.smarthost(), auth=True,
                          implicit=relay.smarthost_tls == SmarthostTLS.IMPLICIT)
-        transport = self._transports.get(domain)
         configured = self._policies.configured(domain, transport is not None)
         if transport is not None:
             port = relay.port if transport.port is None else transport.port
@@ -174,7 +191,8 @@ class RouteCourier:
             route = await self._route(domain)
         except RoutingError as e:
             return {r.address: Outcome(e.reply) for r in recipients}
-        transaction = self._transaction(message, recipients, route.auth)
+        open_body = await self._io(line_length.fitted, lambda: self._store.open_body(message))
+        transaction = self._transaction(message, recipients, route.auth, open_body)
         result = refusal = None
         for hop in route.hops:
             if not route.policy.allows_mx(hop.name):
@@ -188,11 +206,10 @@ class RouteCourier:
                         r.address: Outcome(result.replies[r.address], hop.name, result.dsn)
                         for r in recipients
                     }
-                self.log.info(
-                    "relay: {id}: {host} [{address}]:{port} did not take the message: {why}",
-                    id=message.id, host=hop.name, address=address, port=hop.port,
-                    why=printable(str(next(iter(result.replies.values()))), None),
-                )
+                emit(self.log, LogLevel.info, "relay.host_failed", "did not take the message",
+                     host=hop.name, address=address, port=hop.port,
+                     reply=printable(str(next(iter(result.replies.values()))), None),
+                     id=message.id)
         if result is None and refusal is not None:
             return {r.address: Outcome(refusal) for r in recipients}
         return {
@@ -220,10 +237,11 @@ class RouteCourier:
         if policy.level == TLSLevel.MAY:
             if not verdict.handshake_failed:
                 return result  # TLS was optional: what failed was not TLS
-            self.log.info(
-                "relay: {id}: TLS with {host} [{address}] failed ({why}); trying again without",
-                id=message.id, host=hop.name, address=address,
-                why=printable(verdict.problem or str(next(iter(result.replies.values()))), None))
+            emit(self.log, LogLevel.info, "relay.tls_fallback",
+                 "TLS failed; trying again without", host=hop.name, address=address,
+                 reason=printable(verdict.problem or str(next(iter(result.replies.values()))),
+                                  None),
+                 id=message.id)
             return await self._send(
                 self._reactor, address, hop.port,
                 replace(transaction, tls="none", tls_options=None), self._timeouts,
@@ -247,14 +265,13 @@ class RouteCourier:
         self._count(domain=policy.domain, mode=policy.mode, result="mx-not-in-policy")
         allowed = ", ".join(policy.mx or ())
         if policy.testing:
-            self.log.warn(
-                "relay: {id}: MTA-STS testing for {domain}: {host} would have failed: "
-                "mx not in policy ({allowed})", id=message.id, domain=policy.domain,
-                host=hop.name, allowed=allowed)
+            emit(self.log, LogLevel.warn, "relay.mta_sts_testing",
+                 "MTA-STS testing: would have failed", domain=policy.domain, host=hop.name,
+                 reason=f"mx not in policy ({allowed})", id=message.id)
             return None
-        self.log.warn("relay: {id}: MTA-STS: {host} is not an MX host the policy of {domain} "
-                      "allows ({allowed}); not used", id=message.id, host=hop.name,
-                      domain=policy.domain, allowed=allowed)
+        emit(self.log, LogLevel.warn, "relay.mx_not_in_policy",
+             "MTA-STS: not an MX host the policy allows; not used", domain=policy.domain,
+             host=hop.name, allowed=allowed, id=message.id)
         return temporary(f"MTA-STS: mx not in policy: {hop.name} (the policy of "
                          f"{policy.domain} allows {allowed})", "4.7.5")
 
@@ -263,34 +280,41 @@ class RouteCourier:
         if policy.domain and policy.mode and verdict.result:
             self._count(domain=policy.domain, mode=policy.mode, result=verdict.result)
         if policy.testing and verdict.failed:
-            self.log.warn(
-                "relay: {id}: MTA-STS testing for {domain}: {host} [{address}] would have "
-                "failed: {problem}", id=message.id, domain=policy.domain, host=hop.name,
-                address=address, problem=printable(verdict.problem or verdict.result, None))
+            emit(self.log, LogLevel.warn, "relay.mta_sts_testing",
+                 "MTA-STS testing: would have failed", domain=policy.domain, host=hop.name,
+                 address=address, reason=printable(verdict.problem or verdict.result, None),
+                 id=message.id)
 
 
 @implementer(ICourier)
 class LoggingCourier:
     """
-    Logs each recipient's outcome.
+    Logs each recipient's outcome, as Postfix's C{status=sent}, C{deferred}
+    and C{bounced} lines: events C{relay.sent}, C{relay.deferred} and
+    C{relay.bounced}.
+
+    @param clock: for the time the attempt took (C{ms}).
     """
 
     log = Logger()
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, clock=None) -> None:
         self._inner = inner
+        self._clock = clock
 
     def deliver(self, message, recipients):
+        started = self._clock.seconds() if self._clock is not None else None
+
         def logged(outcomes):
+            ms = None if started is None else round((self._clock.seconds() - started) * 1000, 1)
             for address, outcome in outcomes.items():
-                self.log.info(
-                    "relay: {id}: <{sender}> -> <{address}> via {mta}: {reply}",
-                    id=message.id,
-                    sender=printable(message.sender),
-                    address=printable(address),
-                    mta=printable(outcome.remote_mta or "-"),
-                    reply=printable(str(outcome.reply), None),
-                )
+                reply = outcome.reply
+                status = "sent" if reply.positive else "bounced" if reply.permanent else "deferred"
+                emit(self.log, LogLevel.info if reply.positive else LogLevel.warn,
+                     f"relay.{status}", status, recipient=printable(address),
+                     sender=printable(message.sender),
+                     relay=printable(outcome.remote_mta or "-"), code=reply.code,
+                     dsn=reply.status, reply=printable(str(reply), None), ms=ms, id=message.id)
             return outcomes
 
         return self._inner.deliver(message, recipients).addCallback(logged)

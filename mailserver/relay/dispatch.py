@@ -4,13 +4,16 @@ limits, at a cost that grows with what is due rather than with the queue.
 
 One timer waits for the earliest next attempt in the L{QueueIndex}.  When it
 fires, due messages are taken off the index's heap and started while the
-limits allow: at most C{total} attempts at once, and C{per_destination} to
-one destination (a recipient domain, or the smarthost).  A due message
+limits allow: at most C{total} attempts at once, and as many to one
+destination (a recipient domain, or the smarthost) as its concurrency
+window allows (L{Concurrency}: from 5 up to C{per_destination} while the
+destination keeps answering, as Postfix's).  A due message
 whose destination is busy waits in that destination's line, out of the
 heap, and starts when an attempt there ends; when every attempt slot is
 taken, the rest stay in the heap until one ends.  So a domain that is down
-with 100,000 messages queued holds C{per_destination} attempts, and mail
-for other domains goes on beside it.
+with 100,000 messages queued holds a few attempts (its window shrinks with
+each that reaches no server), and mail for other domains goes on beside
+it.
 
 A destination that could not be reached (an attempt there ended in an RFC
 3463 network or routing status, 4.4.x) rests, like a destination Postfix
@@ -60,8 +63,13 @@ class Dispatcher:
         rest_for: Callable[[int], float],
         total: int,
         per_destination: int,
+        concurrency: Concurrency | None = None,
         batch: int = 200,
     ) -> None:
+        """
+        @param concurrency: each destination's window; by default a fixed
+            C{per_destination}.
+        """
         self._index = index
         self._clock = clock
         self._start = start
@@ -69,7 +77,8 @@ class Dispatcher:
         self._wait = wait
         self._rest_for = rest_for
         self._total = total
-        self._per_destination = per_destination
+        self.concurrency = concurrency or Concurrency(per_destination, initial=per_destination,
+                                                      adaptive=False)
         self._batch = batch
         self._running = False
         self._timer = None
@@ -122,6 +131,7 @@ class Dispatcher:
         the end of the rest this starts, or None.
         """
         now = self._clock.seconds()
+        self.concurrency.reached(key, reached)
         if reached:
             self._rests.pop(key, None)
             return None
@@ -190,7 +200,7 @@ class Dispatcher:
         until = self._resting_until(keys, now)
         if until is not None and self._wait(entry, until):
             return False
-        busy = next((k for k in keys if self._by_destination[k] >= self._per_destination), None)
+        busy = next((k for k in keys if self._by_destination[k] >= self.concurrency(k)), None)
         if busy is not None:
             self._lines.setdefault(busy, deque()).append(queue_id)
             self._in_line.add(queue_id)
@@ -214,6 +224,8 @@ class Dispatcher:
             self._by_destination[key] -= 1
             if not self._by_destination[key]:
                 del self._by_destination[key]
+                if key not in self._lines:
+                    self.concurrency.forget(key)  # nothing there now: start afresh
         return True
 
     def _serve_line(self, key: str, budget: int, now: float) -> int:
@@ -226,7 +238,7 @@ class Dispatcher:
         for _ in range(min(budget, len(line))):  # each at most once
             if not self._running or not (resting or (
                     len(self._holding) < self._total
-                    and self._by_destination[key] < self._per_destination)):
+                    and self._by_destination[key] < self.concurrency(key))):
                 break
             queue_id = line.popleft()
             self._in_line.discard(queue_id)
@@ -238,16 +250,50 @@ class Dispatcher:
         return budget
 
 
-class ConnectionSlots:
+class Concurrency:
     """
-    Connection limits: at most C{total} at once, and C{per_key} per
-    destination.  L{acquire} fires when a slot is free.  (A message with
-    recipients in several domains makes one connection to each, so the
-    attempts the L{Dispatcher} lets run may want more connections than
-    there are.)
+    How many attempts (and connections) each destination may have at once:
+    a window, as Postfix keeps one per destination.  It starts at
+    C{initial}; each attempt that reached a server grows it by one over the
+    window (one more after a window's worth), up to C{limit}; each that
+    reached none shrinks it by one, down to one.  A destination with no
+    attempt and nothing waiting is forgotten (L{forget}), so the table
+    holds only busy destinations.  Not C{adaptive}: always C{initial}.
     """
 
-    def __init__(self, total: int, per_key: int) -> None:
+    def __init__(self, limit: int, initial: int = 5, adaptive: bool = True) -> None:
+        self.limit = limit
+        self.initial = min(initial, limit)
+        self._adaptive = adaptive
+        self._windows: dict[str, float] = {}
+
+    def __call__(self, key: str) -> int:
+        return int(self._windows.get(key, self.initial))
+
+    def reached(self, key: str, reached: bool) -> None:
+        if not self._adaptive:
+            return
+        window = self._windows.get(key, float(self.initial))
+        if reached:
+            window = min(float(self.limit), window + 1 / int(window))
+        else:
+            window = max(1.0, window - 1)
+        self._windows[key] = window
+
+    def forget(self, key: str) -> None:
+        self._windows.pop(key, None)
+
+
+class ConnectionSlots:
+    """
+    Connection limits: at most C{total} at once, and C{per_key(key)} per
+    destination (its L{Concurrency} window).  L{acquire} fires when a slot
+    is free.  (A message with recipients in several domains makes one
+    connection to each, so the attempts the L{Dispatcher} lets run may want
+    more connections than there are.)
+    """
+
+    def __init__(self, total: int, per_key: Callable[[str], int]) -> None:
         self.total = total
         self.per_key = per_key
         self.used = 0
@@ -255,7 +301,7 @@ class ConnectionSlots:
         self._waiting: deque = deque()
 
     def _free(self, key: str) -> bool:
-        return self.used < self.total and self.by_key[key] < self.per_key
+        return self.used < self.total and self.by_key[key] < self.per_key(key)
 
     def acquire(self, key: str) -> defer.Deferred:
         if self._free(key) and all(k != key for k, _ in self._waiting):

@@ -115,11 +115,15 @@ def build_dsn(
         "",
         _EXPLANATIONS[action],
         "",
+        f"The message's ID here is {message.id}: quote it to the postmaster.",
+        "",
     ]
     for r in recipients:
         human.append(printable(f"<{r.address}>: {_clean(r.diagnostic) or r.status}", None))
     human.append("")
-    per_message = [f"Reporting-MTA: dns; {hostname}"]
+    # The ID as Postfix gives its queue ID (X-Postfix-Queue-ID), an
+    # extension field of RFC 3464 2.1.
+    per_message = [f"Reporting-MTA: dns; {hostname}", f"X-Mailserver-Queue-ID: {message.id}"]
     if message.envid:
         per_message.append(f"Original-Envelope-Id: {_decoded(message.envid)}")
     per_message.append(f"Arrival-Date: {_date(message.arrival)}")

@@ -28,16 +28,18 @@ import ipaddress
 import json
 import os
 import re
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from twisted.internet import defer, endpoints, error
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from mailserver.logs import emit, emit_failure
 from mailserver.safe_fs import open_file, open_folder, open_path
 
 MAX_POLICY_SIZE = 64 * 1024
@@ -159,6 +161,13 @@ def parse_policy(body: bytes) -> tuple[str, tuple[str, ...], int]:
     return mode, tuple(mx), min(int(max_age), MAX_AGE_LIMIT)
 
 
+def writer_tag() -> str:
+    """
+    This process among those that may share the cache: host and process id.
+    """
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
 class PolicyCache:
     """
     Policies on disk, one JSON file per domain in C{folder}, each written
@@ -187,8 +196,8 @@ class PolicyCache:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, KeyError) as e:
-            self.log.warn("relay: MTA-STS: ignoring the cached policy of {domain}: {e}",
-                          domain=domain, e=str(e))
+            emit(self.log, LogLevel.warn, "mta_sts.cache_ignored",
+                 "ignoring the cached policy", domain=domain, problem=str(e))
             return None
 
     def save(self, policy: STSPolicy) -> None:
@@ -198,7 +207,11 @@ class PolicyCache:
             folder, where none is followed).
         """
         data = {"version": CACHE_VERSION, **asdict(policy), "mx": list(policy.mx)}
-        tmp, name = f".{policy.domain}.tmp", self._path(policy.domain).name
+        # The writer's own temporary name: servers sharing the data folder
+        # (README, "Several servers, one data folder") may save the same
+        # domain at once, and must not write into each other's file.
+        tmp = f".{policy.domain}.{writer_tag()}.tmp"
+        name = self._path(policy.domain).name
         folder = open_folder(self.folder.parent, self.folder, create=True)
         try:
             fd = open_file(folder, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
@@ -421,7 +434,8 @@ class MTASTS:
         try:
             result = await self._fetch(domain, policy_id)
         except Exception:
-            self.log.failure("relay: MTA-STS: fetching the policy of {domain}", domain=domain)
+            emit_failure(self.log, "mta_sts.fetch_failed", "fetching the policy failed",
+                         domain=domain)
             result = None
         for waiter in self._fetching.pop(key):
             waiter.callback(result)
@@ -432,18 +446,18 @@ class MTASTS:
             mode, mx, max_age = parse_policy(await self._fetcher.fetch(domain))
         except PolicyError as e:
             self._failed[(domain, policy_id)] = self._clock.seconds()
-            self.log.warn("relay: MTA-STS: no policy for {domain}: {e}", domain=domain, e=str(e))
+            emit(self.log, LogLevel.warn, "mta_sts.no_policy", "no policy", domain=domain,
+                 problem=str(e))
             return None
         policy = STSPolicy(domain, policy_id, mode, mx, max_age, self._clock.seconds())
         self._known[domain] = policy
         try:
             await self._io(self._cache.save, policy)
         except OSError as e:
-            self.log.error("relay: MTA-STS: cannot cache the policy of {domain}: {e}",
-                           domain=domain, e=str(e))
-        self.log.info("relay: MTA-STS: policy of {domain} (id {id}): mode {mode}, "
-                      "mx {mx}, max_age {max_age}", domain=domain, id=policy_id, mode=mode,
-                      mx=",".join(mx) or "-", max_age=max_age)
+            emit(self.log, LogLevel.error, "mta_sts.cache_failed", "cannot cache the policy",
+                 domain=domain, problem=str(e))
+        emit(self.log, LogLevel.info, "mta_sts.policy", "policy fetched", domain=domain,
+             policy_id=policy_id, mode=mode, mx=",".join(mx) or "-", max_age=max_age)
         return policy
 
 

@@ -8,6 +8,13 @@ domain that does not exist fails for good.  RFC 7505: a single MX of C{"."}
 lookup that times out, gets SERVFAIL or REFUSED, or cannot reach the DNS
 server is a temporary failure (4.4.3), retried later.
 
+RFC 5321 5.1: an MX host that is this server (L{Ourselves}: one of its
+names, or an address of it) is dropped from the list with every host of the
+same preference or worse, so a backup MX hands mail only to better ones and
+never to itself; when this server is the best MX (or the implicit one) the
+mail would loop, and fails for good as Postfix fails it ("mail for DOMAIN
+loops back to myself", 5.4.6).
+
 Every lookup is bounded: the resolver gets explicit per-query timeouts
 (twisted.names' own default is 60 seconds a query, and 10 more for its TCP
 retry, whatever the configuration says) and L{MXRouter} gives up on a whole
@@ -19,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -31,6 +39,28 @@ from mailserver.config import HostPort
 from mailserver.wire.reply import Reply
 
 _MAX_CNAME = 8
+# The longest an answer is kept by the relay's resolver, whatever its TTL.
+MAX_CACHE_SECONDS = 3600.0
+# How many answers the relay's resolver keeps.
+RELAY_DNS_CACHE = 10_000
+
+
+@dataclass(frozen=True)
+class Ourselves:
+    """
+    The names and addresses by which other hosts reach this server.
+    """
+
+    names: frozenset[str] = frozenset()
+    addresses: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, hostname: str, relay) -> Ourselves:
+        names = {hostname.lower().rstrip("."), *relay.own_names}
+        return cls(frozenset(names), frozenset(relay.own_addresses))
+
+    def is_us(self, name: str, addresses: tuple[str, ...]) -> bool:
+        return name in self.names or any(a in self.addresses for a in addresses)
 
 
 @dataclass(frozen=True)
@@ -103,11 +133,41 @@ class BoundedResolver(client.Resolver):
 
     Its TCP retry (after a truncated UDP answer) otherwise waits a fixed 10
     seconds and notices a reset connection only at that time-out.
+
+    With C{cache} > 0 it keeps that many answers for their time to live (at
+    most L{MAX_CACHE_SECONDS}), the oldest going first: the relay asks the
+    same MX, address and MTA-STS questions for every message to a domain.
+    Only answers with records are kept; failures and empty answers are
+    asked again every time.
     """
 
-    def __init__(self, *, timeout: float, **kwargs) -> None:
+    def __init__(self, *, timeout: float, cache: int = 0, **kwargs) -> None:
         self._total = timeout
+        self._cache_size = cache
+        self._cached: OrderedDict[tuple, tuple[float, tuple]] = OrderedDict()
         super().__init__(timeout=query_timeouts(timeout), **kwargs)
+
+    def _lookup(self, name, cls, type, timeout):
+        if not self._cache_size:
+            return super()._lookup(name, cls, type, timeout)
+        key = (name.lower() if isinstance(name, (bytes, str)) else name, cls, type)
+        now = self._reactor.seconds()
+        hit = self._cached.get(key)
+        if hit is not None:
+            if hit[0] > now:
+                return defer.succeed(hit[1])
+            del self._cached[key]
+        return super()._lookup(name, cls, type, timeout).addCallback(self._keep, key)
+
+    def _keep(self, result, key):
+        answers = result[0]
+        ttl = min((r.ttl for r in answers), default=0)
+        if ttl > 0:
+            self._cached[key] = (self._reactor.seconds() + min(ttl, MAX_CACHE_SECONDS), result)
+            self._cached.move_to_end(key)
+            while len(self._cached) > self._cache_size:
+                self._cached.popitem(last=False)
+        return result
 
     def queryTCP(self, queries, timeout=None):
         return super().queryTCP(queries, self._total)
@@ -130,17 +190,19 @@ class BoundedResolver(client.Resolver):
             d.errback(internet_error.ConnectionLost("the DNS server closed the connection"))
 
 
-def make_resolver(server: HostPort | None, reactor, timeout: float = 15.0) -> BoundedResolver:
+def make_resolver(server: HostPort | None, reactor, timeout: float = 15.0,
+                  cache: int = 0) -> BoundedResolver:
     """
     A C{twisted.names} resolver: C{None} for the system's (from
     C{/etc/resolv.conf}), else the one DNS server C{server} (an IP address
     and port, as C{relay.resolver} gives it); C{timeout} is the most one
-    query may take, retransmissions included.
+    query may take, retransmissions included; C{cache}: answers kept.
     """
     if server is None:
-        return BoundedResolver(resolv="/etc/resolv.conf", reactor=reactor, timeout=timeout)
+        return BoundedResolver(resolv="/etc/resolv.conf", reactor=reactor, timeout=timeout,
+                               cache=cache)
     return BoundedResolver(servers=[(server.host, server.port)], reactor=reactor,
-                           timeout=timeout)
+                           timeout=timeout, cache=cache)
 
 
 def _literal(domain: str) -> str | None:
@@ -164,12 +226,15 @@ class MXRouter:
     @param clock: and C{deadline}: a route still unknown after C{deadline}
         seconds is a temporary failure, so a resolver that never answers
         cannot hold a delivery forever (C{None}: no deadline).
+    @param ourselves: this server, cut out of every route.
     """
 
     def __init__(self, resolver, port: int = 25, rng: random.Random | None = None,
-                 clock=None, deadline: float | None = None) -> None:
+                 clock=None, deadline: float | None = None,
+                 ourselves: Ourselves = Ourselves()) -> None:
         self._resolver = resolver
         self._port = port
+        self._ourselves = ourselves
         self._rng = rng or random.Random()
         self._clock = clock
         self._deadline = deadline if clock is not None else None
@@ -205,9 +270,14 @@ class MXRouter:
         d.addBoth(settled)
         return result
 
+    def _loop(self, domain: str) -> RoutingError:
+        return _permanent(554, "5.4.6", f"mail for {domain} loops back to myself")
+
     async def _route(self, domain: str) -> list[Hop]:
         literal = _literal(domain)
         if literal is not None:
+            if self._ourselves.is_us(literal, (literal,)):
+                raise self._loop(domain)
             return [Hop(literal, (literal,), self._port)]
         records = await self._mx_records(domain)
         if records is None:
@@ -217,6 +287,8 @@ class MXRouter:
                 if problem:
                     raise _temporary(f"cannot find an address for {domain}: {problem}")
                 raise _permanent(550, "5.1.2", f"{domain} has no mail server (no MX, A or AAAA)")
+            if self._ourselves.is_us(domain, addresses):
+                raise self._loop(domain)
             return [Hop(domain, addresses, self._port)]
         if any(name in ("", ".") for _, name in records):
             raise _permanent(556, "5.1.10", f"{domain} accepts no mail (null MX, RFC 7505)")
@@ -228,16 +300,21 @@ class MXRouter:
         for preference in sorted(by_preference):
             names = by_preference[preference]
             self._rng.shuffle(names)
-            ordered.extend(names)
+            ordered.extend((preference, name) for name in names)
         # All hosts at once, so the route takes one lookup's time, not n.
-        lookups = [defer.Deferred.fromCoroutine(self._addresses(name)) for name in ordered]
-        hops, problems = [], []
-        for name, lookup in zip(ordered, lookups):
-            addresses, problem = await lookup
-            if addresses:
-                hops.append(Hop(name, addresses, self._port))
-            elif problem:
-                problems.append(f"{name}: {problem}")
+        lookups = [defer.Deferred.fromCoroutine(self._addresses(name)) for _, name in ordered]
+        found = [(preference, name, await lookup) for (preference, name), lookup
+                 in zip(ordered, lookups)]
+        # RFC 5321 5.1: we, and every host no better than us, are out.
+        ours = [preference for preference, name, (addresses, _) in found
+                if self._ourselves.is_us(name, addresses)]
+        if ours:
+            found = [entry for entry in found if entry[0] < min(ours)]
+            if not found:
+                raise self._loop(domain)
+        hops = [Hop(name, addresses, self._port) for _, name, (addresses, _) in found if addresses]
+        problems = [f"{name}: {problem}" for _, name, (addresses, problem) in found
+                    if not addresses and problem]
         if not hops:
             detail = "; ".join(problems) or "no MX host has an address"
             raise _temporary(f"cannot find an address for the MX hosts of {domain}: {detail}")

@@ -1,7 +1,7 @@
 """
 The durable outbound queue: what is queued, for whom, in which state.
 
-Layout under C{<data_dir>/queue/}::
+Layout under the node's C{queue/} (C{<data_dir>/nodes/<node_name>/queue/})::
 
     messages/<id>        the message, hard-linked from the intake's spool file
     envelopes/<id>.json  the envelope and per-recipient state (version 1)
@@ -12,8 +12,12 @@ Layout under C{<data_dir>/queue/}::
                          the runner reads every envelope when it starts
     corrupt/             entries set aside: <id>.json, <id> and <id>.problem
 
-An envelope is the commit point: it is written to C{tmp/}, fsynced, renamed
-into C{envelopes/} and the folder fsynced, after the message link is durable.
+An envelope is the commit point: it is written to C{tmp/} and renamed into
+C{envelopes/} after the message is linked into C{messages/}.  The intake does
+both inside group commit (L{QueueStore.prepare} in the first phase,
+L{QueueStore.commit} in the second), so the batch's two syncs of the file
+system make them durable before the 250; L{QueueStore.enqueue} does the same
+alone, with fsyncs of its own.
 A message file without an envelope is the remains of a crash before the 250
 and is removed at start; an envelope always has its message.  An envelope
 that cannot be used (not JSON, truncated, an unknown version, wrong types, no
@@ -21,226 +25,47 @@ message file) raises L{CorruptEntry}; the runner then moves it and its
 message into C{corrupt/} with a note of the problem (L{QueueStore.set_aside}),
 so it is neither lost nor retried in a loop.
 
-Everything here is blocking file I/O without Twisted: the intake calls
-L{QueueStore.enqueue} in a worker thread, the runner calls the rest on the
-reactor thread (small files) and the CLI calls it directly.
+Everything here is blocking file I/O without Twisted: the intake calls it
+in group commit's threads, the runner in worker threads and the CLI
+directly.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from mailserver.envelope import Envelope
-from mailserver.maildir import fsync_directory, writer_alive
+from mailserver.maildir import fsync_directory
+from mailserver.stale_tmp import writer_alive
+from mailserver.message_ids import new_message_id
+from mailserver.relay.queued import (  # the queue's vocabulary: its callers import it from here
+    DELIVERED,
+    FAILED,
+    FORMAT_VERSION,
+    PENDING,
+    RELAYED,
+    CorruptEntry,
+    QueuedMessage,
+    QueueError,
+    RecipientState,
+)
 from mailserver.safe_fs import open_folder, open_path
-
-FORMAT_VERSION = 1
-
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
-# Delivered to a server that may not pass DSN requests on (RFC 3464 "relayed").
-RELAYED = "relayed"
 
 VERBS = ("flush", "delete", "bounce")
 
 
-class QueueError(ValueError):
+def _write_tmp(path: Path, tmp_dir: Path, text: str, durable: bool = True) -> Path:
     """
-    A problem with a queue request (unknown id, bad domain), printed as one
-    line by the CLI.
+    C{text} into a new file of C{tmp_dir} named for C{path} (fsynced if
+    C{durable}); returns its path.
     """
-
-
-class CorruptEntry(QueueError):
-    """
-    A queued message whose files cannot be used; C{problem} says why in a
-    few words and C{path} names the envelope file.
-    """
-
-    def __init__(self, queue_id: str, path: Path, problem: str) -> None:
-        super().__init__(f"queued message {queue_id} is corrupt: {problem}")
-        self.queue_id = queue_id
-        self.path = path
-        self.problem = problem
-
-
-_NUMBER = "number"
-_STATES = (PENDING, DELIVERED, FAILED, RELAYED)
-
-# What each envelope field must hold (None: may be null), so a hand-edited
-# or damaged file is refused when read, not halfway through an attempt.
-_MESSAGE_FIELDS: dict[str, tuple] = {
-    "id": (str,), "sender": (str,), "arrival": (_NUMBER,), "body_offset": (int,),
-    "size": (int,), "ret": (str, None), "envid": (str, None), "body": (str,),
-    "smtputf8": (bool,), "client_address": (str,), "helo": (str,), "attempts": (int,),
-    "next_attempt": (_NUMBER,), "last_error": (str,), "delay_warned": (bool,),
-}
-_RECIPIENT_FIELDS: dict[str, tuple] = {
-    "address": (str,), "original": (str,), "orcpt": (str, None), "notify": (list,),
-    "state": (str,), "status": (str,), "diagnostic": (str,), "remote_mta": (str,),
-    "last_attempt": (_NUMBER, None), "notified": (bool,),
-}
-
-
-def _fits(value, kinds: tuple) -> bool:
-    for kind in kinds:
-        if kind is None and value is None:
-            return True
-        if kind is _NUMBER and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if kind in (int, str, list) and isinstance(value, kind) and not isinstance(value, bool):
-            return True
-        if kind is bool and isinstance(value, bool):
-            return True
-    return False
-
-
-def _check_fields(data: dict, fields: dict, where: str) -> None:
-    for name, kinds in fields.items():
-        if name in data and not _fits(data[name], kinds):
-            raise ValueError(f"{where}{name} has the wrong type ({type(data[name]).__name__})")
-
-
-def _check_envelope(data) -> None:
-    """
-    @raise ValueError: naming the first thing wrong with decoded envelope
-        JSON.
-    """
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    if data.get("version") != FORMAT_VERSION:
-        raise ValueError(f"unknown envelope version {data.get('version')!r}")
-    for name in ("id", "sender", "recipients", "arrival"):
-        if name not in data:
-            raise ValueError(f"no {name} field")
-    _check_fields(data, _MESSAGE_FIELDS, "")
-    recipients = data["recipients"]
-    if not isinstance(recipients, list) or not recipients:
-        raise ValueError("recipients is not a non-empty list")
-    for i, r in enumerate(recipients):
-        if not isinstance(r, dict) or "address" not in r:
-            raise ValueError(f"recipient {i} has no address")
-        _check_fields(r, _RECIPIENT_FIELDS, f"recipient {i}: ")
-        if not all(isinstance(n, str) for n in r.get("notify", [])):
-            raise ValueError(f"recipient {i}: notify is not a list of strings")
-        if r.get("state", PENDING) not in _STATES:
-            raise ValueError(f"recipient {i}: unknown state {r['state']!r}")
-
-
-@dataclass(frozen=True)
-class RecipientState:
-    """
-    One remote destination of a queued message.
-
-    @ivar address: where it goes (a remote address after alias expansion).
-    @ivar original: the RCPT address the client gave.
-    @ivar orcpt: the RFC 3461 ORCPT parameter, if any.
-    @ivar notify: the RFC 3461 NOTIFY values (empty: not given).
-    @ivar state: L{PENDING}, L{DELIVERED}, L{RELAYED} or L{FAILED}.
-    @ivar status: the RFC 3463 status of the last attempt (C{"5.1.1"}).
-    @ivar diagnostic: the last reply, C{"smtp; 550 5.1.1 no such user"}.
-    @ivar remote_mta: the host that gave it.
-    @ivar notified: whether the DSN this state calls for was sent (or is not
-        wanted), so a restart does not send it twice.
-    """
-
-    address: str
-    original: str = ""
-    orcpt: str | None = None
-    notify: tuple[str, ...] = ()
-    state: str = PENDING
-    status: str = ""
-    diagnostic: str = ""
-    remote_mta: str = ""
-    last_attempt: float | None = None
-    notified: bool = False
-
-    @property
-    def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower().rstrip(".")
-
-
-@dataclass(frozen=True)
-class QueuedMessage:
-    """
-    A message's envelope in the queue.  Frozen: changes are made with
-    L{dataclasses.replace} and written with L{QueueStore.save}.
-    """
-
-    id: str
-    sender: str
-    recipients: tuple[RecipientState, ...]
-    arrival: float
-    body_offset: int = 0
-    size: int = 0
-    ret: str | None = None
-    envid: str | None = None
-    body: str = "7BIT"
-    smtputf8: bool = False
-    client_address: str = ""
-    helo: str = ""
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_error: str = ""
-    delay_warned: bool = False
-    version: int = FORMAT_VERSION
-
-    def pending(self) -> tuple[RecipientState, ...]:
-        return tuple(r for r in self.recipients if r.state == PENDING)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["recipients"] = [asdict(r) for r in self.recipients]
-        return json.dumps(data, indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> QueuedMessage:
-        """
-        @raise ValueError: saying what is wrong, for JSON that is not a
-            version 1 envelope.
-        """
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"not valid JSON ({e})") from None
-        _check_envelope(data)
-        names = set(cls.__dataclass_fields__)
-        recipient_names = set(RecipientState.__dataclass_fields__)
-        recipients = tuple(
-            RecipientState(
-                **{
-                    k: (tuple(v) if k == "notify" else v)
-                    for k, v in r.items()
-                    if k in recipient_names
-                }
-            )
-            for r in data.pop("recipients")
-        )
-        return cls(recipients=recipients, **{k: v for k, v in data.items() if k in names})
-
-    def with_recipient(self, address: str, **changes) -> QueuedMessage:
-        return replace(
-            self,
-            recipients=tuple(
-                replace(r, **changes) if r.address == address else r for r in self.recipients
-            ),
-        )
-
-
-def _new_id(now: float) -> str:
-    return f"{int(now * 1000):011x}{secrets.token_hex(3)}".upper()
-
-
-def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
     # The writer's pid in the name lets start-up tell a crash's leftovers
     # from a live worker's file (see L{QueueStore.remove_orphans}).
     tmp = tmp_dir / (path.name + f".{os.getpid()}.{secrets.token_hex(4)}")
@@ -248,8 +73,21 @@ def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return tmp
+
+
+def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
+    tmp = _write_tmp(path, tmp_dir, text)
+    try:
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -258,6 +96,17 @@ def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
             pass
         raise
     fsync_directory(path.parent)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """
+    An envelope written into C{tmp/} by L{QueueStore.prepare}, not yet
+    queued.
+    """
+
+    message: QueuedMessage
+    tmp: Path
 
 
 def _writer_gone(tmp_name: str) -> bool:
@@ -312,58 +161,110 @@ class QueueStore:
         self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int
     ) -> str:
         """
-        Durably queue C{spool} for the remote C{recipients}; blocking.
+        Durably queue C{spool} for the remote C{recipients}, under the
+        message's ID; blocking.  (The
+        intake uses L{prepare} and L{commit} instead, inside group commit.)
 
         @raise OSError: when it could not be made durable (the client then
             hears 451 and keeps the message).
         """
+        prepared = self.prepare(envelope, recipients, spool, body_offset, durable=True)
+        return self.commit(prepared, spool, durable=True)
+
+    def prepare(
+        self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int,
+        durable: bool = False,
+    ) -> Prepared:
+        """
+        Group commit's first phase: the envelope of C{spool} (written, the
+        first C{body_offset} bytes local-delivery headers) for the remote
+        C{recipients}, into C{tmp/}; synced only if C{durable}, else by the
+        group's sync of the file system that follows.  Blocking.
+        """
         self._ensure()
         now = self._clock()
-        queue_id = _new_id(now)
-        message_path = self.messages_path / queue_id
-        os.link(spool, message_path, follow_symlinks=False)
-        try:
-            fsync_directory(self.messages_path)
-            states = []
-            for address in recipients:
-                given = next(
-                    (r for r in envelope.recipients if address in r.destinations), None
+        queue_id = envelope.id or new_message_id()
+        states = []
+        for address in recipients:
+            given = next((r for r in envelope.recipients if address in r.destinations), None)
+            states.append(
+                RecipientState(
+                    address=address,
+                    original=given.address if given else address,
+                    orcpt=given.orcpt if given else None,
+                    notify=tuple(n.upper() for n in given.notify) if given else (),
                 )
-                states.append(
-                    RecipientState(
-                        address=address,
-                        original=given.address if given else address,
-                        orcpt=given.orcpt if given else None,
-                        notify=tuple(n.upper() for n in given.notify) if given else (),
-                    )
-                )
-            message = QueuedMessage(
-                id=queue_id,
-                sender=envelope.sender,
-                recipients=tuple(states),
-                arrival=now,
-                body_offset=body_offset,
-                size=os.stat(message_path).st_size - body_offset,
-                ret=envelope.ret.upper() if envelope.ret else None,
-                envid=envelope.envid,
-                body=envelope.body,
-                smtputf8=envelope.smtputf8,
-                client_address=envelope.client_address,
-                helo=envelope.helo,
-                next_attempt=now,
             )
-            self.save(message)
+        message = QueuedMessage(
+            id=queue_id,
+            sender=envelope.sender,
+            recipients=tuple(states),
+            arrival=now,
+            body_offset=body_offset,
+            size=os.stat(spool).st_size - body_offset,
+            ret=envelope.ret.upper() if envelope.ret else None,
+            envid=envelope.envid,
+            body=envelope.body,
+            smtputf8=envelope.smtputf8,
+            client_address=envelope.client_address,
+            helo=envelope.helo,
+            next_attempt=now,
+        )
+        tmp = _write_tmp(self._envelope_path(queue_id), self.tmp_path, message.to_json(), durable)
+        return Prepared(message, tmp)
+
+    def commit(self, prepared: Prepared, spool: Path, durable: bool = False) -> str:
+        """
+        Group commit's second phase: C{spool} hard-linked into C{messages/}
+        and the envelope renamed into C{envelopes/}, the commit point.
+        Without C{durable}, the caller syncs the file system afterwards
+        (both names are on stable storage before the client's 250); with
+        it, the message's folder is synced before the rename and the
+        envelopes' after.  On failure nothing of it is left.
+        """
+        message = prepared.message
+        message_path = self.messages_path / message.id
+        try:
+            os.link(spool, message_path, follow_symlinks=False)
+        except BaseException:
+            self.abandon(prepared)
+            raise
+        try:
+            if durable:
+                fsync_directory(self.messages_path)
+            os.rename(prepared.tmp, self._envelope_path(message.id))
+            if durable:
+                fsync_directory(self.envelopes_path)
         except BaseException:
             os.unlink(message_path)
+            self.abandon(prepared)
             raise
         if self.on_enqueued is not None:
             self.on_enqueued(message)
         else:
-            try:
-                os.close(open_path(self.incoming_path / queue_id, os.O_WRONLY | os.O_CREAT))
-            except OSError:
-                pass  # it is queued all the same: the runner reads it when it next starts
-        return queue_id
+            self.announce(message.id)
+        return message.id
+
+    def abandon(self, prepared: Prepared) -> None:
+        """
+        Remove what L{prepare} wrote (the sync after it failed).
+        """
+        try:
+            os.unlink(prepared.tmp)
+        except FileNotFoundError:
+            pass
+
+    def announce(self, queue_id: str) -> None:
+        """
+        Tell the running server's runner of a message queued by another
+        process (a worker, C{mailserver queue adopt}): its next scan takes
+        it in.  Best effort: a server that misses it reads it when it next
+        starts.
+        """
+        try:
+            os.close(open_path(self.incoming_path / queue_id, os.O_WRONLY | os.O_CREAT))
+        except OSError:
+            pass
 
     # The runner's and the CLI's side.
 

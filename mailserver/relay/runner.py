@@ -41,10 +41,11 @@ from pathlib import Path
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from mailserver.envelope import Envelope, Recipient
 from mailserver.hooks import Delivery
+from mailserver.logs import emit, emit_failure
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import (
@@ -54,11 +55,11 @@ from mailserver.relay.delivery import (
     destination_of,
     destination_of_domain,
 )
-from mailserver.relay.dispatch import ConnectionSlots, Dispatcher
+from mailserver.relay.dispatch import Concurrency, ConnectionSlots, Dispatcher
 from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
 from mailserver.relay.mta_sts import make_mta_sts
-from mailserver.relay.mx import MXRouter, make_resolver
+from mailserver.relay.mx import RELAY_DNS_CACHE, MXRouter, Ourselves, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
     FAILED,
@@ -133,8 +134,8 @@ class RelayRunner(Service):
         self._jitter = jitter or random_jitter()
         self._io = io or self._in_thread
         self.policy = RetryPolicy.from_config(relay)
-        self._slots = ConnectionSlots(self._relay.max_connections,
-                                      self._relay.max_connections_per_destination)
+        concurrency = Concurrency(self._relay.max_connections_per_destination)
+        self._slots = ConnectionSlots(self._relay.max_connections, concurrency)
         self.index = index if index is not None else QueueIndex()
         self._dispatcher = Dispatcher(
             index=self.index, clock=reactor, start=self._start_attempt,
@@ -142,6 +143,7 @@ class RelayRunner(Service):
             rest_for=lambda n: retry_delay(self.policy, n, self._jitter),
             total=self._relay.max_connections,
             per_destination=self._relay.max_connections_per_destination,
+            concurrency=concurrency,
         )
         self._active: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}
@@ -157,14 +159,17 @@ class RelayRunner(Service):
         super().startService()
         if self._own_courier:
             resolver = self._resolver = make_resolver(self._relay.resolver, self._reactor,
-                                                      timeout=self._relay.dns_timeout)
+                                                      timeout=self._relay.dns_timeout,
+                                                      cache=RELAY_DNS_CACHE)
             # A route takes at most an MX query, a CNAME hop and the address
             # queries (made at once); the deadline holds whatever happens.
             router = MXRouter(resolver, port=self._relay.port, clock=self._reactor,
-                              deadline=3 * self._relay.dns_timeout)
+                              deadline=3 * self._relay.dns_timeout,
+                              ourselves=Ourselves.from_config(self._hostname, self._relay))
             tls = ClientTLS(ca_certificates(self._relay))
             self._courier = LoggingCourier(
-                RouteCourier(
+                clock=self._reactor,
+                inner=RouteCourier(
                     reactor=self._reactor,
                     relay=self._relay,
                     hostname=self._hostname,
@@ -174,12 +179,14 @@ class RelayRunner(Service):
                     mta_sts=make_mta_sts(self._relay, self._mta_sts_path, self._reactor, resolver,
                                          router, tls, io=self._io),
                     count=TLSPolicyCounter(self._metrics.relay_tls_policy_total),
+                    io=self._io,
                 )
             )
             if not self._relay.smarthost_tls_verify:
-                self.log.warn("relay: smarthost_tls_verify = false: the certificates of the "
-                              "smarthost and transport hosts are not checked, so anyone on "
-                              "the way can read the mail and the smarthost password")
+                emit(self.log, LogLevel.warn, "relay.tls_unverified",
+                     "smarthost_tls_verify = false: the certificates of the smarthost and "
+                     "transport hosts are not checked, so anyone on the way can read the "
+                     "mail and the smarthost password")
         # A crash's half-written files go before clients come (as the spool's
         # and the mailboxes' do); the orphans and the envelopes are read in
         # a thread.  Told of new messages from now on (kept in the index
@@ -189,7 +196,8 @@ class RelayRunner(Service):
         began = time.monotonic()
         d = self._io(self._read_queue)
         d.addCallback(self._read, began)
-        d.addErrback(lambda f: self.log.failure("relay: cannot read the queue", f))
+        d.addErrback(lambda f: emit_failure(self.log, "relay.read_failed", "cannot read the queue",
+                                            f))
 
     def _read_queue(self) -> tuple[list[str], QueueIndex, list[CorruptEntry]]:
         removed = self._queue.remove_orphans()
@@ -201,10 +209,11 @@ class RelayRunner(Service):
             return
         removed, index, corrupt = result
         if removed:
-            self.log.info("relay: removed {n} unacknowledged queue files", n=len(removed))
+            emit(self.log, LogLevel.info, "relay.orphans_removed",
+                 "removed unacknowledged queue files", count=len(removed))
         self.index.take_over(index)
-        self.log.info("relay: {n} queued messages read in {seconds:.2f} s", n=len(self.index),
-                      seconds=time.monotonic() - began)
+        emit(self.log, LogLevel.info, "relay.queue_read", "queued messages read",
+             count=len(self.index), seconds=round(time.monotonic() - began, 2))
         for e in corrupt:
             self._set_aside(e)
         self._scanner = task.LoopingCall(self.scan)
@@ -263,7 +272,7 @@ class RelayRunner(Service):
         began = time.monotonic()
         d = self._io(self._take_news)
         d.addCallback(self._apply_news)
-        d.addErrback(lambda f: self.log.failure("relay: queue scan failed", f))
+        d.addErrback(lambda f: emit_failure(self.log, "relay.scan_failed", "queue scan failed", f))
         d.addBoth(lambda _: self._metrics.relay_queue_scan_seconds.set(time.monotonic() - began))
         return d
 
@@ -288,8 +297,8 @@ class RelayRunner(Service):
             try:
                 self.request(verb, target)
             except QueueError as e:
-                self.log.warn("relay: queue request {verb} {target}: {e}", verb=verb,
-                              target=target, e=str(e))
+                emit(self.log, LogLevel.warn, "relay.request_refused", "queue request refused",
+                     verb=verb, target=target, problem=str(e))
 
     def _set_aside(self, e: CorruptEntry) -> defer.Deferred:
         """
@@ -299,15 +308,15 @@ class RelayRunner(Service):
 
         def moved(where):
             self._metrics.relay_queue_corrupt_total.inc()
-            self.log.error("relay: queue file {file} is corrupt ({problem}); moved it to {where}",
-                           file=str(e.path), problem=e.problem, where=str(where))
+            emit(self.log, LogLevel.error, "relay.corrupt", "queue file is corrupt; moved it aside",
+                 file=str(e.path), problem=e.problem, where=str(where), id=e.queue_id)
 
         def stuck(failure):
             error = failure.trap(OSError) and failure.value
-            self.log.error(
-                "relay: queue file {file} is corrupt ({problem}) and cannot be moved "
-                "aside ({error}); ignoring it", file=str(e.path), problem=e.problem,
-                error=error.strerror or str(error))
+            emit(self.log, LogLevel.error, "relay.corrupt",
+                 "queue file is corrupt and cannot be moved aside; ignoring it",
+                 file=str(e.path), problem=e.problem, error=error.strerror or str(error),
+                 id=e.queue_id)
 
         return self._io(self._queue.set_aside, e.queue_id, e.problem).addCallbacks(moved, stuck)
 
@@ -328,8 +337,10 @@ class RelayRunner(Service):
         if verb == "delete":
             self.index.remove(target)
             self._io(self._queue.remove, target).addCallbacks(
-                lambda _: self.log.info("relay: {id}: deleted on request", id=target),
-                lambda f: self.log.failure("relay: {id}: cannot delete it", f, id=target))
+                lambda _: emit(self.log, LogLevel.info, "relay.deleted", "deleted on request",
+                               id=target),
+                lambda f: emit_failure(self.log, "relay.delete_failed", "cannot delete it", f,
+                                       id=target))
         elif verb == "bounce":
             self._start_attempt(target, bounce=True)
         else:
@@ -369,7 +380,7 @@ class RelayRunner(Service):
         def failed(failure):
             # A bug or a full disk: back off, rather than retry it (and
             # maybe deliver it again) at once.
-            self.log.failure("relay: {id}: attempt failed", failure, id=queue_id)
+            emit_failure(self.log, "relay.attempt_failed", "attempt failed", failure, id=queue_id)
             if self.running and queue_id in self.index:
                 self.index.reschedule(queue_id, self._reactor.seconds()
                                       + retry_delay(self.policy, 1, self._jitter))
@@ -404,12 +415,18 @@ class RelayRunner(Service):
                         keep_last=True)
                 else:
                     message = replace(message, next_attempt=when)
-        await self._io(self._queue.save, message)
-        message = await self._report(message, now)
-        if all(r.state != PENDING and r.notified for r in message.recipients):
+        if not _finished(message):
+            await self._io(self._queue.save, message)
+            message = await self._report(message, now)
+        # A message done with, nothing to report, is removed without saving
+        # its last state first: one fsync (of the envelope folder) instead
+        # of three while the attempt holds its destination's slot.  A crash
+        # before the removal is on disk sends it again, as a crash before
+        # the save did.
+        if _finished(message):
             await self._io(self._queue.remove, message.id)
             self.index.remove(message.id)
-            self.log.info("relay: {id}: done", id=message.id)
+            emit(self.log, LogLevel.info, "relay.removed", "done", id=message.id)
         elif message.pending():
             self._requeue(message, message.next_attempt)
         else:
@@ -425,6 +442,9 @@ class RelayRunner(Service):
         for r in message.pending():
             self._metrics.relay_deliveries_total.inc(result="bounced")
             self._tell(message, r.address, "bounced", diagnostic)
+            emit(self.log, LogLevel.warn, "relay.bounced", "bounced",
+                 recipient=printable(r.address), sender=printable(message.sender), dsn=status,
+                 reason=printable(diagnostic, None), id=message.id)
             message = message.with_recipient(
                 r.address,
                 state=FAILED,
@@ -463,9 +483,10 @@ class RelayRunner(Service):
         unreachable = [o.reply for o in outcomes.values() if o.reply.status.startswith("4.4.")]
         until = self._dispatcher.reached(key, len(unreachable) < len(outcomes))
         if until is not None:
-            self.log.info("relay: {key} is not reachable ({reply}); its messages wait {seconds:.0f}s",
-                          key=key, reply=str(unreachable[0]),
-                          seconds=until - self._reactor.seconds())
+            emit(self.log, LogLevel.info, "relay.unreachable",
+                 "not reachable; its messages wait", destination=key,
+                 reply=printable(str(unreachable[0]), None),
+                 seconds=round(until - self._reactor.seconds()), id=message.id)
         return outcomes
 
     def _apply(self, message: QueuedMessage, address: str, outcome: Outcome,
@@ -526,12 +547,13 @@ class RelayRunner(Service):
                 try:
                     await self._send_report(message, wanted, action, now)
                 except QueueError as e:  # nowhere to send it: drop it
-                    self.log.error("relay: {id}: dropping a {action} report: {e}",
-                                   id=message.id, action=action, e=str(e))
+                    emit(self.log, LogLevel.error, "relay.dsn_dropped", "dropping a report",
+                         action=action, recipient=printable(message.sender), problem=str(e),
+                         id=message.id)
                 except Exception as e:
-                    self.log.error("relay: {id}: cannot send a {action} report to <{to}>: {e}",
-                                   id=message.id, action=action, to=printable(message.sender),
-                                   e=str(e))
+                    emit(self.log, LogLevel.error, "relay.dsn_failed", "cannot send a report",
+                         action=action, recipient=printable(message.sender), problem=str(e),
+                         id=message.id)
                     if action == dsn_module.DELAYED:
                         message = replace(message, delay_warned=False)
                     continue
@@ -575,9 +597,9 @@ class RelayRunner(Service):
         except Exception:
             receiver.abort()
             raise
-        await receiver.finish()
-        self.log.info("relay: {id}: {action} report sent to <{to}>", id=message.id,
-                      action=action, to=printable(message.sender))
+        report_id = await receiver.finish()
+        emit(self.log, LogLevel.info, "relay.dsn_sent", f"{action} report sent", action=action,
+             recipient=printable(message.sender), report=report_id, id=message.id)
 
     def _report_destinations(self, sender: str) -> tuple[str, ...]:
         domain = sender.rpartition("@")[2]
@@ -587,3 +609,10 @@ class RelayRunner(Service):
                 raise QueueError(f"local sender <{sender}> has no mailbox")
             return tuple(resolved)
         return (sender,)
+
+
+def _finished(message: QueuedMessage) -> bool:
+    """
+    Every recipient delivered or failed, and every report owed sent.
+    """
+    return all(r.state != PENDING and r.notified for r in message.recipients)

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver.config import RelayTLS, TLSLevel
+from mailserver.logs import emit_failure
 
 # What C{Transaction.tls} the client is given for a level.
 _CLIENT_MODE = {
@@ -283,7 +284,8 @@ class CheckedClientTLS:
                 self._record(f"hostname mismatch: the certificate does not name {self.host}",
                              "certificate-host-mismatch")
         except Exception:
-            self.log.failure("relay: checking the certificate of {host}", host=self.host)
+            emit_failure(self.log, "relay.certificate_check_failed",
+                         "checking the certificate failed", host=self.host)
             ok = False
             self._record("certificate verify failed: cannot check it", "validation-failure")
         return bool(ok) or not self.enforce

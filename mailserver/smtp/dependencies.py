@@ -8,8 +8,6 @@ the sections, not a L{mailserver.config.Config}).
 
 from __future__ import annotations
 
-import itertools
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +15,7 @@ from mailserver.config import SMTP, Limits
 from mailserver.hooks import Hooks
 from mailserver.interfaces import IAccounts, IIntake
 from mailserver.login_throttle import LoginThrottle, throttle_for
+from mailserver.message_ids import new_message_id
 from mailserver.metrics import ServerMetrics, unregistered_metrics
 from mailserver.smtp.policy import Policy
 
@@ -33,8 +32,8 @@ class SMTPDependencies:
     @ivar hooks: the plugins' hooks, if any.
     @ivar flush_queue: starts delivery of the queue's mail for a domain and
         returns how many messages (ETRN); C{None} without a relay queue.
-    @ivar next_session_id: the id our Received field gives a transaction,
-        for matching it with the log.
+    @ivar new_message_id: the ID of the next message (the 250 reply, our
+        Received field, the stored file, the queue and the log all use it).
     """
 
     hostname: str
@@ -48,7 +47,7 @@ class SMTPDependencies:
     smtp: SMTP
     limits: Limits
     metrics: ServerMetrics
-    next_session_id: Callable[[], str]
+    new_message_id: Callable[[], str]
     tls_options: object = None
     implicit_tls: bool = False
     hooks: Hooks | None = None
@@ -93,18 +92,9 @@ class SMTPDependencies:
             smtp=smtp,
             limits=limits,
             metrics=metrics or unregistered_metrics(),
-            next_session_id=_session_ids(),
+            new_message_id=new_message_id,
             tls_options=tls_options,
             implicit_tls=implicit_tls,
             hooks=hooks,
             flush_queue=queue_runner.flush if queue_runner is not None else None,
         )
-
-
-def _session_ids() -> Callable[[], str]:
-    """
-    A counter from a random start: unique ids without a system call per
-    message.
-    """
-    ids = itertools.count(secrets.randbits(40))
-    return lambda: f"{next(ids) & 0xFFFFFFFFFFFF:012X}"

@@ -97,9 +97,10 @@ class Policy:
         Where mail to C{mailbox} goes, or why it is refused.
 
         Local domains resolve through the accounts (aliases, lists,
-        subaddress, catch-all).  Any other domain, and any address literal,
-        is relaying: allowed only to authenticated clients, whose recipient
-        is kept as given for the relay queue.
+        subaddress, catch-all).  A relay domain's recipients are relayed for
+        anyone, if its list of recipients has them.  Any other domain, and
+        any address literal, is relaying: allowed only to authenticated
+        clients, whose recipient is kept as given for the relay queue.
         """
         refusal = self.auth_required(authenticated)
         if refusal is not None:
@@ -110,6 +111,10 @@ class Policy:
             if not destinations:
                 return USER_UNKNOWN
             return tuple(destinations)
+        if not mailbox.is_address_literal and self._accounts.is_relay_domain(mailbox.domain):
+            if not self._accounts.is_relay_recipient(mailbox.address):
+                return USER_UNKNOWN
+            return (mailbox.address,)
         if authenticated is not None:
             return (mailbox.address,)
         return RELAY_DENIED

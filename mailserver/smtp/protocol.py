@@ -18,13 +18,22 @@ from typing import Protocol as TypingProtocol
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 import mailserver.smtp.replies as R
+from mailserver.logs import emit, emit_failure
+from mailserver.safe_text import printable
 from mailserver.sasl import is_loopback
 from mailserver.smtp.dependencies import SMTPDependencies
 from mailserver.smtp.grammar import GrammarError, parse_command
+from mailserver.smtp.refusals import (
+    AUTH_FAILED,
+    CONNECTION_LIMIT,
+    ERRORS,
+    RATE,
+    SHUTDOWN,
+)
 from mailserver.smtp.replies import Reply, reply
 from mailserver.smtp.session import JUNK_COMMANDS, SMTPSession
 from mailserver.smtp.state import Connection, State
@@ -103,7 +112,8 @@ class SMTPServer(Protocol):
         )
         refusal = self._admission.admit(self)
         if refusal is not None:
-            self._answer(refusal)
+            reason = SHUTDOWN if refusal.enhanced == "4.3.2" else CONNECTION_LIMIT
+            self._answer(self.session.refuse("CONNECT", refusal, reason))
             self._close()
             return
         self._counted = True
@@ -145,10 +155,11 @@ class SMTPServer(Protocol):
         self.session.close()
 
     def _timed_out(self) -> None:
-        self.log.info(
-            "SMTP timeout: client={client} state={state}",
-            client=self.client_address, state=self.session.state.label,
-        )
+        session = self.session
+        emit(self.log, LogLevel.info, "smtp.timeout", "timed out", client=self.client_address,
+             helo=printable(session.helo or ""), user=printable(session.account or ""),
+             state=session.state.label,
+             id=session.transaction.id if session.transaction is not None else "")
         self._answer(reply(421, "4.4.2", f"{self._deps.hostname} Error: timeout exceeded"))
         self._close()
 
@@ -261,7 +272,8 @@ class SMTPServer(Protocol):
 
     def _perform_outcome(self, result) -> None:
         if isinstance(result, Failure):
-            self.log.failure("SMTP handler failed", failure=result)
+            emit_failure(self.log, "smtp.handler_failed", "a command's handler failed", result,
+                         client=self.client_address)
             result = R.TEMPORARY_FAILURE
         self._perform(result)
 
@@ -274,7 +286,8 @@ class SMTPServer(Protocol):
             self._too_many_errors()
 
     def _too_many_errors(self) -> None:
-        self._answer(reply(421, "4.7.0", f"{self._deps.hostname} Error: too many errors"))
+        refusal = reply(421, "4.7.0", f"{self._deps.hostname} Error: too many errors")
+        self._answer(self.session.refuse("-", refusal, ERRORS, errors=self._lines.errors))
         self._close()
 
     # Logins (RFC 4954).
@@ -288,12 +301,9 @@ class SMTPServer(Protocol):
             )
         checking = self._logins.attempt(self.client_address, login.username, login.password)
         if checking is REFUSED:
-            self.log.warn(
-                "SMTP login refused unchecked for {user!r} from {client}:"
-                " too many failed logins from there",
-                user=user, client=self.client_address,
-            )
-            self._answer(R.LOGINS_REFUSED)
+            # Too many failed logins from there: refused unchecked.
+            self._answer(self.session.refuse("AUTH", R.LOGINS_REFUSED, RATE,
+                                             event="smtp.auth_throttled", user=printable(user)))
             return
         checking.addCallback(self._log_out_if_gone)
         self._lines.wait(checking, partial(self._checked, user))
@@ -308,13 +318,12 @@ class SMTPServer(Protocol):
             self._perform(self.session.logged_in(outcome.avatar.address, outcome.logout))
             return
         if not isinstance(outcome, BadCredentials):
-            self.log.failure("AUTH failed unexpectedly", failure=outcome.failure)
+            emit_failure(self.log, "smtp.auth_error", "checking a login failed", outcome.failure,
+                         client=self.client_address)
             self._answer(R.AUTH_UNAVAILABLE)
             return
-        self.log.warn(
-            "SMTP authentication failed for {user!r} from {client} ({failures} in this session)",
-            user=user, client=self.client_address, failures=outcome.failures,
-        )
+        self.session.refuse("AUTH", R.BAD_CREDENTIALS, AUTH_FAILED, event="smtp.auth_failed",
+                            user=printable(user), failures=outcome.failures)
         if outcome.final:
             self._answer(R.BAD_CREDENTIALS)
             hostname = self._deps.hostname

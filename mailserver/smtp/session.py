@@ -27,10 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 import mailserver.smtp.replies as R
 from mailserver.hooks import Client
+from mailserver.logs import emit
+from mailserver.safe_text import printable
 from mailserver.sasl import (
     MECHANISMS,
     Credentials,
@@ -49,6 +51,7 @@ from mailserver.smtp.grammar import (
     parse_domain_argument,
     parse_mailbox,
 )
+from mailserver.smtp.refusals import ETRN_DENIED, reason_of
 from mailserver.smtp.replies import Reply, reply
 from mailserver.smtp.state import Connection, State
 from mailserver.smtp.transaction import Chunk, Transaction, TransactionHandlers
@@ -116,7 +119,30 @@ class SMTPSession(TransactionHandlers):
     def _greeting(self, verdict):
         if verdict is None or not isinstance(verdict, Reply):  # None, or a Failure
             return reply(220, "", f"{self.deps.hostname} ESMTP mailserver")
-        return (verdict, CLOSE)
+        return (self.refuse("CONNECT", verdict), CLOSE)
+
+    def refuse(self, command: str, answer: Reply, reason: str | None = None,
+               event: str = "smtp.rejected", **fields) -> Reply:
+        """
+        Log and count a refusal (one C{smtp.rejected} event, Postfix's
+        C{reject:} line) and return its reply.
+
+        @param reason: the word for it (L{mailserver.smtp.refusals}); by
+            default read from the reply.
+        @param fields: what else the event says (C{sender}, C{recipient},
+            C{id}...), or says instead (C{user}: the name an AUTH tried).
+        """
+        if reason is None:
+            reason = reason_of(answer)
+        deps = self.deps
+        deps.metrics.smtp_refusals_total.inc(role=deps.metrics_role, reason=reason)
+        facts = dict(command=command, code=answer.code, enhanced=answer.enhanced, reason=reason,
+                     reply=printable(answer.text, None), client=self.connection.address,
+                     helo=printable(self.helo or ""), user=printable(self.account or ""))
+        facts.update(fields)
+        emit(self.log, LogLevel.info if answer.temporary else LogLevel.warn, event, "refused",
+             **facts)
+        return answer
 
     def close(self) -> None:
         """
@@ -260,7 +286,8 @@ class SMTPSession(TransactionHandlers):
         if not domain or not is_domain(domain):
             return reply(501, "5.5.4", "Syntax: ETRN domain")
         if self.account is None and not self.connection.loopback:
-            return reply(459, "4.7.1", f"Node {domain} not allowed: authenticate first")
+            refusal = reply(459, "4.7.1", f"Node {domain} not allowed: authenticate first")
+            return self.refuse("ETRN", refusal, ETRN_DENIED, domain=domain)
         flush = self.deps.flush_queue
         if flush is None:
             return reply(458, "4.3.0", f"Unable to queue messages for node {domain}: no queue")
@@ -323,7 +350,7 @@ class SMTPSession(TransactionHandlers):
         if problem is not None:
             return problem
         if not self._auth_allowed():
-            return R.ENCRYPTION_REQUIRED
+            return self.refuse("AUTH", R.ENCRYPTION_REQUIRED)
         mechanism, _, initial = argument.strip().partition(" ")
         exchange_type = MECHANISMS.get(mechanism.upper())
         if exchange_type is None:

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from twisted.internet import defer
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 import mailserver.smtp.replies as R
 from mailserver.envelope import Envelope, Recipient
+from mailserver.logs import addresses, emit, emit_failure
 from mailserver.safe_text import printable
 from mailserver.smtp.grammar import (
     GrammarError,
@@ -31,21 +33,20 @@ from mailserver.smtp.grammar import (
     parse_rcpt,
     recipient_options,
 )
-from mailserver.smtp.message import MessageSink, received_header, with_protocol
+from mailserver.config import BareNewline
+from mailserver.smtp.message import (
+    MessageSink,
+    completing_fields,
+    received_header,
+    with_protocol,
+)
+from mailserver.smtp.policy import SUBMISSION
+from mailserver.smtp.refusals import POLICY, STORAGE, reason_of
 from mailserver.smtp.replies import Reply, reply
 from mailserver.smtp.state import State
 from mailserver.wire.dots import DotReader
 from mailserver.wire.effects import Await
 
-# The rejection reason (a metrics label) of each refusal of a message.
-_REASONS = {
-    R.TOO_BIG: "size",
-    R.LOOP_DETECTED: "loop",
-    R.BARE_NEWLINE: "bare-newline",
-    R.DATA_LINE_TOO_LONG: "line-length",
-    R.INSUFFICIENT_STORAGE: "storage",
-    R.TEMPORARY_FAILURE: "storage",
-}
 _BDAT_SYNTAX = reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
 
 
@@ -62,6 +63,7 @@ class Transaction:
     receiver: object = None
     sink: MessageSink | None = None
     reader: DotReader | None = None
+    id: str = ""
 
 
 @dataclass(slots=True)
@@ -88,7 +90,7 @@ class TransactionHandlers:
     def do_MAIL(self, argument: str):
         refusal = self.deps.policy.auth_required(self.account)
         if refusal is not None:
-            return refusal
+            return self.refuse("MAIL", refusal)
         try:
             path = parse_mail(argument)
             options = mail_options(path.parameters)
@@ -96,20 +98,22 @@ class TransactionHandlers:
             return _grammar_reply(e)
         if options.smtputf8 and not self.esmtp:
             return reply(503, "5.5.1", "Error: SMTPUTF8 needs EHLO")
+        sender = printable(path.mailbox.address) if path.mailbox else ""
         if path.mailbox is not None and not path.mailbox.is_ascii and not options.smtputf8:
-            return R.SMTPUTF8_REQUIRED
+            return self.refuse("MAIL", R.SMTPUTF8_REQUIRED, sender=sender)
         limits = self.deps.limits
         if options.size is not None and options.size > limits.max_message_size:
-            return reply(552, "5.3.4", "Message size exceeds fixed limit")
+            refusal = reply(552, "5.3.4", "Message size exceeds fixed limit")
+            return self.refuse("MAIL", refusal, sender=sender, size=options.size)
         if not self.deps.intake.has_room(options.size or 0):
-            return R.INSUFFICIENT_STORAGE
+            return self.refuse("MAIL", R.INSUFFICIENT_STORAGE, sender=sender)
         refusal = self.deps.policy.sender(path.mailbox, self.account)
         if refusal is not None:
-            return refusal
+            return self.refuse("MAIL", refusal, sender=sender)
 
         def accepted(verdict) -> Reply | None:
             if verdict is not None:  # a plugin's Reject
-                return verdict
+                return self.refuse("MAIL", verdict, sender=sender)
             if self.state is not State.READY:
                 return None  # closed meanwhile
             self.transaction = Transaction(path.mailbox, options, self.deps.clock.seconds())
@@ -131,21 +135,27 @@ class TransactionHandlers:
             return _grammar_reply(e)
         policy = self.deps.policy
         mailbox = policy.qualify(path.mailbox)
+        sender = printable(transaction.sender.address) if transaction.sender else ""
         if not mailbox.is_ascii and not transaction.options.smtputf8:
-            return R.SMTPUTF8_REQUIRED
+            return self.refuse("RCPT", R.SMTPUTF8_REQUIRED, sender=sender,
+                               recipient=printable(mailbox.address))
         if len(transaction.recipients) >= self.deps.limits.max_recipients:
-            return R.TOO_MANY_RECIPIENTS
+            return self.refuse("RCPT", R.TOO_MANY_RECIPIENTS, sender=sender,
+                               recipient=printable(mailbox.address))
 
         def check(address) -> Reply:
             if not isinstance(address, str):  # a plugin's Reject
-                return address
+                return self.refuse("RCPT", address, sender=sender,
+                                   recipient=printable(mailbox.address))
             try:
                 checked = parse_mailbox(address) if address != mailbox.address else mailbox
-            except GrammarError:
-                return R.TEMPORARY_FAILURE
+            except GrammarError:  # a plugin's rewrite to no address
+                return self.refuse("RCPT", R.TEMPORARY_FAILURE, POLICY, sender=sender,
+                                   recipient=printable(mailbox.address))
             verdict = policy.recipient(checked, self.account)
             if isinstance(verdict, Reply):
-                return verdict
+                return self.refuse("RCPT", verdict, sender=sender,
+                                   recipient=printable(checked.address))
             if self.transaction is not transaction:
                 return R.NEED_MAIL
             transaction.recipients.append(
@@ -172,8 +182,8 @@ class TransactionHandlers:
         if problem is not None:
             self.transaction = None
             self.state = State.READY
-            return problem
-        transaction.reader = DotReader(transaction.sink.write, self.deps.limits.max_text_line)
+            return self.refuse("DATA", problem, **_message_fields(transaction))
+        transaction.reader = DotReader(transaction.sink.write)
         self.state = State.DATA
         return R.START_MAIL_INPUT
 
@@ -223,6 +233,7 @@ class TransactionHandlers:
         if refusal is not None:
             self.transaction = None
             self.state = State.READY
+            self.refuse("BDAT", refusal, **_message_fields(transaction))
         return self._read_chunk(size, refusal)
 
     def next_bdat(self, argument: str):
@@ -255,14 +266,13 @@ class TransactionHandlers:
 
     def _begin_message(self, transaction: Transaction) -> Reply | None:
         """
-        Open the intake's receiver behind our Received field.
+        Give the message its ID and open the intake's receiver behind our
+        Received field.
         """
         deps = self.deps
         connection = self.connection
         options = transaction.options
-        # One id for the Received field and the envelope (plugins such as
-        # Rspamd name the transaction by it in their logs).
-        session_id = deps.next_session_id()
+        now = deps.clock.seconds()
         tls_version, tls_cipher = connection.tls_parameters() if self.tls else (None, None)
         if self.tls and tls_version is None:
             tls_version = "TLS"
@@ -277,14 +287,16 @@ class TransactionHandlers:
             body=options.body,
             smtputf8=options.smtputf8,
             size=options.size,
-            trace_id=session_id,
+            id=deps.new_message_id(),
             tls_version=tls_version,
             tls_cipher=tls_cipher,
         )
+        transaction.id = envelope.id
         try:
             receiver = deps.intake.begin(envelope)
         except Exception:
-            self.log.failure("intake refused to begin a message")
+            emit_failure(self.log, "smtp.intake_failed", "the intake refused to begin a message",
+                         id=envelope.id)
             return R.TEMPORARY_FAILURE
         only = transaction.recipients[0].address if len(transaction.recipients) == 1 else None
         trace = received_header(
@@ -297,11 +309,11 @@ class TransactionHandlers:
                 tls=self.tls,
                 authenticated=self.account is not None,
             ),
-            session_id=session_id,
+            message_id=envelope.id,
             tls=connection.describe_tls() if self.tls else None,
             authenticated=self.account,
             recipient=only,
-            when=deps.clock.seconds(),
+            when=now,
         )
         transaction.receiver = receiver
         transaction.sink = MessageSink(
@@ -310,6 +322,11 @@ class TransactionHandlers:
             max_size=deps.limits.max_message_size,
             max_line=deps.limits.max_text_line,
             max_received=deps.smtp.max_received_headers,
+            normalize=deps.smtp.bare_newline == BareNewline.NORMALIZE,
+            missing_fields=(
+                completing_fields(envelope.id, deps.hostname, now)
+                if deps.role == SUBMISSION else ()
+            ),
         )
         return None
 
@@ -333,20 +350,26 @@ class TransactionHandlers:
         if isinstance(result, Failure):
             rejected = getattr(result.value, "reject", None)
             if rejected is not None:  # a message hook said no
-                return self._refuse_message(transaction, rejected, "plugin")
+                return self._refuse_message(transaction, rejected)
             if isinstance(result.value, OSError):  # the disk, not a bug: one line
-                self.log.error("storing a message failed: {problem}", problem=str(result.value))
+                emit(self.log, LogLevel.error, "smtp.storage_failed", "storing a message failed",
+                     problem=str(result.value), id=transaction.id)
             else:
-                self.log.failure("storing a message failed", failure=result)
-            return self._refuse_message(transaction, R.storage_failure(result.value), "storage")
+                emit_failure(self.log, "smtp.storage_failed", "storing a message failed", result,
+                             id=transaction.id)
+            return self._refuse_message(transaction, R.storage_failure(result.value), STORAGE)
         deps = self.deps
         role = deps.metrics_role
         metrics = deps.metrics
         metrics.smtp_messages_accepted_total.inc(role=role)
         metrics.smtp_bytes_received_total.inc(transaction.sink.size, role=role)
-        metrics.smtp_transaction_seconds.observe(deps.clock.seconds() - transaction.started)
+        elapsed = deps.clock.seconds() - transaction.started
+        metrics.smtp_transaction_seconds.observe(elapsed)
         answer = reply(250, "2.0.0", f"Ok: queued as {result}")
-        self._log_transaction(transaction, f"accepted {result}", answer)
+        emit(self.log, LogLevel.info, "smtp.accepted", "accepted", code=answer.code,
+             enhanced=answer.enhanced, client=self.connection.address,
+             helo=printable(self.helo or ""), user=printable(self.account or ""),
+             **_message_fields(transaction), ms=round(elapsed * 1000, 1))
         return answer
 
     def _refuse_message(
@@ -354,42 +377,13 @@ class TransactionHandlers:
     ) -> Reply:
         """
         @param reason: a word from a fixed set (a metrics label, never
-            client input); by default read from the enhanced code.
+            client input); by default read from the reply.
         """
         if reason is None:
-            reason = _REASONS.get(problem, "policy")
-        self.deps.metrics.smtp_messages_rejected_total.inc(
-            role=self.deps.metrics_role, reason=reason
-        )
+            reason = reason_of(problem)
         self.transaction = None
-        self._log_transaction(transaction, f"rejected ({reason})", problem)
-        return problem
-
-    def _log_transaction(self, transaction: Transaction, outcome: str, answer: Reply) -> None:
-        """
-        One greppable line per transaction, as Postfix writes them.
-        """
-        elapsed_ms = (self.deps.clock.seconds() - transaction.started) * 1000
-        fields = dict(
-            outcome=outcome,
-            code=answer.code,
-            enhanced=answer.enhanced,
-            client=self.connection.address,
-            helo=printable(self.helo or "-"),
-            user=printable(self.account or "-"),
-            sender=printable(transaction.sender.address) if transaction.sender else "",
-            recipients=",".join(f"<{printable(r.address)}>" for r in transaction.recipients),
-            size=transaction.sink.size if transaction.sink is not None else 0,
-            ms=elapsed_ms,
-        )
-        # Every field is in the event for structured observers; the text is
-        # put together here, as Twisted's formatter would take ten fields
-        # through string.Formatter once per message.
-        line = (
-            "{code} {enhanced} client={client} helo={helo} user={user}"
-            " from=<{sender}> to={recipients} size={size} time={ms:.1f}ms"
-        ).format(**fields)
-        self.log.info("SMTP {outcome}: {line}", line=line, **fields)
+        command = "DATA" if transaction.reader is not None else "BDAT"
+        return self.refuse(command, problem, reason, **_message_fields(transaction))
 
     def abort_transaction(self) -> None:
         transaction, self.transaction = self.transaction, None
@@ -397,6 +391,19 @@ class TransactionHandlers:
             return
         if transaction.sink.problem is None:  # else the sink has aborted it
             transaction.receiver.abort()
+
+
+def _message_fields(transaction: Transaction) -> dict:
+    """
+    What the log says about a message: its ID, sender, recipients, size.
+    """
+    sink = transaction.sink
+    return dict(
+        sender=printable(transaction.sender.address) if transaction.sender else "",
+        recipients=addresses(printable(r.address) for r in transaction.recipients),
+        size=sink.size if sink is not None else 0,
+        id=transaction.id,
+    )
 
 
 def _grammar_reply(error: GrammarError) -> Reply:

@@ -22,9 +22,6 @@ _LF_DOT = re.compile(rb"\n\.")
 # (<LF>.<LF>, <CR>.<CR>, <LF>.<CRLF>, ...) is content, which is what makes
 # SMTP smuggling impossible here.
 _END_OF_DATA = b"\r\n.\r\n"
-# Both the terminator and a stuffed dot start so; most chunks have neither,
-# and re tells that faster than bytes.find does for one of them.
-_CRLF_DOT = re.compile(rb"\r\n\.")
 
 
 class DotStuffer:
@@ -62,24 +59,23 @@ class DotStuffer:
 class DotReader:
     """
     Finds C{<CRLF>.<CRLF>} in the DATA stream and passes the un-stuffed
-    text to C{write}.
+    text to C{write}, line endings as they came.
 
-    The text is kept as if a CRLF came just before it, so a message that
-    starts with C{.} or is empty needs no special case; what is kept between
-    chunks always starts at a CRLF, so a terminator or a stuffed dot split
-    across chunks is still seen.
+    Every LF ends a line (a bare one too, as Postfix reads it), so a line
+    starting C{..} after any LF is un-stuffed; but only C{<CRLF>.<CRLF>}
+    ends the data.  The text is read as if a CRLF came just before it, so a
+    message that starts with C{.} or is empty needs no special case.  Of
+    each chunk, only what could begin a terminator or a stuffed dot is kept
+    for the next (at most four octets, from a CR or LF): a line of any
+    length costs no memory here.
 
-    @param write: takes the message text, CRLF line endings, in pieces.
-    @param max_line: the longest line the reader keeps whole while looking
-        for the terminator; past it only what could begin a terminator is
-        kept (such a message is refused anyway, by C{write}'s owner).
+    @param write: takes the message text in pieces, split anywhere.
     """
 
-    def __init__(self, write: Callable[[bytes], None], max_line: int) -> None:
+    def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
-        self._max_line = max_line
         self._pending = b"\r\n"
-        self._first = True
+        self._skip = 2  # the CRLF put before the text
 
     def feed(self, data: bytes) -> bytes | None:
         """
@@ -87,27 +83,36 @@ class DotReader:
         the bytes after the terminator once it is found.
         """
         text = self._pending + data
-        first_dot_line = _CRLF_DOT.search(text)
+        first_dot_line = _LF_DOT.search(text)
         stuffed = first_dot_line is not None
-        end = text.find(_END_OF_DATA, first_dot_line.start()) if stuffed else -1
-        if end >= 0:
-            self._pending = b""
-            self._emit(text[: end + 2])
-            return text[end + len(_END_OF_DATA) :]
-        cut = text.rfind(b"\r\n")
-        if cut <= 0 and len(text) > self._max_line + 6:
-            cut = len(text) - 4
-        if cut > 0:
+        if stuffed:
+            end = text.find(_END_OF_DATA, max(first_dot_line.start() - 1, 0))
+            if end >= 0:
+                self._pending = b""
+                self._emit(text[: end + 2], True)
+                return text[end + len(_END_OF_DATA) :]
+        # Keep from the first CR or LF of the last four octets: a
+        # terminator or a stuffed dot split by this chunk's end starts there.
+        size = len(text)
+        cut = size
+        tail = max(size - 4, 0)
+        cr = text.find(b"\r", tail)
+        if cr >= 0:
+            cut = cr
+        lf = text.find(b"\n", tail, cut)
+        if lf >= 0:
+            cut = lf
+        self._pending = text[cut:]
+        if cut:
             self._emit(text[:cut], stuffed)
-            text = text[cut:]
-        self._pending = text
         return None
 
-    def _emit(self, text: bytes, stuffed: bool = True) -> None:
+    def _emit(self, text: bytes, stuffed: bool) -> None:
         if stuffed:
-            text = text.replace(b"\r\n..", b"\r\n.")
-        if self._first:
-            text = text[2:]
-            self._first = False
+            text = text.replace(b"\n..", b"\n.")
+        if self._skip:
+            skipped = min(self._skip, len(text))
+            text = text[skipped:]
+            self._skip -= skipped
         if text:
             self._write(text)

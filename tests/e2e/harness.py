@@ -2,8 +2,8 @@
 The real C{twistd mailserver} process as a test fixture.
 
 Every listener asks the OS for a free loopback port (C{tcp:0}); the server
-writes the ports it got into C{listeners.json} in its data folder, which is
-how the harness learns them.
+writes the ports it got into C{listeners.json} in its node's folder
+(C{<data_dir>/nodes/<node_name>/}), which is how the harness learns them.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class MailServer:
         twistd_options: tuple[str, ...] = (),
         cli: list[str] | None = None,
         env: dict[str, str] | None = None,
+        json_log: bool = False,
         open_files: int | None = None,
     ) -> None:
         """
@@ -57,9 +58,12 @@ class MailServer:
         @param twistd_options: twistd's own options (C{--uid}...).
         @param cli: the command that runs the console script.
         @param env: the environment of both (default: L{environment}).
+        @param json_log: log through C{mailserver.logs.json_stdout} (into
+            C{log_path}) instead of twistd's text log.
         @param open_files: the server's C{RLIMIT_NOFILE} (soft and hard),
             if not this process's.
         """
+        self.json_log = json_log
         self.open_files = open_files
         self.root = tmp_path
         self.data_path = data_path or tmp_path / "data"
@@ -92,16 +96,37 @@ class MailServer:
         self.ports: dict[str, int] = {}
         self.output = ""  # what the process wrote on stdout and stderr, once stopped
 
+    def _config(self):
+        from mailserver.config import load
+
+        return load(self.config_path)
+
+    @property
+    def node_path(self) -> Path:
+        """
+        The server's own folder in the data folder (its queue, its lock...).
+        """
+        return self._config().node_path
+
+    @property
+    def queue_path(self) -> Path:
+        return self._config().queue_path
+
     def start(self, timeout: float = 20.0) -> None:
-        report = self.data_path / "listeners.json"
+        report = self.node_path / "listeners.json"
         if report.exists():
             report.unlink()
+        logging = [f"--logfile={self.log_path}"]
+        stdout = subprocess.PIPE
+        if self.json_log:
+            logging = ["--logger=mailserver.logs.json_stdout"]
+            stdout = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
                 *self.twistd,
                 "--nodaemon",
                 "--pidfile=",
-                f"--logfile={self.log_path}",
+                *logging,
                 *self.twistd_options,
                 "mailserver",
                 "--config",
@@ -109,14 +134,17 @@ class MailServer:
             ],
             cwd=self.root,
             env=self.env,
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.STDOUT,
             preexec_fn=self._limit_open_files if self.open_files else None,
         )
+        if stdout is not subprocess.PIPE:
+            stdout.close()  # the child has its own copy
         deadline = time.monotonic() + timeout
         while not report.exists():
             if self.process.poll() is not None:
-                output = self.process.stdout.read().decode(errors="replace")
+                output = self.process.stdout.read().decode(errors="replace") \
+                    if self.process.stdout else ""
                 raise RuntimeError(f"server exited {self.process.returncode}: {output}\n{self.log()}")
             if time.monotonic() > deadline:
                 self.kill()
@@ -144,8 +172,10 @@ class MailServer:
                 self.process.kill()
                 self.process.wait()
         code = self.process.returncode
-        self.output = self.process.stdout.read().decode(errors="replace")
-        self.process.stdout.close()
+        self.output = ""
+        if self.process.stdout:
+            self.output = self.process.stdout.read().decode(errors="replace")
+            self.process.stdout.close()
         self.process = None
         return code
 
@@ -156,7 +186,8 @@ class MailServer:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
-            self.process.stdout.close()
+            if self.process.stdout:
+                self.process.stdout.close()
             self.process = None
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:

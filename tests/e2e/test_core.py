@@ -89,7 +89,17 @@ def test_corpus_round_trip(server):
         for data in originals:
             client.sendmail("sender@example.com", ["corpus@localhost"], data)
     fetched = fetch_all(server, "corpus@localhost", "pw")
-    assert [without_trace(m) for m in fetched] == originals
+    # As Postfix does: a message that starts with a Unix mailbox's From_
+    # line gets it as an X-Mailbox-Line: field (msg_25, msg_43); one that
+    # starts with no header field gets an empty line after our trace fields
+    # (msg_19, a digest part that starts with text).
+    expected = [
+        b"X-Mailbox-Line: " + data if data.startswith(b"From ")
+        else data if re.match(rb"[!-9;-~]+[ \t]*:", data) else b"\r\n" + data
+        for data in originals
+    ]
+    assert sum(e != o for e, o in zip(expected, originals)) == 3
+    assert [without_trace(m) for m in fetched] == expected
 
 
 def test_kill_9_after_250_loses_nothing(server):

@@ -29,6 +29,8 @@ import mailserver
 from harness import BIN, REPO, MailServer, environment
 from test_core import MESSAGE, without_trace
 
+from mailserver.message_ids import writer_pid
+
 LOW_PORTS = {"smtp": 25, "submissions": 465, "submission": 587, "pop3": 110, "pop3s": 995}
 USER = "nobody"
 
@@ -128,14 +130,14 @@ def _send_until_processes_deliver(host: str, mailbox: Path, processes: int) -> i
     Send messages on port 25 until C{processes} different processes have
     delivered one (Maildir names carry the writer's pid); how many were sent.
     """
-    writers: set[str] = set()
+    writers: set[int | None] = set()
     sent = 0
     deadline = time.monotonic() + 30
     while len(writers) < processes and time.monotonic() < deadline:
         with smtplib.SMTP(host, 25, timeout=30) as client:
             client.sendmail("alice@example.com", ["bob@localhost"], MESSAGE + f"n {sent}\r\n".encode())
         sent += 1
-        writers = {p.name.split("P", 1)[1].split("Q", 1)[0] for p in (mailbox / "new").iterdir()}
+        writers = {writer_pid(p.name) for p in (mailbox / "new").iterdir()}
     assert len(writers) == processes, writers
     return sent
 

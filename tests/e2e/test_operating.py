@@ -18,6 +18,8 @@ import urllib.request
 from harness import MailServer
 from test_core import fetch_all, without_trace
 
+from mailserver.message_ids import writer_pid
+
 # The admin API refuses tokens shorter than 16 characters.
 ADMIN_TOKEN = "t0ken-for-the-admin-api"
 
@@ -210,7 +212,7 @@ def _mail_until_both_processes_deliver(server) -> int:
     over them; the worker needs a moment to start); return how many were sent.
     """
     new = server.maildir("bob@localhost") / "new"
-    writers: set[str] = set()
+    writers: set[int | None] = set()
     sent = 0
     deadline = time.monotonic() + 30
     while len(writers) < 2 and time.monotonic() < deadline:
@@ -218,7 +220,7 @@ def _mail_until_both_processes_deliver(server) -> int:
             client.sendmail("a@example.com", ["bob@localhost"], b"Subject: w\r\n\r\nhi\r\n")
         sent += 1
         # Maildir names carry the pid of the process that wrote them.
-        writers = {p.name.split("P", 1)[1].split("Q", 1)[0] for p in new.iterdir()}
+        writers = {writer_pid(p.name) for p in new.iterdir()}
     assert len(writers) == 2, writers
     return sent
 

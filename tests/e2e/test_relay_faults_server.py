@@ -55,7 +55,7 @@ def test_corrupt_queue_files_are_set_aside_and_the_good_ones_delivered(mail_serv
     server = mail_server(dns_server, port)
     server.add_user("s@example.org", "secret")
     submit(server, "user@remote.test", count=2)
-    queue = server.data_path / "queue"
+    queue = server.queue_path
     assert wait_until(lambda: "4.4.1" in server.cli("queue", "list").stdout)
     server.stop()
 
@@ -97,9 +97,10 @@ def test_corrupt_queue_files_are_set_aside_and_the_good_ones_delivered(mail_serv
     for name, problem in (("TRUNCATED", "not valid JSON"),
                           ("FUTURE", "unknown envelope version 7"),
                           ("NOMESSAGE", "its message file is missing")):
-        lines = [line for line in log.splitlines() if f"{name}.json is corrupt" in line]
+        lines = [line for line in log.splitlines()
+                 if "is corrupt" in line and f"{name}.json," in line]
         assert len(lines) == 1, log
-        assert problem in lines[0] and f"moved it to {queue / 'corrupt' / name}.json" in lines[0]
+        assert problem in lines[0] and f"where={queue / 'corrupt' / name}.json" in lines[0]
     assert "Traceback" not in log
     assert server.process.poll() is None
     listing = server.cli("queue", "list").stdout

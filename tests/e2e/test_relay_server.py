@@ -90,7 +90,7 @@ def test_kill_9_with_100_queued_loses_nothing(make_server, dns_server):
     port = free_port()  # the peer is down
     server = make_server(relay_toml(dns_server, port))
     submit(server, "many@remote.test", count=100)
-    queue = server.data_path / "queue" / "envelopes"
+    queue = server.queue_path / "envelopes"
     assert len(list(queue.iterdir())) == 100
     server.kill()
     server.start()

@@ -59,7 +59,7 @@ def envelopes(server: MailServer) -> dict[str, dict]:
     (cheaper to poll than the CLI).
     """
     found = {}
-    for path in (server.data_path / "queue" / "envelopes").glob("*.json"):
+    for path in (server.queue_path / "envelopes").glob("*.json"):
         try:
             envelope = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -187,8 +187,8 @@ def test_mta_sts_enforce_testing_and_the_cache_across_a_restart(tmp_path, stop_l
     assert delivered, server.log()[-3000:]
     assert sorted(rcpts[0] for _, rcpts, _ in delivered) == ["user@c.test", "user@d.test"]
     log = server.log()
-    assert "MTA-STS testing for c.test: mx.bad.test [127.0.0.1] would have failed: " \
-           "hostname mismatch" in log
+    assert "MTA-STS testing: would have failed domain=c.test, host=mx.bad.test, " \
+           "address=127.0.0.1, reason=hostname mismatch" in log
     # Never in clear text: every transaction went over TLS, none for a or b.
     commands = [(state, line) for state, line in sink.lines
                 if line.split(":")[0] in ("MAIL FROM", "RCPT TO", "DATA")]

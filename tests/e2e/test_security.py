@@ -143,8 +143,8 @@ def test_delivery_does_not_write_through_a_linked_new(tmp_path):
         server.start()  # the server learns of Maildirs once per process
         assert deliver_to_bob(server).startswith(b"451 4.3.0 ")
         assert os.listdir(outside) == []
-        assert (f"storing a message failed: [Errno 40] is a symbolic link, which is not"
-                f" followed inside the data folder: '{new}'") in server.log()
+        assert (f"storing a message failed problem=[Errno 40] is a symbolic link, which is"
+                f" not followed inside the data folder: '{new}'") in server.log()
     finally:
         server.stop()
 
@@ -163,7 +163,7 @@ def test_start_up_clean_up_does_not_follow_a_linked_tmp(tmp_path):
     server.start()
     try:
         assert precious.read_bytes() == b"not ours"
-        assert f"not cleaning up {bob / 'tmp'}" in server.log()
+        assert f"not cleaning up folder={bob / 'tmp'}, problem=" in server.log()
     finally:
         server.stop()
 
@@ -184,7 +184,8 @@ def test_folders_are_private_and_old_ones_are_tightened(tmp_path):
         data = server.data_path
         assert mode(data / "mail") == 0o750 and mode(data / "spool") == 0o770
         bob = server.maildir("bob@localhost")
-        made = [data / "queue", data / "queue" / "messages", data / "tls", data / "spool" / "tmp",
+        made = [data / "nodes", server.node_path, server.queue_path, server.queue_path / "messages",
+                data / "tls", data / "spool" / "tmp",
                 bob.parent, bob, bob / "tmp", bob / "new", bob / "cur"]
         assert {str(p): mode(p) for p in made} == {str(p): 0o700 for p in made}
         log = server.log()

@@ -262,8 +262,8 @@ class SigningTests(LoopbackDNSTestCase):
         headers, body = message("ceo@signed.test")
         await self.signer().message(
             envelope("bob@signed.test", authenticated="bob@signed.test"), headers, body)
-        [event] = [e for e in events if "not signed" in e.get("log_format", "")]
-        self.assertEqual((event["account"], event["address"]),
+        [event] = [e for e in events if e.get("event") == "dkim.not_signed"]
+        self.assertEqual((event["user"], event["address"]),
                          ("bob@signed.test", "ceo@signed.test"))
 
     @inline
@@ -458,3 +458,48 @@ class WiringTests(LoopbackDNSTestCase):
         verdict, [data] = await self.feed(config, envelope("a@signed.test", ip=BAD_IP), data)
         self.assertIn(b"\tdkim=pass header.d=signed.test", data)
         self.assertIn(b"\tdmarc=pass", data)
+
+    @inline
+    async def test_refusals_of_the_checks_are_logged_and_counted_as_dmarc_and_spf(self):
+        """
+        Through an SMTP session: not counted as a plugin's (issue 21).
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import deferLater
+        from twisted.logger import globalLogPublisher
+
+        from mailserver.testing import SMTPHarness, reply_codes
+
+        seen: list[dict] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        for sender, checks, reason in [
+            ("a@reject.test", {"dmarc_reject": CheckAction.REJECT}, "dmarc"),
+            ("a@fail.test", {"spf_fail": CheckAction.REJECT}, "spf"),
+        ]:
+            config = self.config(self.tmp(), **checks)
+            first, _ = mail_auth_hooks(
+                checks=config.checks, dkim=config.dkim, hostname=config.hostname,
+                key_folder=config.dkim_key_path, resolver=self.resolver, reactor=reactor,
+                source=config.source, owns=lambda account, address: True,
+            )
+            hooks = Hooks(first)
+            session = SMTPHarness(hooks=hooks, peer=IPv4Address("TCP", BAD_IP, 4000),
+                                  intake=HookedIntake(MemoryIntake(), hooks, self.tmp()))
+            session.ehlo()
+            out = session.send(f"MAIL FROM:<{sender}>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+                               f"From: <{sender}>\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+            for _ in range(200):
+                if len(reply_codes(out)) == 4:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+                out += session.read()
+            self.assertEqual(reply_codes(out)[-1], "550 5.7.1")
+            [event] = [e for e in seen if e.get("event") == "smtp.rejected"]
+            seen.clear()
+            self.assertEqual((event["command"], event["reason"], event["sender"]),
+                             ("DATA", reason, sender))
+            metrics = session.factory.dependencies.metrics
+            self.assertEqual(metrics.smtp_refusals_total.value(role="smtp", reason=reason), 1)
+            self.assertEqual(
+                metrics.smtp_refusals_total.value(role="smtp", reason="plugin:mailauth-checks"), 0)

@@ -103,7 +103,7 @@ def test_disconnect_after_max_auth_failures_and_log_each(store):
             assert session.closed == (attempt == 2)
     finally:
         globalLogPublisher.removeObserver(events.append)
-    failures = [e for e in events if "authentication failed" in e.get("log_format", "")]
+    failures = [e for e in events if e.get("event") == "pop3.auth_failed"]
     assert [e["failures"] for e in failures] == [1, 2, 3]
     assert failures[0]["user"] == "bob@localhost"
 

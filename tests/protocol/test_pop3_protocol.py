@@ -294,7 +294,7 @@ def test_one_log_line_per_session(session):
         session.drop()
     finally:
         globalLogPublisher.removeObserver(events.append)
-    ended = [e for e in events if e.get("log_format", "").startswith("POP3 session ended")]
+    ended = [e for e in events if e.get("event") == "pop3.session"]
     assert len(ended) == 1
     assert (ended[0]["user"], ended[0]["retrieved"], ended[0]["deleted"]) == ("bob@localhost", 1, 1)
     assert ended[0]["octets"] == len(b"+OK 51 octets\r\n") + len(FIRST_WIRE) + 3

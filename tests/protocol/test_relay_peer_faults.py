@@ -83,8 +83,7 @@ class PeerFaultTests(unittest.TestCase):
         seen: list[tuple[float, str]] = []
 
         def observe(event) -> None:
-            if event.get("log_namespace", "").startswith("mailserver.relay.delivery") \
-                    and "reply" in event and "address" in event:
+            if event.get("event") in ("relay.sent", "relay.deferred", "relay.bounced"):
                 seen.append((time.monotonic(), event["reply"]))
 
         globalLogPublisher.addObserver(observe)

@@ -192,7 +192,7 @@ class TLSRelayTests(unittest.TestCase):
         self.assertEqual(reply.code, 250, reply)
         self.assertEqual([line for state, line in sink.lines if state == "plain"][:3],
                          ["EHLO mx.test", "STARTTLS", "EHLO mx.test"])
-        self.assertTrue(any("trying again without" in e.get("log_format", "") for e in seen))
+        self.assertTrue(any(e.get("event") == "relay.tls_fallback" for e in seen))
 
         port, sink = self.peer("mx1.remote.test")
         sink.broken_tls = True

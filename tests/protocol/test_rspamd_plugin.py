@@ -34,7 +34,7 @@ ENVELOPE = Envelope(
                 Recipient("carol@example.org", ("carol@example.org",))),
     client_address="192.0.2.25",
     helo="mail.example.net",
-    trace_id="0123456789AB",
+    id="0123456789AB",
     tls_version="TLSv1.3",
     tls_cipher="TLS_AES_256_GCM_SHA384",
 )
@@ -200,8 +200,8 @@ class WithRspamd(unittest.TestCase):
         refuses GTUBE (nothing reaches the intake) and stores the rest with
         Rspamd's fields.
         """
-        refusals = []
-        hooks = Hooks([("rspamd", self.scanner())], on_refusal=refusals.append)
+        hooks = Hooks([("rspamd", self.scanner())])
+        reasons = []
         inner = MemoryIntake()
         intake = HookedIntake(inner, hooks, tempfile.mkdtemp())
         for body in (GTUBE, b"just a note"):
@@ -212,7 +212,8 @@ class WithRspamd(unittest.TestCase):
                 await receiver.finish()
             except Exception as e:
                 self.assertEqual(e.reject.code, 550)
-        self.assertEqual(refusals, ["rspamd"])
+                reasons.append(e.reject.reason)
+        self.assertEqual(reasons, ["rspamd"])
         [stored] = inner.finished
         self.assertIn(b"X-Spamd-Result: default: False", stored.data)
         self.assertTrue(stored.data.endswith(b"\r\n\r\njust a note\r\n"))

@@ -19,7 +19,8 @@ def in_data(**kwargs) -> SMTPHarness:
 def test_dot_stuffing_is_undone_including_the_first_line():
     session = in_data()
     assert reply_codes(session.send("..first\r\nmiddle\r\n..\r\n...x\r\n.\r\n")) == ["250 2.0.0"]
-    assert session.intake.finished[0].body == b".first\r\nmiddle\r\n.\r\n..x\r\n"
+    # No header field first: an empty line after our Received field.
+    assert session.intake.finished[0].body == b"\r\n.first\r\nmiddle\r\n.\r\n..x\r\n"
 
 
 def test_empty_message():
@@ -58,11 +59,17 @@ SMUGGLING = [
 ]
 
 
+SMUGGLED = b"MAIL FROM:<evil@remote.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nspoof\r\n"
+
+
 @pytest.mark.parametrize("sequence", SMUGGLING)
 def test_smuggling_sequences_never_end_data(sequence):
-    session = in_data()
-    smuggled = b"MAIL FROM:<evil@remote.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nspoof\r\n"
-    out = session.send(b"Subject: a\r\n\r\nhello" + sequence + smuggled)
+    """
+    With bare newlines refused (C{smtp.bare_newline = "reject"}): the
+    message is refused at the real end.
+    """
+    session = in_data(config=make_config(smtp={"bare_newline": "reject"}))
+    out = session.send(b"Subject: a\r\n\r\nhello" + sequence + SMUGGLED)
     assert out == b""
     out = session.send(b".\r\n")
     assert reply_codes(out) == ["550 5.5.2"]
@@ -71,13 +78,60 @@ def test_smuggling_sequences_never_end_data(sequence):
     assert reply_codes(session.command("NOOP")) == ["250 2.0.0"]
 
 
-@pytest.mark.parametrize(
-    "bare", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n", b"end\r", b"a\n\rb\r\n", b"\r\r\n\n"]
-)
-def test_bare_cr_or_lf_is_refused_at_the_real_end(bare):
+@pytest.mark.parametrize("sequence", SMUGGLING)
+def test_smuggling_sequences_are_content_when_normalized(sequence):
+    """
+    By default (as Postfix 3.9's C{normalize}): one message, which holds the
+    would-be commands as text, every line ending in CRLF.
+    """
     session = in_data()
+    out = session.send(b"Subject: a\r\n\r\nhello" + sequence + SMUGGLED)
+    assert out == b""
+    assert reply_codes(session.send(b".\r\n")) == ["250 2.0.0"]
+    (message,) = session.intake.messages
+    assert message.finished
+    expected = sequence.replace(b"\r\n", b"\n").replace(b"\r", b" ").replace(b"\n", b"\r\n")
+    assert message.body == b"Subject: a\r\n\r\nhello" + expected + SMUGGLED
+    assert reply_codes(session.command("NOOP")) == ["250 2.0.0"]
+
+
+BARE = [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n", b"end\r", b"a\n\rb\r\n", b"\r\r\n\n"]
+
+
+@pytest.mark.parametrize("bare", BARE)
+def test_bare_cr_or_lf_is_refused_at_the_real_end(bare):
+    session = in_data(config=make_config(smtp={"bare_newline": "reject"}))
     assert reply_codes(session.send(b"x\r\n" + bare + b"\r\n.\r\n")) == ["550 5.5.2"]
     assert session.intake.messages[0].aborted
+
+
+# Each of BARE followed by CRLF, as stored.
+NORMALIZED = [
+    b"a\r\nb\r\n\r\n", b"a b\r\n\r\n", b"a \r\n\r\n", b"\r\n\r\n", b"end \r\n",
+    b"a\r\n b\r\n\r\n", b" \r\n\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("bare, stored", list(zip(BARE, NORMALIZED)))
+def test_bare_lf_ends_a_line_and_bare_cr_is_a_space(bare, stored):
+    session = in_data()
+    assert reply_codes(session.send(b"S: x\r\n\r\n" + bare + b"\r\n.\r\n")) == ["250 2.0.0"]
+    assert session.intake.finished[0].body == b"S: x\r\n\r\n" + stored
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_a_message_of_lf_line_ends_split_anywhere(size):
+    """
+    What C{smtplib.sendmail(msg.as_bytes())} sends: LF line ends, its own
+    dot-stuffing after them, and the CRLF.CRLF end.
+    """
+    session = in_data()
+    data = b"Subject: s\n\n..dot\nx\n.\nstill text\n\r\n.\r\nNOOP\r\n"
+    out = b"".join(session.send(data[i : i + size]) for i in range(0, len(data), size))
+    assert reply_codes(out) == ["250 2.0.0", "250 2.0.0"]
+    assert session.intake.finished[0].body == (
+        b"Subject: s\r\n\r\n.dot\r\nx\r\n.\r\nstill text\r\n\r\n"
+    )
 
 
 def test_message_over_size_limit_is_552_after_the_end_and_nothing_stored():
@@ -96,8 +150,16 @@ def test_declared_size_over_limit_is_552_at_mail():
     assert reply_codes(session.command("MAIL FROM:<a@b.c> SIZE=100")) == ["250 2.1.0"]
 
 
-def test_long_data_line_is_500_and_session_goes_on():
+def test_long_lines_are_stored_as_they_came():
     session = in_data()
+    line = b"x" * 5000 + b"y" * 5000 + b"\r\n"
+    session.send(b"Subject: long\r\n\r\n" + line[:5000])
+    assert reply_codes(session.send(line[5000:] + b".\r\n")) == ["250 2.0.0"]
+    assert session.intake.finished[0].body == b"Subject: long\r\n\r\n" + line
+
+
+def test_line_over_the_limit_is_500_and_session_goes_on():
+    session = in_data(config=make_config(limits={"max_text_line": 1000}))
     session.send(b"x" * 5000)
     session.send(b"y" * 5000 + b"\r\n")
     assert reply_codes(session.send(b".\r\n")) == ["500 5.5.2"]
@@ -105,9 +167,10 @@ def test_long_data_line_is_500_and_session_goes_on():
 
 
 def test_line_of_exactly_the_limit_is_fine():
-    session = in_data()
+    limited = make_config(limits={"max_text_line": 1000})
+    session = in_data(config=limited)
     assert reply_codes(session.send(b"x" * 998 + b"\r\n.\r\n")) == ["250 2.0.0"]
-    session = in_data()
+    session = in_data(config=limited)
     assert reply_codes(session.send(b"x" * 999 + b"\r\n.\r\n")) == ["500 5.5.2"]
 
 
@@ -211,7 +274,7 @@ def test_bdat_chunks_and_last():
     out = session.send(b"BDAT 4\r\nab\r\nBDAT 7 LAST\r\n.cd\r\n\r\n")
     assert reply_codes(out) == ["250 2.0.0", "250 2.0.0"]
     assert out.split(b"\r\n")[1].startswith(b"250 2.0.0 Ok: queued as")
-    assert session.intake.finished[0].body == b"ab\r\n.cd\r\n\r\n"
+    assert session.intake.finished[0].body == b"\r\nab\r\n.cd\r\n\r\n"
 
 
 def test_bdat_octets_split_across_reads_and_may_look_like_commands():
@@ -219,13 +282,13 @@ def test_bdat_octets_split_across_reads_and_may_look_like_commands():
     assert session.send(b"BDAT 16 LAST\r\nQUIT\r\n") == b""
     assert reply_codes(session.send(b"RSET\r\n")) == []
     assert reply_codes(session.send(b"..\r\n")) == ["250 2.0.0"]
-    assert session.intake.finished[0].body == b"QUIT\r\nRSET\r\n..\r\n"
+    assert session.intake.finished[0].body == b"\r\nQUIT\r\nRSET\r\n..\r\n"
 
 
 def test_bdat_zero_last_ends_the_message():
     session = in_transaction()
     assert reply_codes(session.send(b"BDAT 3\r\nx\r\nBDAT 0 LAST\r\n")) == ["250 2.0.0", "250 2.0.0"]
-    assert session.intake.finished[0].body == b"x\r\n"
+    assert session.intake.finished[0].body == b"\r\nx\r\n"
 
 
 def test_bdat_without_transaction_reads_and_discards_the_chunk():
@@ -261,22 +324,26 @@ def test_one_log_line_per_transaction_and_rejections_counted():
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
-        session = SMTPHarness()
+        session = SMTPHarness(config=make_config(smtp={"bare_newline": "reject"}))
         session.send(b"EHLO client.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.org>\r\n")
         session.send(b"DATA\r\n")
         session.send(b"Subject: x\r\n\r\nbare\nline\r\n.\r\n")
         session.send(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
-        session.send(b"Subject: y\r\n\r\nfine\r\n.\r\n")
+        out = session.send(b"Subject: y\r\n\r\nfine\r\n.\r\n")
     finally:
         globalLogPublisher.removeObserver(events.append)
-    lines = [e for e in events if e.get("log_format", "").startswith("SMTP {outcome}")]
-    assert [e["outcome"] for e in lines][0] == "rejected (bare-newline)"
-    assert lines[1]["outcome"].startswith("accepted ")
+    lines = [e for e in events if e.get("event") in ("smtp.accepted", "smtp.rejected")]
+    assert [e["event"] for e in lines] == ["smtp.rejected", "smtp.accepted"]
+    assert lines[0]["reason"] == "bare-newline"
+    refused, stored = session.intake.messages
+    assert lines[0]["id"] == refused.envelope.id and lines[1]["id"] == stored.envelope.id
+    assert f"queued as {stored.envelope.id}".encode() in out
     for event in lines:
         assert event["client"] and event["helo"] == "client.test"
-        assert event["sender"] == "a@remote.test" and event["recipients"] == "<bob@example.org>"
+        assert event["sender"] == "a@remote.test" and list(event["recipients"]) == ["bob@example.org"]
+    assert lines[1]["size"] == len(b"Subject: y\r\n\r\nfine\r\n") and lines[1]["ms"] >= 0
     metrics = session.factory.dependencies.metrics
-    assert metrics.smtp_messages_rejected_total.value(role="smtp", reason="bare-newline") == 1
+    assert metrics.smtp_refusals_total.value(role="smtp", reason="bare-newline") == 1
     assert metrics.smtp_messages_accepted_total.value(role="smtp") == 1
 
 
@@ -301,7 +368,7 @@ def test_client_text_is_escaped_in_the_log_line_and_the_received_field():
         globalLogPublisher.removeObserver(events.append)
     (stored,) = session.intake.finished
     assert stored.envelope.helo == f"helo{HOSTILE}.test"  # kept as given for the checks
-    [event] = [e for e in events if e.get("log_format", "").startswith("SMTP {outcome}")]
+    [event] = [e for e in events if e.get("event") == "smtp.accepted"]
     text = formatEvent(event)
     assert text.isprintable(), text
     assert "helo=helo????.test" in text and "from=<from????@remote.test>" in text

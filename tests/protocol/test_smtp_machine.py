@@ -91,14 +91,20 @@ def test_a_whole_session_without_a_transport():
     stored = session.end_of_message()
     assert isinstance(stored, Await) and session.state is State.READY
     answer = stored.then(fired(stored.deferred))
-    assert answer.code == 250 and answer.lines == ("Ok: queued as Q1",)
     (message,) = intake.finished
-    assert message.body == b"Subject: hi\r\n\r\n.dotted\r\n"
+    message_id = message.envelope.id
+    assert answer.code == 250 and answer.lines == (f"Ok: queued as {message_id}",)
+    assert f"with ESMTPSA id {message_id}".encode() in message.data
+    # Submission completes the header (RFC 6409 8.2, 8.3).
+    assert message.body == (
+        b"Subject: hi\r\nDate: Thu, 01 Jan 1970 00:00:00 +0000\r\n"
+        b"Message-ID: <" + message_id.encode() + b"@mx.example.org>\r\n\r\n.dotted\r\n"
+    )
     assert message.envelope.authenticated == "bob@example.org"
     assert b"with ESMTPSA" in message.data and b"(using TLS)" not in message.data
     # One id for the Received field and the envelope; TLS without a handle
     # to ask is "TLS", its cipher unknown.
-    assert f"with ESMTPSA id {message.envelope.trace_id}\r\n".encode() in message.data
+    assert f"with ESMTPSA id {message.envelope.id}\r\n".encode() in message.data
     assert (message.envelope.tls_version, message.envelope.tls_cipher) == ("TLS", None)
 
     assert command(session, "QUIT") == (R.BYE, CLOSE)

@@ -2,8 +2,9 @@
 Screening at connection in a real SMTP session (StringTransport and a fake
 clock): the greeting delay, the early-talker refusal, DNS blocklist and
 allowlist verdicts (from a resolver double; the real DNS path is
-tests/protocol/test_dnsbl_loopback.py), who is exempt, and the log line and
-metric every refusal gets from the hook runner.
+tests/protocol/test_dnsbl_loopback.py), who is exempt, and the
+smtp.rejected event and smtp_refusals_total count every refusal gets from
+the SMTP session, as any other refusal.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import dataclasses
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, formatEvent
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns, error
 
 from mailserver.config import Checks
@@ -51,10 +53,24 @@ RESOLVER = {
 }
 
 
+@pytest.fixture(autouse=True)
+def logged():
+    """
+    Every event logged during a test, for L{Screened}.
+    """
+    _LOGGED.clear()
+    globalLogPublisher.addObserver(_LOGGED.append)
+    yield
+    globalLogPublisher.removeObserver(_LOGGED.append)
+
+
+_LOGGED: list[dict] = []
+
+
 class Screened:
     """
     A factory for one role with the defences of C{checks}, on a fake clock,
-    and the refusals the hook runner reported.
+    and the refusals the session logged and counted.
     """
 
     def __init__(self, tmp_path, role="smtp", mx_auth=False, **checks) -> None:
@@ -67,16 +83,29 @@ class Screened:
             store_path=tmp_path / "d.sqlite", resolver=self.resolver, reactor=self.clock,
             run=lambda operation, *args: defer.maybeDeferred(operation, *args),
         )
-        self.refusals: list[str] = []
-        self.events: list[dict] = []
-        self.hooks = Hooks(defences, on_refusal=self.refusals.append)
-        self.hooks.log = Logger(observer=self.events.append)
+        self.hooks = Hooks(defences)
         self.factory = SMTPFactory(SMTPDependencies.for_listener(
             role=role, hostname=self.config.hostname, smtp=self.config.smtp,
             limits=self.config.limits, accounts=FakeAccounts(self.config, ["bob@example.org"]),
             portal=make_portal(**{"bob@example.org": "secret"}), intake=MemoryIntake(),
             tls_options=None, reactor=self.clock, hooks=self.hooks,
         ))
+
+    @property
+    def events(self) -> list[dict]:
+        return [e for e in _LOGGED if e.get("event") == "smtp.rejected"]
+
+    @property
+    def refusals(self) -> list[str]:
+        """
+        The reasons of the logged refusals, each checked to be counted.
+        """
+        reasons = [e["reason"] for e in self.events]
+        counter = self.factory.dependencies.metrics.smtp_refusals_total
+        for reason in set(reasons):
+            assert counter.value(role=self.factory.dependencies.metrics_role,
+                                 reason=reason) == reasons.count(reason)
+        return reasons
 
     def connect(self, peer=REMOTE) -> SMTPHarness:
         return SMTPHarness(factory=self.factory, peer=peer)
@@ -110,8 +139,9 @@ def test_a_client_that_talks_before_the_greeting_is_refused_and_logged(tmp_path)
     assert screened.refusals == ["pregreet"]
     [event] = screened.events
     assert formatEvent(event) == (
-        "SMTP refused (pregreet) at connection: 554 5.5.0 client=203.0.113.9 helo=- user=-:"
-        " Error: SMTP protocol synchronization (talked before the greeting)"
+        "refused command=CONNECT, code=554, enhanced=5.5.0, reason=pregreet,"
+        " reply=Error: SMTP protocol synchronization (talked before the greeting),"
+        " client=203.0.113.9, helo=, user="
     )
 
 

@@ -69,8 +69,8 @@ class STARTTLSLoopbackTests(unittest.TestCase):
             # The envelope tells plugins (Rspamd's Queue-Id, TLS-Version,
             # TLS-Cipher) the Received field's id and the TLS in use.
             envelope = stored.envelope
-            received_id = re.search(rb" with ESMTPSA id ([0-9A-F]{12})", stored.data).group(1)
-            self.assertEqual(envelope.trace_id, received_id.decode())
+            received_id = re.search(rb" with ESMTPSA id ([0-9A-Z]{16})", stored.data).group(1)
+            self.assertEqual(envelope.id, received_id.decode())
             self.assertTrue(envelope.tls_version.startswith("TLSv1."))
             self.assertIn(f"using {envelope.tls_version} with cipher {envelope.tls_cipher}".encode(),
                           stored.data)

@@ -14,13 +14,11 @@ import pytest
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 
-from mailserver.accounts import (
-    AccountError,
+from mailserver.accounts import AccountError, make_portal, password_threadpool
+from mailserver.passwords import (
     FastestScrypt,
     hash_password,
-    make_portal,
     openssl_scrypt,
-    password_threadpool,
     sodium_scrypt,
     verify_password,
 )

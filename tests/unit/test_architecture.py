@@ -25,8 +25,9 @@ PACKAGE = "mailserver"
 # everything in it, "relay.queue" one module.  Derived from the tree as it
 # stands; a room not in the tree yet is listed in PLANNED.
 PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
-STORAGE = ("maildir", "folders", "relay.queue", "group_commit", "safe_fs")
-VOCABULARY = ("interfaces", "envelope", "metrics", "names", "mailbox_names", "safe_text")
+STORAGE = ("maildir", "folders", "relay.queue", "group_commit", "safe_fs", "stale_tmp", "nodes")
+VOCABULARY = ("interfaces", "envelope", "metrics", "names", "mailbox_names", "safe_text",
+              "message_ids", "logs")
 # wire.reply: the Reject a plugin returns; safe_text: client text in a log
 # line (the hook runner's refusal line, a plugin's own).
 PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply", "safe_text")

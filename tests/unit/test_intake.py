@@ -79,9 +79,16 @@ def test_remote_recipients_go_to_the_queue_without_return_path(accounts):
     queued = []
 
     class Queue:
-        def enqueue(self, env, recipients, spool, body_offset):
+        def prepare(self, env, recipients, spool, body_offset):
+            return recipients, body_offset
+
+        def commit(self, prepared, spool):
+            recipients, body_offset = prepared
             queued.append((recipients, spool.read_bytes()[body_offset:]))
             return "R1"
+
+        def abandon(self, prepared):
+            raise AssertionError("nothing failed")
 
     intake = make_intake(accounts, queue=Queue())
     run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
@@ -164,3 +171,51 @@ def test_delivery_through_a_linked_new_fails_and_writes_nothing_there(accounts, 
     failure = run(intake, envelope("a@example.org"), [b"Subject: x\r\n\r\nbody\r\n"])
     assert failure.check(SymlinkRefused)
     assert os.listdir(outside) == [] and os.listdir(maildir / "tmp") == []
+
+
+def test_relayed_mail_is_queued_by_the_groups_sync_without_its_own(accounts, monkeypatch):
+    """
+    Issue 22: the queue's envelope and message link are made durable by
+    group commit's two syncs of the file system, like Maildir deliveries,
+    not by fsyncs of their own one message after another.
+    """
+    from mailserver.relay import queue as queue_module
+    from mailserver.relay.queue import QueueStore
+
+    store = QueueStore(accounts.users_path.parent / "nodes" / "mx" / "queue")
+    intake = make_intake(accounts, queue=store)
+    first = run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: 0\r\n\r\n"])
+    assert isinstance(first, str)  # the folders are made (and synced) once, here
+    before = set(store.ids())
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(queue_module, "fsync_directory", lambda path: synced.append(path))
+    run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
+    assert synced == []
+    [queue_id] = set(store.ids()) - before
+    message = store.load(queue_id)
+    assert [r.address for r in message.recipients] == ["x@remote.test"]
+    with store.open_body(message) as body:
+        assert body.read() == b"Subject: x\n\nhi\n"
+    assert os.listdir(store.tmp_path) == []
+
+
+def test_a_failed_sync_leaves_nothing_queued(accounts):
+    from twisted.internet import defer
+
+    from mailserver.relay.queue import QueueStore
+
+    class FailingSync:
+        def submit(self, prepare, publish, abandon=None):
+            abandon(prepare())
+            return defer.fail(OSError(5, "Input/output error"))
+
+    store = QueueStore(accounts.users_path.parent / "nodes" / "mx" / "queue")
+    intake = Intake(accounts=accounts, reactor=InlineReactor(),
+                    data_path=accounts.users_path.parent, hostname="mx.test", min_free_space=0,
+                    committer=FailingSync(), queue=store)
+    failure = run(intake, envelope("a@example.org", "x@remote.test"), [b"Subject: x\r\n\r\nhi\r\n"])
+    assert failure.check(OSError)
+    assert store.ids() == [] and os.listdir(store.tmp_path) == []
+    assert os.listdir(store.messages_path) == []
+    assert Mailbox(accounts.mailbox_path("a@example.org"), accounts.users_path.parent).messages() == []

@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailserver.maildir import Mailbox, SpoolFile, UniqueNames, ensure_maildir
+from mailserver.maildir import Mailbox, SpoolFile, ensure_maildir, file_name_host
+from mailserver.message_ids import MessageIDs, new_message_id
 
 
 def deliver(tmp_path, data, maildirs):
     spool = tmp_path / "spool" / "tmp"
     spool.mkdir(parents=True, exist_ok=True)
-    f = SpoolFile(tmp_path, spool, UniqueNames("host/with:odd chars"))
+    f = SpoolFile(tmp_path, spool, f"{new_message_id()}.{file_name_host('host/with:odd chars')}")
     f.write(data)
     return f.deliver(maildirs)
 
@@ -113,7 +114,7 @@ def test_lock_is_exclusive_across_processes_and_dies_with_them(tmp_path):
 def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
     import time
 
-    from mailserver.maildir import remove_stale_tmp
+    from mailserver.stale_tmp import remove_stale_tmp
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer runs
@@ -121,20 +122,55 @@ def test_start_up_removes_what_dead_writers_left_in_tmp(tmp_path):
     try:
         tmp = tmp_path / "tmp"
         tmp.mkdir()
-        dead_file = tmp / f"1700000000.M000001P{gone.pid}Q1.mx"
-        live_file = tmp / f"1700000000.M000002P{live.pid}Q1.mx"
+        dead_file = tmp / f"{MessageIDs(pid=lambda: gone.pid).next()}.mx"
+        live_file = tmp / f"{MessageIDs(pid=lambda: live.pid).next()}.mx"
+        # Names of the version before message IDs.
+        dead_old_name = tmp / f"1700000000.M000001P{gone.pid}Q1.mx"
+        live_old_name = tmp / f"1700000000.M000002P{live.pid}Q1.mx"
         foreign_new = tmp / "written-by-another-mda"
         foreign_old = tmp / "old-foreign-file"
-        for path in (dead_file, live_file, foreign_new, foreign_old):
+        for path in (dead_file, live_file, dead_old_name, live_old_name, foreign_new, foreign_old):
             path.write_bytes(b"partial")
         old = time.time() - 37 * 3600
         os.utime(foreign_old, (old, old))
-        assert remove_stale_tmp(tmp_path, tmp) == 2
-        assert sorted(p.name for p in tmp.iterdir()) == sorted([live_file.name, foreign_new.name])
+        assert remove_stale_tmp(tmp_path, tmp, "mx") == 3
+        assert sorted(p.name for p in tmp.iterdir()) == sorted(
+            [live_file.name, live_old_name.name, foreign_new.name])
     finally:
         live.kill()
         live.wait()
-    assert remove_stale_tmp(tmp_path, tmp_path / "missing") == 0
+    assert remove_stale_tmp(tmp_path, tmp_path / "missing", "mx") == 0
+
+
+def test_start_up_keeps_another_nodes_files_in_a_shared_tmp(tmp_path):
+    """
+    Issue 22: servers on two machines share the data folder.  A file that
+    another node is writing carries a process id of that machine, which
+    says nothing here: it is left alone until it is 36 hours old.
+    """
+    import time
+
+    from mailserver.stale_tmp import remove_stale_tmp
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    ids = MessageIDs(pid=lambda: gone.pid)
+    ours = tmp / f"{ids.next()}.mx1"
+    theirs = tmp / f"{ids.next()}.mx2"
+    theirs_with_size = tmp / f"{ids.next()}.mx2,S=7"
+    # Names of the version before message IDs.
+    ours_before = tmp / f"1700000000.M000001P{gone.pid}Q1.mx1"
+    theirs_before = tmp / f"1700000000.M000001P{gone.pid}Q2.mx2"
+    theirs_old = tmp / f"1700000000.M000001P{gone.pid}Q4.mx2"
+    for path in (ours, theirs, theirs_with_size, ours_before, theirs_before, theirs_old):
+        path.write_bytes(b"partial")
+    old = time.time() - 37 * 3600
+    os.utime(theirs_old, (old, old))
+    assert remove_stale_tmp(tmp_path, tmp, "mx1") == 3
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(
+        [theirs.name, theirs_with_size.name, theirs_before.name])
 
 
 # Issue 19: links inside the data folder were followed.
@@ -170,14 +206,14 @@ def test_a_spool_file_is_not_made_through_a_linked_tmp(tmp_path):
     (box / "tmp").rmdir()
     (box / "tmp").symlink_to(outside)
     with pytest.raises(SymlinkRefused):
-        SpoolFile(tmp_path, box / "tmp", UniqueNames("h"), b"x\n")
+        SpoolFile(tmp_path, box / "tmp", f"{new_message_id()}.h", b"x\n")
     assert os.listdir(outside) == []
 
 
 def test_start_up_clean_up_does_not_follow_a_linked_tmp(tmp_path):
     import pytest
 
-    from mailserver.maildir import maildir_tmp_folders, remove_stale_tmp
+    from mailserver.stale_tmp import maildir_tmp_folders, remove_stale_tmp
     from mailserver.safe_fs import SymlinkRefused
 
     outside = tmp_path / "outside"
@@ -196,9 +232,9 @@ def test_start_up_clean_up_does_not_follow_a_linked_tmp(tmp_path):
     assert folders == [mail / "example.org" / "bob" / "tmp", mail / "example.org" / "carol" / "tmp"]
     assert sorted(links) == [mail / "example.org" / "dave", mail / "linked.example"]
     with pytest.raises(SymlinkRefused):
-        remove_stale_tmp(tmp_path, folders[0])
+        remove_stale_tmp(tmp_path, folders[0], "mx")
     assert old.read_bytes() == b"precious"
-    assert remove_stale_tmp(tmp_path, folders[1]) == 0
+    assert remove_stale_tmp(tmp_path, folders[1], "mx") == 0
 
 
 def test_a_mailbox_refuses_linked_folders_lock_file_and_messages(tmp_path):
@@ -273,7 +309,7 @@ def test_a_message_renamed_after_listing_is_still_read_flagged_and_removed(tmp_p
 
 
 def test_start_up_clean_up_covers_imap_folders_and_follows_no_link(tmp_path):
-    from mailserver.maildir import maildir_tmp_folders
+    from mailserver.stale_tmp import maildir_tmp_folders
 
     mail = tmp_path / "mail"
     bob = mail / "example.org" / "bob"

@@ -221,7 +221,7 @@ def test_server_metrics_registers_every_family():
     instruments = server_metrics(metrics, queue_messages=lambda: 4, queue_oldest_seconds=lambda: 90.5)
     assert isinstance(instruments, ServerMetrics)
     instruments.smtp_connections_total.inc(role="smtp")
-    instruments.smtp_messages_rejected_total.inc(role="smtp", reason="relay")
+    instruments.smtp_refusals_total.inc(role="smtp", reason="relay-denied")
     instruments.relay_deliveries_total.inc(result="deferred")
     instruments.plugin_errors_total.inc(plugin="webhook")
     instruments.smtp_transaction_seconds.observe(0.3)
@@ -233,7 +233,6 @@ def test_server_metrics_registers_every_family():
         "smtp_connections_total": "counter",
         "smtp_connections_active": "gauge",
         "smtp_messages_accepted_total": "counter",
-        "smtp_messages_rejected_total": "counter",
         "smtp_refusals_total": "counter",
         "smtp_bytes_received_total": "counter",
         "smtp_transaction_seconds": "histogram",
@@ -251,7 +250,7 @@ def test_server_metrics_registers_every_family():
     }
     assert "\nrelay_queue_messages 4\n" in text
     assert "\nrelay_queue_oldest_seconds 90.5\n" in text
-    assert '\nsmtp_messages_rejected_total{role="smtp",reason="relay"} 1\n' in text
+    assert '\nsmtp_refusals_total{role="smtp",reason="relay-denied"} 1\n' in text
     assert "\nsmtp_transaction_seconds_count 1\n" in text
     assert "\npop3_logins_total 0\n" in text
 

@@ -76,12 +76,13 @@ def test_the_command_to_add_an_account_works_from_anywhere_it_can(tmp_path):
 
 
 def test_the_block_counts_accounts_or_says_how_to_add_one(tmp_path):
-    config = Config(hostname="mx.test", data_dir=str(tmp_path))
+    config = Config(hostname="mx.test", data_dir=str(tmp_path), node_name="mx1")
     listeners = [ListenerLine("smtp", "127.0.0.1:25", "tcp:25"), ListenerLine("pop3s", "[::1]:995", "tcp6:995")]
     lines = startup_lines(config, listeners, 0, user="mail (uid 8, gid 8)", add_command="ADD")
-    assert lines[1:5] == [
+    assert lines[1:6] == [
         "  configuration:   embedded default (no --config given)",
         f"  data folder:     {tmp_path}",
+        f"  node:            mx1 ({tmp_path}/nodes/mx1)",
         "  local domains:   localhost",
         f"  TLS certificate: {tmp_path}/tls/cert.pem (self-signed, made by the server)",
     ]

@@ -49,6 +49,8 @@ def test_failure_report_is_multipart_report_with_full_original():
     assert status.get_content_type() == "message/delivery-status"
     per_message, per_recipient = status.get_payload()
     assert per_message["Reporting-MTA"] == "dns; mx.test"
+    assert per_message["X-Mailserver-Queue-ID"] == "Q1"  # the message's ID, as in our log
+    assert "The message's ID here is Q1" in text.get_content()
     assert per_message["Original-Envelope-Id"] == "ENV+1"
     assert per_recipient["Final-Recipient"] == "rfc822; r@remote.test"
     assert per_recipient["Original-Recipient"] == "rfc822; r+x@remote.test"
@@ -89,9 +91,11 @@ def test_notify_rules():
 # looks like header fields and MIME boundaries, but on one line.
 WORST_ENVID = "abc+20X-Injected:+20envid+20--+3D_report_0+20Content-Type:+20text/html"
 WORST_ORCPT = "rfc822;x+20X-Orcpt-Injected:+20yes+20--+3D_report_0--"
+# (X-Mailserver-Queue-ID: our own extension field, RFC 3464 2.1, the message's ID.)
 STATUS_FIELDS = {
-    "Reporting-MTA", "Original-Envelope-Id", "Arrival-Date", "Original-Recipient",
-    "Final-Recipient", "Action", "Status", "Remote-MTA", "Diagnostic-Code", "Last-Attempt-Date",
+    "Reporting-MTA", "X-Mailserver-Queue-ID", "Original-Envelope-Id", "Arrival-Date",
+    "Original-Recipient", "Final-Recipient", "Action", "Status", "Remote-MTA",
+    "Diagnostic-Code", "Last-Attempt-Date",
 }
 
 
@@ -147,5 +151,6 @@ def test_an_entry_queued_with_line_breaks_cannot_add_lines():
                          original=ORIGINAL, headers_only=False, now=3000.0)
     assert_only_report_fields(data)
     lines = data.decode().split("\r\n")
-    assert not [line for line in lines if line.startswith(("X-", "Bcc", "--fake"))]
+    assert not [line for line in lines if line.startswith(("X-", "Bcc", "--fake"))
+                and not line.startswith("X-Mailserver-Queue-ID: ")]
     assert "\u2028" not in data.decode()

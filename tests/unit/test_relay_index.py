@@ -351,3 +351,49 @@ def test_a_rest_is_ended_by_wake_and_a_message_that_must_go_goes():
     dispatcher.finished(message(3).id)
     clock.advance(0)
     assert attempts.started[2:] == [message(2).id]
+
+
+def test_a_destinations_window_grows_while_it_answers_and_shrinks_when_it_does_not():
+    """
+    Issue 22: per-destination concurrency as Postfix's: from 5, one more
+    after each window's worth of attempts that reached a server, up to the
+    limit; one less for each that reached none, down to one.
+    """
+    from mailserver.relay.dispatch import Concurrency
+
+    windows = Concurrency(limit=8)
+    assert windows("a.test") == 5
+    for expected in (6, 7, 8, 8):
+        for _ in range(windows("a.test")):
+            windows.reached("a.test", True)
+        assert windows("a.test") == expected
+    for expected in (7, 6, 5, 4, 3, 2, 1, 1):
+        windows.reached("a.test", False)
+        assert windows("a.test") == expected
+    assert windows("b.test") == 5  # each destination its own
+    windows.forget("a.test")
+    assert windows("a.test") == 5
+    fixed = Concurrency(limit=4, initial=4, adaptive=False)
+    fixed.reached("a.test", False)
+    assert fixed("a.test") == 4 and Concurrency(limit=3)("a.test") == 3
+
+
+def test_the_dispatcher_starts_more_as_a_destination_window_grows():
+    from mailserver.relay.dispatch import Concurrency
+
+    clock = Clock()
+    index = filled(*(message(n, "x@busy.test") for n in range(1, 9)))
+    attempts = Attempts(index, clock, total=10)
+    dispatcher = Dispatcher(
+        index=index, clock=clock, start=attempts.start, destinations=lambda e: e.domains,
+        wait=attempts.wait, rest_for=lambda n: 60.0, total=10, per_destination=4,
+        concurrency=Concurrency(limit=4, initial=2))
+    dispatcher.start()
+    clock.advance(0)
+    assert attempts.started == [message(1).id, message(2).id]
+    for queue_id in attempts.started[:2]:
+        dispatcher.reached("busy.test", True)  # 2 -> 2.5 -> 3
+        dispatcher.finished(queue_id)
+    clock.advance(0)
+    assert attempts.started[2:] == [message(n).id for n in (3, 4, 5)]
+    assert dispatcher.waiting == 3

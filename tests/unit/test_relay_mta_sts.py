@@ -19,6 +19,7 @@ from mailserver.relay.mta_sts import (
     parse_policy,
     policy_domain,
     record_id,
+    writer_tag,
 )
 from mailserver.relay.tls_policy import mx_matches, policy_entry
 from tests.dns_zone import ZoneResolver
@@ -103,6 +104,22 @@ def test_cache_round_trip_and_damage(tmp_path):
     assert cache.load("remote.test") is None
 
 
+def test_servers_sharing_the_cache_write_their_own_temporary_files(tmp_path):
+    """
+    Issue 22: another server on the same data folder saving the same
+    domain at the same moment: its half-written file is not ours to
+    truncate or rename.
+    """
+    cache = PolicyCache(tmp_path / "mta-sts")
+    policy = STSPolicy("remote.test", "id1", "enforce", ("mx1.remote.test",), 600, 1000.0)
+    cache.save(policy)
+    theirs = tmp_path / "mta-sts" / ".remote.test.tmp"
+    theirs.write_text('{"version": 1, "domain": "remote')
+    cache.save(STSPolicy("remote.test", "id2", "enforce", ("mx1.remote.test",), 600, 1000.0))
+    assert theirs.read_text() == '{"version": 1, "domain": "remote'
+    assert cache.load("remote.test").id == "id2"
+
+
 def test_the_cache_follows_no_symbolic_link(tmp_path):
     from mailserver.safe_fs import SymlinkRefused
 
@@ -122,7 +139,7 @@ def test_the_cache_follows_no_symbolic_link(tmp_path):
     (tmp_path / "mta-sts" / "remote.test.json").symlink_to(elsewhere / "remote.test.json")
     assert cache.load("remote.test") is None
     # Nor is the temporary file written through a link in its place.
-    (tmp_path / "mta-sts" / ".remote.test.tmp").symlink_to(elsewhere / "planted")
+    (tmp_path / "mta-sts" / f".remote.test.{writer_tag()}.tmp").symlink_to(elsewhere / "planted")
     with pytest.raises(SymlinkRefused):
         cache.save(policy)
     assert not (elsewhere / "planted").exists()

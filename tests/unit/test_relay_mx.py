@@ -4,13 +4,16 @@ MX routing against in-memory twisted.names zones.
 
 from __future__ import annotations
 
+import io
 import random
+
+import pytest
 
 from twisted.internet import defer
 from twisted.names import error as dns_error
 
 from tests.e2e.relay_fixtures import ZoneResolver
-from mailserver.relay.mx import Hop, MXRouter, RoutingError
+from mailserver.relay.mx import Hop, MXRouter, Ourselves, RoutingError
 
 ZONE = {
     "remote.test": {"MX": [[20, "mx2.remote.test"], [10, "mx1.remote.test"]]},
@@ -86,6 +89,19 @@ def test_address_literal():
     assert route("[127.0.0.1]") == [Hop("127.0.0.1", ("127.0.0.1",), 2525)]
 
 
+class OneMessage:
+    """
+    A queue store whose every message is the same short one.
+    """
+
+    def open_body(self, message):
+        return io.BytesIO(b"Subject: hi\n\nHello.\n")
+
+
+def at_once(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
 def test_first_mx_down_second_takes_it(tmp_path):
     from mailserver.config import Relay
     from mailserver.relay.client import Reply, TransactionResult, temporary
@@ -102,8 +118,9 @@ def test_first_mx_down_second_takes_it(tmp_path):
             return defer.succeed(TransactionResult(replies, reached=True, host=name))
         return defer.succeed(TransactionResult(replies, reached=False, host=name))
 
-    courier = RouteCourier(reactor=None, relay=Relay(port=2525), hostname="mx.test", store=None,
-                           router=MXRouter(ZoneResolver(ZONE), port=2525), send=send)
+    courier = RouteCourier(reactor=None, relay=Relay(port=2525), hostname="mx.test",
+                           store=OneMessage(), router=MXRouter(ZoneResolver(ZONE), port=2525),
+                           send=send, io=at_once)
     message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,
                             recipients=(RecipientState("r@remote.test"),))
     results = []
@@ -159,12 +176,23 @@ def test_smarthost_and_transport_override_mx(tmp_path):
         (Relay(transports=(Transport("remote.test", "127.0.0.1", 2626),),
                tls_policies=(TLSPolicyRule(".test", TLSLevel.NONE),)),
          ("127.0.0.1", 2626, "none", "", None)),
+        # A domain's own route wins over the smarthost (verified, without AUTH).
+        (Relay(smarthost=HostPort("127.0.0.1", 587), smarthost_username="u",
+               smarthost_password="p", transports=(Transport("remote.test", "10.0.0.5", 25),)),
+         ("10.0.0.5", 25, "required", "", (True, True, "10.0.0.5"))),
     ):
         seen.clear()
-        courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test", store=None,
-                               router=MXRouter(ZoneResolver({}), port=25), send=send)
+        courier = RouteCourier(reactor=None, relay=relay, hostname="mx.test",
+                               store=OneMessage(), router=MXRouter(ZoneResolver({}), port=25),
+                               send=send, io=at_once)
         courier.deliver(message, message.recipients)
         assert seen == [expected], relay
+    from mailserver.relay.delivery import destination_of
+
+    both = Relay(smarthost=HostPort("127.0.0.1", 587),
+                 transports=(Transport("inside.test", "10.0.0.5", 25),))
+    assert destination_of(both, "a@Inside.Test") == "inside.test"
+    assert destination_of(both, "a@elsewhere.test") == "smarthost:127.0.0.1:587"
 
 
 class Hanging:
@@ -244,3 +272,118 @@ def test_mx_hosts_are_looked_up_at_once():
     resolver.lookupAddress = resolver.lookupIPV6Address = address
     MXRouter(resolver, rng=random.Random(1)).route("many.test")
     assert sorted(asked) == ["a.test", "a.test", "b.test", "b.test", "c.test", "c.test"]
+
+
+def test_the_relays_resolver_keeps_answers_for_their_ttl(monkeypatch):
+    """
+    Issue 22: the relay asks the same questions for every message to a
+    domain; answers with records are kept for their TTL (and a bounded
+    number of them), failures and empty answers are asked again.
+    """
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+    from twisted.names import client, dns
+    from twisted.names import error as dns_error
+
+    from mailserver.relay.mx import BoundedResolver
+
+    asked = []
+    replies = {}
+
+    def upstream(self, name, cls, type, timeout):
+        asked.append(name)
+        reply = replies[name]
+        if isinstance(reply, Exception):
+            return defer.fail(reply)
+        return defer.succeed(reply)
+
+    monkeypatch.setattr(client.Resolver, "_lookup", upstream)
+    clock = Clock()
+    resolver = BoundedResolver(servers=[("127.0.0.1", 53)], reactor=clock, timeout=5, cache=2)
+
+    def answer(name, ttl):
+        record = dns.RRHeader(name, dns.A, dns.IN, ttl, dns.Record_A("127.0.0.2", ttl))
+        return [record], [], []
+
+    def ask(name):
+        results = []
+        resolver.lookupAddress(name).addBoth(results.append)
+        return results[0]
+
+    replies.update({b"a.test": answer(b"a.test", 60), b"b.test": answer(b"b.test", 60),
+                    b"c.test": answer(b"c.test", 60), b"empty.test": ([], [], []),
+                    b"bad.test": dns_error.DNSServerError()})
+    assert ask("a.test")[0][0].payload.dottedQuad() == "127.0.0.2"
+    assert ask("a.test") == replies[b"a.test"]
+    assert asked == [b"a.test"]
+    clock.advance(61)
+    ask("a.test")
+    assert asked == [b"a.test"] * 2
+    for name in ("bad.test", "bad.test", "empty.test", "empty.test"):
+        ask(name)
+    assert asked[2:] == [b"bad.test", b"bad.test", b"empty.test", b"empty.test"]
+    # At most two kept: b and c push a out.
+    ask("b.test"), ask("c.test"), ask("a.test")
+    assert asked[-3:] == [b"b.test", b"c.test", b"a.test"]
+    # Without a cache (every other resolver of the server), each is asked.
+    plain = BoundedResolver(servers=[("127.0.0.1", 53)], reactor=clock, timeout=5)
+    plain.lookupAddress("c.test"), plain.lookupAddress("c.test")
+    assert asked[-2:] == [b"c.test", b"c.test"]
+
+
+# A domain whose MX hosts include this server (RFC 5321 5.1).
+OURS = {
+    "backup.test": {"MX": [[10, "mx1.backup.test"], [20, "mx2.backup.test"],
+                           [20, "mx2b.backup.test"], [30, "mx3.backup.test"]]},
+    "mx1.backup.test": {"A": ["127.0.0.1"]},
+    "mx2.backup.test": {"A": ["127.0.0.2"]},
+    "mx2b.backup.test": {"A": ["127.0.0.3"]},
+    "mx3.backup.test": {"A": ["127.0.0.4"]},
+    "best.test": {"MX": [[10, "mx2.backup.test"], [20, "mx1.backup.test"]]},
+    "only.test": {"MX": [[5, "me.test"]]},
+    "me.test": {"A": ["192.0.2.1"]},
+    "itself.test": {"A": ["127.0.0.2"]},
+    "down.test": {"MX": [[10, "gone.down.test"], [20, "mx2.backup.test"]]},
+}
+
+
+def route_as(domain, ourselves):
+    router = MXRouter(ZoneResolver(OURS), port=25, rng=random.Random(1), ourselves=ourselves)
+    results = []
+    router.route(domain).addBoth(results.append)
+    [result] = results
+    return result
+
+
+@pytest.mark.parametrize("ourselves", [
+    Ourselves(addresses=frozenset({"127.0.0.2"})),
+    Ourselves(names=frozenset({"mx2.backup.test"})),
+], ids=["by address", "by name"])
+def test_a_backup_mx_routes_only_to_better_hosts(ourselves):
+    # We are mx2 (preference 20): mx1 stays, mx2b (also 20) and mx3 (30) go.
+    assert route_as("backup.test", ourselves) == [Hop("mx1.backup.test", ("127.0.0.1",), 25)]
+    # Without knowing ourselves, every host is tried, ourselves too.
+    names = [h.name for h in route_as("backup.test", Ourselves())]
+    assert names[0] == "mx1.backup.test" and names[3] == "mx3.backup.test"
+    assert sorted(names[1:3]) == ["mx2.backup.test", "mx2b.backup.test"]
+
+
+@pytest.mark.parametrize("domain, ourselves", [
+    ("best.test", Ourselves(addresses=frozenset({"127.0.0.2"}))),
+    ("only.test", Ourselves(names=frozenset({"me.test"}))),
+    ("itself.test", Ourselves(addresses=frozenset({"127.0.0.2"}))),
+    ("[127.0.0.2]", Ourselves(addresses=frozenset({"127.0.0.2"}))),
+])
+def test_mail_for_which_we_are_the_best_mx_loops_and_fails_for_good(domain, ourselves):
+    failure = route_as(domain, ourselves)
+    assert failure.check(RoutingError), failure
+    reply = failure.value.reply
+    assert (reply.code, reply.status) == (554, "5.4.6")
+    assert str(reply) == f"554 5.4.6 mail for {domain} loops back to myself"
+
+
+def test_a_better_host_without_an_address_is_a_temporary_failure_not_a_loop():
+    failure = route_as("down.test", Ourselves(addresses=frozenset({"127.0.0.2"})))
+    assert str(failure.value.reply) == (
+        "451 4.4.3 cannot find an address for the MX hosts of down.test: no MX host has an "
+        "address")

@@ -116,6 +116,26 @@ def test_success_removes_the_message(tmp_path):
     assert w.bounces() == []
 
 
+def test_a_message_done_with_is_removed_without_saving_its_last_state(tmp_path, monkeypatch):
+    """
+    Issue 22: the envelope of a message whose recipients all got their
+    250, with no report owed, is not written once more just before it is
+    removed (two fsyncs while the attempt holds its destination's slot).
+    """
+    w = World(tmp_path, Courier(250))
+    saved = []
+    original = w.queue.save
+    monkeypatch.setattr(w.queue, "save", lambda message: (saved.append(message.id),
+                                                          original(message)))
+    w.start()
+    w.send()
+    assert w.courier.calls and w.queue.ids() == []
+    assert saved == []
+    # A message with a report owed (NOTIFY=SUCCESS) is saved as before.
+    w.send(notify=("SUCCESS",))
+    assert len(saved) >= 1 and w.queue.ids() == []
+
+
 def test_temporary_failure_is_retried_on_the_schedule(tmp_path):
     w = World(tmp_path, Courier(451, 451, 250))
     w.start()
@@ -298,8 +318,8 @@ def test_corrupt_entry_at_start_is_set_aside_once_and_the_rest_delivered(tmp_pat
     w2.runner._metrics = metrics = unregistered_metrics()
     w2.start()
     [line] = corrupt_lines(logged)
-    assert f"queue file {w2.queue.envelopes_path / bad}.json is corrupt (not valid JSON" in line
-    assert f"moved it to {w2.queue.corrupt_path / bad}.json" in line
+    assert f"file={w2.queue.envelopes_path / bad}.json, problem=not valid JSON" in line
+    assert f"where={w2.queue.corrupt_path / bad}.json" in line
     assert metrics.relay_queue_corrupt_total.value() == 1
     assert w2.queue.ids() == [good]
     assert (w2.queue.corrupt_path / bad).exists()  # the message kept beside it
@@ -339,7 +359,7 @@ def test_entry_that_cannot_be_moved_is_reported_once_and_ignored(tmp_path, logge
     for _ in range(5):
         w.reactor.advance(5)
     [line] = corrupt_lines(logged)
-    assert "cannot be moved aside (Permission denied); ignoring it" in line
+    assert "cannot be moved aside; ignoring it" in line and "error=Permission denied" in line
     assert w.courier.calls == []
     w.send()
     assert len(w.courier.calls) == 1  # the good ones still go
@@ -545,8 +565,8 @@ def test_an_unreachable_domain_is_tried_a_few_times_per_rest_not_once_per_messag
     w.reactor.advance(0)
     assert len(courier_calls("@down.test")) == 1  # then it rests 300s
     assert len(courier_calls("@other.test")) == 1  # unreachable too: rests on its own
-    [line] = [line for line in logged if "down.test is not reachable" in line]
-    assert "(451 4.4.1 cannot connect to mx.remote.test); its messages wait 300s" in line
+    [line] = [line for line in logged if "not reachable" in line and "destination=down.test" in line]
+    assert "reply=451 4.4.1 cannot connect to mx.remote.test, seconds=300" in line
     waiting = [e for e in w.runner.index.entries() if e.pending[0].endswith("@down.test")]
     assert {e.next_attempt for e in waiting} == {300.0} and {e.attempts for e in waiting} == {0, 1}
     on_disk = [w.queue.load(e.id) for e in waiting if e.attempts == 0]
@@ -593,5 +613,5 @@ def test_turning_off_next_hop_verification_is_warned_at_start(tmp_path):
             world.runner.stopService()
     finally:
         globalLogPublisher.removeObserver(seen.append)
-    warnings = [formatEvent(e) for e in seen if "smarthost_tls_verify" in e.get("log_format", "")]
+    warnings = [formatEvent(e) for e in seen if e.get("event") == "relay.tls_unverified"]
     assert len(warnings) == 1 and "are not checked" in warnings[0]

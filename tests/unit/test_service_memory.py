@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from mailserver.accounts import hash_password, verify_password
+from mailserver.passwords import hash_password, verify_password
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -69,7 +69,7 @@ _THREADS_FREEING_BUFFERS = _SET_UP + textwrap.dedent(
 # Each thread runs three OpenSSL scrypt checks (16 MiB each).
 _THREADS_CHECKING_PASSWORDS = _SET_UP + textwrap.dedent(
     """
-    from mailserver.accounts import hash_password, openssl_scrypt, verify_password
+    from mailserver.passwords import hash_password, openssl_scrypt, verify_password
 
     stored = hash_password("secret")
     all_started = threading.Barrier(4)
