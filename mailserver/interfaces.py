@@ -211,6 +211,17 @@ class FolderError(Exception):
         self.code = code
 
 
+class FolderGone(FolderError):
+    """
+    An open folder's directory is no longer there: another session or
+    program deleted or renamed it.  C{path} is the folder's.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__("NONEXISTENT", "Mailbox doesn't exist")
+        self.path = path
+
+
 class IFolderStore(Interface):
     """
     Every account's folders, as the IMAP server reaches them.

@@ -486,15 +486,18 @@ class MemoryMailbox:
         ]
 
     def open(self, message: MemoryMessageInfo) -> io.BytesIO:
-        if self._store.fail_open:
-            raise FileNotFoundError(message.uid)
-        return io.BytesIO(self._store.message(self._address, message.uid).data)
+        return io.BytesIO(self._data(message))
 
     def read_whole(self, message: MemoryMessageInfo, limit: int) -> bytes | None:
-        if self._store.fail_open:
-            raise FileNotFoundError(message.uid)
-        data = self._store.message(self._address, message.uid).data
+        data = self._data(message)
         return data if len(data) < limit else None
+
+    def _data(self, message: MemoryMessageInfo) -> bytes:
+        if self._store.fail_open:
+            raise OSError(5, "Input/output error", message.uid)
+        if not any(m.uid == message.uid for m in self._store.boxes.get(self._address, [])):
+            raise FileNotFoundError(message.uid)  # removed meanwhile (by IMAP...)
+        return self._store.message(self._address, message.uid).data
 
     def mark_seen(self, message: MemoryMessageInfo) -> None:
         self._store.message(self._address, message.uid).seen = True

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from mailserver.folders import uidlist
 from mailserver.folders.disk import FolderFiles
 from mailserver.folders.uidlist import UidList
+from mailserver.interfaces import FolderGone
 
 NEW = "new"
 CUR = "cur"
@@ -149,8 +150,13 @@ class FolderState:
     def files(self) -> FolderFiles:
         """
         The folder, opened for a job.
+
+        @raise FolderGone: it is not there any more.
         """
-        return FolderFiles(self.base, self.path)
+        try:
+            return FolderFiles(self.base, self.path)
+        except FileNotFoundError:
+            raise FolderGone(self.path) from None
 
     def entry(self, uid: int) -> Entry | None:
         return self.entries.get(uid)

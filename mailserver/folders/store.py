@@ -31,7 +31,7 @@ from mailserver.folders import names as N
 from mailserver.folders import ops, tree
 from mailserver.folders.state import Delta, FolderState, refresh
 from mailserver.folders.watch import APPEARED, GONE
-from mailserver.interfaces import FolderError, IFolderStore, IMailAccount, IMailFolder
+from mailserver.interfaces import FolderError, FolderGone, IFolderStore, IMailAccount, IMailFolder
 from mailserver.maildir import UniqueNames
 from mailserver.safe_fs import SymlinkRefused
 
@@ -228,7 +228,10 @@ class SharedFolder:
         return self._run(ops.expunge, present, origin=origin).addCallback(lambda _: present)
 
     def transfer(self, uids, target: str, move: bool, origin) -> defer.Deferred:
-        target = N.normalize(target)
+        try:
+            target = N.check(target)  # "" or "a.b" name no folder (a.b is not a/b)
+        except N.BadName as e:
+            return defer.fail(FolderError("CANNOT", str(e)))
         path = tree.folder_path(self.root, target)
         d = self._store.run_blocking(tree.exists, self._store.base, self.root, target)
 
@@ -293,11 +296,15 @@ class SharedFolder:
             return
         events, self._events = self._events, []
         if any(self._foreign(*event) for event in events):
-            self.refresh().addErrback(
-                lambda f: self.log.failure("Refreshing {path} failed", f, path=self.path,
-                                           event="folders.refresh_failed",
-                                           log_system="folders.refresh_failed#critical")
-            )
+            self.refresh().addErrback(self._refresh_failed)
+
+    def _refresh_failed(self, failure: Failure) -> None:
+        if failure.check(FolderGone):  # its sessions hear of it at their next command
+            self.log.info("Folder {path} was deleted or renamed", path=self.path,
+                          event="folders.deleted", log_system="folders.deleted#info")
+            return
+        self.log.failure("Refreshing {path} failed", failure, path=self.path,
+                         event="folders.refresh_failed", log_system="folders.refresh_failed#critical")
 
     def _foreign(self, subdir: str | None, name: bytes | None, mask: int) -> bool:
         """
@@ -425,7 +432,7 @@ class MailStore:
         def failed(failure):
             folder.release()
             linked = failure.check(SymlinkRefused) and failure.value.filename == path
-            if failure.check(FileNotFoundError) or linked:
+            if failure.check(FileNotFoundError, FolderGone) or linked:
                 # A link in a folder's place is not followed: no folder.
                 self.forget(path)
                 raise FolderError("NONEXISTENT", "Mailbox doesn't exist")

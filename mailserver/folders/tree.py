@@ -229,8 +229,12 @@ def _write_subscriptions(account: FolderFiles, subscribed: list[str]) -> None:
 
 def set_subscribed(base: str, root: str, name: str, subscribed: bool) -> None:
     """
-    RFC 3501 6.3.6-7: a name may be subscribed whether or not it exists.
+    RFC 3501 6.3.6-7: a name may be subscribed whether or not it exists,
+    but only a name that could be a folder (the file has a name a line, so
+    a line break in one would subscribe several; and names stay short).
     """
+    if subscribed:
+        name = _checked(name)
     with FolderFiles(base, root) as account:
         _set_subscribed(account, name, subscribed)
 

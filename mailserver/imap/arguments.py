@@ -172,7 +172,9 @@ def _fetch_items(value) -> list[str | BodyItem]:
             if body is None:
                 raise ParseError(f"Unknown fetch item {str(item)[:40]}")
             items.append(body)
-    return items
+    # An item named twice is answered once: a line of "BODYSTRUCTURE ..."
+    # would otherwise ask for thousands of copies of a large structure.
+    return list(dict.fromkeys(items))
 
 
 # STORE.
@@ -309,6 +311,12 @@ def search_keys(args: tuple) -> tuple[str | None, list]:
     return charset, keys
 
 
+# How deep NOT, OR and parentheses may nest in SEARCH: keys are parsed
+# and matched recursively, and a line of "NOT NOT ..." must be a BAD, not
+# a RecursionError.
+MAX_SEARCH_DEPTH = 64
+
+
 def _text(items: list) -> str:
     if not items:
         raise ParseError("Missing search argument")
@@ -318,7 +326,9 @@ def _text(items: list) -> str:
     return astring(value).decode("utf-8", "replace")
 
 
-def _search_key(items: list):
+def _search_key(items: list, depth: int = 0):
+    if depth >= MAX_SEARCH_DEPTH:
+        raise ParseError("Search keys nested too deeply")
     value = items.pop(0)
     if isinstance(value, list):
         if not value:
@@ -326,7 +336,7 @@ def _search_key(items: list):
         inner = list(value)
         keys = []
         while inner:
-            keys.append(_search_key(inner))
+            keys.append(_search_key(inner, depth + 1))
         return ("AND", keys)
     if not isinstance(value, Atom):
         raise ParseError("Invalid search key")
@@ -369,14 +379,14 @@ def _search_key(items: list):
     if key == "NOT":
         if not items:
             raise ParseError("Missing search key after NOT")
-        return ("NOT", _search_key(items))
+        return ("NOT", _search_key(items, depth + 1))
     if key == "OR":
         if len(items) < 2:
             raise ParseError("OR needs two search keys")
-        first = _search_key(items)
+        first = _search_key(items, depth + 1)
         if not items:
             raise ParseError("OR needs two search keys")
-        return ("OR", first, _search_key(items))
+        return ("OR", first, _search_key(items, depth + 1))
     raise ParseError(f"Unknown search key {key[:30]}")
 
 

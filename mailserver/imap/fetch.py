@@ -10,6 +10,7 @@ as the transport takes them, so its text is never held whole.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mailserver.imap.arguments import BodyItem, Section
@@ -19,6 +20,10 @@ from mailserver.imap.structure import body_structure, envelope
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 STRUCTURE_ITEMS = frozenset({"ENVELOPE", "BODY", "BODYSTRUCTURE"})
+# A section of a message held in memory at least this large is its own
+# piece of the response (a view of the message, not a copy), sent as the
+# client reads: one FETCH may name BODY[] hundreds of times.
+SEPARATE = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,21 +87,28 @@ def needs_structure(items) -> bool:
     return False
 
 
+# INTERNALDATE's years have 4 digits (RFC 3501 9): a file time another
+# program set outside them is given as the nearest one that has.
+_FIRST_MOMENT = -62135596800  # 1-Jan-0001 00:00:00 UTC
+_LAST_MOMENT = 253402300799  # 31-Dec-9999 23:59:59 UTC
+
+
 def internal_date(timestamp: float) -> str:
-    moment = time.gmtime(timestamp)
+    moment = time.gmtime(min(max(timestamp, _FIRST_MOMENT), _LAST_MOMENT))
     return (
         f"{moment.tm_mday:2d}-{_MONTHS[moment.tm_mon - 1]}-{moment.tm_year:04d} "
         f"{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d} +0000"
     )
 
 
-def render(message: Message, items) -> list[bytes | Stream]:
+def render(message: Message, items) -> Iterator[bytes | memoryview | Stream]:
     """
     The untagged FETCH response: bytes, with L{Stream}s where a large
-    message's text goes.
+    message's text goes and large sections of a small one on their own
+    (L{SEPARATE}), each made only when the one before is sent.
     """
-    out: list[bytes | Stream] = []
     pieces = [b"* %d FETCH (" % message.seq]
+    held = 0
     for number, item in enumerate(items):
         if number:
             pieces.append(b" ")
@@ -105,16 +117,19 @@ def render(message: Message, items) -> list[bytes | Stream]:
             continue
         value = _body(message, item)
         name = item.name.encode("ascii")
-        if isinstance(value, Stream):
-            pieces.append(name + b" {%d}\r\n" % value.length)
-            out.append(b"".join(pieces))
-            out.append(value)
+        if isinstance(value, Stream) or len(value) >= SEPARATE:
+            pieces.append(name + b" {%d}\r\n" % (value.length if isinstance(value, Stream) else len(value)))
+            yield b"".join(pieces)
+            yield value
             pieces = []
         else:
             pieces.append(name + b" {%d}\r\n" % len(value) + value)
+            held += len(pieces[-1])
+            if held >= SEPARATE:  # many small sections add up
+                yield b"".join(pieces)
+                pieces, held = [], 0
     pieces.append(b")\r\n")
-    out.append(b"".join(pieces))
-    return out
+    yield b"".join(pieces)
 
 
 def _simple(message: Message, item: str) -> bytes:
@@ -138,7 +153,7 @@ def _simple(message: Message, item: str) -> bytes:
     raise ValueError(item)
 
 
-def _body(message: Message, item: BodyItem) -> bytes | Stream:
+def _body(message: Message, item: BodyItem) -> bytes | memoryview | Stream:
     section = item.section
     structure = message.structure
     if section.kind.startswith("HEADER.FIELDS"):
@@ -159,7 +174,7 @@ def _body(message: Message, item: BodyItem) -> bytes | Stream:
         skip = min(first, length)
         length = max(0, min(most, length - skip))
     if message.wire is not None:
-        return message.wire[start + skip : start + skip + length]
+        return memoryview(message.wire)[start + skip : start + skip + length]
     return Stream(start_lf, skip, length)
 
 
@@ -228,7 +243,7 @@ def header_fields(header: bytes, section: Section) -> bytes:
         if taking:
             out.append(line.rstrip(b"\r") + b"\r\n")
     out.append(b"\r\n")
-    return b"".join(out)
+    return b"".join(out).replace(b"\x00", b"\x80")
 
 
 def implied_seen(items) -> bool:

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from mailserver.imap import mime
 from mailserver.imap.fetch import (
+    SEPARATE,
     Message,
     Stream,
     needs_structure,
@@ -69,6 +70,15 @@ class Gone(Exception):
     """
 
 
+def wire_form(data: bytes) -> bytes:
+    """
+    Stored text as it is sent: CRLF line ends, and NUL (which RFC 3501's
+    literals cannot hold) as 0x80, as Dovecot sends it; sizes do not change
+    but for the CRs.
+    """
+    return data.replace(b"\n", b"\r\n").replace(b"\x00", b"\x80")
+
+
 def _prepare(contents: list, cached: dict, want_structure: bool) -> list:
     """
     In a worker thread: each message's CRLF text (if small) and structure.
@@ -81,7 +91,7 @@ def _prepare(contents: list, cached: dict, want_structure: bool) -> list:
         elif isinstance(content, bytes):
             if want_structure and structure is None:
                 structure = mime.parse_bytes(content)
-            out.append((uid, content.replace(b"\n", b"\r\n"), None, structure))
+            out.append((uid, wire_form(content), None, structure))
         else:
             if want_structure and structure is None:
                 structure = mime.parse(content)
@@ -92,7 +102,7 @@ def _prepare(contents: list, cached: dict, want_structure: bool) -> list:
 def _read_piece(source, start_lf: int | None, size: int) -> bytes:
     if start_lf is not None:
         source.seek(start_lf)
-    return source.read(size).replace(b"\n", b"\r\n")
+    return wire_form(source.read(size))
 
 
 @implementer(IPushProducer)
@@ -225,6 +235,8 @@ class Fetcher:
                 for piece in render(message, with_flags[index] if uid in seen_now else items[index]):
                     if isinstance(piece, Stream):
                         await self._stream(source, piece)
+                    elif isinstance(piece, memoryview) or len(piece) >= SEPARATE:
+                        await self._send_view(memoryview(piece))
                     else:
                         self._lines.send(piece)
             self._close_open()
@@ -297,6 +309,17 @@ class Fetcher:
                 lines.transport.write(piece)
         if left > 0:  # the file was shorter than its name said: keep the count right
             lines.transport.write(b" " * left)
+
+    async def _send_view(self, view: memoryview) -> None:
+        """
+        Send a large section of a message held in memory, a chunk at a
+        time as the client takes them.
+        """
+        lines = self._lines
+        lines.flush()
+        for start in range(0, len(view), CHUNK):
+            await self._writable()
+            lines.transport.write(bytes(view[start : start + CHUNK]))
 
     def _close_open(self) -> None:
         for source in self._open:

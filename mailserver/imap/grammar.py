@@ -25,6 +25,8 @@ from typing import BinaryIO
 
 from mailserver.mailbox_names import BadName, decode_utf7
 
+# How deep parenthesized lists may nest (FETCH, SEARCH and ID need a few).
+MAX_LIST_DEPTH = 64
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,20})(\+?)\}$")
 # ATOM-CHAR (any CHAR but ( ) { SP CTL % * " \\ ]), with the list
 # wildcards % and * and the ] of resp-specials, which atoms here may hold
@@ -115,6 +117,7 @@ class _Tokens:
         self._index = 0
         self._line = b""
         self._pos = 0
+        self._depth = 0
         self._load()
 
     def _load(self) -> None:
@@ -182,12 +185,18 @@ class _Tokens:
         return String(bytes(out))
 
     def _list(self) -> list:
+        # Lists are read recursively: their depth is bounded so that a
+        # line of 64 KiB of "(" is a BAD, not a RecursionError.
+        if self._depth >= MAX_LIST_DEPTH:
+            raise ParseError("Lists nested too deeply")
+        self._depth += 1
         self._pos += 1
         items: list = []
         while True:
             char = self.peek()
             if char == 0x29:  # )
                 self._pos += 1
+                self._depth -= 1
                 return items
             if items:
                 if char != 0x20:
@@ -397,9 +406,19 @@ def date_time(value) -> float:
     if match.group(7) == "-":
         offset = -offset
     try:
-        return calendar.timegm((year, month, day, hour, minute, second)) - offset
+        if day > calendar.monthrange(year, month)[1]:
+            raise ValueError("no such day")
+        moment = calendar.timegm((year, month, day, hour, minute, second)) - offset
     except (ValueError, OverflowError):
         raise ParseError("Invalid date-time") from None
+    # INTERNALDATE gives it back in UTC with a 4-digit year (RFC 3501 9).
+    if not _FIRST_MOMENT <= moment <= _LAST_MOMENT:
+        raise ParseError("Invalid date-time")
+    return moment
+
+
+_FIRST_MOMENT = calendar.timegm((1, 1, 1, 0, 0, 0))
+_LAST_MOMENT = calendar.timegm((9999, 12, 31, 23, 59, 59))
 
 
 class SequenceSet:

@@ -96,10 +96,12 @@ class Part:
         The part a section's numbers name (RFC 3501 6.4.5): in a
         non-multipart part, 1 is the part itself; through a
         message/rfc822 part the numbers go on in the enclosed message.
+        A message that is itself message/rfc822 has that message as its
+        part 1 (the first number does not go through it).
         """
         part = self
-        for number in numbers:
-            if part.is_message and part.message is not None:
+        for index, number in enumerate(numbers):
+            if index and part.is_message and part.message is not None:
                 part = part.message
             if part.is_multipart:
                 if not 1 <= number <= len(part.children):
@@ -235,23 +237,28 @@ class _Parser:
         self.header: list[bytes] = []
         self.header_size = 0
         self.open: list[_Open] = []  # multiparts, outermost first
+        self.last_blank = False  # the line before this one was empty
 
     def line(self, line: bytes) -> None:
         size_lf = len(line)
         size_crlf = size_lf + 1 if line[-1:] == b"\n" else size_lf
         if self.open and line[:2] == b"--" and self._boundary(line):
             self._advance(size_lf, size_crlf)
+            self.last_blank = False
             return
+        blank = not line.strip(b"\r\n")
         part = self.path[-1]
         if self.in_header:
-            if line in (b"\n", b"\r\n") or not line.strip(b"\r\n"):
+            if blank:
                 self._advance(size_lf, size_crlf)
+                self.last_blank = True
                 self._header_done(part)
                 return
             if self.header_size < MAX_HEADER:
                 self.header.append(line)
                 self.header_size += size_lf
         self._advance(size_lf, size_crlf)
+        self.last_blank = blank
 
     def _advance(self, size_lf: int, size_crlf: int) -> None:
         self.crlf += size_crlf
@@ -292,11 +299,13 @@ class _Parser:
     def _close_inside(self, container: Part) -> None:
         """
         A boundary of C{container} ends every part opened inside it; the
-        CRLF before the boundary is the boundary's.
+        CRLF before the boundary is the boundary's, so an empty line just
+        before it is no line of the part's (a part of 0 octets has 0 lines).
         """
+        lines = self.lines - 1 if self.last_blank else self.lines
         while self.path[-1] is not container:
             part = self.path.pop()
-            self._finish(part, self.crlf - 2, self.lf - 1, self.lines)
+            self._finish(part, self.crlf - 2, self.lf - 1, lines)
         self.in_header = False
 
     def _header_done(self, part: Part) -> None:

@@ -53,6 +53,11 @@ SPILL = 1024 * 1024
 # FETCH commands answered together (their files read by one job).
 FETCHES_PER_BATCH = 32
 _BATCHED = frozenset({"FETCH", "UID FETCH"})
+# Seconds a client that has not logged in gets for each line (as
+# Dovecot's 3 minutes): limits.imap_idle_timeout's 30 minutes (RFC 3501
+# 5.4) are for logged-in sessions, and would let idle strangers hold the
+# connection caps.
+LOGIN_IDLE_TIMEOUT = 180.0
 # Seconds between the "still here" lines sent during IDLE (NAT boxes drop
 # connections silent for a few minutes).
 IDLE_KEEPALIVE = 120.0
@@ -143,7 +148,7 @@ class IMAPServer(Protocol):
             deps.clock,
             on_input=self._input,
             on_timeout=self._timed_out,
-            line_timeout=deps.limits.imap_idle_timeout,
+            line_timeout=min(LOGIN_IDLE_TIMEOUT, deps.limits.imap_idle_timeout),
             max_errors=deps.limits.max_errors,
         )
         self._fetcher = Fetcher(self._lines, deps.run_blocking, deps.structures)
@@ -254,7 +259,11 @@ class IMAPServer(Protocol):
             self._command(pieces)
             return
         tag, name = peek_tag_and_name(self._pieces[0])
-        limit = self._deps.limits.max_message_size if name == "APPEND" else MAX_COMMAND
+        # Only a logged-in APPEND may bring a message; before login no
+        # command needs more than MAX_COMMAND, and a larger "+ OK" would
+        # let anyone make the server store megabytes.
+        logged_in = self.session.state in (State.AUTHENTICATED, State.SELECTED)
+        limit = self._deps.limits.max_message_size if name == "APPEND" and logged_in else MAX_COMMAND
         self._octets += spec.size
         too_large = self._octets > limit + len(line)
         if too_large and spec.synchronizing:
@@ -389,6 +398,10 @@ class IMAPServer(Protocol):
             self._lines.reads.release(BUSY)
 
     def _unexpected(self, failure: Failure) -> None:
+        gone = self.session.selected_gone(failure)
+        if gone is not None:
+            self._perform(gone)
+            return
         emit_failure(self.log, "imap.error", "session error", failure,
                      client=self.session.connection.client)
         self._send(R.untagged("BYE Internal error occurred."))
@@ -453,6 +466,7 @@ class IMAPServer(Protocol):
         session = self.session
         if isinstance(outcome, LoggedIn):
             self._deps.metrics.imap_logins_total.inc()
+            self._lines.set_line_timeout(self._deps.limits.imap_idle_timeout)
             self._perform(session.logged_in(outcome.avatar.address, outcome.logout))
             return
         if not isinstance(outcome, BadCredentials):

@@ -76,13 +76,14 @@ _QUOTABLE = frozenset(range(0x20, 0x7F))
 
 def string(value: bytes | str) -> bytes:
     """
-    A string: quoted when it is short printable ASCII, else a literal.
+    A string: quoted when it is short printable ASCII, else a literal (a
+    NUL, which a literal cannot hold, as 0x80).
     """
     if isinstance(value, str):
         value = value.encode("utf-8")
     if len(value) < 1024 and all(c in _QUOTABLE for c in value):
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-    return b"{%d}\r\n" % len(value) + value
+    return b"{%d}\r\n" % len(value) + value.replace(b"\x00", b"\x80")
 
 
 def nstring(value: bytes | str | None) -> bytes:

@@ -39,7 +39,7 @@ from mailserver.imap.mailboxes import MailboxHandlers
 from mailserver.imap.selected import SelectedHandlers
 from mailserver.imap.state import Connection, State
 from mailserver.imap.view import SelectedView
-from mailserver.interfaces import FolderError
+from mailserver.interfaces import FolderError, FolderGone
 from mailserver.logs import emit, emit_failure
 from mailserver.sasl import (
     MECHANISMS,
@@ -162,10 +162,13 @@ class IMAPSession(MailboxHandlers, SelectedHandlers):
         updates = self.view.updates(expunges) if self.view is not None else []
         return (*updates, R.ok(tag, text, code))
 
-    def failed(self, tag: str, failure: Failure) -> R.Tagged:
+    def failed(self, tag: str, failure: Failure):
         """
         What to say when the folder store failed.
         """
+        gone = self.selected_gone(failure)
+        if gone is not None:
+            return gone
         error = failure.value
         if isinstance(error, FolderError):
             return R.no(tag, str(error), error.code)
@@ -178,6 +181,20 @@ class IMAPSession(MailboxHandlers, SelectedHandlers):
             emit_failure(self.log, "imap.command_failed", "a command failed", failure,
                          user=self.address)
         return R.no(tag, "Internal error occurred. Refer to server log for more information.", "SERVERBUG")
+
+    def selected_gone(self, failure: Failure):
+        """
+        The selected mailbox was deleted or renamed by another session or
+        program: its messages cannot be reached any more, so, as Dovecot
+        does, say BYE (RFC 3501 leaves it open); C{None} if that is not
+        what C{failure} says.
+        """
+        error = failure.value
+        if not isinstance(error, FolderGone) or self.view is None or error.path != self.view.folder.path:
+            return None
+        emit(self.log, LogLevel.info, "imap.selected_deleted", "the selected mailbox was deleted",
+             user=self.address)
+        return (R.untagged("BYE Selected mailbox was deleted, have to disconnect."), CLOSE)
 
     def after(self, tag: str, deferred, then: Callable[[object], object]) -> Await:
         """

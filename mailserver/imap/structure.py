@@ -53,16 +53,17 @@ def address_list(value: bytes | None) -> bytes:
     addresses = parse_addresses(value)
     if not addresses:
         return _NIL
-    return _list([
+    # env-from = "(" 1*address ")": no space between addresses (RFC 3501 9).
+    return b"(" + b"".join(
         _list([nstring(name), _NIL, nstring(mailbox), nstring(host)])
         for name, mailbox, host in addresses
-    ])
+    ) + b")"
 
 
 def _tokens(text: bytes) -> list[tuple[str, bytes]]:
     """
     RFC 5322 lexical tokens: ("q", quoted string), ("s", special),
-    ("a", atom or dot-atom); comments and white space dropped.
+    ("a", atom or dot-atom), ("c", a comment's text); white space dropped.
     """
     out: list[tuple[str, bytes]] = []
     position = 0
@@ -73,6 +74,7 @@ def _tokens(text: bytes) -> list[tuple[str, bytes]]:
             position += 1
         elif char == b"(":
             depth = 0
+            start = position
             while position < length:
                 c = text[position : position + 1]
                 if c == b"\\":
@@ -84,6 +86,7 @@ def _tokens(text: bytes) -> list[tuple[str, bytes]]:
                     if depth == 0:
                         break
                 position += 1
+            out.append(("c", text[start + 1 : position].strip()))
             position += 1
         elif char == b'"':
             value = bytearray()
@@ -116,7 +119,7 @@ def parse_addresses(value: bytes) -> list[tuple[bytes | None, bytes | None, byte
     current: list[tuple[str, bytes]] = []
     in_group = False
     for kind, token in tokens + [("s", b",")]:
-        if kind == "s" and token == b":" and not in_group and b"<" not in [t for _, t in current]:
+        if kind == "s" and token == b":" and not in_group and ("s", b"<") not in current:
             out.append((None, _words(current) or b"", None))
             current = []
             in_group = True
@@ -137,10 +140,14 @@ def parse_addresses(value: bytes) -> list[tuple[bytes | None, bytes | None, byte
 
 
 def _words(tokens: list[tuple[str, bytes]]) -> bytes:
-    return b" ".join(token for _, token in tokens)
+    return b" ".join(token for kind, token in tokens if kind != "c")
 
 
 def _address(tokens: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None] | None:
+    # "bob@example.org (Bob Smith)": with no phrase, the comment is the
+    # name clients show (as Dovecot and Cyrus give it).
+    comments = [token for kind, token in tokens if kind == "c" and token]
+    tokens = [(kind, token) for kind, token in tokens if kind != "c"]
     if not tokens:
         return None
     texts = [token for _, token in tokens]
@@ -160,6 +167,8 @@ def _address(tokens: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | Non
         local, host = b"".join(token for _, token in tokens), b""
     if not local and not host:
         return None
+    if name is None and comments:
+        name = comments[-1]
     return name, local, host
 
 

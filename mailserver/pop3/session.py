@@ -397,6 +397,11 @@ class POP3Session:
         retrieved one is flagged seen at QUIT, with the deletions.
         """
         if isinstance(outcome, Failure):
+            if outcome.check(FileNotFoundError):
+                # IMAP (or another program) expunged it since the listing.
+                emit(self.log, LogLevel.info, "pop3.message_removed", "message removed meanwhile",
+                     user=self.account, uid=message.uid)
+                return R.REMOVED
             emit_failure(self.log, "pop3.read_failed", "opening a message failed", outcome,
                          user=self.account, uid=message.uid)
             return R.UNREADABLE

@@ -346,6 +346,15 @@ class LineSession:
         else:
             self._idle_call = self._clock.callLater(timeout, self._timed_out)
 
+    def set_line_timeout(self, seconds: float) -> None:
+        """
+        From now on give the client C{seconds} for each line (e.g. longer
+        once it has logged in), counting from now.
+        """
+        self._line_timeout = seconds
+        if self._idle_call is not None and self._idle_call.active():
+            self.restart_idle()
+
     def extend_idle(self, seconds: float) -> None:
         call = self._idle_call
         if call is not None and call.active():

@@ -142,3 +142,57 @@ def test_pipelined_fetches_are_answered_in_order_with_one_read(later):
         b"* 1 FETCH", b"f0 OK", b"* 2 FETCH", b"f1 OK", b"* 3 FETCH", b"f2 OK",
         b"* 4 FETCH", b"f3 OK", b"* 5 FETCH", b"f4 OK", b"n OK", b"bad BAD",
     ]
+
+
+def test_many_sections_of_a_small_message_wait_for_the_client_too(later):
+    # A message under WHOLE_MESSAGE is read whole, but a FETCH may name
+    # hundreds of its large sections in one 64 KiB line: they go out as the
+    # client reads, not all into memory at once (300 x 200 KB was 60 MB).
+    data = big_message(8000)  # about 200 KB
+    later.deliver("1000.M1P1Q1.h", data)
+    later.cmd("L LOGIN bob@example.org secret")
+    later.cmd("S SELECT INBOX")
+    wire = data.replace(b"\n", b"\r\n")
+    later.send(b"c FETCH 1 (" + b" ".join(b"BODY.PEEK[]<%d.300000>" % n for n in range(300)) + b")\r\n")
+    fetcher = later.protocol._fetcher
+    fetcher.pauseProducing()  # the client reads nothing
+    later.run.run()
+    sent = len(later.read())
+    assert sent < 2 * len(wire)
+    out = b""
+    while True:
+        fetcher.resumeProducing()
+        later.run.run()
+        piece = later.read()
+        out += piece
+        if piece.endswith(b"c OK Fetch completed.\r\n") or not piece:
+            break
+    assert out.endswith(b")\r\nc OK Fetch completed.\r\n")
+    assert b"BODY[]<299> {%d}\r\n%s)" % (len(wire) - 299, wire[299:]) in out
+
+
+@pytest.mark.parametrize(
+    "item",
+    ["BODY.PEEK[]<%d.16000>", "BODY.PEEK[HEADER.FIELDS (X-Big X-%d)]"],
+    ids=["partials", "header-fields"],
+)
+def test_many_distinct_sections_wait_for_the_client_too(later, item):
+    # Distinct items are not folded into one: each is made only when the
+    # one before went out, and small ones are sent once they add up.
+    data = b"X-Big: " + b"b" * 150_000 + b"\nSubject: x\n\n" + b"body\n" * 20_000
+    later.deliver("1000.M1P1Q1.h", data)
+    later.cmd("L LOGIN bob@example.org secret")
+    later.cmd("S SELECT INBOX")
+    later.send(b"c FETCH 1 (" + b" ".join((item % n).encode() for n in range(400)) + b")\r\n")
+    fetcher = later.protocol._fetcher
+    fetcher.pauseProducing()
+    later.run.run()
+    assert len(later.read()) < 400_000
+    out = b""
+    while not out.endswith(b"c OK Fetch completed.\r\n"):
+        fetcher.resumeProducing()
+        later.run.run()
+        piece = later.read()
+        assert piece
+        out += piece
+    assert len(out) > 400 * 16000

@@ -228,9 +228,18 @@ def test_idle_timeout_after_login_releases_lock_on_close(session, store):
     assert session.clock.getDelayedCalls() == []
 
 
-def test_retr_when_file_vanished_is_sys_temp(session, store):
+def test_retr_when_the_file_cannot_be_read_is_sys_temp(session, store):
     store.fail_open = True
     assert session.command("RETR 1") == b"-ERR [SYS/TEMP] The message cannot be read now.\r\n"
+    assert session.command("NOOP") == b"+OK\r\n"
+
+
+def test_retr_of_a_message_removed_meanwhile_says_so(session, store):
+    # An IMAP client (or another program) expunged it after this session
+    # listed the maildrop: gone for good, not worth a retry nor a traceback.
+    del store.boxes["bob@localhost"][0]
+    assert session.command("RETR 1") == b"-ERR The message was removed by another client.\r\n"
+    assert session.command("TOP 1 0") == b"-ERR The message was removed by another client.\r\n"
     assert session.command("NOOP") == b"+OK\r\n"
 
 

@@ -163,3 +163,28 @@ def test_responses_quote_or_use_literals():
     assert R.string("ü") == b"{2}\r\n\xc3\xbc"
     assert R.mailbox("Entwürfe") == b'"Entw&APw-rfe"'
     assert R.ok("a1", "Done", "READ-WRITE").render() == b"a1 OK [READ-WRITE] Done\r\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"29-Feb-2021 10:00:00 +0000", b"31-Apr-2021 10:00:00 +0000", b"31-Dec-9999 23:59:59 -1200",
+     b"01-Jan-0000 00:00:00 +0000", b"01-Jan-0001 00:00:00 +0100"],
+)
+def test_append_dates_that_are_no_day_or_leave_four_digit_years_are_refused(text):
+    # INTERNALDATE's year has 4 digits (RFC 3501 9): 31-Dec-9999 -1200 is
+    # in the year 10000 in UTC, which clients could not parse back.
+    with pytest.raises(ParseError):
+        date_time(String(text))
+
+
+def test_append_dates_at_the_edges():
+    assert date_time(String(b"29-Feb-2024 10:00:00 +0000")) == 1709200800
+    assert date_time(String(b"31-Dec-9999 23:59:59 +0000")) == 253402300799
+
+
+def test_internaldate_keeps_four_digit_years():
+    from mailserver.imap.fetch import internal_date
+
+    assert internal_date(1e20) == "31-Dec-9999 23:59:59 +0000"
+    assert internal_date(-1e20) == " 1-Jan-0001 00:00:00 +0000"
+    assert internal_date(0) == " 1-Jan-1970 00:00:00 +0000"
