@@ -421,20 +421,28 @@ class QueueStore:
                     removed.append(entry.name)
             except FileNotFoundError:
                 continue
-        self.remove_stale_tmp(min_age)
+        self.remove_stale_tmp(min_age, writing=True)
         return removed
 
-    def remove_stale_tmp(self, min_age: float = 3600.0) -> None:
+    def remove_stale_tmp(self, min_age: float = 3600.0, writing: bool = False) -> None:
         """
         Remove the temporary files whose writer is gone (or, with no writer
         in the name, older than C{min_age} seconds).  Quick: C{tmp/} holds
         only the writes in progress.
+
+        @param writing: this process may be queueing messages meanwhile
+            (the start-up read runs in a thread while clients are served),
+            so a file with this process's id is a write in progress, not
+            an earlier process's leftover, and is kept unless older than
+            C{min_age}.
         """
         self._ensure()
         cutoff = time.time() - min_age
+        ours = f".{os.getpid()}."
         for entry in os.scandir(self.tmp_path):
             try:
-                if _writer_gone(entry.name) or entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                gone = _writer_gone(entry.name) and not (writing and ours in entry.name)
+                if gone or entry.stat(follow_symlinks=False).st_mtime < cutoff:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 continue

@@ -96,6 +96,21 @@ def test_unknown_id_is_a_clear_error(config):
         store.load("../etc/passwd")
 
 
+def test_the_threaded_start_up_read_keeps_this_process_s_writes_in_progress(config, tmp_path):
+    # The runner reads the queue in a thread while clients are served: an
+    # envelope this process is writing at that moment is not a leftover
+    # (it was removed, and the intake's rename failed: "intake failed ...
+    # FileNotFoundError ... queue/tmp/<id>.json.<pid>.<hex>").
+    store = QueueStore(config.queue_path)
+    store.remove_stale_tmp()
+    writing = f"1K1YFC4XJYP002YE.json.{os.getpid()}.13e6451c"
+    (store.tmp_path / writing).write_text("{")
+    assert store.remove_orphans() == []
+    assert os.listdir(store.tmp_path) == [writing]
+    store.remove_stale_tmp()  # before clients come, our pid is an earlier process's
+    assert os.listdir(store.tmp_path) == []
+
+
 def test_orphans_and_temporary_files_are_removed_at_start(config, tmp_path):
     store = QueueStore(config.queue_path)
     kept = store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
