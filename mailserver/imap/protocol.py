@@ -447,20 +447,17 @@ class IMAPServer(Protocol):
             self._logins = Logins(
                 deps.portal, deps.login_throttle, max_failures=deps.limits.max_auth_failures
             )
-        checking = self._logins.attempt(session.connection.address, login.username, login.password)
+        checking = self._logins.attempt(
+            session.connection.address, login.username, login.password,
+            gone=lambda: self._lines.closed,
+        )
         if checking is REFUSED:
             emit(self.log, LogLevel.warn, "imap.auth_throttled",
                  "login refused unchecked: too many failed logins from there",
                  user=printable(user), client=session.connection.client)
             self._answer(session.logins_refused())
             return
-        checking.addCallback(self._log_out_if_gone)
         self._wait(checking, partial(self._checked, user))
-
-    def _log_out_if_gone(self, outcome):
-        if isinstance(outcome, LoggedIn) and self._lines.closed:
-            outcome.logout()
-        return outcome
 
     def _checked(self, user: str, outcome) -> None:
         session = self.session

@@ -265,7 +265,8 @@ class POP3Server(Protocol):
                 max_failures=deps.limits.max_auth_failures,
             )
         checking = self._logins.attempt(
-            session.connection.address, login.username, login.password
+            session.connection.address, login.username, login.password,
+            gone=lambda: self._lines.closed,
         )
         if checking is REFUSED:
             emit(self.log, LogLevel.warn, "pop3.auth_throttled",
@@ -273,13 +274,7 @@ class POP3Server(Protocol):
                  user=printable(user), client=session.connection.client)
             self._answer(R.LOGINS_REFUSED)
             return
-        checking.addCallback(self._log_out_if_gone)
         self._wait(checking, partial(self._checked, user))
-
-    def _log_out_if_gone(self, outcome):
-        if isinstance(outcome, LoggedIn) and self._lines.closed:
-            outcome.logout()
-        return outcome
 
     def _checked(self, user: str, outcome) -> None:
         if isinstance(outcome, LoggedIn):

@@ -299,19 +299,15 @@ class SMTPServer(Protocol):
             self._logins = Logins(
                 deps.portal, deps.login_throttle, max_failures=deps.limits.max_auth_failures
             )
-        checking = self._logins.attempt(self.client_address, login.username, login.password)
+        checking = self._logins.attempt(
+            self.client_address, login.username, login.password, gone=lambda: self._lines.closed
+        )
         if checking is REFUSED:
             # Too many failed logins from there: refused unchecked.
             self._answer(self.session.refuse("AUTH", R.LOGINS_REFUSED, RATE,
                                              event="smtp.auth_throttled", user=printable(user)))
             return
-        checking.addCallback(self._log_out_if_gone)
         self._lines.wait(checking, partial(self._checked, user))
-
-    def _log_out_if_gone(self, outcome):
-        if isinstance(outcome, LoggedIn) and self._lines.closed:
-            outcome.logout()
-        return outcome
 
     def _checked(self, user: str, outcome) -> None:
         if isinstance(outcome, LoggedIn):

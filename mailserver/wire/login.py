@@ -85,12 +85,16 @@ class Logins:
         self.failures = 0
 
     def attempt(
-        self, address: str, username: bytes, password: bytes
+        self, address: str, username: bytes, password: bytes,
+        gone: Callable[[], bool] = lambda: False,
     ) -> defer.Deferred | _Refused:
         """
         Check a client's credentials.
 
         @param address: the client's IP address, the unit of throttling.
+        @param gone: whether the connection has closed meanwhile; a login
+            that succeeds after that is logged out at once (no session is
+            left to do it).
         @return: L{REFUSED}, or a Deferred that fires (never fails) with a
             L{LoggedIn}, L{BadCredentials} or L{LoginBroken}.
         """
@@ -100,12 +104,14 @@ class Logins:
         )
         if checking is None:
             return REFUSED
-        return checking.addBoth(self._checked, address)
+        return checking.addBoth(self._checked, address, gone)
 
-    def _checked(self, result, address: str) -> LoggedIn | BadCredentials | LoginBroken:
+    def _checked(self, result, address: str, gone) -> LoggedIn | BadCredentials | LoginBroken:
         if not isinstance(result, Failure):
             _, avatar, logout = result
             self.failures = 0
+            if gone():
+                logout()
             return LoggedIn(avatar, logout)
         if not result.check(LoginFailed):  # UnauthorizedLogin is a LoginFailed
             return LoginBroken(result)

@@ -41,6 +41,23 @@ def test_good_credentials_log_in():
     assert isinstance(result, LoggedIn) and result.avatar == "bob"
 
 
+def test_a_login_that_succeeds_after_the_client_left_is_logged_out():
+    logged_out = []
+
+    @implementer(IRealm)
+    class CountingRealm:
+        def requestAvatar(self, avatar_id, mind, *interfaces):
+            return IAccount, avatar_id.decode(), lambda: logged_out.append(avatar_id)
+
+    checker = InMemoryUsernamePasswordDatabaseDontUse(bob=b"secret")
+    throttle = LoginThrottle(Clock(), delay=1.0, limit=10, window=60)
+    checks = Logins(Portal(CountingRealm(), [checker]), throttle, max_failures=3)
+    outcome(checks.attempt("192.0.2.1", b"bob", b"secret", gone=lambda: False))
+    assert logged_out == []
+    result = outcome(checks.attempt("192.0.2.1", b"bob", b"secret", gone=lambda: True))
+    assert isinstance(result, LoggedIn) and logged_out == [b"bob"]
+
+
 def test_failures_are_counted_delayed_more_and_more_then_final():
     checks, _ = logins(max_failures=3)
     results = [outcome(checks.attempt("192.0.2.1", b"bob", b"guess")) for _ in range(3)]
