@@ -51,7 +51,9 @@ _COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
 
 def zone() -> dict:
     return {
-        REMOTE_DOMAIN: {"MX": [[10, f"mx1.{REMOTE_DOMAIN}"]]},
+        # An SOA, as every real zone has: negative answers (no AAAA, no
+        # MTA-STS record) carry it, so a resolver may keep them (RFC 2308).
+        REMOTE_DOMAIN: {"MX": [[10, f"mx1.{REMOTE_DOMAIN}"]], "SOA": 60},
         f"mx1.{REMOTE_DOMAIN}": {"A": [SINK_ADDRESS]},
     }
 

@@ -5,6 +5,11 @@ records from a dict:
 
     {"example.org": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"], "A": ["127.0.0.1"]}}
 
+A name with C{"SOA": N} is a zone's apex: negative answers for it and the
+names under it ("no such record", "no such name") carry its SOA record in
+their authority section, TTL and MINIMUM N, as a real server's do (RFC 2308);
+without one they carry none.
+
 A name can also misbehave, for the fault tests: C{{"RCODE": "SERVFAIL"}} (or
 C{"REFUSED"}, C{"NXDOMAIN"}) answers every query for it with that code,
 C{{"SILENT": True}} never answers, C{{"TRUNCATE": True}} answers over UDP
@@ -44,6 +49,22 @@ def _records(spec: dict) -> list:
     return out
 
 
+def soa_authority(zone: dict, name: str) -> list:
+    """
+    The SOA record of the zone C{name} is in (its nearest enclosing name
+    with C{"SOA"}), for a negative answer's authority section; C{[]} if none.
+    """
+    labels = name.split(".")
+    for i in range(len(labels)):
+        apex = ".".join(labels[i:])
+        seconds = zone.get(apex, {}).get("SOA")
+        if seconds is not None:
+            record = dns.Record_SOA(f"ns.{apex}".encode(), f"hostmaster.{apex}".encode(),
+                                    minimum=seconds, ttl=seconds)
+            return [dns.RRHeader(apex.encode(), dns.SOA, dns.IN, seconds, record, auth=True)]
+    return []
+
+
 class ZoneResolver(common.ResolverBase):
     """
     Answers from the dict, authoritatively; unknown names are NXDOMAIN.
@@ -71,7 +92,8 @@ class ZoneResolver(common.ResolverBase):
         key = name.decode("ascii").lower().rstrip(".")
         if key not in self._zone:
             return defer.fail(error.DNSNameError(name))
-        return defer.succeed((self._answers(key, type), [], []))
+        answers = self._answers(key, type)
+        return defer.succeed((answers, [] if answers else soa_authority(self._zone, key), []))
 
 
 _RCODES = {"SERVFAIL": dns.ESERVER, "REFUSED": dns.EREFUSED, "NXDOMAIN": dns.ENAME,
@@ -98,6 +120,13 @@ class FaultyServerFactory(server.DNSServerFactory):
             return None
         if "RCODE" in spec:
             response = self._responseFromMessage(message=message, rCode=_RCODES[spec["RCODE"]])
+            self.sendReply(protocol, response, address)
+            return None
+        authority = soa_authority(self._zone, name)
+        if name not in self._zone and authority:
+            response = self._responseFromMessage(message=message, rCode=dns.ENAME,
+                                                 authority=authority)
+            response.auth = True
             self.sendReply(protocol, response, address)
             return None
         if spec.get("TRUNCATE") and not over_tcp:

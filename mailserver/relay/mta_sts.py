@@ -46,6 +46,11 @@ MAX_POLICY_SIZE = 64 * 1024
 MAX_AGE_LIMIT = 31_557_600  # RFC 8461 3.2: about a year
 FAILED_FETCH_PAUSE = 300.0
 CACHE_VERSION = 1
+# How long "no policy cached for this domain" is believed before the cache
+# folder is looked at again (another node sharing it may have saved one),
+# and for how many domains at most.
+ABSENT_RECHECK = 300.0
+ABSENT_MEMORY = 10_000
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
@@ -371,6 +376,7 @@ class MTASTS:
         self._clock = clock
         self._io = io or (lambda f, *args: defer.maybeDeferred(f, *args))
         self._known: dict[str, STSPolicy] = {}
+        self._absent: dict[str, float] = {}
         self._failed: dict[tuple[str, str], float] = {}
         self._fetching: dict[tuple[str, str], list[defer.Deferred]] = {}
 
@@ -382,14 +388,24 @@ class MTASTS:
         return defer.Deferred.fromCoroutine(self._policy(domain))
 
     def _cached(self, domain: str) -> STSPolicy | None:
-        # Only policies are kept in memory: a domain without one costs a
-        # failed open() per delivery, not memory for good.
+        # A domain without a cached policy is looked for on disk again only
+        # after ABSENT_RECHECK: not a failed open() on the reactor thread for
+        # every message, nor memory for good (at most ABSENT_MEMORY).
         policy = self._known.get(domain)
-        if policy is None:
-            policy = self._cache.load(domain)
-            if policy is not None:
-                self._known[domain] = policy
-        return policy
+        if policy is not None:
+            return policy
+        now = self._clock.seconds()
+        if self._absent.get(domain, -1e300) + ABSENT_RECHECK > now:
+            return None
+        policy = self._cache.load(domain)
+        if policy is not None:
+            self._known[domain] = policy
+            self._absent.pop(domain, None)
+            return policy
+        if len(self._absent) >= ABSENT_MEMORY:
+            self._absent.clear()
+        self._absent[domain] = now
+        return None
 
     async def _policy(self, domain: str) -> STSPolicy | None:
         name = policy_domain(domain)

@@ -15,10 +15,9 @@ never to itself; when this server is the best MX (or the implicit one) the
 mail would loop, and fails for good as Postfix fails it ("mail for DOMAIN
 loops back to myself", 5.4.6).
 
-Every lookup is bounded: the resolver gets explicit per-query timeouts
-(twisted.names' own default is 60 seconds a query, and 10 more for its TCP
-retry, whatever the configuration says) and L{MXRouter} gives up on a whole
-route after a deadline, whatever the resolver does.
+Every lookup is bounded: the resolver (L{mailserver.relay.resolver}) gets
+explicit per-query timeouts, and L{MXRouter} gives up on a whole route
+after a deadline, whatever the resolver does.
 """
 
 from __future__ import annotations
@@ -26,23 +25,17 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet import error as internet_error
-from twisted.names import client, dns
+from twisted.names import dns
 from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 
-from mailserver.config import HostPort
 from mailserver.wire.reply import Reply
 
 _MAX_CNAME = 8
-# The longest an answer is kept by the relay's resolver, whatever its TTL.
-MAX_CACHE_SECONDS = 3600.0
-# How many answers the relay's resolver keeps.
-RELAY_DNS_CACHE = 10_000
 
 
 @dataclass(frozen=True)
@@ -117,92 +110,6 @@ def _temporary(text: str) -> RoutingError:
 
 def _permanent(code: int, status: str, text: str) -> RoutingError:
     return RoutingError(Reply(code, status, (text,), synthetic=True))
-
-
-def query_timeouts(total: float) -> tuple[float, ...]:
-    """
-    The resolver's retransmission schedule for one query, summing to
-    C{total} seconds: twisted.names' own (1, 3, 11) scaled.
-    """
-    return tuple(total * part / 15 for part in (1, 3, 11))
-
-
-class BoundedResolver(client.Resolver):
-    """
-    C{twisted.names.client.Resolver} with every wait bounded by C{timeout}.
-
-    Its TCP retry (after a truncated UDP answer) otherwise waits a fixed 10
-    seconds and notices a reset connection only at that time-out.
-
-    With C{cache} > 0 it keeps that many answers for their time to live (at
-    most L{MAX_CACHE_SECONDS}), the oldest going first: the relay asks the
-    same MX, address and MTA-STS questions for every message to a domain.
-    Only answers with records are kept; failures and empty answers are
-    asked again every time.
-    """
-
-    def __init__(self, *, timeout: float, cache: int = 0, **kwargs) -> None:
-        self._total = timeout
-        self._cache_size = cache
-        self._cached: OrderedDict[tuple, tuple[float, tuple]] = OrderedDict()
-        super().__init__(timeout=query_timeouts(timeout), **kwargs)
-
-    def _lookup(self, name, cls, type, timeout):
-        if not self._cache_size:
-            return super()._lookup(name, cls, type, timeout)
-        key = (name.lower() if isinstance(name, (bytes, str)) else name, cls, type)
-        now = self._reactor.seconds()
-        hit = self._cached.get(key)
-        if hit is not None:
-            if hit[0] > now:
-                return defer.succeed(hit[1])
-            del self._cached[key]
-        return super()._lookup(name, cls, type, timeout).addCallback(self._keep, key)
-
-    def _keep(self, result, key):
-        answers = result[0]
-        ttl = min((r.ttl for r in answers), default=0)
-        if ttl > 0:
-            self._cached[key] = (self._reactor.seconds() + min(ttl, MAX_CACHE_SECONDS), result)
-            self._cached.move_to_end(key)
-            while len(self._cached) > self._cache_size:
-                self._cached.popitem(last=False)
-        return result
-
-    def queryTCP(self, queries, timeout=None):
-        return super().queryTCP(queries, self._total)
-
-    def stop(self) -> None:
-        """
-        Stop re-reading C{resolv.conf} every minute, when the relay stops.
-        """
-        call = getattr(self, "_parseCall", None)
-        if call is not None and call.active():
-            call.cancel()
-
-    def connectionLost(self, protocol) -> None:
-        super().connectionLost(protocol)
-        live = getattr(protocol, "liveMessages", None) or {}
-        for query_id, (d, timer) in list(live.items()):
-            del live[query_id]
-            if timer.active():
-                timer.cancel()
-            d.errback(internet_error.ConnectionLost("the DNS server closed the connection"))
-
-
-def make_resolver(server: HostPort | None, reactor, timeout: float = 15.0,
-                  cache: int = 0) -> BoundedResolver:
-    """
-    A C{twisted.names} resolver: C{None} for the system's (from
-    C{/etc/resolv.conf}), else the one DNS server C{server} (an IP address
-    and port, as C{relay.resolver} gives it); C{timeout} is the most one
-    query may take, retransmissions included; C{cache}: answers kept.
-    """
-    if server is None:
-        return BoundedResolver(resolv="/etc/resolv.conf", reactor=reactor, timeout=timeout,
-                               cache=cache)
-    return BoundedResolver(servers=[(server.host, server.port)], reactor=reactor,
-                           timeout=timeout, cache=cache)
 
 
 def _literal(domain: str) -> str | None:

@@ -61,7 +61,8 @@ from mailserver.relay.dispatch import Concurrency, ConnectionSlots, Dispatcher
 from mailserver.relay.index import IndexEntry, QueueIndex
 from mailserver.relay.index import build as build_index
 from mailserver.relay.mta_sts import make_mta_sts
-from mailserver.relay.mx import RELAY_DNS_CACHE, MXRouter, Ourselves, make_resolver
+from mailserver.relay.mx import MXRouter, Ourselves
+from mailserver.relay.resolver import RELAY_DNS_CACHE, make_resolver
 from mailserver.relay.queue import (
     DELIVERED,
     FAILED,

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from mailserver.config import HostPort
 from mailserver.config.values import dnsbl_site
 from mailserver.defences.dnsbl import DNSBL
-from mailserver.relay.mx import make_resolver
+from mailserver.relay.resolver import make_resolver
 from tests.dns_zone import listen
 
 NIBBLES = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"

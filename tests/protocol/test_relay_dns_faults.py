@@ -17,6 +17,8 @@ import tempfile
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.names import dns
+from twisted.names.error import DNSNameError
 from twisted.trial import unittest
 
 from mailserver.config import Config, HostPort, Relay
@@ -25,7 +27,8 @@ from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
 from mailserver.relay import QueueStore, RelayRunner
-from mailserver.relay.mx import MXRouter, RoutingError, make_resolver
+from mailserver.relay.mx import MXRouter, RoutingError
+from mailserver.relay.resolver import RELAY_DNS_CACHE, make_resolver
 from mailserver.testing import InlineCommitter
 from tests.dns_zone import listen
 
@@ -39,6 +42,8 @@ ZONE = {
     "reset.test": {"TRUNCATE": True, "TCP": "reset"},
     "slowmx.test": {"MX": [[10, "slow.slowmx.test"]]},
     "slow.slowmx.test": {"SILENT": True},
+    "soa.test": {"MX": [[10, "mx1.soa.test"]], "SOA": 60},
+    "mx1.soa.test": {"A": ["127.0.0.1"]},
 }
 
 DNS_TIMEOUT = 0.4
@@ -151,6 +156,39 @@ class RouteTests(unittest.TestCase):
         e, took = await self.failure(self.router(self.serve()), "slowmx.test")
         self.assertTemporary(e, "slow.slowmx.test", "timed out")
         self.assertLess(took, 3 * DNS_TIMEOUT + 1)
+
+    @inline
+    async def test_the_relays_resolver_asks_each_question_once_in_its_ttl(self):
+        """
+        Issue 22: routing the same domain again asks the server nothing,
+        "no AAAA" and "no such name" included, as their answers carry the
+        zone's SOA (RFC 2308).
+        """
+        port, listening = listen(reactor, ZONE)
+        for p in listening:
+            self.addCleanup(p.stopListening)
+        factory = listening[0].factory
+        asked = []
+        handle = factory.handleQuery
+
+        def counted(message, protocol, address):
+            asked.append((message.queries[0].name.name, message.queries[0].type))
+            return handle(message, protocol, address)
+
+        factory.handleQuery = counted
+        resolver = make_resolver(HostPort("127.0.0.1", port), reactor, timeout=2.0,
+                                 cache=RELAY_DNS_CACHE)
+        self.addCleanup(self.disconnect, resolver)
+        router = MXRouter(resolver, port=2525, clock=reactor, deadline=6.0)
+        for _ in range(3):
+            hops = await router.route("soa.test")
+            self.assertEqual([(h.name, h.addresses) for h in hops],
+                             [("mx1.soa.test", ("127.0.0.1",))])
+            with self.assertRaises(DNSNameError):
+                await resolver.lookupText("_mta-sts.soa.test")
+        self.assertEqual(sorted(asked), sorted([
+            (b"soa.test", dns.MX), (b"mx1.soa.test", dns.A), (b"mx1.soa.test", dns.AAAA),
+            (b"_mta-sts.soa.test", dns.TXT)]))
 
 
 class RunnerTests(unittest.TestCase):

@@ -243,3 +243,35 @@ def test_no_record_no_policy(tmp_path):
     assert result(sts(tmp_path, fetcher, Clock(), policy_id=None).policy("remote.test")) is None
     assert result(sts(tmp_path, fetcher, Clock()).policy("[127.0.0.1]")) is None
     assert fetcher.asked == []
+
+
+def test_a_domain_without_a_cached_policy_is_looked_for_on_disk_every_five_minutes(tmp_path):
+    """
+    Issue 22: not a failed open() on the reactor thread for every message to
+    a domain with no MTA-STS; a policy another node saves in the shared
+    cache is seen within ABSENT_RECHECK.
+    """
+    from mailserver.relay.mta_sts import ABSENT_RECHECK
+
+    class CountingCache(PolicyCache):
+        loads = 0
+
+        def load(self, domain):
+            CountingCache.loads += 1
+            return super().load(domain)
+
+    clock = Clock()
+    clock.advance(1_000_000)
+    ours = MTASTS(resolver=ZoneResolver(zone(None)), fetcher=FakeFetcher(),
+                  cache=CountingCache(tmp_path / "mta-sts"), clock=clock)
+    for _ in range(5):
+        assert result(ours.policy("remote.test")) is None
+    assert CountingCache.loads == 1
+    # Another node, whose TXT lookup worked, fetches and saves a policy.
+    other = result(sts(tmp_path, FakeFetcher(), clock).policy("remote.test"))
+    clock.advance(ABSENT_RECHECK - 1)
+    assert result(ours.policy("remote.test")) is None
+    clock.advance(2)
+    assert result(ours.policy("remote.test")) == other
+    assert result(ours.policy("remote.test")) == other
+    assert CountingCache.loads == 2

@@ -244,7 +244,7 @@ def test_resolver_timeouts_are_explicit_and_sum_to_the_setting():
     from twisted.internet.task import Clock
 
     from mailserver.config import HostPort
-    from mailserver.relay.mx import make_resolver, query_timeouts
+    from mailserver.relay.resolver import make_resolver, query_timeouts
 
     assert query_timeouts(15) == (1, 3, 11)
     resolver = make_resolver(HostPort("127.0.0.1", 5353), Clock(), timeout=0.6)
@@ -285,7 +285,7 @@ def test_the_relays_resolver_keeps_answers_for_their_ttl(monkeypatch):
     from twisted.names import client, dns
     from twisted.names import error as dns_error
 
-    from mailserver.relay.mx import BoundedResolver
+    from mailserver.relay.resolver import BoundedResolver
 
     asked = []
     replies = {}
@@ -329,6 +329,102 @@ def test_the_relays_resolver_keeps_answers_for_their_ttl(monkeypatch):
     plain = BoundedResolver(servers=[("127.0.0.1", 53)], reactor=clock, timeout=5)
     plain.lookupAddress("c.test"), plain.lookupAddress("c.test")
     assert asked[-2:] == [b"c.test", b"c.test"]
+
+
+def test_the_relays_resolver_keeps_negative_answers_for_the_soa_ttl(monkeypatch):
+    """
+    RFC 2308: "no such record" and "no such name" are kept for the smaller
+    of the SOA's TTL and MINIMUM from the authority section, at most
+    MAX_NEGATIVE_SECONDS; without an SOA they are asked again.
+    """
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+    from twisted.names import client, dns
+    from twisted.names import error as dns_error
+
+    from mailserver.relay.resolver import MAX_NEGATIVE_SECONDS, BoundedResolver, negative_ttl
+
+    def soa(ttl, minimum):
+        return dns.RRHeader(b"test", dns.SOA, dns.IN, ttl,
+                            dns.Record_SOA(b"ns.test", b"root.test", minimum=minimum, ttl=ttl))
+
+    asked = []
+    replies = {
+        b"nodata.test": ([], [soa(300, 30)], []),
+        b"long.test": ([], [soa(86400, 86400)], []),
+        b"nosoa.test": ([], [], []),
+    }
+
+    def upstream(self, name, cls, type, timeout):
+        asked.append(name)
+        if name == b"gone.test":
+            message = dns.Message(rCode=dns.ENAME)
+            message.authority = [soa(20, 600)]
+            return defer.fail(dns_error.DNSNameError(message))
+        if name == b"gone-nosoa.test":
+            return defer.fail(dns_error.DNSNameError(dns.Message(rCode=dns.ENAME)))
+        return defer.succeed(replies[name])
+
+    monkeypatch.setattr(client.Resolver, "_lookup", upstream)
+    clock = Clock()
+    resolver = BoundedResolver(servers=[("127.0.0.1", 53)], reactor=clock, timeout=5, cache=10)
+
+    def ask(name):
+        results = []
+        resolver.lookupIPV6Address(name).addBoth(results.append)
+        return results[0]
+
+    assert negative_ttl([soa(300, 30)]) == 30 and negative_ttl([]) == 0
+    assert ask("nodata.test") == ([], [soa(300, 30)], [])
+    assert ask("nodata.test")[0] == []
+    assert asked == [b"nodata.test"]
+    clock.advance(31)
+    ask("nodata.test")
+    assert asked == [b"nodata.test"] * 2
+    # No such name: kept for min(TTL 20, MINIMUM 600), and still an error.
+    first, second = ask("gone.test"), ask("gone.test")
+    assert first.check(dns_error.DNSNameError) and second.check(dns_error.DNSNameError)
+    assert asked.count(b"gone.test") == 1
+    clock.advance(21)
+    ask("gone.test").trap(dns_error.DNSNameError)
+    assert asked.count(b"gone.test") == 2
+    # Without an SOA, asked every time.
+    for name in ("nosoa.test", "nosoa.test", "gone-nosoa.test", "gone-nosoa.test"):
+        result = ask(name)
+        if name.startswith("gone"):
+            result.trap(dns_error.DNSNameError)
+    assert asked.count(b"nosoa.test") == 2 and asked.count(b"gone-nosoa.test") == 2
+    # A day's SOA is cut to MAX_NEGATIVE_SECONDS.
+    ask("long.test")
+    clock.advance(MAX_NEGATIVE_SECONDS - 1)
+    ask("long.test")
+    assert asked.count(b"long.test") == 1
+    clock.advance(2)
+    ask("long.test")
+    assert asked.count(b"long.test") == 2
+
+
+def test_the_resolvers_query_ports_log_nothing():
+    """
+    Each query gets a new UDP port; twisted.names' protocol would log two
+    lines as each starts and two as it stops.
+    """
+    from twisted.internet.task import Clock
+
+    from mailserver.relay.resolver import BoundedResolver
+
+    class Reactor(Clock):
+        def __init__(self):
+            super().__init__()
+            self.listened = []
+
+        def listenUDP(self, port, protocol, interface=""):
+            self.listened.append((protocol, protocol.noisy))
+
+    reactor = Reactor()
+    resolver = BoundedResolver(servers=[("127.0.0.1", 53)], reactor=reactor, timeout=5)
+    proto = resolver._connectedProtocol()
+    assert reactor.listened == [(proto, False)]
 
 
 # A domain whose MX hosts include this server (RFC 5321 5.1).
