@@ -14,7 +14,9 @@ The conversation (RFC 5321, 3207, 2920, 1870, 6152, 3461, 4954)::
 or, on a connection kept open for more (C{keep_open}), instead of QUIT:
 it waits, and L{ESMTPClient.reuse} sends RSET -> MAIL -> ... for the next.
 
-MAIL, every RCPT and DATA go in one write when the server offers PIPELINING.
+MAIL, every RCPT and DATA (and RSET before them, on a kept connection) go
+in one write when the server offers PIPELINING; a body that fits in one
+chunk goes in one write with its final dot.
 Every wait has the RFC 5321 4.5.3.2 timeout given in L{Timeouts}.
 
 The result is a L{TransactionResult}: one L{Reply} per recipient, real or
@@ -25,6 +27,7 @@ above never has to tell exceptions from replies.
 from __future__ import annotations
 
 import base64
+import io
 import ipaddress
 from collections import deque
 from collections.abc import Callable
@@ -154,6 +157,7 @@ class ESMTPClient(LineReceiver):
         self.lost = False
         self.on_lost: Callable[[], None] | None = None
         self._unanswered = False
+        self._rset_first = False
         self.clock = clock
         self.timeouts = timeouts
         self.result: defer.Deferred = defer.Deferred()
@@ -302,15 +306,26 @@ class ESMTPClient(LineReceiver):
             self._fail(temporary("connection lost", "4.4.2"), close=False)
             return self.result
         self._unanswered = True
-        self._send("RSET", self._rset_reply)
+        if "PIPELINING" in self._extensions:
+            # RFC 2920 3.1: RSET may lead a pipelined group: one round trip
+            # a message, not two.
+            self._rset_first = True
+            self._mail()
+        else:
+            self._send("RSET", self._rset_reply)
         return self.result
 
     def _rset_reply(self, reply: Reply) -> None:
         if reply.code != 250:
-            self._fail(reply, close=False)
+            self._fail(temporary(f"RSET refused: {reply}", "4.4.2"), close=False)
             self._quit()
             return
         self._mail()
+
+    def _pipelined_rset_reply(self, reply: Reply) -> None:
+        if reply.code != 250:
+            # What follows it in the group cannot be trusted: close.
+            self._fail(temporary(f"RSET refused: {reply}", "4.4.2"))
 
     # The conversation.
 
@@ -464,6 +479,9 @@ class ESMTPClient(LineReceiver):
             commands.append((" ".join([f"RCPT TO:<{recipient.address}>", *rparams]),
                              self._rcpt_reply(recipient.address), None))
         commands.append(("DATA", self._data_reply, self.timeouts.data_start))
+        if self._rset_first:
+            self._rset_first = False
+            commands.insert(0, ("RSET", self._pipelined_rset_reply, None))
         if "PIPELINING" in self._extensions:
             self.transport.write(b"".join(c[0].encode("utf-8") + b"\r\n" for c in commands))
             for _, handler, timeout in commands:
@@ -522,6 +540,14 @@ class ESMTPClient(LineReceiver):
             return
         stuffer = DotStuffer()
         body = self.transaction.open_body()
+        first = body.read(self.chunk_size)
+        if len(first) < self.chunk_size:
+            # The whole body (a short read is the end): one write with the dot.
+            body.close()
+            self.transport.write(stuffer.feed(first) + stuffer.end())
+            self._expect(self._end_reply, self.timeouts.data_end)
+            return
+        body.seek(-len(first), io.SEEK_CUR)
 
         def transform(chunk: bytes) -> bytes:
             self._arm(self.timeouts.data_block)

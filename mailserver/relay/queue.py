@@ -390,16 +390,41 @@ class QueueStore:
         between leaves an orphan file that start-up removes, never an
         envelope without its message.
         """
-        try:
-            os.unlink(self._envelope_path(queue_id))
-        except FileNotFoundError:
-            pass
-        else:
-            fsync_directory(self.envelopes_path)
-        try:
-            os.unlink(self.messages_path / queue_id)
-        except FileNotFoundError:
-            pass
+        problem = self.remove_all([queue_id]).get(queue_id)
+        if problem is not None:
+            raise problem
+
+    def remove_all(self, queue_ids: list[str]) -> dict[str, Exception]:
+        """
+        L{remove} for many messages with one fsync of the envelope folder:
+        every envelope, the sync, then the message files.  Returns what
+        went wrong, by id (the others are removed).
+        """
+        problems: dict[str, Exception] = {}
+        unlinked, gone = [], []
+        for queue_id in queue_ids:
+            try:
+                os.unlink(self._envelope_path(queue_id))
+            except FileNotFoundError:
+                gone.append(queue_id)
+            except (OSError, QueueError) as e:
+                problems[queue_id] = e
+            else:
+                unlinked.append(queue_id)
+        if unlinked:
+            try:
+                fsync_directory(self.envelopes_path)
+            except OSError as e:
+                problems.update((queue_id, e) for queue_id in unlinked)
+                unlinked = []
+        for queue_id in unlinked + gone:
+            try:
+                os.unlink(self.messages_path / queue_id)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                problems[queue_id] = e
+        return problems
 
     def remove_orphans(self, min_age: float = 3600.0) -> list[str]:
         """

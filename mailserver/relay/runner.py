@@ -73,10 +73,14 @@ from mailserver.relay.queue import (
     QueueError,
     QueueStore,
 )
+from mailserver.relay.removal import BatchedRemoval
 from mailserver.relay.reports import ReportSender
 from mailserver.relay.schedule import RetryPolicy, next_attempt, random_jitter, retry_delay
 from mailserver.relay.tls_policy import ClientTLS, TLSPolicyCounter, ca_certificates
 from mailserver.safe_text import printable
+
+# Messages kept as committed until their first attempt, at most.
+FRESH_MESSAGES = 1000
 
 
 class RelayRunner(Service):
@@ -154,6 +158,10 @@ class RelayRunner(Service):
         )
         self._active: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}
+        # Messages just queued by this process, as committed, until their
+        # first attempt: it need not read back what was just written.
+        self._fresh: dict[str, QueuedMessage] = {}
+        self._removal = BatchedRemoval(queue.remove_all, self._io)
         self._scanner: task.LoopingCall | None = None
         self._destination_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
 
@@ -236,6 +244,7 @@ class RelayRunner(Service):
     def stopService(self):
         super().stopService()
         self._queue.on_enqueued = None
+        self._fresh.clear()
         if self._scanner is not None and self._scanner.running:
             self._scanner.stop()
         self._dispatcher.stop()
@@ -250,6 +259,8 @@ class RelayRunner(Service):
 
     def _enqueued(self, message: QueuedMessage) -> None:
         if self.running and message.id not in self.index:
+            if len(self._fresh) < FRESH_MESSAGES:
+                self._fresh[message.id] = message
             self.index.put(self.index.entry_for(message))
             self._dispatcher.resume()
 
@@ -351,6 +362,7 @@ class RelayRunner(Service):
             return 1
         if verb == "delete":
             self.index.remove(target)
+            self._fresh.pop(target, None)
             self._io(self._queue.remove, target).addCallbacks(
                 lambda _: emit(self.log, LogLevel.info, "relay.deleted", "deleted on request",
                                id=target),
@@ -407,7 +419,8 @@ class RelayRunner(Service):
 
     async def _attempt(self, queue_id: str, bounce: bool) -> None:
         try:
-            message = await self._io(self._queue.load, queue_id)
+            message = self._fresh.pop(queue_id, None) or await self._io(self._queue.load,
+                                                                        queue_id)
         except CorruptEntry as e:
             await self._set_aside(e)
             return
@@ -439,7 +452,7 @@ class RelayRunner(Service):
         # before the removal is on disk sends it again, as a crash before
         # the save did.
         if _finished(message):
-            await self._io(self._queue.remove, message.id)
+            await self._removal.remove(message.id)
             self.index.remove(message.id)
             emit(self.log, LogLevel.info, "relay.removed", "done", id=message.id)
         elif message.pending():

@@ -311,19 +311,52 @@ class ClientReuseTests(unittest.TestCase):
         self.assertNotIn(b"QUIT", self.transport.value())
         self.assertFalse(self.transport.disconnecting)
 
-    def test_reuse_sends_rset_then_the_transaction(self):
+    def test_reuse_pipelines_rset_with_the_transaction(self):
+        """
+        RFC 2920 3.1: RSET leads the pipelined group (one round trip a
+        message); a one-chunk body goes in one write with its dot.
+        """
         results = []
         self.transport.clear()
         self.client.reuse(transaction()).addCallback(results.append)
-        self.assertEqual(self.transport.value(), b"RSET\r\n")
-        written = self.server("250 flushed")
-        self.assertEqual(written, b"MAIL FROM:<s@example.org>\r\nRCPT TO:<a@remote.test>\r\n"
-                                  b"DATA\r\n")
-        self.server("250 ok", "250 ok", "354 go")
+        self.assertEqual(self.transport.value(),
+                         b"RSET\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<a@remote.test>\r\n"
+                         b"DATA\r\n")
+        self.transport.clear()
+        self.client.dataReceived(b"250 flushed\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(self.transport.value(), b"Subject: t\r\n\r\nhi\r\n.\r\n")
+        self.assertIsNone(self.transport.producer)
         self.server("250 again")
         [result] = results
         self.assertEqual(result.replies["a@remote.test"].code, 250)
         self.assertFalse(result.stale)
+
+    def test_a_refused_pipelined_rset_closes_the_connection_stale(self):
+        results = []
+        self.client.reuse(transaction()).addCallback(results.append)
+        self.server("500 5.5.1 what RSET")
+        [result] = results
+        self.assertTrue(result.stale)
+        self.assertEqual(result.replies["a@remote.test"].code, 451)
+        self.assertIn("RSET refused", result.replies["a@remote.test"].text)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_without_pipelining_rset_waits_for_its_reply(self):
+        client = ESMTPClient(transaction(), self.clock, Timeouts(), host="mx", keep_open=True)
+        transport = StringTransport()
+        client.makeConnection(transport)
+        for line in ("220 hi", "250 mx", "250 ok", "250 ok", "354 go", "250 taken"):
+            client.dataReceived(line.encode() + b"\r\n")
+        results = []
+        transport.clear()
+        client.reuse(transaction()).addCallback(results.append)
+        self.assertEqual(transport.value(), b"RSET\r\n")
+        transport.clear()
+        client.dataReceived(b"451 4.3.0 not now\r\n")
+        [result] = results
+        self.assertTrue(result.stale)
+        self.assertEqual(result.replies["a@remote.test"].code, 451)
+        self.assertIn(b"QUIT", transport.value())
 
     def test_lost_before_any_reply_about_the_message_is_stale(self):
         results = []

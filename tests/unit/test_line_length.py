@@ -131,6 +131,7 @@ def test_any_text_body_survives(lines):
 
 def test_fitted_opens_the_file_again_when_nothing_is_long(monkeypatch):
     monkeypatch.setattr(line_length, "_CHUNK", 1000)
+    monkeypatch.setattr(line_length, "IN_MEMORY", 100)
     opened = []
 
     def opener(data):
@@ -148,6 +149,32 @@ def test_fitted_opens_the_file_again_when_nothing_is_long(monkeypatch):
     assert open_long is not None and open_long().read() == fit(long) != long
     tail = b"Subject: s\n\n" + b"b" * 1999  # no line end at all
     assert fitted(opener(tail))().read() == fit(tail)
+
+
+def test_fitted_keeps_a_small_message_as_read(monkeypatch):
+    """
+    Issue 22: a message of at most IN_MEMORY octets is read once, in the
+    thread, and sending it opens no file (on the reactor thread).
+    """
+    monkeypatch.setattr(line_length, "IN_MEMORY", 2000)
+    opened = []
+
+    def opener(data):
+        def open_body():
+            opened.append(1)
+            return io.BytesIO(data)
+        return open_body
+
+    small = b"Subject: s\n\nhi\n"
+    open_small = fitted(opener(small))
+    assert open_small().read() == small and open_small().read() == small
+    assert opened == [1]
+    long = b"Subject: s\n\n" + b"a" * 1500 + b"\n"
+    assert fitted(opener(long))().read() == fit(long) != long
+    assert opened == [1, 1]
+    exactly = b"x\n" * 1000
+    assert fitted(opener(exactly))().read() == exactly
+    assert opened == [1, 1, 1]
 
 
 @pytest.mark.filterwarnings("ignore::BytesWarning")  # dkimpy's own debug lines
@@ -181,3 +208,14 @@ def test_a_signature_over_the_fitted_form_verifies_on_what_the_relay_sends():
     # keeping), the signature would not verify.
     unfitted = stored.replace(b"\n", b"\r\n")
     assert not dkim.verify(unfitted, dnsfunc=dnsfunc)
+
+
+def test_has_long_lines_counts_every_octet_before_the_lf():
+    from mailserver.relay.line_length import has_long_lines
+
+    assert not has_long_lines(b"")
+    assert not has_long_lines(b"a" * LIMIT + b"\n" + b"b" * LIMIT)
+    assert has_long_lines(b"a\n" + b"b" * (LIMIT + 1))
+    assert has_long_lines(b"b" * (LIMIT + 1) + b"\nshort\n")
+    assert has_long_lines(b"x\n" + b"c" * LIMIT + b"\r\n")  # the CR is an octet of the line
+    assert not has_long_lines(b"c" * (LIMIT - 1) + b"\r\n" * 3)

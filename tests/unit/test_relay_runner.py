@@ -136,6 +136,70 @@ def test_a_message_done_with_is_removed_without_saving_its_last_state(tmp_path, 
     assert len(saved) >= 1 and w.queue.ids() == []
 
 
+def test_a_fresh_message_is_not_read_back_for_its_first_attempt(tmp_path, monkeypatch):
+    """
+    Issue 22: the runner has the message as the intake committed it; its
+    first attempt reads nothing back from the queue folder; a retry does.
+    """
+    w = World(tmp_path, Courier(451, 250))
+    loaded = []
+    original = w.queue.load
+    monkeypatch.setattr(w.queue, "load", lambda queue_id: (loaded.append(queue_id),
+                                                            original(queue_id))[1])
+    w.start()
+    w.send()
+    assert len(w.courier.calls) == 1 and loaded == []
+    [queue_id] = w.queue.ids()
+    w.reactor.advance(w.runner.policy.delays[0] + 1)
+    assert len(w.courier.calls) == 2 and loaded == [queue_id]
+    assert w.queue.ids() == []
+
+
+def test_removals_that_finish_together_share_one_thread_job_and_fsync(tmp_path, monkeypatch):
+    """
+    Issue 22: while one removal runs, the messages finished meanwhile wait
+    and go together, with one fsync of the envelope folder; a problem with
+    one fails only its own removal.
+    """
+    from twisted.internet import defer
+
+    from mailserver.relay import queue as queue_module
+    from mailserver.relay.removal import BatchedRemoval
+
+    jobs = []
+
+    def io(f, *args):
+        d = defer.Deferred()
+        jobs.append((f, args, d))
+        return d
+
+    synced = []
+    monkeypatch.setattr(queue_module, "fsync_directory", lambda path: synced.append(path))
+    w = World(tmp_path, Courier(451), scan_interval=1000)
+    w.start()
+    for _ in range(4):
+        w.send()
+    ids = w.queue.ids()
+    removal = BatchedRemoval(w.queue.remove_all, io)
+    outcomes = {}
+    for queue_id in ids[:3]:
+        removal.remove(queue_id).addBoth(lambda r, i=queue_id: outcomes.__setitem__(i, r))
+    assert [args for _, args, _ in jobs] == [([ids[0]],)]
+    # The first job runs; the next two went together once it was done.
+    f, args, d = jobs.pop()
+    d.callback(f(*args))
+    assert outcomes == {ids[0]: None}
+    assert [args for _, args, _ in jobs] == [(ids[1:3],)]
+    synced.clear()
+    f, args, d = jobs.pop()
+    d.callback({ids[1]: OSError("disk on fire")})
+    assert outcomes[ids[2]] is None and outcomes[ids[1]].check(OSError)
+    # remove_all itself: every envelope, one fsync, then the message files.
+    assert w.queue.remove_all(ids[2:]) == {} and len(synced) == 1
+    assert w.queue.ids() == [ids[1]]  # ids[0] by the first job; ids[1]'s was made to fail
+    assert [p.name for p in w.queue.messages_path.iterdir()] == [ids[1]]
+
+
 def test_temporary_failure_is_retried_on_the_schedule(tmp_path):
     w = World(tmp_path, Courier(451, 451, 250))
     w.start()
