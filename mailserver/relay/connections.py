@@ -85,11 +85,25 @@ class ConnectionCache:
         self._per_key = per_key
         self._total = total
         self._kept: dict[ConnectionKey, list[KeptConnection]] = {}
+        # The key a connection to each destination was last kept under.
+        self._latest: dict[str, ConnectionKey] = {}
         self._count = 0
         self._closing = False
 
     def __len__(self) -> int:
         return self._count
+
+    def key_for(self, destination: str) -> ConnectionKey | None:
+        """
+        The key of a connection waiting for C{destination}'s next message,
+        if one is: the route and TLS policy it was opened under (Postfix
+        looks in its cache by destination before any DNS lookup, too).
+        """
+        key = self._latest.get(destination)
+        if key is not None and key not in self._kept:
+            del self._latest[destination]
+            return None
+        return key
 
     def take(self, key: ConnectionKey) -> KeptConnection | None:
         """
@@ -121,6 +135,7 @@ class ConnectionCache:
             kept.client.quit()
             return
         waiting.append(kept)
+        self._latest[key.destination] = key
         self._count += 1
         kept.client.on_lost = lambda: self._forget(key, kept)
         kept.expiry = self._clock.callLater(self.limits.idle, self._expire, key, kept)

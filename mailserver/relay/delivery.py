@@ -192,13 +192,42 @@ class RouteCourier:
             return Route(hops, self._policies.from_mta_sts(sts.domain, sts.mode, sts.mx))
         return Route(hops, self._policies.default())
 
+    def _kept_route(self, destination: str) -> Route | None:
+        """
+        The route of a connection kept for C{destination}, if there is one:
+        its next message goes the same way, with no DNS lookup and no
+        MTA-STS check (Postfix's connection cache, searched by destination
+        first).  Kept connections live at most C{connection_reuse_time}.
+        """
+        key = None if self._connections is None else self._connections.key_for(destination)
+        if key is None:
+            return None
+        return Route([Hop(key.host, (key.address,), key.port)], key.policy,
+                     auth=bool(key.username), implicit=key.tls == "implicit")
+
     async def _deliver(self, message, recipients) -> dict[str, Outcome]:
         domain = recipients[0].domain
+        destination = destination_of_domain(self._relay, domain)
+        open_body = await self._io(line_length.fitted, lambda: self._store.open_body(message))
+        kept = self._kept_route(destination)
+        if kept is not None:
+            outcomes, reached = await self._over(kept, message, recipients, destination,
+                                                 open_body)
+            if reached:
+                return outcomes  # else the whole route, looked up
         try:
             route = await self._route(domain)
         except RoutingError as e:
             return {r.address: Outcome(e.reply) for r in recipients}
-        open_body = await self._io(line_length.fitted, lambda: self._store.open_body(message))
+        outcomes, _ = await self._over(route, message, recipients, destination, open_body)
+        return outcomes
+
+    async def _over(self, route: Route, message, recipients, destination: str,
+                    open_body) -> tuple[dict[str, Outcome], bool]:
+        """
+        The message sent along C{route}: each recipient's outcome, and
+        whether a server took or refused it.
+        """
         transaction = self._transaction(message, recipients, route.auth, open_body)
         result = refusal = None
         for hop in route.hops:
@@ -208,22 +237,22 @@ class RouteCourier:
                     continue
             for address in hop.addresses:
                 result = await self._attempt(message, transaction, route, hop, address,
-                                             destination_of_domain(self._relay, domain))
+                                             destination)
                 if result.reached:
                     return {
                         r.address: Outcome(result.replies[r.address], hop.name, result.dsn)
                         for r in recipients
-                    }
+                    }, True
                 emit(self.log, LogLevel.info, "relay.host_failed", "did not take the message",
                      host=hop.name, address=address, port=hop.port,
                      reply=printable(str(next(iter(result.replies.values()))), None),
                      id=message.id)
         if result is None and refusal is not None:
-            return {r.address: Outcome(refusal) for r in recipients}
+            return {r.address: Outcome(refusal) for r in recipients}, False
         return {
             r.address: Outcome(result.replies[r.address], result.host if result else "")
             for r in recipients
-        }
+        }, False
 
     async def _attempt(self, message, transaction: Transaction, route: Route, hop: Hop,
                        address: str, destination: str) -> TransactionResult:

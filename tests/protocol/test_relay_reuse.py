@@ -118,6 +118,28 @@ class ReuseTests(unittest.TestCase):
         self.assertEqual(len(self.cache), 1)
 
     @inline
+    async def test_a_kept_connection_spares_the_route_lookup(self):
+        """
+        Issue 22, as Postfix's cache is searched by destination first: while
+        a connection to a destination is kept, its next message goes the
+        same way with no DNS or MTA-STS lookup; after it closes, the route
+        is looked up again.
+        """
+        courier = self.courier(ReuseLimits(idle=2.0))
+        routed = []
+        route = courier._router.route
+        courier._router.route = lambda domain: (routed.append(domain), route(domain))[1]
+        replies = await self.send(courier, message(1), message(2), message(3))
+        self.assertEqual([r.code for r in replies], [250, 250, 250])
+        self.assertEqual(routed, ["remote.test"])
+        await self.send(courier, message(4, "r@other.test"))
+        self.assertEqual(routed, ["remote.test", "other.test"])
+        self.clock.advance(2.1)  # both idle out
+        await self.send(courier, message(5))
+        self.assertEqual(routed, ["remote.test", "other.test", "remote.test"])
+        self.assertEqual(self.sink.connections, 3)
+
+    @inline
     async def test_shutdown_closes_kept_connections_with_quit(self):
         await self.send(self.courier(), message(1))
         self.assertEqual(self.sink.open, 1)
