@@ -338,7 +338,7 @@ def relay_report(rows: list[dict], setup: dict, table, lines: list[str]) -> None
     for r in rows:
         if "msgs_per_s" not in r:
             body.append([r["peer"], _label(r["size"]), "FAILED" if "failed" in r else "no data"]
-                        + ["-"] * 7)
+                        + ["-"] * 8)
             continue
         body.append([
             r["peer"], _label(r["size"]), f"{r['msgs_per_s']:.0f}",
