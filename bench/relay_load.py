@@ -219,6 +219,10 @@ def _summarise(row: dict, runs: list[dict]) -> None:
     )
 
 
+def ours_label(workers: int) -> str:
+    return "mailserver" if workers == 1 else f"mailserver-w{workers}"
+
+
 def relay_factories(args, dns: BenchDNS, sink: RelaySink, base_code: Path | None = None) -> list:
     """
     @param base_code: a checkout of C{--base}, run as C{mailserver-base}
@@ -227,11 +231,14 @@ def relay_factories(args, dns: BenchDNS, sink: RelaySink, base_code: Path | None
     factories = []
     for name in args.relay_peers:
         if name == "mailserver":
-            factories.append(("mailserver", lambda: MailServerRelayPeer(
-                dns, sink.port, relay_toml=args.relay_toml, keep=args.keep)))
+            for w in args.relay_workers:
+                factories.append((ours_label(w), lambda w=w: MailServerRelayPeer(
+                    dns, sink.port, relay_toml=args.relay_toml, keep=args.keep, workers=w)))
             if base_code is not None:
+                w = args.relay_workers[0]
                 factories.append(("mailserver-base", lambda: MailServerRelayPeer(
-                    dns, sink.port, relay_toml=args.relay_toml, keep=args.keep, code=base_code)))
+                    dns, sink.port, relay_toml=args.relay_toml, keep=args.keep, code=base_code,
+                    workers=w)))
         elif name == "postfix":
             why = PostfixRelayPeer.why_unavailable()
             if why:
@@ -357,8 +364,10 @@ def relay_report(rows: list[dict], setup: dict, table, lines: list[str]) -> None
         for sample in (r.get("error_samples") or [])[:2]:
             lines.append(f"Relay {r['peer']} {_label(r['size'])}: error: {sample}")
     by = {(r["peer"], r["size"]): r for r in rows if r.get("msgs_per_s")}
+    ours_first = next((r["peer"] for r in rows if r["peer"].startswith("mailserver")
+                       and r["peer"] != "mailserver-base"), "mailserver")
     for (peer, size), base in sorted(by.items()):
-        new = by.get(("mailserver", size))
+        new = by.get((ours_first, size))
         if peer != "mailserver-base" or new is None:
             continue
         lines.append(
@@ -367,12 +376,12 @@ def relay_report(rows: list[dict], setup: dict, table, lines: list[str]) -> None
             f"{new['server_cpu_ms_per_msg'] / base['server_cpu_ms_per_msg']:.2f}x (same run)")
     for (peer, size), ours in sorted(by.items()):
         theirs = by.get(("postfix", size))
-        if peer != "mailserver" or theirs is None:
+        if not peer.startswith("mailserver") or peer == "mailserver-base" or theirs is None:
             continue
         ratio = ours["msgs_per_s"] / theirs["msgs_per_s"]
         cpu = ours["server_cpu_ms_per_msg"] / theirs["server_cpu_ms_per_msg"]
         lines.append(
-            f"Relay ratio {_label(size)}: mailserver over Postfix {ratio:.2f}x msgs/s (same run; "
+            f"Relay ratio {_label(size)}: {peer} over Postfix {ratio:.2f}x msgs/s (same run; "
             f"goal > 1x: {'met' if ratio > 1 else 'NOT met'}), CPU per message {cpu:.2f}x")
     if not setup.get("dns_port_53"):
         lines.append("Relay: the zone could not listen on port 53, so Postfix used a transport "
@@ -387,6 +396,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="relayed messages per relay for larger sizes, over all rounds (600)")
     p.add_argument("--relay-clients", type=int, default=10,
                    help="connections sending to each relay (several messages each)")
+    p.add_argument("--relay-workers", default="1",
+                   help="our server's 'workers' setting, comma-separated for one run each "
+                        "(e.g. 1,2: mailserver and mailserver-w2)")
     p.add_argument("--relay-peers", default=",".join(RELAY_PEERS),
                    help="comma-separated: mailserver, postfix")
     p.add_argument("--relay-toml", default="",
@@ -406,6 +418,11 @@ def finish_arguments(p: argparse.ArgumentParser, args) -> None:
     if unknown:
         p.error(f"unknown relay peers: {', '.join(sorted(unknown))}")
     args.relay_clients = max(1, min(args.relay_clients, 200))
+    try:
+        args.relay_workers = [max(1, min(int(w), 16)) for w in
+                              str(args.relay_workers).split(",") if w.strip()] or [1]
+    except ValueError:
+        p.error(f"--relay-workers: not a list of numbers: {args.relay_workers!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,9 +239,9 @@ class MailServerRelayPeer(MailServerPeer):
     name = "mailserver-relay"
 
     def __init__(self, dns: BenchDNS, sink_port: int, relay_toml: str = "", keep: bool = False,
-                 code: Path = REPO) -> None:
+                 code: Path = REPO, workers: int = 1) -> None:
         super().__init__(
-            users=(SENDER,), password=PASSWORD, keep=keep, code=code,
+            users=(SENDER,), password=PASSWORD, keep=keep, code=code, workers=workers,
             extra_toml=(
                 "[smtp]\nmx_auth = true\nauth_over_plaintext = true\n"
                 f'[relay]\nresolver = "{dns.resolver}"\nport = {sink_port}\n{relay_toml}\n'

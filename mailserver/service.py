@@ -284,7 +284,14 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     root = MultiService()
     if is_worker:
         follow_primary()
-        PrimaryLink(reactor, login_throttle, metrics).setServiceParent(root)
+        link = PrimaryLink(reactor, login_throttle, metrics)
+        link.setServiceParent(root)
+
+        def enqueued(message) -> None:  # in group commit's thread
+            queue.announce(message.id)
+            reactor.callFromThread(link.tell_queued, message.id)
+
+        queue.on_enqueued = enqueued
     else:
         CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp",
                      intake.file_host).setServiceParent(root)
@@ -298,7 +305,8 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         ListenerReport(config.listeners_report_path, listeners).setServiceParent(root)
         StartupReport(config, listeners, lambda: len(accounts.users())).setServiceParent(root)
         if config.workers > 1:
-            pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics)
+            pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics,
+                              on_queued=runner.scan)
             pool.setServiceParent(root)
     pid_path = None if is_worker else config.pid_path
     ReloadOnSignal(reactor, pid_path, tls_options, accounts, pool).setServiceParent(root)

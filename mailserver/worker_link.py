@@ -9,6 +9,10 @@ L{mailserver.workers}), one line per message:
  - C{M <JSON>}: a worker's metric counts (L{mailserver.metrics.Metrics.snapshot}),
    sent to the primary about once a second when they changed, so its
    C{/metrics} counts every process.
+ - C{Q <queue id>}: a worker queued a message for the relay, which only
+   the primary works: it takes the message in at once, not at its next
+   scan of the queue folder (the worker's mark in C{incoming/} stays the
+   durable way, should the line be lost).
 
 A worker writes on L{TO_PRIMARY_FD} and reads its standard input.  Lines
 that do not parse are skipped: the pipes join our own processes, but a bad
@@ -39,6 +43,7 @@ METRICS_INTERVAL = 1.0
 # What a client key of an IP address looks like; other keys stay local.
 _SHAREABLE_KEY = re.compile(rb"[0-9A-Fa-f.:/]{1,64}")
 _MAX_LINE = 1 << 20
+_QUEUE_ID = re.compile(rb"[0-9A-Za-z]{1,64}")
 
 
 def failure_line(key: str) -> bytes | None:
@@ -54,10 +59,19 @@ def metrics_line(snapshot: dict[str, Any]) -> bytes:
     return b"M " + json.dumps(snapshot, separators=(",", ":")).encode("ascii") + b"\n"
 
 
+def queued_line(queue_id: str) -> bytes | None:
+    """
+    The line that tells the primary of a message queued for the relay, or
+    C{None} for what is no queue id.
+    """
+    encoded = queue_id.encode("ascii", "replace")
+    return b"Q " + encoded + b"\n" if _QUEUE_ID.fullmatch(encoded) else None
+
+
 class Lines:
     """
     The messages in a stream of lines, however it is cut into reads: each
-    is C{("F", client key)} or C{("M", snapshot dict)}.
+    is C{("F", client key)}, C{("M", snapshot dict)} or C{("Q", queue id)}.
     """
 
     def __init__(self) -> None:
@@ -71,6 +85,8 @@ class Lines:
             kind, _, payload = line.partition(b" ")
             if kind == b"F" and _SHAREABLE_KEY.fullmatch(payload):
                 yield "F", payload.decode("ascii")
+            elif kind == b"Q" and _QUEUE_ID.fullmatch(payload):
+                yield "Q", payload.decode("ascii")
             elif kind == b"M":
                 try:
                     snapshot = json.loads(payload)
@@ -94,7 +110,8 @@ class _FromPrimary(Protocol):
 class PrimaryLink(Service):
     """
     In a worker: counts the failed logins the primary reports, and reports
-    its own failed logins and its metrics to the primary.
+    its own failed logins, its metrics and the messages it queues for the
+    relay to the primary.
     """
 
     log = Logger()
@@ -143,6 +160,15 @@ class PrimaryLink(Service):
 
     def _tell_failure(self, key: str) -> None:
         line = failure_line(key)
+        if line is not None:
+            self._write(line)
+
+    def tell_queued(self, queue_id: str) -> None:
+        """
+        Tell the primary of a message this worker queued for the relay
+        (on the reactor thread).
+        """
+        line = queued_line(queue_id)
         if line is not None:
             self._write(line)
 

@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -156,6 +157,8 @@ class _Worker(ProcessProtocol):
             for kind, payload in self._lines.feed(data):
                 if kind == "F":
                     self.pool._failed_in(self, payload)
+                elif kind == "Q":
+                    self.pool.on_queued()
                 else:
                     self.metrics = payload
 
@@ -185,6 +188,7 @@ class WorkerPool(Service):
         listeners,
         login_throttle: LoginThrottle,
         metrics: Metrics,
+        on_queued: Callable[[], object] = lambda: None,
     ) -> None:
         """
         @param listeners: the primary's listeners; those with a
@@ -192,7 +196,10 @@ class WorkerPool(Service):
         @param login_throttle: the primary's, told of the workers' failed
             logins; the workers are told of its own and of each other's.
         @param metrics: the primary's registry, which adds in the workers'.
+        @param on_queued: called when a worker queued a message for the
+            relay (the relay scans its queue's news at once).
         """
+        self.on_queued = on_queued
         self._reactor = reactor
         self._count = count
         self._listeners = listeners

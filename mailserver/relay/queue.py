@@ -124,8 +124,9 @@ class QueueStore:
 
     @ivar on_enqueued: called (in the worker thread!) with each new
         L{QueuedMessage}; the runner sets it to hand the message over to the
-        reactor thread.  Without it (in a worker process) the id is left in
-        C{incoming/} for the runner's next scan.
+        reactor thread; in a worker process it leaves the id in C{incoming/}
+        (L{announce}) and tells the primary, whose runner scans at once.
+        Without it the id is left in C{incoming/} for the runner's next scan.
     """
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
@@ -481,12 +482,15 @@ class QueueStore:
             names = os.listdir(self.incoming_path)
         except FileNotFoundError:
             return []
+        taken = []
         for name in names:
             try:
                 os.unlink(self.incoming_path / name)
             except FileNotFoundError:
-                continue
-        return [name for name in names if name and not name.startswith(".")]
+                continue  # taken by a scan running at the same time
+            if name and not name.startswith("."):
+                taken.append(name)
+        return taken
 
     # Requests from the CLI to the running server.
 

@@ -163,6 +163,8 @@ class RelayRunner(Service):
         self._fresh: dict[str, QueuedMessage] = {}
         self._removal = BatchedRemoval(queue.remove_all, self._io)
         self._scanner: task.LoopingCall | None = None
+        self._scanning: defer.Deferred | None = None
+        self._scan_again = False
         self._destination_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # Service.
@@ -293,8 +295,28 @@ class RelayRunner(Service):
     def scan(self) -> defer.Deferred:
         """
         Take in what other processes queued (workers) and what
-        C{mailserver queue} asked for.
+        C{mailserver queue} asked for.  One scan at a time: asked while one
+        runs, another follows it (a worker telling of a message it queued
+        asks for one; so does the timer).
         """
+        if not self.running:
+            return defer.succeed(None)
+        if self._scanning is not None:
+            self._scan_again = True
+            return self._scanning
+        d = self._scanning = self._scan_once()
+
+        def ended(result):
+            self._scanning = None
+            if self._scan_again and self.running:
+                self._scan_again = False
+                self.scan()
+            return result
+
+        d.addBoth(ended)
+        return d
+
+    def _scan_once(self) -> defer.Deferred:
         began = time.monotonic()
         d = self._io(self._take_news)
         d.addCallback(self._apply_news)

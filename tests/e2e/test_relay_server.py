@@ -126,3 +126,30 @@ def test_queue_commands_against_a_running_server(make_server, dns_server):
         assert wait_until(lambda: "empty" in server.cli("queue", "list").stdout)
     finally:
         peer.stop()
+
+
+def test_with_workers_mail_a_worker_queued_is_relayed_at_once(make_server, dns_server):
+    """
+    Only the primary works the relay queue; a worker that queues a message
+    tells it over their pipe, so the message leaves at once, not at the
+    primary's next scan of the queue folder (here ten minutes away).
+    """
+    import re
+
+    from mailserver.message_ids import writer_pid
+
+    peer = SMTPPeer().start()
+    try:
+        server = make_server("workers = 2\n" + relay_toml(dns_server, peer.port, scan="600"))
+        writers = set()
+        for n in range(40):
+            submit(server, "user@remote.test", subject=f"w{n}")
+            [*_, (_, _, data)] = peer.wait_for(n + 1, timeout=10)
+            assert len(peer.handler.messages) == n + 1, f"message {n} not relayed within 10 s"
+            queue_id = re.search(rb"\bid ([0-9A-Z]{16})\b", data).group(1).decode()
+            writers.add(writer_pid(queue_id))
+            if len(writers) == 2:
+                break
+        assert len(writers) == 2, "the kernel gave every connection to one process"
+    finally:
+        peer.stop()

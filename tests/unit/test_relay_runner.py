@@ -200,6 +200,47 @@ def test_removals_that_finish_together_share_one_thread_job_and_fsync(tmp_path, 
     assert [p.name for p in w.queue.messages_path.iterdir()] == [ids[1]]
 
 
+def test_scans_asked_for_while_one_runs_make_one_more(tmp_path):
+    """
+    Issue 22: each message a worker queues asks the primary for a scan; one
+    runs at a time, and those asked for meanwhile make one more after it.
+    """
+    from twisted.internet import defer
+
+    w = World(tmp_path, Courier(250), scan_interval=1000)
+    w.start()
+    jobs = []
+    w.runner._io = lambda f, *args: jobs.append((f, args, defer.Deferred())) or jobs[-1][2]
+    w.runner.scan()
+    w.runner.scan()
+    w.runner.scan()
+    assert len(jobs) == 1
+    f, args, d = jobs.pop()
+    d.callback(f(*args))
+    assert len(jobs) == 1  # the one more
+    f, args, d = jobs.pop()
+    d.callback(f(*args))
+    assert jobs == []
+
+
+def test_a_mark_in_incoming_is_taken_by_one_scan_only(tmp_path, monkeypatch):
+    import os
+
+    w = World(tmp_path, Courier(250))
+    w.queue._ensure()
+    w.queue.announce("1K1YH307T0J00ECY")
+    w.queue.announce("1K1YH307T0J00ECZ")
+    unlink = os.unlink
+
+    def raced(path, *args, **kwargs):
+        if str(path).endswith("ECZ"):
+            unlink(path)  # another scan took it first
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", raced)
+    assert w.queue.take_incoming() == ["1K1YH307T0J00ECY"]
+
+
 def test_temporary_failure_is_retried_on_the_schedule(tmp_path):
     w = World(tmp_path, Courier(451, 451, 250))
     w.start()

@@ -19,6 +19,7 @@ from mailserver.worker_link import (
     PrimaryLink,
     failure_line,
     metrics_line,
+    queued_line,
 )
 from mailserver.workers import WorkerPool, _Worker
 
@@ -48,6 +49,22 @@ def test_lines_are_read_across_reads_and_junk_is_skipped():
     ]
     assert list(lines.feed(b"9" * (2 << 20))) == []  # an endless line is dropped, not held
     assert list(lines.feed(b"\nF 10.0.0.1\n")) == [("F", "10.0.0.1")]
+
+
+def test_a_worker_tells_the_primary_of_mail_it_queued_for_the_relay():
+    """
+    Issue 22: the primary's relay scans at once, not at its next interval.
+    """
+    assert queued_line("1K1YH307T0J00ECY") == b"Q 1K1YH307T0J00ECY\n"
+    assert queued_line("../etc") is None and queued_line("a b") is None
+    lines = Lines()
+    assert list(lines.feed(b"Q 1K1YH307T0J00ECY\nQ ../x\nQ \n")) == [("Q", "1K1YH307T0J00ECY")]
+    scans = []
+    pool = WorkerPool(Clock(), 2, [], LoginThrottle(Clock(), delay=1.0, limit=2, window=600),
+                      Metrics(), on_queued=lambda: scans.append(1))
+    worker = _Worker(pool, 1)
+    worker.childDataReceived(TO_PRIMARY_FD, b"Q 1K1YH307T0J00ECY\nQ 1K1YH307T0J00ECZ\n")
+    assert scans == [1, 1]
 
 
 class _FakeProcess:
