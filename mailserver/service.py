@@ -41,6 +41,7 @@ from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
 from mailserver.relay import QueueStore, RelayRunner
+from mailserver.relay.worker_runner import WorkerRelayRunner, relay_share
 from mailserver.relay.index import QueueIndex
 from mailserver.relay.resolver import make_resolver
 from mailserver.relay.view import QueueAdminView, queue_gauges
@@ -143,18 +144,6 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         hostname=config.node_name, min_free_space=config.limits.min_free_space,
         queue=queue, on_delivered=hooks.delivered, budget=budget,
     )
-    runner = RelayRunner(
-        relay=config.relay,
-        hostname=config.hostname,
-        mta_sts_path=config.mta_sts_path,
-        queue=queue,
-        index=queue_index,
-        intake=intake,
-        reactor=reactor,
-        accounts=accounts,
-        metrics=instruments,
-        on_delivered=hooks.delivered,
-    )
     smtp_intake = intake
     if hooks.message_hooks:
         smtp_intake = HookedIntake(
@@ -170,6 +159,26 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         config.limits, relay_connections=config.relay.max_connections,
         processes=config.workers, index=process_index(),
     )
+
+    # Every process relays (what it queued, first), with its share of the
+    # connection limits; the primary keeps what is left for its retries.
+    relay_parts = dict(
+        relay=relay_share(config.relay, config.workers),
+        hostname=config.hostname,
+        mta_sts_path=config.mta_sts_path,
+        queue=queue,
+        index=queue_index,
+        intake=intake,
+        reactor=reactor,
+        accounts=accounts,
+        metrics=instruments,
+        on_delivered=hooks.delivered,
+    )
+    link = PrimaryLink(reactor, login_throttle, metrics) if is_worker else None
+    if link is not None:
+        runner = WorkerRelayRunner(hand_over=link.tell_queued, **relay_parts)
+    else:
+        runner = RelayRunner(**relay_parts)
 
     mailboxes = MaildirStore(accounts.mailbox_path, config.data_path)
 
@@ -282,20 +291,13 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     # nothing is accepted until the reactor runs); on stop the ports close
     # first, then connected clients hear 421 (IMAP: BYE).
     root = MultiService()
-    if is_worker:
+    if link is not None:
         follow_primary()
-        link = PrimaryLink(reactor, login_throttle, metrics)
         link.setServiceParent(root)
-
-        def enqueued(message) -> None:  # in group commit's thread
-            queue.announce(message.id)
-            reactor.callFromThread(link.tell_queued, message.id)
-
-        queue.on_enqueued = enqueued
     else:
         CrashCleanup(config.data_path, config.mail_path, intake.spool_path / "tmp",
                      intake.file_host).setServiceParent(root)
-        runner.setServiceParent(root)
+    runner.setServiceParent(root)
     defence_store.setServiceParent(root)  # stops after the sessions that use it
     ShutdownNotice(announcing, reactor, config.limits.shutdown_timeout).setServiceParent(root)
     for listener in listeners:
@@ -306,7 +308,8 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         StartupReport(config, listeners, lambda: len(accounts.users())).setServiceParent(root)
         if config.workers > 1:
             pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics,
-                              on_queued=runner.scan)
+                              on_queued=runner.scan, on_ended=runner.take_in_writer,
+                              start_after=runner.read)
             pool.setServiceParent(root)
     pid_path = None if is_worker else config.pid_path
     ReloadOnSignal(reactor, pid_path, tls_options, accounts, pool).setServiceParent(root)

@@ -149,6 +149,7 @@ class _Worker(ProcessProtocol):
         self.pool = pool
         self.index = index
         self.ended: defer.Deferred = defer.Deferred()
+        self.pid: int | None = None
         self.metrics: dict = {}  # its latest snapshot
         self._lines = Lines()
 
@@ -189,6 +190,8 @@ class WorkerPool(Service):
         login_throttle: LoginThrottle,
         metrics: Metrics,
         on_queued: Callable[[], object] = lambda: None,
+        on_ended: Callable[[int], defer.Deferred] = lambda pid: defer.succeed(None),
+        start_after: defer.Deferred | None = None,
     ) -> None:
         """
         @param listeners: the primary's listeners; those with a
@@ -198,8 +201,16 @@ class WorkerPool(Service):
         @param metrics: the primary's registry, which adds in the workers'.
         @param on_queued: called when a worker queued a message for the
             relay (the relay scans its queue's news at once).
+        @param on_ended: called with the process id of a worker that ended
+            (the relay takes in what it left); the worker is started again
+            once the Deferred it returns fires, so no new process with the
+            same id writes meanwhile.
+        @param start_after: the workers start once it fires (the relay's
+            start-up read of the queue: what they queue after it is theirs).
         """
+        self._start_after = start_after
         self.on_queued = on_queued
+        self._on_ended = on_ended
         self._reactor = reactor
         self._count = count
         self._listeners = listeners
@@ -228,8 +239,16 @@ class WorkerPool(Service):
         super().startService()
         if not self._sockets and self._count > 1:  # started without the privileged step
             self.privilegedStartService()
-        for index in range(1, self._count):
-            self._spawn(index)
+        if self._start_after is None:
+            self._spawn_all()
+        else:
+            self._start_after.addBoth(lambda result: (self._spawn_all(), result)[1])
+
+    def _spawn_all(self) -> None:
+        if self.running:
+            for index in range(1, self._count):
+                if index not in self._workers:
+                    self._spawn(index)
 
     def _spawn(self, index: int) -> None:
         sockets = self._sockets[index]
@@ -241,10 +260,11 @@ class WorkerPool(Service):
         env[PRIMARY_ENV] = str(os.getpid())
         env[INDEX_ENV] = str(index)
         worker = _Worker(self, index)
-        self._reactor.spawnProcess(
+        process = self._reactor.spawnProcess(
             worker, self._argv[0], self._argv, env=env,
             childFDs={0: "w", 1: 1, 2: 2, TO_PRIMARY_FD: "r", **child_fds},
         )
+        worker.pid = process.pid
         self._workers[index] = worker
         emit(self.log, LogLevel.info, "worker.started", "started a worker", index=index)
 
@@ -267,10 +287,12 @@ class WorkerPool(Service):
             return
         del self._workers[worker.index]
         self._metrics.absorb(worker.metrics)
+        left = self._on_ended(worker.pid) if worker.pid else defer.succeed(None)
         if self.running:
             emit(self.log, LogLevel.warn, "worker.ended", "a worker ended; starting it again",
                  index=worker.index)
-            self._reactor.callLater(_RESPAWN_DELAY, self._respawn, worker.index)
+            left.addBoth(lambda _: self._reactor.callLater(_RESPAWN_DELAY, self._respawn,
+                                                           worker.index))
 
     def _respawn(self, index: int) -> None:
         if self.running and index not in self._workers:

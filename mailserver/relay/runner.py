@@ -47,6 +47,7 @@ from twisted.logger import Logger, LogLevel
 
 from mailserver.hooks import Delivery
 from mailserver.logs import emit, emit_failure
+from mailserver.message_ids import writer_pid
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import (
@@ -165,6 +166,9 @@ class RelayRunner(Service):
         self._scanner: task.LoopingCall | None = None
         self._scanning: defer.Deferred | None = None
         self._scan_again = False
+        # Fires once the start-up read of the queue is done (worker
+        # processes start after it: what they queue from then on is theirs).
+        self.read: defer.Deferred = defer.Deferred()
         self._destination_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # Service.
@@ -174,6 +178,21 @@ class RelayRunner(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._start_courier()
+        # A crash's half-written files go before clients come (as the spool's
+        # and the mailboxes' do); the orphans and the envelopes are read in
+        # a thread.  Told of new messages from now on (kept in the index
+        # until the start-up read is done).
+        self._queue.remove_stale_tmp()
+        self._queue.on_enqueued = self._enqueued_in_thread
+        began = time.monotonic()
+        d = self._io(self._read_queue)
+        d.addCallback(self._read, began)
+        d.addErrback(lambda f: emit_failure(self.log, "relay.read_failed", "cannot read the queue",
+                                            f))
+        d.addBoth(lambda _: self.read.called or self.read.callback(None))
+
+    def _start_courier(self) -> None:
         if self._own_courier:
             resolver = self._resolver = make_resolver(self._relay.resolver, self._reactor,
                                                       timeout=self._relay.dns_timeout,
@@ -209,17 +228,6 @@ class RelayRunner(Service):
                      "smarthost_tls_verify = false: the certificates of the smarthost and "
                      "transport hosts are not checked, so anyone on the way can read the "
                      "mail and the smarthost password")
-        # A crash's half-written files go before clients come (as the spool's
-        # and the mailboxes' do); the orphans and the envelopes are read in
-        # a thread.  Told of new messages from now on (kept in the index
-        # until the start-up read is done).
-        self._queue.remove_stale_tmp()
-        self._queue.on_enqueued = self._enqueued_in_thread
-        began = time.monotonic()
-        d = self._io(self._read_queue)
-        d.addCallback(self._read, began)
-        d.addErrback(lambda f: emit_failure(self.log, "relay.read_failed", "cannot read the queue",
-                                            f))
 
     def _read_queue(self) -> tuple[list[str], QueueIndex, list[CorruptEntry]]:
         removed = self._queue.remove_orphans()
@@ -322,6 +330,32 @@ class RelayRunner(Service):
         d.addCallback(self._apply_news)
         d.addErrback(lambda f: emit_failure(self.log, "relay.scan_failed", "queue scan failed", f))
         d.addBoth(lambda _: self._metrics.relay_queue_scan_seconds.set(time.monotonic() - began))
+        return d
+
+    def take_in_writer(self, pid: int) -> defer.Deferred:
+        """
+        Take in the messages a worker process queued and still had when it
+        ended (the queue ids name their writer): those it was sending, and
+        those it handed over whose word was lost.
+        """
+        if not self.running:
+            return defer.succeed(None)
+
+        def theirs() -> list[QueuedMessage]:
+            loaded = []
+            for queue_id in self._queue.ids(ordered=False):
+                if writer_pid(queue_id) != pid or queue_id in self.index:
+                    continue
+                try:
+                    loaded.append(self._queue.load(queue_id))
+                except (CorruptEntry, QueueError):
+                    continue  # gone meanwhile; a corrupt one is met at start
+            return loaded
+
+        d = self._io(theirs)
+        d.addCallback(lambda loaded: [self._enqueued(m) for m in loaded])
+        d.addErrback(lambda f: emit_failure(self.log, "relay.scan_failed",
+                                            "cannot take in a worker's messages", f))
         return d
 
     def _take_news(self):
@@ -431,9 +465,7 @@ class RelayRunner(Service):
             # maybe deliver it again) at once.
             emit_failure(self.log, "relay.attempt_failed", "attempt failed", failure, id=queue_id)
             if self.running and queue_id in self.index:
-                self.index.reschedule(queue_id, self._reactor.seconds()
-                                      + retry_delay(self.policy, 1, self._jitter))
-                self._dispatcher.resume()
+                self._back_off(queue_id)
 
         d.addBoth(done)
         d.addErrback(failed)
@@ -482,6 +514,11 @@ class RelayRunner(Service):
         else:
             # Only reports are owed (the intake failed): try again later.
             self._requeue(message, now + self.policy.delays[0])
+
+    def _back_off(self, queue_id: str) -> None:
+        self.index.reschedule(queue_id, self._reactor.seconds()
+                              + retry_delay(self.policy, 1, self._jitter))
+        self._dispatcher.resume()
 
     def _requeue(self, message: QueuedMessage, when: float) -> None:
         self.index.put(self.index.entry_for(message, next_attempt=when))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
+import time
 
 import pytest
 
@@ -153,3 +154,109 @@ def test_with_workers_mail_a_worker_queued_is_relayed_at_once(make_server, dns_s
         assert len(writers) == 2, "the kernel gave every connection to one process"
     finally:
         peer.stop()
+
+
+def _submit_one(server: MailServer, n: int) -> str:
+    """
+    One message on its own connection (the kernel picks the process);
+    returns the queue id from the 250.
+    """
+    import re
+
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as client:
+        client.login("s@example.org", "secret")
+        client.mail("s@example.org")
+        client.rcpt("user@remote.test")
+        code, text = client.data(f"Subject: m{n}\r\n\r\nbody {n}\r\n".encode())
+    assert code == 250, text
+    return re.search(rb"[0-9A-Z]{16}", text).group(0).decode()
+
+
+def _until_both_processes_queued(server: MailServer) -> tuple[list[str], set[int]]:
+    from mailserver.message_ids import writer_pid
+
+    ids: list[str] = []
+    for n in range(40):
+        ids.append(_submit_one(server, n))
+        writers = {writer_pid(i) for i in ids}
+        if len(writers) == 2:
+            return ids, writers
+    raise AssertionError("the kernel gave every connection to one process")
+
+
+def test_with_workers_what_a_worker_could_not_send_is_retried_by_the_primary(
+        make_server, dns_server):
+    """
+    Every process sends what it queued itself; a worker hands over what is
+    left (here: the peer says 451) and the primary retries it: each message
+    arrives once.
+    """
+    peer = SMTPPeer().start()
+    peer.handler.data_reply = "451 4.3.0 not now"
+    try:
+        server = make_server("workers = 2\n" + relay_toml(dns_server, peer.port, scan="600"))
+        ids, _ = _until_both_processes_queued(server)
+        peer.handler.data_reply = None
+        peer.wait_for(len(ids), timeout=30)
+        subjects = sorted(m[2].split(b"Subject: ")[1].split(b"\r\n")[0]
+                          for m in peer.handler.messages)
+        assert subjects == sorted(f"m{n}".encode() for n in range(len(ids))), subjects
+        assert wait_until(lambda: "empty" in server.cli("queue", "list").stdout)
+    finally:
+        peer.stop()
+
+
+def test_a_worker_killed_while_sending_loses_nothing(make_server, dns_server):
+    """
+    The peer holds every connection without a greeting; a worker is killed
+    in the middle of sending what it queued; the primary takes in what that
+    worker wrote, and once the peer answers, every message arrives once.
+    """
+    import os
+    import signal
+    import socket
+    import threading
+
+    from mailserver.message_ids import writer_pid
+
+    port = free_port()
+    stall = socket.socket()
+    stall.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    stall.bind(("127.0.0.1", port))
+    stall.listen(100)
+    held = []
+
+    def hold():
+        while True:
+            try:
+                held.append(stall.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hold, daemon=True).start()
+    peer = None
+    try:
+        server = make_server(
+            "workers = 2\n" + relay_toml(dns_server, port, scan="600")
+            + "command_timeout = 3.0\n")
+        ids, writers = _until_both_processes_queued(server)
+        worker = next(pid for pid in writers if pid != server.process.pid)
+        assert wait_until(lambda: len(held) >= 2, timeout=10)  # both are sending
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(0.5)
+        stall.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the thread
+        stall.close()
+        for conn in held:
+            conn.close()
+        peer = SMTPPeer(port).start()
+        peer.wait_for(len(ids), timeout=60)
+        time.sleep(1)  # a second copy would come now
+        subjects = sorted(m[2].split(b"Subject: ")[1].split(b"\r\n")[0]
+                          for m in peer.handler.messages)
+        assert subjects == sorted(f"m{n}".encode() for n in range(len(ids))), subjects
+        assert wait_until(lambda: "empty" in server.cli("queue", "list").stdout)
+        assert any(writer_pid(i) == worker for i in ids)
+    finally:
+        if peer is not None:
+            peer.stop()
+        stall.close()
