@@ -396,9 +396,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="relayed messages per relay for larger sizes, over all rounds (600)")
     p.add_argument("--relay-clients", type=int, default=10,
                    help="connections sending to each relay (several messages each)")
-    p.add_argument("--relay-workers", default="1",
+    p.add_argument("--relay-workers", default=None,
                    help="our server's 'workers' setting, comma-separated for one run each "
-                        "(e.g. 1,2: mailserver and mailserver-w2)")
+                        "(1,2: mailserver and mailserver-w2; quick: 1)")
     p.add_argument("--relay-peers", default=",".join(RELAY_PEERS),
                    help="comma-separated: mailserver, postfix")
     p.add_argument("--relay-toml", default="",
@@ -418,6 +418,8 @@ def finish_arguments(p: argparse.ArgumentParser, args) -> None:
     if unknown:
         p.error(f"unknown relay peers: {', '.join(sorted(unknown))}")
     args.relay_clients = max(1, min(args.relay_clients, 200))
+    if args.relay_workers is None:
+        args.relay_workers = "1" if args.quick else "1,2"
     try:
         args.relay_workers = [max(1, min(int(w), 16)) for w in
                               str(args.relay_workers).split(",") if w.strip()] or [1]
