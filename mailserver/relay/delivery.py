@@ -26,15 +26,7 @@ from mailserver.interfaces import ICourier
 from mailserver.logs import emit
 from mailserver.relay import client as smtp_client
 from mailserver.relay import line_length
-from mailserver.relay.client import (
-    ESMTPClient,
-    OutboundRecipient,
-    Reply,
-    Timeouts,
-    Transaction,
-    TransactionResult,
-    temporary,
-)
+from mailserver.relay.client import ESMTPClient
 from mailserver.relay.connections import ConnectionCache, ConnectionKey, KeptConnection
 from mailserver.relay.mx import Hop, MXRouter, RoutingError
 from mailserver.relay.queue import QueuedMessage, QueueStore
@@ -46,7 +38,15 @@ from mailserver.relay.tls_policy import (
     ca_certificates,
     judge,
 )
+from mailserver.relay.transaction import (
+    OutboundRecipient,
+    Timeouts,
+    Transaction,
+    TransactionResult,
+    temporary,
+)
 from mailserver.safe_text import printable
+from mailserver.wire.reply import Reply
 
 
 @dataclass(frozen=True)

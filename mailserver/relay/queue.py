@@ -36,7 +36,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -44,7 +44,7 @@ from typing import BinaryIO
 from mailserver.envelope import Envelope
 from mailserver.maildir import fsync_directory
 from mailserver.stale_tmp import writer_alive
-from mailserver.message_ids import new_message_id
+from mailserver.message_ids import new_message_id, writer_pid
 from mailserver.relay.queued import (  # the queue's vocabulary: its callers import it from here
     DELIVERED,
     FAILED,
@@ -292,6 +292,22 @@ class QueueStore:
         if ordered:
             ids.sort()
         return ids
+
+    def written_by(self, pid: int, known: Container[str]) -> list[QueuedMessage]:
+        """
+        The queued messages process C{pid} wrote (their ids name it) that
+        are not in C{known}; those that cannot be read are left out (gone
+        meanwhile, or corrupt: set aside at the next start).
+        """
+        loaded = []
+        for queue_id in self.ids(ordered=False):
+            if writer_pid(queue_id) != pid or queue_id in known:
+                continue
+            try:
+                loaded.append(self.load(queue_id))
+            except QueueError:
+                continue
+        return loaded
 
     def load(self, queue_id: str) -> QueuedMessage:
         """

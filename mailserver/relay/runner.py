@@ -47,7 +47,6 @@ from twisted.logger import Logger, LogLevel
 
 from mailserver.hooks import Delivery
 from mailserver.logs import emit, emit_failure
-from mailserver.message_ids import writer_pid
 from mailserver.metrics import unregistered_metrics
 from mailserver.relay import dsn as dsn_module
 from mailserver.relay.delivery import (
@@ -340,19 +339,7 @@ class RelayRunner(Service):
         """
         if not self.running:
             return defer.succeed(None)
-
-        def theirs() -> list[QueuedMessage]:
-            loaded = []
-            for queue_id in self._queue.ids(ordered=False):
-                if writer_pid(queue_id) != pid or queue_id in self.index:
-                    continue
-                try:
-                    loaded.append(self._queue.load(queue_id))
-                except (CorruptEntry, QueueError):
-                    continue  # gone meanwhile; a corrupt one is met at start
-            return loaded
-
-        d = self._io(theirs)
+        d = self._io(self._queue.written_by, pid, self.index)
         d.addCallback(lambda loaded: [self._enqueued(m) for m in loaded])
         d.addErrback(lambda f: emit_failure(self.log, "relay.scan_failed",
                                             "cannot take in a worker's messages", f))

@@ -10,13 +10,9 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mailserver.relay.client import (
-    DotStuffer,
-    ESMTPClient,
-    OutboundRecipient,
-    Timeouts,
-    Transaction,
-)
+from mailserver.relay.client import ESMTPClient
+from mailserver.relay.transaction import OutboundRecipient, Timeouts, Transaction
+from mailserver.wire.dots import DotStuffer
 
 
 def transaction(data=b"Subject: t\n\nhello\n", **kw):

@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailserver.config import Relay, TLSLevel, TLSPolicyRule
-from mailserver.relay.client import ESMTPClient, OutboundRecipient, Timeouts, Transaction
+from mailserver.relay.client import ESMTPClient
+from mailserver.relay.transaction import OutboundRecipient, Timeouts, Transaction
 from mailserver.relay.connections import ConnectionCache, ConnectionKey, KeptConnection, \
     ReuseLimits
 from mailserver.relay.delivery import RouteCourier

@@ -104,7 +104,8 @@ def at_once(f, *args):
 
 def test_first_mx_down_second_takes_it(tmp_path):
     from mailserver.config import Relay
-    from mailserver.relay.client import Reply, TransactionResult, temporary
+    from mailserver.relay.transaction import TransactionResult, temporary
+    from mailserver.wire.reply import Reply
     from mailserver.relay.delivery import RouteCourier
     from mailserver.relay.queue import QueuedMessage, RecipientState
 
@@ -135,7 +136,8 @@ def test_smarthost_and_transport_override_mx(tmp_path):
     from mailserver.config import (
         HostPort, Relay, SmarthostTLS, TLSLevel, TLSPolicyRule, Transport,
     )
-    from mailserver.relay.client import Reply, TransactionResult
+    from mailserver.relay.transaction import TransactionResult
+    from mailserver.wire.reply import Reply
     from mailserver.relay.delivery import RouteCourier
     from mailserver.relay.queue import QueuedMessage, RecipientState
 

@@ -16,7 +16,7 @@ from mailserver.from_config import accounts_for
 from mailserver.intake import Intake
 from mailserver.maildir import Mailbox
 from mailserver.relay import QueueStore, RelayRunner
-from mailserver.relay.client import Reply
+from mailserver.wire.reply import Reply
 from mailserver.relay.delivery import Outcome
 from mailserver.testing import InlineCommitter, InlineReactor
 
