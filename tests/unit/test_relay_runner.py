@@ -720,3 +720,40 @@ def test_turning_off_next_hop_verification_is_warned_at_start(tmp_path):
         globalLogPublisher.removeObserver(seen.append)
     warnings = [formatEvent(e) for e in seen if e.get("event") == "relay.tls_unverified"]
     assert len(warnings) == 1 and "are not checked" in warnings[0]
+
+
+def test_a_worker_sends_what_it_queued_and_hands_over_the_rest(tmp_path):
+    """
+    Issue 22, workers = N: a worker's relay sends what its own intake
+    queued, from the message as committed; what is still queued after that
+    first attempt goes to the primary (a mark in incoming/ and a word over
+    the pipe); nothing of the queue folder is read.
+    """
+    from dataclasses import replace
+
+    from mailserver.relay.worker_runner import WorkerRelayRunner, relay_share
+
+    handed = []
+    w = World(tmp_path, Courier(250, 451))
+    w.runner = WorkerRelayRunner(
+        hand_over=handed.append, relay=w.config.relay, hostname=w.config.hostname,
+        mta_sts_path=w.config.mta_sts_path, queue=w.queue, intake=w.intake,
+        reactor=w.reactor, courier=w.courier, accounts=w.accounts, jitter=lambda d: d)
+    w.queue.ids = lambda ordered=True: pytest.fail("a worker read the queue folder")
+    w.start()
+    w.send(to=("a@remote.test",))
+    assert len(w.courier.calls) == 1 and handed == []
+    assert list(w.queue.envelopes_path.iterdir()) == []  # sent and removed
+    w.send(to=("b@remote.test",))
+    [queue_id] = handed
+    assert len(w.runner.index) == 0
+    assert [p.name for p in w.queue.incoming_path.iterdir()] == [queue_id]
+    assert w.queue.load(queue_id).attempts == 1  # saved before the hand-over
+    # Each of N processes gets its share of the connection limits.
+    relay = w.config.relay
+    two = relay_share(relay, 2)
+    assert (two.max_connections, two.max_connections_per_destination) == (
+        -(-relay.max_connections // 2), -(-relay.max_connections_per_destination // 2))
+    assert relay_share(relay, 1) is relay
+    assert relay_share(replace(relay, max_connections_per_destination=1), 3) \
+        .max_connections_per_destination == 1
