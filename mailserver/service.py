@@ -41,10 +41,10 @@ from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Dependencies, POP3Factory
 from mailserver.process import raise_open_file_limit, return_large_buffers
 from mailserver.relay import QueueStore, RelayRunner
-from mailserver.relay.worker_runner import WorkerRelayRunner, relay_share
 from mailserver.relay.index import QueueIndex
 from mailserver.relay.resolver import make_resolver
 from mailserver.relay.view import QueueAdminView, queue_gauges
+from mailserver.relay.worker_runner import WorkerRelayRunner, relay_share
 from mailserver.safe_fs import anonymous_file
 from mailserver.smtp import SMTPDependencies, SMTPFactory
 from mailserver.startup import StartupReport

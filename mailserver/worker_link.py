@@ -9,10 +9,11 @@ L{mailserver.workers}), one line per message:
  - C{M <JSON>}: a worker's metric counts (L{mailserver.metrics.Metrics.snapshot}),
    sent to the primary about once a second when they changed, so its
    C{/metrics} counts every process.
- - C{Q <queue id>}: a worker queued a message for the relay, which only
-   the primary works: it takes the message in at once, not at its next
-   scan of the queue folder (the worker's mark in C{incoming/} stays the
-   durable way, should the line be lost).
+ - C{Q <queue id>}: a worker hands the primary a queued message it sent
+   once and could not finish (L{mailserver.relay.worker_runner}): the
+   primary takes it in at once, not at its next scan of the queue folder
+   (the worker's mark in C{incoming/} stays the durable way, should the
+   line be lost).
 
 A worker writes on L{TO_PRIMARY_FD} and reads its standard input.  Lines
 that do not parse are skipped: the pipes join our own processes, but a bad
@@ -110,8 +111,8 @@ class _FromPrimary(Protocol):
 class PrimaryLink(Service):
     """
     In a worker: counts the failed logins the primary reports, and reports
-    its own failed logins, its metrics and the messages it queues for the
-    relay to the primary.
+    its own failed logins, its metrics and the queued messages it hands
+    over to the primary.
     """
 
     log = Logger()
@@ -165,8 +166,8 @@ class PrimaryLink(Service):
 
     def tell_queued(self, queue_id: str) -> None:
         """
-        Tell the primary of a message this worker queued for the relay
-        (on the reactor thread).
+        Hand the primary a queued message (its mark is in C{incoming/}
+        already), on the reactor thread.
         """
         line = queued_line(queue_id)
         if line is not None:

@@ -9,9 +9,9 @@ sockets.  Every socket is bound in the primary before C{twistd} drops
 privileges: ports below 1024 need root, and the kernel lets only the user
 who bound an C{SO_REUSEPORT} port bind it again.  A worker that dies finds
 its socket (and the connections waiting on it) again when it is restarted.  Maildir delivery and
-mailbox locks are safe across processes; the relay queue is worked by the
-primary alone (workers only add to it), so no message is sent twice by two
-processes.  Other endpoint types, and the admin listeners, are served by the
+mailbox locks are safe across processes; each process sends the mail it
+queued once and hands the primary what is left (L{mailserver.relay.worker_runner}),
+so no message is sent by two processes at once.  Other endpoint types, and the admin listeners, are served by the
 primary only.
 
 Each process enforces its share of the per-server limits on logins and
@@ -199,8 +199,8 @@ class WorkerPool(Service):
         @param login_throttle: the primary's, told of the workers' failed
             logins; the workers are told of its own and of each other's.
         @param metrics: the primary's registry, which adds in the workers'.
-        @param on_queued: called when a worker queued a message for the
-            relay (the relay scans its queue's news at once).
+        @param on_queued: called when a worker hands over a queued message
+            (the relay scans its queue's news at once).
         @param on_ended: called with the process id of a worker that ended
             (the relay takes in what it left); the worker is started again
             once the Deferred it returns fires, so no new process with the
