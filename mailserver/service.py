@@ -309,7 +309,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         if config.workers > 1:
             pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics,
                               on_queued=runner.scan, on_ended=runner.take_in_writer,
-                              start_after=runner.read)
+                              start_after=runner.queue_read)
             pool.setServiceParent(root)
     pid_path = None if is_worker else config.pid_path
     ReloadOnSignal(reactor, pid_path, tls_options, accounts, pool).setServiceParent(root)

@@ -208,9 +208,10 @@ class RouteCourier:
     async def _deliver(self, message, recipients) -> dict[str, Outcome]:
         domain = recipients[0].domain
         destination = destination_of_domain(self._relay, domain)
-        open_body = await self._io(line_length.fitted, lambda: self._store.open_body(message))
+        open_body = None
         kept = self._kept_route(destination)
         if kept is not None:
+            open_body = await self._fitted(message)
             outcomes, reached = await self._over(kept, message, recipients, destination,
                                                  open_body)
             if reached:
@@ -219,8 +220,14 @@ class RouteCourier:
             route = await self._route(domain)
         except RoutingError as e:
             return {r.address: Outcome(e.reply) for r in recipients}
+        # Read only once there is somewhere to send it: a domain that is
+        # down costs its retries no file reads.
+        open_body = open_body or await self._fitted(message)
         outcomes, _ = await self._over(route, message, recipients, destination, open_body)
         return outcomes
+
+    def _fitted(self, message) -> defer.Deferred:
+        return self._io(line_length.fitted, lambda: self._store.open_body(message))
 
     async def _over(self, route: Route, message, recipients, destination: str,
                     open_body) -> tuple[dict[str, Outcome], bool]:

@@ -124,8 +124,7 @@ class QueueStore:
 
     @ivar on_enqueued: called (in the worker thread!) with each new
         L{QueuedMessage}; the runner sets it to hand the message over to the
-        reactor thread; in a worker process it leaves the id in C{incoming/}
-        (L{announce}) and tells the primary, whose runner scans at once.
+        reactor thread (in every process: each sends what it queued).
         Without it the id is left in C{incoming/} for the runner's next scan.
     """
 

@@ -167,7 +167,7 @@ class RelayRunner(Service):
         self._scan_again = False
         # Fires once the start-up read of the queue is done (worker
         # processes start after it: what they queue from then on is theirs).
-        self.read: defer.Deferred = defer.Deferred()
+        self.queue_read: defer.Deferred = defer.Deferred()
         self._destination_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # Service.
@@ -189,7 +189,7 @@ class RelayRunner(Service):
         d.addCallback(self._read, began)
         d.addErrback(lambda f: emit_failure(self.log, "relay.read_failed", "cannot read the queue",
                                             f))
-        d.addBoth(lambda _: self.read.called or self.read.callback(None))
+        d.addBoth(lambda _: self.queue_read.called or self.queue_read.callback(None))
 
     def _start_courier(self) -> None:
         if self._own_courier:

@@ -58,7 +58,7 @@ class WorkerRelayRunner(RelayRunner):
         Service.startService(self)  # not the primary's: no start-up read, no scans
         self._start_courier()
         self._queue.on_enqueued = self._enqueued_in_thread
-        self.read.callback(None)
+        self.queue_read.callback(None)
         self._dispatcher.start()
 
     def _give(self, queue_id: str) -> None:

@@ -131,9 +131,9 @@ def test_queue_commands_against_a_running_server(make_server, dns_server):
 
 def test_with_workers_mail_a_worker_queued_is_relayed_at_once(make_server, dns_server):
     """
-    Only the primary works the relay queue; a worker that queues a message
-    tells it over their pipe, so the message leaves at once, not at the
-    primary's next scan of the queue folder (here ten minutes away).
+    Every process sends what it queued itself, so a message a worker took
+    leaves at once, not at the primary's next scan of the queue folder
+    (here ten minutes away).
     """
     import re
 

@@ -141,6 +141,23 @@ class ReuseTests(unittest.TestCase):
         self.assertEqual(self.sink.connections, 3)
 
     @inline
+    async def test_a_domain_without_a_route_costs_no_read_of_the_message(self):
+        """
+        The body is read (in a thread, for its line lengths) only once there
+        is somewhere to send it: a domain that does not resolve, retried
+        for days, reads nothing.
+        """
+        courier = self.courier()
+        opened = []
+        courier._store = type("Counting", (), {
+            "open_body": lambda _, m: opened.append(m.id) or io.BytesIO(BODY)})()
+        [reply] = await self.send(courier, message(1, "r@nowhere.test"))
+        self.assertEqual(reply.code, 550)
+        self.assertEqual(opened, [])
+        await self.send(courier, message(2))
+        self.assertEqual(opened, ["Q2"])
+
+    @inline
     async def test_shutdown_closes_kept_connections_with_quit(self):
         await self.send(self.courier(), message(1))
         self.assertEqual(self.sink.open, 1)
