@@ -44,6 +44,23 @@ def return_large_buffers() -> None:
         pass  # not glibc
 
 
+def stop_signals_in_the_loop(reactor) -> None:
+    """
+    Have the reactor's SIGTERM and SIGINT handlers run in its loop, not in
+    the signal handler.  Twisted's handlers log, and the log file's lock is
+    Twisted's pure-Python re-entrant lock: a signal that lands inside that
+    lock's C{acquire} or C{release} in the main thread blocks the handler on
+    a lock its own thread holds, and the process never stops (a SIGTERM in
+    the middle of a log write hung the server until SIGKILL).  Call it once
+    the reactor runs (it installs its handlers then); handlers that are not
+    the reactor's (C{installSignalHandlers=False}) are left alone.
+    """
+    for signum, handler in ((signal.SIGTERM, reactor.sigTerm), (signal.SIGINT, reactor.sigInt)):
+        if signal.getsignal(signum) == handler:
+            signal.signal(signum, lambda number, frame, handler=handler:
+                          reactor.callFromThread(handler, number))
+
+
 def on_signal(signum: int, handler: Callable[[], None], reactor) -> Callable[[], None]:
     """
     Call C{handler} in the reactor thread whenever the process gets

@@ -39,7 +39,11 @@ from mailserver.nodes import claim as claim_node
 from mailserver.ownership import Owner, acting_as, prepare_data_folder
 from mailserver.plugin_loading import load_plugins
 from mailserver.pop3 import POP3Dependencies, POP3Factory
-from mailserver.process import raise_open_file_limit, return_large_buffers
+from mailserver.process import (
+    raise_open_file_limit,
+    return_large_buffers,
+    stop_signals_in_the_loop,
+)
 from mailserver.relay import QueueStore, RelayRunner
 from mailserver.relay.index import QueueIndex
 from mailserver.relay.resolver import make_resolver
@@ -67,6 +71,7 @@ def make_service(config: Config, reactor, owner: Owner | None = None) -> MultiSe
     """
     raise_open_file_limit()
     return_large_buffers()
+    reactor.callWhenRunning(stop_signals_in_the_loop, reactor)
     prepare_data_folder(config.data_path, owner)
     with acting_as(owner):
         if inherited_sockets() is None:
