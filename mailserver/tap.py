@@ -7,12 +7,14 @@ L{mailserver.config.load}, and a problem ends start-up with one line.
 
 from __future__ import annotations
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from mailserver.config import ConfigError, load, override
 from mailserver.nodes import NodeInUse
 from mailserver.ownership import DataFolderError, Owner, server_owner
+from mailserver.text_log import TextLogObserver, twistd_observer
 
 
 class Options(usage.Options):
@@ -39,7 +41,9 @@ def makeService(options: Options) -> IService:
         config = load(options["config"])
         if options["workers"] is not None:
             config = override(config, "workers", options["workers"], "--workers")
-        return make_service(config, reactor, _twistd_owner(options))
+        server = make_service(config, reactor, _twistd_owner(options))
+        observer = twistd_observer(getattr(options, "parent", None))
+        return server if observer is None else _LoggingTo(server, observer)
     except (ConfigError, DataFolderError, NodeInUse) as e:
         raise SystemExit(f"mailserver: {e}") from None
     except OSError as e:
@@ -55,3 +59,22 @@ def _twistd_owner(options: Options) -> Owner | None:
     if twistd is None:
         return None
     return server_owner(twistd.get("uid"), twistd.get("gid"))
+
+
+class _LoggingTo(MultiService):
+    """
+    The server, and the log observer twistd is to use (L{TextLogObserver}).
+    twistd takes an C{ILogObserver} component of its application in place
+    of its own observer; it makes that application only after
+    C{makeService}, so the component is set when the server joins it.
+    """
+
+    def __init__(self, server: IService, observer: TextLogObserver) -> None:
+        super().__init__()
+        self._observer = observer
+        server.setServiceParent(self)
+
+    def setServiceParent(self, parent) -> None:
+        if getattr(parent, "getComponent", None) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, self._observer)
+        super().setServiceParent(parent)

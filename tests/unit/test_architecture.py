@@ -27,7 +27,7 @@ PACKAGE = "mailserver"
 PROTOCOLS = ("smtp", "pop3", "imap", "web", "relay.client")
 STORAGE = ("maildir", "folders", "relay.queue", "group_commit", "safe_fs", "stale_tmp", "nodes")
 VOCABULARY = ("interfaces", "envelope", "metrics", "names", "mailbox_names", "safe_text",
-              "message_ids", "logs")
+              "message_ids", "logs", "text_log")
 # wire.reply: the Reject a plugin returns; safe_text: client text in a log
 # line (the hook runner's refusal line, a plugin's own).
 PLUGIN_API = ("hooks", "interfaces", "envelope", "wire.reply", "safe_text")
