@@ -181,7 +181,8 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
     )
     link = PrimaryLink(reactor, login_throttle, metrics) if is_worker else None
     if link is not None:
-        runner = WorkerRelayRunner(hand_over=link.tell_queued, **relay_parts)
+        runner = WorkerRelayRunner(hand_over=link.tell_queued, ask_primary_to_flush=link.tell_flush,
+                                   **relay_parts)
     else:
         runner = RelayRunner(**relay_parts)
 
@@ -313,7 +314,8 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
         StartupReport(config, listeners, lambda: len(accounts.users())).setServiceParent(root)
         if config.workers > 1:
             pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics,
-                              on_queued=runner.scan, on_ended=runner.take_in_writer,
+                              on_queued=runner.scan, on_flush=runner.flush,
+                              on_ended=runner.take_in_writer,
                               start_after=runner.queue_read)
             pool.setServiceParent(root)
     pid_path = None if is_worker else config.pid_path

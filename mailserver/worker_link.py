@@ -14,6 +14,8 @@ L{mailserver.workers}), one line per message:
    primary takes it in at once, not at its next scan of the queue folder
    (the worker's mark in C{incoming/} stays the durable way, should the
    line be lost).
+ - C{E <domain>}: a client asked a worker for ETRN (RFC 1985): the primary,
+   which keeps the queue, tries that domain's queued mail now.
 
 A worker writes on L{TO_PRIMARY_FD} and reads its standard input.  Lines
 that do not parse are skipped: the pipes join our own processes, but a bad
@@ -45,6 +47,8 @@ METRICS_INTERVAL = 1.0
 _SHAREABLE_KEY = re.compile(rb"[0-9A-Fa-f.:/]{1,64}")
 _MAX_LINE = 1 << 20
 _QUEUE_ID = re.compile(rb"[0-9A-Za-z]{1,64}")
+# A domain as ETRN took it (checked there; UTF-8 under SMTPUTF8).
+_DOMAIN = re.compile(rb"[^\x00-\x20\x7f]{1,255}")
 
 
 def failure_line(key: str) -> bytes | None:
@@ -69,10 +73,20 @@ def queued_line(queue_id: str) -> bytes | None:
     return b"Q " + encoded + b"\n" if _QUEUE_ID.fullmatch(encoded) else None
 
 
+def flush_line(domain: str) -> bytes | None:
+    """
+    The line that asks the primary to try a domain's queued mail now (ETRN),
+    or C{None} for what cannot be a domain.
+    """
+    encoded = domain.encode("utf-8", "replace")
+    return b"E " + encoded + b"\n" if _DOMAIN.fullmatch(encoded) else None
+
+
 class Lines:
     """
     The messages in a stream of lines, however it is cut into reads: each
-    is C{("F", client key)}, C{("M", snapshot dict)} or C{("Q", queue id)}.
+    is C{("F", client key)}, C{("M", snapshot dict)}, C{("Q", queue id)} or
+    C{("E", domain)}.
     """
 
     def __init__(self) -> None:
@@ -88,6 +102,11 @@ class Lines:
                 yield "F", payload.decode("ascii")
             elif kind == b"Q" and _QUEUE_ID.fullmatch(payload):
                 yield "Q", payload.decode("ascii")
+            elif kind == b"E" and _DOMAIN.fullmatch(payload):
+                try:
+                    yield "E", payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
             elif kind == b"M":
                 try:
                     snapshot = json.loads(payload)
@@ -170,6 +189,14 @@ class PrimaryLink(Service):
         already), on the reactor thread.
         """
         line = queued_line(queue_id)
+        if line is not None:
+            self._write(line)
+
+    def tell_flush(self, domain: str) -> None:
+        """
+        Ask the primary to try C{domain}'s queued mail now (ETRN).
+        """
+        line = flush_line(domain)
         if line is not None:
             self._write(line)
 

@@ -160,6 +160,8 @@ class _Worker(ProcessProtocol):
                     self.pool._failed_in(self, payload)
                 elif kind == "Q":
                     self.pool.on_queued()
+                elif kind == "E":
+                    self.pool.on_flush(payload)
                 else:
                     self.metrics = payload
 
@@ -190,6 +192,7 @@ class WorkerPool(Service):
         login_throttle: LoginThrottle,
         metrics: Metrics,
         on_queued: Callable[[], object] = lambda: None,
+        on_flush: Callable[[str], object] = lambda domain: None,
         on_ended: Callable[[int], defer.Deferred] = lambda pid: defer.succeed(None),
         start_after: defer.Deferred | None = None,
     ) -> None:
@@ -201,6 +204,8 @@ class WorkerPool(Service):
         @param metrics: the primary's registry, which adds in the workers'.
         @param on_queued: called when a worker hands over a queued message
             (the relay scans its queue's news at once).
+        @param on_flush: called with the domain a worker's client asked
+            for by ETRN (the relay tries its queued mail now).
         @param on_ended: called with the process id of a worker that ended
             (the relay takes in what it left); the worker is started again
             once the Deferred it returns fires, so no new process with the
@@ -210,6 +215,7 @@ class WorkerPool(Service):
         """
         self._start_after = start_after
         self.on_queued = on_queued
+        self.on_flush = on_flush
         self._on_ended = on_ended
         self._reactor = reactor
         self._count = count

@@ -48,11 +48,20 @@ class WorkerRelayRunner(RelayRunner):
     """
     @param hand_over: tells the primary of a message left in the queue
         (called with its queue id, on the reactor thread).
+    @param ask_primary_to_flush: asks the primary, which keeps the queue,
+        to try a domain's queued mail now (ETRN).
     """
 
-    def __init__(self, *, hand_over: Callable[[str], None], **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        hand_over: Callable[[str], None],
+        ask_primary_to_flush: Callable[[str], None],
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self._hand_over = hand_over
+        self._ask_primary_to_flush = ask_primary_to_flush
 
     def startService(self) -> None:
         Service.startService(self)  # not the primary's: no start-up read, no scans
@@ -60,6 +69,17 @@ class WorkerRelayRunner(RelayRunner):
         self._queue.on_enqueued = self._enqueued_in_thread
         self.queue_read.callback(None)
         self._dispatcher.start()
+
+    def flush(self, domain: str | None = None) -> int | None:
+        """
+        ETRN in a worker: the queue is the primary's, so ask it; this
+        process knows only its messages in flight, so the count is unknown
+        (C{None}).
+        """
+        super().flush(domain)
+        if domain:
+            self._ask_primary_to_flush(domain)
+        return None
 
     def _give(self, queue_id: str) -> None:
         self.index.remove(queue_id)

@@ -31,7 +31,9 @@ class SMTPDependencies:
     @ivar implicit_tls: the listener wraps every connection in TLS (465).
     @ivar hooks: the plugins' hooks, if any.
     @ivar flush_queue: starts delivery of the queue's mail for a domain and
-        returns how many messages (ETRN); C{None} without a relay queue.
+        returns how many messages, or C{None} when another process keeps
+        the queue and the count is not known here (ETRN); C{None} without a
+        relay queue.
     @ivar new_message_id: the ID of the next message (the 250 reply, our
         Received field, the stored file, the queue and the log all use it).
     """
@@ -51,7 +53,7 @@ class SMTPDependencies:
     tls_options: object = None
     implicit_tls: bool = False
     hooks: Hooks | None = None
-    flush_queue: Callable[[str], int] | None = None
+    flush_queue: Callable[[str], int | None] | None = None
 
     @classmethod
     def for_listener(

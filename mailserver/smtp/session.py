@@ -276,8 +276,9 @@ class SMTPSession(TransactionHandlers):
         is taken as the domain itself; C{#queue} names are not supported
         (458).  Strangers may not make us scan the queue (459), only
         authenticated or loopback clients; 253 says how many messages were
-        scheduled, 251 that none were waiting; with no relay queue
-        configured the answer is 458.
+        scheduled, 251 that none were waiting, 250 that delivery was started
+        where the count is another process's to know (a worker); with no
+        relay queue configured the answer is 458.
         """
         node = argument.strip()
         domain = node[1:] if node.startswith("@") else node
@@ -292,6 +293,8 @@ class SMTPSession(TransactionHandlers):
         if flush is None:
             return reply(458, "4.3.0", f"Unable to queue messages for node {domain}: no queue")
         count = flush(domain)
+        if count is None:
+            return reply(250, "2.0.0", f"OK, queuing for node {domain} started")
         if count == 0:
             return reply(251, "2.0.0", "No messages waiting for node " + domain)
         return reply(253, "2.0.0", f"OK, {count} pending messages for node {domain} started")

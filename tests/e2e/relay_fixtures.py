@@ -45,6 +45,7 @@ class Recorder:
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.rcpt_reply: str | None = None
         self.data_reply: str | None = None
+        self.refused_data = 0  # messages answered with data_reply
         self.ehlo_seen: list[str] = []
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -55,6 +56,7 @@ class Recorder:
 
     async def handle_DATA(self, server, session, envelope):
         if self.data_reply:
+            self.refused_data += 1
             return self.data_reply
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         return "250 2.0.0 OK"

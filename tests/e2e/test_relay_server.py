@@ -206,6 +206,42 @@ def test_with_workers_what_a_worker_could_not_send_is_retried_by_the_primary(
         peer.stop()
 
 
+def test_etrn_at_a_worker_has_the_primary_try_its_queue_now(make_server, dns_server):
+    """
+    With workers the queue is the primary's: ETRN at a worker is passed on
+    to it (250, the count being the primary's to know), and the deferred
+    mail goes out at once, not at its retry an hour later.
+    """
+    peer = SMTPPeer().start()
+    peer.handler.data_reply = "451 4.3.0 not now"
+    try:
+        toml = relay_toml(dns_server, peer.port, scan="600").replace(
+            'retry_schedule = ["1s"]\nmax_retry_interval = "2s"',
+            'retry_schedule = ["1h"]\nmax_retry_interval = "1h"')
+        server = make_server("workers = 2\n" + toml)
+        ids, _ = _until_both_processes_queued(server)
+        assert wait_until(lambda: peer.handler.refused_data >= len(ids), timeout=20)
+        time.sleep(2)  # the workers hand what they deferred to the primary
+        peer.handler.data_reply = None
+        answers = []
+        for _ in range(40):
+            with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
+                client.ehlo("etrn.test")
+                # Nothing is queued for it: the primary says 251, a worker 250.
+                code, _ = client.docmd("ETRN", "nothing-queued.test")
+                answers.append(code)
+                if code == 250:
+                    assert client.docmd("ETRN", "remote.test")[0] == 250
+                    break
+        assert answers[-1] == 250 and set(answers) <= {250, 251}, answers
+        peer.wait_for(len(ids), timeout=20)
+        assert sorted(m[2].split(b"Subject: ")[1].split(b"\r\n")[0]
+                      for m in peer.handler.messages) == sorted(
+            f"m{n}".encode() for n in range(len(ids)))
+    finally:
+        peer.stop()
+
+
 def test_a_worker_killed_while_sending_loses_nothing(make_server, dns_server):
     """
     The peer holds every connection without a greeting; a worker is killed

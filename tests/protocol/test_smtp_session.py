@@ -185,6 +185,9 @@ def test_etrn():
     runner.count = 0
     assert reply_codes(session.command("ETRN remote.net")) == ["251 2.0.0"]
     assert runner.flushed == ["remote.net", "remote.net"]
+    runner.count = None  # a worker: the primary keeps the queue and its count
+    assert session.command("ETRN remote.net") == (
+        b"250 2.0.0 OK, queuing for node remote.net started\r\n")
 
 
 def test_etrn_refused_to_strangers_and_without_queue():

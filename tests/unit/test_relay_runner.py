@@ -733,10 +733,10 @@ def test_a_worker_sends_what_it_queued_and_hands_over_the_rest(tmp_path):
 
     from mailserver.relay.worker_runner import WorkerRelayRunner, relay_share
 
-    handed = []
+    handed, flushes = [], []
     w = World(tmp_path, Courier(250, 451))
     w.runner = WorkerRelayRunner(
-        hand_over=handed.append, relay=w.config.relay, hostname=w.config.hostname,
+        hand_over=handed.append, ask_primary_to_flush=flushes.append, relay=w.config.relay, hostname=w.config.hostname,
         mta_sts_path=w.config.mta_sts_path, queue=w.queue, intake=w.intake,
         reactor=w.reactor, courier=w.courier, accounts=w.accounts, jitter=lambda d: d)
     w.queue.ids = lambda ordered=True: pytest.fail("a worker read the queue folder")
@@ -749,6 +749,8 @@ def test_a_worker_sends_what_it_queued_and_hands_over_the_rest(tmp_path):
     assert len(w.runner.index) == 0
     assert [p.name for p in w.queue.incoming_path.iterdir()] == [queue_id]
     assert w.queue.load(queue_id).attempts == 1  # saved before the hand-over
+    # ETRN: the primary keeps the queue, and its count.
+    assert w.runner.flush("remote.test") is None and flushes == ["remote.test"]
     # Each of N processes gets its share of the connection limits.
     relay = w.config.relay
     two = relay_share(relay, 2)

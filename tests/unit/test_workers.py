@@ -18,6 +18,7 @@ from mailserver.worker_link import (
     Lines,
     PrimaryLink,
     failure_line,
+    flush_line,
     metrics_line,
     queued_line,
 )
@@ -65,6 +66,19 @@ def test_a_worker_tells_the_primary_of_mail_it_queued_for_the_relay():
     worker = _Worker(pool, 1)
     worker.childDataReceived(TO_PRIMARY_FD, b"Q 1K1YH307T0J00ECY\nQ 1K1YH307T0J00ECZ\n")
     assert scans == [1, 1]
+
+
+def test_a_worker_passes_etrn_on_to_the_primary():
+    assert flush_line("remote.test") == b"E remote.test\n"
+    assert flush_line("bücher.test") == "E bücher.test\n".encode()
+    assert flush_line("a b") is None and flush_line("a\nQ x") is None and flush_line("") is None
+    lines = Lines()
+    assert list(lines.feed(b"E remote.test\nE \nE a\xff\nE x y\n")) == [("E", "remote.test")]
+    flushed = []
+    pool = WorkerPool(Clock(), 2, [], LoginThrottle(Clock(), delay=1.0, limit=2, window=600),
+                      Metrics(), on_flush=flushed.append)
+    _Worker(pool, 1).childDataReceived(TO_PRIMARY_FD, b"E remote.test\nE other.test\n")
+    assert flushed == ["remote.test", "other.test"]
 
 
 class _FakeProcess:
