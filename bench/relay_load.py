@@ -46,6 +46,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peers import cpu_seconds, peak_rss_kib, reset_peak_rss
+from bench.settle import Leftovers, settle, settle_report
 from bench.relay_peers import (
     PASSWORD,
     REMOTE_RCPT,
@@ -437,16 +438,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--no-settle", action="store_true",
+                   help="measure at once, even while creating a file is slow (see bench/settle.py)")
     add_arguments(p)
     args = p.parse_args(argv)
     finish_arguments(p, args)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.repeat = max(1, min(args.repeat, 20))
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    leftovers = Leftovers()
     try:
-        relay_part(args, results)
+        results["settle"] = settle(leftovers, wait=not args.no_settle)
+        relay_part(args, results, leftovers)
     except KeyboardInterrupt:
         print("interrupted; reporting what was measured", flush=True)
+    finally:
+        leftovers.remove()
     lines: list[str] = []
 
     def table(header, body):
@@ -461,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body)
         lines.append("")
 
+    settled = settle_report(results.get("settle"))
+    if settled:
+        lines.extend([settled, ""])
     if results.get("relay"):
         relay_report(results["relay"], results.get("relay_setup", {}), table, lines)
     print()

@@ -60,7 +60,7 @@ from bench.relay_load import add_arguments as add_relay_arguments
 from bench.relay_load import finish_arguments as finish_relay_arguments
 from bench.relay_load import relay_part, relay_report
 from bench.rspamd_peers import MailServerRspamdPeer, PostfixRspamdPeer, RspamdService
-from bench.settle import PROBE_FILES, SLOW_US, Leftovers, settle
+from bench.settle import Leftovers, settle, settle_report
 from bench.smtp_load import loop_kind, percentile, run_load
 from bench.system_peers import DovecotPeer, PostfixPeer, SmtpSinkPeer
 
@@ -795,16 +795,9 @@ def report(results: dict, markdown: bool) -> str:
                 lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         lines.append("")
 
-    settled = results.get("settle")
+    settled = settle_report(results.get("settle"))
     if settled:
-        waited = f", after waiting {settled['waited_s']:.0f} s (it was {settled['first_us']:.0f} us)" if settled["waited_s"] >= 1 else ""
-        verdict = "" if settled["settled"] else f"; still above {SLOW_US:.0f} us, so every durable peer ran slower than usual"
-        lines.append(
-            f"File creation before the run (the last {PROBE_FILES // 4} of {PROBE_FILES} empty files in a new "
-            f"folder): {settled['last_us']:.0f} us "
-            f"kernel CPU a file{waited}{verdict}"
-        )
-        lines.append("")
+        lines.extend([settled, ""])
     for key, when in (("storage_floor", "before SMTP"), ("storage_floor_after", "after SMTP")):
         floor = results.get(key)
         if floor:

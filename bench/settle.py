@@ -122,3 +122,17 @@ def settle(leftovers: Leftovers, wait: bool = True, every_s: float = 15.0) -> di
         "waited_s": time.monotonic() - start,
         "settled": last <= SLOW_US,
     }
+
+
+def settle_report(settled: dict | None) -> str | None:
+    """
+    The report's line on file creation before the run (L{settle}'s result).
+    """
+    if not settled:
+        return None
+    waited = (f", after waiting {settled['waited_s']:.0f} s (it was {settled['first_us']:.0f} us)"
+              if settled["waited_s"] >= 1 else "")
+    verdict = ("" if settled["settled"]
+               else f"; still above {SLOW_US:.0f} us, so every durable peer ran slower than usual")
+    return (f"File creation before the run (the last {PROBE_FILES // 4} of {PROBE_FILES} empty files in a new "
+            f"folder): {settled['last_us']:.0f} us kernel CPU a file{waited}{verdict}")
