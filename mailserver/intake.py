@@ -196,7 +196,9 @@ class Intake:
         prepared = None
         if remote:
             try:
-                prepared = self._queue.prepare(envelope, remote, spool.path, body_offset)
+                prepared = self._queue.prepare(
+                    envelope, remote, spool.path, body_offset,
+                    data=message if isinstance(message, bytes) else None)
             except BaseException:
                 spool.discard()
                 raise

@@ -74,12 +74,21 @@ def fitted(open_body: Callable[[], BinaryIO]) -> Callable[[], BinaryIO]:
     with open_body() as body:
         first = body.read(IN_MEMORY + 1)
         if len(first) <= IN_MEMORY:
-            data = fit(first) if any_long_line([first]) else first
-            return lambda: io.BytesIO(data)
+            return fitted_data(first)
         if not any_long_line(chain([first], iter(lambda: body.read(_CHUNK), b""))):
             return open_body
     with open_body() as body:
         data = fit(body.read())
+    return lambda: io.BytesIO(data)
+
+
+def fitted_data(data: bytes) -> Callable[[], BinaryIO]:
+    """
+    L{fitted} for a message of at most L{IN_MEMORY} octets at hand: cheap
+    enough for the reactor thread.
+    """
+    if any_long_line([data]):
+        data = fit(data)
     return lambda: io.BytesIO(data)
 
 

@@ -45,6 +45,7 @@ from mailserver.envelope import Envelope
 from mailserver.maildir import fsync_directory
 from mailserver.stale_tmp import writer_alive
 from mailserver.message_ids import new_message_id, writer_pid
+from mailserver.relay.recent_bodies import MAX_BODY, RecentBodies
 from mailserver.relay.queued import (  # the queue's vocabulary: its callers import it from here
     DELIVERED,
     FAILED,
@@ -107,6 +108,7 @@ class Prepared:
 
     message: QueuedMessage
     tmp: Path
+    body: bytes | None = None
 
 
 def _writer_gone(tmp_name: str) -> bool:
@@ -143,6 +145,7 @@ class QueueStore:
         self.incoming_path = self.path / "incoming"
         self._clock = clock
         self.on_enqueued: Callable[[QueuedMessage], None] | None = None
+        self.recent_bodies = RecentBodies()
         self._made = False
 
     def _ensure(self) -> None:
@@ -173,13 +176,17 @@ class QueueStore:
 
     def prepare(
         self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int,
-        durable: bool = False,
+        durable: bool = False, data: bytes | None = None,
     ) -> Prepared:
         """
         Group commit's first phase: the envelope of C{spool} (written, the
         first C{body_offset} bytes local-delivery headers) for the remote
         C{recipients}, into C{tmp/}; synced only if C{durable}, else by the
         group's sync of the file system that follows.  Blocking.
+
+        @param data: what C{spool} holds, when the caller has it in memory:
+            a small body is then kept for the first attempt
+            (L{RecentBodies}), which reads no file.
         """
         self._ensure()
         now = self._clock()
@@ -211,7 +218,10 @@ class QueueStore:
             next_attempt=now,
         )
         tmp = _write_tmp(self._envelope_path(queue_id), self.tmp_path, message.to_json(), durable)
-        return Prepared(message, tmp)
+        body = None
+        if data is not None and len(data) - body_offset <= MAX_BODY:
+            body = data[body_offset:]
+        return Prepared(message, tmp, body)
 
     def commit(self, prepared: Prepared, spool: Path, durable: bool = False) -> str:
         """
@@ -239,6 +249,8 @@ class QueueStore:
             os.unlink(message_path)
             self.abandon(prepared)
             raise
+        if prepared.body is not None:
+            self.recent_bodies.keep(message.id, prepared.body)
         if self.on_enqueued is not None:
             self.on_enqueued(message)
         else:
@@ -391,6 +403,13 @@ class QueueStore:
             out.append((note.stem, problem))
         return out
 
+    def take_recent_body(self, queue_id: str) -> bytes | None:
+        """
+        The body of a message just queued, once (see L{RecentBodies}), or
+        C{None}: then L{open_body} reads it.
+        """
+        return self.recent_bodies.take(queue_id)
+
     def open_body(self, message: QueuedMessage) -> BinaryIO:
         """
         The stored message (LF line endings) positioned after the
@@ -418,6 +437,7 @@ class QueueStore:
         """
         problems: dict[str, Exception] = {}
         unlinked, gone = [], []
+        self.recent_bodies.forget(queue_ids)
         for queue_id in queue_ids:
             try:
                 os.unlink(self._envelope_path(queue_id))

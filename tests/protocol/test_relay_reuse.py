@@ -48,6 +48,9 @@ def inline(f):
 
 
 class Store:
+    def take_recent_body(self, queue_id):
+        return None
+
     def open_body(self, message):
         return io.BytesIO(BODY)
 
@@ -150,12 +153,32 @@ class ReuseTests(unittest.TestCase):
         courier = self.courier()
         opened = []
         courier._store = type("Counting", (), {
+            "take_recent_body": lambda _, queue_id: None,
             "open_body": lambda _, m: opened.append(m.id) or io.BytesIO(BODY)})()
         [reply] = await self.send(courier, message(1, "r@nowhere.test"))
         self.assertEqual(reply.code, 550)
         self.assertEqual(opened, [])
         await self.send(courier, message(2))
         self.assertEqual(opened, ["Q2"])
+
+    @inline
+    async def test_a_message_just_queued_is_sent_from_memory_once(self):
+        """
+        The first attempt of a message the intake just queued takes its
+        body from memory (no file read, no thread); any later attempt reads
+        the file.
+        """
+        courier = self.courier()
+        opened, recent = [], {"Q1": BODY}
+        courier._store = type("Recent", (), {
+            "take_recent_body": lambda _, queue_id: recent.pop(queue_id, None),
+            "open_body": lambda _, m: opened.append(m.id) or io.BytesIO(BODY)})()
+        [reply] = await self.send(courier, message(1))
+        self.assertEqual(reply.code, 250)
+        self.assertEqual((opened, recent), ([], {}))
+        await self.send(courier, message(1))
+        self.assertEqual(opened, ["Q1"])
+        self.assertEqual(self.sink.messages[-1], self.sink.messages[-2])
 
     @inline
     async def test_shutdown_closes_kept_connections_with_quit(self):
