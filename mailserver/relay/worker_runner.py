@@ -84,6 +84,7 @@ class WorkerRelayRunner(RelayRunner):
     def _give(self, queue_id: str) -> None:
         self.index.remove(queue_id)
         self._fresh.pop(queue_id, None)
+        self._queue.recent_bodies.forget([queue_id])  # the primary reads the file
         self._queue.announce(queue_id)
         self._hand_over(queue_id)
 

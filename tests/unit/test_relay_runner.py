@@ -747,6 +747,7 @@ def test_a_worker_sends_what_it_queued_and_hands_over_the_rest(tmp_path):
     w.send(to=("b@remote.test",))
     [queue_id] = handed
     assert len(w.runner.index) == 0
+    assert len(w.queue.recent_bodies) == 0  # the primary reads the file; none is left here
     assert [p.name for p in w.queue.incoming_path.iterdir()] == [queue_id]
     assert w.queue.load(queue_id).attempts == 1  # saved before the hand-over
     # ETRN: the primary keeps the queue, and its count.
