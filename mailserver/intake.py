@@ -4,7 +4,8 @@ The intake: where an accepted message becomes durable and is routed.
 The SMTP server streams the message in (held in memory, or spooled to disk
 when large); at the end of DATA the intake writes it once, renames it into the first local recipient's
 Maildir, hard-links it into the others' and, for remote recipients, hands it
-to the relay queue.  Only when all of that is on stable storage does the
+to the relay queue (a message for remote recipients only is written
+straight into the queue as its message file).  Only when all of that is on stable storage does the
 Deferred from L{IMessageReceiver.finish} fire and the client hear 250.  The
 file work is done by a L{GroupCommitter} thread, which makes many sessions'
 messages durable together.
@@ -184,12 +185,20 @@ class Intake:
                 raise
         else:
             # Written straight into the first recipient's tmp/, so delivery
-            # there is one rename.
-            tmp = maildirs[0] / "tmp" if maildirs else self.spool_path / "tmp"
+            # there is one rename; for remote recipients only, straight into
+            # the queue as its message file (no link there, no removal here).
+            if maildirs:
+                tmp, name = maildirs[0] / "tmp", self.file_name(envelope)
+            elif envelope.id:
+                tmp, name = self._queue.messages_path, envelope.id
+            else:
+                tmp, name = self.spool_path / "tmp", self.file_name(envelope)
             try:
                 if maildirs:
                     self._ensure(maildirs[0])
-                spool = SpoolFile(self._data_path, tmp, self.file_name(envelope), message)
+                elif envelope.id:
+                    self._queue.ensure()
+                spool = SpoolFile(self._data_path, tmp, name, message)
             except OSError:
                 self._maildirs_seen.clear()  # one was removed under us? look again next time
                 raise
@@ -232,6 +241,9 @@ class Intake:
         except BaseException:
             spool.discard()
             raise
+        if not maildirs and prepared is not None and spool.path == self._queue.message_path(prepared):
+            spool.keep()
+            return envelope.id
         try:
             for maildir in maildirs:
                 self._ensure(maildir)

@@ -254,6 +254,15 @@ class SpoolFile:
                 self._close_folders()
         return delivered
 
+    def keep(self) -> None:
+        """
+        Leave the file where it was written (its final place): close it and
+        the folders.
+        """
+        self.close()
+        if self._tmp_fd >= 0:
+            self._close_folders()
+
     def discard(self) -> None:
         """
         Remove the file; never raises, as it runs on failure paths (closing

@@ -3,7 +3,10 @@ The durable outbound queue: what is queued, for whom, in which state.
 
 Layout under the node's C{queue/} (C{<data_dir>/nodes/<node_name>/queue/})::
 
-    messages/<id>        the message, hard-linked from the intake's spool file
+    messages/<id>        the message: written here by the intake when every
+                         recipient is remote, else hard-linked from its
+                         spool file; one without an envelope (a crash
+                         before the commit) is removed at a start
     envelopes/<id>.json  the envelope and per-recipient state (version 1)
     tmp/                 envelope JSON being written
     requests/<id>.<verb> requests from the C{mailserver queue} command
@@ -148,6 +151,12 @@ class QueueStore:
         self.recent_bodies = RecentBodies()
         self._made = False
 
+    def ensure(self) -> None:
+        """
+        The queue's folders, made if missing (once per process).
+        """
+        self._ensure()
+
     def _ensure(self) -> None:
         if self._made:
             return
@@ -226,19 +235,21 @@ class QueueStore:
     def commit(self, prepared: Prepared, spool: Path, durable: bool = False) -> str:
         """
         Group commit's second phase: C{spool} hard-linked into C{messages/}
-        and the envelope renamed into C{envelopes/}, the commit point.
+        (unless it was written there, L{message_path}) and the envelope
+        renamed into C{envelopes/}, the commit point.
         Without C{durable}, the caller syncs the file system afterwards
         (both names are on stable storage before the client's 250); with
         it, the message's folder is synced before the rename and the
         envelopes' after.  On failure nothing of it is left.
         """
         message = prepared.message
-        message_path = self.messages_path / message.id
-        try:
-            os.link(spool, message_path, follow_symlinks=False)
-        except BaseException:
-            self.abandon(prepared)
-            raise
+        message_path = self.message_path(prepared)
+        if spool != message_path:  # else written in its place
+            try:
+                os.link(spool, message_path, follow_symlinks=False)
+            except BaseException:
+                self.abandon(prepared)
+                raise
         try:
             if durable:
                 fsync_directory(self.messages_path)
@@ -256,6 +267,13 @@ class QueueStore:
         else:
             self.announce(message.id)
         return message.id
+
+    def message_path(self, prepared: Prepared) -> Path:
+        """
+        Where the message file of C{prepared} goes: an intake that writes
+        it there saves the link, and later its own file's removal.
+        """
+        return self.messages_path / prepared.message.id
 
     def abandon(self, prepared: Prepared) -> None:
         """
