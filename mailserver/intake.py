@@ -189,14 +189,14 @@ class Intake:
             # the queue as its message file (no link there, no removal here).
             if maildirs:
                 tmp, name = maildirs[0] / "tmp", self.file_name(envelope)
-            elif envelope.id:
+            elif remote and envelope.id:
                 tmp, name = self._queue.messages_path, envelope.id
             else:
                 tmp, name = self.spool_path / "tmp", self.file_name(envelope)
             try:
                 if maildirs:
                     self._ensure(maildirs[0])
-                elif envelope.id:
+                elif remote and envelope.id:
                     self._queue.ensure()
                 spool = SpoolFile(self._data_path, tmp, name, message)
             except OSError:

@@ -155,9 +155,6 @@ class QueueStore:
         """
         The queue's folders, made if missing (once per process).
         """
-        self._ensure()
-
-    def _ensure(self) -> None:
         if self._made:
             return
         # Made 0700 (and synced) if missing; a link for any is refused, and
@@ -197,7 +194,7 @@ class QueueStore:
             a small body is then kept for the first attempt
             (L{RecentBodies}), which reads no file.
         """
-        self._ensure()
+        self.ensure()
         now = self._clock()
         queue_id = envelope.id or new_message_id()
         states = []
@@ -299,7 +296,7 @@ class QueueStore:
     # The runner's and the CLI's side.
 
     def save(self, message: QueuedMessage) -> None:
-        self._ensure()
+        self.ensure()
         _write_durably(self._envelope_path(message.id), self.tmp_path, message.to_json())
 
     def _envelope_path(self, queue_id: str) -> Path:
@@ -385,7 +382,7 @@ class QueueStore:
 
         @return: where the envelope now is.
         """
-        self._ensure()
+        self.ensure()
         name, n = queue_id, 0
         while any((self.corrupt_path / f"{name}{suffix}").exists()
                   for suffix in ("", ".json", ".problem")):
@@ -487,7 +484,7 @@ class QueueStore:
         C{min_age} seconds, so an enqueue running meanwhile in a worker is
         never disturbed, and stale temporary files (L{remove_stale_tmp}).
         """
-        self._ensure()
+        self.ensure()
         cutoff = time.time() - min_age
         known = set(self.ids())
         removed = []
@@ -515,7 +512,7 @@ class QueueStore:
             an earlier process's leftover, and is kept unless older than
             C{min_age}.
         """
-        self._ensure()
+        self.ensure()
         cutoff = time.time() - min_age
         ours = f".{os.getpid()}."
         for entry in os.scandir(self.tmp_path):
@@ -553,7 +550,7 @@ class QueueStore:
         one of L{VERBS}, C{target} a queue id, C{"domain:<name>"} or C{"*"}.
         """
         assert verb in VERBS
-        self._ensure()
+        self.ensure()
         name = f"{target.replace('/', '_')}.{verb}"
         _write_durably(self.requests_path / name, self.tmp_path, f"{self._clock()}\n")
 

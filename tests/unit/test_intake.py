@@ -222,3 +222,41 @@ def test_a_failed_sync_leaves_nothing_queued(accounts):
     assert store.ids() == [] and os.listdir(store.tmp_path) == []
     assert os.listdir(store.messages_path) == []
     assert Mailbox(accounts.mailbox_path("a@example.org"), accounts.users_path.parent).messages() == []
+
+
+def test_a_message_for_remote_recipients_only_is_written_straight_into_the_queue(accounts):
+    """
+    No spool file to link into the queue and remove afterwards: the one
+    file written is the queue's, and nothing is left to remove when its
+    sync fails.
+    """
+    from dataclasses import replace
+
+    from twisted.internet import defer
+
+    from mailserver.relay.queue import QueueStore
+
+    store = QueueStore(accounts.users_path.parent / "nodes" / "mx" / "queue")
+    intake = make_intake(accounts, queue=store)
+    env = replace(envelope("x@remote.test", "y@remote.test"), id="1K1YH307T0J00ECY")
+    assert run(intake, env, [b"Subject: x\r\n\r\nhi\r\n"]) == "1K1YH307T0J00ECY"
+    assert store.ids() == ["1K1YH307T0J00ECY"]
+    assert os.stat(store.messages_path / "1K1YH307T0J00ECY").st_nlink == 1  # no second name
+    assert os.listdir(intake.spool_path / "tmp") == []
+    with store.open_body(store.load("1K1YH307T0J00ECY")) as body:
+        assert body.read() == b"Subject: x\n\nhi\n"
+    assert store.take_recent_body("1K1YH307T0J00ECY") == b"Subject: x\n\nhi\n"
+
+    class FailingSync:
+        def submit(self, prepare, publish, abandon=None):
+            abandon(prepare())
+            return defer.fail(OSError(5, "Input/output error"))
+
+    intake = Intake(accounts=accounts, reactor=InlineReactor(),
+                    data_path=accounts.users_path.parent, hostname="mx.test", min_free_space=0,
+                    committer=FailingSync(), queue=store)
+    failure = run(intake, replace(env, id="1K1YH307T0J00ECZ"), [b"Subject: y\r\n\r\n"])
+    assert failure.check(OSError)
+    assert store.ids() == ["1K1YH307T0J00ECY"]
+    assert os.listdir(store.messages_path) == ["1K1YH307T0J00ECY"]
+    assert os.listdir(store.tmp_path) == []

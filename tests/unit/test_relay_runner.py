@@ -227,7 +227,7 @@ def test_a_mark_in_incoming_is_taken_by_one_scan_only(tmp_path, monkeypatch):
     import os
 
     w = World(tmp_path, Courier(250))
-    w.queue._ensure()
+    w.queue.ensure()
     w.queue.announce("1K1YH307T0J00ECY")
     w.queue.announce("1K1YH307T0J00ECZ")
     unlink = os.unlink
@@ -453,7 +453,7 @@ def test_entry_that_goes_bad_while_queued_is_set_aside_at_its_attempt(tmp_path, 
 
 def test_entry_that_cannot_be_moved_is_reported_once_and_ignored(tmp_path, logged):
     w = World(tmp_path, Courier(250), scan_interval=5)
-    w.queue._ensure()
+    w.queue.ensure()
     (w.queue.envelopes_path / "BAD.json").write_text("nonsense")
 
     def cannot(queue_id, problem):
