@@ -42,8 +42,8 @@ class TextLogObserver:
         self._encoding = None if ioType(out) is str else "utf-8"
         # The C lock: re-entrant, and never left half-taken by a signal.
         self._lock = threading.RLock()
-        self._second: int | None = None
-        self._stamp = ""
+        # (second, its stamp), replaced whole: threads log too.
+        self._stamped: tuple[int, str] = (-1, "")
 
     def __call__(self, event: dict) -> None:
         text = event.get("log_text")
@@ -74,10 +74,11 @@ class TextLogObserver:
     def _time_stamp(self, when: float) -> str:
         # The stamp has whole seconds (RFC 3339 as Twisted writes it).
         second = int(when)
-        if second != self._second:
-            self._stamp = formatTime(second)
-            self._second = second
-        return self._stamp
+        stamped_second, stamp = self._stamped
+        if second != stamped_second:
+            stamp = formatTime(second)
+            self._stamped = (second, stamp)
+        return stamp
 
 
 def twistd_observer(twistd_options) -> TextLogObserver | None:
