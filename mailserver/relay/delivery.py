@@ -229,7 +229,9 @@ class RouteCourier:
     def _fitted(self, message) -> defer.Deferred:
         body = self._store.take_recent_body(message.id)
         if body is not None:  # just queued: no file to read
-            return defer.succeed(line_length.fitted_data(body))
+            if len(body) <= line_length.IN_MEMORY:
+                return defer.succeed(line_length.fitted_data(body))
+            return self._io(line_length.fitted_data, body)
         return self._io(line_length.fitted, lambda: self._store.open_body(message))
 
     async def _over(self, route: Route, message, recipients, destination: str,

@@ -84,8 +84,8 @@ def fitted(open_body: Callable[[], BinaryIO]) -> Callable[[], BinaryIO]:
 
 def fitted_data(data: bytes) -> Callable[[], BinaryIO]:
     """
-    L{fitted} for a message of at most L{IN_MEMORY} octets at hand: cheap
-    enough for the reactor thread.
+    L{fitted} for a message at hand (cheap enough for the reactor thread
+    up to L{IN_MEMORY} octets).
     """
     if any_long_line([data]):
         data = fit(data)

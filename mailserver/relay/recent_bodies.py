@@ -4,18 +4,17 @@ The bodies of messages just queued, kept in memory for their first attempt.
 The intake holds a small message's bytes when it commits it; the relay's
 first attempt follows within milliseconds, and reading the file back (an
 open, a read, a close, in a thread) was most of what a pool thread did for
-each relayed message.  A body is kept only up to L{MAX_BODY} octets and
-L{MAX_TOTAL} in all (the oldest go first), and is given out once: the first
-attempt takes it, and any later attempt reads the file.
+each relayed message.  A body is kept only up to L{MAX_BODY} octets (what
+the intake holds in memory at most) and L{MAX_TOTAL} in all (the oldest go
+first), and is given out once: the first attempt takes it, and any later
+attempt reads the file.
 """
 
 from __future__ import annotations
 
 import threading
 
-# The relay sends bodies up to this size from memory anyway
-# (mailserver.relay.line_length.IN_MEMORY).
-MAX_BODY = 64 * 1024
+MAX_BODY = 1024 * 1024  # mailserver.intake.SPILL_SIZE
 MAX_TOTAL = 16 * 1024 * 1024
 
 

@@ -179,6 +179,15 @@ class ReuseTests(unittest.TestCase):
         await self.send(courier, message(1))
         self.assertEqual(opened, ["Q1"])
         self.assertEqual(self.sink.messages[-1], self.sink.messages[-2])
+        # A body past what is checked on the reactor thread: checked in a
+        # thread, and sent from memory all the same, over several chunks
+        # whose lines starting with a dot arrive intact.
+        large = b"Subject: large\n\n" + b"x" * 70 + b"\n" + b".dot\n" * 30000
+        recent["Q2"] = large
+        [reply] = await self.send(courier, message(2))
+        self.assertEqual((reply.code, opened, recent), (250, ["Q1"], {}))
+        received = self.sink.messages[-1][2]
+        self.assertTrue(received == large.replace(b"\n", b"\r\n"), received[:200])
 
     @inline
     async def test_shutdown_closes_kept_connections_with_quit(self):
