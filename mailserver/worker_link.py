@@ -49,6 +49,14 @@ _MAX_LINE = 1 << 20
 _QUEUE_ID = re.compile(rb"[0-9A-Za-z]{1,64}")
 # A domain as ETRN took it (checked there; UTF-8 under SMTPUTF8).
 _DOMAIN = re.compile(rb"[^\x00-\x20\x7f]{1,255}")
+# What a line of each kind carries, checked when it is made and when read
+# (C{M} carries JSON).
+_PAYLOADS = {b"F": _SHAREABLE_KEY, b"Q": _QUEUE_ID, b"E": _DOMAIN}
+
+
+def _line(kind: bytes, text: str) -> bytes | None:
+    encoded = text.encode("utf-8", "replace")
+    return kind + b" " + encoded + b"\n" if _PAYLOADS[kind].fullmatch(encoded) else None
 
 
 def failure_line(key: str) -> bytes | None:
@@ -56,8 +64,7 @@ def failure_line(key: str) -> bytes | None:
     The line that tells another process of a failed login from C{key}, or
     C{None} for a key that is not an IP address's.
     """
-    encoded = key.encode("ascii", "replace")
-    return b"F " + encoded + b"\n" if _SHAREABLE_KEY.fullmatch(encoded) else None
+    return _line(b"F", key)
 
 
 def metrics_line(snapshot: dict[str, Any]) -> bytes:
@@ -69,8 +76,7 @@ def queued_line(queue_id: str) -> bytes | None:
     The line that tells the primary of a message queued for the relay, or
     C{None} for what is no queue id.
     """
-    encoded = queue_id.encode("ascii", "replace")
-    return b"Q " + encoded + b"\n" if _QUEUE_ID.fullmatch(encoded) else None
+    return _line(b"Q", queue_id)
 
 
 def flush_line(domain: str) -> bytes | None:
@@ -78,8 +84,7 @@ def flush_line(domain: str) -> bytes | None:
     The line that asks the primary to try a domain's queued mail now (ETRN),
     or C{None} for what cannot be a domain.
     """
-    encoded = domain.encode("utf-8", "replace")
-    return b"E " + encoded + b"\n" if _DOMAIN.fullmatch(encoded) else None
+    return _line(b"E", domain)
 
 
 class Lines:
@@ -98,15 +103,13 @@ class Lines:
             self._pending = b""
         for line in lines:
             kind, _, payload = line.partition(b" ")
-            if kind == b"F" and _SHAREABLE_KEY.fullmatch(payload):
-                yield "F", payload.decode("ascii")
-            elif kind == b"Q" and _QUEUE_ID.fullmatch(payload):
-                yield "Q", payload.decode("ascii")
-            elif kind == b"E" and _DOMAIN.fullmatch(payload):
-                try:
-                    yield "E", payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    continue
+            pattern = _PAYLOADS.get(kind)
+            if pattern is not None:
+                if pattern.fullmatch(payload):
+                    try:
+                        yield kind.decode(), payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        continue
             elif kind == b"M":
                 try:
                     snapshot = json.loads(payload)
@@ -174,31 +177,25 @@ class PrimaryLink(Service):
             self._reporting.stop()
         self.report_metrics()  # the counts up to the end
 
-    def _write(self, line: bytes) -> None:
-        if self._protocol is not None and self._protocol.transport is not None:
+    def _write(self, line: bytes | None) -> None:
+        if line is not None and self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.write(line)
 
     def _tell_failure(self, key: str) -> None:
-        line = failure_line(key)
-        if line is not None:
-            self._write(line)
+        self._write(failure_line(key))
 
     def tell_queued(self, queue_id: str) -> None:
         """
         Hand the primary a queued message (its mark is in C{incoming/}
         already), on the reactor thread.
         """
-        line = queued_line(queue_id)
-        if line is not None:
-            self._write(line)
+        self._write(queued_line(queue_id))
 
     def tell_flush(self, domain: str) -> None:
         """
         Ask the primary to try C{domain}'s queued mail now (ETRN).
         """
-        line = flush_line(domain)
-        if line is not None:
-            self._write(line)
+        self._write(flush_line(domain))
 
     def report_metrics(self) -> None:
         """

@@ -129,20 +129,28 @@ def test_any_text_body_survives(lines):
     assert parsed(out).get_payload(decode=True) == body
 
 
+def _counting_opener(opened: list, data: bytes):
+    """
+    An opener of C{data} that notes each opening in C{opened}.
+    """
+    def open_body():
+        opened.append(1)
+        return io.BytesIO(data)
+    return open_body
+
+
 def test_fitted_opens_the_file_again_when_nothing_is_long(monkeypatch):
     monkeypatch.setattr(line_length, "_CHUNK", 1000)
     monkeypatch.setattr(line_length, "IN_MEMORY", 100)
     opened = []
 
     def opener(data):
-        def open_body():
-            opened.append(1)
-            return io.BytesIO(data)
-        return open_body
+        return _counting_opener(opened, data)
 
     fine = (b"y" * LIMIT + b"\n") * 10
     open_fine = opener(fine)
     assert fitted(open_fine) is open_fine
+    assert opened == [1]  # read once to look; the send opens it again
     # A long line across chunk boundaries is found, and sent fitted.
     long = b"Subject: s\n\n" + b"a" * 1500 + b"\n"
     open_long = fitted(opener(long))
@@ -160,10 +168,7 @@ def test_fitted_keeps_a_small_message_as_read(monkeypatch):
     opened = []
 
     def opener(data):
-        def open_body():
-            opened.append(1)
-            return io.BytesIO(data)
-        return open_body
+        return _counting_opener(opened, data)
 
     small = b"Subject: s\n\nhi\n"
     open_small = fitted(opener(small))
