@@ -49,14 +49,29 @@ class RelayQueue(Protocol):
     What the intake needs of the relay queue.
     """
 
+    messages_path: Path
+
+    def folder_fd(self, folder: Path) -> int:
+        """
+        A descriptor of one of the queue's folders (C{messages_path}), kept
+        open by the queue.
+        """
+
+    def message_path(self, prepared) -> Path:
+        """
+        Where the message file of C{prepared} belongs in the queue.
+        """
+
     def prepare(
-        self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int
+        self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int,
+        data: bytes | None = None,
     ):
         """
         Group commit's first phase, in its thread: write the envelope of the
         spool file (not synced) for C{recipients}, under the message's ID.
         The first C{body_offset} bytes of the file are local-delivery
-        headers, not to be relayed.
+        headers, not to be relayed; C{data}, when given, is what the file
+        holds.
         """
 
     def commit(self, prepared, spool: Path) -> str:
@@ -187,6 +202,7 @@ class Intake:
             # Written straight into the first recipient's tmp/, so delivery
             # there is one rename; for remote recipients only, straight into
             # the queue as its message file (no link there, no removal here).
+            folder_fd = None
             if maildirs:
                 tmp, name = maildirs[0] / "tmp", self.file_name(envelope)
             elif remote and envelope.id:
@@ -197,8 +213,8 @@ class Intake:
                 if maildirs:
                     self._ensure(maildirs[0])
                 elif remote and envelope.id:
-                    self._queue.ensure()
-                spool = SpoolFile(self._data_path, tmp, name, message)
+                    folder_fd = self._queue.folder_fd(tmp)
+                spool = SpoolFile(self._data_path, tmp, name, message, folder_fd=folder_fd)
             except OSError:
                 self._maildirs_seen.clear()  # one was removed under us? look again next time
                 raise

@@ -114,7 +114,8 @@ class SpoolFile:
     """
 
     def __init__(
-        self, base: Path, tmp_dir: Path, name: str, data: bytes | None = None
+        self, base: Path, tmp_dir: Path, name: str, data: bytes | None = None,
+        folder_fd: int | None = None,
     ) -> None:
         """
         @param base: the data folder, below which no link is followed.
@@ -122,6 +123,9 @@ class SpoolFile:
             ID), the same in C{tmp/} and C{new/} but for the sizes.
         @param data: the whole message (LF form), written at once and the
             file closed: one C{write} call, no buffered file object.
+        @param folder_fd: C{tmp_dir} already open, kept by the caller (the
+            relay queue's C{messages/}): used, never closed; such a folder
+            is not a Maildir's C{tmp/}, so the file is not delivered from it.
         """
         self._base = base
         self._tmp_dir = tmp_dir
@@ -129,14 +133,18 @@ class SpoolFile:
         self._file: BinaryIO | None = None
         self.size = 0
         self.lines = 0
-        # Strings, not pathlib: this is every message's path.
-        parent, _, tmp_name = os.fspath(tmp_dir).rpartition("/")
-        self._parent_fd = open_folder(base, parent)
-        try:
-            self._tmp_fd = open_subfolder(self._parent_fd, tmp_name, tmp_dir)
-        except BaseException:
-            os.close(self._parent_fd)
-            raise
+        self._borrowed = folder_fd is not None
+        if folder_fd is not None:
+            self._parent_fd, self._tmp_fd = -1, folder_fd
+        else:
+            # Strings, not pathlib: this is every message's path.
+            parent, _, tmp_name = os.fspath(tmp_dir).rpartition("/")
+            self._parent_fd = open_folder(base, parent)
+            try:
+                self._tmp_fd = open_subfolder(self._parent_fd, tmp_name, tmp_dir)
+            except BaseException:
+                os.close(self._parent_fd)
+                raise
         try:
             fd = open_file(self._tmp_fd, self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                            path=f"{tmp_dir}/{self.name}")
@@ -226,7 +234,8 @@ class SpoolFile:
                 if ensure:
                     ensure_maildir(self._base, maildir)
                 new = f"{maildir}/new"
-                mine = not delivered and f"{maildir}/tmp" == tmp_dir
+                mine = (not delivered and f"{maildir}/tmp" == tmp_dir
+                        and self._parent_fd >= 0)
                 if mine:  # new/ beside our tmp/
                     new_fd = open_subfolder(self._parent_fd, "new", new)
                 else:
@@ -282,8 +291,9 @@ class SpoolFile:
         self._close_folders()
 
     def _close_folders(self) -> None:
-        for fd in (self._tmp_fd, self._parent_fd):
-            os.close(fd)
+        if not self._borrowed:
+            for fd in (self._tmp_fd, self._parent_fd):
+                os.close(fd)
         self._tmp_fd = self._parent_fd = -1
 
 

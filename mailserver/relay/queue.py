@@ -35,10 +35,12 @@ directly.
 
 from __future__ import annotations
 
+import itertools
 import os
-import secrets
 import stat
+import threading
 import time
+import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,46 +62,51 @@ from mailserver.relay.queued import (  # the queue's vocabulary: its callers imp
     QueueError,
     RecipientState,
 )
-from mailserver.safe_fs import open_folder, open_path
+from mailserver.safe_fs import open_file, open_folder, open_path
 
 VERBS = ("flush", "delete", "bounce")
 
+# Names of the intake's envelope files in tmp/: the queue id is unique
+# already, and the pid after it tells start-up whose file it is.
+_pid = os.getpid()
+_tmp_numbers = itertools.count()
 
-def _write_tmp(path: Path, tmp_dir: Path, text: str, durable: bool = True) -> Path:
+
+def _new_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_new_pid)
+
+
+def _write_new(folder_fd: int, name: str, data: bytes, durable: bool) -> None:
     """
-    C{text} into a new file of C{tmp_dir} named for C{path} (fsynced if
-    C{durable}); returns its path.
+    C{data} into the new file C{name} of an open folder (fsynced if
+    C{durable}); nothing is left of it on failure.
     """
-    # The writer's pid in the name lets start-up tell a crash's leftovers
-    # from a live worker's file (see L{QueueStore.remove_orphans}).
-    tmp = tmp_dir / (path.name + f".{os.getpid()}.{secrets.token_hex(4)}")
-    fd = open_path(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    fd = open_file(folder_fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             if durable:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(name, dir_fd=folder_fd)
         except FileNotFoundError:
             pass
         raise
-    return tmp
 
 
-def _write_durably(path: Path, tmp_dir: Path, text: str) -> None:
-    tmp = _write_tmp(path, tmp_dir, text)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_directory(path.parent)
+def _close_all(fds: dict) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,69 @@ class QueueStore:
         self.on_enqueued: Callable[[QueuedMessage], None] | None = None
         self.recent_bodies = RecentBodies()
         self._made = False
+        self._folder_fds: dict[Path, int] = {}
+        self._folder_fds_lock = threading.Lock()
+        self._closer = weakref.finalize(self, _close_all, self._folder_fds)
+
+    def folder_fd(self, folder: Path) -> int:
+        """
+        A descriptor of one of the queue's folders, opened (under
+        L{mailserver.safe_fs}'s rules) on the first call and kept until
+        L{close}: every queued message is written in C{messages/} and
+        C{tmp/}, and walking to them from the data folder for each message
+        cost a dozen system calls.  Any thread may call it.
+        """
+        fd = self._folder_fds.get(folder)
+        if fd is None:
+            with self._folder_fds_lock:
+                fd = self._folder_fds.get(folder)
+                if fd is None:
+                    self.ensure()
+                    fd = self._folder_fds[folder] = open_folder(self._base, folder)
+        return fd
+
+    def close(self) -> None:
+        """
+        Close the folders L{folder_fd} kept open.
+        """
+        with self._folder_fds_lock:
+            _close_all(self._folder_fds)
+
+    def _write_tmp(self, name: str, data: bytes, durable: bool = True) -> str:
+        """
+        C{data} into a new file of C{tmp/} named for C{name} (fsynced if
+        C{durable}); returns the file's name there.
+        """
+        # The writer's pid in the name lets start-up tell a crash's leftovers
+        # from a live worker's file (see L{remove_orphans}); the number makes
+        # it unique within the process (a leftover of an earlier process with
+        # the same pid is stepped over).
+        folder = self.folder_fd(self.tmp_path)
+        for _ in range(100):
+            tmp = f"{name}.{_pid}.{next(_tmp_numbers):x}"
+            try:
+                _write_new(folder, tmp, data, durable)
+                return tmp
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free name for {name} in {self.tmp_path}")
+
+    def _write_durably(self, path: Path, text: str) -> None:
+        """
+        C{text} as the file C{path} (in one of the queue's folders), whole or
+        not at all, and durably.
+        """
+        tmp = self._write_tmp(path.name, text.encode("utf-8"))
+        folder = self.folder_fd(self.tmp_path)
+        try:
+            os.rename(tmp, path, src_dir_fd=folder)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=folder)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_directory(path.parent)
 
     def ensure(self) -> None:
         """
@@ -214,7 +284,7 @@ class QueueStore:
             recipients=tuple(states),
             arrival=now,
             body_offset=body_offset,
-            size=os.stat(spool).st_size - body_offset,
+            size=(len(data) if data is not None else os.stat(spool).st_size) - body_offset,
             ret=envelope.ret.upper() if envelope.ret else None,
             envid=envelope.envid,
             body=envelope.body,
@@ -223,7 +293,8 @@ class QueueStore:
             helo=envelope.helo,
             next_attempt=now,
         )
-        tmp = _write_tmp(self._envelope_path(queue_id), self.tmp_path, message.to_json(), durable)
+        tmp = self.tmp_path / self._write_tmp(self._envelope_path(queue_id).name,
+                                              message.to_json().encode("utf-8"), durable)
         body = None
         if data is not None and len(data) - body_offset <= MAX_BODY:
             body = data[body_offset:]
@@ -250,7 +321,9 @@ class QueueStore:
         try:
             if durable:
                 fsync_directory(self.messages_path)
-            os.rename(prepared.tmp, self._envelope_path(message.id))
+            os.rename(prepared.tmp.name, self._envelope_path(message.id).name,
+                      src_dir_fd=self.folder_fd(self.tmp_path),
+                      dst_dir_fd=self.folder_fd(self.envelopes_path))
             if durable:
                 fsync_directory(self.envelopes_path)
         except BaseException:
@@ -297,7 +370,7 @@ class QueueStore:
 
     def save(self, message: QueuedMessage) -> None:
         self.ensure()
-        _write_durably(self._envelope_path(message.id), self.tmp_path, message.to_json())
+        self._write_durably(self._envelope_path(message.id), message.to_json())
 
     def _envelope_path(self, queue_id: str) -> Path:
         if not queue_id or "/" in queue_id or queue_id.startswith("."):
@@ -388,7 +461,7 @@ class QueueStore:
                   for suffix in ("", ".json", ".problem")):
             n += 1
             name = f"{queue_id}.{n}"
-        _write_durably(self.corrupt_path / f"{name}.problem", self.tmp_path, problem + "\n")
+        self._write_durably(self.corrupt_path / f"{name}.problem", problem + "\n")
         for source, target in ((self.messages_path / queue_id, self.corrupt_path / name),
                                (self.envelopes_path / f"{queue_id}.json",
                                 self.corrupt_path / f"{name}.json")):
@@ -552,7 +625,7 @@ class QueueStore:
         assert verb in VERBS
         self.ensure()
         name = f"{target.replace('/', '_')}.{verb}"
-        _write_durably(self.requests_path / name, self.tmp_path, f"{self._clock()}\n")
+        self._write_durably(self.requests_path / name, f"{self._clock()}\n")
 
     def take_requests(self) -> list[tuple[str, str]]:
         """

@@ -130,6 +130,59 @@ def test_orphans_and_temporary_files_are_removed_at_start(config, tmp_path):
     assert store.ids() == [] and os.listdir(store.messages_path) == []
 
 
+def test_queueing_opens_the_queue_folders_once_and_close_lets_them_go(config, tmp_path,
+                                                                     monkeypatch):
+    # Each message is written in messages/ and tmp/ through descriptors
+    # the store keeps, not by walking from the data folder again.
+    store = QueueStore(config.queue_path)
+    store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path), 29)
+    import mailserver.relay.queue as queue_module
+
+    walks = []
+    real_open_folder = queue_module.open_folder
+    monkeypatch.setattr(queue_module, "open_folder",
+                        lambda *a, **k: walks.append(a[1]) or real_open_folder(*a, **k))
+    for n in range(3):
+        (tmp_path / str(n)).mkdir()
+        store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path / str(n)), 29)
+    assert walks == []
+    assert len(store.ids()) == 4
+    kept = list(store._folder_fds.values())
+    assert kept and all(os.fstat(fd) for fd in kept)
+    store.close()
+    for fd in kept:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    # Closed, it opens them again when next needed.
+    (tmp_path / "again").mkdir()
+    store.enqueue(ENVELOPE, ("x@remote.test",), spool_file(tmp_path / "again"), 29)
+    assert walks and len(store.ids()) == 5
+    store.close()
+
+
+def test_an_envelope_s_temporary_name_left_by_an_earlier_process_is_stepped_over(config,
+                                                                               tmp_path):
+    # The tmp/ name is the id, the pid and a number counted in the process:
+    # a crash's leftover under this pid (pids are reused) is not a failure.
+    import mailserver.relay.queue as queue_module
+
+    store = QueueStore(config.queue_path)
+    store.ensure()
+    upcoming = next(queue_module._tmp_numbers) + 1
+    queue_id = "1K1YFC4XJYP002YE"
+    taken = f"{queue_id}.json.{os.getpid()}.{upcoming:x}"
+    (store.tmp_path / taken).write_text("{")
+    envelope = Envelope(sender="s@example.org", recipients=ENVELOPE.recipients, id=queue_id)
+    spool = spool_file(tmp_path)
+    os.link(spool, store.messages_path / queue_id)
+    prepared = store.prepare(envelope, ("x@remote.test",), spool, 29)
+    assert prepared.tmp.name != taken
+    assert (store.tmp_path / taken).read_text() == "{"
+    store.commit(prepared, store.messages_path / queue_id)
+    assert store.load(queue_id).recipients[0].address == "x@remote.test"
+    store.close()
+
+
 def test_requests_are_taken_once(config):
     store = QueueStore(config.queue_path)
     store.request("flush", "domain:remote.test")
