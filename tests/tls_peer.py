@@ -51,6 +51,9 @@ class SMTPSink(Factory):
     broken_tls = False
     offer_starttls = True
     rset_reply: str | None = "250 2.0.0 ok"
+    # The reply to the next MAIL, once ("close": the connection closed
+    # instead); None: accepted as usual.
+    next_mail_reply: str | None = None
 
     def __init__(self, options, implicit: bool = False, folder: Path | None = None) -> None:
         self.options = options
@@ -86,8 +89,9 @@ class _SinkSMTP(LineReceiver):
     def __init__(self, sink: SMTPSink) -> None:
         self.sink = sink
         self.tls = sink.implicit
-        self.sender = ""
+        self.sender: str | None = None  # None: no transaction
         self.recipients: list[str] = []
+        self.closing = False
         self.data: list[bytes] | None = None
 
     def reply(self, *lines: str) -> None:
@@ -103,6 +107,8 @@ class _SinkSMTP(LineReceiver):
         self.sink.open -= 1
 
     def lineReceived(self, line: bytes) -> None:
+        if self.closing:
+            return  # what came after the connection was closed
         text = line.decode("utf-8", "replace")
         self.sink.heard("tls" if self.tls else "plain", text)
         if self.data is not None:
@@ -111,6 +117,7 @@ class _SinkSMTP(LineReceiver):
                 return
             data, self.data = self.data, None
             self.sink.took(self.sender, self.recipients, b"".join(d + b"\r\n" for d in data))
+            self.sender, self.recipients = None, []  # RFC 5321 4.1.1.4
             self.reply("250 2.0.0 taken")
             return
         verb = text[:4].upper()
@@ -129,19 +136,32 @@ class _SinkSMTP(LineReceiver):
             self.tls = True
         elif verb == "AUTH":
             self.reply("235 2.7.0 welcome")
+        elif verb == "MAIL" and self.sink.next_mail_reply is not None:
+            reply, self.sink.next_mail_reply = self.sink.next_mail_reply, None
+            self.sender, self.recipients = None, []
+            if reply != "close":
+                self.reply(reply)
+            if reply == "close" or reply.startswith("421"):
+                self.closing = True
+                self.transport.loseConnection()
         elif verb == "MAIL":
             self.sender = argument.partition("<")[2].partition(">")[0]
             self.recipients = []
             self.reply("250 2.1.0 ok")
+        elif verb == "RCPT" and self.sender is None:
+            self.reply("503 5.5.1 MAIL first")
         elif verb == "RCPT":
             self.recipients.append(argument.partition("<")[2].partition(">")[0])
             self.reply("250 2.1.5 ok")
+        elif verb == "DATA" and not self.recipients:
+            self.reply("554 5.5.1 no valid recipients")
         elif verb == "DATA":
             self.data = []
             self.reply("354 go ahead")
         elif verb == "RSET" and self.sink.rset_reply is None:
             self.transport.loseConnection()
         elif verb == "RSET":
+            self.sender, self.recipients = None, []
             self.reply(self.sink.rset_reply)
             if self.sink.rset_reply.startswith("421"):
                 self.transport.loseConnection()

@@ -70,6 +70,8 @@ class ESMTPClient(LineReceiver):
         self.on_lost: Callable[[], None] | None = None
         self._unanswered = False
         self._rset_first = False
+        # The last transaction ended with the reply to its final dot.
+        self._ended_cleanly = False
         self.clock = clock
         self.timeouts = timeouts
         self.result: defer.Deferred = defer.Deferred()
@@ -201,9 +203,12 @@ class ESMTPClient(LineReceiver):
 
     def reuse(self, transaction: Transaction) -> defer.Deferred:
         """
-        Send C{transaction} over this kept connection, after RSET.  Fires
-        with its L{TransactionResult}; C{stale} when the connection turns
-        out to be unusable before anything of the message was sent.
+        Send C{transaction} over this kept connection, after RSET unless the
+        last one ended with the reply to its final dot (RFC 5321 4.1.1.4:
+        the session is then back where a new MAIL may start; after refused
+        recipients the server may still hold the sender).  Fires with its
+        L{TransactionResult}; C{stale} when the connection turns out to be
+        unusable before anything of the message was sent.
         """
         self.transaction = transaction
         self.on_lost = None
@@ -218,7 +223,10 @@ class ESMTPClient(LineReceiver):
             self._fail(temporary("connection lost", "4.4.2"), close=False)
             return self.result
         self._unanswered = True
-        if "PIPELINING" in self._extensions:
+        clean, self._ended_cleanly = self._ended_cleanly, False
+        if clean:
+            self._mail()
+        elif "PIPELINING" in self._extensions:
             # RFC 2920 3.1: RSET may lead a pipelined group: one round trip
             # a message, not two.
             self._rset_first = True
@@ -407,6 +415,12 @@ class ESMTPClient(LineReceiver):
         self._send(line, handler, timeout)
 
     def _mail_reply_received(self, reply: Reply) -> None:
+        if self._unanswered and reply.code == 421:
+            # A kept connection the server is closing (its idle time-out,
+            # say): nothing of the message was taken, so it goes over a new
+            # connection, as when the connection is found closed.
+            self._fail(temporary(f"kept connection closing: {reply}", "4.4.2"))
+            return
         self._unanswered = False
         self._outcome.reached = True
         if reply.code != 250:
@@ -485,6 +499,7 @@ class ESMTPClient(LineReceiver):
     def _end_reply(self, reply: Reply) -> None:
         for address in self._accepted:
             self._outcome.replies[address] = reply
+        self._ended_cleanly = True
         self._done(reply)
 
 

@@ -526,9 +526,10 @@ class QueueStore:
         problems: dict[str, Exception] = {}
         unlinked, gone = [], []
         self.recent_bodies.forget(queue_ids)
+        envelopes = self.folder_fd(self.envelopes_path)
         for queue_id in queue_ids:
             try:
-                os.unlink(self._envelope_path(queue_id))
+                os.unlink(self._envelope_path(queue_id).name, dir_fd=envelopes)
             except FileNotFoundError:
                 gone.append(queue_id)
             except (OSError, QueueError) as e:
@@ -537,13 +538,14 @@ class QueueStore:
                 unlinked.append(queue_id)
         if unlinked:
             try:
-                fsync_directory(self.envelopes_path)
+                os.fsync(envelopes)
             except OSError as e:
                 problems.update((queue_id, e) for queue_id in unlinked)
                 unlinked = []
+        messages = self.folder_fd(self.messages_path)
         for queue_id in unlinked + gone:
             try:
-                os.unlink(self.messages_path / queue_id)
+                os.unlink(queue_id, dir_fd=messages)
             except FileNotFoundError:
                 pass
             except OSError as e:

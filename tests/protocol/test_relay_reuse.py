@@ -115,7 +115,8 @@ class ReuseTests(unittest.TestCase):
         self.assertEqual(self.sink.connections, 1)
         self.assertEqual(len(self.sink.messages), 3)
         verbs = [v for v in self.verbs() if v in ("MAIL", "RSET", "EHLO", "QUIT")]
-        self.assertEqual(verbs, ["EHLO", "EHLO", "MAIL", "RSET", "MAIL", "RSET", "MAIL"])
+        # Each message ended with the reply to its dot: no RSET before the next.
+        self.assertEqual(verbs, ["EHLO", "EHLO", "MAIL", "MAIL", "MAIL"])
         # The later messages went over the TLS the first one started.
         self.assertEqual({state for state, line in self.sink.lines if line.startswith("MAIL")},
                          {"tls"})
@@ -248,10 +249,10 @@ class ReuseTests(unittest.TestCase):
         self.assertEqual(reply.code, 250)
         self.assertEqual((self.sink.connections, len(self.sink.messages)), (2, 2))
 
-    async def refused_rset(self, rset_reply):
+    async def first_command_fails(self, mail_reply):
         courier = self.courier()
         await self.send(courier, message(1))
-        self.sink.rset_reply = rset_reply
+        self.sink.next_mail_reply = mail_reply
         [reply] = await self.send(courier, message(2))
         self.assertEqual(reply.code, 250)
         self.assertEqual(self.sink.connections, 2)
@@ -260,16 +261,22 @@ class ReuseTests(unittest.TestCase):
         self.assertEqual(failed["id"], "Q2")
 
     @inline
-    async def test_connection_dropped_at_rset_sends_the_message_on_a_new_one_once(self):
-        await self.refused_rset(None)
+    async def test_connection_dropped_at_the_first_command_sends_the_message_on_a_new_one_once(
+            self):
+        await self.first_command_fails("close")
 
     @inline
-    async def test_rset_refused_sends_the_message_on_a_new_one_once(self):
-        await self.refused_rset("500 5.5.1 no")
+    async def test_421_to_the_first_command_sends_the_message_on_a_new_one_once(self):
+        await self.first_command_fails("421 4.4.2 idle too long, closing")
 
     @inline
-    async def test_rset_421_sends_the_message_on_a_new_one_once(self):
-        await self.refused_rset("421 4.3.2 closing")
+    async def test_a_refused_sender_on_a_kept_connection_is_the_message_s_answer(self):
+        courier = self.courier()
+        await self.send(courier, message(1))
+        self.sink.next_mail_reply = "550 5.7.1 not from you"
+        [reply] = await self.send(courier, message(2))
+        self.assertEqual(reply.code, 550)
+        self.assertEqual((self.sink.connections, len(self.sink.messages)), (1, 1))
 
     @inline
     async def test_no_reuse_across_destinations(self):
@@ -383,19 +390,33 @@ class ClientReuseTests(unittest.TestCase):
         self.assertNotIn(b"QUIT", self.transport.value())
         self.assertFalse(self.transport.disconnecting)
 
-    def test_reuse_pipelines_rset_with_the_transaction(self):
+    def unclean(self, client=None, transport=None) -> None:
         """
-        RFC 2920 3.1: RSET leads the pipelined group (one round trip a
-        message); a one-chunk body goes in one write with its dot.
+        A transaction whose only recipient is refused (kept connection, the
+        sender perhaps still held by the server).
+        """
+        client, transport = client or self.client, transport or self.transport
+        results = []
+        client.reuse(transaction()).addCallback(results.append)
+        for line in ("250 ok", "550 5.1.1 no such user", "554 5.5.1 no valid recipients"):
+            client.dataReceived(line.encode() + b"\r\n")
+        self.assertEqual(results[0].replies["a@remote.test"].code, 550)
+        self.assertIs(results[0].connection, client)
+        transport.clear()
+
+    def test_after_a_clean_end_the_next_transaction_goes_without_rset(self):
+        """
+        RFC 5321 4.1.1.4: the reply to the final dot clears the server's
+        transaction; the next MAIL leads the pipelined group, and a
+        one-chunk body goes in one write with its dot.
         """
         results = []
         self.transport.clear()
         self.client.reuse(transaction()).addCallback(results.append)
         self.assertEqual(self.transport.value(),
-                         b"RSET\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<a@remote.test>\r\n"
-                         b"DATA\r\n")
+                         b"MAIL FROM:<s@example.org>\r\nRCPT TO:<a@remote.test>\r\nDATA\r\n")
         self.transport.clear()
-        self.client.dataReceived(b"250 flushed\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
         self.assertEqual(self.transport.value(), b"Subject: t\r\n\r\nhi\r\n.\r\n")
         self.assertIsNone(self.transport.producer)
         self.server("250 again")
@@ -403,7 +424,26 @@ class ClientReuseTests(unittest.TestCase):
         self.assertEqual(result.replies["a@remote.test"].code, 250)
         self.assertFalse(result.stale)
 
+    def test_after_refused_recipients_rset_leads_the_pipelined_group(self):
+        """
+        RFC 2920 3.1: RSET may lead the group (one round trip a message).
+        """
+        self.unclean()
+        results = []
+        self.client.reuse(transaction()).addCallback(results.append)
+        self.assertEqual(self.transport.value(),
+                         b"RSET\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<a@remote.test>\r\n"
+                         b"DATA\r\n")
+        self.server("250 flushed", "250 ok", "250 ok", "354 go")
+        self.server("250 again")
+        self.assertEqual(results[0].replies["a@remote.test"].code, 250)
+        # That one ended cleanly: no RSET before the next.
+        self.transport.clear()
+        self.client.reuse(transaction())
+        self.assertTrue(self.transport.value().startswith(b"MAIL FROM:"))
+
     def test_a_refused_pipelined_rset_closes_the_connection_stale(self):
+        self.unclean()
         results = []
         self.client.reuse(transaction()).addCallback(results.append)
         self.server("500 5.5.1 what RSET")
@@ -422,15 +462,28 @@ class ClientReuseTests(unittest.TestCase):
         results = []
         transport.clear()
         client.reuse(transaction()).addCallback(results.append)
+        self.assertEqual(transport.value(), b"MAIL FROM:<s@example.org>\r\n")  # clean end
+        client.dataReceived(b"250 ok\r\n")
+        client.dataReceived(b"550 5.1.1 no such user\r\n")
+        self.assertEqual(results[0].replies["a@remote.test"].code, 550)
+        transport.clear()
+        client.reuse(transaction()).addCallback(results.append)
         self.assertEqual(transport.value(), b"RSET\r\n")
         transport.clear()
         client.dataReceived(b"451 4.3.0 not now\r\n")
-        [result] = results
+        result = results[1]
         self.assertTrue(result.stale)
         self.assertEqual(result.replies["a@remote.test"].code, 451)
         self.assertIn(b"QUIT", transport.value())
 
     def test_lost_before_any_reply_about_the_message_is_stale(self):
+        results = []
+        self.client.reuse(transaction()).addCallback(results.append)
+        self.client.connectionLost(Failure(ConnectionDone("gone")))
+        self.assertTrue(results[0].stale)
+
+    def test_lost_after_only_the_rset_reply_is_stale(self):
+        self.unclean()
         results = []
         self.client.reuse(transaction()).addCallback(results.append)
         self.server("250 flushed")
@@ -440,12 +493,12 @@ class ClientReuseTests(unittest.TestCase):
     def test_lost_after_the_mail_reply_is_not_stale(self):
         results = []
         self.client.reuse(transaction()).addCallback(results.append)
-        self.server("250 flushed", "250 ok")
+        self.server("250 ok")
         self.client.connectionLost(Failure(ConnectionDone("gone")))
         self.assertFalse(results[0].stale)
         self.assertEqual(results[0].replies["a@remote.test"].code, 451)
 
-    def test_no_reply_to_rset_times_out_stale(self):
+    def test_no_reply_to_the_first_command_times_out_stale(self):
         results = []
         self.client.reuse(transaction()).addCallback(results.append)
         self.clock.advance(Timeouts().command)

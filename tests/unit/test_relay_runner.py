@@ -5,6 +5,8 @@ bounces, NOTIFY, expiry, restart, CLI requests and connection limits.
 
 from __future__ import annotations
 
+import os
+
 import email
 import email.policy
 
@@ -163,7 +165,6 @@ def test_removals_that_finish_together_share_one_thread_job_and_fsync(tmp_path, 
     """
     from twisted.internet import defer
 
-    from mailserver.relay import queue as queue_module
     from mailserver.relay.removal import BatchedRemoval
 
     jobs = []
@@ -174,7 +175,6 @@ def test_removals_that_finish_together_share_one_thread_job_and_fsync(tmp_path, 
         return d
 
     synced = []
-    monkeypatch.setattr(queue_module, "fsync_directory", lambda path: synced.append(path))
     w = World(tmp_path, Courier(451), scan_interval=1000)
     w.start()
     for _ in range(4):
@@ -194,8 +194,12 @@ def test_removals_that_finish_together_share_one_thread_job_and_fsync(tmp_path, 
     f, args, d = jobs.pop()
     d.callback({ids[1]: OSError("disk on fire")})
     assert outcomes[ids[2]] is None and outcomes[ids[1]].check(OSError)
-    # remove_all itself: every envelope, one fsync, then the message files.
-    assert w.queue.remove_all(ids[2:]) == {} and len(synced) == 1
+    # remove_all itself: every envelope, one fsync of their folder, then the
+    # message files.
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    assert w.queue.remove_all(ids[2:]) == {}
+    assert synced == [w.queue.folder_fd(w.queue.envelopes_path)]
     assert w.queue.ids() == [ids[1]]  # ids[0] by the first job; ids[1]'s was made to fail
     assert [p.name for p in w.queue.messages_path.iterdir()] == [ids[1]]
 
