@@ -11,8 +11,9 @@ its text ready, and the time stamp is made once a second; any other event
 formatter.
 
 L{twistd_observer} picks the same destination twistd would: the
-C{--logfile} (reopened on SIGUSR1 as twistd does), or the standard output
-in the foreground.  With C{--syslog}, or a C{--logger} of the user's
+C{--logfile} (rotated on SIGUSR1 as twistd does, and by size, keeping as
+many old files as the C{[log]} settings say), or the standard output in
+the foreground.  With C{--syslog}, or a C{--logger} of the user's
 choosing, twistd's choice stands.
 """
 
@@ -27,6 +28,8 @@ from twisted.logger import ILogObserver, formatEventAsClassicLogText, formatTime
 from twisted.python.compat import ioType
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
+
+from mailserver.config import Log
 
 
 @implementer(ILogObserver)
@@ -81,11 +84,14 @@ class TextLogObserver:
         return stamp
 
 
-def twistd_observer(twistd_options) -> TextLogObserver | None:
+def twistd_observer(twistd_options, settings: Log = Log()) -> TextLogObserver | None:
     """
     The observer for the log twistd's options ask for, or C{None} where
     twistd's own choice should stand (C{--syslog}, C{--logger}, a daemon
     told to log to the standard output, which twistd refuses).
+
+    @param settings: the log file's rotation (twistd's own rotates each
+        1,000,000 octets and keeps every old file).
     """
     if twistd_options is None or twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
@@ -93,7 +99,8 @@ def twistd_observer(twistd_options) -> TextLogObserver | None:
     foreground = bool(twistd_options.get("nodaemon"))
     if name == "-" or (foreground and not name):
         return TextLogObserver(sys.stdout) if foreground else None
-    log_file = LogFile.fromFullPath(name or "twistd.log")
+    log_file = LogFile.fromFullPath(name or "twistd.log", rotateLength=settings.rotate_size,
+                                    maxRotatedFiles=settings.keep_rotated)
     if not signal.getsignal(signal.SIGUSR1):
         def reopen(signum, frame) -> None:
             from twisted.internet import reactor

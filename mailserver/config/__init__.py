@@ -47,6 +47,7 @@ from mailserver.config.model import (
     Config,
     Limits,
     Listeners,
+    Log,
     Plugins,
     Relay,
     Setting,
@@ -72,7 +73,7 @@ __all__ = [
     "DATA_DIR_NAME", "DKIM", "IMAP", "POP3", "SMTP", "TLS", "Admin", "Auth", "BareNewline",
     "CatchAll", "CheckAction", "Checks", "Config", "ConfigError", "DKIMKey", "DNSBLSite",
     "Disclosure", "HostPort", "Invalid", "Limits", "ListedAction",
-    "Listeners", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "TLSLevel",
+    "Listeners", "Log", "Plugins", "Relay", "RelayTLS", "Setting", "SmarthostTLS", "TLSLevel",
     "TLSPolicyRule", "Transport",
     "default", "file_keys", "load", "override",
 ]

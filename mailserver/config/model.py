@@ -429,6 +429,19 @@ class Checks:
 
 
 @dataclass(frozen=True)
+class Log:
+    """
+    twistd's log file (C{--logfile}): renamed C{.1} (the older ones shifted
+    up) once it holds C{rotate_size} octets, and on SIGUSR1; only the
+    C{keep_rotated} newest of those stay, so the log's room on disk is
+    bounded whatever a client makes the server log.
+    """
+
+    rotate_size: int = setting(10_000_000, integer(10_000))
+    keep_rotated: int = setting(10, integer(1, 100_000))
+
+
+@dataclass(frozen=True)
 class Config:
     """
     The whole configuration.  Relative paths in the file are relative to the
@@ -458,6 +471,7 @@ class Config:
     relay: Relay = section(Relay)
     dkim: DKIM = section(DKIM)
     checks: Checks = section(Checks)
+    log: Log = section(Log)
     source: str = "<embedded default>"
 
     @property

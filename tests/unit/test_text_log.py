@@ -14,6 +14,7 @@ from twisted.application.service import Application, IService, Service
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, textFileLogObserver
 from twisted.python.failure import Failure
 
+from mailserver.config import ConfigError, Log, load
 from mailserver.logs import emit, emit_failure
 from mailserver.tap import _LoggingTo
 from mailserver.text_log import TextLogObserver, twistd_observer
@@ -102,6 +103,39 @@ def test_the_destination_is_twistd_s(tmp_path, sigusr1):
               "log_time": 0.0})
     assert path.read_text().endswith(" [s] hello\n")
     assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
+
+
+def test_the_log_file_rotates_by_size_and_keeps_only_the_newest_old_files(tmp_path, sigusr1):
+    path = tmp_path / "twistd.log"
+    observer = twistd_observer({"logfile": str(path), "nodaemon": False},
+                               Log(rotate_size=10_000, keep_rotated=2))
+    line = "x" * 999
+    for n in range(45):  # a thousand octets and a bit a line: four rotations
+        observer({"log_format": "{log_text}", "log_text": f"{n:02} {line}", "log_system": "s",
+                  "log_time": 0.0})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["twistd.log", "twistd.log.1", "twistd.log.2"]
+
+    def numbers(name):
+        return [int(line.split("] ")[1][:2]) for line in (tmp_path / name).read_text().splitlines()]
+
+    # Ten lines reach the size; the oldest two files' worth are gone.
+    assert numbers("twistd.log") == list(range(40, 45))
+    assert numbers("twistd.log.1") == list(range(30, 40))
+    assert numbers("twistd.log.2") == list(range(20, 30))
+
+
+def test_the_log_settings_are_checked(tmp_path):
+    def parse_config(text):
+        path = tmp_path / "mailserver.toml"
+        path.write_text(text)
+        return load(path)
+
+    with pytest.raises(ConfigError, match="rotate_size"):
+        parse_config("[log]\nrotate_size = 10\n")
+    with pytest.raises(ConfigError, match="keep_rotated"):
+        parse_config("[log]\nkeep_rotated = 0\n")
+    assert parse_config("[log]\nkeep_rotated = 3\n").log == Log(keep_rotated=3)
 
 
 def test_twistd_s_application_gets_the_observer():
