@@ -29,8 +29,6 @@ from twisted.python.compat import ioType
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-from mailserver.config import Log
-
 
 @implementer(ILogObserver)
 class TextLogObserver:
@@ -84,14 +82,16 @@ class TextLogObserver:
         return stamp
 
 
-def twistd_observer(twistd_options, settings: Log = Log()) -> TextLogObserver | None:
+def twistd_observer(twistd_options, rotate_size: int = 1_000_000,
+                    keep_rotated: int | None = None) -> TextLogObserver | None:
     """
     The observer for the log twistd's options ask for, or C{None} where
     twistd's own choice should stand (C{--syslog}, C{--logger}, a daemon
     told to log to the standard output, which twistd refuses).
 
-    @param settings: the log file's rotation (twistd's own rotates each
-        1,000,000 octets and keeps every old file).
+    @param rotate_size: the log file's size that has it renamed.
+    @param keep_rotated: how many renamed files are kept (C{None}: all, as
+        twistd's own observer keeps them).
     """
     if twistd_options is None or twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
@@ -99,8 +99,8 @@ def twistd_observer(twistd_options, settings: Log = Log()) -> TextLogObserver | 
     foreground = bool(twistd_options.get("nodaemon"))
     if name == "-" or (foreground and not name):
         return TextLogObserver(sys.stdout) if foreground else None
-    log_file = LogFile.fromFullPath(name or "twistd.log", rotateLength=settings.rotate_size,
-                                    maxRotatedFiles=settings.keep_rotated)
+    log_file = LogFile.fromFullPath(name or "twistd.log", rotateLength=rotate_size,
+                                    maxRotatedFiles=keep_rotated)
     if not signal.getsignal(signal.SIGUSR1):
         def reopen(signum, frame) -> None:
             from twisted.internet import reactor

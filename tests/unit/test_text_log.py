@@ -108,7 +108,7 @@ def test_the_destination_is_twistd_s(tmp_path, sigusr1):
 def test_the_log_file_rotates_by_size_and_keeps_only_the_newest_old_files(tmp_path, sigusr1):
     path = tmp_path / "twistd.log"
     observer = twistd_observer({"logfile": str(path), "nodaemon": False},
-                               Log(rotate_size=10_000, keep_rotated=2))
+                               rotate_size=10_000, keep_rotated=2)
     line = "x" * 999
     for n in range(45):  # a thousand octets and a bit a line: four rotations
         observer({"log_format": "{log_text}", "log_text": f"{n:02} {line}", "log_system": "s",
