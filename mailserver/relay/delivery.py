@@ -229,9 +229,10 @@ class RouteCourier:
     def _fitted(self, message) -> defer.Deferred:
         body = self._store.take_recent_body(message.id)
         if body is not None:  # just queued: no file to read
-            if len(body) <= line_length.IN_MEMORY:
-                return defer.succeed(line_length.fitted_data(body))
-            return self._io(line_length.fitted_data, body)
+            if len(body) > line_length.IN_MEMORY and line_length.any_long_line([body]):
+                # Re-encoding it is long work in Python: not on the reactor.
+                return self._io(line_length.fitted_data, body)
+            return defer.succeed(line_length.fitted_data(body))
         return self._io(line_length.fitted, lambda: self._store.open_body(message))
 
     async def _over(self, route: Route, message, recipients, destination: str,

@@ -488,3 +488,50 @@ def test_a_better_host_without_an_address_is_a_temporary_failure_not_a_loop():
     assert str(failure.value.reply) == (
         "451 4.4.3 cannot find an address for the MX hosts of down.test: no MX host has an "
         "address")
+
+
+class RecentBody:
+    """
+    A queue store holding one just-queued body in memory.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def take_recent_body(self, queue_id):
+        body, self.body = self.body, None
+        return body
+
+    def open_body(self, message):
+        raise AssertionError("a recent body is not read from its file")
+
+
+def test_a_recent_body_is_checked_on_the_reactor_and_only_refitting_a_large_one_uses_a_thread(
+        monkeypatch):
+    # The check (bytes.split) holds the GIL in a thread as well; only the
+    # Python re-encoding of a large message is worth a thread.
+    from mailserver.config import Relay
+    from mailserver.relay import line_length
+    from mailserver.relay.delivery import RouteCourier
+    from mailserver.relay.queue import QueuedMessage, RecipientState
+
+    monkeypatch.setattr(line_length, "IN_MEMORY", 2000)
+    jobs = []
+
+    def io(f, *args):
+        jobs.append(f)
+        return defer.maybeDeferred(f, *args)
+
+    message = QueuedMessage(id="Q", sender="s@example.org", arrival=0,
+                            recipients=(RecipientState("r@remote.test"),))
+    big = b"Subject: big\n\n" + b"a short line\n" * 500
+    long_lines = b"Subject: long\n\n" + b"a" * 1500 + b"\n" + b"x\n" * 500
+    small_long = b"Subject: long\n\n" + b"a" * 999 + b"\n"
+    for body, threaded in ((big, False), (small_long, False), (long_lines, True)):
+        jobs.clear()
+        courier = RouteCourier(reactor=None, relay=Relay(port=2525), hostname="mx.test",
+                               store=RecentBody(body), router=None, io=io)
+        opened = []
+        courier._fitted(message).addCallback(opened.append)
+        assert opened[0]().read() == line_length.fit(body)
+        assert (len(jobs) == 1) is threaded, body[:20]
