@@ -466,8 +466,11 @@ class ESMTPClient(LineReceiver):
             return
         stuffer = DotStuffer()
         body = self.transaction.open_body()
-        first = body.read(self.chunk_size)
-        if len(first) < self.chunk_size:
+        # A body in memory (a message just queued) goes whole; from a file,
+        # a chunk at a time as the connection takes them.
+        in_memory = isinstance(body, io.BytesIO)
+        first = body.read() if in_memory else body.read(self.chunk_size)
+        if in_memory or len(first) < self.chunk_size:
             # The whole body (a short read is the end): one write with the dot.
             body.close()
             self.transport.write(stuffer.feed(first) + stuffer.end())

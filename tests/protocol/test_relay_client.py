@@ -225,12 +225,35 @@ from mailserver.relay.client import deliver  # noqa: E402
 CONFIGURED = Timeouts.from_config(Relay(connect_timeout=3, command_timeout=7, data_timeout=11))
 
 
-class Body(io.BytesIO):
+class Body(io.BufferedReader):
+    """
+    A message file (read a chunk at a time as the connection takes it),
+    noting its closing.
+    """
+
     closed_by_client = False
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
 
     def close(self):
         self.closed_by_client = True
         super().close()
+
+
+def test_a_body_in_memory_goes_whole_with_its_dot_in_one_write():
+    # A message just queued is sent from memory: no chunks, no producer.
+    data = b"Subject: t\n\n" + b".dot\n" * 40_000
+    c = configured(one_recipient(open_body=lambda: io.BytesIO(data)))
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    c.transport.clear()
+    for line in ("250 ok", "250 ok", "354 go"):
+        c.client.dataReceived(line.encode() + b"\r\n")
+    assert c.transport.producer is None
+    sent = c.transport.value()
+    assert len(sent) > 2 ** 16 and sent.endswith(b"..dot\r\n.\r\n")
+    assert sent == DotStuffer().feed(data) + b".\r\n"
 
 
 def configured(t: Transaction) -> Conversation:
