@@ -10,7 +10,6 @@ dot-stuffing are L{mailserver.wire.dots.DotReader}'s.)
 from __future__ import annotations
 
 import re
-from itertools import repeat
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from functools import lru_cache
@@ -121,10 +120,9 @@ class MessageSink:
             text = text[:-1]
         lines = text.split(b"\n")
         # Every LF has a CR before it, and there are as many CRs as LFs:
-        # then every CR is in a CRLF too.
-        if text.count(b"\r") != len(lines) - 1 or not all(
-            map(bytes.endswith, lines[:-1], repeat(b"\r"))
-        ):
+        # then every CR is in a CRLF too.  (Counted in C, not line by line.)
+        newlines = len(lines) - 1
+        if text.count(b"\r") != newlines or text.count(b"\r\n") != newlines:
             if not self._normalize:
                 return self._refuse(BARE_NEWLINE)
             text = normalized(text)
