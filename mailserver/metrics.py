@@ -239,26 +239,41 @@ class Gauge(_Values):
 class _CallbackGauge(_Instrument):
     """
     A gauge whose value is asked for at scrape time, for things that are
-    cheaper to measure than to track (the queue's size).
+    cheaper to measure than to track (the queue's size).  Every process
+    measures its own (a worker's relay holds the messages it is sending
+    the first time) and sends it in its snapshot; the scrape combines them
+    with C{merge} (C{sum} for a count, C{max} for an age).
     """
 
     type = "gauge"
 
-    def __init__(self, name: str, help: str, fn: Callable[[], float]) -> None:
+    def __init__(self, name: str, help: str, fn: Callable[[], float],
+                 merge: Callable[[Iterable[float]], float] = sum) -> None:
         super().__init__(name, help, ())
         self._fn = fn
+        self._merge = merge
 
-    def samples(self, elsewhere: Iterable[object] = ()) -> Iterator[_Sample]:
-        # Measured here only: the primary works the queue.
+    def _measured(self) -> float | None:
         # A failing callback must not take the other metrics down with it:
-        # the family is rendered without a sample and the failure logged.
+        # the family is rendered without this process's sample, and the
+        # failure logged.
         try:
-            value = self._fn()
+            return self._fn()
         except Exception:
             _log.failure("metric {name} could not be measured", name=self.name,
                          event="metrics.failed", log_system="metrics.failed#critical")
+            return None
+
+    def snapshot(self) -> _Entries | None:
+        value = self._measured()
+        return None if value is None else [[[], value]]
+
+    def samples(self, elsewhere: Iterable[object] = ()) -> Iterator[_Sample]:
+        value = self._measured()
+        if value is None:
             return
-        yield "", (), value
+        others = [v for entries in elsewhere for _, v in _entries(entries, 0, None)]
+        yield "", (), self._merge([value, *others]) if others else value
 
 
 class Histogram(_Instrument):
@@ -378,11 +393,13 @@ class Metrics:
         self._register(gauge)
         return gauge
 
-    def gauge_callback(self, name: str, help: str, fn: Callable[[], float]) -> None:
+    def gauge_callback(self, name: str, help: str, fn: Callable[[], float],
+                       merge: Callable[[Iterable[float]], float] = sum) -> None:
         """
-        Register a gauge whose value is C{fn()} at each scrape.
+        Register a gauge whose value is C{fn()} at each scrape, combined
+        with the other processes' by C{merge}.
         """
-        self._register(_CallbackGauge(name, help, fn))
+        self._register(_CallbackGauge(name, help, fn, merge))
 
     def histogram(
         self, name: str, help: str, buckets: Iterable[float], labels: Iterable[str] = ()
@@ -466,7 +483,8 @@ def server_metrics(
 
     The relay queue's two gauges are measured at scrape time:
     C{queue_messages()} is the number of queued messages and
-    C{queue_oldest_seconds()} the age of the oldest one (0 when empty).
+    C{queue_oldest_seconds()} the age of the oldest one (0 when empty), in
+    each process: the scrape adds up the counts and takes the oldest age.
     """
     metrics.gauge_callback(
         "relay_queue_messages", "Messages waiting in the relay queue.", queue_messages
@@ -475,6 +493,7 @@ def server_metrics(
         "relay_queue_oldest_seconds",
         "Age of the oldest message in the relay queue, in seconds.",
         queue_oldest_seconds,
+        merge=max,
     )
     return ServerMetrics(
         smtp_connections_total=metrics.counter(

@@ -90,9 +90,10 @@ class _FakeProcess:
         self.stdin += data
 
 
-def _registry() -> tuple[Metrics, object]:
+def _registry(queued: int = 7, oldest: float = 0) -> tuple[Metrics, object]:
     metrics = Metrics()
-    return metrics, server_metrics(metrics, queue_messages=lambda: 7, queue_oldest_seconds=lambda: 0)
+    return metrics, server_metrics(metrics, queue_messages=lambda: queued,
+                                   queue_oldest_seconds=lambda: oldest)
 
 
 def _pool_of(count: int, throttle: LoginThrottle, metrics: Metrics | None = None):
@@ -131,8 +132,9 @@ def test_the_primarys_metrics_add_in_the_workers_and_keep_an_ended_workers_count
     pool, (first, second) = _pool_of(3, throttle, primary)
     mine.smtp_messages_accepted_total.inc(role="smtp")
     mine.smtp_transaction_seconds.observe(0.02)
-    for worker, accepted in ((first, 10), (second, 5)):
-        registry, theirs = _registry()
+    for worker, accepted, queued, oldest in ((first, 10, 2, 30.5), (second, 5, 1, 4.0)):
+        # A worker's relay holds what it is sending the first time.
+        registry, theirs = _registry(queued, oldest)
         theirs.smtp_messages_accepted_total.inc(accepted, role="smtp")
         theirs.smtp_connections_active.inc(2, role="smtp")
         theirs.smtp_transaction_seconds.observe(0.02)
@@ -142,8 +144,11 @@ def test_the_primarys_metrics_add_in_the_workers_and_keep_an_ended_workers_count
     assert _sample(primary, 'smtp_connections_active{role="smtp"}') == "4"
     assert _sample(primary, 'smtp_transaction_seconds_bucket{le="0.05"}') == "3"
     assert _sample(primary, "smtp_transaction_seconds_count") == "5"
-    assert _sample(primary, "relay_queue_messages") == "7"  # the primary's own queue, once
+    assert _sample(primary, "relay_queue_messages") == "10"  # every process's, added up
+    assert _sample(primary, "relay_queue_oldest_seconds") == "30.5"  # the oldest anywhere
     first.processEnded(None)
+    assert _sample(primary, "relay_queue_messages") == "8"
+    assert _sample(primary, "relay_queue_oldest_seconds") == "4.0"
     assert _sample(primary, 'smtp_messages_accepted_total{role="smtp"}') == "16"  # kept
     assert _sample(primary, 'smtp_connections_active{role="smtp"}') == "2"  # its connections went with it
     assert _sample(primary, "smtp_transaction_seconds_count") == "5"
