@@ -36,6 +36,7 @@ that it was sent.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -161,6 +162,8 @@ class RelayRunner(Service):
         # Messages just queued by this process, as committed, until their
         # first attempt: it need not read back what was just written.
         self._fresh: dict[str, QueuedMessage] = {}
+        self._arriving: list[QueuedMessage] = []
+        self._arriving_lock = threading.Lock()
         self._removal = BatchedRemoval(queue.remove_all, self._io)
         self._scanner: task.LoopingCall | None = None
         self._scanning: defer.Deferred | None = None
@@ -264,7 +267,19 @@ class RelayRunner(Service):
         return None
 
     def _enqueued_in_thread(self, message: QueuedMessage) -> None:
-        self._reactor.callFromThread(self._enqueued, message)
+        # The messages of one group commit come together: one wake-up of the
+        # reactor for all that arrive before it takes them.
+        with self._arriving_lock:
+            self._arriving.append(message)
+            if len(self._arriving) > 1:
+                return
+        self._reactor.callFromThread(self._take_arrivals)
+
+    def _take_arrivals(self) -> None:
+        with self._arriving_lock:
+            arrived, self._arriving = self._arriving, []
+        for message in arrived:
+            self._enqueued(message)
 
     def _enqueued(self, message: QueuedMessage) -> None:
         if self.running and message.id not in self.index:
@@ -533,11 +548,15 @@ class RelayRunner(Service):
         groups: dict[str, list] = {}
         for r in message.pending():
             groups.setdefault(destination_of(self._relay, r.address), []).append(r)
-        results = await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(self._deliver_group(message, key, tuple(group)))
-             for key, group in groups.items()],
-            consumeErrors=True,
-        )
+        if len(groups) == 1:  # most messages: no DeferredList around one attempt
+            [(key, group)] = groups.items()
+            results = [await self._deliver_group(message, key, tuple(group))]
+        else:
+            results = await defer.gatherResults(
+                [defer.Deferred.fromCoroutine(self._deliver_group(message, key, tuple(group)))
+                 for key, group in groups.items()],
+                consumeErrors=True,
+            )
         now = self._reactor.seconds()
         last_error = ""
         for outcomes in results:
