@@ -12,6 +12,8 @@ but L{mailserver.tap}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -61,11 +63,14 @@ from mailserver.workers import WorkerPool, follow_primary, inherited_sockets, pr
 IMPLICIT_TLS_ROLES = ("submissions", "pop3s", "imaps")
 
 
-def make_service(config: Config, reactor, owner: Owner | None = None) -> MultiService:
+def make_service(config: Config, reactor, owner: Owner | None = None,
+                 worker_output: Callable[[bytes], object] | None = None) -> MultiService:
     """
     @param owner: the user C{twistd} switches to once the listeners are
         bound (C{--uid}/C{--gid}), when it was started as root: the data
         folder must be theirs, and what is made in it here is made as them.
+    @param worker_output: where the worker processes' log lines go (the
+        primary's log); without it, to the primary's standard output.
     @raise ConfigError: when the TLS certificate is unusable.
     @raise DataFolderError: when the data folder belongs to another user.
     """
@@ -87,7 +92,7 @@ def make_service(config: Config, reactor, owner: Owner | None = None) -> MultiSe
     # server's user.
     tls_options = ReloadableServerOptions(certificate_files(config))
     with acting_as(owner):
-        return _compose(config, reactor, tls_options)
+        return _compose(config, reactor, tls_options, worker_output)
 
 
 def _check_workers_can_read(config: Config, owner: Owner) -> None:
@@ -107,7 +112,8 @@ def _check_workers_can_read(config: Config, owner: Owner) -> None:
         ) from None
 
 
-def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> MultiService:
+def _compose(config: Config, reactor, tls_options: ReloadableServerOptions,
+             worker_output: Callable[[bytes], object] | None) -> MultiService:
     inherited = inherited_sockets()
     is_worker = inherited is not None
 
@@ -316,7 +322,7 @@ def _compose(config: Config, reactor, tls_options: ReloadableServerOptions) -> M
             pool = WorkerPool(reactor, config.workers, listeners, login_throttle, metrics,
                               on_queued=runner.scan, on_flush=runner.flush,
                               on_ended=runner.take_in_writer,
-                              start_after=runner.queue_read)
+                              start_after=runner.queue_read, worker_output=worker_output)
             pool.setServiceParent(root)
     pid_path = None if is_worker else config.pid_path
     ReloadOnSignal(reactor, pid_path, tls_options, accounts, pool).setServiceParent(root)

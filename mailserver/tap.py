@@ -41,9 +41,10 @@ def makeService(options: Options) -> IService:
         config = load(options["config"])
         if options["workers"] is not None:
             config = override(config, "workers", options["workers"], "--workers")
-        server = make_service(config, reactor, _twistd_owner(options))
         observer = twistd_observer(getattr(options, "parent", None), config.log.rotate_size,
                                    config.log.keep_rotated)
+        server = make_service(config, reactor, _twistd_owner(options),
+                              worker_output=None if observer is None else observer.write_lines)
         return server if observer is None else _LoggingTo(server, observer)
     except (ConfigError, DataFolderError, NodeInUse) as e:
         raise SystemExit(f"mailserver: {e}") from None

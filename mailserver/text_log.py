@@ -72,6 +72,16 @@ class TextLogObserver:
             self._out.write(line)
             self._out.flush()
 
+    def write_lines(self, lines: bytes) -> None:
+        """
+        Lines another process wrote already (a worker's log, whole lines),
+        put in among this one's.
+        """
+        text = lines if self._encoding is not None else lines.decode("utf-8", "replace")
+        with self._lock:
+            self._out.write(text)
+            self._out.flush()
+
     def _time_stamp(self, when: float) -> str:
         # The stamp has whole seconds (RFC 3339 as Twisted writes it).
         second = int(when)

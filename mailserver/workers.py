@@ -52,6 +52,8 @@ PRIMARY_ENV = "MAILSERVER_PRIMARY_PID"
 INDEX_ENV = "MAILSERVER_WORKER_INDEX"
 _PR_SET_PDEATHSIG = 1
 _RESPAWN_DELAY = 1.0
+# A worker's output line longer than this is passed on in pieces.
+_MAX_LINE = 64 * 1024
 
 
 def shared_address(endpoint) -> tuple[int, str, int, int] | None:
@@ -152,9 +154,12 @@ class _Worker(ProcessProtocol):
         self.pid: int | None = None
         self.metrics: dict = {}  # its latest snapshot
         self._lines = Lines()
+        self._output: dict[int, bytes] = {}  # per output fd: a line not yet ended
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == TO_PRIMARY_FD:
+        if childFD in (1, 2):
+            self._print(childFD, data)
+        elif childFD == TO_PRIMARY_FD:
             for kind, payload in self._lines.feed(data):
                 if kind == "F":
                     self.pool._failed_in(self, payload)
@@ -164,6 +169,27 @@ class _Worker(ProcessProtocol):
                     self.pool.on_flush(payload)
                 else:
                     self.metrics = payload
+
+    def _print(self, childFD: int, data: bytes) -> None:
+        """
+        The worker's log lines into the primary's log, whole lines only, so
+        two processes' lines never mix within one.
+        """
+        if self.pool.worker_output is None:
+            return  # not ours to read: the worker has the primary's output
+        text = self._output.pop(childFD, b"") + data
+        end = text.rfind(b"\n") + 1
+        if end == 0 and len(text) > _MAX_LINE:
+            end = len(text)  # no line end in sight: as it is
+        if end:
+            self.pool.worker_output(text[:end])
+        if end < len(text):
+            self._output[childFD] = text[end:]
+
+    def childConnectionLost(self, childFD: int) -> None:
+        rest = self._output.pop(childFD, b"")
+        if rest and self.pool.worker_output is not None:
+            self.pool.worker_output(rest + b"\n")
 
     def tell(self, line: bytes) -> None:
         try:
@@ -195,6 +221,7 @@ class WorkerPool(Service):
         on_flush: Callable[[str], object] = lambda domain: None,
         on_ended: Callable[[int], defer.Deferred] = lambda pid: defer.succeed(None),
         start_after: defer.Deferred | None = None,
+        worker_output: Callable[[bytes], object] | None = None,
     ) -> None:
         """
         @param listeners: the primary's listeners; those with a
@@ -212,8 +239,14 @@ class WorkerPool(Service):
             same id writes meanwhile.
         @param start_after: the workers start once it fires (the relay's
             start-up read of the queue: what they queue after it is theirs).
+        @param worker_output: takes the workers' standard output and error,
+            whole lines, for the primary's log (twistd's C{--logfile}, which
+            a worker does not open: two processes rotating one file would
+            lose lines); without it they share the primary's, which a
+            daemon has pointed at C{/dev/null}.
         """
         self._start_after = start_after
+        self.worker_output = worker_output
         self.on_queued = on_queued
         self.on_flush = on_flush
         self._on_ended = on_ended
@@ -268,7 +301,8 @@ class WorkerPool(Service):
         worker = _Worker(self, index)
         process = self._reactor.spawnProcess(
             worker, self._argv[0], self._argv, env=env,
-            childFDs={0: "w", 1: 1, 2: 2, TO_PRIMARY_FD: "r", **child_fds},
+            childFDs={0: "w", **({1: "r", 2: "r"} if self.worker_output else {1: 1, 2: 2}),
+                      TO_PRIMARY_FD: "r", **child_fds},
         )
         worker.pid = process.pid
         self._workers[index] = worker

@@ -245,6 +245,10 @@ def test_two_workers_share_the_listeners_and_the_metrics_count_both(tmp_path):
         # twistd ends with the signal that stopped it, after a clean shutdown.
         assert server.stop() in (0, -signal.SIGTERM)
     assert "Server Shut Down" in server.log()
+    # The worker's events are in the --logfile too, each line whole.
+    assert server.log().count("[smtp.accepted#info]") == sent
+    assert all(line[:4].isdigit() or line.startswith("\t")
+               for line in server.log().splitlines() if line)
 
 
 def _pop3_login(port: int, password: str) -> bytes:

@@ -155,6 +155,47 @@ def test_the_primarys_metrics_add_in_the_workers_and_keep_an_ended_workers_count
     assert mine.smtp_messages_accepted_total.value(role="smtp") == 11
 
 
+def test_a_workers_log_lines_go_whole_into_the_primarys_log():
+    # twistd's --logfile is the primary's alone (two processes rotating one
+    # file lose lines), and a daemon's standard output is /dev/null.
+    throttle = LoginThrottle(Clock(), delay=1.0, limit=2, window=600)
+    pool, (first, second) = _pool_of(3, throttle)
+    written = []
+    pool.worker_output = written.append
+    first.childDataReceived(1, b"2026-12-06T15:00:00+0000 [smtp.rejected#warn] refused comm")
+    second.childDataReceived(1, b"2026-12-06T15:00:00+0000 [smtp.accepted#info] one\n")
+    first.childDataReceived(1, b"and=RCPT\n2026-12-06T15:00:01+0000 [x#info] next\nhalf")
+    second.childDataReceived(2, b"Traceback (most recent call last):\n")
+    assert written == [
+        b"2026-12-06T15:00:00+0000 [smtp.accepted#info] one\n",
+        b"2026-12-06T15:00:00+0000 [smtp.rejected#warn] refused command=RCPT\n"
+        b"2026-12-06T15:00:01+0000 [x#info] next\n",
+        b"Traceback (most recent call last):\n",
+    ]
+    first.childConnectionLost(1)  # what it wrote last, without its line end
+    assert written[-1] == b"half\n"
+    first.childDataReceived(TO_PRIMARY_FD, b"F 192.0.2.1\n")  # reports are not log lines
+    assert len(written) == 4
+
+
+def test_workers_get_pipes_for_their_output_only_when_the_primary_takes_it(monkeypatch):
+    throttle = LoginThrottle(Clock(), delay=1.0, limit=2, window=600)
+    spawned = []
+
+    class Reactor(Clock):
+        def spawnProcess(self, protocol, executable, args, env, childFDs):
+            spawned.append(childFDs)
+            process = _FakeProcess()
+            process.pid = 1000 + len(spawned)
+            return process
+
+    for output, expected in ((None, (1, 2)), (print, ("r", "r"))):
+        pool = WorkerPool(Reactor(), 2, [], throttle, Metrics(), worker_output=output)
+        pool._sockets[1] = []
+        pool._spawn(1)
+        assert (spawned[-1][1], spawned[-1][2]) == expected
+
+
 def test_a_snapshot_that_does_not_fit_is_left_out():
     primary, mine = _registry()
     mine.smtp_messages_accepted_total.inc(role="smtp")
