@@ -61,6 +61,10 @@ class ESMTPClient(LineReceiver):
     MAX_LENGTH = 16384
     log = Logger()
     chunk_size = 2**16
+    # A body in memory up to this size goes in one write (its stuffed copy
+    # waits in the transport); a larger one in chunks, as the peer takes
+    # them, so many connections sending large messages hold little each.
+    whole_write = 2**18
 
     def __init__(self, transaction: Transaction, clock, timeouts: Timeouts, host: str = "",
                  keep_open: bool = False) -> None:
@@ -467,8 +471,8 @@ class ESMTPClient(LineReceiver):
         stuffer = DotStuffer()
         body = self.transaction.open_body()
         # A body in memory (a message just queued) goes whole; from a file,
-        # a chunk at a time as the connection takes them.
-        in_memory = isinstance(body, io.BytesIO)
+        # or a large one, a chunk at a time as the connection takes them.
+        in_memory = isinstance(body, io.BytesIO) and self.transaction.size <= self.whole_write
         first = body.read() if in_memory else body.read(self.chunk_size)
         if in_memory or len(first) < self.chunk_size:
             # The whole body (a short read is the end): one write with the dot.

@@ -244,7 +244,7 @@ class Body(io.BufferedReader):
 def test_a_body_in_memory_goes_whole_with_its_dot_in_one_write():
     # A message just queued is sent from memory: no chunks, no producer.
     data = b"Subject: t\n\n" + b".dot\n" * 40_000
-    c = configured(one_recipient(open_body=lambda: io.BytesIO(data)))
+    c = configured(one_recipient(open_body=lambda: io.BytesIO(data), size=len(data)))
     c.server("220 hi")
     c.server(*EHLO_PIPELINING)
     c.transport.clear()
@@ -254,6 +254,20 @@ def test_a_body_in_memory_goes_whole_with_its_dot_in_one_write():
     sent = c.transport.value()
     assert len(sent) > 2 ** 16 and sent.endswith(b"..dot\r\n.\r\n")
     assert sent == DotStuffer().feed(data) + b".\r\n"
+
+
+def test_a_large_body_in_memory_goes_in_chunks_as_the_peer_takes_them():
+    data = b"Subject: t\n\n" + b"line\n" * 60_000  # over ESMTPClient.whole_write
+    c = configured(one_recipient(open_body=lambda: io.BytesIO(data), size=len(data)))
+    c.server("220 hi")
+    c.server(*EHLO_PIPELINING)
+    c.transport.clear()
+    for line in ("250 ok", "250 ok", "354 go"):
+        c.client.dataReceived(line.encode() + b"\r\n")
+    assert c.transport.producer is not None
+    while c.transport.producer is not None:
+        c.transport.producer.resumeProducing()
+    assert c.transport.value() == DotStuffer().feed(data) + b".\r\n"
 
 
 def configured(t: Transaction) -> Conversation:
