@@ -273,7 +273,7 @@ class _CallbackGauge(_Instrument):
         if value is None:
             return
         others = [v for entries in elsewhere for _, v in _entries(entries, 0, None)]
-        yield "", (), self._merge([value, *others]) if others else value
+        yield "", (), self._merge([value, *others])
 
 
 class Histogram(_Instrument):

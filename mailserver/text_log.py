@@ -66,18 +66,16 @@ class TextLogObserver:
             line = formatEventAsClassicLogText(event)
             if not line:
                 return
-        if self._encoding is not None:
-            line = line.encode(self._encoding)
-        with self._lock:
-            self._out.write(line)
-            self._out.flush()
+        self._write(line.encode(self._encoding) if self._encoding is not None else line)
 
     def write_lines(self, lines: bytes) -> None:
         """
         Lines another process wrote already (a worker's log, whole lines),
         put in among this one's.
         """
-        text = lines if self._encoding is not None else lines.decode("utf-8", "replace")
+        self._write(lines if self._encoding is not None else lines.decode("utf-8", "replace"))
+
+    def _write(self, text: bytes | str) -> None:
         with self._lock:
             self._out.write(text)
             self._out.flush()

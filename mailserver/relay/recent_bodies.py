@@ -38,24 +38,25 @@ class RecentBodies:
             if queue_id in self._bodies:
                 return
             while self._bodies and self._total + len(body) > self._max_total:
-                oldest = next(iter(self._bodies))
-                self._total -= len(self._bodies.pop(oldest))
+                self._pop(next(iter(self._bodies)))  # the oldest
             self._bodies[queue_id] = body
             self._total += len(body)
 
     def take(self, queue_id: str) -> bytes | None:
         with self._lock:
-            body = self._bodies.pop(queue_id, None)
-            if body is not None:
-                self._total -= len(body)
-            return body
+            return self._pop(queue_id)
 
     def forget(self, queue_ids) -> None:
         with self._lock:
             for queue_id in queue_ids:
-                body = self._bodies.pop(queue_id, None)
-                if body is not None:
-                    self._total -= len(body)
+                self._pop(queue_id)
+
+    def _pop(self, queue_id: str) -> bytes | None:
+        # Under the lock.
+        body = self._bodies.pop(queue_id, None)
+        if body is not None:
+            self._total -= len(body)
+        return body
 
     def __len__(self) -> int:
         return len(self._bodies)

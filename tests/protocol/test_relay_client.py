@@ -244,12 +244,7 @@ class Body(io.BufferedReader):
 def test_a_body_in_memory_goes_whole_with_its_dot_in_one_write():
     # A message just queued is sent from memory: no chunks, no producer.
     data = b"Subject: t\n\n" + b".dot\n" * 40_000
-    c = configured(one_recipient(open_body=lambda: io.BytesIO(data), size=len(data)))
-    c.server("220 hi")
-    c.server(*EHLO_PIPELINING)
-    c.transport.clear()
-    for line in ("250 ok", "250 ok", "354 go"):
-        c.client.dataReceived(line.encode() + b"\r\n")
+    c = at_the_body(one_recipient(open_body=lambda: io.BytesIO(data), size=len(data)))
     assert c.transport.producer is None
     sent = c.transport.value()
     assert len(sent) > 2 ** 16 and sent.endswith(b"..dot\r\n.\r\n")
@@ -258,16 +253,25 @@ def test_a_body_in_memory_goes_whole_with_its_dot_in_one_write():
 
 def test_a_large_body_in_memory_goes_in_chunks_as_the_peer_takes_them():
     data = b"Subject: t\n\n" + b"line\n" * 60_000  # over ESMTPClient.whole_write
-    c = configured(one_recipient(open_body=lambda: io.BytesIO(data), size=len(data)))
+    c = at_the_body(one_recipient(open_body=lambda: io.BytesIO(data), size=len(data)))
+    assert c.transport.producer is not None
+    while c.transport.producer is not None:
+        c.transport.producer.resumeProducing()
+    assert c.transport.value() == DotStuffer().feed(data) + b".\r\n"
+
+
+def at_the_body(t: Transaction) -> Conversation:
+    """
+    A conversation whose server has just said 354 to C{t}'s pipelined
+    MAIL, RCPT and DATA; what the client wrote before is cleared.
+    """
+    c = configured(t)
     c.server("220 hi")
     c.server(*EHLO_PIPELINING)
     c.transport.clear()
     for line in ("250 ok", "250 ok", "354 go"):
         c.client.dataReceived(line.encode() + b"\r\n")
-    assert c.transport.producer is not None
-    while c.transport.producer is not None:
-        c.transport.producer.resumeProducing()
-    assert c.transport.value() == DotStuffer().feed(data) + b".\r\n"
+    return c
 
 
 def configured(t: Transaction) -> Conversation:
@@ -318,11 +322,7 @@ def test_stall_after_the_final_dot_times_out_at_data_timeout():
 
 def test_peer_that_stops_reading_mid_data_times_out():
     body = Body(b"Subject: t\n\n" + b"x" * 200_000 + b"\n")
-    c = configured(one_recipient(open_body=lambda: body))
-    c.server("220 hi")
-    c.server(*EHLO_PIPELINING)
-    for line in ("250 ok", "250 ok", "354 go"):
-        c.client.dataReceived(line.encode() + b"\r\n")
+    c = at_the_body(one_recipient(open_body=lambda: body))
     c.transport.producer.resumeProducing()  # one chunk goes out, then the window is full
     c.clock.advance(6.9)
     assert c.results == []
@@ -335,11 +335,7 @@ def test_connection_dropped_mid_data_is_temporary_and_closes_the_body():
     from twisted.python.failure import Failure
 
     body = Body(b"Subject: t\n\n" + b"x" * 200_000 + b"\n")
-    c = configured(one_recipient(open_body=lambda: body))
-    c.server("220 hi")
-    c.server(*EHLO_PIPELINING)
-    for line in ("250 ok", "250 ok", "354 go"):
-        c.client.dataReceived(line.encode() + b"\r\n")
+    c = at_the_body(one_recipient(open_body=lambda: body))
     producer = c.transport.producer
     producer.resumeProducing()
     assert b"\r\n.\r\n" not in c.transport.value()  # in the middle of the body
