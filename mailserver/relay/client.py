@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
+from mailserver.immediate_write import write_now
 from mailserver.relay.transaction import (
     Timeouts,
     Transaction,
@@ -407,7 +408,7 @@ class ESMTPClient(LineReceiver):
             self._rset_first = False
             commands.insert(0, ("RSET", self._pipelined_rset_reply, None))
         if "PIPELINING" in self._extensions:
-            self.transport.write(b"".join(c[0].encode("utf-8") + b"\r\n" for c in commands))
+            write_now(self.transport, b"".join(c[0].encode("utf-8") + b"\r\n" for c in commands))
             for _, handler, timeout in commands:
                 self._expect(handler, self.timeouts.command if timeout is None else timeout)
         else:
@@ -477,7 +478,7 @@ class ESMTPClient(LineReceiver):
         if in_memory or len(first) < self.chunk_size:
             # The whole body (a short read is the end): one write with the dot.
             body.close()
-            self.transport.write(stuffer.feed(first) + stuffer.end())
+            write_now(self.transport, stuffer.feed(first) + stuffer.end())
             self._expect(self._end_reply, self.timeouts.data_end)
             return
         body.seek(-len(first), io.SEEK_CUR)
