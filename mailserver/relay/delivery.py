@@ -229,7 +229,9 @@ class RouteCourier:
     def _fitted(self, message) -> defer.Deferred:
         body = self._store.take_recent_body(message.id)
         if body is not None:  # just queued: no file to read
-            if len(body) > line_length.IN_MEMORY and line_length.any_long_line([body]):
+            if not line_length.has_long_lines(body):
+                return defer.succeed(line_length.in_memory(body))
+            if len(body) > line_length.IN_MEMORY:
                 # Re-encoding it is long work in Python: not on the reactor.
                 return self._io(line_length.fitted_data, body)
             return defer.succeed(line_length.fitted_data(body))

@@ -23,6 +23,7 @@ from mailserver.smtp.replies import (
     Reply,
     storage_failure,
 )
+from mailserver.wire.long_lines import long_line_in
 
 _RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.IGNORECASE)
 # Header sections longer than this are not scanned for Received: fields.
@@ -118,16 +119,14 @@ class MessageSink:
         if text.endswith(b"\r"):  # its LF may come in the next piece
             self._held_cr = b"\r"
             text = text[:-1]
-        lines = text.split(b"\n")
         # Every LF has a CR before it, and there are as many CRs as LFs:
         # then every CR is in a CRLF too.  (Counted in C, not line by line.)
-        newlines = len(lines) - 1
+        newlines = text.count(b"\n")
         if text.count(b"\r") != newlines or text.count(b"\r\n") != newlines:
             if not self._normalize:
                 return self._refuse(BARE_NEWLINE)
             text = normalized(text)
-            lines = text.split(b"\n")
-        if self._too_long(lines):
+        if self._too_long(text):
             return self._refuse(DATA_LINE_TOO_LONG)
         self.size += len(text)
         if self.size > self._max_size:
@@ -219,19 +218,21 @@ class MessageSink:
             self._forward(self._opening(start))
         return self.problem
 
-    def _too_long(self, lines: list[bytes]) -> bool:
+    def _too_long(self, text: bytes) -> bool:
         """
         RFC 5321 4.5.3.1.6: a text line is at most C{max_line} octets with
         its CRLF.  Lines may span pieces, so the open line's length carries.
-
-        @param lines: the piece split at each LF.
         """
-        if len(lines) == 1:
-            self._line_length += len(lines[0])
+        last = text.rfind(b"\n")
+        if last < 0:
+            self._line_length += len(text)
             return self._line_length > self._max_line
-        longest = max(self._line_length + len(lines[0]), max(map(len, lines[1:-1]), default=0))
-        self._line_length = len(lines[-1])
-        return longest + 1 > self._max_line or self._line_length > self._max_line
+        first = text.find(b"\n")
+        too_long = self._line_length + first + 1 > self._max_line or long_line_in(
+            text, self._max_line - 1, first + 1, last + 1
+        )
+        self._line_length = len(text) - last - 1
+        return too_long or self._line_length > self._max_line
 
     def _scan_header(self, text: bytes) -> None:
         assert self._header is not None
