@@ -251,6 +251,9 @@ def _closing_bracket(text: str, start: int) -> int:
     Where the path's C{>} is: the first one outside a quoted string, whose
     C{\\"} does not end it; -1 when there is none.
     """
+    close = text.find(">", start)
+    if text.find('"', start, len(text) if close < 0 else close) < 0:
+        return close  # no quoted string before it: most paths
     quoted = False
     position = start
     while position < len(text):

@@ -49,10 +49,13 @@ class Reply:
         first = lines[0] if lines else ""
         match = _ENHANCED.match(first)
         if match is not None and match.group(1) == str(code)[0]:
-            status = ".".join(match.groups())
+            status = first[: match.end(3)]
             prefix = status + " "
-            if all(line.startswith(prefix) for line in lines):
-                cut = len(prefix)
+            cut = len(prefix)
+            if len(lines) == 1:  # most replies: no generators for one line
+                if first.startswith(prefix):
+                    return cls(code, status, (first[cut:],))
+            elif all(line.startswith(prefix) for line in lines):
                 return cls(code, status, tuple(line[cut:] for line in lines))
         return cls(code, "", tuple(lines))
 
