@@ -89,7 +89,9 @@ class DotReader:
             end = text.find(_END_OF_DATA, max(first_dot_line.start() - 1, 0))
             if end >= 0:
                 self._pending = b""
-                self._emit(text[: end + 2], True)
+                # Lines to un-stuff only if a dot line came before the
+                # terminator's own (most messages have none).
+                self._emit(text[: end + 2], first_dot_line.start() <= end)
                 return text[end + len(_END_OF_DATA) :]
         # Keep from the first CR or LF of the last four octets: a
         # terminator or a stuffed dot split by this chunk's end starts there.
