@@ -11,10 +11,12 @@ nothing unsent and hands Twisted whatever the kernel did not take, so the
 order of bytes, the producer's pause on a full buffer and the transport's
 handling of a broken connection are Twisted's own.
 
-POP3 sends its batched replies (a turn's pipelined RETRs) so.  SMTP does
-not: measured side by side (C{bench/ab.py}), sending its short replies at
-once was 11% slower at 1 KiB than letting Twisted coalesce a reply with
-the next (the 250 after DATA with the 221 after QUIT) on the next turn.
+Every line session sends its turn's batched replies so
+(L{mailserver.wire.session.LineSession.flush}: SMTP, POP3, IMAP), and the
+relay client its pipelined commands and a body held in memory.  A turn's
+replies still go out together: the session writes once, after handling
+all the input it has (the 250 after DATA and the 221 to a QUIT sent with
+the dot, in one write).  bench/README.md has the measurements.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from mailserver.immediate_write import write_now
 from mailserver.logs import emit, emit_failure
 from mailserver.pop3 import responses as R
 from mailserver.pop3.dependencies import POP3Dependencies
@@ -99,7 +98,6 @@ class POP3Server(Protocol):
             on_timeout=self._timed_out,
             line_timeout=deps.limits.pop3_idle_timeout,
             max_errors=deps.limits.max_errors,
-            write=self._write,
             flush_octets=_FLUSH_OCTETS,
             max_pending_lines=_MAX_PENDING_LINES,
             refuse_long_lines_at_end=True,
@@ -135,11 +133,6 @@ class POP3Server(Protocol):
     @property
     def client_address(self) -> str:
         return self.session.connection.address
-
-    def _write(self, data: bytes) -> None:
-        # Sent at once rather than on the reactor's next turn (see
-        # mailserver.immediate_write).
-        write_now(self.transport, data)
 
     def _close(self) -> None:
         self._lines.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from twisted.internet import defer
 
+from mailserver.immediate_write import write_now
 from mailserver.wire.flow import INPUT, ReadControl
 
 # Commands handled for one client before the others get their turn.
@@ -52,7 +53,9 @@ class LineSession:
     @param max_errors: errors (L{note_error}) at which the glue should close.
     @param max_junk: junk commands (L{note_junk}) allowed before each counts
         as an error.
-    @param write: sends a batch of replies; by default C{transport.write}.
+    @param write: sends a batch of replies; by default
+        L{mailserver.immediate_write.write_now} on the transport (at once,
+        not on the reactor's next turn).
     @param flush_octets: replies queued past this many octets are written
         at once rather than at the end of the turn (a turn of large
         replies is not held in memory whole); C{None}: no such limit.
@@ -309,7 +312,7 @@ class LineSession:
             self._outgoing = []
             self._outgoing_octets = 0
             if self._write is None:
-                self.transport.write(data)
+                write_now(self.transport, data)
             else:
                 self._write(data)
 
