@@ -3,6 +3,8 @@ Message text: DATA framing and dot-stuffing, SMTP smuggling, size, line
 length, loops, BDAT/CHUNKING, DSN and SMTPUTF8 envelopes, the Received field.
 """
 
+import random
+
 import pytest
 
 from mailserver.testing import LOOPBACK, SMTPHarness, make_config, reply_codes
@@ -172,6 +174,24 @@ def test_line_of_exactly_the_limit_is_fine():
     assert reply_codes(session.send(b"x" * 998 + b"\r\n.\r\n")) == ["250 2.0.0"]
     session = in_data(config=limited)
     assert reply_codes(session.send(b"x" * 999 + b"\r\n.\r\n")) == ["500 5.5.2"]
+
+
+def test_line_limit_over_random_lines_and_pieces():
+    """
+    The limit (1000 octets with the CRLF) against its definition, for long
+    lines first, last, in the middle of a piece and across pieces.
+    """
+    rng = random.Random(53214)
+    for _ in range(150):
+        lengths = [rng.choice([0, 5, 997, 998, 999, 1200, rng.randrange(1500)])
+                   for _ in range(rng.randrange(1, 6))]
+        text = b"".join(b"x" * n + b"\r\n" for n in lengths)
+        session = in_data(config=make_config(limits={"max_text_line": 1000}))
+        cuts = sorted(rng.sample(range(1, len(text)), min(3, len(text) - 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        out = b"".join(session.send(piece) for piece in pieces) + session.send(b".\r\n")
+        expected = "500 5.5.2" if max(lengths) + 2 > 1000 else "250 2.0.0"
+        assert reply_codes(out) == [expected], (lengths, cuts)
 
 
 def test_too_many_received_fields_is_a_loop():
