@@ -53,9 +53,6 @@ class LineSession:
     @param max_errors: errors (L{note_error}) at which the glue should close.
     @param max_junk: junk commands (L{note_junk}) allowed before each counts
         as an error.
-    @param write: sends a batch of replies; by default
-        L{mailserver.immediate_write.write_now} on the transport (at once,
-        not on the reactor's next turn).
     @param flush_octets: replies queued past this many octets are written
         at once rather than at the end of the turn (a turn of large
         replies is not held in memory whole); C{None}: no such limit.
@@ -77,13 +74,11 @@ class LineSession:
         line_timeout: float,
         max_errors: int,
         max_junk: int = 0,
-        write: Callable[[bytes], None] | None = None,
         flush_octets: int | None = None,
         max_pending_lines: int | None = None,
         refuse_long_lines_at_end: bool = False,
     ) -> None:
         self.transport = transport
-        self._write = write
         self._flush_octets = flush_octets
         self._outgoing_octets = 0
         self._max_pending_lines = max_pending_lines
@@ -311,10 +306,8 @@ class LineSession:
             data = b"".join(self._outgoing)
             self._outgoing = []
             self._outgoing_octets = 0
-            if self._write is None:
-                write_now(self.transport, data)
-            else:
-                self._write(data)
+            # At once, not on the reactor's next turn (immediate_write).
+            write_now(self.transport, data)
 
     # Counting what a client should not do.
 

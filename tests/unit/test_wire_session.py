@@ -17,9 +17,9 @@ class Echo:
     C{hold} makes the next line wait for a Deferred.
     """
 
-    def __init__(self, limit=20, **kwargs):
+    def __init__(self, limit=20, transport=None, **kwargs):
         self.clock = Clock()
-        self.transport = StringTransport()
+        self.transport = StringTransport() if transport is None else transport
         self.timeouts = 0
         self.settled = 0
         self.hold: defer.Deferred | None = None
@@ -95,12 +95,30 @@ def test_a_long_line_can_be_refused_when_it_ends():
     assert echo.send(b"x" * 19 + b"\r\n") == b"too long\r\n"  # whole, at once
 
 
-def test_replies_can_go_out_in_pieces_through_another_writer():
-    writes = []
-    echo = Echo(write=writes.append, flush_octets=12)
+class WritesKept(StringTransport):
+    """
+    A transport that keeps each write apart.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+
+def test_replies_go_out_in_pieces_past_flush_octets():
+    echo = Echo(flush_octets=12, transport=WritesKept())
     echo.send(b"a\r\nbb\r\nccc\r\ndddd\r\n")
-    assert writes == [b"len=1\r\nlen=2\r\n", b"len=3\r\nlen=4\r\n"]
-    assert echo.transport.value() == b""
+    assert echo.transport.writes == [b"len=1\r\nlen=2\r\n", b"len=3\r\nlen=4\r\n"]
+
+
+def test_a_turn_s_replies_go_out_in_one_write():
+    echo = Echo(transport=WritesKept())
+    echo.send(b"a\r\nbb\r\nccc\r\n")
+    assert echo.transport.writes == [b"len=1\r\nlen=2\r\nlen=3\r\n"]
 
 
 def test_reading_stops_while_many_lines_wait_for_a_reader():
