@@ -253,9 +253,10 @@ class MailServerRelayPeer(MailServerPeer):
             "[limits]\nsubmission_messages_per_hour = 0\nsubmission_recipients_per_hour = 0\n"))
 
     def queued(self) -> int:
-        # The node's queue (a revision before nodes: the data folder's).
-        for folder in [*self.data_path.glob("nodes/*/queue/envelopes"),
-                       self.data_path / "queue" / "envelopes"]:
+        # Message files, one per queued message whatever its layout (the
+        # node's queue; a revision before nodes: the data folder's).
+        for folder in [*self.data_path.glob("nodes/*/queue/messages"),
+                       self.data_path / "queue" / "messages"]:
             try:
                 return len(os.listdir(folder))
             except FileNotFoundError:

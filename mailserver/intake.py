@@ -49,19 +49,6 @@ class RelayQueue(Protocol):
     What the intake needs of the relay queue.
     """
 
-    messages_path: Path
-
-    def folder_fd(self, folder: Path) -> int:
-        """
-        A descriptor of one of the queue's folders (C{messages_path}), kept
-        open by the queue.
-        """
-
-    def message_path(self, prepared) -> Path:
-        """
-        Where the message file of C{prepared} belongs in the queue.
-        """
-
     def prepare(
         self, envelope: Envelope, recipients: tuple[str, ...], spool: Path, body_offset: int,
         data: bytes | None = None,
@@ -74,11 +61,20 @@ class RelayQueue(Protocol):
         holds.
         """
 
-    def commit(self, prepared, spool: Path) -> str:
+    def prepare_whole(
+        self, envelope: Envelope, recipients: tuple[str, ...], data: bytes, body_offset: int,
+    ):
+        """
+        L{prepare} for a message in memory whose recipients are all remote:
+        the envelope and C{data} in one file of the queue's, not synced.
+        """
+
+    def commit(self, prepared, spool: Path | None) -> str:
         """
         The second phase: queue the spool file by hard link with the
-        prepared envelope (not synced: the group's sync follows); the
-        queue id.  On failure nothing of it is left.
+        prepared envelope, or (C{spool} C{None}) the file of
+        L{prepare_whole}, not synced (the group's sync follows); the queue
+        id.  On failure nothing of it is left.
         """
 
     def abandon(self, prepared) -> None:
@@ -198,23 +194,22 @@ class Intake:
             except BaseException:
                 spool.discard()
                 raise
+        elif remote and not maildirs and envelope.id:
+            # For remote recipients only: one file of the queue's holds the
+            # envelope and the message (no spool file, no link, no removal).
+            return None, maildirs, self._queue.prepare_whole(envelope, remote, message,
+                                                             body_offset)
         else:
             # Written straight into the first recipient's tmp/, so delivery
-            # there is one rename; for remote recipients only, straight into
-            # the queue as its message file (no link there, no removal here).
-            folder_fd = None
+            # there is one rename.
             if maildirs:
                 tmp, name = maildirs[0] / "tmp", self.file_name(envelope)
-            elif remote and envelope.id:
-                tmp, name = self._queue.messages_path, envelope.id
             else:
                 tmp, name = self.spool_path / "tmp", self.file_name(envelope)
             try:
                 if maildirs:
                     self._ensure(maildirs[0])
-                elif remote and envelope.id:
-                    folder_fd = self._queue.folder_fd(tmp)
-                spool = SpoolFile(self._data_path, tmp, name, message, folder_fd=folder_fd)
+                spool = SpoolFile(self._data_path, tmp, name, message)
             except OSError:
                 self._maildirs_seen.clear()  # one was removed under us? look again next time
                 raise
@@ -231,7 +226,8 @@ class Intake:
 
     def _abandon(self, written) -> None:
         spool, _, prepared = written
-        spool.discard()
+        if spool is not None:
+            spool.discard()
         if prepared is not None:
             self._queue.abandon(prepared)
 
@@ -251,15 +247,15 @@ class Intake:
         makes those names durable).
         """
         spool, maildirs, prepared = written
+        if spool is None:
+            self._queue.commit(prepared, None)
+            return envelope.id
         try:
             if prepared is not None:
                 self._queue.commit(prepared, spool.path)
         except BaseException:
             spool.discard()
             raise
-        if not maildirs and prepared is not None and spool.path == self._queue.message_path(prepared):
-            spool.keep()
-            return envelope.id
         try:
             for maildir in maildirs:
                 self._ensure(maildir)

@@ -113,19 +113,13 @@ class SpoolFile:
     the file is made, renamed and removed where it was checked.
     """
 
-    def __init__(
-        self, base: Path, tmp_dir: Path, name: str, data: bytes | None = None,
-        folder_fd: int | None = None,
-    ) -> None:
+    def __init__(self, base: Path, tmp_dir: Path, name: str, data: bytes | None = None) -> None:
         """
         @param base: the data folder, below which no link is followed.
         @param name: the file's name, unique (it starts with the message's
             ID), the same in C{tmp/} and C{new/} but for the sizes.
         @param data: the whole message (LF form), written at once and the
             file closed: one C{write} call, no buffered file object.
-        @param folder_fd: C{tmp_dir} already open, kept by the caller (the
-            relay queue's C{messages/}): used, never closed; such a folder
-            is not a Maildir's C{tmp/}, so the file is not delivered from it.
         """
         self._base = base
         self._tmp_dir = tmp_dir
@@ -133,18 +127,14 @@ class SpoolFile:
         self._file: BinaryIO | None = None
         self.size = 0
         self.lines = 0
-        self._borrowed = folder_fd is not None
-        if folder_fd is not None:
-            self._parent_fd, self._tmp_fd = -1, folder_fd
-        else:
-            # Strings, not pathlib: this is every message's path.
-            parent, _, tmp_name = os.fspath(tmp_dir).rpartition("/")
-            self._parent_fd = open_folder(base, parent)
-            try:
-                self._tmp_fd = open_subfolder(self._parent_fd, tmp_name, tmp_dir)
-            except BaseException:
-                os.close(self._parent_fd)
-                raise
+        # Strings, not pathlib: this is every message's path.
+        parent, _, tmp_name = os.fspath(tmp_dir).rpartition("/")
+        self._parent_fd = open_folder(base, parent)
+        try:
+            self._tmp_fd = open_subfolder(self._parent_fd, tmp_name, tmp_dir)
+        except BaseException:
+            os.close(self._parent_fd)
+            raise
         try:
             fd = open_file(self._tmp_fd, self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                            path=f"{tmp_dir}/{self.name}")
@@ -263,15 +253,6 @@ class SpoolFile:
                 self._close_folders()
         return delivered
 
-    def keep(self) -> None:
-        """
-        Leave the file where it was written (its final place): close it and
-        the folders.
-        """
-        self.close()
-        if self._tmp_fd >= 0:
-            self._close_folders()
-
     def discard(self) -> None:
         """
         Remove the file; never raises, as it runs on failure paths (closing
@@ -291,9 +272,8 @@ class SpoolFile:
         self._close_folders()
 
     def _close_folders(self) -> None:
-        if not self._borrowed:
-            for fd in (self._tmp_fd, self._parent_fd):
-                os.close(fd)
+        for fd in (self._tmp_fd, self._parent_fd):
+            os.close(fd)
         self._tmp_fd = self._parent_fd = -1
 
 

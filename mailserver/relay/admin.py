@@ -3,8 +3,9 @@ The C{mailserver queue} commands: list, show, flush, delete, bounce, and
 adopt (another node's queue, L{mailserver.relay.adoption}).
 
 Listing reads the queue folder, whether the server runs or not: the names
-in C{envelopes/} (one directory listing; ids sort by arrival, and only the
-page's are sorted) and the envelopes of one page only, so a page costs
+in C{envelopes/} and C{messages/} (two directory listings; ids sort by
+arrival, and only the page's are sorted) and the envelopes of one page
+only, so a page costs
 little more with 100,000 messages queued than with ten.  Changes are requests: a file in
 C{<data_dir>/queue/requests/} that the running server applies on its next
 scan (every C{relay.scan_interval} seconds), so they never race an attempt

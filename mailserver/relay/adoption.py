@@ -20,6 +20,10 @@ exactly one node whatever the moment of a crash:
   3. the other node's link to the message file is removed: an orphan there
      otherwise, removed by that node's start-up.
 
+A whole entry (a message file holding its envelope,
+L{mailserver.relay.queue}) moves in one step, a rename into this queue's
+C{messages/} (both folders synced).
+
 Each moved message is announced (C{incoming/}), so the running server
 takes it in at its next scan (every C{relay.scan_interval}).  Blocking file work without Twisted, for the CLI.
 """
@@ -32,7 +36,7 @@ from pathlib import Path
 
 from mailserver.maildir import fsync_directory
 from mailserver.nodes import try_lock
-from mailserver.relay.queue import QueueError, QueueStore
+from mailserver.relay.queue import CorruptEntry, QueueError, QueueStore
 from mailserver.safe_fs import open_folder
 
 
@@ -89,10 +93,28 @@ def _move_all(base: Path, theirs: QueueStore, own: QueueStore) -> Adopted:
                            (own.messages_path, True), (own.envelopes_path, True),
                            (own.incoming_path, True)):
         os.close(open_folder(base, folder, create=create))
-    linked = []
+    linked, whole = [], []
     for queue_id in ids:
         if os.path.lexists(own.envelopes_path / f"{queue_id}.json"):
             done.left.append((queue_id, "this queue has a message with that id"))
+            continue
+        if not os.path.lexists(theirs.envelopes_path / f"{queue_id}.json"):
+            if os.path.lexists(own.messages_path / queue_id):
+                done.left.append((queue_id, "this queue has a message with that id"))
+                continue
+            try:
+                theirs.load(queue_id)
+            except CorruptEntry as e:
+                done.left.append((queue_id, f"{e.problem} (set aside when its node starts)"))
+                continue
+            except QueueError:
+                continue  # a file its node's start-up removes, or gone meanwhile
+            try:
+                os.rename(theirs.messages_path / queue_id, own.messages_path / queue_id)
+            except FileNotFoundError:
+                done.left.append((queue_id, "its message file vanished meanwhile"))
+                continue
+            whole.append(queue_id)
             continue
         try:
             os.link(theirs.messages_path / queue_id, own.messages_path / queue_id,
@@ -105,6 +127,9 @@ def _move_all(base: Path, theirs: QueueStore, own: QueueStore) -> Adopted:
             continue
         linked.append(queue_id)
     fsync_directory(own.messages_path)
+    if whole:
+        fsync_directory(theirs.messages_path)
+        done.moved.extend(whole)
     for queue_id in linked:
         try:
             os.rename(theirs.envelopes_path / f"{queue_id}.json",

@@ -3,20 +3,30 @@ The durable outbound queue: what is queued, for whom, in which state.
 
 Layout under the node's C{queue/} (C{<data_dir>/nodes/<node_name>/queue/})::
 
-    messages/<id>        the message: written here by the intake when every
-                         recipient is remote, else hard-linked from its
-                         spool file; one without an envelope (a crash
+    messages/<id>        the message: for remote recipients only, from
+                         memory, a whole entry (its envelope's line, then
+                         the message; see below); else hard-linked from its
+                         spool file, and one without an envelope (a crash
                          before the commit) is removed at a start
     envelopes/<id>.json  the envelope and per-recipient state (version 1)
-    tmp/                 envelope JSON being written
+    tmp/                 whole entries and envelope JSON being written
     requests/<id>.<verb> requests from the C{mailserver queue} command
     incoming/<id>        messages queued by another process (a worker), not
                          yet seen by the runner: empty and not synced, since
                          the runner reads every envelope when it starts
     corrupt/             entries set aside: <id>.json, <id> and <id>.problem
 
-An envelope is the commit point: it is written to C{tmp/} and renamed into
-C{envelopes/} after the message is linked into C{messages/}.  The intake does
+A whole entry is one file: C{MAILSERVER-QUEUED }, the envelope's JSON on
+that line, then the message.  Written into C{tmp/} and renamed into
+C{messages/}, the rename its commit point, it costs one new file a message
+instead of two (creating and removing files is most of the queue's file
+system work).  Its first change of state (a deferral) is saved as an
+envelope in C{envelopes/}, which then counts; the file's first word
+becomes C{MAILSERVER-STALE!} once that envelope is on disk, so the file is
+an ordinary message file from then on.
+
+Any other envelope is the commit point: it is written to C{tmp/} and
+renamed into C{envelopes/} after the message is linked into C{messages/}.  The intake does
 both inside group commit (L{QueueStore.prepare} in the first phase,
 L{QueueStore.commit} in the second), so the batch's two syncs of the file
 system make them durable before the 250; L{QueueStore.enqueue} does the same
@@ -42,7 +52,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -65,6 +75,14 @@ from mailserver.relay.queued import (  # the queue's vocabulary: its callers imp
 from mailserver.safe_fs import open_file, open_folder, open_path
 
 VERBS = ("flush", "delete", "bounce")
+
+# The first word of a whole entry's file, and what it becomes once an
+# envelope of its own holds the message's state (the same length).
+WHOLE = b"MAILSERVER-QUEUED "
+STALE = b"MAILSERVER-STALE! "
+# The longest envelope line read from a whole entry (a message's recipients
+# are bounded far below this).
+_MAX_ENVELOPE_LINE = 16 * 1024 * 1024
 
 # Names of the intake's envelope files in tmp/: the queue id is unique
 # already, and the pid after it tells start-up whose file it is.
@@ -112,13 +130,14 @@ def _close_all(fds: dict) -> None:
 @dataclass(frozen=True)
 class Prepared:
     """
-    An envelope written into C{tmp/} by L{QueueStore.prepare}, not yet
-    queued.
+    An envelope (or with C{whole}, a whole entry) written into C{tmp/} by
+    L{QueueStore.prepare} (L{QueueStore.prepare_whole}), not yet queued.
     """
 
     message: QueuedMessage
     tmp: Path
     body: bytes | None = None
+    whole: bool = False
 
 
 def _writer_gone(tmp_name: str) -> bool:
@@ -265,6 +284,34 @@ class QueueStore:
             (L{RecentBodies}), which reads no file.
         """
         self.ensure()
+        size = (len(data) if data is not None else os.stat(spool).st_size) - body_offset
+        message = self._queued(envelope, recipients, body_offset, size)
+        tmp = self.tmp_path / self._write_tmp(self._envelope_path(message.id).name,
+                                              message.to_json().encode("utf-8"), durable)
+        body = None
+        if data is not None and len(data) - body_offset <= MAX_BODY:
+            body = data[body_offset:]
+        return Prepared(message, tmp, body)
+
+    def prepare_whole(
+        self, envelope: Envelope, recipients: tuple[str, ...], data: bytes, body_offset: int,
+        durable: bool = False,
+    ) -> Prepared:
+        """
+        L{prepare} for a message in memory whose recipients are all remote:
+        a whole entry (the envelope's line, then C{data}) into C{tmp/},
+        which L{commit} renames into C{messages/}.
+        """
+        self.ensure()
+        message = self._queued(envelope, recipients, body_offset, len(data) - body_offset)
+        line = WHOLE + message.to_json().encode("utf-8")
+        tmp = self._write_tmp(message.id, line + data, durable)
+        body = data[body_offset:] if len(data) - body_offset <= MAX_BODY else None
+        return Prepared(replace(message, data_offset=len(line)), self.tmp_path / tmp, body,
+                        whole=True)
+
+    def _queued(self, envelope: Envelope, recipients: tuple[str, ...], body_offset: int,
+                size: int) -> QueuedMessage:
         now = self._clock()
         queue_id = envelope.id or new_message_id()
         states = []
@@ -278,13 +325,13 @@ class QueueStore:
                     notify=tuple(n.upper() for n in given.notify) if given else (),
                 )
             )
-        message = QueuedMessage(
+        return QueuedMessage(
             id=queue_id,
             sender=envelope.sender,
             recipients=tuple(states),
             arrival=now,
             body_offset=body_offset,
-            size=(len(data) if data is not None else os.stat(spool).st_size) - body_offset,
+            size=size,
             ret=envelope.ret.upper() if envelope.ret else None,
             envid=envelope.envid,
             body=envelope.body,
@@ -293,31 +340,35 @@ class QueueStore:
             helo=envelope.helo,
             next_attempt=now,
         )
-        tmp = self.tmp_path / self._write_tmp(self._envelope_path(queue_id).name,
-                                              message.to_json().encode("utf-8"), durable)
-        body = None
-        if data is not None and len(data) - body_offset <= MAX_BODY:
-            body = data[body_offset:]
-        return Prepared(message, tmp, body)
 
-    def commit(self, prepared: Prepared, spool: Path, durable: bool = False) -> str:
+    def commit(self, prepared: Prepared, spool: Path | None, durable: bool = False) -> str:
         """
         Group commit's second phase: C{spool} hard-linked into C{messages/}
-        (unless it was written there, L{message_path}) and the envelope
-        renamed into C{envelopes/}, the commit point.
+        and the envelope renamed into C{envelopes/}, the commit point; or a
+        whole entry
+        (C{spool} C{None}) renamed into C{messages/}.
         Without C{durable}, the caller syncs the file system afterwards
         (both names are on stable storage before the client's 250); with
         it, the message's folder is synced before the rename and the
         envelopes' after.  On failure nothing of it is left.
         """
         message = prepared.message
-        message_path = self.message_path(prepared)
-        if spool != message_path:  # else written in its place
+        if prepared.whole:
             try:
-                os.link(spool, message_path, follow_symlinks=False)
+                os.rename(prepared.tmp.name, message.id, src_dir_fd=self.folder_fd(self.tmp_path),
+                          dst_dir_fd=self.folder_fd(self.messages_path))
+                if durable:
+                    fsync_directory(self.messages_path)
             except BaseException:
                 self.abandon(prepared)
                 raise
+            return self._committed(prepared)
+        message_path = self.messages_path / message.id
+        try:
+            os.link(spool, message_path, follow_symlinks=False)
+        except BaseException:
+            self.abandon(prepared)
+            raise
         try:
             if durable:
                 fsync_directory(self.messages_path)
@@ -330,6 +381,10 @@ class QueueStore:
             os.unlink(message_path)
             self.abandon(prepared)
             raise
+        return self._committed(prepared)
+
+    def _committed(self, prepared: Prepared) -> str:
+        message = prepared.message
         if prepared.body is not None:
             self.recent_bodies.keep(message.id, prepared.body)
         if self.on_enqueued is not None:
@@ -337,13 +392,6 @@ class QueueStore:
         else:
             self.announce(message.id)
         return message.id
-
-    def message_path(self, prepared: Prepared) -> Path:
-        """
-        Where the message file of C{prepared} goes: an intake that writes
-        it there saves the link, and later its own file's removal.
-        """
-        return self.messages_path / prepared.message.id
 
     def abandon(self, prepared: Prepared) -> None:
         """
@@ -369,8 +417,23 @@ class QueueStore:
     # The runner's and the CLI's side.
 
     def save(self, message: QueuedMessage) -> None:
+        """
+        The message's envelope, durably.  A whole entry's file is marked
+        stale once the envelope is on disk (see the module's docstring).
+        """
         self.ensure()
         self._write_durably(self._envelope_path(message.id), message.to_json())
+        if message.data_offset:
+            self._mark_stale(message.id)
+
+    def _mark_stale(self, queue_id: str) -> None:
+        fd = open_file(self.folder_fd(self.messages_path), queue_id, os.O_RDWR)
+        try:
+            if os.pread(fd, len(WHOLE), 0) == WHOLE:
+                os.pwrite(fd, STALE, 0)
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def _envelope_path(self, queue_id: str) -> Path:
         if not queue_id or "/" in queue_id or queue_id.startswith("."):
@@ -379,18 +442,29 @@ class QueueStore:
 
     def ids(self, ordered: bool = True) -> list[str]:
         """
-        The ids of the envelopes on disk, in id (arrival) order unless
-        C{ordered} is false (names that cannot be queue ids, such as an
-        editor's hidden files, are not envelopes).
+        The ids of the envelopes and message files on disk (a message file
+        may be a whole entry), in id (arrival) order unless C{ordered} is
+        false (names that cannot be queue ids, such as an editor's hidden
+        files, are left out).  A message file left by a crash before its
+        commit is among them until start-up removes it; L{load} says it is
+        not queued.
         """
+        found = set(self._envelope_ids())
+        try:
+            found.update(n for n in os.listdir(self.messages_path) if n[0] != ".")
+        except FileNotFoundError:
+            pass
+        ids = list(found)
+        if ordered:
+            ids.sort()
+        return ids
+
+    def _envelope_ids(self) -> list[str]:
         try:
             names = os.listdir(self.envelopes_path)
         except FileNotFoundError:
             return []
-        ids = [n[:-5] for n in names if n.endswith(".json") and len(n) > 5 and n[0] != "."]
-        if ordered:
-            ids.sort()
-        return ids
+        return [n[:-5] for n in names if n.endswith(".json") and len(n) > 5 and n[0] != "."]
 
     def written_by(self, pid: int, known: Container[str]) -> list[QueuedMessage]:
         """
@@ -420,7 +494,7 @@ class QueueStore:
             with os.fdopen(open_path(path), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            raise QueueError(f"no queued message {queue_id}") from None
+            return self._load_whole(queue_id)
         except OSError as e:
             raise CorruptEntry(queue_id, path, f"cannot read it: {e.strerror or e}") from None
         try:
@@ -440,9 +514,41 @@ class QueueStore:
         except OSError as e:
             raise CorruptEntry(queue_id, path,
                                f"cannot read its message file: {e.strerror or e}") from None
-        if not stat.S_ISREG(info.st_mode) or info.st_size < message.body_offset:
+        if (not stat.S_ISREG(info.st_mode) or message.data_offset < 0
+                or info.st_size < message.data_offset + message.body_offset):
             raise CorruptEntry(queue_id, path, "its message file is not the message it holds")
         return message
+
+    def _load_whole(self, queue_id: str) -> QueuedMessage:
+        """
+        The envelope of a whole entry (a message file without an envelope
+        of its own), checked.
+        """
+        path = self.messages_path / queue_id
+        try:
+            with os.fdopen(open_path(path), "rb") as f:
+                line = f.readline(_MAX_ENVELOPE_LINE)
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise QueueError(f"no queued message {queue_id}") from None
+        except OSError as e:
+            raise CorruptEntry(queue_id, path, f"cannot read it: {e.strerror or e}") from None
+        if not line.startswith(WHOLE):
+            # a message file not (or no longer) committed by itself
+            raise QueueError(f"no queued message {queue_id}")
+        if not line.endswith(b"\n"):
+            raise CorruptEntry(queue_id, path, "its envelope line is cut short")
+        try:
+            message = QueuedMessage.from_json(line[len(WHOLE):].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CorruptEntry(queue_id, path, "not UTF-8 text") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise CorruptEntry(queue_id, path, str(e)) from None
+        if message.id != queue_id:
+            raise CorruptEntry(queue_id, path, f"it holds the id {message.id!r}")
+        if size < len(line) + message.body_offset:
+            raise CorruptEntry(queue_id, path, "it is shorter than the message it holds")
+        return replace(message, data_offset=len(line))
 
     def set_aside(self, queue_id: str, problem: str) -> Path:
         """
@@ -504,7 +610,7 @@ class QueueStore:
         local-delivery C{Return-Path:} line.
         """
         f = os.fdopen(open_path(self.messages_path / message.id), "rb")
-        f.seek(message.body_offset)
+        f.seek(message.data_offset + message.body_offset)
         return f
 
     def remove(self, queue_id: str) -> None:
@@ -520,8 +626,9 @@ class QueueStore:
     def remove_all(self, queue_ids: list[str]) -> dict[str, Exception]:
         """
         L{remove} for many messages with one fsync of the envelope folder:
-        every envelope, the sync, then the message files.  Returns what
-        went wrong, by id (the others are removed).
+        every envelope, the sync, then the message files (synced too when
+        one had no envelope: a whole entry, whose removal is that of its
+        file).  Returns what went wrong, by id (the others are removed).
         """
         problems: dict[str, Exception] = {}
         unlinked, gone = [], []
@@ -543,13 +650,28 @@ class QueueStore:
                 problems.update((queue_id, e) for queue_id in unlinked)
                 unlinked = []
         messages = self.folder_fd(self.messages_path)
-        for queue_id in unlinked + gone:
+        for queue_id in unlinked:
             try:
                 os.unlink(queue_id, dir_fd=messages)
             except FileNotFoundError:
                 pass
             except OSError as e:
                 problems[queue_id] = e
+        whole = []
+        for queue_id in gone:
+            try:
+                os.unlink(queue_id, dir_fd=messages)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                problems[queue_id] = e
+            else:
+                whole.append(queue_id)
+        if whole:
+            try:
+                os.fsync(messages)
+            except OSError as e:
+                problems.update((queue_id, e) for queue_id in whole)
         return problems
 
     def remove_orphans(self, min_age: float = 3600.0) -> list[str]:
@@ -561,19 +683,29 @@ class QueueStore:
         """
         self.ensure()
         cutoff = time.time() - min_age
-        known = set(self.ids())
+        known = set(self._envelope_ids())
         removed = []
         for entry in os.scandir(self.messages_path):
             if entry.name in known:
                 continue
             try:
-                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff and not self._is_whole(entry):
                     os.unlink(entry.path)
                     removed.append(entry.name)
             except FileNotFoundError:
                 continue
         self.remove_stale_tmp(min_age, writing=True)
         return removed
+
+    @staticmethod
+    def _is_whole(entry: os.DirEntry) -> bool:
+        """
+        Does this message file (without an envelope) begin as a whole entry?
+        """
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        with os.fdopen(open_path(Path(entry.path)), "rb") as f:
+            return f.read(len(WHOLE)) == WHOLE
 
     def remove_stale_tmp(self, min_age: float = 3600.0, writing: bool = False) -> None:
         """

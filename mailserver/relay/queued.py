@@ -45,9 +45,10 @@ _STATES = (PENDING, DELIVERED, FAILED, RELAYED)
 # or damaged file is refused when read, not halfway through an attempt.
 _MESSAGE_FIELDS: dict[str, tuple] = {
     "id": (str,), "sender": (str,), "arrival": (_NUMBER,), "body_offset": (int,),
-    "size": (int,), "ret": (str, None), "envid": (str, None), "body": (str,),
-    "smtputf8": (bool,), "client_address": (str,), "helo": (str,), "attempts": (int,),
-    "next_attempt": (_NUMBER,), "last_error": (str,), "delay_warned": (bool,),
+    "data_offset": (int,), "size": (int,), "ret": (str, None), "envid": (str, None),
+    "body": (str,), "smtputf8": (bool,), "client_address": (str,), "helo": (str,),
+    "attempts": (int,), "next_attempt": (_NUMBER,), "last_error": (str,),
+    "delay_warned": (bool,),
 }
 _RECIPIENT_FIELDS: dict[str, tuple] = {
     "address": (str,), "original": (str,), "orcpt": (str, None), "notify": (list,),
@@ -146,6 +147,9 @@ class QueuedMessage:
     recipients: tuple[RecipientState, ...]
     arrival: float
     body_offset: int = 0
+    # Where the message starts in its file: after the envelope line of a
+    # file that holds both (L{mailserver.relay.queue}), else 0.
+    data_offset: int = 0
     size: int = 0
     ret: str | None = None
     envid: str | None = None

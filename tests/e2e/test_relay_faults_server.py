@@ -15,6 +15,8 @@ from harness import MailServer
 from relay_fixtures import SMTPPeer, free_port, wait_until
 from tests.flaky_peer import PeerProcess
 
+from mailserver.relay.queue import QueueStore
+
 @pytest.fixture
 def mail_server(tmp_path):
     started = []
@@ -61,9 +63,9 @@ def test_corrupt_queue_files_are_set_aside_and_the_good_ones_delivered(mail_serv
 
     # Next to the two good messages: a truncated envelope, one of an unknown
     # version and one whose message file is gone.
-    good = sorted(p.stem for p in (queue / "envelopes").iterdir())
+    good = sorted(p.name for p in (queue / "messages").iterdir())
     assert len(good) == 2
-    text = (queue / "envelopes" / f"{good[0]}.json").read_text()
+    text = QueueStore(queue).load(good[0]).to_json()  # a whole entry's, or its own file's
     data = json.loads(text)
     (queue / "envelopes" / "TRUNCATED.json").write_text(text[: len(text) // 2])
     shutil.copy(queue / "messages" / good[0], queue / "messages" / "TRUNCATED")
@@ -87,7 +89,8 @@ def test_corrupt_queue_files_are_set_aside_and_the_good_ones_delivered(mail_serv
         messages = peer.wait_for(2)
         assert sorted(data.split(b"Subject: ")[1][:4] for _, _, data in messages) == [
             b"hi 0", b"hi 1"]
-        assert wait_until(lambda: not list((queue / "envelopes").iterdir()))
+        assert wait_until(lambda: not list((queue / "messages").iterdir()))
+        assert not list((queue / "envelopes").iterdir())
     finally:
         peer.stop()
     corrupt = sorted(p.name for p in (queue / "corrupt").iterdir())

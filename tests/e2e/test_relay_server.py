@@ -91,7 +91,7 @@ def test_kill_9_with_100_queued_loses_nothing(make_server, dns_server):
     port = free_port()  # the peer is down
     server = make_server(relay_toml(dns_server, port))
     submit(server, "many@remote.test", count=100)
-    queue = server.queue_path / "envelopes"
+    queue = server.queue_path / "messages"  # one file each, whole entries or not
     assert len(list(queue.iterdir())) == 100
     server.kill()
     server.start()

@@ -165,7 +165,7 @@ def test_two_nodes_one_data_folder_kill_9_adopt_restart(nodes):
         sender.join(120)
         assert not sender.is_alive()
     assert len(senders[0].accepted) == len(senders[1].accepted) == 40
-    b_queue = list((b.queue_path / "envelopes").iterdir())
+    b_queue = list((b.queue_path / "messages").iterdir())  # one file each queued
     assert b_queue, "b's remote messages wait in its queue"
     assert sink.messages == []
 

@@ -224,11 +224,12 @@ def test_a_failed_sync_leaves_nothing_queued(accounts):
     assert Mailbox(accounts.mailbox_path("a@example.org"), accounts.users_path.parent).messages() == []
 
 
-def test_a_message_for_remote_recipients_only_is_written_straight_into_the_queue(accounts):
+def test_a_message_for_remote_recipients_only_is_one_file_of_the_queue(accounts):
     """
-    No spool file to link into the queue and remove afterwards: the one
-    file written is the queue's, and nothing is left to remove when its
-    sync fails.
+    No spool file to link into the queue and remove afterwards, and no
+    envelope file: the one file written is the queue's whole entry (its
+    envelope's line, then the message), and nothing is left when its sync
+    fails.
     """
     from dataclasses import replace
 
@@ -242,6 +243,9 @@ def test_a_message_for_remote_recipients_only_is_written_straight_into_the_queue
     assert run(intake, env, [b"Subject: x\r\n\r\nhi\r\n"]) == "1K1YH307T0J00ECY"
     assert store.ids() == ["1K1YH307T0J00ECY"]
     assert os.stat(store.messages_path / "1K1YH307T0J00ECY").st_nlink == 1  # no second name
+    assert os.listdir(store.envelopes_path) == []
+    first_line = (store.messages_path / "1K1YH307T0J00ECY").read_bytes().split(b"\n")[0]
+    assert first_line.startswith(b'MAILSERVER-QUEUED {"arrival":')
     assert os.listdir(intake.spool_path / "tmp") == []
     with store.open_body(store.load("1K1YH307T0J00ECY")) as body:
         assert body.read() == b"Subject: x\n\nhi\n"

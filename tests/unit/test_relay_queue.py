@@ -174,11 +174,10 @@ def test_an_envelope_s_temporary_name_left_by_an_earlier_process_is_stepped_over
     (store.tmp_path / taken).write_text("{")
     envelope = Envelope(sender="s@example.org", recipients=ENVELOPE.recipients, id=queue_id)
     spool = spool_file(tmp_path)
-    os.link(spool, store.messages_path / queue_id)
     prepared = store.prepare(envelope, ("x@remote.test",), spool, 29)
     assert prepared.tmp.name != taken
     assert (store.tmp_path / taken).read_text() == "{"
-    store.commit(prepared, store.messages_path / queue_id)
+    store.commit(prepared, spool)
     assert store.load(queue_id).recipients[0].address == "x@remote.test"
     store.close()
 
