@@ -16,14 +16,13 @@ Layout under the node's C{queue/} (C{<data_dir>/nodes/<node_name>/queue/})::
                          the runner reads every envelope when it starts
     corrupt/             entries set aside: <id>.json, <id> and <id>.problem
 
-A whole entry is one file: C{MAILSERVER-QUEUED }, the envelope's JSON on
-that line, then the message.  Written into C{tmp/} and renamed into
+A whole entry is one file holding the envelope's line and the message
+(L{mailserver.relay.whole_entry}).  Written into C{tmp/} and renamed into
 C{messages/}, the rename its commit point, it costs one new file a message
 instead of two (creating and removing files is most of the queue's file
 system work).  Its first change of state (a deferral) is saved as an
-envelope in C{envelopes/}, which then counts; the file's first word
-becomes C{MAILSERVER-STALE!} once that envelope is on disk, so the file is
-an ordinary message file from then on.
+envelope in C{envelopes/}, which then counts, and the file is marked stale
+once that envelope is on disk: an ordinary message file from then on.
 
 Any other envelope is the commit point: it is written to C{tmp/} and
 renamed into C{envelopes/} after the message is linked into C{messages/}.  The intake does
@@ -72,17 +71,10 @@ from mailserver.relay.queued import (  # the queue's vocabulary: its callers imp
     QueueError,
     RecipientState,
 )
+from mailserver.relay.whole_entry import entry_bytes, is_entry, mark_stale, read_entry
 from mailserver.safe_fs import open_file, open_folder, open_path
 
 VERBS = ("flush", "delete", "bounce")
-
-# The first word of a whole entry's file, and what it becomes once an
-# envelope of its own holds the message's state (the same length).
-WHOLE = b"MAILSERVER-QUEUED "
-STALE = b"MAILSERVER-STALE! "
-# The longest envelope line read from a whole entry (a message's recipients
-# are bounded far below this).
-_MAX_ENVELOPE_LINE = 16 * 1024 * 1024
 
 # Names of the intake's envelope files in tmp/: the queue id is unique
 # already, and the pid after it tells start-up whose file it is.
@@ -304,10 +296,10 @@ class QueueStore:
         """
         self.ensure()
         message = self._queued(envelope, recipients, body_offset, len(data) - body_offset)
-        line = WHOLE + message.to_json().encode("utf-8")
-        tmp = self._write_tmp(message.id, line + data, durable)
+        entry, data_offset = entry_bytes(message, data)
+        tmp = self._write_tmp(message.id, entry, durable)
         body = data[body_offset:] if len(data) - body_offset <= MAX_BODY else None
-        return Prepared(replace(message, data_offset=len(line)), self.tmp_path / tmp, body,
+        return Prepared(replace(message, data_offset=data_offset), self.tmp_path / tmp, body,
                         whole=True)
 
     def _queued(self, envelope: Envelope, recipients: tuple[str, ...], body_offset: int,
@@ -424,16 +416,7 @@ class QueueStore:
         self.ensure()
         self._write_durably(self._envelope_path(message.id), message.to_json())
         if message.data_offset:
-            self._mark_stale(message.id)
-
-    def _mark_stale(self, queue_id: str) -> None:
-        fd = open_file(self.folder_fd(self.messages_path), queue_id, os.O_RDWR)
-        try:
-            if os.pread(fd, len(WHOLE), 0) == WHOLE:
-                os.pwrite(fd, STALE, 0)
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+            mark_stale(self.folder_fd(self.messages_path), message.id)
 
     def _envelope_path(self, queue_id: str) -> Path:
         if not queue_id or "/" in queue_id or queue_id.startswith("."):
@@ -494,7 +477,7 @@ class QueueStore:
             with os.fdopen(open_path(path), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return self._load_whole(queue_id)
+            return read_entry(self.messages_path / queue_id, queue_id)
         except OSError as e:
             raise CorruptEntry(queue_id, path, f"cannot read it: {e.strerror or e}") from None
         try:
@@ -518,37 +501,6 @@ class QueueStore:
                 or info.st_size < message.data_offset + message.body_offset):
             raise CorruptEntry(queue_id, path, "its message file is not the message it holds")
         return message
-
-    def _load_whole(self, queue_id: str) -> QueuedMessage:
-        """
-        The envelope of a whole entry (a message file without an envelope
-        of its own), checked.
-        """
-        path = self.messages_path / queue_id
-        try:
-            with os.fdopen(open_path(path), "rb") as f:
-                line = f.readline(_MAX_ENVELOPE_LINE)
-                size = os.fstat(f.fileno()).st_size
-        except FileNotFoundError:
-            raise QueueError(f"no queued message {queue_id}") from None
-        except OSError as e:
-            raise CorruptEntry(queue_id, path, f"cannot read it: {e.strerror or e}") from None
-        if not line.startswith(WHOLE):
-            # a message file not (or no longer) committed by itself
-            raise QueueError(f"no queued message {queue_id}")
-        if not line.endswith(b"\n"):
-            raise CorruptEntry(queue_id, path, "its envelope line is cut short")
-        try:
-            message = QueuedMessage.from_json(line[len(WHOLE):].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise CorruptEntry(queue_id, path, "not UTF-8 text") from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise CorruptEntry(queue_id, path, str(e)) from None
-        if message.id != queue_id:
-            raise CorruptEntry(queue_id, path, f"it holds the id {message.id!r}")
-        if size < len(line) + message.body_offset:
-            raise CorruptEntry(queue_id, path, "it is shorter than the message it holds")
-        return replace(message, data_offset=len(line))
 
     def set_aside(self, queue_id: str, problem: str) -> Path:
         """
@@ -689,23 +641,13 @@ class QueueStore:
             if entry.name in known:
                 continue
             try:
-                if entry.stat(follow_symlinks=False).st_mtime < cutoff and not self._is_whole(entry):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff and not is_entry(entry):
                     os.unlink(entry.path)
                     removed.append(entry.name)
             except FileNotFoundError:
                 continue
         self.remove_stale_tmp(min_age, writing=True)
         return removed
-
-    @staticmethod
-    def _is_whole(entry: os.DirEntry) -> bool:
-        """
-        Does this message file (without an envelope) begin as a whole entry?
-        """
-        if not entry.is_file(follow_symlinks=False):
-            return False
-        with os.fdopen(open_path(Path(entry.path)), "rb") as f:
-            return f.read(len(WHOLE)) == WHOLE
 
     def remove_stale_tmp(self, min_age: float = 3600.0, writing: bool = False) -> None:
         """

@@ -17,7 +17,8 @@ from mailserver.envelope import Envelope, Recipient
 from mailserver.relay import queue as queue_module
 from mailserver.relay.adoption import adopt_queue
 from mailserver.relay.index import build as build_index
-from mailserver.relay.queue import STALE, WHOLE, CorruptEntry, QueueError, QueueStore
+from mailserver.relay.queue import CorruptEntry, QueueError, QueueStore
+from mailserver.relay.whole_entry import STALE, WHOLE
 
 DATA = b"Return-Path: <s@example.org>\nSubject: hi\n\nbody\n"
 OFFSET = len(b"Return-Path: <s@example.org>\n")
