@@ -8,7 +8,10 @@ line, L{QueuedMessage.to_json}); the message follows.  Once the message's
 state is saved in an envelope file of its own, the first word is
 overwritten with C{MAILSERVER-STALE!} (the same length), so the line no
 longer counts: the file is then an ordinary message file whose message
-starts after that line.  Blocking file work, for the queue's threads.
+starts after that line.  No client's text can pass for such a line: every
+other message file begins with the C{Return-Path:} line the intake
+writes, and the envelope's JSON is one line (JSON escapes line breaks).
+Blocking file work, for the queue's threads.
 """
 
 from __future__ import annotations
