@@ -37,6 +37,7 @@ from pathlib import Path
 from mailserver.maildir import fsync_directory
 from mailserver.nodes import try_lock
 from mailserver.relay.queue import CorruptEntry, QueueError, QueueStore
+from mailserver.relay.whole_entry import mark_stale
 from mailserver.safe_fs import open_folder
 
 
@@ -116,6 +117,12 @@ def _move_all(base: Path, theirs: QueueStore, own: QueueStore) -> Adopted:
                 continue
             whole.append(queue_id)
             continue
+        try:
+            # A file still reading as a whole entry beside its envelope
+            # (a crash before the save marked it) must not count once linked.
+            mark_stale(theirs.folder_fd(theirs.messages_path), queue_id)
+        except FileNotFoundError:
+            pass  # said below
         try:
             os.link(theirs.messages_path / queue_id, own.messages_path / queue_id,
                     follow_symlinks=False)

@@ -477,7 +477,14 @@ class QueueStore:
             with os.fdopen(open_path(path), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return read_entry(self.messages_path / queue_id, queue_id)
+            try:
+                return read_entry(self.messages_path / queue_id, queue_id)
+            except CorruptEntry:
+                raise
+            except QueueError:
+                if not path.exists():
+                    raise
+                return self.load(queue_id)  # saved meanwhile: its envelope counts now
         except OSError as e:
             raise CorruptEntry(queue_id, path, f"cannot read it: {e.strerror or e}") from None
         try:
@@ -500,6 +507,14 @@ class QueueStore:
         if (not stat.S_ISREG(info.st_mode) or message.data_offset < 0
                 or info.st_size < message.data_offset + message.body_offset):
             raise CorruptEntry(queue_id, path, "its message file is not the message it holds")
+        if message.data_offset:
+            # A crash between a save's envelope and its stale mark left the
+            # file a whole entry still: marked now, so no later removal
+            # (the envelope first) can leave it to come back.
+            try:
+                mark_stale(self.folder_fd(self.messages_path), queue_id)
+            except OSError:
+                pass  # a reader without the right to write (the CLI): the server marks it
         return message
 
     def set_aside(self, queue_id: str, problem: str) -> Path:
@@ -511,7 +526,8 @@ class QueueStore:
         aside in turn, never a message file that start-up removes as an
         orphan.
 
-        @return: where the envelope now is.
+        @return: where the envelope now is (for a whole entry without an
+            envelope file, the message file holding it).
         """
         self.ensure()
         name, n = queue_id, 0
@@ -529,7 +545,8 @@ class QueueStore:
                 continue
             fsync_directory(self.corrupt_path)
             fsync_directory(source.parent)
-        return self.corrupt_path / f"{name}.json"
+        envelope = self.corrupt_path / f"{name}.json"
+        return envelope if envelope.exists() else self.corrupt_path / name
 
     def corrupt_entries(self) -> list[tuple[str, str]]:
         """

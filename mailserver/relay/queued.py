@@ -11,6 +11,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 FORMAT_VERSION = 1
+# The version of an envelope whose message file starts with a whole entry's
+# line (C{data_offset}): a release before those refuses it as unknown
+# rather than sending that line as part of the message.
+OFFSET_FORMAT_VERSION = 2
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -83,7 +87,7 @@ def _check_envelope(data) -> None:
     """
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    if data.get("version") != FORMAT_VERSION:
+    if data.get("version") not in (FORMAT_VERSION, OFFSET_FORMAT_VERSION):
         raise ValueError(f"unknown envelope version {data.get('version')!r}")
     for name in ("id", "sender", "recipients", "arrival"):
         if name not in data:
@@ -171,6 +175,8 @@ class QueuedMessage:
         # one), from the fields as they are (asdict deep-copies): 5x faster,
         # and every relayed message's envelope is written in group commit.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.data_offset:
+            data["version"] = OFFSET_FORMAT_VERSION
         data["recipients"] = [{f.name: getattr(r, f.name) for f in fields(r)}
                               for r in self.recipients]
         return json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n"
@@ -198,6 +204,8 @@ class QueuedMessage:
             )
             for r in data.pop("recipients")
         )
+        # The version read was checked; the one written follows the fields.
+        data.pop("version")
         return cls(recipients=recipients, **{k: v for k, v in data.items() if k in names})
 
     def with_recipient(self, address: str, **changes) -> QueuedMessage:

@@ -74,12 +74,19 @@ def read_entry(path: Path, queue_id: str) -> QueuedMessage:
 
 def is_entry(entry: os.DirEntry) -> bool:
     """
-    Does this file begin as a whole entry?
+    Does this file begin as a whole entry?  One that cannot be read counts
+    as one (kept, never removed unread); a file gone meanwhile raises
+    C{FileNotFoundError}.
     """
     if not entry.is_file(follow_symlinks=False):
         return False
-    with os.fdopen(open_path(Path(entry.path)), "rb") as f:
-        return f.read(len(WHOLE)) == WHOLE
+    try:
+        with os.fdopen(open_path(Path(entry.path)), "rb") as f:
+            return f.read(len(WHOLE)) == WHOLE
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return True
 
 
 def mark_stale(folder_fd: int, name: str) -> None:

@@ -235,7 +235,7 @@ CORRUPTIONS = {
     "empty": (lambda p: p.write_bytes(b""), "not valid JSON"),
     "binary": (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "not UTF-8 text"),
     "array": (lambda p: p.write_text("[1, 2]"), "not a JSON object"),
-    "version": (lambda p: edit(p, lambda d: d.update(version=2)), "unknown envelope version 2"),
+    "version": (lambda p: edit(p, lambda d: d.update(version=3)), "unknown envelope version 3"),
     "no version": (lambda p: edit(p, lambda d: d.pop("version")),
                    "unknown envelope version None"),
     "no sender": (lambda p: edit(p, lambda d: d.pop("sender")), "no sender field"),

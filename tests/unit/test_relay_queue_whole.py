@@ -172,3 +172,70 @@ def test_a_failed_commit_leaves_nothing(store, monkeypatch):
         store.commit(prepared, None)
     monkeypatch.undo()
     assert os.listdir(store.tmp_path) == [] and store.ids() == []
+
+
+def test_a_file_left_unmarked_by_a_crash_during_a_save_is_marked_when_read(store):
+    """
+    The save's envelope reached the disk, its stale mark did not: the
+    envelope counts, and the next read marks the file, so no removal
+    (envelope first) can leave it to come back with its first state.
+    """
+    queue_id = whole(store)
+    store.save(replace(store.load(queue_id), attempts=1))
+    path = store.messages_path / queue_id
+    path.write_bytes(WHOLE + path.read_bytes()[len(STALE):])  # as before the mark
+    assert store.load(queue_id).attempts == 1
+    assert path.read_bytes().startswith(STALE)
+    os.unlink(store.envelopes_path / f"{queue_id}.json")  # a removal cut short
+    with pytest.raises(QueueError):
+        store.load(queue_id)
+
+
+def test_the_envelope_of_a_whole_entry_has_a_version_older_releases_refuse(store, tmp_path):
+    queue_id = whole(store)
+    store.save(replace(store.load(queue_id), attempts=1))
+    saved = json.loads((store.envelopes_path / f"{queue_id}.json").read_text())
+    assert saved["version"] == 2 and saved["data_offset"] > 0
+    line = (store.messages_path / queue_id).read_bytes().split(b"\n")[0]
+    assert json.loads(line[len(STALE):])["version"] == 1  # the line itself: no offset in it
+    assert store.load(queue_id).attempts == 1
+
+
+def test_a_read_racing_the_first_save_finds_the_envelope(store, monkeypatch):
+    queue_id = whole(store)
+    message = store.load(queue_id)
+    real_open_path = queue_module.open_path
+    raced = []
+
+    def save_in_between(path, *args, **kwargs):
+        if path.name.endswith(".json") and not raced:
+            raced.append(path)
+            store.save(replace(message, attempts=1))  # after this read found no envelope
+            raise FileNotFoundError(path)
+        return real_open_path(path, *args, **kwargs)
+
+    monkeypatch.setattr(queue_module, "open_path", save_in_between)
+    assert store.load(queue_id).attempts == 1 and raced
+
+
+def test_an_unreadable_file_is_kept_at_start(store, monkeypatch):
+    from mailserver.relay import whole_entry
+
+    orphan = store.messages_path / "1K1ZZ0000000004A"
+    store.ensure()
+    orphan.write_bytes(DATA)
+    old = time.time() - 7200
+    os.utime(orphan, (old, old))
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(whole_entry, "open_path", refuse)
+    assert store.remove_orphans() == [] and orphan.exists()
+    monkeypatch.undo()
+    assert store.remove_orphans() == [orphan.name]
+
+
+def test_set_aside_says_where_a_whole_entry_went(store):
+    queue_id = whole(store)
+    assert store.set_aside(queue_id, "test") == store.corrupt_path / queue_id
