@@ -70,6 +70,7 @@ from mailserver.relay.queued import (  # the queue's vocabulary: its callers imp
     QueuedMessage,
     QueueError,
     RecipientState,
+    read_envelope,
 )
 from mailserver.relay.whole_entry import entry_bytes, is_entry, mark_stale, read_entry
 from mailserver.safe_fs import open_file, open_folder, open_path
@@ -111,6 +112,24 @@ def _write_new(folder_fd: int, name: str, data: bytes, durable: bool) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _unlink_all(names: list[str], folder_fd: int, problems: dict[str, Exception]) -> list[str]:
+    """
+    Remove the files C{names} of an open folder; those removed are returned,
+    those that failed go into C{problems} (one gone already is neither).
+    """
+    removed = []
+    for name in names:
+        try:
+            os.unlink(name, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            problems[name] = e
+        else:
+            removed.append(name)
+    return removed
 
 
 def _close_all(fds: dict) -> None:
@@ -487,14 +506,7 @@ class QueueStore:
                 return self.load(queue_id)  # saved meanwhile: its envelope counts now
         except OSError as e:
             raise CorruptEntry(queue_id, path, f"cannot read it: {e.strerror or e}") from None
-        try:
-            message = QueuedMessage.from_json(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise CorruptEntry(queue_id, path, "not UTF-8 text") from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise CorruptEntry(queue_id, path, str(e)) from None
-        if message.id != queue_id:
-            raise CorruptEntry(queue_id, path, f"it holds the id {message.id!r}")
+        message = read_envelope(raw, queue_id, path)
         try:
             info = os.stat(self.messages_path / queue_id, follow_symlinks=False)
         except FileNotFoundError:
@@ -619,23 +631,8 @@ class QueueStore:
                 problems.update((queue_id, e) for queue_id in unlinked)
                 unlinked = []
         messages = self.folder_fd(self.messages_path)
-        for queue_id in unlinked:
-            try:
-                os.unlink(queue_id, dir_fd=messages)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                problems[queue_id] = e
-        whole = []
-        for queue_id in gone:
-            try:
-                os.unlink(queue_id, dir_fd=messages)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                problems[queue_id] = e
-            else:
-                whole.append(queue_id)
+        _unlink_all(unlinked, messages, problems)
+        whole = _unlink_all(gone, messages, problems)
         if whole:
             try:
                 os.fsync(messages)

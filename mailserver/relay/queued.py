@@ -61,6 +61,23 @@ _RECIPIENT_FIELDS: dict[str, tuple] = {
 }
 
 
+def read_envelope(raw: bytes, queue_id: str, path: Path) -> QueuedMessage:
+    """
+    The envelope of C{queue_id} in the bytes C{raw} read from C{path}.
+
+    @raise CorruptEntry: saying what is wrong with them.
+    """
+    try:
+        message = QueuedMessage.from_json(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CorruptEntry(queue_id, path, "not UTF-8 text") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CorruptEntry(queue_id, path, str(e)) from None
+    if message.id != queue_id:
+        raise CorruptEntry(queue_id, path, f"it holds the id {message.id!r}")
+    return message
+
+
 def _fits(value, kinds: tuple) -> bool:
     for kind in kinds:
         if kind is None and value is None:

@@ -20,7 +20,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from mailserver.relay.queued import CorruptEntry, QueuedMessage, QueueError
+from mailserver.relay.queued import CorruptEntry, QueuedMessage, QueueError, read_envelope
 from mailserver.safe_fs import open_file, open_path
 
 WHOLE = b"MAILSERVER-QUEUED "
@@ -59,14 +59,7 @@ def read_entry(path: Path, queue_id: str) -> QueuedMessage:
         raise QueueError(f"no queued message {queue_id}")
     if not line.endswith(b"\n"):
         raise CorruptEntry(queue_id, path, "its envelope line is cut short")
-    try:
-        message = QueuedMessage.from_json(line[len(WHOLE):].decode("utf-8"))
-    except UnicodeDecodeError:
-        raise CorruptEntry(queue_id, path, "not UTF-8 text") from None
-    except (ValueError, TypeError, KeyError) as e:
-        raise CorruptEntry(queue_id, path, str(e)) from None
-    if message.id != queue_id:
-        raise CorruptEntry(queue_id, path, f"it holds the id {message.id!r}")
+    message = read_envelope(line[len(WHOLE):], queue_id, path)
     if size < len(line) + message.body_offset:
         raise CorruptEntry(queue_id, path, "it is shorter than the message it holds")
     return replace(message, data_offset=len(line))
