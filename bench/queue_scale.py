@@ -266,7 +266,7 @@ def read_time(peer: MailServerPeer, timeout: float) -> float:
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = re.search(r"relay: (\d+) queued messages read in ([\d.]+) s",
+        match = re.search(r"queued messages read count=(\d+), seconds=([\d.]+)",
                           peer.log_path.read_text(errors="replace"))
         if match:
             return float(match.group(2))
