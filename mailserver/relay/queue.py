@@ -141,14 +141,14 @@ def _close_all(fds: dict) -> None:
 @dataclass(frozen=True)
 class Prepared:
     """
-    An envelope (or with C{whole}, a whole entry) written into C{tmp/} by
-    L{QueueStore.prepare} (L{QueueStore.prepare_whole}), not yet queued.
+    An envelope written into C{tmp/} by L{QueueStore.prepare}, or a whole
+    entry by L{QueueStore.prepare_whole} (its message has a C{data_offset}),
+    not yet queued.
     """
 
     message: QueuedMessage
     tmp: Path
     body: bytes | None = None
-    whole: bool = False
 
 
 class QueueStore(QueueRepair):
@@ -297,20 +297,18 @@ class QueueStore(QueueRepair):
 
     def prepare_whole(
         self, envelope: Envelope, recipients: tuple[str, ...], data: bytes, body_offset: int,
-        durable: bool = False,
     ) -> Prepared:
         """
         L{prepare} for a message in memory whose recipients are all remote:
-        a whole entry (the envelope's line, then C{data}) into C{tmp/},
-        which L{commit} renames into C{messages/}.
+        a whole entry (the envelope's line, then C{data}) into C{tmp/}, not
+        synced, which L{commit} renames into C{messages/}.
         """
         self.ensure()
         message = self._queued(envelope, recipients, body_offset, len(data) - body_offset)
         entry, data_offset = entry_bytes(message, data)
-        tmp = self._write_tmp(message.id, entry, durable)
+        tmp = self._write_tmp(message.id, entry, durable=False)
         body = data[body_offset:] if len(data) - body_offset <= MAX_BODY else None
-        return Prepared(replace(message, data_offset=data_offset), self.tmp_path / tmp, body,
-                        whole=True)
+        return Prepared(replace(message, data_offset=data_offset), self.tmp_path / tmp, body)
 
     def _queued(self, envelope: Envelope, recipients: tuple[str, ...], body_offset: int,
                 size: int) -> QueuedMessage:
@@ -347,20 +345,20 @@ class QueueStore(QueueRepair):
         """
         Group commit's second phase: C{spool} hard-linked into C{messages/}
         and the envelope renamed into C{envelopes/}, the commit point; or a
-        whole entry
-        (C{spool} C{None}) renamed into C{messages/}.
+        whole entry (C{spool} C{None}) renamed into C{messages/}, which the
+        group's syncs alone make durable.
         Without C{durable}, the caller syncs the file system afterwards
         (both names are on stable storage before the client's 250); with
         it, the message's folder is synced before the rename and the
         envelopes' after.  On failure nothing of it is left.
         """
         message = prepared.message
-        if prepared.whole:
+        if message.data_offset:
+            if durable:
+                raise ValueError("a whole entry is made durable by group commit's syncs")
             try:
                 os.rename(prepared.tmp.name, message.id, src_dir_fd=self.folder_fd(self.tmp_path),
                           dst_dir_fd=self.folder_fd(self.messages_path))
-                if durable:
-                    fsync_directory(self.messages_path)
             except BaseException:
                 self.abandon(prepared)
                 raise

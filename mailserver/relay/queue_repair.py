@@ -85,8 +85,9 @@ class QueueRepair:
 
     def remove_orphans(self, min_age: float = 3600.0) -> list[str]:
         """
-        At start: remove message files that have no envelope (a crash
-        between the link and the envelope, before the 250) when older than
+        At start: remove message files that have no envelope and are not
+        whole entries (a crash between the link and the envelope, before the
+        250, or a removal cut short after a stale entry's envelope) when older than
         C{min_age} seconds, so an enqueue running meanwhile in a worker is
         never disturbed, and stale temporary files (L{remove_stale_tmp}).
         """
